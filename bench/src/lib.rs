@@ -1,0 +1,1 @@
+//! Shared helpers of the USM benchmarks: kernel-baseline set-up and reporting.

@@ -1,0 +1,1 @@
+//! `usm-fibers`: uThreads (workees) as corosensei coroutines on pooled, guard-paged stacks.

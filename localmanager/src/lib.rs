@@ -1,0 +1,1 @@
+//! `usm-localmanager`: one LocalManager per core scheduling uThreads.

@@ -1,0 +1,2 @@
+//! `usm-policies`: the policy API, the registry and the built-in policies.
+#![forbid(unsafe_code)]

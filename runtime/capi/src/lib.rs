@@ -1,0 +1,1 @@
+//! `libusm.so`: the C API (`usm_hint`) for tagged programs.

@@ -1,0 +1,2 @@
+//! `usm-runtime`: joins mechanism, scheduler, swap and policies into the InstanceUSM
+//! daemon and the embedded runtime; home of the `usm` command.
