@@ -1,0 +1,3 @@
+//! Benchmark `kmod_resolve` (being written).
+
+fn main() {}

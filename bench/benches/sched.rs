@@ -1,0 +1,3 @@
+//! Benchmark `sched` (being written).
+
+fn main() {}

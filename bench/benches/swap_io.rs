@@ -1,0 +1,3 @@
+//! Benchmark `swap_io` (being written).
+
+fn main() {}
