@@ -1,0 +1,1 @@
+//! The wire protocol between tagged programs and the USM daemon.
