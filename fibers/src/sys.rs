@@ -1,0 +1,242 @@
+//! The fiber itself and the thread's current-fiber pointers: the raw-pointer part of the
+//! crate.
+//!
+//! # Thread state (one set per OS thread, `const`-initialised, no destructor)
+//! - `CURRENT_YIELDER`: the corosensei `Yielder` of the fiber running on this thread, or null.
+//!   Written by [`Fiber::resume`] before switching in and restored after it switches back;
+//!   written once by the fiber body on first entry (the yielder lives at the base of the
+//!   fiber's stack and does not move).
+//! - `CURRENT_LOCALS`: the running fiber's [`LocalMap`], or null.
+//!
+//! Because both are `const`-initialised `Cell`s of raw pointers (no `Drop`), reading them
+//! never runs lazy initialisation or registers a destructor: [`suspend_current`] is
+//! async-signal-safe. They are read through `#[inline(never)]` functions so that no caller
+//! caches a thread-local address across a suspension.
+
+use std::cell::Cell;
+use std::ptr;
+
+use corosensei::stack::DefaultStack;
+use corosensei::{Coroutine, CoroutineResult, Yielder};
+
+use crate::local::LocalMap;
+use crate::{FiberError, StackPool, Suspend};
+
+/// A caught panic payload, as `std::panic::catch_unwind` returns it.
+pub type PanicPayload = Box<dyn std::any::Any + Send + 'static>;
+
+type FiberYielder = Yielder<(), Suspend>;
+type FiberCoroutine = Coroutine<(), Suspend, Result<(), PanicPayload>, DefaultStack>;
+
+thread_local! {
+    static CURRENT_YIELDER: Cell<*const FiberYielder> = const { Cell::new(ptr::null()) };
+    static CURRENT_LOCALS: Cell<*mut LocalMap> = const { Cell::new(ptr::null_mut()) };
+}
+
+/// What [`Fiber::resume`] came back with.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The fiber suspended itself with this reason; resume it again later.
+    Suspended(Suspend),
+    /// The fiber's closure returned (`Ok`) or panicked (`Err(payload)`); its stack can be
+    /// recycled.
+    Finished(Result<(), PanicPayload>),
+}
+
+/// One uThread: a coroutine on a pooled stack plus its uThread-local storage.
+///
+/// Owned by whichever scheduler runs it; `Send` so a scheduler may migrate it between
+/// workers while it is suspended with [`Suspend::Yield`] or [`Suspend::Park`] (see the crate
+/// docs for the rules that makes sound).
+pub struct Fiber {
+    coroutine: Option<FiberCoroutine>,
+    yielder: *const FiberYielder,
+    locals: Box<LocalMap>,
+    last_suspend: Option<Suspend>,
+}
+
+// SAFETY: the closure a fiber runs is `Send + 'static` (enforced by `Fiber::new`), and the
+// crate documents that code inside a fiber must not keep thread-bound data (thread-local
+// references, `!Send` values) across a suspension point. The raw `yielder` pointer points
+// into the fiber's own stack, which moves with it. A fiber suspended inside a signal handler
+// is never migrated by its scheduler (`Suspend::in_signal_handler`).
+unsafe impl Send for Fiber {}
+
+impl std::fmt::Debug for Fiber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fiber")
+            .field("started", &!self.yielder.is_null())
+            .field("finished", &self.is_finished())
+            .field("last_suspend", &self.last_suspend)
+            .finish()
+    }
+}
+
+impl Fiber {
+    /// Creates a fiber that will run `body` on a stack from `pool`. Nothing runs until the
+    /// first [`Fiber::resume`]. A panic in `body` is caught and reported by `resume` as
+    /// `Outcome::Finished(Err(payload))`.
+    pub fn new<F>(pool: &mut StackPool, body: F) -> Result<Self, FiberError>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let stack = pool.take()?;
+        let coroutine = FiberCoroutine::with_stack(stack, move |yielder: &FiberYielder, ()| {
+            set_current_yielder(yielder as *const FiberYielder);
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(body))
+        });
+        Ok(Self {
+            coroutine: Some(coroutine),
+            yielder: ptr::null(),
+            locals: Box::default(),
+            last_suspend: None,
+        })
+    }
+
+    /// Switches to the fiber until it suspends or finishes. Must not be called from inside
+    /// another fiber's signal handler; calling it on a finished fiber returns
+    /// `Finished(Ok(()))` without running anything.
+    pub fn resume(&mut self) -> Outcome {
+        let Some(coroutine) = self.coroutine.as_mut() else {
+            return Outcome::Finished(Ok(()));
+        };
+        if coroutine.done() {
+            return Outcome::Finished(Ok(()));
+        }
+        let saved_yielder = replace_current_yielder(self.yielder);
+        let saved_locals = replace_current_locals(&mut *self.locals as *mut LocalMap);
+        let result = coroutine.resume(());
+        if self.yielder.is_null() {
+            // First entry: the body published its yielder.
+            self.yielder = current_yielder();
+        }
+        replace_current_yielder(saved_yielder);
+        replace_current_locals(saved_locals);
+        match result {
+            CoroutineResult::Yield(reason) => {
+                self.last_suspend = Some(reason);
+                Outcome::Suspended(reason)
+            }
+            CoroutineResult::Return(result) => {
+                self.last_suspend = None;
+                Outcome::Finished(result)
+            }
+        }
+    }
+
+    /// True once the closure returned or panicked.
+    pub fn is_finished(&self) -> bool {
+        self.coroutine.as_ref().is_none_or(|c| c.done())
+    }
+
+    /// The reason of the last suspension, `None` if never run or finished.
+    pub fn last_suspend(&self) -> Option<Suspend> {
+        self.last_suspend
+    }
+
+    /// Gives a finished fiber's stack back to `pool`. An unfinished fiber is dropped instead
+    /// (see `Drop`).
+    pub fn recycle(mut self, pool: &mut StackPool) {
+        if self.is_finished()
+            && let Some(coroutine) = self.coroutine.take()
+        {
+            pool.give_back(coroutine.into_stack());
+        }
+    }
+}
+
+impl Drop for Fiber {
+    /// Dropping an unfinished fiber unwinds its stack (running destructors) — except when it
+    /// is suspended inside a signal handler: unwinding through a signal frame is not
+    /// possible, so the coroutine and its stack are leaked on purpose.
+    fn drop(&mut self) {
+        let Some(coroutine) = self.coroutine.take() else {
+            return;
+        };
+        if coroutine.done() {
+            return;
+        }
+        if self.last_suspend.is_some_and(Suspend::in_signal_handler) {
+            tracing::error!("leaking a fiber suspended inside a signal handler");
+            std::mem::forget(coroutine);
+            return;
+        }
+        let saved_yielder = replace_current_yielder(self.yielder);
+        let saved_locals = replace_current_locals(&mut *self.locals as *mut LocalMap);
+        drop(coroutine);
+        replace_current_yielder(saved_yielder);
+        replace_current_locals(saved_locals);
+    }
+}
+
+#[inline(never)]
+fn current_yielder() -> *const FiberYielder {
+    CURRENT_YIELDER.get()
+}
+
+#[inline(never)]
+fn set_current_yielder(yielder: *const FiberYielder) {
+    CURRENT_YIELDER.set(yielder);
+}
+
+#[inline(never)]
+fn replace_current_yielder(yielder: *const FiberYielder) -> *const FiberYielder {
+    CURRENT_YIELDER.replace(yielder)
+}
+
+#[inline(never)]
+fn replace_current_locals(locals: *mut LocalMap) -> *mut LocalMap {
+    CURRENT_LOCALS.replace(locals)
+}
+
+/// True when called from inside a fiber (on this thread, now).
+#[inline(never)]
+pub fn in_fiber() -> bool {
+    !current_yielder().is_null()
+}
+
+/// Suspends the fiber running on this thread with `reason`, returning when its scheduler
+/// resumes it. Returns `false` at once (nothing happens) when not inside a fiber.
+///
+/// # Async-signal safety
+/// This may be called from a signal handler that runs on the fiber's own stack (installed
+/// with `SA_NODEFER`, no alternate stack): it reads one `const`-initialised thread-local
+/// pointer and performs corosensei's register switch — no allocation, no lock, no lazy
+/// initialisation. After it returns, the caller is on whichever thread resumed the fiber;
+/// for [`Suspend::Fault`] / [`Suspend::Preempted`] the scheduler guarantees that is the same
+/// thread.
+#[inline(never)]
+pub fn suspend_current(reason: Suspend) -> bool {
+    let yielder = current_yielder();
+    if yielder.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null CURRENT_YIELDER is only set while the fiber owning that yielder is
+    // running on this thread (set by `Fiber::resume` / the fiber body, cleared when the fiber
+    // switches back). The yielder lives at the base of the running fiber's stack, so it is
+    // alive, and we are executing on that fiber's stack, which is what `suspend` requires.
+    let yielder = unsafe { &*yielder };
+    yielder.suspend(reason);
+    true
+}
+
+/// Runs `f` on the current fiber's local map; `None` outside a fiber or when re-entered.
+pub(crate) fn with_current_locals<R>(f: impl FnOnce(&mut LocalMap) -> R) -> Option<R> {
+    // Take the pointer out while `f` runs so a nested call cannot alias the map.
+    let locals = replace_current_locals(ptr::null_mut());
+    if locals.is_null() {
+        return None;
+    }
+    struct Restore(*mut LocalMap);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            replace_current_locals(self.0);
+        }
+    }
+    let restore = Restore(locals);
+    // SAFETY: a non-null CURRENT_LOCALS points at the running fiber's boxed map, set by
+    // `Fiber::resume` for exactly the time the fiber runs on this thread; we removed it from
+    // the thread-local, so this is the only reference until `restore` puts it back.
+    let map = unsafe { &mut *restore.0 };
+    Some(f(map))
+}
