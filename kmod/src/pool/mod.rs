@@ -1,0 +1,568 @@
+//! The frame pool (`kmod::pool`): N 4 KiB frames in one anonymous mapping, each frame a
+//! *slot* whose physical page migrates with `UFFDIO_MOVE` between the pool and regions
+//! registered on the same userfaultfd.
+//!
+//! # Memory rules
+//! The pool mapping is `MADV_DONTFORK | MADV_NOHUGEPAGE`, optionally
+//! `mlock2(MLOCK_ONFAULT)` ([`LockMode`]; regions and staging must then be locked the same
+//! way, or MOVE fails with `EINVAL`), populated and zeroed at creation, then registered
+//! (MISSING) on the pool's userfaultfd so pages can be moved *into* slots. A slot whose
+//! page moved out is a *hole*; a hole is never touched directly (on a registered range
+//! that would fault to our own handler) but refilled with `UFFDIO_COPY` from a read-only
+//! zero source before the frame is handed out again.
+//!
+//! # Frame states (who owns the frame, what the slot holds)
+//!
+//! ```text
+//!            take()                     install() (MOVE slot -> region)
+//!   Free ─────────────► Taken ─────────────────────────────────► Mapped
+//!   (arena; slot =      (caller; slot =                         (region at vaddr;
+//!    zeroed page)        zeroed or filled                         slot = hole)
+//!     ▲                  by the caller)                           │   ▲
+//!     │ zero_some()        │ return_unused() ──► Free              │   │ unstage()
+//!     │                    │ release()                     stage() │   │ (MOVE back)
+//!   Zeroing ◄──────────────┘                                       ▼   │
+//!   (queue; slot = hole     ◄──── release() ─────────────────── Staging
+//!    or stale data)         ◄──── release() of a Mapped frame   (slot = the region's
+//!                                 whose page is gone (munmap,    page, being written
+//!                                 DONTNEED, exit): slot = hole   to swap)
+//! ```
+//!
+//! - Free frames live in the sArena or an lArena ([`arena`]); only they are in arenas.
+//! - [`FramePool::take`] is the only way out of an arena; it marks the frame Taken.
+//! - Freed frames go through the zeroing queue: [`FramePool::zero_some`] (called by an
+//!   idle worker) or the background zeroer ([`FramePool::spawn_zeroer`]) refills holes /
+//!   clears stale data and pushes them to the sArena, so frames are handed out pre-zeroed
+//!   and zeroing stays off the fault path.
+//! - **Conservation**: `free (arenas) + taken + mapped + staging + zeroing == len()`.
+//!   [`FramePool::check_conservation`] verifies it against the arenas' published lengths
+//!   and the zeroing queue (call it when no worker is mid-operation); every transition is
+//!   a compare-and-swap on the descriptor state, checked with `debug_assert!` / a typed
+//!   [`Error::FrameState`].
+//!
+//! The memory-touching half (install / stage / unstage / reclaim / refill) is implemented
+//! in `sys::pool`, where the crate's `unsafe` lives.
+
+pub mod arena;
+
+use crate::error::{Error, Result};
+use crate::frame::{FrameNo, PAGE_SIZE};
+use crate::sys::mem::{Advice, Mapping, Protection};
+use crate::uffd::{Features, RegisterMode, Userfaultfd};
+use arena::{LocalArena, SharedArena};
+use std::vec::Vec;
+use usm_sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use usm_sync::{Arc, Mutex};
+
+pub use arena::ARENA_BATCH;
+
+/// Pages in the read-only zero source used to refill holes with `UFFDIO_COPY`.
+const ZERO_SOURCE_PAGES: usize = 64;
+
+/// Where a frame is in its life (see the module doc's diagram).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[repr(u8)]
+pub enum FrameState {
+    /// In an arena, slot holds a zeroed page.
+    Free = 0,
+    /// Handed out by [`FramePool::take`]; the taker owns it and its slot.
+    Taken = 1,
+    /// Its page is mapped in a region at [`FrameDesc::vaddr`]; the slot is a hole.
+    Mapped = 2,
+    /// Its page was moved back out of a region and sits in the slot (eviction / swap cache).
+    Staging = 3,
+    /// In the zeroing queue.
+    Zeroing = 4,
+}
+
+impl FrameState {
+    fn from_u8(v: u8) -> FrameState {
+        match v {
+            0 => FrameState::Free,
+            1 => FrameState::Taken,
+            2 => FrameState::Mapped,
+            3 => FrameState::Staging,
+            _ => FrameState::Zeroing,
+        }
+    }
+}
+
+impl core::fmt::Display for FrameState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// What a slot holds (kept with the state so the zeroer knows how to clean it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum SlotContent {
+    /// A zeroed page.
+    Zeroed = 0,
+    /// No page (it moved out, or was dropped with its region).
+    Hole = 1,
+    /// A page with stale data.
+    Dirty = 2,
+}
+
+/// Who a mapped or staged frame belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+pub struct FrameOwner {
+    /// The process (the embedded runtime's own pid in embedded mode).
+    pub pid: u32,
+    /// The region id within that process.
+    pub region: u32,
+}
+
+/// The descriptor of one frame (`struct page`), indexed by [`FrameNo`].
+///
+/// Fields are atomics so any core can read them; they are *written* only by the frame's
+/// current owner (per the state protocol), except the state itself, which moves by
+/// compare-and-swap.
+#[derive(Debug)]
+pub struct FrameDesc {
+    state: AtomicU8,
+    slot: AtomicU8,
+    owner_pid: AtomicU32,
+    owner_region: AtomicU32,
+    vaddr: AtomicU64,
+    policy: AtomicU64,
+}
+
+impl FrameDesc {
+    fn new() -> FrameDesc {
+        FrameDesc {
+            state: AtomicU8::new(FrameState::Free as u8),
+            slot: AtomicU8::new(SlotContent::Zeroed as u8),
+            owner_pid: AtomicU32::new(0),
+            owner_region: AtomicU32::new(0),
+            vaddr: AtomicU64::new(0),
+            policy: AtomicU64::new(0),
+        }
+    }
+    /// The current state.
+    pub fn state(&self) -> FrameState {
+        FrameState::from_u8(self.state.load(Ordering::Acquire))
+    }
+    /// The owner recorded at the last install (meaningful while Mapped / Staging).
+    pub fn owner(&self) -> FrameOwner {
+        FrameOwner {
+            pid: self.owner_pid.load(Ordering::Relaxed),
+            region: self.owner_region.load(Ordering::Relaxed),
+        }
+    }
+    /// The virtual address of the page in its region (meaningful while Mapped / Staging).
+    pub fn vaddr(&self) -> u64 {
+        self.vaddr.load(Ordering::Relaxed)
+    }
+    /// The policy slot: a `u64` the alloc/evict policy owns (an index into its own lists),
+    /// for O(1) back-links from a frame to the policy's bookkeeping.
+    pub fn policy(&self) -> u64 {
+        self.policy.load(Ordering::Relaxed)
+    }
+    /// Sets the policy slot.
+    pub fn set_policy(&self, value: u64) {
+        self.policy.store(value, Ordering::Relaxed);
+    }
+    pub(crate) fn slot(&self) -> SlotContent {
+        match self.slot.load(Ordering::Relaxed) {
+            0 => SlotContent::Zeroed,
+            1 => SlotContent::Hole,
+            _ => SlotContent::Dirty,
+        }
+    }
+    pub(crate) fn set_slot(&self, content: SlotContent) {
+        self.slot.store(content as u8, Ordering::Relaxed);
+    }
+    pub(crate) fn set_mapping(&self, owner: FrameOwner, vaddr: u64) {
+        self.owner_pid.store(owner.pid, Ordering::Relaxed);
+        self.owner_region.store(owner.region, Ordering::Relaxed);
+        self.vaddr.store(vaddr, Ordering::Relaxed);
+    }
+}
+
+/// Whether the pool's pages are locked in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum LockMode {
+    /// Not locked (regions and staging must not be locked either).
+    #[default]
+    Unlocked,
+    /// `mlock2(MLOCK_ONFAULT)` (regions and staging must be locked the same way).
+    OnFault,
+}
+
+/// How to build a [`FramePool`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Number of 4 KiB frames.
+    pub frames: usize,
+    /// Lock state of the pool mapping.
+    pub lock: LockMode,
+}
+
+/// Frame counts by state, and where the free ones are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Census {
+    /// Frames in the pool.
+    pub total: usize,
+    /// Free frames (descriptor state).
+    pub free: usize,
+    /// Of which in the sArena (published length).
+    pub free_shared: usize,
+    /// Of which in lArenas (published lengths).
+    pub free_local: usize,
+    /// Taken.
+    pub taken: usize,
+    /// Mapped.
+    pub mapped: usize,
+    /// Staging.
+    pub staging: usize,
+    /// Zeroing (descriptor state).
+    pub zeroing: usize,
+    /// Length of the zeroing queue.
+    pub zeroing_queued: usize,
+}
+
+impl core::fmt::Display for Census {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "total {} = free {} (sArena {} + lArenas {}) + taken {} + mapped {} + staging {} + zeroing {} (queued {})",
+            self.total,
+            self.free,
+            self.free_shared,
+            self.free_local,
+            self.taken,
+            self.mapped,
+            self.staging,
+            self.zeroing,
+            self.zeroing_queued
+        )
+    }
+}
+
+/// The frame pool. Shared as `Arc<FramePool>` by every worker; each worker takes frames
+/// through its own [`LocalArena`] from [`FramePool::local_arena`].
+#[derive(Debug)]
+pub struct FramePool {
+    pub(crate) mem: Mapping,
+    pub(crate) zero_source: Mapping,
+    pub(crate) descs: Vec<FrameDesc>,
+    pub(crate) uffd: Option<Arc<Userfaultfd>>,
+    shared: Arc<SharedArena>,
+    zeroing: Mutex<Vec<FrameNo>>,
+    zeroing_len: AtomicUsize,
+    locals: Mutex<Vec<Arc<AtomicUsize>>>,
+    config: PoolConfig,
+    #[cfg(not(loom))]
+    zeroer_signal: (Mutex<()>, usm_sync::Condvar),
+}
+
+impl FramePool {
+    /// Maps, advises, (optionally) locks, populates and — when `uffd` is given —
+    /// registers the pool (MISSING) on it. Every frame starts Free and zeroed in the
+    /// sArena. Without a userfaultfd the pool cannot move pages (tests of policies,
+    /// or bookkeeping-only users).
+    pub fn new(config: PoolConfig, uffd: Option<Arc<Userfaultfd>>) -> Result<Arc<FramePool>> {
+        if config.frames == 0 || config.frames > u32::MAX as usize {
+            return Err(Error::InvalidArgument("pool size must be 1..=u32::MAX frames"));
+        }
+        if let Some(u) = &uffd {
+            if !u.features().contains(Features::MOVE) {
+                return Err(Error::MissingFeature {
+                    feature: Features::MOVE,
+                    name: "MOVE".into(),
+                    since: Features::MOVE.since(),
+                    offered: u.offered_features(),
+                });
+            }
+        }
+        let len = config.frames * PAGE_SIZE;
+        let mem = Mapping::anonymous(len, Protection::ReadWrite)?;
+        mem.advise(0, len, Advice::DontFork)?;
+        mem.advise(0, len, Advice::NoHugePage)?;
+        if config.lock == LockMode::OnFault {
+            mem.mlock_onfault()?;
+        }
+        mem.advise(0, len, Advice::PopulateWrite)?;
+        if let Some(u) = &uffd {
+            u.register(mem.addr(), len as u64, RegisterMode::MISSING)?;
+        }
+        let zero_source = Mapping::anonymous(ZERO_SOURCE_PAGES * PAGE_SIZE, Protection::Read)?;
+        let descs = (0..config.frames).map(|_| FrameDesc::new()).collect();
+        let shared =
+            Arc::new(SharedArena::with_frames((0..config.frames as u32).rev().map(FrameNo)));
+        Ok(Arc::new(FramePool {
+            mem,
+            zero_source,
+            descs,
+            uffd,
+            shared,
+            zeroing: Mutex::new(Vec::new()),
+            zeroing_len: AtomicUsize::new(0),
+            locals: Mutex::new(Vec::new()),
+            config,
+            #[cfg(not(loom))]
+            zeroer_signal: (Mutex::new(()), usm_sync::Condvar::new()),
+        }))
+    }
+
+    /// Number of frames.
+    pub fn len(&self) -> usize {
+        self.descs.len()
+    }
+    /// Never true (a pool has at least one frame).
+    pub fn is_empty(&self) -> bool {
+        self.descs.is_empty()
+    }
+    /// The configuration.
+    pub fn config(&self) -> PoolConfig {
+        self.config
+    }
+    /// The userfaultfd the pool is registered on.
+    pub fn userfaultfd(&self) -> Option<&Arc<Userfaultfd>> {
+        self.uffd.as_ref()
+    }
+    /// First byte of the pool mapping.
+    pub fn base(&self) -> u64 {
+        self.mem.addr()
+    }
+    /// The pool mapping itself (read frame contents with its atomic accessors).
+    pub fn memory(&self) -> &Mapping {
+        &self.mem
+    }
+    /// The address of a frame's slot.
+    pub fn slot_addr(&self, frame: FrameNo) -> u64 {
+        self.mem.addr() + (frame.index() * PAGE_SIZE) as u64
+    }
+    /// The frame whose slot contains `addr`.
+    pub fn frame_at(&self, addr: u64) -> Option<FrameNo> {
+        let off = addr.checked_sub(self.mem.addr())? as usize;
+        (off < self.mem.len()).then_some(FrameNo((off / PAGE_SIZE) as u32))
+    }
+    /// A frame's descriptor.
+    pub fn desc(&self, frame: FrameNo) -> Result<&FrameDesc> {
+        self.descs.get(frame.index()).ok_or(Error::NoSuchFrame { frame, len: self.descs.len() })
+    }
+    /// The sArena.
+    pub fn shared_arena(&self) -> &Arc<SharedArena> {
+        &self.shared
+    }
+
+    /// A new lArena for one worker, counted in the census.
+    pub fn local_arena(&self) -> LocalArena {
+        let local = LocalArena::new(Arc::clone(&self.shared));
+        self.locals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(local.published_len());
+        local
+    }
+
+    /// Moves a frame's state `from` → `to`; a mismatch is [`Error::FrameState`].
+    pub(crate) fn transition(&self, frame: FrameNo, from: FrameState, to: FrameState) -> Result<&FrameDesc> {
+        let desc = self.desc(frame)?;
+        desc.state
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .map_err(|actual| Error::FrameState {
+                frame,
+                expected: from,
+                actual: FrameState::from_u8(actual),
+            })?;
+        Ok(desc)
+    }
+
+    /// Takes a pre-zeroed frame from the worker's lArena (refilling from the sArena; when
+    /// both are empty, zeroing one batch inline first). The frame is Taken: the caller
+    /// installs it, fills it (swap-in) or gives it back. `None`: the pool is exhausted.
+    pub fn take(&self, local: &mut LocalArena) -> Result<Option<FrameNo>> {
+        let frame = match local.pop() {
+            Some(f) => f,
+            None => {
+                if self.zero_some(local.batch())? == 0 {
+                    return Ok(None);
+                }
+                match local.pop() {
+                    Some(f) => f,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let transitioned = self.transition(frame, FrameState::Free, FrameState::Taken);
+        debug_assert!(transitioned.is_ok(), "arena held a non-free frame: {transitioned:?}");
+        transitioned?;
+        Ok(Some(frame))
+    }
+
+    /// Gives back a Taken frame whose slot was *not* written (still zeroed) straight to the
+    /// worker's lArena.
+    pub fn return_unused(&self, local: &mut LocalArena, frame: FrameNo) -> Result<()> {
+        let desc = self.transition(frame, FrameState::Taken, FrameState::Free)?;
+        desc.set_slot(SlotContent::Zeroed);
+        local.push(frame);
+        Ok(())
+    }
+
+    /// Frees a frame: Taken (slot possibly written), Staging (slot holds the old page), or
+    /// Mapped whose page is already gone from the region (munmap / DONTNEED / exit: the
+    /// slot is a hole). The frame joins the zeroing queue.
+    pub fn release(&self, frame: FrameNo) -> Result<()> {
+        let desc = self.desc(frame)?;
+        let state = desc.state();
+        let slot = match state {
+            FrameState::Taken | FrameState::Staging => SlotContent::Dirty,
+            FrameState::Mapped => SlotContent::Hole,
+            other => {
+                return Err(Error::FrameState { frame, expected: FrameState::Taken, actual: other });
+            }
+        };
+        self.transition(frame, state, FrameState::Zeroing)?;
+        desc.set_slot(slot);
+        desc.set_mapping(FrameOwner::default(), 0);
+        self.enqueue_zeroing(frame);
+        Ok(())
+    }
+
+    pub(crate) fn enqueue_zeroing(&self, frame: FrameNo) {
+        let mut q = self.zeroing.lock().unwrap_or_else(|p| p.into_inner());
+        q.push(frame);
+        self.zeroing_len.store(q.len(), Ordering::Release);
+        drop(q);
+        #[cfg(not(loom))]
+        self.zeroer_signal.1.notify_one();
+    }
+
+    /// Frames waiting to be zeroed.
+    pub fn zeroing_len(&self) -> usize {
+        self.zeroing_len.load(Ordering::Acquire)
+    }
+
+    /// Serves the zeroing queue: up to `budget` frames are cleaned (holes refilled with
+    /// `UFFDIO_COPY` from a zero source, stale pages cleared), marked Free and pushed to the
+    /// sArena. Returns how many. Called by idle workers or the background zeroer.
+    pub fn zero_some(&self, budget: usize) -> Result<usize> {
+        if budget == 0 || self.zeroing_len() == 0 {
+            return Ok(0);
+        }
+        let mut batch = {
+            let mut q = self.zeroing.lock().unwrap_or_else(|p| p.into_inner());
+            let n = budget.min(q.len());
+            let start = q.len() - n;
+            let batch: Vec<FrameNo> = q.drain(start..).collect();
+            self.zeroing_len.store(q.len(), Ordering::Release);
+            batch
+        };
+        batch.sort_unstable();
+        if let Err(e) = self.clean_slots(&batch) {
+            // Leave them queued for a later attempt: nothing is lost.
+            for f in batch {
+                self.enqueue_zeroing(f);
+            }
+            return Err(e);
+        }
+        for &f in &batch {
+            let desc = self.transition(f, FrameState::Zeroing, FrameState::Free)?;
+            desc.set_slot(SlotContent::Zeroed);
+        }
+        let n = batch.len();
+        self.shared.push_batch(&mut batch, n);
+        Ok(n)
+    }
+
+    /// Counts frames by state and where the free ones are.
+    pub fn census(&self) -> Census {
+        let mut c = Census { total: self.descs.len(), ..Census::default() };
+        for d in &self.descs {
+            match d.state() {
+                FrameState::Free => c.free += 1,
+                FrameState::Taken => c.taken += 1,
+                FrameState::Mapped => c.mapped += 1,
+                FrameState::Staging => c.staging += 1,
+                FrameState::Zeroing => c.zeroing += 1,
+            }
+        }
+        c.free_shared = self.shared.len();
+        c.free_local = self
+            .locals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|l| l.load(Ordering::Acquire))
+            .sum();
+        c.zeroing_queued = self.zeroing_len();
+        c
+    }
+
+    /// Checks frame conservation: the states add up to the pool size, the free frames are
+    /// exactly those in the arenas, and the zeroing ones exactly those queued. Call when
+    /// no worker is in the middle of a take / give / refill.
+    pub fn check_conservation(&self) -> Result<Census> {
+        let c = self.census();
+        let states = c.free + c.taken + c.mapped + c.staging + c.zeroing;
+        if states != c.total
+            || c.free != c.free_shared + c.free_local
+            || c.zeroing != c.zeroing_queued
+        {
+            return Err(Error::Conservation(c.to_string()));
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(not(loom))]
+mod zeroer {
+    use super::FramePool;
+    use std::time::Duration;
+    use usm_sync::Arc;
+    use usm_sync::atomic::{AtomicBool, Ordering};
+    use usm_sync::thread::JoinHandle;
+
+    /// The background zeroing thread of a pool; stops and joins on drop.
+    #[derive(Debug)]
+    pub struct ZeroerHandle {
+        stop: Arc<AtomicBool>,
+        pool: Arc<FramePool>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl FramePool {
+        /// Starts a thread that serves the zeroing queue `budget` frames at a time,
+        /// sleeping while it is empty. Errors are logged and retried after a pause.
+        pub fn spawn_zeroer(self: &Arc<Self>, budget: usize) -> ZeroerHandle {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (pool, flag) = (Arc::clone(self), Arc::clone(&stop));
+            let thread = usm_sync::thread::spawn(move || {
+                while !flag.load(Ordering::Acquire) {
+                    match pool.zero_some(budget) {
+                        Ok(0) => {
+                            let (lock, cv) = &pool.zeroer_signal;
+                            let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+                            if pool.zeroing_len() == 0 && !flag.load(Ordering::Acquire) {
+                                let _ = cv.wait_timeout(guard, Duration::from_millis(5));
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "frame zeroing failed; retrying");
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+            });
+            ZeroerHandle { stop, pool: Arc::clone(self), thread: Some(thread) }
+        }
+    }
+
+    impl Drop for ZeroerHandle {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Release);
+            self.pool.zeroer_signal.1.notify_all();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+#[cfg(not(loom))]
+pub use zeroer::ZeroerHandle;

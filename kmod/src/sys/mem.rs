@@ -1,0 +1,241 @@
+//! [`Mapping`]: an owned anonymous mapping.
+//!
+//! A `Mapping` never hands out Rust references to its bytes: its content can change under
+//! us (userfaultfd moves pages in and out, `MADV_DONTNEED` drops them), so it is reached
+//! through atomic loads/stores (safe) or raw byte writes whose exclusivity the caller
+//! promises (`unsafe`). Dropping it unmaps it.
+
+use crate::error::{Error, Result};
+use crate::frame::PAGE_SIZE;
+use nix::errno::Errno;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Page protection of a [`Mapping`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// `PROT_NONE`.
+    None,
+    /// `PROT_READ`.
+    Read,
+    /// `PROT_READ | PROT_WRITE`.
+    ReadWrite,
+}
+
+impl Protection {
+    fn bits(self) -> i32 {
+        match self {
+            Protection::None => libc::PROT_NONE,
+            Protection::Read => libc::PROT_READ,
+            Protection::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+        }
+    }
+}
+
+/// `madvise` advice a [`Mapping`] accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advice {
+    /// `MADV_DONTFORK`: the child of a fork does not get this range.
+    DontFork,
+    /// `MADV_NOHUGEPAGE`.
+    NoHugePage,
+    /// `MADV_HUGEPAGE`.
+    HugePage,
+    /// `MADV_POPULATE_WRITE`: fault every page in writable (Linux 5.14).
+    PopulateWrite,
+    /// `MADV_POPULATE_READ`.
+    PopulateRead,
+    /// `MADV_DONTNEED`: drop the pages (anonymous memory reads back as zero, or faults
+    /// again on a userfaultfd-registered range, which also sends a REMOVE event).
+    DontNeed,
+}
+
+impl Advice {
+    fn bits(self) -> i32 {
+        match self {
+            Advice::DontFork => libc::MADV_DONTFORK,
+            Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
+            Advice::HugePage => libc::MADV_HUGEPAGE,
+            Advice::PopulateWrite => super::MADV_POPULATE_WRITE,
+            Advice::PopulateRead => super::MADV_POPULATE_READ,
+            Advice::DontNeed => libc::MADV_DONTNEED,
+        }
+    }
+}
+
+/// An owned private anonymous mapping, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a Mapping is an address range; its bytes are only reached through atomics or
+// `unsafe` methods whose callers promise exclusivity, so sharing it between threads
+// introduces no data race by itself.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes (rounded up to pages) of private anonymous memory with `prot`,
+    /// `MAP_NORESERVE`. Nothing is populated.
+    pub fn anonymous(len: usize, prot: Protection) -> Result<Mapping> {
+        Self::anonymous_aligned(len, PAGE_SIZE, prot)
+    }
+
+    /// Like [`Mapping::anonymous`] with the start aligned to `align` (a power of two, at
+    /// least a page): over-maps and trims, so 2 MiB ranges can be THP-aligned.
+    pub fn anonymous_aligned(len: usize, align: usize, prot: Protection) -> Result<Mapping> {
+        if len == 0 || !align.is_power_of_two() || align < PAGE_SIZE {
+            return Err(Error::InvalidArgument("mapping length 0 or bad alignment"));
+        }
+        let len = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let total = len + align - PAGE_SIZE;
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks overlaps nothing.
+        let raw = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                total,
+                prot.bits(),
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(Error::Sys { what: "mmap(anonymous)", source: Errno::last() });
+        }
+        let base = raw as usize;
+        let start = (base + align - 1) & !(align - 1);
+        let head = start - base;
+        let tail = total - head - len;
+        // SAFETY: the head and tail trimmed here are parts of the mapping just created,
+        // not referenced by anyone.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((start + len) as *mut libc::c_void, tail);
+            }
+        }
+        let ptr = NonNull::new(start as *mut u8)
+            .ok_or(Error::InvalidArgument("mmap returned a null address"))?;
+        Ok(Mapping { ptr, len })
+    }
+
+    /// The start address.
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+    /// The start as a raw pointer (for ioctls and `memcpy` sources).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Never true (a mapping has at least one page); for clippy's `len` convention.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<()> {
+        if offset % PAGE_SIZE != 0 || offset.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(Error::InvalidArgument("range outside the mapping or misaligned"));
+        }
+        Ok(())
+    }
+
+    /// `madvise(addr + offset, len, advice)`.
+    pub fn advise(&self, offset: usize, len: usize, advice: Advice) -> Result<()> {
+        self.check(offset, len)?;
+        // SAFETY: the range lies inside this mapping; no Rust reference points into it, so
+        // dropping or populating pages cannot invalidate one.
+        let ret = unsafe {
+            libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice.bits())
+        };
+        Errno::result(ret).map(drop).map_err(|source| Error::Sys { what: "madvise", source })
+    }
+
+    /// `mlock2(MLOCK_ONFAULT)` on the whole mapping: pages are locked as they are faulted
+    /// in. `UFFDIO_MOVE` needs source and destination in the same lock state.
+    pub fn mlock_onfault(&self) -> Result<()> {
+        // SAFETY: locking pages of our own mapping has no memory-safety effect.
+        let ret = unsafe { libc::mlock2(self.ptr.as_ptr().cast(), self.len, libc::MLOCK_ONFAULT) };
+        Errno::result(ret).map(drop).map_err(|source| Error::Sys { what: "mlock2(MLOCK_ONFAULT)", source })
+    }
+
+    /// `munlock` on the whole mapping.
+    pub fn munlock(&self) -> Result<()> {
+        // SAFETY: unlocking pages of our own mapping has no memory-safety effect.
+        let ret = unsafe { libc::munlock(self.ptr.as_ptr().cast(), self.len) };
+        Errno::result(ret).map(drop).map_err(|source| Error::Sys { what: "munlock", source })
+    }
+
+    fn atomic_u64(&self, offset: usize) -> Result<&AtomicU64> {
+        if offset % 8 != 0 || offset + 8 > self.len {
+            return Err(Error::InvalidArgument("offset outside the mapping or unaligned"));
+        }
+        // SAFETY: the address is inside the live mapping and 8-byte aligned; every safe
+        // access to mapping bytes is atomic, so no non-atomic access races with it; the
+        // reference lives no longer than `&self`, i.e. than the mapping.
+        Ok(unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast()) })
+    }
+
+    /// Atomically loads the `u64` at `offset` (faults the page in like any access; on a
+    /// userfaultfd-registered range that waits for, or signals, the handler).
+    pub fn load_u64(&self, offset: usize) -> Result<u64> {
+        Ok(self.atomic_u64(offset)?.load(Ordering::Relaxed))
+    }
+
+    /// Atomically stores `value` at `offset` (same faulting behaviour as
+    /// [`Mapping::load_u64`]).
+    pub fn store_u64(&self, offset: usize, value: u64) -> Result<()> {
+        self.atomic_u64(offset)?.store(value, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes `value` into the first word of every page of `[offset, offset+len)`: the
+    /// first-touch pattern.
+    pub fn touch_pages(&self, offset: usize, len: usize, value: u64) -> Result<()> {
+        self.check(offset, len)?;
+        for page in (offset..offset + len).step_by(PAGE_SIZE) {
+            self.store_u64(page, value)?;
+        }
+        Ok(())
+    }
+
+    /// Whether every byte of `[offset, offset+len)` is zero (read with atomic loads).
+    pub fn is_zero(&self, offset: usize, len: usize) -> Result<bool> {
+        self.check(offset, len)?;
+        for word in (offset..offset + len).step_by(8) {
+            if self.load_u64(word)? != 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Fills `[offset, offset+len)` with `byte` using plain (non-atomic) writes.
+    ///
+    /// # Safety
+    /// - No other thread reads or writes these bytes during the call (through this
+    ///   mapping's atomics or otherwise).
+    pub unsafe fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<()> {
+        self.check(offset, len)?;
+        // SAFETY: the range is inside the mapping (checked) and the caller promises
+        // exclusive access for the duration of the call.
+        unsafe { core::ptr::write_bytes(self.ptr.as_ptr().add(offset), byte, len) };
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is owned by `self` and no reference into it outlives it.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}

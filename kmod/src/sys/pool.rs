@@ -1,0 +1,198 @@
+//! The memory-touching half of [`FramePool`]: moving pages between slots and regions,
+//! and cleaning slots for the zeroing queue. See [`crate::pool`] for the state protocol.
+
+use crate::error::{Error, Result};
+use crate::frame::{FrameNo, PAGE_SIZE};
+use crate::pool::{FrameOwner, FramePool, FrameState, SlotContent};
+use crate::uffd::{CopyMode, MoveMode, Resolved};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+impl FramePool {
+    fn uffd_or_err(&self) -> Result<&crate::Userfaultfd> {
+        self.uffd.as_deref().ok_or(Error::NoUserfaultfd)
+    }
+
+    fn expect_state(&self, frame: FrameNo, expected: FrameState) -> Result<()> {
+        let actual = self.desc(frame)?.state();
+        if actual != expected {
+            return Err(Error::FrameState { frame, expected, actual });
+        }
+        Ok(())
+    }
+
+    /// Installs a Taken frame at `dst` with `UFFDIO_MOVE` (zero copy). On
+    /// [`Resolved::Done`] the frame is Mapped (owner and `dst` recorded, slot a hole); on
+    /// any other state it stays Taken and the caller decides ([`Resolved::UseCopy`] →
+    /// [`FramePool::install_copy`]; [`Resolved::AlreadyMapped`] → give the frame back and
+    /// wake; [`Resolved::MmapChanging`] → read events, retry).
+    ///
+    /// # Safety
+    /// - `dst` is a missing page of a region the caller manages, registered on the pool's
+    ///   userfaultfd with the pool's protection and lock state.
+    /// - The caller owns `frame` (it took it) and nobody accesses its slot concurrently.
+    pub unsafe fn install(&self, frame: FrameNo, dst: u64, owner: FrameOwner, mode: MoveMode) -> Result<Resolved> {
+        let uffd = self.uffd_or_err()?;
+        self.expect_state(frame, FrameState::Taken)?;
+        // SAFETY: the caller owns `dst` (missing page of its region) and the Taken frame's
+        // slot (contract above).
+        let r = unsafe { uffd.move_pages(dst, self.slot_addr(frame), PAGE, mode)? };
+        if r.is_done() {
+            let desc = self.transition(frame, FrameState::Taken, FrameState::Mapped)?;
+            desc.set_slot(SlotContent::Hole);
+            desc.set_mapping(owner, dst);
+        }
+        Ok(r)
+    }
+
+    /// Installs a copy of a Taken frame's slot at `dst` (`UFFDIO_COPY`), for when MOVE
+    /// reported [`Resolved::UseCopy`]. The frame stays Taken (its page did not move):
+    /// give it back with [`FramePool::return_unused`] if its slot was still zeroed, or
+    /// [`FramePool::release`].
+    ///
+    /// # Safety
+    /// Same as [`FramePool::install`].
+    pub unsafe fn install_copy(&self, frame: FrameNo, dst: u64, mode: CopyMode) -> Result<Resolved> {
+        let uffd = self.uffd_or_err()?;
+        self.expect_state(frame, FrameState::Taken)?;
+        // SAFETY: the caller owns `dst`; the slot is a present page the caller owns, read only.
+        unsafe { uffd.copy(dst, self.slot_addr(frame), PAGE, mode) }
+    }
+
+    /// Evicts a Mapped frame's page from its region back into its slot (`UFFDIO_MOVE`,
+    /// atomic: the region page is a hole afterwards and the next access faults to us).
+    /// On [`Resolved::Done`] the frame is Staging: write the slot to swap, then
+    /// [`FramePool::release`] it, or [`FramePool::unstage`] it on a swap-cache hit.
+    /// [`Resolved::UseCopy`]: the region page is pinned or fork-shared; it stays mapped.
+    ///
+    /// # Safety
+    /// - The caller manages the region page at the frame's `vaddr` and accepts that it
+    ///   becomes a hole.
+    pub unsafe fn stage(&self, frame: FrameNo, mode: MoveMode) -> Result<Resolved> {
+        let uffd = self.uffd_or_err()?;
+        self.expect_state(frame, FrameState::Mapped)?;
+        let vaddr = self.desc(frame)?.vaddr();
+        // SAFETY: the slot is a hole (Mapped) inside the pool, registered on this fd; the
+        // caller owns the region page (contract above).
+        let r = unsafe { uffd.move_pages(self.slot_addr(frame), vaddr, PAGE, mode)? };
+        if r.is_done() {
+            let desc = self.transition(frame, FrameState::Mapped, FrameState::Staging)?;
+            desc.set_slot(SlotContent::Dirty);
+        }
+        Ok(r)
+    }
+
+    /// Moves a Staging frame's page back to its region address (a fault hit the page while
+    /// it was being written out). On [`Resolved::Done`] the frame is Mapped again.
+    ///
+    /// # Safety
+    /// - The frame's `vaddr` is a missing page of a region the caller manages; no
+    ///   in-flight I/O reads the slot (else the move reports [`Resolved::UseCopy`]).
+    pub unsafe fn unstage(&self, frame: FrameNo, mode: MoveMode) -> Result<Resolved> {
+        let uffd = self.uffd_or_err()?;
+        self.expect_state(frame, FrameState::Staging)?;
+        let vaddr = self.desc(frame)?.vaddr();
+        // SAFETY: the caller owns the destination page; the slot holds our staged page.
+        let r = unsafe { uffd.move_pages(vaddr, self.slot_addr(frame), PAGE, mode)? };
+        if r.is_done() {
+            let desc = self.transition(frame, FrameState::Staging, FrameState::Mapped)?;
+            desc.set_slot(SlotContent::Hole);
+        }
+        Ok(r)
+    }
+
+    /// Drops a Mapped frame from its region (the region is going away): its page moves
+    /// back to the slot and the frame is released to the zeroing queue. If the region
+    /// page is already gone (`ENOENT`), the frame is released as a hole. A pinned page
+    /// ([`Resolved::UseCopy`]) stays where it is and the frame stays Mapped.
+    ///
+    /// # Safety
+    /// - The caller manages the region page and accepts that it becomes a hole.
+    pub unsafe fn reclaim(&self, frame: FrameNo) -> Result<Resolved> {
+        // SAFETY: forwarded contract.
+        match unsafe { self.stage(frame, MoveMode::DONTWAKE) } {
+            Ok(r @ Resolved::Done(_)) => {
+                self.release(frame)?;
+                Ok(r)
+            }
+            Ok(other) => Ok(other),
+            Err(e) if e.is_not_found() => {
+                self.release(frame)?;
+                Ok(Resolved::Done(0))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Cleans the slots of Zeroing frames (sorted): holes are refilled with fresh zeroed
+    /// pages, stale pages are cleared.
+    pub(crate) fn clean_slots(&self, sorted: &[FrameNo]) -> Result<()> {
+        let mut i = 0;
+        while i < sorted.len() {
+            let first = sorted[i];
+            let content = self.desc(first)?.slot();
+            // A run of consecutive frames with the same content is cleaned in one call.
+            let mut j = i + 1;
+            while j < sorted.len()
+                && sorted[j].0 == sorted[j - 1].0 + 1
+                && self.desc(sorted[j])?.slot() == content
+            {
+                j += 1;
+            }
+            let (start, pages) = (self.slot_addr(first), (j - i) as u64);
+            match content {
+                SlotContent::Hole => self.refill_holes(start, pages)?,
+                SlotContent::Dirty | SlotContent::Zeroed => {
+                    let offset = first.index() * PAGE_SIZE;
+                    // SAFETY: these frames are Zeroing and were handed to this call by the
+                    // zeroing queue, which gives each frame to one cleaner only; their
+                    // slots hold present pages (Dirty), so no fault is taken.
+                    unsafe { self.mem.fill(offset, pages as usize * PAGE_SIZE, 0)? };
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Refills `pages` hole slots from `start` with zeroed pages.
+    fn refill_holes(&self, start: u64, pages: u64) -> Result<()> {
+        let Some(uffd) = self.uffd.as_deref() else {
+            // Not registered: an ordinary write fault populates a zeroed page.
+            let offset = (start - self.mem.addr()) as usize;
+            return self.mem.touch_pages(offset, pages as usize * PAGE_SIZE, 0);
+        };
+        let chunk = self.zero_source.len() as u64;
+        let (mut dst, end) = (start, start + pages * PAGE);
+        while dst < end {
+            let len = chunk.min(end - dst);
+            // SAFETY: [dst, dst+len) are hole slots of Zeroing frames owned by this
+            // cleaner; the source is our read-only never-written mapping (reads as zeros).
+            let r = unsafe { uffd.copy(dst, self.zero_source.addr(), len, CopyMode::DONTWAKE)? };
+            match r {
+                Resolved::Done(_) => dst += len,
+                Resolved::Partial(n) => dst += n,
+                Resolved::MmapChanging => {
+                    // An address-space event is unread on this fd; the queue keeps the
+                    // frames and a later pass (after the events are read) refills them.
+                    return Err(Error::Ioctl {
+                        op: "UFFDIO_COPY",
+                        start: dst,
+                        len,
+                        source: nix::errno::Errno::EAGAIN,
+                    });
+                }
+                Resolved::AlreadyMapped => {
+                    // The slot was not a hole after all: clear the page that is there.
+                    let offset = (dst - self.mem.addr()) as usize;
+                    // SAFETY: as in `clean_slots`, the frame is owned by this cleaner and
+                    // its page is present (EEXIST).
+                    unsafe { self.mem.fill(offset, PAGE_SIZE, 0)? };
+                    dst += PAGE;
+                }
+                Resolved::UseCopy => return Err(Error::InvalidArgument("COPY reported UseCopy")),
+            }
+        }
+        Ok(())
+    }
+}
