@@ -1,0 +1,280 @@
+//! Swap devices: a preallocated file or a block device (loop, zram), opened `O_DIRECT`.
+//!
+//! Life of a device:
+//! 1. **Create / format.** [`create_swap_file`] makes a new file (`O_EXCL`, `fallocate`d to
+//!    its full size) and formats it; [`format`] writes the USM header (see
+//!    [`header`](crate::header)) on an existing file or block device, refusing a first block
+//!    that holds foreign data unless forced (`usm mkswap`).
+//! 2. **Open.** [`SwapDevice::open`] opens `O_DIRECT` (block devices also `O_EXCL`, so a
+//!    mounted or kernel-swapped device is refused with `EBUSY`), reads the header and refuses
+//!    a path without a valid one ([`SwapError::NotUsmSwap`]) — it never writes to it.
+//! 3. **Use.** Slot `s` lives at byte `(s + 1) * 4096`. Slot allocation is per device in a
+//!    [`SlotMap`](crate::SlotMap) owned by the allocator ([`SwapSpace`](crate::SwapSpace));
+//!    the device itself only keeps the *bad* map, an atomic bitfield that any engine on any
+//!    worker sets when a read of a slot fails, so the slot is never handed out again.
+//!
+//! A `SwapDevice` is shared (`Arc`) between the allocator and the engines of all workers;
+//! each engine registers the fd in its own ring.
+//!
+//! **zram**: `O_DIRECT` reads and writes on `/dev/zram*` complete synchronously inside the
+//! block layer, so io_uring punts them to its io-wq kernel threads. That CPU time is not
+//! the caller's thread time: benchmarks must count it (it shows up in the process's
+//! `getrusage`, since io-wq workers belong to the thread group).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{FallocateFlags, OFlag, fallocate, open};
+use nix::sys::stat::Mode;
+use nix::sys::uio::{pread, pwrite};
+use nix::unistd::{Whence, fsync, lseek};
+use usm_sync::atomic::{AtomicU64, Ordering};
+
+use crate::entry::DeviceId;
+use crate::error::{Result, SwapError};
+use crate::header::{PAGE_SIZE, SwapHeader, describe_foreign};
+use crate::sys::buf::PageBuf;
+
+/// What backs a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum DeviceKind {
+    /// A regular file on a filesystem that supports `O_DIRECT`.
+    File,
+    /// A block device (loop, zram, a disk partition), opened `O_EXCL`.
+    Block,
+}
+
+/// How to open a device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeviceOptions {
+    /// Open read-only: every write then fails (and the page stays with the caller).
+    pub read_only: bool,
+}
+
+/// How to format a device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FormatOptions {
+    /// Overwrite a first block that holds foreign data (a file system, a Linux swap
+    /// signature, anything but zeros or an old USM header).
+    pub force: bool,
+}
+
+fn is_block(path: &Path) -> Result<bool> {
+    std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .map_err(|e| SwapError::device("stat", path, e))
+}
+
+fn open_direct(path: &Path, read_only: bool) -> Result<(OwnedFd, DeviceKind)> {
+    let block = is_block(path)?;
+    let mut flags = OFlag::O_DIRECT | OFlag::O_CLOEXEC;
+    flags |= if read_only {
+        OFlag::O_RDONLY
+    } else {
+        OFlag::O_RDWR
+    };
+    if block {
+        // Without O_CREAT, O_EXCL on a block device means "exclusive open": EBUSY if it
+        // is mounted, swapped on by the kernel, or held by another exclusive opener.
+        flags |= OFlag::O_EXCL;
+    }
+    let fd = open(path, flags, Mode::empty()).map_err(|e| {
+        let op = match e {
+            nix::errno::Errno::EINVAL => "open O_DIRECT (EINVAL: no O_DIRECT here, e.g. tmpfs)",
+            nix::errno::Errno::EBUSY => "open O_EXCL (EBUSY: mounted, swapon'd or in use)",
+            _ => "open",
+        };
+        SwapError::device(op, path, e.into())
+    })?;
+    let kind = if block {
+        DeviceKind::Block
+    } else {
+        DeviceKind::File
+    };
+    Ok((fd, kind))
+}
+
+fn size_of(fd: BorrowedFd<'_>, path: &Path) -> Result<u64> {
+    lseek(fd, 0, Whence::SeekEnd)
+        .map(|n| n as u64)
+        .map_err(|e| SwapError::device("lseek(SEEK_END)", path, e.into()))
+}
+
+fn read_first_block(fd: BorrowedFd<'_>, path: &Path, bytes: u64) -> Result<PageBuf> {
+    let mut block = PageBuf::page();
+    if bytes >= PAGE_SIZE as u64 {
+        let n = pread(fd, &mut block, 0)
+            .map_err(|e| SwapError::device("read header", path, e.into()))?;
+        if n != PAGE_SIZE {
+            return Err(SwapError::NotUsmSwap {
+                path: path.into(),
+                found: "less than one page",
+            });
+        }
+    }
+    Ok(block)
+}
+
+/// Writes a USM swap header on `path` (a file or a block device) and returns it.
+///
+/// Refuses ([`SwapError::ForeignData`]) when the first block holds anything but zeros or
+/// an earlier USM header, unless `opts.force`. The slots are not cleared: a freshly
+/// formatted device has no allocated slot, so nothing reads them before writing.
+pub fn format(path: impl AsRef<Path>, opts: &FormatOptions) -> Result<SwapHeader> {
+    let path = path.as_ref();
+    let (fd, _) = open_direct(path, false)?;
+    let bytes = size_of(fd.as_fd(), path)?;
+    let header = SwapHeader::for_size(path, bytes)?;
+    let mut block = read_first_block(fd.as_fd(), path, bytes)?;
+    match describe_foreign(&block) {
+        None | Some("only zeros") => {}
+        Some(found) if !opts.force => {
+            return Err(SwapError::ForeignData {
+                path: path.into(),
+                found,
+            });
+        }
+        Some(_) => {}
+    }
+    header.encode(&mut block);
+    let n = pwrite(fd.as_fd(), &block, 0)
+        .map_err(|e| SwapError::device("write header", path, e.into()))?;
+    if n != PAGE_SIZE {
+        return Err(SwapError::device(
+            "write header",
+            path,
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ));
+    }
+    fsync(fd.as_fd()).map_err(|e| SwapError::device("fsync", path, e.into()))?;
+    Ok(header)
+}
+
+/// Creates a new swap file of `bytes` bytes (rounded down to whole pages), preallocated
+/// with `fallocate` so writes never find the file system full, and formats it.
+/// Refuses an existing path (`EEXIST`).
+pub fn create_swap_file(path: impl AsRef<Path>, bytes: u64) -> Result<SwapHeader> {
+    let path = path.as_ref();
+    let bytes = bytes / PAGE_SIZE as u64 * PAGE_SIZE as u64;
+    SwapHeader::for_size(path, bytes)?;
+    let fd = open(
+        path,
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| SwapError::device("create", path, e.into()))?;
+    fallocate(fd.as_fd(), FallocateFlags::empty(), 0, bytes as libc::off_t)
+        .map_err(|e| SwapError::device("fallocate", path, e.into()))?;
+    drop(fd);
+    format(path, &FormatOptions::default())
+}
+
+/// An open, validated USM swap device. Shared between the allocator and every engine.
+#[derive(Debug)]
+pub struct SwapDevice {
+    id: DeviceId,
+    path: PathBuf,
+    fd: OwnedFd,
+    kind: DeviceKind,
+    header: SwapHeader,
+    read_only: bool,
+    bad: Box<[AtomicU64]>,
+    bad_count: AtomicU64,
+}
+
+impl SwapDevice {
+    /// Opens `path` read-write as device `id`; see [`open_with`](Self::open_with).
+    pub fn open(id: DeviceId, path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(id, path, &DeviceOptions::default())
+    }
+
+    /// Opens `path` `O_DIRECT` (block devices `O_EXCL`) and validates its USM header.
+    /// A path without one is refused with [`SwapError::NotUsmSwap`] and left untouched.
+    pub fn open_with(id: DeviceId, path: impl AsRef<Path>, opts: &DeviceOptions) -> Result<Self> {
+        let path = path.as_ref();
+        if id.0 == u8::MAX {
+            return Err(SwapError::UnknownDevice(id));
+        }
+        let (fd, kind) = open_direct(path, opts.read_only)?;
+        let bytes = size_of(fd.as_fd(), path)?;
+        let block = read_first_block(fd.as_fd(), path, bytes)?;
+        let header = SwapHeader::decode(path, &block, bytes)?;
+        let words = header.slots.div_ceil(64) as usize;
+        Ok(Self {
+            id,
+            path: path.into(),
+            fd,
+            kind,
+            header,
+            read_only: opts.read_only,
+            bad: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            bad_count: AtomicU64::new(0),
+        })
+    }
+
+    /// The device's id (the device field of its swap entries).
+    pub fn id(&self) -> DeviceId {
+        self.id
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// File or block device.
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &SwapHeader {
+        &self.header
+    }
+
+    /// Number of 4 KiB slots.
+    pub fn slots(&self) -> u64 {
+        self.header.slots
+    }
+
+    /// Whether it was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The `O_DIRECT` descriptor (engines register it in their rings).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Byte offset of `slot`.
+    pub fn slot_offset(&self, slot: u64) -> u64 {
+        SwapHeader::slot_offset(slot)
+    }
+
+    /// Records that `slot`'s content is lost (a read of it failed). Any thread may call
+    /// this; the allocator retires the slot instead of freeing it.
+    pub fn mark_bad(&self, slot: u64) {
+        if let Some(w) = self.bad.get((slot / 64) as usize) {
+            let bit = 1u64 << (slot % 64);
+            if w.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+                self.bad_count.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(device = self.id.0, slot, path = %self.path.display(),
+                    "swap slot marked bad");
+            }
+        }
+    }
+
+    /// Whether `slot` was marked bad.
+    pub fn is_bad(&self, slot: u64) -> bool {
+        self.bad
+            .get((slot / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1u64 << (slot % 64)) != 0)
+    }
+
+    /// Number of slots marked bad.
+    pub fn bad_slots(&self) -> u64 {
+        self.bad_count.load(Ordering::Relaxed)
+    }
+}
