@@ -1,0 +1,89 @@
+//! The tagger's side: connect, Hello with the un-negotiated userfaultfd, wait for the
+//! verdict.
+//!
+//! ```no_run
+//! # use std::os::fd::AsFd;
+//! # fn demo(uffd: std::os::fd::OwnedFd) -> Result<(), usm_proto::ProtoError> {
+//! let session = usm_proto::client::connect("/run/usm/usm.sock".as_ref())?;
+//! let admission = session.hello(std::process::id(), "redis-server", uffd.as_fd())?;
+//! println!("managed by policy {}", admission.policy);
+//! # Ok(()) }
+//! ```
+
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::PROTOCOL_VERSION;
+use crate::error::ProtoError;
+use crate::sys::Channel;
+use crate::wire::Message;
+
+/// How long the tagger waits for the daemon's verdict before running unmanaged.
+pub const VERDICT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection to the daemon, before or after the Hello.
+#[derive(Debug)]
+pub struct Session {
+    channel: Channel,
+}
+
+/// The daemon's Ack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admission {
+    /// `uffdio_api.features` the daemon negotiated on the shared userfaultfd.
+    pub features: u64,
+    /// Policy managing this process.
+    pub policy: String,
+}
+
+/// Connects to the daemon at `path`.
+pub fn connect(path: &Path) -> Result<Session, ProtoError> {
+    Ok(Session {
+        channel: Channel::connect(path)?,
+    })
+}
+
+impl Session {
+    /// Sends Hello with `uffd` (un-negotiated) attached and waits up to
+    /// [`VERDICT_TIMEOUT`] for Ack or Refused. `Refused` becomes [`ProtoError::Refused`].
+    pub fn hello(
+        &self,
+        pid: u32,
+        name: &str,
+        uffd: BorrowedFd<'_>,
+    ) -> Result<Admission, ProtoError> {
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            pid,
+            name: name.to_owned(),
+        };
+        self.channel.send_with_fd(&hello, uffd)?;
+        self.channel.set_recv_timeout(Some(VERDICT_TIMEOUT))?;
+        let verdict = self.channel.recv();
+        self.channel.set_recv_timeout(None)?;
+        match verdict.map_err(|e| match e {
+            ProtoError::Timeout { .. } => ProtoError::Timeout {
+                what: "the daemon's verdict (Ack or Refused)",
+            },
+            other => other,
+        })? {
+            Message::Ack { features, policy } => Ok(Admission { features, policy }),
+            Message::Refused { reason, text } => Err(ProtoError::Refused { reason, text }),
+            other => Err(ProtoError::Unexpected {
+                expected: "Ack or Refused",
+                got: other.name(),
+            }),
+        }
+    }
+
+    /// The underlying channel (send notifications, receive daemon messages).
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Gives up the session wrapper, keeping the channel.
+    pub fn into_channel(self) -> Channel {
+        self.channel
+    }
+}

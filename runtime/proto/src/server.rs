@@ -1,0 +1,167 @@
+//! The daemon's side: accept a tagger, check who it is, take its userfaultfd.
+//!
+//! [`accept`] returns a [`TaggedPeer`] whose Hello was valid and whose credentials
+//! passed; the daemon then negotiates `UFFDIO_API` on [`TaggedPeer::uffd`] and answers
+//! with [`TaggedPeer::ack`] or [`TaggedPeer::refuse`]. Errors that are the peer's fault
+//! ([`ProtoError::is_peer_fault`]) concern that connection only: the refused peer has
+//! been told why (best effort) and the daemon keeps accepting.
+//!
+//! ```no_run
+//! # fn demo() -> Result<(), usm_proto::ProtoError> {
+//! use usm_proto::server::{self, Listener};
+//! let listener = Listener::bind("/run/usm/usm.sock".as_ref())?;
+//! loop {
+//!     match server::accept(&listener) {
+//!         Ok(peer) => {
+//!             // UFFDIO_API on peer.uffd with EVENT_FORK|REMAP|REMOVE|UNMAP|THREAD_ID ...
+//!             peer.ack(0, "policyOne")?;
+//!         }
+//!         Err(e) if e.is_peer_fault() => eprintln!("tagger refused: {e}"),
+//!         Err(e) => return Err(e),
+//!     }
+//! }
+//! # }
+//! ```
+
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+pub use crate::sys::{Listener, PeerCredentials};
+
+use crate::error::ProtoError;
+use crate::sys::{Channel, effective_uid};
+use crate::wire::{Message, RefusalReason};
+
+/// How long a connected peer has to send its Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A tagged process that said Hello and passed the credential check.
+#[derive(Debug)]
+pub struct TaggedPeer {
+    /// Its pid (from `SO_PEERCRED`, equal to Hello's).
+    pub pid: u32,
+    /// Its effective uid.
+    pub uid: u32,
+    /// Its name (`comm`), used to choose a policy.
+    pub name: String,
+    /// Its userfaultfd, not negotiated yet: the daemon runs `UFFDIO_API` on it.
+    pub uffd: OwnedFd,
+    /// The connection, for the verdict and everything after it.
+    pub stream: Channel,
+}
+
+impl TaggedPeer {
+    /// Tells the tagger it is managed: `features` as negotiated, by `policy`.
+    pub fn ack(&self, features: u64, policy: &str) -> Result<(), ProtoError> {
+        self.stream.send(&Message::Ack {
+            features,
+            policy: policy.to_owned(),
+        })
+    }
+
+    /// Tells the tagger it is not managed and drops the connection and the fd.
+    pub fn refuse(self, reason: RefusalReason, text: &str) -> Result<(), ProtoError> {
+        refuse_channel(&self.stream, reason, text)
+    }
+
+    /// Tells the tagger how many of its pages the daemon holds in swap.
+    pub fn send_swap_state(&self, swapped_pages: u64) -> Result<(), ProtoError> {
+        self.stream.send(&Message::SwapState { swapped_pages })
+    }
+}
+
+fn refuse_channel(stream: &Channel, reason: RefusalReason, text: &str) -> Result<(), ProtoError> {
+    let mut text = text;
+    while text.len() > crate::wire::MAX_TEXT_LEN {
+        // Cut on a char boundary rather than fail to say why.
+        let mut cut = crate::wire::MAX_TEXT_LEN;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text = &text[..cut];
+    }
+    let text = text.replace('\0', " ");
+    stream.send_nowait(&Message::Refused { reason, text })
+}
+
+/// May a peer with `peer_uid` attach to a daemon running as `daemon_uid`?
+/// Same uid, or the daemon is root.
+pub fn uid_allowed(peer_uid: u32, daemon_uid: u32) -> bool {
+    daemon_uid == 0 || peer_uid == daemon_uid
+}
+
+/// Accepts one tagger: waits for a connection, reads its Hello (at most
+/// [`HELLO_TIMEOUT`]), checks `SO_PEERCRED` and takes the attached userfaultfd.
+///
+/// On a peer fault the peer receives `Refused` with the reason (best effort) and the
+/// error is returned; the listener is unaffected.
+pub fn accept(listener: &Listener) -> Result<TaggedPeer, ProtoError> {
+    let stream = listener.accept_channel()?;
+    admit(stream)
+}
+
+/// The Hello/credential half of [`accept`], for a channel accepted elsewhere.
+pub fn admit(stream: Channel) -> Result<TaggedPeer, ProtoError> {
+    match admit_inner(&stream) {
+        Ok((cred, name, uffd)) => Ok(TaggedPeer {
+            pid: cred.pid,
+            uid: cred.uid,
+            name,
+            uffd,
+            stream,
+        }),
+        Err(err) => {
+            let reason = match &err {
+                ProtoError::ForeignUid { .. } | ProtoError::PidMismatch { .. } => {
+                    RefusalReason::Credentials
+                }
+                ProtoError::Decode(crate::wire::DecodeError::UnsupportedVersion { .. }) => {
+                    RefusalReason::VersionMismatch
+                }
+                _ => RefusalReason::Malformed,
+            };
+            if !err.is_peer_gone() {
+                let _ = refuse_channel(&stream, reason, &err.to_string());
+            }
+            Err(err)
+        }
+    }
+}
+
+fn admit_inner(stream: &Channel) -> Result<(PeerCredentials, String, OwnedFd), ProtoError> {
+    let cred = stream.peer_credentials()?;
+    let daemon_uid = effective_uid();
+    if !uid_allowed(cred.uid, daemon_uid) {
+        return Err(ProtoError::ForeignUid {
+            peer_uid: cred.uid,
+            daemon_uid,
+        });
+    }
+    stream.set_recv_timeout(Some(HELLO_TIMEOUT))?;
+    let (msg, mut fds) = stream.recv_with_fds().map_err(|e| match e {
+        ProtoError::Timeout { .. } => ProtoError::Timeout { what: "Hello" },
+        other => other,
+    })?;
+    stream.set_recv_timeout(None)?;
+    let Message::Hello { pid, name, .. } = msg else {
+        return Err(ProtoError::Unexpected {
+            expected: "Hello",
+            got: msg.name(),
+        });
+    };
+    if fds.len() != 1 {
+        return Err(ProtoError::BadFdCount {
+            message: "Hello",
+            count: fds.len(),
+            expected: 1,
+        });
+    }
+    if pid != cred.pid {
+        return Err(ProtoError::PidMismatch {
+            claimed: pid,
+            actual: cred.pid,
+        });
+    }
+    let uffd = fds.remove(0);
+    Ok((cred, name, uffd))
+}

@@ -1,0 +1,432 @@
+//! Unix `SOCK_SEQPACKET` sockets, `SCM_RIGHTS` and `SO_PEERCRED`: the only `unsafe` of
+//! the crate.
+//!
+//! Nothing on the send path allocates (the tagger sends from inside its malloc): messages
+//! are encoded into a stack buffer and sent with one `sendmsg`.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::error::ProtoError;
+use crate::wire::{self, MAX_MESSAGE_LEN, Message};
+
+/// At most this many descriptors are accepted in one datagram's control data; more is
+/// reported as [`ProtoError::Truncated`] (and all are closed).
+const MAX_FDS: usize = 4;
+
+/// Control buffer big enough for `MAX_FDS` descriptors, aligned for `cmsghdr`.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 64]);
+
+/// Credentials of the process at the other end of a socket (`SO_PEERCRED`: taken when it
+/// connected).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// Peer's pid.
+    pub pid: u32,
+    /// Peer's effective uid.
+    pub uid: u32,
+    /// Peer's effective gid.
+    pub gid: u32,
+}
+
+/// One connected `SOCK_SEQPACKET` socket carrying protocol messages.
+///
+/// Sends may come from several threads at once (each datagram is atomic); receives
+/// should come from one thread.
+#[derive(Debug)]
+pub struct Channel {
+    fd: OwnedFd,
+}
+
+fn sockaddr_for(path: &Path) -> Result<(libc::sockaddr_un, libc::socklen_t), ProtoError> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid (empty) address.
+    let mut addr: libc::sockaddr_un = unsafe { zeroed() };
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(ProtoError::PathTooLong { len: bytes.len() });
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Ok((addr, len as libc::socklen_t))
+}
+
+fn seqpacket_socket() -> Result<OwnedFd, ProtoError> {
+    // SAFETY: socket(2) has no memory arguments.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(ProtoError::last_os("socket"));
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn set_timeout(
+    fd: BorrowedFd<'_>,
+    opt: libc::c_int,
+    timeout: Option<Duration>,
+) -> Result<(), ProtoError> {
+    let tv = match timeout {
+        None => libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        Some(d) => libc::timeval {
+            tv_sec: d.as_secs().min(i32::MAX as u64) as libc::time_t,
+            // A zero timeval means "forever": round a tiny timeout up to 1 µs.
+            tv_usec: (d.subsec_micros().max(u32::from(d.is_zero()))) as libc::suseconds_t,
+        },
+    };
+    // SAFETY: `tv` is a valid timeval that outlives the call; the length matches it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(ProtoError::last_os("setsockopt(timeout)"));
+    }
+    Ok(())
+}
+
+impl Channel {
+    /// Connects to the daemon's socket at `path`.
+    pub fn connect(path: &Path) -> Result<Channel, ProtoError> {
+        let (addr, len) = sockaddr_for(path)?;
+        let fd = seqpacket_socket()?;
+        loop {
+            // SAFETY: `addr` is a valid sockaddr_un of `len` bytes that outlives the call.
+            let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) };
+            if rc == 0 {
+                return Ok(Channel { fd });
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINTR) {
+                return Err(ProtoError::io("connect", err));
+            }
+        }
+    }
+
+    /// Wraps an already connected `SOCK_SEQPACKET` socket.
+    pub fn from_fd(fd: OwnedFd) -> Channel {
+        Channel { fd }
+    }
+
+    /// Creates a connected pair (tests, and in-process daemons).
+    pub fn pair() -> Result<(Channel, Channel), ProtoError> {
+        let mut fds = [-1 as RawFd; 2];
+        // SAFETY: `fds` has room for the two descriptors socketpair(2) writes.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        if rc < 0 {
+            return Err(ProtoError::last_os("socketpair"));
+        }
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok((Channel { fd: a }, Channel { fd: b }))
+    }
+
+    /// A second handle on the same socket (e.g. one thread receives, another sends).
+    pub fn try_clone(&self) -> Result<Channel, ProtoError> {
+        let fd = self.fd.try_clone().map_err(|e| ProtoError::io("dup", e))?;
+        Ok(Channel { fd })
+    }
+
+    /// Credentials of the peer process (`SO_PEERCRED`).
+    pub fn peer_credentials(&self) -> Result<PeerCredentials, ProtoError> {
+        // SAFETY: ucred is plain old data.
+        let mut cred: libc::ucred = unsafe { zeroed() };
+        let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: `cred` and `len` are valid for writes and describe each other.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&raw mut cred).cast(),
+                &mut len,
+            )
+        };
+        if rc < 0 {
+            return Err(ProtoError::last_os("getsockopt(SO_PEERCRED)"));
+        }
+        Ok(PeerCredentials {
+            pid: cred.pid as u32,
+            uid: cred.uid,
+            gid: cred.gid,
+        })
+    }
+
+    /// Receive timeout (`SO_RCVTIMEO`); `None` blocks forever.
+    pub fn set_recv_timeout(&self, timeout: Option<Duration>) -> Result<(), ProtoError> {
+        set_timeout(self.fd.as_fd(), libc::SO_RCVTIMEO, timeout)
+    }
+
+    /// Send timeout (`SO_SNDTIMEO`); `None` blocks forever.
+    pub fn set_send_timeout(&self, timeout: Option<Duration>) -> Result<(), ProtoError> {
+        set_timeout(self.fd.as_fd(), libc::SO_SNDTIMEO, timeout)
+    }
+
+    /// Sends one message, blocking while the socket is full. Never allocates.
+    pub fn send(&self, msg: &Message) -> Result<(), ProtoError> {
+        self.send_raw(msg, None, 0)
+    }
+
+    /// Sends one message only if the socket has room now (`EAGAIN` otherwise, see
+    /// [`ProtoError::is_retryable`]). Never allocates.
+    pub fn send_nowait(&self, msg: &Message) -> Result<(), ProtoError> {
+        self.send_raw(msg, None, libc::MSG_DONTWAIT)
+    }
+
+    /// Sends one message with `fd` attached as `SCM_RIGHTS`. Never allocates.
+    pub fn send_with_fd(&self, msg: &Message, fd: BorrowedFd<'_>) -> Result<(), ProtoError> {
+        self.send_raw(msg, Some(fd), 0)
+    }
+
+    fn send_raw(
+        &self,
+        msg: &Message,
+        fd: Option<BorrowedFd<'_>>,
+        flags: libc::c_int,
+    ) -> Result<(), ProtoError> {
+        let mut buf = [0u8; MAX_MESSAGE_LEN];
+        let len = wire::encode(msg, &mut buf)?;
+        self.send_bytes(&buf[..len], fd, flags)
+    }
+
+    /// Sends raw bytes as one datagram (tests use it to send malformed messages).
+    pub fn send_bytes(
+        &self,
+        bytes: &[u8],
+        fd: Option<BorrowedFd<'_>>,
+        flags: libc::c_int,
+    ) -> Result<(), ProtoError> {
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr().cast_mut().cast(),
+            iov_len: bytes.len(),
+        };
+        let mut cmsg = CmsgBuf([0; 64]);
+        // SAFETY: msghdr is plain old data; all-zero means "no name, no control".
+        let mut hdr: libc::msghdr = unsafe { zeroed() };
+        hdr.msg_iov = &raw mut iov;
+        hdr.msg_iovlen = 1;
+        if let Some(fd) = fd {
+            // SAFETY: CMSG_SPACE only computes a size.
+            let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+            hdr.msg_control = cmsg.0.as_mut_ptr().cast();
+            hdr.msg_controllen = space as _;
+            // SAFETY: msg_control points at `cmsg` (aligned, 64 >= space bytes), so the
+            // first header and its data fit; we write one int after the header.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&hdr);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as _;
+                libc::CMSG_DATA(c)
+                    .cast::<RawFd>()
+                    .write_unaligned(fd.as_raw_fd());
+            }
+        }
+        loop {
+            // SAFETY: `hdr` points at `iov` (over `bytes`) and `cmsg`, all alive and valid
+            // for the duration of the call.
+            let rc =
+                unsafe { libc::sendmsg(self.fd.as_raw_fd(), &hdr, flags | libc::MSG_NOSIGNAL) };
+            if rc >= 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINTR) {
+                return Err(ProtoError::io("sendmsg", err));
+            }
+        }
+    }
+
+    /// Receives one datagram into `buf` with any descriptors it carried.
+    /// Returns the length (0 = the peer closed) and the descriptors (closed on drop).
+    pub fn recv_bytes(
+        &self,
+        buf: &mut [u8; MAX_MESSAGE_LEN],
+    ) -> Result<(usize, Vec<OwnedFd>), ProtoError> {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut cmsg = CmsgBuf([0; 64]);
+        // SAFETY: msghdr is plain old data.
+        let mut hdr: libc::msghdr = unsafe { zeroed() };
+        hdr.msg_iov = &raw mut iov;
+        hdr.msg_iovlen = 1;
+        hdr.msg_control = cmsg.0.as_mut_ptr().cast();
+        hdr.msg_controllen = cmsg.0.len() as _;
+        let len = loop {
+            // SAFETY: `hdr` describes `buf` and `cmsg`, both alive and writable.
+            let rc =
+                unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
+            if rc >= 0 {
+                break rc as usize;
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Err(ProtoError::Timeout { what: "a message" }),
+                _ => return Err(ProtoError::io("recvmsg", err)),
+            }
+        };
+        // Take ownership of every descriptor first, so none leaks whatever happens next.
+        let mut fds = Vec::new();
+        // SAFETY: the kernel filled `hdr.msg_control` with well-formed cmsg headers within
+        // msg_controllen; CMSG_FIRSTHDR/NXTHDR stay inside it.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&hdr);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c);
+                    let bytes = (*c).cmsg_len as usize - (data as usize - c as usize);
+                    for i in 0..bytes / size_of::<RawFd>() {
+                        let raw = data.cast::<RawFd>().add(i).read_unaligned();
+                        // The kernel installed `raw` in our table for us: we own it.
+                        fds.push(OwnedFd::from_raw_fd(raw));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&hdr, c);
+            }
+        }
+        if hdr.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 || fds.len() > MAX_FDS {
+            return Err(ProtoError::Truncated);
+        }
+        Ok((len, fds))
+    }
+
+    /// Receives one message that must carry no descriptor.
+    pub fn recv(&self) -> Result<Message, ProtoError> {
+        let (msg, fds) = self.recv_with_fds()?;
+        if !fds.is_empty() {
+            return Err(ProtoError::BadFdCount {
+                message: msg.name(),
+                count: fds.len(),
+                expected: 0,
+            });
+        }
+        Ok(msg)
+    }
+
+    /// Receives one message and whatever descriptors came with it.
+    pub fn recv_with_fds(&self) -> Result<(Message, Vec<OwnedFd>), ProtoError> {
+        let mut buf = [0u8; MAX_MESSAGE_LEN];
+        let (len, fds) = self.recv_bytes(&mut buf)?;
+        if len == 0 {
+            return Err(ProtoError::Closed);
+        }
+        let msg = wire::decode(&buf[..len])?;
+        Ok((msg, fds))
+    }
+
+    /// Shuts both directions down (wakes a thread blocked in `recv`).
+    pub fn shutdown(&self) {
+        // SAFETY: shutdown(2) on our own descriptor; no memory arguments.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Channel {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// A listening `SOCK_SEQPACKET` socket (the daemon side).
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+}
+
+impl Listener {
+    /// Binds and listens at `path`. Fails with `EADDRINUSE` if the path exists: the
+    /// caller decides whether a stale socket may be removed.
+    pub fn bind(path: &Path) -> Result<Listener, ProtoError> {
+        let (addr, len) = sockaddr_for(path)?;
+        let fd = seqpacket_socket()?;
+        // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+        if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) } < 0 {
+            return Err(ProtoError::last_os("bind"));
+        }
+        // SAFETY: listen(2) on our own socket.
+        if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
+            return Err(ProtoError::last_os("listen"));
+        }
+        Ok(Listener { fd })
+    }
+
+    /// Bounds how long [`Listener::accept_channel`] waits (`SO_RCVTIMEO` applies to
+    /// `accept` on unix sockets); expiry is [`ProtoError::Timeout`].
+    pub fn set_accept_timeout(&self, timeout: Option<Duration>) -> Result<(), ProtoError> {
+        set_timeout(self.fd.as_fd(), libc::SO_RCVTIMEO, timeout)
+    }
+
+    /// Accepts one connection.
+    pub fn accept_channel(&self) -> Result<Channel, ProtoError> {
+        loop {
+            // SAFETY: null address arguments are allowed; flags are valid.
+            let fd = unsafe {
+                libc::accept4(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: accept4 returned a fresh descriptor that we now own.
+                return Ok(Channel {
+                    fd: unsafe { OwnedFd::from_raw_fd(fd) },
+                });
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR | libc::ECONNABORTED) => continue,
+                Some(libc::EAGAIN) => {
+                    return Err(ProtoError::Timeout {
+                        what: "a connection",
+                    });
+                }
+                _ => return Err(ProtoError::io("accept4", err)),
+            }
+        }
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// The calling process's effective uid.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) cannot fail and takes no arguments.
+    unsafe { libc::geteuid() }
+}
