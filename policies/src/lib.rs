@@ -1,2 +1,94 @@
 //! `usm-policies`: the policy API, the registry and the built-in policies.
+//!
+//! Policies are why USM exists: a few dozen lines of safe Rust decide, for one program,
+//! which frames back a fault ([`AllocPolicy`]), which pages leave memory
+//! ([`EvictPolicy`]) and what happens when memory runs out ([`OomPolicy`]). The runtime
+//! executes their answers. This crate holds no `unsafe` and touches no kernel interface:
+//! a policy sees the world only through the context traits [`Cx`] / [`EvictCx`] the
+//! runtime implements on each worker.
+//!
+//! - [`alloc`], [`evict`], [`oom`]: the three traits and the protocol around each.
+//! - [`cx`]: the context, and who owns a frame at each step.
+//! - [`decision`]: [`Decision::Map`] / [`Decision::Yield`] / [`Decision::Oom`]; the
+//!   single-frame mapping is stored inline, so the fault fast path allocates nothing.
+//! - [`hint`]: the USM hint language (`"PRIORITY=HIGH; EVICTION=DENY"`) and [`HintMap`].
+//! - [`registry`]: names and parameters (`fhp:64K`), defaults, per-process and per-region
+//!   assignments.
+//! - [`builtin`]: `first-fit`/`policyOne`, `fhp:SIZE`, `quota:PAGES`, `fifo`, `clock`,
+//!   `hints`, `fail`, `evict-harder`, `kill-largest`.
+//! - [`guard`]: how the runtime keeps a panicking policy from taking the daemon down.
+//! - [`sim`]: a simulated machine that checks every answer — a test harness, not the real
+//!   frame pool.
+//!
+//! # A complete custom policy
+//!
+//! Map two pages per fault when the next page is vacant and frames are plentiful,
+//! otherwise one; registered under a name, assigned to a process, and run on the
+//! simulator:
+//!
+//! ```
+//! use usm_kmod::event::Fault;
+//! use usm_policies::{AllocPolicy, Cx, Decision, Mapping, PageMask, Param, Registry};
+//! use usm_policies::{builtin, sim::{FaultOutcome, SimMachine}, swap_in_if_swapped};
+//!
+//! struct Pairs;
+//!
+//! impl AllocPolicy for Pairs {
+//!     fn name(&self) -> &str { "pairs" }
+//!
+//!     fn alloc(&mut self, fault: &Fault, cx: &mut dyn Cx) -> Decision {
+//!         if let Some(d) = swap_in_if_swapped(fault, cx) {
+//!             return d; // content is in swap: read it back, never map zeros
+//!         }
+//!         let (pid, addr) = (fault.origin.pid, fault.addr & !4095);
+//!         let mut vacant = PageMask::new();
+//!         cx.vacant(pid, addr, 2, &mut vacant);
+//!         let mut frames = Vec::with_capacity(2);
+//!         if vacant.get(1) && cx.free_frames() > 2 + cx.watermarks().low
+//!             && cx.take_frames(2, &mut frames)
+//!         {
+//!             if let Some(m) = Mapping::run(addr, frames) { return Decision::Map(m); }
+//!         }
+//!         match cx.take_frame() {
+//!             Some(f) => Decision::Map(Mapping::one(addr, f)),
+//!             None => Decision::Oom,
+//!         }
+//!     }
+//! }
+//!
+//! let mut reg = Registry::with_builtins();
+//! reg.register_alloc("pairs", Param::None, |_| Ok(Box::new(Pairs)))?;
+//! reg.assign_process("myapp", "pairs")?;
+//! let set = reg.for_process("myapp")?.expect("assigned");
+//! let mut m = SimMachine::new(64, Default::default(), set.evict, set.oom);
+//! m.add_process(7, "myapp", vec![0x10000..0x20000], set.alloc);
+//! assert_eq!(m.fault(7, 0x10000, true), Ok(FaultOutcome::Mapped(2)));
+//! assert_eq!(m.fault(7, 0x11000, false), Ok(FaultOutcome::AlreadyPresent));
+//! assert_eq!(m.fault(7, 0x1f000, false), Ok(FaultOutcome::Mapped(1))); // region end
+//! m.check().expect("frames conserved, none handed out twice");
+//! # let _ = builtin::FirstFit;
+//! # Ok::<(), usm_policies::PolicyError>(())
+//! ```
 #![forbid(unsafe_code)]
+
+pub mod alloc;
+pub mod builtin;
+pub mod cx;
+pub mod decision;
+pub mod error;
+pub mod evict;
+pub mod guard;
+pub mod hint;
+pub mod oom;
+pub mod registry;
+pub mod sim;
+
+pub use alloc::{AllocPolicy, deliver, swap_in_if_swapped};
+pub use cx::{Access, Cx, EvictCx, PageMask, ProcessCounters, Watermarks};
+pub use decision::{Decision, Frames, Mapping, page_floor};
+pub use error::PolicyError;
+pub use evict::{EvictPolicy, MappedPage, Scope, Urgency, VictimRequest, VictimScan};
+pub use guard::{PolicyPanic, guarded};
+pub use hint::{Eviction, Hint, HintError, HintErrorKind, HintMap, Priority, parse_size};
+pub use oom::{OomAction, OomPolicy, OomReason, OomSituation, RunMode};
+pub use registry::{Assignment, Param, PolicyKind, PolicySet, Registry, split_spec};
