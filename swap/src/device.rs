@@ -2,7 +2,7 @@
 //!
 //! Life of a device:
 //! 1. **Create / format.** [`create_swap_file`] makes a new file (`O_EXCL`, `fallocate`d to
-//!    its full size) and formats it; [`format`] writes the USM header (see
+//!    its full size) and formats it; [`format()`] writes the USM header (see
 //!    [`header`](crate::header)) on an existing file or block device, refusing a first block
 //!    that holds foreign data unless forced (`usm mkswap`).
 //! 2. **Open.** [`SwapDevice::open`] opens `O_DIRECT` (block devices also `O_EXCL`, so a

@@ -286,7 +286,9 @@ impl Engine {
         let page = self
             .ring
             .take_staging()
-            .ok_or(SwapError::StagingExhausted(u32::from(self.ring.staging_pages())))?;
+            .ok_or(SwapError::StagingExhausted(u32::from(
+                self.ring.staging_pages(),
+            )))?;
         self.queue(entry, IoOp::Read, IoBuf::Staged(page), PAGE_SIZE)
             .map_err(|(e, buf)| {
                 if let IoBuf::Staged(p) = buf {
@@ -312,7 +314,9 @@ impl Engine {
         let mut page = self
             .ring
             .take_staging()
-            .ok_or(SwapError::StagingExhausted(u32::from(self.ring.staging_pages())))?;
+            .ok_or(SwapError::StagingExhausted(u32::from(
+                self.ring.staging_pages(),
+            )))?;
         if let Some(dst) = self.ring.staged_mut(&mut page) {
             dst.copy_from_slice(src);
         }
@@ -564,7 +568,10 @@ impl Engine {
 
     /// Back-pressure helper: while the queue is full, submits, waits for one completion and
     /// reaps. Returns how many completions were handed to `on_completion`.
-    pub fn reap_until_capacity(&mut self, mut on_completion: impl FnMut(Completion)) -> Result<usize> {
+    pub fn reap_until_capacity(
+        &mut self,
+        mut on_completion: impl FnMut(Completion),
+    ) -> Result<usize> {
         let mut n = self.reap(&mut on_completion);
         while !self.has_capacity() {
             self.wait(1)?;

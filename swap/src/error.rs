@@ -30,7 +30,9 @@ pub enum SwapError {
         source: io::Error,
     },
     /// The path carries no USM swap header; it is refused and never overwritten.
-    #[error("{path} is not a USM swap device ({found}); run `usm mkswap` (swap::format) on it first")]
+    #[error(
+        "{path} is not a USM swap device ({found}); run `usm mkswap` (swap::format) on it first"
+    )]
     NotUsmSwap {
         /// The path that was refused.
         path: PathBuf,
@@ -38,7 +40,9 @@ pub enum SwapError {
         found: &'static str,
     },
     /// `format` found foreign data in the first block and was not forced.
-    #[error("refusing to format {path}: it holds {found}; pass FormatOptions {{ force: true }} to overwrite")]
+    #[error(
+        "refusing to format {path}: it holds {found}; pass FormatOptions {{ force: true }} to overwrite"
+    )]
     ForeignData {
         /// The path that was refused.
         path: PathBuf,

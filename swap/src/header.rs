@@ -14,7 +14,7 @@
 //! ```
 //!
 //! A device is only ever used when this block parses and checks out; a path without it is
-//! refused ([`SwapError::NotUsmSwap`](crate::SwapError::NotUsmSwap)), never written to.
+//! refused ([`SwapError::NotUsmSwap`](crate::SwapError)), never written to.
 //! [`format`](crate::format) writes it and itself refuses a first block holding foreign
 //! data (a Linux swap signature, an ext4 superblock, anything non-zero) unless forced.
 
@@ -214,7 +214,10 @@ mod tests {
         let zeros = vec![0u8; PAGE_SIZE];
         assert!(matches!(
             SwapHeader::decode(Path::new("x"), &zeros, 1 << 20),
-            Err(SwapError::NotUsmSwap { found: "only zeros", .. })
+            Err(SwapError::NotUsmSwap {
+                found: "only zeros",
+                ..
+            })
         ));
         let mut linux = vec![0u8; PAGE_SIZE];
         linux[PAGE_SIZE - 10..].copy_from_slice(b"SWAPSPACE2");

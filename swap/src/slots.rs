@@ -115,9 +115,7 @@ impl SlotMap {
                 };
                 let start = pos + i;
                 let limit = (start + max).min(b);
-                let len = self.used[start..limit]
-                    .first_one()
-                    .unwrap_or(limit - start);
+                let len = self.used[start..limit].first_one().unwrap_or(limit - start);
                 if best.is_none_or(|(_, l)| len > l) {
                     best = Some((start, len));
                 }
@@ -256,7 +254,7 @@ impl SwapSpace {
                     members: vec![idx],
                     next: 0,
                 });
-                self.groups.sort_by(|a, b| b.priority.cmp(&a.priority));
+                self.groups.sort_by_key(|g| std::cmp::Reverse(g.priority));
             }
         }
         Ok(())
@@ -404,7 +402,10 @@ mod tests {
         assert!(m.release(s, true).unwrap());
         assert_eq!(m.refcount(s), 0);
         assert_eq!(m.retired_slots(), 1);
-        assert!(matches!(m.release(s, false), Err(SwapError::NotAllocated(_))));
+        assert!(matches!(
+            m.release(s, false),
+            Err(SwapError::NotAllocated(_))
+        ));
         assert!(matches!(m.dup(s), Err(SwapError::NotAllocated(_))));
         // The retired slot is never handed out again.
         let all: Vec<u64> = std::iter::from_fn(|| m.alloc()).collect();

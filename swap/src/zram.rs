@@ -46,8 +46,8 @@ impl Zram {
                 std::io::Error::from_raw_os_error(libc::ENODEV),
             ));
         }
-        write_attr(&sys, "reset", "1")?;
         let guard = Self { index, dev, sys };
+        guard.reset()?;
         if let Some(alg) = algorithm {
             write_attr(&guard.sys, "comp_algorithm", alg)?;
         }
@@ -78,9 +78,21 @@ impl Zram {
         })
     }
 
-    /// Resets the device now (the guard's `Drop` does the same).
+    /// Resets the device now (the guard's `Drop` does the same). `EBUSY` is retried for
+    /// up to two seconds: a just-dropped io_uring releases its files from a kernel work
+    /// item, so the device can stay held for a moment after its last user is gone.
     pub fn reset(&self) -> Result<()> {
-        write_attr(&self.sys, "reset", "1")
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match write_attr(&self.sys, "reset", "1") {
+                Err(e)
+                    if e.errno() == Some(libc::EBUSY) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => return other,
+            }
+        }
     }
 }
 

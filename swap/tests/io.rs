@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::{check_page, disk_tempdir, fill_page, pipeline};
 use usm_swap::{
-    CompletionMode, DeviceId, DeviceOptions, Engine, EngineConfig, IoBuf, IoOp, PAGE_SIZE,
-    PageBuf, SwapDevice, SwapEntry, SwapError, SwapSpace, create_swap_file,
+    CompletionMode, DeviceId, DeviceOptions, Engine, EngineConfig, IoBuf, IoOp, PAGE_SIZE, PageBuf,
+    SwapDevice, SwapEntry, SwapError, SwapSpace, create_swap_file,
 };
 
 fn device(dir: &Path, name: &str, id: u8, bytes: u64) -> Arc<SwapDevice> {
@@ -43,7 +43,7 @@ fn thousands_of_pages_round_trip_at_several_depths() {
         .into_iter()
         .enumerate()
     {
-        let mut eng = engine(&[dev.clone()], depth, None);
+        let mut eng = engine(std::slice::from_ref(&dev), depth, None);
         let mut entries = Vec::new();
         while entries.len() < pages {
             let run = space.alloc_run(16).unwrap();
@@ -102,7 +102,10 @@ fn two_engines_on_two_threads_at_once() {
             })
         })
         .collect();
-    let mut all: Vec<SwapEntry> = workers.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let mut all: Vec<SwapEntry> = workers
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     let n = all.len();
     all.sort();
     all.dedup();
@@ -136,7 +139,9 @@ fn multi_page_runs_are_one_request() {
     }
     eng.wait(16).unwrap();
     let got = eng.reap(|c| {
-        let Some(IoBuf::Owned(b)) = c.buf else { panic!() };
+        let Some(IoBuf::Owned(b)) = c.buf else {
+            panic!()
+        };
         check_page(&b, c.entry, 5).unwrap();
     });
     assert_eq!(got, 16);
@@ -152,7 +157,7 @@ fn every_completion_mode_completes_with_enter_for_completions() {
         CompletionMode::CoopTaskrun,
         CompletionMode::DeferTaskrun,
     ] {
-        let mut eng = engine(&[dev.clone()], 4, Some(mode));
+        let mut eng = engine(std::slice::from_ref(&dev), 4, Some(mode));
         assert_eq!(eng.mode(), mode, "{}", eng.setup_report());
         let mut page = PageBuf::page();
         fill_page(&mut page, e, 9);
@@ -164,7 +169,10 @@ fn every_completion_mode_completes_with_enter_for_completions() {
         while done == 0 {
             eng.enter_for_completions().unwrap();
             done += eng.reap(|c| assert!(c.result.is_ok()));
-            assert!(Instant::now() < deadline, "{mode}: completion never became visible");
+            assert!(
+                Instant::now() < deadline,
+                "{mode}: completion never became visible"
+            );
             std::hint::spin_loop();
         }
         eng.read(e, PageBuf::page()).unwrap();
@@ -173,10 +181,15 @@ fn every_completion_mode_completes_with_enter_for_completions() {
         while done == 0 {
             eng.enter_for_completions().unwrap();
             done += eng.reap(|c| {
-                let Some(IoBuf::Owned(b)) = c.buf else { panic!() };
+                let Some(IoBuf::Owned(b)) = c.buf else {
+                    panic!()
+                };
                 check_page(&b, e, 9).unwrap();
             });
-            assert!(Instant::now() < deadline, "{mode}: read never became visible");
+            assert!(
+                Instant::now() < deadline,
+                "{mode}: read never became visible"
+            );
         }
     }
 }
@@ -186,9 +199,18 @@ fn auto_mode_reports_its_choice() {
     let dir = disk_tempdir();
     let dev = device(dir.path(), "swap0", 0, 1 << 20);
     let eng = engine(&[dev], 4, None);
-    assert!(eng.setup_report().contains("chosen"), "{}", eng.setup_report());
+    assert!(
+        eng.setup_report().contains("chosen"),
+        "{}",
+        eng.setup_report()
+    );
     // Linux 6.1+ has DEFER_TASKRUN; this VM runs 6.18.
-    assert_eq!(eng.mode(), CompletionMode::DeferTaskrun, "{}", eng.setup_report());
+    assert_eq!(
+        eng.mode(),
+        CompletionMode::DeferTaskrun,
+        "{}",
+        eng.setup_report()
+    );
 }
 
 #[test]
@@ -202,7 +224,7 @@ fn eventfd_wakes_a_sleeping_worker_in_every_mode() {
         CompletionMode::CoopTaskrun,
         CompletionMode::DeferTaskrun,
     ] {
-        let mut eng = engine(&[dev.clone()], 4, Some(mode));
+        let mut eng = engine(std::slice::from_ref(&dev), 4, Some(mode));
         eng.write(e, PageBuf::page()).unwrap();
         eng.submit().unwrap();
         {
@@ -245,7 +267,9 @@ fn queue_full_hands_the_buffer_back_and_reaping_makes_room() {
     assert!(rej.error.is_retryable());
     assert_eq!(rej.buf[0], 42, "refused buffer must come back untouched");
     assert_eq!(eng.stats().queue_full, 1);
-    let reaped = eng.reap_until_capacity(|c| assert!(c.result.is_ok())).unwrap();
+    let reaped = eng
+        .reap_until_capacity(|c| assert!(c.result.is_ok()))
+        .unwrap();
     assert!(reaped >= 1);
     assert!(eng.has_capacity());
     eng.write(SwapEntry::new(DeviceId(0), 9).unwrap(), rej.buf)
@@ -281,13 +305,18 @@ fn staged_reads_and_writes_use_the_engines_own_buffers() {
         Err(SwapError::StagingExhausted(2))
     ));
     eng.wait(2).unwrap();
-    assert_eq!(eng.reap(|c| assert!(c.result.is_ok() && c.buf.is_none())), 2);
+    assert_eq!(
+        eng.reap(|c| assert!(c.result.is_ok() && c.buf.is_none())),
+        2
+    );
     eng.read_staged(e0).unwrap();
     eng.read_staged(e1).unwrap();
     eng.wait(2).unwrap();
     let mut pages = Vec::new();
     eng.reap(|c| {
-        let Some(IoBuf::Staged(p)) = c.buf else { panic!("staged page expected") };
+        let Some(IoBuf::Staged(p)) = c.buf else {
+            panic!("staged page expected")
+        };
         pages.push((c.entry, p));
     });
     for (e, p) in pages {
@@ -302,7 +331,9 @@ fn staged_reads_and_writes_use_the_engines_own_buffers() {
     other.wait(1).unwrap();
     let mut foreign = None;
     other.reap(|c| foreign = c.buf);
-    let Some(IoBuf::Staged(p)) = foreign else { panic!() };
+    let Some(IoBuf::Staged(p)) = foreign else {
+        panic!()
+    };
     assert!(eng.staged(&p).is_none());
     assert!(other.staged(&p).is_some());
     assert!(other.release_staged(p));
@@ -316,7 +347,7 @@ fn short_read_from_a_truncated_file_marks_the_entry_bad_and_must_poison() {
     let dev = Arc::new(SwapDevice::open(DeviceId(1), &path).unwrap());
     let mut space = SwapSpace::new();
     space.add(dev.clone(), 0).unwrap();
-    let mut eng = engine(&[dev.clone()], 8, None);
+    let mut eng = engine(std::slice::from_ref(&dev), 8, None);
     let entries: Vec<_> = space.alloc_run(200).unwrap().entries().collect();
     let writes: Vec<_> = entries.iter().map(|&e| (IoOp::Write, e)).collect();
     pipeline(&mut eng, &writes, 3, 8);
@@ -335,7 +366,9 @@ fn short_read_from_a_truncated_file_marks_the_entry_bad_and_must_poison() {
     eng.reap(|c| {
         seen += 1;
         if c.entry == ok {
-            let Some(IoBuf::Owned(b)) = c.buf else { panic!() };
+            let Some(IoBuf::Owned(b)) = c.buf else {
+                panic!()
+            };
             check_page(&b, ok, 3).unwrap();
         } else {
             let err = c.result.expect_err("a read past EOF must not succeed");
@@ -343,7 +376,9 @@ fn short_read_from_a_truncated_file_marks_the_entry_bad_and_must_poison() {
             assert!(matches!(err, SwapError::ShortRead { got: 0, .. }), "{err}");
             assert_eq!(err.entry(), Some(lost));
             // The buffer comes back as it was: no zeros were made up.
-            let Some(IoBuf::Owned(b)) = c.buf else { panic!() };
+            let Some(IoBuf::Owned(b)) = c.buf else {
+                panic!()
+            };
             assert!(b.iter().all(|&x| x == 0xEE));
         }
     });
@@ -394,7 +429,9 @@ fn write_on_a_read_only_descriptor_keeps_the_page() {
         assert!(err.keeps_page(), "{err}");
         assert!(!err.must_poison());
         assert_eq!(err.errno(), Some(libc::EBADF), "{err}");
-        let Some(IoBuf::Owned(b)) = c.buf else { panic!("page not handed back") };
+        let Some(IoBuf::Owned(b)) = c.buf else {
+            panic!("page not handed back")
+        };
         check_page(&b, e, 21).unwrap();
     });
     assert!(seen);
@@ -425,7 +462,7 @@ fn requests_beyond_the_device_or_badly_sized_are_refused() {
 fn dropping_an_engine_with_io_in_flight_waits_for_it() {
     let dir = disk_tempdir();
     let dev = device(dir.path(), "swap0", 0, 8 << 20);
-    let mut eng = engine(&[dev.clone()], 64, None);
+    let mut eng = engine(std::slice::from_ref(&dev), 64, None);
     for s in 0..64 {
         let e = SwapEntry::new(DeviceId(0), s).unwrap();
         let mut p = PageBuf::page();

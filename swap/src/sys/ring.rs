@@ -1,4 +1,4 @@
-//! [`Ring`]: one io_uring instance plus the table of buffers it has handed to the kernel.
+//! `Ring`: one io_uring instance plus the table of buffers it has handed to the kernel.
 //!
 //! # Buffer ownership (why the safe engine API is sound)
 //!
@@ -294,7 +294,10 @@ impl Ring {
 
     /// Consumes the eventfd counter; returns its value (0 when nothing was signalled).
     pub(crate) fn clear_eventfd(&self) -> u64 {
-        self.eventfd.as_ref().and_then(|e| e.read().ok()).unwrap_or(0)
+        self.eventfd
+            .as_ref()
+            .and_then(|e| e.read().ok())
+            .unwrap_or(0)
     }
 
     pub(crate) fn staging_pages(&self) -> u16 {
@@ -368,7 +371,9 @@ impl Ring {
             (IoOp::Read, Some(i)) => opcode::ReadFixed::new(file, addr, len, i)
                 .offset(rw.offset)
                 .build(),
-            (IoOp::Write, None) => opcode::Write::new(file, addr, len).offset(rw.offset).build(),
+            (IoOp::Write, None) => opcode::Write::new(file, addr, len)
+                .offset(rw.offset)
+                .build(),
             (IoOp::Write, Some(i)) => opcode::WriteFixed::new(file, addr, len, i)
                 .offset(rw.offset)
                 .build(),
@@ -481,6 +486,14 @@ impl Drop for Ring {
                 return;
             }
             self.drain(|_, _| {});
+        }
+        // Release the registered device files now: closing the ring fd frees its context
+        // asynchronously (a kernel work item), which would keep an O_EXCL block device
+        // busy for a moment after the engine is gone.
+        if let Err(e) = self.uring.submitter().unregister_files() {
+            if e.raw_os_error() != Some(libc::ENXIO) {
+                tracing::debug!(error = %e, "unregister files");
+            }
         }
     }
 }

@@ -40,8 +40,9 @@ pub fn fill_page(page: &mut [u8], entry: SwapEntry, seed: u64) {
 }
 
 pub fn checksum(b: &[u8]) -> u64 {
-    b.iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3))
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Checks a page written by `fill_page(entry, seed)`.
@@ -90,7 +91,9 @@ pub fn pipeline(engine: &mut Engine, work: &[(IoOp, SwapEntry)], seed: u64, dept
             assert_eq!((c.op, c.entry), (op, entry));
             let n = c.result.unwrap_or_else(|e| panic!("{op:?} {entry}: {e}"));
             assert_eq!(n as usize, PAGE_SIZE);
-            let Some(IoBuf::Owned(buf)) = c.buf else { panic!("owned buffer not returned") };
+            let Some(IoBuf::Owned(buf)) = c.buf else {
+                panic!("owned buffer not returned")
+            };
             if op == IoOp::Read {
                 check_page(&buf, entry, seed).unwrap();
             }
@@ -115,7 +118,10 @@ impl LoopDevice {
             .output()
             .map_err(|e| format!("losetup not runnable: {e}"))?;
         if !out.status.success() {
-            return Err(format!("losetup failed: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "losetup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
         Ok(Self { path })
