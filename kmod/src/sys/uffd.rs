@@ -131,6 +131,12 @@ impl RawUserfaultfd {
     }
 }
 
+impl AsFd for RawUserfaultfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 fn open_dev(flags: i32) -> core::result::Result<OwnedFd, Errno> {
     let dev = std::fs::OpenOptions::new()
         .read(true)

@@ -1,0 +1,195 @@
+//! The `unsafe` helpers of the kmod tests: raw memory access at arbitrary addresses,
+//! mmap / mremap / munmap / madvise on raw ranges, fork, and the SIGBUS handler.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use usm_kmod::{CopyMode, MoveMode, Resolved, Userfaultfd, ZeropageMode};
+
+/// Maps `len` bytes of private anonymous RW memory (not populated); returns the address.
+pub fn mmap_anon(len: usize) -> u64 {
+    // SAFETY: a new anonymous mapping at a kernel-chosen address overlaps nothing.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    p as u64
+}
+
+/// `munmap`; returns the errno on failure.
+pub fn munmap(addr: u64, len: usize) -> i32 {
+    // SAFETY: the tests unmap only ranges they mapped and no longer reference.
+    let r = unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+    if r == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) }
+}
+
+/// `madvise`; returns 0 or the errno.
+pub fn madvise(addr: u64, len: usize, advice: i32) -> i32 {
+    // SAFETY: advice on ranges the tests own; no Rust reference points into them.
+    let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
+    if r == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) }
+}
+
+/// `mlock2(MLOCK_ONFAULT)`; returns 0 or the errno.
+pub fn mlock_onfault(addr: u64, len: usize) -> i32 {
+    // SAFETY: locking pages of our own mapping.
+    let r = unsafe { libc::mlock2(addr as *const libc::c_void, len, libc::MLOCK_ONFAULT) };
+    if r == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) }
+}
+
+/// `mremap(old, len, len, MAYMOVE | FIXED, new)`; returns the new address or panics.
+pub fn mremap_fixed(old: u64, len: usize, new: u64) -> u64 {
+    // SAFETY: both ranges belong to the test; `new` is a reservation it made to be replaced.
+    let p = unsafe {
+        libc::mremap(
+            old as *mut libc::c_void,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            new as *mut libc::c_void,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mremap: {}", std::io::Error::last_os_error());
+    p as u64
+}
+
+/// Atomic load of the `u64` at `addr` (faults like any access).
+pub fn load(addr: u64) -> u64 {
+    // SAFETY: tests pass addresses inside live mappings they own, 8-byte aligned; all test
+    // accesses to those words are atomic.
+    unsafe { AtomicU64::from_ptr(addr as *mut u64) }.load(Ordering::SeqCst)
+}
+
+/// Atomic store of `v` at `addr`.
+pub fn store(addr: u64, v: u64) {
+    // SAFETY: as in `load`.
+    unsafe { AtomicU64::from_ptr(addr as *mut u64) }.store(v, Ordering::SeqCst)
+}
+
+/// Fills the page at `addr` with `v` repeated.
+pub fn fill_page(addr: u64, v: u64) {
+    for i in 0..512 {
+        store(addr + i * 8, v);
+    }
+}
+
+/// Whether the page at `addr` holds `v` in every word.
+pub fn page_is(addr: u64, v: u64) -> bool {
+    (0..512).all(|i| load(addr + i * 8) == v)
+}
+
+/// The calling thread's id.
+pub fn gettid() -> u32 {
+    nix::unistd::gettid().as_raw() as u32
+}
+
+/// Forks; the child runs `child` and `_exit`s with its return value. Returns the pid.
+/// The child must only do async-signal-safe things (plain memory accesses, read, write).
+pub fn fork_with(child: impl FnOnce() -> i32) -> libc::pid_t {
+    // SAFETY: the child only runs `child`, which per this function's contract uses no
+    // lock or allocator another thread of the parent could have held, then `_exit`s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = child();
+        // SAFETY: leaving the child without running the parent's atexit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    pid
+}
+
+/// Waits for `pid`: `Ok(exit code)` or `Err(signal number)`.
+pub fn wait_child(pid: libc::pid_t) -> Result<i32, i32> {
+    let mut status = 0;
+    // SAFETY: waiting for our own child with a valid status pointer.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(r, pid, "waitpid: {}", std::io::Error::last_os_error());
+    if libc::WIFSIGNALED(status) {
+        Err(libc::WTERMSIG(status))
+    } else {
+        Ok(libc::WEXITSTATUS(status))
+    }
+}
+
+/// A raw `read(fd, addr, len)`; returns bytes or `-errno` (kernel-mode write into `addr`).
+pub fn read_into(fd: i32, addr: u64, len: usize) -> isize {
+    // SAFETY: `addr..addr+len` is a mapping the test owns and accesses only through
+    // atomics elsewhere; the kernel writes it.
+    let r = unsafe { libc::read(fd, addr as *mut libc::c_void, len) };
+    if r < 0 { -(std::io::Error::last_os_error().raw_os_error().unwrap_or(1) as isize) } else { r }
+}
+
+// ---------------------------------------------------------------------------------
+// SIGBUS mode: the faulting thread resolves its own fault in its handler.
+
+/// What the SIGBUS handler resolves with, per page of the region.
+pub struct SigbusSetup {
+    /// The userfaultfd (negotiated with SIGBUS).
+    pub uffd: Userfaultfd,
+    /// The registered region.
+    pub region: u64,
+    /// Its length.
+    pub len: u64,
+    /// Source page for COPY (page 0 of the region).
+    pub copy_src: u64,
+    /// Source pages for MOVE (page 2 + i of the region takes page i of this).
+    pub move_src: u64,
+}
+
+static SETUP: OnceLock<SigbusSetup> = OnceLock::new();
+/// Resolutions done by the handler, by kind: [copy, zeropage, move].
+pub static RESOLVED: [AtomicUsize; 3] = [AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0)];
+/// Signals that arrived for addresses outside the region (would be chained in the runtime).
+pub static FOREIGN: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_sigbus(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let addr = unsafe { (*info).si_addr() } as u64 & !4095;
+    let Some(s) = SETUP.get() else { return };
+    if addr < s.region || addr >= s.region + s.len {
+        FOREIGN.fetch_add(1, Ordering::SeqCst);
+        // Restore the default action so the retried access kills the process loudly.
+        // SAFETY: resetting a signal disposition is async-signal-safe.
+        unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+        return;
+    }
+    let page = (addr - s.region) / 4096;
+    // Nothing here allocates or locks: the resolve calls build a struct and issue one ioctl.
+    let r = match page {
+        // SAFETY: the page is a missing page of the test's registered region; the source
+        // page is the test's, never written after setup.
+        0 => unsafe { s.uffd.copy(addr, s.copy_src, 4096, CopyMode::empty()) },
+        // SAFETY: as above.
+        1 => unsafe { s.uffd.zeropage(addr, 4096, ZeropageMode::empty()) },
+        // SAFETY: as above; the move source pages belong to the test and are given up.
+        _ => unsafe { s.uffd.move_pages(addr, s.move_src + (page - 2) * 4096, 4096, MoveMode::empty()) },
+    };
+    if let Ok(Resolved::Done(_)) = r {
+        RESOLVED[page.min(2) as usize].fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Installs the SIGBUS handler (SA_SIGINFO | SA_NODEFER, no alt stack) for `setup`.
+pub fn install_sigbus(setup: SigbusSetup) {
+    assert!(SETUP.set(setup).is_ok(), "SIGBUS setup installed twice");
+    // SAFETY: a zeroed sigaction is a valid starting value; the handler only does
+    // async-signal-safe work (atomics, one ioctl).
+    unsafe {
+        let mut sa: libc::sigaction = core::mem::zeroed();
+        sa.sa_sigaction = on_sigbus as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGBUS, &sa, core::ptr::null_mut()), 0);
+    }
+}
+
+/// The installed SIGBUS setup.
+pub fn setup() -> &'static SigbusSetup {
+    SETUP.get().expect("install_sigbus ran")
+}
