@@ -1,1 +1,31 @@
 //! `libusm_tagger.so`: the `LD_PRELOAD` library that attaches a program to a USM daemon.
+//!
+//! ```text
+//! LD_PRELOAD=/path/to/libusm_tagger.so USM_SOCKET=/run/usm/usm.sock redis-server
+//! ```
+//! On load (an `.init_array` constructor) it connects to the daemon, sends Hello with an
+//! un-negotiated userfaultfd (`usm_proto`), and once acked registers all anonymous
+//! memory the program touches from then on:
+//! - the heap: the malloc family is replaced by dlmalloc over managed segments
+//!   (`sys::heap`), because glibc's malloc maps memory through internal calls no
+//!   wrapper sees;
+//! - private anonymous `mmap`s (jemalloc's included), which stay managed across
+//!   `mremap` (`ranges`).
+//!
+//! Thread stacks, `MAP_SHARED` memory, memfd and file mappings stay with the kernel.
+//! Without a daemon (or if refused) the program runs unmanaged after one warning line.
+//! Session states and the daemon-loss rule are in `session`; the process-wide atomics
+//! in `state`; all `unsafe` in `sys`.
+//!
+//! Exported for other code: `usm_tagger_hint` (used by `libusm.so`'s `usm_hint`),
+//! `usm_tagger_coverage` (managed anonymous bytes vs anonymous RSS from
+//! `/proc/self/smaps`), `usm_tagger_state`.
+//!
+//! Not built (yet): the eviction agent thread (same-mm `UFFDIO_MOVE` app → staging on the
+//! daemon's request); a forked child's new memory is unmanaged (its inherited memory is
+//! the daemon's through `EVENT_FORK`).
+
+mod ranges;
+mod session;
+mod state;
+mod sys;

@@ -1,0 +1,230 @@
+//! The tagger's session with the daemon, from the constructor to exit.
+//!
+//! # States
+//! ```text
+//!            constructor                         Ack
+//! Starting ─────────────► Hello + uffd sent ───────────► Managed ──┐
+//!     │                         │ Refused / timeout /       │      │ socket closed,
+//!     │ no daemon / no uffd     │ socket error              │      │ SwapState said 0 pages,
+//!     ▼                         ▼                           │      │ or daemon Bye
+//! Unmanaged ◄───────────────────┴───────────────────────────┼──────┘
+//!  (one warning line on stderr when it was not by choice)   │ socket closed while pages
+//!                                                           ▼ are swapped
+//!                                             message on stderr + SIGKILL
+//! ```
+//! - *Starting*: heap segments are remembered; `mmap`s are left alone.
+//! - *Managed*: the tagger keeps its copy of the userfaultfd and registers new memory on
+//!   it; a watcher thread (`usm-tagger`) reads the daemon's messages.
+//! - *Unmanaged*: nothing is registered any more. Detaching replaces the tagger's copy
+//!   of the userfaultfd with `/dev/null`; once the daemon's copies are gone too the
+//!   kernel unregisters every range and the program continues on kernel memory.
+//! - *fork*: the child inherits the ranges on a new userfaultfd context that only the
+//!   daemon holds (`EVENT_FORK`); the tagger's inherited copy belongs to the *parent's*
+//!   context, so the child drops it and runs unmanaged for new memory.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use usm_proto::coverage::Coverage;
+use usm_proto::{Channel, DEFAULT_SOCKET_PATH, Message, ProtoError, SOCKET_ENV, client, wire};
+
+use crate::state::{self, Mode};
+use crate::sys;
+
+/// Prefix of every line the tagger writes.
+const TAG: &str = "usm-tagger";
+
+fn warn(line: &str) {
+    // One write(2) per line, so lines from several processes do not interleave.
+    let text = format!("{TAG}: {line}\n");
+    sys::write_stderr(text.as_bytes());
+}
+
+/// Runs in the library constructor. Never fails: every problem ends in Unmanaged.
+pub(crate) fn start() {
+    state::set_devnull(sys::open_devnull());
+    if let Err(rc) = sys::install_atfork() {
+        warn(&format!("pthread_atfork failed ({rc}); running unmanaged"));
+        state::set_mode(Mode::Unmanaged);
+        return;
+    }
+    let path = std::env::var_os(SOCKET_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH));
+    match attach(&path) {
+        Ok(policy) => {
+            if std::env::var_os("USM_TAGGER_VERBOSE").is_some() {
+                warn(&format!("managed by the USM daemon at {} (policy {policy})", path.display()));
+            }
+        }
+        Err(why) => {
+            state::set_mode(Mode::Unmanaged);
+            warn(&format!("{why}; running unmanaged"));
+        }
+    }
+}
+
+fn process_name() -> String {
+    let mut name = String::new();
+    let _ = std::fs::File::open("/proc/self/comm").and_then(|mut f| f.read_to_string(&mut name));
+    let name: String = name
+        .trim_end_matches('\n')
+        .chars()
+        .filter(|c| *c != '\0')
+        .take(wire::MAX_NAME_LEN)
+        .collect();
+    if name.is_empty() { "unknown".to_owned() } else { name }
+}
+
+fn attach(path: &std::path::Path) -> Result<String, String> {
+    let session = client::connect(path)
+        .map_err(|e| format!("no USM daemon at {} ({e})", path.display()))?;
+    let raw = sys::open_userfaultfd().map_err(|errno| {
+        format!(
+            "cannot open a userfaultfd ({})",
+            std::io::Error::from_raw_os_error(errno)
+        )
+    })?;
+    let uffd = owned(raw);
+    let admission = match session.hello(sys::getpid(), &process_name(), std::os::fd::AsFd::as_fd(&uffd)) {
+        Ok(a) => a,
+        Err(ProtoError::Refused { reason, text }) => {
+            return Err(format!("the USM daemon refused this process ({reason:?}: {text})"));
+        }
+        Err(e) => return Err(format!("USM daemon handshake failed ({e})")),
+    };
+    // Keep our copy for good: registration goes through it, and its number must stay
+    // ours until exit (see `detach`).
+    state::set_uffd(into_raw(uffd));
+    let channel = state::set_channel(session.into_channel());
+    let reader = channel
+        .try_clone()
+        .map_err(|e| format!("cannot clone the daemon socket ({e})"))?;
+    state::set_mode(Mode::Managed);
+    crate::sys::heap::adopt_pending();
+    std::thread::Builder::new()
+        .name("usm-tagger".into())
+        .spawn(move || watch(reader))
+        .map_err(|e| {
+            detach();
+            format!("cannot start the watcher thread ({e})")
+        })?;
+    Ok(admission.policy)
+}
+
+fn owned(raw: i32) -> OwnedFd {
+    sys::own_fd(raw)
+}
+
+fn into_raw(fd: OwnedFd) -> i32 {
+    std::os::fd::IntoRawFd::into_raw_fd(fd)
+}
+
+/// The watcher: reads the daemon's messages until the session ends.
+fn watch(reader: Channel) {
+    loop {
+        match reader.recv() {
+            Ok(Message::SwapState { swapped_pages }) => state::set_swapped_pages(swapped_pages),
+            Ok(Message::CoverageRequest) => {
+                let cov = Coverage::of_self().unwrap_or_default();
+                let reply = Message::Coverage {
+                    managed_anon_bytes: cov.managed_anon_bytes.min(cov.anon_bytes),
+                    anon_bytes: cov.anon_bytes,
+                };
+                if let Err(e) = reader.send(&reply)
+                    && e.is_peer_gone()
+                {
+                    return daemon_lost(&e.to_string());
+                }
+            }
+            Ok(Message::Bye) => {
+                // The daemon gave every page back before saying Bye.
+                detach();
+                return;
+            }
+            Ok(other) => warn(&format!("ignoring unexpected {} from the daemon", other.name())),
+            Err(e) if e.is_retryable() => continue,
+            Err(e @ (ProtoError::Decode(_) | ProtoError::BadFdCount { .. } | ProtoError::Truncated)) => {
+                warn(&format!("ignoring a malformed message from the daemon ({e})"));
+            }
+            Err(e) => return daemon_lost(&e.to_string()),
+        }
+        if state::mode() != Mode::Managed {
+            return;
+        }
+    }
+}
+
+/// The daemon's socket closed without Bye.
+fn daemon_lost(why: &str) {
+    let swapped = state::swapped_pages();
+    if swapped > 0 {
+        let line = format!(
+            "{TAG}: FATAL: the USM daemon went away ({why}) while holding {swapped} swapped-out \
+             page(s) of process {}; killing it rather than let it read zeros\n",
+            sys::getpid()
+        );
+        sys::write_stderr(line.as_bytes());
+        sys::kill_self();
+    }
+    detach();
+    warn(&format!(
+        "lost the USM daemon ({why}); no page was swapped out, continuing unmanaged"
+    ));
+}
+
+/// Stops managing: no new registrations, and our copy of the userfaultfd is dropped
+/// (its number now names `/dev/null`).
+pub(crate) fn detach() {
+    state::set_mode(Mode::Unmanaged);
+    let uffd = state::uffd_number();
+    if uffd >= 0 {
+        sys::replace_fd(uffd, state::devnull());
+    }
+}
+
+/// In a forked child (single-threaded, from the `pthread_atfork` child handler): drop
+/// the parent's userfaultfd context and session without allocating.
+pub(crate) fn after_fork_in_child() {
+    let was_managed = state::mode() == Mode::Managed;
+    state::set_mode(Mode::Unmanaged);
+    if !was_managed {
+        return;
+    }
+    let devnull = state::devnull();
+    let uffd = state::uffd_number();
+    if uffd >= 0 {
+        sys::replace_fd(uffd, devnull);
+    }
+    if let Some(channel) = state::channel() {
+        sys::replace_fd(channel.as_raw_fd(), devnull);
+    }
+}
+
+/// `usm_hint`: sends a Hint. Returns 0 or a negative errno.
+pub(crate) fn hint(addr: usize, len: usize, text: &str) -> i32 {
+    let msg = Message::Hint {
+        addr: addr as u64,
+        len: len as u64,
+        text: text.to_owned(),
+    };
+    if msg.validate().is_err() {
+        return -libc::EINVAL;
+    }
+    if state::mode() != Mode::Managed {
+        return -libc::ENOTCONN;
+    }
+    let Some(channel) = state::channel() else {
+        return -libc::ENOTCONN;
+    };
+    match channel.send(&msg) {
+        Ok(()) => 0,
+        Err(e) => -e.errno().unwrap_or(libc::EIO),
+    }
+}
+
+/// Coverage of this process, as `usm_tagger_coverage` reports it.
+pub(crate) fn coverage() -> Result<Coverage, i32> {
+    Coverage::of_self().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+}

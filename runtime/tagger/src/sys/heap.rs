@@ -1,0 +1,267 @@
+//! The replacement malloc: dlmalloc over segments of managed memory.
+//!
+//! glibc's malloc gets its memory through internal `__mmap`/`__sbrk` calls that no
+//! `LD_PRELOAD` wrapper sees, so the tagger replaces the whole malloc family. Every
+//! segment dlmalloc asks for is a private anonymous `mmap` made here; once the session
+//! is managed it is registered (MISSING) on the shared userfaultfd at once, before any
+//! byte of it is handed out. Segments created before the daemon's Ack (libc and other
+//! constructors allocate before ours runs) are remembered in a small table and
+//! registered when the Ack arrives ([`adopt_pending`]).
+//!
+//! # Locking
+//! One `pthread_mutex_t` guards the dlmalloc state. It is taken around `fork` by the
+//! `pthread_atfork` handlers (prepare: lock; parent: unlock; child: re-initialise), so a
+//! child never inherits it held. Nothing done under it allocates: segment callbacks use
+//! raw system calls and stack-encoded, non-blocking notifications.
+//!
+//! # Recursion
+//! Code under the lock never calls `malloc`: the system-allocator callbacks below only
+//! make system calls. Rust code elsewhere in the tagger *does* allocate (through the
+//! exported `malloc`, since this library is the process's allocator) but never while
+//! holding the lock.
+
+use std::cell::UnsafeCell;
+
+use dlmalloc::{Allocator, Dlmalloc};
+
+use super::{PAGE_SIZE, mmap_raw, mremap_raw, munmap_raw};
+use crate::ranges;
+use usm_proto::RangeKind;
+
+/// How many pre-Ack segments are remembered (more are left unmanaged).
+const PENDING_CAPACITY: usize = 64;
+
+/// dlmalloc's source of memory: managed anonymous segments.
+struct ManagedSegments;
+
+/// Segments made before the Ack: `(start, len)`, `len == 0` = free slot.
+struct PendingSegments {
+    pending: [(usize, usize); PENDING_CAPACITY],
+}
+
+impl PendingSegments {
+    fn remember(&mut self, start: usize, len: usize) {
+        if let Some(slot) = self.pending.iter_mut().find(|s| s.1 == 0) {
+            *slot = (start, len);
+        }
+    }
+
+    fn forget(&mut self, start: usize, len: usize) {
+        // Drop or trim entries overlapping [start, start+len).
+        let end = start + len;
+        for slot in &mut self.pending {
+            let (s, l) = *slot;
+            if l == 0 || s + l <= start || s >= end {
+                continue;
+            }
+            *slot = if s < start { (s, start - s) } else { (0, 0) };
+        }
+    }
+
+    fn created(&mut self, start: usize, len: usize) {
+        if !ranges::adopt(start, len, RangeKind::Heap) {
+            self.remember(start, len);
+        }
+    }
+
+    fn dropped(&mut self, start: usize, len: usize) {
+        self.forget(start, len);
+        ranges::forget(start, len);
+    }
+}
+
+// SAFETY: dlmalloc's contract: `alloc` returns fresh, page-aligned, zeroed memory it owns
+// exclusively (a new private anonymous mapping); `remap`/`free_part`/`free` act only on
+// segments it handed out earlier, as dlmalloc asks.
+unsafe impl Allocator for ManagedSegments {
+    fn alloc(&self, size: usize) -> (*mut u8, usize, u32) {
+        let size = size.next_multiple_of(PAGE_SIZE);
+        match mmap_raw(
+            0,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        ) {
+            Ok(addr) => {
+                pending_mut().created(addr, size);
+                (addr as *mut u8, size, 0)
+            }
+            Err(_) => (std::ptr::null_mut(), 0, 0),
+        }
+    }
+
+    fn remap(&self, ptr: *mut u8, oldsize: usize, newsize: usize, can_move: bool) -> *mut u8 {
+        let flags = if can_move { libc::MREMAP_MAYMOVE } else { 0 };
+        match mremap_raw(ptr as usize, oldsize, newsize, flags, 0) {
+            Ok(addr) => {
+                let segs = pending_mut();
+                segs.dropped(ptr as usize, oldsize);
+                segs.created(addr, newsize);
+                addr as *mut u8
+            }
+            Err(_) => std::ptr::null_mut(),
+        }
+    }
+
+    fn free_part(&self, ptr: *mut u8, oldsize: usize, newsize: usize) -> bool {
+        let base = ptr as usize;
+        let ok = mremap_raw(base, oldsize, newsize, 0, 0).is_ok()
+            || munmap_raw(base + newsize, oldsize - newsize).is_ok();
+        if ok {
+            pending_mut().dropped(base + newsize, oldsize - newsize);
+        }
+        ok
+    }
+
+    fn free(&self, ptr: *mut u8, size: usize) -> bool {
+        let ok = munmap_raw(ptr as usize, size).is_ok();
+        if ok {
+            pending_mut().dropped(ptr as usize, size);
+        }
+        ok
+    }
+
+    fn can_release_part(&self, _flags: u32) -> bool {
+        true
+    }
+
+    fn allocates_zeros(&self) -> bool {
+        true
+    }
+
+    fn page_size(&self) -> usize {
+        PAGE_SIZE
+    }
+}
+
+struct Heap {
+    lock: UnsafeCell<libc::pthread_mutex_t>,
+    dl: UnsafeCell<Dlmalloc<ManagedSegments>>,
+    pending: UnsafeCell<PendingSegments>,
+}
+
+// SAFETY: `dl` and `pending` are only reached with `lock` held (`with_heap`, and the
+// dlmalloc callbacks that run inside it).
+unsafe impl Sync for Heap {}
+
+static HEAP: Heap = Heap {
+    lock: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
+    dl: UnsafeCell::new(Dlmalloc::new_with_allocator(ManagedSegments)),
+    pending: UnsafeCell::new(PendingSegments {
+        pending: [(0, 0); PENDING_CAPACITY],
+    }),
+};
+
+/// The pre-Ack segment table. Only called with the heap lock held (dlmalloc callbacks
+/// run inside `with_heap`; `adopt_pending` takes the lock), and no caller keeps the
+/// reference beyond one statement sequence without another call in between.
+fn pending_mut() -> &'static mut PendingSegments {
+    // SAFETY: the heap lock is held (see above), so no other reference exists.
+    unsafe { &mut *HEAP.pending.get() }
+}
+
+fn lock() {
+    // SAFETY: the mutex is statically initialised and lives forever.
+    unsafe { libc::pthread_mutex_lock(HEAP.lock.get()) };
+}
+
+fn unlock() {
+    // SAFETY: called by the thread that locked it (with_heap, atfork parent).
+    unsafe { libc::pthread_mutex_unlock(HEAP.lock.get()) };
+}
+
+/// Runs `f` on the heap with the lock held.
+fn with_heap<R>(f: impl FnOnce(&mut Dlmalloc<ManagedSegments>) -> R) -> R {
+    lock();
+    // SAFETY: the lock is held, so this is the only reference to the dlmalloc state.
+    let r = f(unsafe { &mut *HEAP.dl.get() });
+    unlock();
+    r
+}
+
+/// `fork` prepare handler: hold the heap across `fork`.
+pub(crate) fn fork_prepare() {
+    lock();
+}
+
+/// `fork` parent handler.
+pub(crate) fn fork_parent() {
+    unlock();
+}
+
+/// `fork` child handler: the child has one thread; re-initialise the lock it inherited
+/// held (unlocking a mutex locked by a thread that does not exist here is undefined).
+pub(crate) fn fork_child() {
+    // SAFETY: single-threaded child; nobody else can touch the mutex right now.
+    unsafe { HEAP.lock.get().write(libc::PTHREAD_MUTEX_INITIALIZER) };
+}
+
+/// Registers the segments made before the Ack. Called once, right after the session
+/// became managed (new segments register themselves from then on).
+pub(crate) fn adopt_pending() {
+    with_heap(|_| {
+        for slot in &mut pending_mut().pending {
+            if slot.1 != 0 && ranges::adopt(slot.0, slot.1, RangeKind::Heap) {
+                *slot = (0, 0);
+            }
+        }
+    });
+}
+
+const MIN_ALIGN: usize = 2 * std::mem::size_of::<usize>();
+
+/// `malloc`.
+pub(crate) fn malloc(size: usize) -> *mut u8 {
+    // SAFETY: c_malloc has no preconditions.
+    with_heap(|dl| unsafe { dl.c_malloc(size) })
+}
+
+/// `free`.
+///
+/// # Safety
+/// - `ptr` is null or a live allocation of this heap.
+pub(crate) unsafe fn free(ptr: *mut u8) {
+    if ptr.is_null() {
+        return;
+    }
+    // SAFETY: guaranteed by the caller.
+    with_heap(|dl| unsafe { dl.c_free(ptr) });
+}
+
+/// `calloc` of `size` bytes (the caller checked the multiplication).
+pub(crate) fn calloc(size: usize) -> *mut u8 {
+    // SAFETY: calloc with the natural alignment has no preconditions.
+    with_heap(|dl| unsafe { dl.calloc(size, MIN_ALIGN) })
+}
+
+/// `realloc` (non-null `ptr`, non-zero `size`).
+///
+/// # Safety
+/// - `ptr` is a live allocation of this heap.
+pub(crate) unsafe fn realloc(ptr: *mut u8, size: usize) -> *mut u8 {
+    // SAFETY: guaranteed by the caller.
+    with_heap(|dl| unsafe { dl.c_realloc(ptr, size) })
+}
+
+/// `memalign` with a power-of-two `align`.
+pub(crate) fn memalign(align: usize, size: usize) -> *mut u8 {
+    debug_assert!(align.is_power_of_two());
+    // SAFETY: `align` is a power of two (checked by every caller).
+    with_heap(|dl| unsafe { dl.c_memalign(align, size) })
+}
+
+/// `malloc_usable_size`: dlmalloc's chunk header (pinned crate version, see
+/// Cargo.toml) is the word before the pointer: size | PINUSE | CINUSE | FLAG4; a chunk
+/// with neither in-use bit is a directly mmapped one, with two words of overhead.
+///
+/// # Safety
+/// - `ptr` is a live allocation of this heap.
+pub(crate) unsafe fn usable_size(ptr: *const u8) -> usize {
+    // SAFETY: every live dlmalloc allocation is preceded by its chunk header.
+    let head = unsafe { ptr.cast::<usize>().sub(1).read() };
+    let size = head & !7;
+    let overhead = if head & 3 == 0 { 2 } else { 1 } * std::mem::size_of::<usize>();
+    size.saturating_sub(overhead)
+}

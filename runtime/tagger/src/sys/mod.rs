@@ -1,0 +1,238 @@
+//! Raw system calls of the tagger: the only place with `unsafe`.
+//!
+//! Every system call the tagger makes for itself goes straight to `syscall(2)`: the
+//! tagger exports `mmap`, `munmap`, `mremap` and `ioctl`, so calling the libc names from
+//! inside would re-enter its own wrappers.
+
+pub(crate) mod exports;
+pub(crate) mod heap;
+mod init;
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// `USERFAULTFD_IOC_NEW` = `_IO(0xAA, 0x00)` on `/dev/userfaultfd`.
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+/// `UFFDIO_REGISTER` = `_IOWR(0xAA, 0x00, struct uffdio_register)`.
+pub(crate) const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+/// `UFFDIO_UNREGISTER` = `_IOR(0xAA, 0x01, struct uffdio_range)`.
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
+/// `UFFDIO_REGISTER_MODE_MISSING`.
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
+/// Page size the tagger assumes (x86-64 and aarch64 4 KiB kernels).
+pub(crate) const PAGE_SIZE: usize = 4096;
+
+/// `struct uffdio_range`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct UffdioRange {
+    pub(crate) start: u64,
+    pub(crate) len: u64,
+}
+
+/// `struct uffdio_register`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+unsafe extern "C" {
+    fn __errno_location() -> *mut libc::c_int;
+    fn pthread_atfork(
+        prepare: Option<unsafe extern "C" fn()>,
+        parent: Option<unsafe extern "C" fn()>,
+        child: Option<unsafe extern "C" fn()>,
+    ) -> libc::c_int;
+}
+
+fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// Sets the calling thread's `errno` (the malloc family reports ENOMEM this way).
+pub(crate) fn set_errno(value: i32) {
+    // SAFETY: __errno_location returns the calling thread's errno slot, always valid.
+    unsafe { *__errno_location() = value };
+}
+
+/// `mmap(2)` without going through the exported wrapper. Returns the address or errno.
+pub(crate) fn mmap_raw(
+    addr: usize,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    offset: i64,
+) -> Result<usize, i32> {
+    // SAFETY: mmap only creates or replaces mappings as asked; replacing memory the
+    // program still uses (MAP_FIXED) is the caller's contract, as with libc's mmap.
+    let rc = unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, offset) };
+    if rc < 0 { Err(errno()) } else { Ok(rc as usize) }
+}
+
+/// `munmap(2)` without going through the exported wrapper.
+pub(crate) fn munmap_raw(addr: usize, len: usize) -> Result<(), i32> {
+    // SAFETY: as for munmap(2): the caller owns the range it unmaps.
+    let rc = unsafe { libc::syscall(libc::SYS_munmap, addr, len) };
+    if rc < 0 { Err(errno()) } else { Ok(()) }
+}
+
+/// `mremap(2)` without going through the exported wrapper.
+pub(crate) fn mremap_raw(
+    old: usize,
+    old_len: usize,
+    new_len: usize,
+    flags: i32,
+    new_addr: usize,
+) -> Result<usize, i32> {
+    // SAFETY: as for mremap(2): the caller owns the old range (and the new one with
+    // MREMAP_FIXED).
+    let rc = unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) };
+    if rc < 0 { Err(errno()) } else { Ok(rc as usize) }
+}
+
+/// `ioctl(2)` without going through the exported wrapper.
+///
+/// # Safety
+/// - `arg` must be what `request` expects on `fd` (a valid pointer for pointer requests).
+pub(crate) unsafe fn ioctl_raw(fd: i32, request: libc::c_ulong, arg: usize) -> libc::c_long {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { libc::syscall(libc::SYS_ioctl, fd, request, arg) }
+}
+
+/// Opens a userfaultfd for this process, *not* negotiated (no `UFFDIO_API`):
+/// `/dev/userfaultfd` first, then the `userfaultfd(2)` system call. Never
+/// `UFFD_USER_MODE_ONLY`: faults from system calls must reach the handler too.
+pub(crate) fn open_userfaultfd() -> Result<RawFd, i32> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: the path is a NUL-terminated literal.
+    let dev = unsafe { libc::open(c"/dev/userfaultfd".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if dev >= 0 {
+        // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value.
+        let fd = unsafe { ioctl_raw(dev, USERFAULTFD_IOC_NEW, flags as usize) };
+        let err = errno();
+        close_raw(dev);
+        if fd >= 0 {
+            return Ok(fd as RawFd);
+        }
+        let _ = err;
+    }
+    // SAFETY: userfaultfd(2) takes flags by value.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd < 0 { Err(errno()) } else { Ok(fd as RawFd) }
+}
+
+/// `UFFDIO_REGISTER` (MISSING) of `[start, start+len)` on `uffd`.
+pub(crate) fn uffd_register(uffd: RawFd, start: usize, len: usize) -> Result<(), i32> {
+    let mut reg = UffdioRegister {
+        range: UffdioRange {
+            start: start as u64,
+            len: len as u64,
+        },
+        mode: UFFDIO_REGISTER_MODE_MISSING,
+        ioctls: 0,
+    };
+    // SAFETY: `reg` is a valid uffdio_register the kernel reads and writes (ioctls).
+    let rc = unsafe { ioctl_raw(uffd, UFFDIO_REGISTER, (&raw mut reg) as usize) };
+    if rc < 0 { Err(errno()) } else { Ok(()) }
+}
+
+/// `UFFDIO_UNREGISTER` of `[start, start+len)` on `uffd`.
+pub(crate) fn uffd_unregister(uffd: RawFd, start: usize, len: usize) -> Result<(), i32> {
+    let range = UffdioRange {
+        start: start as u64,
+        len: len as u64,
+    };
+    // SAFETY: `range` is a valid uffdio_range the kernel only reads.
+    let rc = unsafe { ioctl_raw(uffd, UFFDIO_UNREGISTER, (&raw const range) as usize) };
+    if rc < 0 { Err(errno()) } else { Ok(()) }
+}
+
+/// Reads the range of a `struct uffdio_register` the *program* passes to its own
+/// userfaultfd.
+///
+/// # Safety
+/// - `arg` must be null or point to a readable `struct uffdio_register`.
+pub(crate) unsafe fn read_register_range(arg: usize) -> Option<UffdioRange> {
+    if arg == 0 {
+        return None;
+    }
+    // SAFETY: guaranteed by the caller.
+    Some(unsafe { (*(arg as *const UffdioRegister)).range })
+}
+
+/// Closes a raw descriptor (errors ignored: nothing useful to do).
+pub(crate) fn close_raw(fd: RawFd) {
+    // SAFETY: the caller owns `fd` and does not use it afterwards.
+    unsafe { libc::close(fd) };
+}
+
+/// Replaces descriptor `fd` with a duplicate of `with` (atomically closing what `fd`
+/// was), so the number stays taken: a racing `ioctl` on it fails instead of reaching a
+/// file the program opened meanwhile.
+pub(crate) fn replace_fd(fd: RawFd, with: RawFd) {
+    // SAFETY: dup3 only changes our descriptor table; `fd` is ours.
+    unsafe { libc::dup3(with, fd, libc::O_CLOEXEC) };
+}
+
+/// Opens `/dev/null` (the stand-in for descriptors the tagger gives up).
+pub(crate) fn open_devnull() -> RawFd {
+    // SAFETY: the path is a NUL-terminated literal.
+    unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) }
+}
+
+/// Writes a whole line to stderr with one `write(2)` (no allocation, no lock).
+pub(crate) fn write_stderr(line: &[u8]) {
+    let mut rest = line;
+    while !rest.is_empty() {
+        // SAFETY: `rest` is a valid readable buffer of its length.
+        let n = unsafe { libc::write(2, rest.as_ptr().cast(), rest.len()) };
+        if n <= 0 {
+            if n < 0 && errno() == libc::EINTR {
+                continue;
+            }
+            return;
+        }
+        rest = &rest[n as usize..];
+    }
+}
+
+/// Kills the whole process with `SIGKILL` (used when continuing would read zeros).
+pub(crate) fn kill_self() -> ! {
+    // SAFETY: signals our own process; no memory arguments.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+        libc::_exit(137)
+    }
+}
+
+/// This process's pid.
+pub(crate) fn getpid() -> u32 {
+    // SAFETY: getpid(2) cannot fail.
+    unsafe { libc::getpid() as u32 }
+}
+
+/// Installs the fork handlers (heap lock around `fork`, session reset in the child).
+pub(crate) fn install_atfork() -> Result<(), i32> {
+    // SAFETY: the three handlers are `extern "C"` functions that live as long as the
+    // library (it is never unloaded: LD_PRELOAD objects stay until exit).
+    let rc = unsafe {
+        pthread_atfork(
+            Some(init::atfork_prepare),
+            Some(init::atfork_parent),
+            Some(init::atfork_child),
+        )
+    };
+    if rc != 0 { Err(rc) } else { Ok(()) }
+}
+
+/// Takes ownership of a descriptor the kernel just returned to the tagger.
+pub(crate) fn own_fd(raw: RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `raw` is a fresh descriptor (open_userfaultfd) that nothing else owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }
+}
