@@ -3,11 +3,13 @@
 //! # Protocol for one fault
 //!
 //! 1. The runtime catches the fault, records it, parks the faulting uThread and — in
-//!    normal context on the worker — resolves what the mechanism can alone: a page found
-//!    in the staging "swap cache" is put back, and a second fault on a page whose swap-in
-//!    is already in flight waits on the same ticket. Everything else reaches the policy.
-//! 2. [`AllocPolicy::alloc`] answers with a [`Decision`]. A page whose content is in swap
-//!    must be read back, never mapped fresh: [`swap_in_if_swapped`] does that in one call.
+//!    normal context on the worker — resolves what needs no new frame: a second fault on a
+//!    page whose swap-in is already in flight waits on the same ticket; a spurious fault
+//!    on a present page just resumes. Everything else reaches the policy.
+//! 2. [`AllocPolicy::alloc`] answers with a [`Decision`]. A page whose content is in the
+//!    staging "swap cache" or in swap must get that content back, never a fresh frame:
+//!    [`swap_in_if_swapped`] does both in one call. (The swap-cache hit goes through the
+//!    policy so that a policy counting resident pages, like `quota`, sees it.)
 //! 3. The runtime installs a `Map` (the uThread resumes), parks the uThread on a `Yield`
 //!    ticket, or runs eviction and the OOM policy on `Oom` and then calls `alloc` again.
 //!
@@ -20,7 +22,7 @@ use std::ops::Range;
 use usm_kmod::event::{Event, Fault, Origin};
 
 use crate::cx::Cx;
-use crate::decision::{Decision, page_floor};
+use crate::decision::{Decision, Mapping, page_floor};
 use crate::hint::{Hint, HintError};
 
 /// Decides which frames back a fault.
@@ -62,14 +64,19 @@ pub trait AllocPolicy: Send {
     }
 }
 
-/// If the faulting page's content is in swap, takes a frame and queues its swap-in:
-/// `Some(Decision::Yield(ticket))`, or `Some(Decision::Oom)` when no frame is free.
-/// `None` when the page is not in swap (map it fresh).
+/// Gets the faulting page's content back if it has any:
+/// - in staging (write-back not finished): `Some(Decision::Map)` of its staged frame;
+/// - in swap: takes a frame and queues the swap-in, `Some(Decision::Yield(ticket))`, or
+///   `Some(Decision::Oom)` when no frame is free;
+/// - neither: `None` (map a fresh frame).
 ///
 /// Every built-in allocation policy starts with this; a custom one should too.
 #[inline]
 pub fn swap_in_if_swapped(fault: &Fault, cx: &mut dyn Cx) -> Option<Decision> {
     let addr = page_floor(fault.addr);
+    if let Some(frame) = cx.take_staged(fault.origin.pid, addr) {
+        return Some(Decision::Map(Mapping::one(addr, frame)));
+    }
     let entry = cx.swap_entry(fault.origin.pid, addr)?;
     Some(match cx.take_frame() {
         Some(frame) => Decision::Yield(cx.swap_in(fault.origin.pid, addr, entry, frame)),
@@ -93,9 +100,18 @@ pub fn deliver(
         Event::Free { origin, start, len } => {
             policy.free(*origin, *start..start.saturating_add(*len), cx)
         }
-        Event::NewProcess { origin, name, parent } => policy.new_process(*origin, name, *parent, cx),
+        Event::NewProcess {
+            origin,
+            name,
+            parent,
+        } => policy.new_process(*origin, name, *parent, cx),
         Event::Exit { origin } => policy.exit(*origin, cx),
-        Event::Hint { origin, start, len, text } => {
+        Event::Hint {
+            origin,
+            start,
+            len,
+            text,
+        } => {
             let hint = Hint::parse(text)?;
             policy.hint(*origin, *start..start.saturating_add(*len), &hint, cx);
         }

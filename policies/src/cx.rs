@@ -11,13 +11,17 @@
 //!   lArena --take_frame/take_frames--> policy --Decision::Map--> mapped (runtime installs)
 //!     ^                                  |  \--swap_in(frame)--> in flight --> mapped
 //!     +-------------give_frame-----------+
-//!   mapped --victims()--> staging (write-back) --> lArena;  mapped --free/exit--> lArena
+//!   mapped --victims()--> staging --write-back done--> lArena   (page now in swap)
+//!   staging --take_staged--> policy --Decision::Map at the same page--> mapped
+//!   mapped --free/exit--> lArena
 //! ```
 //!
-//! - A frame returned by [`Cx::take_frame`] / [`Cx::take_frames`] belongs to the policy
+//! - A frame returned by [`Cx::take_frame`] / [`Cx::take_frames`] / [`Cx::take_staged`]
+//!   belongs to the policy
 //!   until the call returns. Before returning, the policy must have put every frame it took
 //!   into the returned [`Mapping`](crate::Mapping), into [`Cx::swap_in`], or back with
-//!   [`Cx::give_frame`]. The runtime checks this (a debug assertion) after each call.
+//!   [`Cx::give_frame`] (a staged frame: only into a mapping of its own page). The runtime
+//!   checks this (a debug assertion) after each call.
 //! - Frames are pre-zeroed: mapping one needs no clearing.
 //! - The runtime, not the policy, reclaims frames of freed ranges and exited processes.
 //!
@@ -187,6 +191,13 @@ pub trait Cx: EvictCx {
     /// present, not in swap, not in staging, no swap-in in flight — so that mapping a zero
     /// frame there loses nothing. Pages outside the process's regions are not vacant.
     fn vacant(&self, pid: u32, start: u64, npages: usize, out: &mut PageMask);
+
+    /// If page `addr` of `pid` is in staging (evicted, write-back not finished: the "swap
+    /// cache"), cancels its write-back and hands its frame — holding the page's content —
+    /// to the policy. The policy must map that frame at `addr` in the decision it returns
+    /// (the runtime installs it from staging); giving it back would discard the page.
+    /// [`swap_in_if_swapped`](crate::swap_in_if_swapped) does this for you.
+    fn take_staged(&mut self, pid: u32, addr: u64) -> Option<FrameNo>;
 
     /// The swap entry holding the content of page `addr` of process `pid`, if the page was
     /// evicted and its write-back finished.

@@ -40,7 +40,10 @@ impl Mapping {
     /// One frame for the page holding `addr` (rounded down to its page).
     #[inline]
     pub fn one(addr: u64, frame: FrameNo) -> Self {
-        Mapping { start: page_floor(addr), frames: Frames::One(frame) }
+        Mapping {
+            start: page_floor(addr),
+            frames: Frames::One(frame),
+        }
     }
 
     /// A run of frames from page `start` (rounded down). `None` when `frames` is empty.
@@ -51,7 +54,10 @@ impl Mapping {
             [one] => Frames::One(*one),
             _ => Frames::Run(frames),
         };
-        Some(Mapping { start: page_floor(start), frames })
+        Some(Mapping {
+            start: page_floor(start),
+            frames,
+        })
     }
 
     /// The first page.
@@ -85,7 +91,10 @@ impl Mapping {
     /// `(page address, frame)` pairs in address order.
     pub fn pages(&self) -> impl Iterator<Item = (u64, FrameNo)> + '_ {
         let start = self.start;
-        self.frames().iter().enumerate().map(move |(i, f)| (start + (i * PAGE_SIZE) as u64, *f))
+        self.frames()
+            .iter()
+            .enumerate()
+            .map(move |(i, f)| (start + (i * PAGE_SIZE) as u64, *f))
     }
 
     /// The page `addr` is covered.
@@ -110,7 +119,10 @@ mod tests {
         assert!(matches!(m.frames, Frames::One(FrameNo(7))));
         assert_eq!((m.start(), m.end(), m.len()), (0x1000, 0x2000, 1));
         assert!(Mapping::run(0, vec![]).is_none());
-        assert!(matches!(Mapping::run(0, vec![FrameNo(1)]).unwrap().frames, Frames::One(_)));
+        assert!(matches!(
+            Mapping::run(0, vec![FrameNo(1)]).unwrap().frames,
+            Frames::One(_)
+        ));
         let r = Mapping::run(0x4000, vec![FrameNo(3), FrameNo(9)]).unwrap();
         let pages: Vec<_> = r.pages().collect();
         assert_eq!(pages, vec![(0x4000, FrameNo(3)), (0x5000, FrameNo(9))]);

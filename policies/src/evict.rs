@@ -85,17 +85,28 @@ pub struct VictimRequest {
 impl VictimRequest {
     /// `want` pages of any process, normal urgency.
     pub fn any(want: usize) -> Self {
-        VictimRequest { want, scope: Scope::Any, urgency: Urgency::Normal }
+        VictimRequest {
+            want,
+            scope: Scope::Any,
+            urgency: Urgency::Normal,
+        }
     }
 
     /// `want` pages of process `pid`, normal urgency.
     pub fn of_process(pid: u32, want: usize) -> Self {
-        VictimRequest { want, scope: Scope::Process(pid), urgency: Urgency::Normal }
+        VictimRequest {
+            want,
+            scope: Scope::Process(pid),
+            urgency: Urgency::Normal,
+        }
     }
 
     /// The same request with [`Urgency::Hard`].
     pub fn hard(self) -> Self {
-        VictimRequest { urgency: Urgency::Hard, ..self }
+        VictimRequest {
+            urgency: Urgency::Hard,
+            ..self
+        }
     }
 }
 

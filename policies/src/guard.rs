@@ -26,8 +26,10 @@ pub struct PolicyPanic {
 
 /// Runs `call` (one policy method call), turning a panic into `Err(PolicyPanic)`.
 pub fn guarded<R>(policy: &str, call: impl FnOnce() -> R) -> Result<R, PolicyPanic> {
-    catch_unwind(AssertUnwindSafe(call))
-        .map_err(|payload| PolicyPanic { policy: policy.to_owned(), message: message(&*payload) })
+    catch_unwind(AssertUnwindSafe(call)).map_err(|payload| PolicyPanic {
+        policy: policy.to_owned(),
+        message: message(&*payload),
+    })
 }
 
 fn message(payload: &(dyn Any + Send)) -> String {

@@ -98,7 +98,11 @@ impl Hint {
             }
             let item_off = offset + lead;
             let Some(eq) = trimmed.find('=') else {
-                return Err(HintError::new(item_off, trimmed, HintErrorKind::MissingEquals));
+                return Err(HintError::new(
+                    item_off,
+                    trimmed,
+                    HintErrorKind::MissingEquals,
+                ));
             };
             let (klead, key) = trim_with_offset(&trimmed[..eq]);
             let (vlead, value) = trim_with_offset(&trimmed[eq + 1..]);
@@ -143,9 +147,7 @@ impl Hint {
                     return Err(duplicate());
                 }
                 match parse_size(value) {
-                    Ok(b) if b.is_power_of_two() && HUGE_RANGE.contains(&b) => {
-                        hint.huge = Some(b)
-                    }
+                    Ok(b) if b.is_power_of_two() && HUGE_RANGE.contains(&b) => hint.huge = Some(b),
                     _ => return Err(bad_value("a power-of-two size from 4K to 2M")),
                 }
             } else {
@@ -271,7 +273,11 @@ pub struct HintError {
 
 impl HintError {
     fn new(offset: usize, token: &str, kind: HintErrorKind) -> Self {
-        HintError { offset, token: token.to_owned(), kind }
+        HintError {
+            offset,
+            token: token.to_owned(),
+            kind,
+        }
     }
 }
 
@@ -317,8 +323,11 @@ impl HintMap {
         }
         self.split_at(start);
         self.split_at(end);
-        let inside: Vec<(u64, u64)> =
-            self.ranges.range(start..end).map(|(&s, &(e, _))| (s, e)).collect();
+        let inside: Vec<(u64, u64)> = self
+            .ranges
+            .range(start..end)
+            .map(|(&s, &(e, _))| (s, e))
+            .collect();
         let mut cursor = start;
         for (s, e) in inside {
             if cursor < s {
@@ -390,7 +399,11 @@ impl HintMap {
 
     /// Merges adjacent equal ranges from the one before `start` through `end`.
     fn coalesce(&mut self, start: u64, end: u64) {
-        let lo = self.ranges.range(..start).next_back().map_or(start, |(&s, _)| s);
+        let lo = self
+            .ranges
+            .range(..start)
+            .next_back()
+            .map_or(start, |(&s, _)| s);
         let keys: Vec<u64> = self.ranges.range(lo..=end).map(|(&s, _)| s).collect();
         let mut cur: Option<u64> = None;
         for k in keys {
@@ -449,7 +462,10 @@ mod tests {
         let e = Hint::parse("PREFETCH=513").unwrap_err();
         assert_eq!(e.token, "513");
         let e = Hint::parse("PRIORITY=LOW;  DENY").unwrap_err();
-        assert_eq!((e.offset, e.token.as_str(), e.kind), (15, "DENY", HintErrorKind::MissingEquals));
+        assert_eq!(
+            (e.offset, e.token.as_str(), e.kind),
+            (15, "DENY", HintErrorKind::MissingEquals)
+        );
         let e = Hint::parse("PRIORITY=LOW; priority=HIGH").unwrap_err();
         assert_eq!((e.offset, e.kind), (14, HintErrorKind::DuplicateKey));
         let e = Hint::parse(" =3").unwrap_err();

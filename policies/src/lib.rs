@@ -61,7 +61,7 @@
 //! reg.assign_process("myapp", "pairs")?;
 //! let set = reg.for_process("myapp")?.expect("assigned");
 //! let mut m = SimMachine::new(64, Default::default(), set.evict, set.oom);
-//! m.add_process(7, "myapp", vec![0x10000..0x20000], set.alloc);
+//! m.add_process(7, "myapp", 0x10000..0x20000, set.alloc);
 //! assert_eq!(m.fault(7, 0x10000, true), Ok(FaultOutcome::Mapped(2)));
 //! assert_eq!(m.fault(7, 0x11000, false), Ok(FaultOutcome::AlreadyPresent));
 //! assert_eq!(m.fault(7, 0x1f000, false), Ok(FaultOutcome::Mapped(1))); // region end

@@ -79,7 +79,10 @@ impl fmt::Display for OomReason {
                  ({denied} candidates denied by EVICTION=DENY hints, {pinned} pinned)"
             ),
             OomReason::GaveUp { attempts } => {
-                write!(f, "out of memory: still no frame after {attempts} harder evictions")
+                write!(
+                    f,
+                    "out of memory: still no frame after {attempts} harder evictions"
+                )
             }
             OomReason::Policy(s) => write!(f, "out of memory: {s}"),
         }

@@ -209,10 +209,7 @@ impl Registry {
         &mut self,
         name: &str,
         param: Param,
-        ctor: impl Fn(Option<&str>) -> Result<Box<dyn AllocPolicy>, PolicyError>
-        + Send
-        + Sync
-        + 'static,
+        ctor: impl Fn(Option<&str>) -> Result<Box<dyn AllocPolicy>, PolicyError> + Send + Sync + 'static,
     ) -> Result<(), PolicyError> {
         self.insert(name, param, Constructor::Alloc(Box::new(ctor)))
     }
@@ -222,10 +219,7 @@ impl Registry {
         &mut self,
         name: &str,
         param: Param,
-        ctor: impl Fn(Option<&str>) -> Result<Box<dyn EvictPolicy>, PolicyError>
-        + Send
-        + Sync
-        + 'static,
+        ctor: impl Fn(Option<&str>) -> Result<Box<dyn EvictPolicy>, PolicyError> + Send + Sync + 'static,
     ) -> Result<(), PolicyError> {
         self.insert(name, param, Constructor::Evict(Box::new(ctor)))
     }
@@ -235,10 +229,7 @@ impl Registry {
         &mut self,
         name: &str,
         param: Param,
-        ctor: impl Fn(Option<&str>) -> Result<Box<dyn OomPolicy>, PolicyError>
-        + Send
-        + Sync
-        + 'static,
+        ctor: impl Fn(Option<&str>) -> Result<Box<dyn OomPolicy>, PolicyError> + Send + Sync + 'static,
     ) -> Result<(), PolicyError> {
         self.insert(name, param, Constructor::Oom(Box::new(ctor)))
     }
@@ -255,7 +246,12 @@ impl Registry {
 
     /// Every registered name and alias, sorted.
     pub fn known_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.entries.keys().chain(self.aliases.keys()).cloned().collect();
+        let mut v: Vec<String> = self
+            .entries
+            .keys()
+            .chain(self.aliases.keys())
+            .cloned()
+            .collect();
         v.sort();
         v
     }
@@ -273,7 +269,10 @@ impl Registry {
         let canonical = self.aliases.get(name).map_or(name, String::as_str);
         match self.entries.get_key_value(canonical) {
             Some((n, e)) => Ok((n.as_str(), e)),
-            None => Err(PolicyError::UnknownPolicy { name: name.into(), known: self.known_names() }),
+            None => Err(PolicyError::UnknownPolicy {
+                name: name.into(),
+                known: self.known_names(),
+            }),
         }
     }
 
@@ -290,18 +289,24 @@ impl Registry {
         param: Option<&'a str>,
     ) -> Result<Option<&'a str>, PolicyError> {
         match (entry.param, param) {
-            (Param::None, Some(p)) => {
-                Err(PolicyError::UnexpectedParameter { policy: name.into(), token: p.into() })
-            }
-            (Param::Required(example), None) => {
-                Err(PolicyError::MissingParameter { policy: name.into(), example: example.into() })
-            }
+            (Param::None, Some(p)) => Err(PolicyError::UnexpectedParameter {
+                policy: name.into(),
+                token: p.into(),
+            }),
+            (Param::Required(example), None) => Err(PolicyError::MissingParameter {
+                policy: name.into(),
+                example: example.into(),
+            }),
             _ => Ok(param),
         }
     }
 
     fn wrong_kind(spec: &str, found: PolicyKind, expected: PolicyKind) -> PolicyError {
-        PolicyError::WrongKind { name: split_spec(spec).0.into(), found, expected }
+        PolicyError::WrongKind {
+            name: split_spec(spec).0.into(),
+            found,
+            expected,
+        }
     }
 
     /// Builds an allocation policy from a spec.
@@ -365,16 +370,22 @@ impl Registry {
     /// the earlier one.
     pub fn assign_process(&mut self, process: &str, spec: &str) -> Result<PolicyKind, PolicyError> {
         let kind = self.validate(spec)?;
-        *self.processes.entry(process.to_owned()).or_default().slot(kind) =
-            Some(spec.trim().to_owned());
+        *self
+            .processes
+            .entry(process.to_owned())
+            .or_default()
+            .slot(kind) = Some(spec.trim().to_owned());
         Ok(kind)
     }
 
     /// Assigns `spec` to the embedded region named `region`.
     pub fn assign_region(&mut self, region: &str, spec: &str) -> Result<PolicyKind, PolicyError> {
         let kind = self.validate(spec)?;
-        *self.regions.entry(region.to_owned()).or_default().slot(kind) =
-            Some(spec.trim().to_owned());
+        *self
+            .regions
+            .entry(region.to_owned())
+            .or_default()
+            .slot(kind) = Some(spec.trim().to_owned());
         Ok(kind)
     }
 
@@ -400,7 +411,10 @@ impl Registry {
     /// to that name (daemon mode leaves such processes unmanaged). Kinds not assigned get
     /// the defaults.
     pub fn for_process(&self, process: &str) -> Result<Option<PolicySet>, PolicyError> {
-        self.processes.get(process).map(|a| self.build_set(a)).transpose()
+        self.processes
+            .get(process)
+            .map(|a| self.build_set(a))
+            .transpose()
     }
 
     /// Fresh policies for the embedded region `region`: its assignment, defaults for the
@@ -432,7 +446,14 @@ mod tests {
     #[test]
     fn builtins_and_alias_build() {
         let r = Registry::with_builtins();
-        for spec in ["first-fit", "policyOne", "fhp:8K", "fhp:2M", "quota:1", "quota:16M"] {
+        for spec in [
+            "first-fit",
+            "policyOne",
+            "fhp:8K",
+            "fhp:2M",
+            "quota:1",
+            "quota:16M",
+        ] {
             assert_eq!(r.validate(spec), Ok(PolicyKind::Alloc), "{spec}");
         }
         for spec in ["fifo", "clock", "hints"] {
@@ -445,16 +466,28 @@ mod tests {
         assert_eq!(r.build_alloc("fhp:64K").unwrap().name(), "fhp:64K");
         assert_eq!(r.build_alloc("fhp:2M").unwrap().name(), "fhp:2048K");
         let d = r.defaults().unwrap();
-        assert_eq!((d.alloc.name(), d.evict.name(), d.oom.name()), ("first-fit", "clock", "fail"));
+        assert_eq!(
+            (d.alloc.name(), d.evict.name(), d.oom.name()),
+            ("first-fit", "clock", "fail")
+        );
     }
 
     #[test]
     fn unknown_names_list_the_known_ones() {
         let r = Registry::with_builtins();
         let e = r.validate("lru").unwrap_err();
-        let PolicyError::UnknownPolicy { name, known } = &e else { panic!("{e:?}") };
+        let PolicyError::UnknownPolicy { name, known } = &e else {
+            panic!("{e:?}")
+        };
         assert_eq!(name, "lru");
-        for n in ["clock", "fhp", "first-fit", "policyOne", "quota", "kill-largest"] {
+        for n in [
+            "clock",
+            "fhp",
+            "first-fit",
+            "policyOne",
+            "quota",
+            "kill-largest",
+        ] {
             assert!(known.iter().any(|k| k == n), "{n} missing from {known:?}");
         }
         assert!(e.to_string().contains("policyOne"));
@@ -487,13 +520,25 @@ mod tests {
     #[test]
     fn assignments_by_kind_with_defaults_and_wrong_kind() {
         let mut r = Registry::with_builtins();
-        assert_eq!(r.assign_process("stressapptest", "policyOne"), Ok(PolicyKind::Alloc));
-        assert_eq!(r.assign_process("stressapptest", "evict-harder:16"), Ok(PolicyKind::Oom));
+        assert_eq!(
+            r.assign_process("stressapptest", "policyOne"),
+            Ok(PolicyKind::Alloc)
+        );
+        assert_eq!(
+            r.assign_process("stressapptest", "evict-harder:16"),
+            Ok(PolicyKind::Oom)
+        );
         let s = r.for_process("stressapptest").unwrap().unwrap();
-        assert_eq!((s.alloc.name(), s.evict.name(), s.oom.name()), ("first-fit", "clock", "evict-harder:16"));
+        assert_eq!(
+            (s.alloc.name(), s.evict.name(), s.oom.name()),
+            ("first-fit", "clock", "evict-harder:16")
+        );
         assert!(r.for_process("other").unwrap().is_none());
         assert!(r.assign_process("x", "fhp:3K").is_err());
-        assert!(r.process_assignment("x").is_none(), "a failed assignment leaves nothing");
+        assert!(
+            r.process_assignment("x").is_none(),
+            "a failed assignment leaves nothing"
+        );
 
         r.assign_region("heap", "fhp:2M").unwrap();
         assert_eq!(r.for_region("heap").unwrap().alloc.name(), "fhp:2048K");
@@ -502,26 +547,49 @@ mod tests {
         assert_eq!(r.set_default("fifo"), Ok(PolicyKind::Evict));
         assert_eq!(r.defaults().unwrap().evict.name(), "fifo");
         let e = r.build_alloc("fifo").unwrap_err();
-        assert!(matches!(e, PolicyError::WrongKind { found: PolicyKind::Evict, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                PolicyError::WrongKind {
+                    found: PolicyKind::Evict,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
     fn duplicates_and_missing_defaults() {
         let mut r = Registry::with_builtins();
         let e = r.register_alias("first-fit", "clock").unwrap_err();
-        assert_eq!(e, PolicyError::DuplicateName { name: "first-fit".into() });
+        assert_eq!(
+            e,
+            PolicyError::DuplicateName {
+                name: "first-fit".into()
+            }
+        );
         assert!(r.register_alias("p2", "nope").is_err());
         let e = r
-            .register_evict("policyOne", Param::None, |_| Ok(Box::new(crate::builtin::Fifo::new())))
+            .register_evict("policyOne", Param::None, |_| {
+                Ok(Box::new(crate::builtin::Fifo::new()))
+            })
             .unwrap_err();
         assert!(matches!(e, PolicyError::DuplicateName { .. }));
 
         let mut empty = Registry::new();
         empty
-            .register_alloc("mine", Param::None, |_| Ok(Box::new(crate::builtin::FirstFit)))
+            .register_alloc("mine", Param::None, |_| {
+                Ok(Box::new(crate::builtin::FirstFit))
+            })
             .unwrap();
         empty.set_default("mine").unwrap();
         let e = empty.defaults().unwrap_err();
-        assert_eq!(e, PolicyError::NoDefault { kind: PolicyKind::Evict });
+        assert_eq!(
+            e,
+            PolicyError::NoDefault {
+                kind: PolicyKind::Evict
+            }
+        );
     }
 }

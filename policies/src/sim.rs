@@ -53,7 +53,7 @@ pub enum SimError {
 pub enum FaultOutcome {
     /// This many pages were mapped.
     Mapped(usize),
-    /// The page was in staging and was put back (no policy call).
+    /// The page was in staging and the policy mapped its staged frame back.
     Reclaimed,
     /// The faulting access waits for this swap-in.
     Waiting(Ticket),
@@ -72,7 +72,10 @@ enum FrameState {
     Free,
     /// Handed to a policy during the current call.
     Taken,
-    Mapped { pid: u32, addr: u64 },
+    Mapped {
+        pid: u32,
+        addr: u64,
+    },
     /// Write-back in flight; `None` once the page was freed meanwhile.
     Staging(Option<(u32, u64)>),
     /// Swap-in in flight; `None` once the page was freed meanwhile.
@@ -84,7 +87,11 @@ enum Page {
     Present(FrameNo),
     Staging(FrameNo),
     Swapped(SwapEntry),
-    SwapIn { frame: FrameNo, ticket: Ticket, entry: SwapEntry },
+    SwapIn {
+        frame: FrameNo,
+        ticket: Ticket,
+        entry: SwapEntry,
+    },
 }
 
 struct Proc {
@@ -112,6 +119,8 @@ struct SimMemory {
     frames: Vec<FrameState>,
     free: Vec<FrameNo>,
     taken: usize,
+    /// Frames handed out by `take_staged` in the current call, with their page.
+    staged_taken: HashMap<FrameNo, (u32, u64)>,
     procs: BTreeMap<u32, Proc>,
     access: Vec<Access>,
     pinned: HashSet<FrameNo>,
@@ -142,7 +151,10 @@ impl EvictCx for SimMemory {
     }
 
     fn hint(&self, pid: u32, addr: u64) -> Hint {
-        self.procs.get(&pid).map(|p| p.hints.hint_at(addr)).unwrap_or_default()
+        self.procs
+            .get(&pid)
+            .map(|p| p.hints.hint_at(addr))
+            .unwrap_or_default()
     }
 }
 
@@ -152,7 +164,12 @@ impl SimMemory {
     }
 
     fn region(&self, pid: u32, addr: u64) -> Option<Range<u64>> {
-        self.procs.get(&pid)?.regions.iter().find(|r| r.contains(&addr)).cloned()
+        self.procs
+            .get(&pid)?
+            .regions
+            .iter()
+            .find(|r| r.contains(&addr))
+            .cloned()
     }
 
     fn release_slot(&mut self, entry: SwapEntry) {
@@ -178,12 +195,14 @@ impl SimMemory {
         match self.frames.get(v.frame.index()) {
             Some(FrameState::Mapped { pid, addr }) if *pid == v.pid && *addr == v.addr => {}
             other => {
-                self.violations.push(format!("victim {v:?} is not that mapped page: {other:?}"));
+                self.violations
+                    .push(format!("victim {v:?} is not that mapped page: {other:?}"));
                 return;
             }
         }
         if !req.scope.admits(v.pid) {
-            self.violations.push(format!("victim {v:?} outside scope {:?}", req.scope));
+            self.violations
+                .push(format!("victim {v:?} outside scope {:?}", req.scope));
         }
         if self.pinned.contains(&v.frame) {
             self.violations.push(format!("pinned victim {v:?}"));
@@ -191,7 +210,8 @@ impl SimMemory {
         if self.hint(v.pid, v.addr).denies_eviction() {
             self.stats.evicted_denied += 1;
             if req.urgency == Urgency::Normal {
-                self.violations.push(format!("DENY victim {v:?} with normal urgency"));
+                self.violations
+                    .push(format!("DENY victim {v:?} with normal urgency"));
             }
         }
         self.frames[v.frame.index()] = FrameState::Staging(Some((v.pid, v.addr)));
@@ -204,13 +224,17 @@ impl SimMemory {
 
     /// After a batch containing a DENY page: no other candidate may remain.
     fn check_deny_batch(&mut self, batch: &[MappedPage], req: VictimRequest) {
-        if !batch.iter().any(|v| self.hint(v.pid, v.addr).denies_eviction()) {
+        if !batch
+            .iter()
+            .any(|v| self.hint(v.pid, v.addr).denies_eviction())
+        {
             return;
         }
         for (i, st) in self.frames.iter().enumerate() {
             if let FrameState::Mapped { pid, addr } = *st {
                 let f = FrameNo(i as u32);
                 if req.scope.admits(pid)
+                    && !batch.iter().any(|v| v.frame == f)
                     && !self.pinned.contains(&f)
                     && !self.hint(pid, addr).denies_eviction()
                 {
@@ -242,12 +266,16 @@ impl SimCore {
             ));
         }
         if out.len() > req.want {
-            self.mem.violations.push(format!("victims() returned {} > {}", out.len(), req.want));
+            self.mem
+                .violations
+                .push(format!("victims() returned {} > {}", out.len(), req.want));
         }
         let mut seen = HashSet::new();
         for v in &out {
             if !seen.insert(v.frame) {
-                self.mem.violations.push(format!("victim {} returned twice", v.frame));
+                self.mem
+                    .violations
+                    .push(format!("victim {} returned twice", v.frame));
             }
         }
         self.mem.check_deny_batch(&out, req);
@@ -291,11 +319,18 @@ impl Cx for SimCore {
     }
 
     fn give_frame(&mut self, frame: FrameNo) {
+        if let Some((pid, addr)) = self.mem.staged_taken.remove(&frame) {
+            self.mem.violations.push(format!(
+                "gave back staged {frame}: the content of {pid}:{addr:#x} would be lost"
+            ));
+        }
         if self.mem.frames.get(frame.index()) == Some(&FrameState::Taken) {
             self.mem.taken -= 1;
             self.mem.put_free(frame);
         } else {
-            self.mem.violations.push(format!("gave back {frame} which was not taken"));
+            self.mem
+                .violations
+                .push(format!("gave back {frame} which was not taken"));
         }
     }
 
@@ -313,13 +348,30 @@ impl Cx for SimCore {
 
     fn vacant(&self, pid: u32, start: u64, npages: usize, out: &mut PageMask) {
         out.clear();
-        let Some(p) = self.mem.procs.get(&pid) else { return };
+        let Some(p) = self.mem.procs.get(&pid) else {
+            return;
+        };
         for i in 0..npages.min(PageMask::CAPACITY) {
             let a = start + i as u64 * PAGE;
             if p.regions.iter().any(|r| r.contains(&a)) && !p.pages.contains_key(&a) {
                 out.set(i);
             }
         }
+    }
+
+    fn take_staged(&mut self, pid: u32, addr: u64) -> Option<FrameNo> {
+        let addr = page_floor(addr);
+        let Some(Page::Staging(f)) = self.mem.page(pid, addr) else {
+            return None;
+        };
+        self.mem.writebacks.retain(|w| *w != f);
+        if let Some(p) = self.mem.procs.get_mut(&pid) {
+            p.pages.remove(&addr);
+        }
+        self.mem.frames[f.index()] = FrameState::Taken;
+        self.mem.taken += 1;
+        self.mem.staged_taken.insert(f, (pid, addr));
+        Some(f)
     }
 
     fn swap_entry(&self, pid: u32, addr: u64) -> Option<SwapEntry> {
@@ -334,11 +386,15 @@ impl Cx for SimCore {
         self.mem.next_ticket += 1;
         let addr = page_floor(addr);
         if self.mem.frames.get(frame.index()) != Some(&FrameState::Taken) {
-            self.mem.violations.push(format!("swap_in into {frame} which was not taken"));
+            self.mem
+                .violations
+                .push(format!("swap_in into {frame} which was not taken"));
             return ticket;
         }
         if self.mem.page(pid, addr) != Some(Page::Swapped(entry)) {
-            self.mem.violations.push(format!("swap_in of {entry} for {addr:#x}: not its entry"));
+            self.mem
+                .violations
+                .push(format!("swap_in of {entry} for {addr:#x}: not its entry"));
             self.mem.taken -= 1;
             self.mem.put_free(frame);
             return ticket;
@@ -346,7 +402,14 @@ impl Cx for SimCore {
         self.mem.taken -= 1;
         self.mem.frames[frame.index()] = FrameState::SwapIn(Some((pid, addr)));
         if let Some(p) = self.mem.procs.get_mut(&pid) {
-            p.pages.insert(addr, Page::SwapIn { frame, ticket, entry });
+            p.pages.insert(
+                addr,
+                Page::SwapIn {
+                    frame,
+                    ticket,
+                    entry,
+                },
+            );
         }
         self.mem.swapins.push_back((ticket, frame));
         self.mem.stats.swap_ins += 1;
@@ -354,8 +417,13 @@ impl Cx for SimCore {
     }
 
     fn counters(&self, pid: u32) -> ProcessCounters {
-        let Some(p) = self.mem.procs.get(&pid) else { return ProcessCounters::default() };
-        let mut c = ProcessCounters { faults: p.faults, ..Default::default() };
+        let Some(p) = self.mem.procs.get(&pid) else {
+            return ProcessCounters::default();
+        };
+        let mut c = ProcessCounters {
+            faults: p.faults,
+            ..Default::default()
+        };
         for page in p.pages.values() {
             match page {
                 Page::Present(_) | Page::SwapIn { .. } => c.resident += 1,
@@ -391,6 +459,7 @@ impl SimMachine {
             frames: vec![FrameState::Free; frames],
             free: (0..frames as u32).rev().map(FrameNo).collect(),
             taken: 0,
+            staged_taken: HashMap::new(),
             procs: BTreeMap::new(),
             access: vec![Access::default(); frames],
             pinned: HashSet::new(),
@@ -403,7 +472,29 @@ impl SimMachine {
             violations: Vec::new(),
             stats: SimStats::default(),
         };
-        SimMachine { core: SimCore { mem, evict }, oom, allocs: HashMap::new(), mode: RunMode::Daemon }
+        SimMachine {
+            core: SimCore { mem, evict },
+            oom,
+            allocs: HashMap::new(),
+            mode: RunMode::Daemon,
+        }
+    }
+
+    /// The context itself, to call a policy directly in a unit test. Frames taken through
+    /// it must be mapped with [`SimMachine::map_taken`] or given back before
+    /// [`SimMachine::check`], which otherwise reports them.
+    pub fn cx(&mut self) -> &mut dyn Cx {
+        &mut self.core
+    }
+
+    /// Installs a mapping whose frames were taken through [`SimMachine::cx`], with the same
+    /// checks as a fault's `Map` decision (`fault_addr` must be inside it).
+    pub fn map_taken(&mut self, pid: u32, fault_addr: u64, m: Mapping) -> Result<usize, SimError> {
+        match self.apply_map(pid, page_floor(fault_addr), m)? {
+            FaultOutcome::Mapped(n) => Ok(n),
+            FaultOutcome::Reclaimed => Ok(1),
+            other => Err(SimError::Contract(format!("unexpected {other:?}"))),
+        }
     }
 
     /// Switches what "kill the largest" means (daemon by default).
@@ -411,20 +502,37 @@ impl SimMachine {
         self.mode = mode;
     }
 
-    /// Attaches process `pid` with its managed regions and its allocation policy.
+    /// Attaches process `pid` with one managed region and its allocation policy.
     pub fn add_process(
         &mut self,
         pid: u32,
         name: &str,
-        regions: Vec<Range<u64>>,
+        region: Range<u64>,
         mut alloc: Box<dyn AllocPolicy>,
     ) {
         self.core.mem.procs.insert(
             pid,
-            Proc { regions, pages: BTreeMap::new(), hints: HintMap::new(), faults: 0 },
+            Proc {
+                regions: vec![region],
+                pages: BTreeMap::new(),
+                hints: HintMap::new(),
+                faults: 0,
+            },
         );
         alloc.new_process(Origin { pid, tid: pid }, name, None, &mut self.core);
         self.allocs.insert(pid, alloc);
+    }
+
+    /// Adds another managed region to process `pid` (page aligned, not overlapping).
+    pub fn add_region(&mut self, pid: u32, region: Range<u64>) -> Result<(), SimError> {
+        let p = self
+            .core
+            .mem
+            .procs
+            .get_mut(&pid)
+            .ok_or(SimError::NoProcess(pid))?;
+        p.regions.push(region);
+        Ok(())
     }
 
     /// The processes alive.
@@ -473,7 +581,10 @@ impl SimMachine {
 
     /// `pid`'s page at `addr` is in swap (written back).
     pub fn is_swapped(&self, pid: u32, addr: u64) -> bool {
-        matches!(self.core.mem.page(pid, page_floor(addr)), Some(Page::Swapped(_)))
+        matches!(
+            self.core.mem.page(pid, page_floor(addr)),
+            Some(Page::Swapped(_))
+        )
     }
 
     fn contract(&self) -> Result<(), SimError> {
@@ -495,23 +606,26 @@ impl SimMachine {
         match self.core.mem.page(pid, addr) {
             Some(Page::Present(_)) => return Ok(FaultOutcome::AlreadyPresent),
             Some(Page::SwapIn { ticket, .. }) => return Ok(FaultOutcome::Waiting(ticket)),
-            Some(Page::Staging(f)) => {
-                self.core.mem.writebacks.retain(|w| *w != f);
-                self.install(pid, addr, f);
-                return Ok(FaultOutcome::Reclaimed);
-            }
-            Some(Page::Swapped(_)) | None => {}
+            Some(Page::Staging(_)) | Some(Page::Swapped(_)) | None => {}
         }
         if let Some(p) = self.core.mem.procs.get_mut(&pid) {
             p.faults += 1;
         }
-        let fault =
-            Fault { addr, write, wp: false, minor: false, len_hint: PAGE, origin: Origin { pid, tid: pid } };
+        let fault = Fault {
+            addr,
+            write,
+            wp: false,
+            minor: false,
+            len_hint: PAGE,
+            origin: Origin { pid, tid: pid },
+        };
         let mut ordinary_eviction_done = false;
         let mut attempt = 0u32;
         let mut last_scan = VictimScan::default();
         loop {
-            let Some(alloc) = self.allocs.get_mut(&pid) else { return Err(SimError::NoProcess(pid)) };
+            let Some(alloc) = self.allocs.get_mut(&pid) else {
+                return Err(SimError::NoProcess(pid));
+            };
             let decision = alloc.alloc(&fault, &mut self.core);
             let outcome = match decision {
                 Decision::Map(m) => Some(self.apply_map(pid, addr, m)?),
@@ -528,6 +642,11 @@ impl SimMachine {
                 }
                 Decision::Oom => None,
             };
+            if let Some((f, (p, a))) = self.core.mem.staged_taken.drain().next() {
+                return Err(SimError::Contract(format!(
+                    "staged {f} of {p}:{a:#x} taken but not mapped back: content lost"
+                )));
+            }
             if self.core.mem.taken != 0 {
                 return Err(SimError::Contract(format!(
                     "policy kept {} taken frame(s) after its call",
@@ -571,7 +690,9 @@ impl SimMachine {
                         .into_iter()
                         .max_by_key(|p| (self.core.counters(*p).resident, *p));
                     let Some(victim) = largest else {
-                        return Ok(FaultOutcome::Failed(OomReason::GaveUp { attempts: attempt }));
+                        return Ok(FaultOutcome::Failed(OomReason::GaveUp {
+                            attempts: attempt,
+                        }));
                     };
                     self.core.mem.stats.kills += 1;
                     self.exit(victim)?;
@@ -588,30 +709,61 @@ impl SimMachine {
         if let Some(p) = self.core.mem.procs.get_mut(&pid) {
             p.pages.insert(addr, Page::Present(f));
         }
-        self.core.evict.on_map(MappedPage { frame: f, pid, addr }, &mut self.core.mem);
+        self.core.evict.on_map(
+            MappedPage {
+                frame: f,
+                pid,
+                addr,
+            },
+            &mut self.core.mem,
+        );
     }
 
     fn apply_map(&mut self, pid: u32, addr: u64, m: Mapping) -> Result<FaultOutcome, SimError> {
         let bad = |why: String| Err(SimError::Contract(why));
         if !m.contains(addr) {
-            return bad(format!("mapping {:#x}..{:#x} misses the fault {addr:#x}", m.start(), m.end()));
+            return bad(format!(
+                "mapping {:#x}..{:#x} misses the fault {addr:#x}",
+                m.start(),
+                m.end()
+            ));
         }
-        let Some(region) = self.core.mem.region(pid, addr) else { return bad("no region".into()) };
+        let Some(region) = self.core.mem.region(pid, addr) else {
+            return bad("no region".into());
+        };
         if m.start() < region.start || m.end() > region.end {
-            return bad(format!("mapping {:#x}..{:#x} leaves region {region:x?}", m.start(), m.end()));
+            return bad(format!(
+                "mapping {:#x}..{:#x} leaves region {region:x?}",
+                m.start(),
+                m.end()
+            ));
         }
         let mut seen = HashSet::new();
         for (a, f) in m.pages() {
             if self.core.mem.frames.get(f.index()) != Some(&FrameState::Taken) || !seen.insert(f) {
-                return bad(format!("{f} mapped at {a:#x} was not taken by this call (or twice)"));
+                return bad(format!(
+                    "{f} mapped at {a:#x} was not taken by this call (or twice)"
+                ));
             }
             if let Some(pg) = self.core.mem.page(pid, a) {
                 return bad(format!("{a:#x} mapped over {pg:?}"));
             }
         }
+        let mut reclaimed = false;
+        for (a, f) in m.pages() {
+            if let Some(owner) = self.core.mem.staged_taken.remove(&f) {
+                if owner != (pid, a) {
+                    return bad(format!("staged {f} of {owner:x?} mapped at {pid}:{a:#x}"));
+                }
+                reclaimed = true;
+            }
+        }
         for (a, f) in m.pages() {
             self.core.mem.taken -= 1;
             self.install(pid, a, f);
+        }
+        if reclaimed && m.len() == 1 {
+            return Ok(FaultOutcome::Reclaimed);
         }
         Ok(FaultOutcome::Mapped(m.len()))
     }
@@ -642,7 +794,9 @@ impl SimMachine {
     pub fn complete_writebacks(&mut self, n: usize) -> usize {
         let mut done = 0;
         while done < n {
-            let Some(f) = self.core.mem.writebacks.pop_front() else { break };
+            let Some(f) = self.core.mem.writebacks.pop_front() else {
+                break;
+            };
             if let FrameState::Staging(Some((pid, addr))) = self.core.mem.frames[f.index()] {
                 match self.core.mem.new_slot() {
                     Some(entry) => {
@@ -663,7 +817,9 @@ impl SimMachine {
     pub fn complete_swapins(&mut self, n: usize) -> usize {
         let mut done = 0;
         while done < n {
-            let Some((_, f)) = self.core.mem.swapins.pop_front() else { break };
+            let Some((_, f)) = self.core.mem.swapins.pop_front() else {
+                break;
+            };
             match self.core.mem.frames[f.index()] {
                 FrameState::SwapIn(Some((pid, addr))) => {
                     if let Some(Page::SwapIn { entry, .. }) = self.core.mem.page(pid, addr) {
@@ -684,7 +840,13 @@ impl SimMachine {
             let a = &mut self.core.mem.access[f.index()];
             a.accessed = true;
             a.written |= write;
-            self.core.evict.on_access(f, Access { accessed: true, written: write });
+            self.core.evict.on_access(
+                f,
+                Access {
+                    accessed: true,
+                    written: write,
+                },
+            );
         }
     }
 
@@ -702,13 +864,22 @@ impl SimMachine {
     /// The program hints `[start, start + len)` with `text`.
     pub fn hint(&mut self, pid: u32, start: u64, len: u64, text: &str) -> Result<(), HintError> {
         let hint = Hint::parse(text)?;
-        let Some(p) = self.core.mem.procs.get_mut(&pid) else { return Ok(()) };
+        let Some(p) = self.core.mem.procs.get_mut(&pid) else {
+            return Ok(());
+        };
         p.hints.apply(start, len, &hint);
         let range = start..start.saturating_add(len);
         if let Some(a) = self.allocs.get_mut(&pid) {
-            a.hint(Origin { pid, tid: pid }, range.clone(), &hint, &mut self.core);
+            a.hint(
+                Origin { pid, tid: pid },
+                range.clone(),
+                &hint,
+                &mut self.core,
+            );
         }
-        self.core.evict.on_hint(pid, range, &hint, &mut self.core.mem);
+        self.core
+            .evict
+            .on_hint(pid, range, &hint, &mut self.core.mem);
         Ok(())
     }
 
@@ -716,7 +887,9 @@ impl SimMachine {
     pub fn free(&mut self, pid: u32, start: u64, len: u64) -> Result<(), SimError> {
         let start = page_floor(start);
         let end = start.saturating_add(len);
-        let Some(p) = self.core.mem.procs.get_mut(&pid) else { return Err(SimError::NoProcess(pid)) };
+        let Some(p) = self.core.mem.procs.get_mut(&pid) else {
+            return Err(SimError::NoProcess(pid));
+        };
         let addrs: Vec<u64> = p.pages.range(start..end).map(|(a, _)| *a).collect();
         p.hints.remove(start, len);
         for a in addrs {
@@ -729,7 +902,13 @@ impl SimMachine {
     }
 
     fn drop_page(&mut self, pid: u32, addr: u64) {
-        let Some(page) = self.core.mem.procs.get_mut(&pid).and_then(|p| p.pages.remove(&addr)) else {
+        let Some(page) = self
+            .core
+            .mem
+            .procs
+            .get_mut(&pid)
+            .and_then(|p| p.pages.remove(&addr))
+        else {
             return;
         };
         let mem = &mut self.core.mem;
@@ -750,7 +929,9 @@ impl SimMachine {
 
     /// Process `pid` exits: everything it held is given back.
     pub fn exit(&mut self, pid: u32) -> Result<(), SimError> {
-        let Some(p) = self.core.mem.procs.get(&pid) else { return Err(SimError::NoProcess(pid)) };
+        let Some(p) = self.core.mem.procs.get(&pid) else {
+            return Err(SimError::NoProcess(pid));
+        };
         let addrs: Vec<u64> = p.pages.keys().copied().collect();
         for a in addrs {
             self.drop_page(pid, a);
@@ -776,21 +957,26 @@ impl SimMachine {
                 FrameState::Mapped { pid, addr } => {
                     mapped += 1;
                     if mem.page(pid, addr) != Some(Page::Present(f)) {
-                        return inv(format!("{f} says mapped at {pid}:{addr:#x}, the page disagrees"));
+                        return inv(format!(
+                            "{f} says mapped at {pid}:{addr:#x}, the page disagrees"
+                        ));
                     }
                 }
                 FrameState::Staging(_) => staging += 1,
                 FrameState::SwapIn(_) => swapin += 1,
             }
         }
-        if taken != 0 || mem.taken != 0 {
+        if taken != 0 || mem.taken != 0 || !mem.staged_taken.is_empty() {
             return inv(format!("{taken} frames still taken"));
         }
         if free + mapped + staging + swapin != mem.frames.len() {
             return inv("frames not conserved".into());
         }
         if free != mem.free.len() {
-            return inv(format!("{free} free frames but {} on the free list", mem.free.len()));
+            return inv(format!(
+                "{free} free frames but {} on the free list",
+                mem.free.len()
+            ));
         }
         let mut on_list = HashSet::new();
         for f in &mem.free {
@@ -803,14 +989,21 @@ impl SimMachine {
             for (addr, pg) in &p.pages {
                 if let Page::Present(f) = pg {
                     pages_present += 1;
-                    if mem.frames[f.index()] != (FrameState::Mapped { pid: *pid, addr: *addr }) {
+                    if mem.frames[f.index()]
+                        != (FrameState::Mapped {
+                            pid: *pid,
+                            addr: *addr,
+                        })
+                    {
                         return inv(format!("page {pid}:{addr:#x} -> {f} not mapped there"));
                     }
                 }
             }
         }
         if pages_present != mapped {
-            return inv(format!("{pages_present} present pages for {mapped} mapped frames"));
+            return inv(format!(
+                "{pages_present} present pages for {mapped} mapped frames"
+            ));
         }
         if self.core.evict.tracked() != mapped {
             return inv(format!(

@@ -204,7 +204,10 @@ impl Quota {
                 reason: "a quota must allow at least one page".into(),
             });
         }
-        Ok(Quota { name: format!("{}:{pages}", Self::NAME), limit: pages })
+        Ok(Quota {
+            name: format!("{}:{pages}", Self::NAME),
+            limit: pages,
+        })
     }
 
     /// Parses the parameter of `quota:PAGES`: a page count (`4096`), or a size with a
@@ -217,7 +220,8 @@ impl Quota {
         };
         let t = param.trim();
         let pages = if t.bytes().all(|b| b.is_ascii_digit()) && !t.is_empty() {
-            t.parse::<usize>().map_err(|_| bad("page count out of range"))?
+            t.parse::<usize>()
+                .map_err(|_| bad("page count out of range"))?
         } else {
             let bytes = parse_size(t).map_err(bad)?;
             if bytes % PAGE != 0 {
@@ -249,7 +253,12 @@ impl AllocPolicy for Quota {
                 gone += cx.evict(VictimRequest::of_process(pid, excess - gone).hard());
             }
             if gone < excess {
-                tracing::debug!(pid, resident, limit = self.limit, "quota: nothing left to evict");
+                tracing::debug!(
+                    pid,
+                    resident,
+                    limit = self.limit,
+                    "quota: nothing left to evict"
+                );
                 return Decision::Oom;
             }
         }

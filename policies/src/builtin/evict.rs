@@ -169,7 +169,9 @@ impl EvictPolicy for HintAware {
             return;
         }
         for frame in self.pages.frames_of(pid) {
-            let Some(m) = self.pages.meta(frame).copied() else { continue };
+            let Some(m) = self.pages.meta(frame).copied() else {
+                continue;
+            };
             if range.contains(&m.addr) {
                 let class = cx.hint(pid, m.addr).priority().class();
                 self.pages.reclass(frame, class);
@@ -183,8 +185,11 @@ impl EvictPolicy for HintAware {
         cx: &mut dyn EvictCx,
         out: &mut Vec<MappedPage>,
     ) -> VictimScan {
-        let order =
-            [Priority::Low.class(), Priority::Normal.class(), Priority::High.class()];
+        let order = [
+            Priority::Low.class(),
+            Priority::Normal.class(),
+            Priority::High.class(),
+        ];
         self.pages.scan(req, &order, 2, cx, out, clock_hand)
     }
 

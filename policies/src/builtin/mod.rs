@@ -29,14 +29,22 @@ use crate::registry::{Param, Registry};
 fn no_param(name: &str, param: Option<&str>) -> Result<(), PolicyError> {
     match param {
         None => Ok(()),
-        Some(p) => {
-            Err(PolicyError::UnexpectedParameter { policy: name.into(), token: p.into() })
-        }
+        Some(p) => Err(PolicyError::UnexpectedParameter {
+            policy: name.into(),
+            token: p.into(),
+        }),
     }
 }
 
-fn need_param<'a>(name: &str, param: Option<&'a str>, example: &str) -> Result<&'a str, PolicyError> {
-    param.ok_or_else(|| PolicyError::MissingParameter { policy: name.into(), example: example.into() })
+fn need_param<'a>(
+    name: &str,
+    param: Option<&'a str>,
+    example: &str,
+) -> Result<&'a str, PolicyError> {
+    param.ok_or_else(|| PolicyError::MissingParameter {
+        policy: name.into(),
+        example: example.into(),
+    })
 }
 
 /// Registers every built-in policy and makes `first-fit`, `clock` and `fail` the

@@ -51,7 +51,10 @@ impl EvictHarder {
                 reason: "the batch must be at least one page".into(),
             });
         }
-        Ok(EvictHarder { name: format!("{}:{batch}", Self::NAME), batch })
+        Ok(EvictHarder {
+            name: format!("{}:{batch}", Self::NAME),
+            batch,
+        })
     }
 
     /// Parses the optional parameter of `evict-harder[:N]`.
@@ -79,7 +82,9 @@ impl OomPolicy for EvictHarder {
         if s.attempt < Self::ATTEMPTS {
             OomAction::EvictHarder(self.batch)
         } else {
-            OomAction::FailAccess(OomReason::GaveUp { attempts: s.attempt })
+            OomAction::FailAccess(OomReason::GaveUp {
+                attempts: s.attempt,
+            })
         }
     }
 }
@@ -103,7 +108,9 @@ impl OomPolicy for KillLargest {
 
     fn on_oom(&mut self, s: &OomSituation, _cx: &mut dyn Cx) -> OomAction {
         if s.attempt >= Self::KILLS {
-            return OomAction::FailAccess(OomReason::GaveUp { attempts: s.attempt });
+            return OomAction::FailAccess(OomReason::GaveUp {
+                attempts: s.attempt,
+            });
         }
         match s.mode {
             RunMode::Daemon => OomAction::KillLargestProcess,

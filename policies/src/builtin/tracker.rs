@@ -34,7 +34,11 @@ struct ListHead {
 }
 
 impl ListHead {
-    const EMPTY: ListHead = ListHead { head: NIL, tail: NIL, len: 0 };
+    const EMPTY: ListHead = ListHead {
+        head: NIL,
+        tail: NIL,
+        len: 0,
+    };
 }
 
 impl Default for ListHead {
@@ -53,13 +57,22 @@ impl Links {
     fn ensure(&mut self, f: u32) {
         let need = f as usize + 1;
         if self.links.len() < need {
-            self.links.resize(need, Link { prev: NIL, next: NIL });
+            self.links.resize(
+                need,
+                Link {
+                    prev: NIL,
+                    next: NIL,
+                },
+            );
         }
     }
 
     fn push_back(&mut self, list: &mut ListHead, f: u32) {
         self.ensure(f);
-        self.links[f as usize] = Link { prev: list.tail, next: NIL };
+        self.links[f as usize] = Link {
+            prev: list.tail,
+            next: NIL,
+        };
         if list.tail == NIL {
             list.head = f;
         } else {
@@ -81,7 +94,10 @@ impl Links {
         } else {
             self.links[next as usize].prev = prev;
         }
-        self.links[f as usize] = Link { prev: NIL, next: NIL };
+        self.links[f as usize] = Link {
+            prev: NIL,
+            next: NIL,
+        };
         list.len -= 1;
     }
 }
@@ -97,7 +113,12 @@ pub(crate) struct PageMeta {
 }
 
 impl PageMeta {
-    const NONE: PageMeta = PageMeta { pid: 0, addr: 0, class: UNTRACKED, referenced: false };
+    const NONE: PageMeta = PageMeta {
+        pid: 0,
+        addr: 0,
+        class: UNTRACKED,
+        referenced: false,
+    };
 }
 
 /// Tracked pages on global and per-process lists, per priority class.
@@ -121,7 +142,9 @@ impl Tracker {
     }
 
     pub(crate) fn meta_mut(&mut self, f: FrameNo) -> Option<&mut PageMeta> {
-        self.meta.get_mut(f.index()).filter(|m| m.class != UNTRACKED)
+        self.meta
+            .get_mut(f.index())
+            .filter(|m| m.class != UNTRACKED)
     }
 
     /// Starts tracking `page` in `class` (re-tracking a tracked frame moves it).
@@ -131,10 +154,17 @@ impl Tracker {
         if self.meta.len() <= f as usize {
             self.meta.resize(f as usize + 1, PageMeta::NONE);
         }
-        self.meta[f as usize] =
-            PageMeta { pid: page.pid, addr: page.addr, class: class as u8, referenced: false };
+        self.meta[f as usize] = PageMeta {
+            pid: page.pid,
+            addr: page.addr,
+            class: class as u8,
+            referenced: false,
+        };
         self.global.push_back(&mut self.global_lists[class], f);
-        let lists = self.local_lists.entry(page.pid).or_insert([ListHead::EMPTY; CLASSES]);
+        let lists = self
+            .local_lists
+            .entry(page.pid)
+            .or_insert([ListHead::EMPTY; CLASSES]);
         self.local.push_back(&mut lists[class], f);
         self.tracked += 1;
     }
@@ -159,7 +189,14 @@ impl Tracker {
     pub(crate) fn rotate(&mut self, f: FrameNo) {
         if let Some(m) = self.meta(f).copied() {
             let referenced = m.referenced;
-            self.insert(MappedPage { frame: f, pid: m.pid, addr: m.addr }, m.class as usize);
+            self.insert(
+                MappedPage {
+                    frame: f,
+                    pid: m.pid,
+                    addr: m.addr,
+                },
+                m.class as usize,
+            );
             if let Some(m) = self.meta_mut(f) {
                 m.referenced = referenced;
             }
@@ -170,7 +207,14 @@ impl Tracker {
     pub(crate) fn reclass(&mut self, f: FrameNo, class: usize) {
         if let Some(m) = self.meta(f).copied() {
             if m.class as usize != class {
-                self.insert(MappedPage { frame: f, pid: m.pid, addr: m.addr }, class);
+                self.insert(
+                    MappedPage {
+                        frame: f,
+                        pid: m.pid,
+                        addr: m.addr,
+                    },
+                    class,
+                );
                 if let Some(n) = self.meta_mut(f) {
                     n.referenced = m.referenced;
                 }
@@ -217,12 +261,18 @@ impl Tracker {
         let mut scan = VictimScan::default();
         let mut denied_spare: Vec<FrameNo> = Vec::new();
         for &class in order {
-            let Some((_, len)) = self.front(req.scope, class) else { continue };
+            let Some((_, len)) = self.front(req.scope, class) else {
+                continue;
+            };
             let mut budget = len.saturating_mul(passes);
             while scan.chosen < req.want && budget > 0 {
-                let Some((f, _)) = self.front(req.scope, class) else { break };
+                let Some((f, _)) = self.front(req.scope, class) else {
+                    break;
+                };
                 budget -= 1;
-                let Some(m) = self.meta(f).copied() else { break };
+                let Some(m) = self.meta(f).copied() else {
+                    break;
+                };
                 if cx.is_pinned(f) {
                     scan.pinned += 1;
                     self.rotate(f);
@@ -245,7 +295,11 @@ impl Tracker {
                     continue;
                 }
                 self.remove(f);
-                out.push(MappedPage { frame: f, pid: m.pid, addr: m.addr });
+                out.push(MappedPage {
+                    frame: f,
+                    pid: m.pid,
+                    addr: m.addr,
+                });
                 scan.chosen += 1;
             }
         }
@@ -258,7 +312,11 @@ impl Tracker {
                 continue;
             }
             if let Some(m) = self.remove(f) {
-                out.push(MappedPage { frame: f, pid: m.pid, addr: m.addr });
+                out.push(MappedPage {
+                    frame: f,
+                    pid: m.pid,
+                    addr: m.addr,
+                });
                 scan.chosen += 1;
             }
         }
