@@ -1,0 +1,79 @@
+//! The hook through which the runtime plugs I/O completion reaping and userfaultfd reading
+//! into a LocalManager.
+//!
+//! # Calls, all on the worker thread in normal (not signal) context
+//! 1. [`Driver::poll`] once per scheduling round (after at most `round_budget` uThread
+//!    runs) and once more right before the worker parks. It returns how much work it did;
+//!    non-zero keeps the worker from parking this time.
+//! 2. Before blocking, the worker asks [`Driver::wake_fds`] and waits for readability on
+//!    those fds as well as on its own eventfd, and never longer than
+//!    [`Driver::park_timeout`].
+//! 3. During shutdown, [`Driver::has_pending`] keeps the worker counted as busy.
+//!
+//! A driver must not suspend (it does not run on a uThread) and should not block.
+
+use std::os::fd::BorrowedFd;
+use std::time::Duration;
+
+use crate::signal::{FaultKey, FaultedUThread};
+
+/// Per-worker I/O / fault driver (see the module docs).
+pub trait Driver {
+    /// Does a bounded amount of work (reap completions, read events, resume PFQ entries);
+    /// returns the number of items handled.
+    fn poll(&mut self, cx: &mut DriverContext<'_>) -> usize;
+
+    /// File descriptors whose readability must wake this worker when it is parked.
+    fn wake_fds(&self) -> Vec<BorrowedFd<'_>> {
+        Vec::new()
+    }
+
+    /// Longest time the worker may stay parked (`None`: until woken).
+    fn park_timeout(&self) -> Option<Duration> {
+        None
+    }
+
+    /// True while the driver has outstanding work, so shutdown must not treat the worker as
+    /// quiescent.
+    fn has_pending(&self) -> bool {
+        false
+    }
+}
+
+/// Creates the driver of each worker, on that worker's thread (argument: worker index).
+pub type DriverFactory = std::sync::Arc<dyn Fn(usize) -> Box<dyn Driver> + Send + Sync>;
+
+/// What a driver may do from its `poll`.
+pub struct DriverContext<'a> {
+    pub(crate) worker: usize,
+    pub(crate) manager: &'a crate::manager::ManagerShared,
+    pub(crate) rt: &'a crate::runtime::RuntimeShared,
+}
+
+impl std::fmt::Debug for DriverContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DriverContext")
+            .field("worker", &self.worker)
+            .finish()
+    }
+}
+
+impl DriverContext<'_> {
+    /// Index of the worker being polled.
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// Appends this worker's uThreads parked on a fault (PFQ) with their payloads.
+    pub fn faulted(&self, out: &mut Vec<FaultedUThread>) {
+        self.manager.faulted(out);
+    }
+
+    /// Moves a faulted uThread of this worker from PFQ to IDQ; `false` if it was not in PFQ.
+    pub fn resume_faulted(&self, slot: u32) -> bool {
+        self.rt.resume_faulted(FaultKey {
+            worker: self.worker,
+            slot,
+        })
+    }
+}

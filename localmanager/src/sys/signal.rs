@@ -1,0 +1,38 @@
+//! Implementation of the async-signal-safe fault parking (see [`crate::signal`]).
+
+use usm_fibers::Suspend;
+use usm_sync::atomic::Ordering;
+
+use crate::signal::FaultKey;
+use crate::sys::current::with_current_task;
+
+/// Parks the running uThread in PFQ with `payload` and switches to its LocalManager;
+/// returns `true` once it has been resumed (on the same worker), `false` at once when not
+/// called on a uThread. Async-signal-safe; see [`crate::signal`] for the exact state
+/// touched.
+pub fn park_current_on_fault(payload: u64) -> bool {
+    with_current_task(|local, task, slot| {
+        let manager = local.manager();
+        let Some(meta) = manager.slots.get(slot as usize) else {
+            return false;
+        };
+        meta.payload.store(payload, Ordering::Release);
+        task.in_handler.store(true, Ordering::Release);
+        task.mark_faulted();
+        manager.counters.faults.fetch_add(1, Ordering::Relaxed);
+        manager.pfq.set(slot as usize);
+        let switched = usm_fibers::suspend_current(Suspend::Fault);
+        task.in_handler.store(false, Ordering::Release);
+        switched
+    })
+    .unwrap_or(false)
+}
+
+/// The PFQ key the running uThread would get if it faulted now (`None` off a uThread).
+/// Async-signal-safe.
+pub fn current_fault_key() -> Option<FaultKey> {
+    with_current_task(|local, _, slot| FaultKey {
+        worker: local.index,
+        slot,
+    })
+}
