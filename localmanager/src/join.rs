@@ -136,7 +136,16 @@ where
             Err(_) if crate::sys::current::with_worker(|l| l.cancelling.get()) == Some(true) => {
                 Err(JoinError::Cancelled)
             }
-            Err(payload) => Err(JoinError::Panicked(payload)),
+            Err(payload) => {
+                crate::sys::current::with_worker(|local| {
+                    local
+                        .manager()
+                        .counters
+                        .panicked
+                        .fetch_add(1, Ordering::Relaxed)
+                });
+                Err(JoinError::Panicked(payload))
+            }
         };
         guard.0.complete(result);
     });

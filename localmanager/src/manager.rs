@@ -257,6 +257,7 @@ pub(crate) struct LocalManager<'a> {
     driver: Option<Box<dyn Driver>>,
     config: ManagerConfig,
     steal_cursor: usize,
+    last_sibling_wake: Instant,
 }
 
 impl<'a> LocalManager<'a> {
@@ -279,6 +280,7 @@ impl<'a> LocalManager<'a> {
             driver,
             config,
             steal_cursor: local.index + 1,
+            last_sibling_wake: Instant::now(),
         }
     }
 
@@ -289,6 +291,7 @@ impl<'a> LocalManager<'a> {
             let mut progress = self.poll_driver();
             progress += self.fire_timers();
             progress += self.admit_spawns();
+            self.share_surplus();
             progress += self.run_ready();
             if progress > 0 {
                 continue;
@@ -309,6 +312,33 @@ impl<'a> LocalManager<'a> {
                 }
             }
             self.idle();
+        }
+    }
+
+    /// With more than one ready uThread and a parked sibling, wakes that sibling so it can
+    /// steal (at most every 100 µs, so pinned-only workloads do not pay a wake per round).
+    fn share_surplus(&mut self) {
+        if self.config.steal_batch == 0 || self.rt.managers.len() < 2 {
+            return;
+        }
+        let Some(first) = self.shared.idq.find_next(self.cursor) else {
+            return;
+        };
+        if self.shared.idq.find_next(first + 1) == Some(first) {
+            return;
+        }
+        let now = Instant::now();
+        if now.duration_since(self.last_sibling_wake) < Duration::from_micros(100) {
+            return;
+        }
+        if let Some(sibling) = self
+            .rt
+            .managers
+            .iter()
+            .find(|m| m.index != self.local.index && m.park.is_parked())
+        {
+            self.last_sibling_wake = now;
+            sibling.wake();
         }
     }
 
