@@ -446,7 +446,7 @@ impl fmt::Display for ProbeReport {
                 writeln!(f, "  advice: {line}")?;
             }
         }
-        if self.memlock.soft.is_some_and(|s| s < 64 << 20) {
+        if self.euid != 0 && self.memlock.soft.is_some_and(|s| s < 64 << 20) {
             writeln!(
                 f,
                 "advice: RLIMIT_MEMLOCK is small; a locked pool (LockMode::OnFault) needs it \

@@ -1,0 +1,228 @@
+//! The frame pool on the real kernel: concurrent take/give from both cores conserves
+//! frames, handed-out frames are really zero, frames move between pool and region with
+//! `UFFDIO_MOVE` under the lock-state rules, holes are refilled.
+
+mod common;
+
+use common::{PAGE, require_root, sys};
+use std::sync::Arc;
+use usm_kmod::pool::{FrameOwner, FramePool, FrameState, LockMode, PoolConfig};
+use usm_kmod::{Features, MoveMode, RegisterMode, Resolved};
+
+fn pin_to(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if set.set(cpu % cpus).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+#[test]
+fn concurrent_take_and_give_from_both_cores_conserves_frames() {
+    let pool = FramePool::new(PoolConfig { frames: 1024, lock: LockMode::Unlocked }, None).unwrap();
+    let zeroer = pool.spawn_zeroer(32);
+    let workers: Vec<_> = (0..2)
+        .map(|w| {
+            let pool = Arc::clone(&pool);
+            let mut local = pool.local_arena();
+            std::thread::spawn(move || {
+                pin_to(w);
+                let mut held = Vec::new();
+                let mut taken = 0usize;
+                for round in 0..2000u64 {
+                    if let Some(f) = pool.take(&mut local).unwrap() {
+                        taken += 1;
+                        // A handed-out frame is zero, whoever used it before.
+                        let off = f.index() * 4096;
+                        assert!(pool.memory().is_zero(off, 4096).unwrap(), "{f} not zeroed");
+                        assert_eq!(pool.desc(f).unwrap().state(), FrameState::Taken);
+                        held.push(f);
+                    }
+                    if held.len() > 40 || round % 3 == 0 {
+                        if let Some(f) = held.pop() {
+                            if round % 2 == 0 {
+                                // Written, so it goes through the zeroing queue.
+                                let off = f.index() * 4096;
+                                pool.memory().store_u64(off + 8 * (round as usize % 512), round | 1).unwrap();
+                                pool.release(f).unwrap();
+                            } else {
+                                pool.return_unused(&mut local, f).unwrap();
+                            }
+                        }
+                    }
+                    if round % 64 == 0 {
+                        pool.zero_some(8).unwrap();
+                    }
+                }
+                for f in held {
+                    pool.release(f).unwrap();
+                }
+                taken
+            })
+        })
+        .collect();
+    let taken: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(taken > 2000, "the workers did take frames ({taken})");
+    drop(zeroer);
+    while pool.zero_some(256).unwrap() > 0 {}
+    let c = pool.check_conservation().unwrap();
+    assert_eq!(c.free, 1024, "{c}");
+    assert_eq!(c.free_shared, 1024, "dropped lArenas spilled everything: {c}");
+    // Every frame is in the sArena exactly once, and zero.
+    let mut frames = pool.shared_arena().snapshot();
+    frames.sort_unstable();
+    frames.dedup();
+    assert_eq!(frames.len(), 1024);
+    assert!(pool.memory().is_zero(0, 1024 * 4096).unwrap());
+}
+
+#[test]
+fn conservation_check_catches_a_frame_outside_every_arena() {
+    let pool = FramePool::new(PoolConfig { frames: 8, lock: LockMode::Unlocked }, None).unwrap();
+    let mut local = pool.local_arena();
+    let f = pool.take(&mut local).unwrap().unwrap();
+    let c = pool.check_conservation().unwrap();
+    assert_eq!((c.taken, c.free), (1, 7));
+    // A Free frame missing from every arena is a conservation failure.
+    pool.return_unused(&mut local, f).unwrap();
+    let g = local.pop().unwrap(); // bypasses the pool: state stays Free, arena lost it
+    let err = pool.check_conservation().unwrap_err();
+    assert!(matches!(err, usm_kmod::Error::Conservation(_)), "{err:?}");
+    local.push(g);
+    pool.check_conservation().unwrap();
+    // A wrong transition is a typed error.
+    let err = pool.release(g).unwrap_err();
+    assert!(matches!(err, usm_kmod::Error::FrameState { actual: FrameState::Free, .. }), "{err:?}");
+}
+
+fn pool_and_region(lock: LockMode, region_locked: bool) -> Option<(Arc<FramePool>, u64, u64)> {
+    let uffd = Arc::new(common::uffd(Features::MOVE));
+    let pool = FramePool::new(PoolConfig { frames: 16, lock }, Some(Arc::clone(&uffd))).unwrap();
+    let len = 4 * PAGE;
+    let region = sys::mmap_anon(len as usize);
+    assert_eq!(sys::madvise(region, len as usize, libc::MADV_DONTFORK), 0);
+    assert_eq!(sys::madvise(region, len as usize, libc::MADV_NOHUGEPAGE), 0);
+    if region_locked {
+        assert_eq!(sys::mlock_onfault(region, len as usize), 0);
+    }
+    uffd.register(region, len, RegisterMode::MISSING).unwrap();
+    Some((pool, region, len))
+}
+
+fn install_stage_release(pool: &Arc<FramePool>, region: u64) {
+    let owner = FrameOwner { pid: std::process::id(), region: 1 };
+    let mut local = pool.local_arena();
+    let f = pool.take(&mut local).unwrap().unwrap();
+    // SAFETY: `region` is a missing page of the test's region, registered on the pool's uffd.
+    let r = unsafe { pool.install(f, region, owner, MoveMode::empty()) }.unwrap();
+    assert_eq!(r, Resolved::Done(PAGE));
+    let d = pool.desc(f).unwrap();
+    assert_eq!((d.state(), d.vaddr(), d.owner()), (FrameState::Mapped, region, owner));
+    d.set_policy(77);
+    assert_eq!(pool.desc(f).unwrap().policy(), 77);
+    assert!(sys::page_is(region, 0), "the installed frame is zero");
+    sys::fill_page(region, 0x1234);
+    // Evict: the page goes back to its slot, the region page becomes a hole again.
+    // SAFETY: test-owned region page.
+    let r = unsafe { pool.stage(f, MoveMode::DONTWAKE) }.unwrap();
+    assert_eq!(r, Resolved::Done(PAGE));
+    assert_eq!(pool.desc(f).unwrap().state(), FrameState::Staging);
+    let slot = f.index() * 4096;
+    assert_eq!(pool.memory().load_u64(slot).unwrap(), 0x1234, "the staged page carries the data");
+    // Swap-cache hit: move it back.
+    // SAFETY: the region page is a hole again, ours.
+    let r = unsafe { pool.unstage(f, MoveMode::empty()) }.unwrap();
+    assert!(r.is_done());
+    assert!(sys::page_is(region, 0x1234));
+    // Region dropped: reclaim moves the page back and queues the frame for zeroing.
+    // SAFETY: test-owned.
+    let r = unsafe { pool.reclaim(f) }.unwrap();
+    assert!(r.is_done());
+    assert_eq!(pool.desc(f).unwrap().state(), FrameState::Zeroing);
+    assert_eq!(pool.zero_some(16).unwrap(), 1);
+    assert!(pool.memory().is_zero(slot, 4096).unwrap(), "the dirty slot was cleared");
+    pool.check_conservation().unwrap();
+}
+
+#[test]
+fn move_between_pool_and_region_both_unlocked() {
+    if !require_root("move_between_pool_and_region_both_unlocked") {
+        return;
+    }
+    let (pool, region, len) = pool_and_region(LockMode::Unlocked, false).unwrap();
+    install_stage_release(&pool, region);
+    sys::munmap(region, len as usize);
+}
+
+#[test]
+fn move_between_pool_and_region_both_mlock_onfault() {
+    if !require_root("move_between_pool_and_region_both_mlock_onfault") {
+        return;
+    }
+    let (pool, region, len) = pool_and_region(LockMode::OnFault, true).unwrap();
+    install_stage_release(&pool, region);
+    sys::munmap(region, len as usize);
+}
+
+#[test]
+fn move_between_locked_pool_and_unlocked_region_is_einval() {
+    if !require_root("move_between_locked_pool_and_unlocked_region_is_einval") {
+        return;
+    }
+    for (pool_lock, region_locked) in [(LockMode::OnFault, false), (LockMode::Unlocked, true)] {
+        let (pool, region, len) = pool_and_region(pool_lock, region_locked).unwrap();
+        let mut local = pool.local_arena();
+        let f = pool.take(&mut local).unwrap().unwrap();
+        // SAFETY: test-owned missing page.
+        let err = unsafe { pool.install(f, region, FrameOwner::default(), MoveMode::empty()) }.unwrap_err();
+        assert!(err.is_invalid(), "lock-state mismatch is EINVAL: {err:?}");
+        assert!(err.to_string().contains("UFFDIO_MOVE"), "{err}");
+        assert_eq!(pool.desc(f).unwrap().state(), FrameState::Taken, "a failed install keeps the frame");
+        pool.return_unused(&mut local, f).unwrap();
+        sys::munmap(region, len as usize);
+    }
+}
+
+#[test]
+fn a_frame_whose_page_was_dropped_is_refilled_with_a_zeroed_page() {
+    if !require_root("a_frame_whose_page_was_dropped_is_refilled_with_a_zeroed_page") {
+        return;
+    }
+    let (pool, region, len) = pool_and_region(LockMode::Unlocked, false).unwrap();
+    let mut local = pool.local_arena();
+    let mut frames = Vec::new();
+    for i in 0..4 {
+        let f = pool.take(&mut local).unwrap().unwrap();
+        // SAFETY: test-owned missing pages.
+        let r = unsafe { pool.install(f, region + i * PAGE, FrameOwner::default(), MoveMode::empty()) }.unwrap();
+        assert!(r.is_done());
+        sys::fill_page(region + i * PAGE, 0xAA + i);
+        frames.push(f);
+    }
+    // The region is dropped by the program (munmap): the pages are gone, the slots are holes.
+    assert_eq!(sys::munmap(region, len as usize), 0);
+    for &f in &frames {
+        pool.release(f).unwrap();
+    }
+    assert_eq!(pool.zeroing_len(), 4);
+    assert_eq!(pool.zero_some(64).unwrap(), 4);
+    for &f in &frames {
+        assert_eq!(pool.desc(f).unwrap().state(), FrameState::Free);
+        assert!(pool.memory().is_zero(f.index() * 4096, 4096).unwrap(), "{f} refilled and zero");
+    }
+    // They can be moved out again (a refilled slot holds a real page again).
+    let region2 = sys::mmap_anon(len as usize);
+    assert_eq!(sys::madvise(region2, len as usize, libc::MADV_DONTFORK), 0);
+    pool.userfaultfd().unwrap().register(region2, len, RegisterMode::MISSING).unwrap();
+    drop(local);
+    let mut local = pool.local_arena();
+    for i in 0..4 {
+        let f = pool.take(&mut local).unwrap().unwrap();
+        // SAFETY: test-owned missing pages.
+        let r = unsafe { pool.install(f, region2 + i * PAGE, FrameOwner::default(), MoveMode::empty()) }.unwrap();
+        assert!(r.is_done(), "{f}: {r:?}");
+        assert!(sys::page_is(region2 + i * PAGE, 0));
+    }
+    pool.check_conservation().unwrap();
+    sys::munmap(region2, len as usize);
+}
