@@ -1,0 +1,219 @@
+//! Real C programs run with `LD_PRELOAD=libusm_tagger.so` against a daemon played by
+//! the test (`usm_proto::server` + a real userfaultfd fault server).
+//!
+//! The cdylibs are built by the tests themselves (`cargo build -p usm-tagger -p
+//! usm-capi` with this test's cargo, target dir and profile), so `cargo test` from a
+//! clean checkout works.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+
+use support::*;
+use usm_proto::{Message, RangeKind, RefusalReason};
+
+fn warning_lines(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.starts_with("usm-tagger:")).collect()
+}
+
+#[test]
+fn tagged_program_is_managed_and_keeps_its_data() {
+    let tagger = tagger_so();
+    let work = tempfile::tempdir().unwrap();
+    let bin = compile(work.path(), "workload", &[]);
+    let daemon = TestDaemon::new();
+    let mut program = Program::spawn(&bin, &["full", "pause"], &tagger, &daemon.socket());
+    let served = daemon.accept_and_serve();
+    assert_eq!(served.pid, program.child.id());
+    assert_eq!(served.name, "workload");
+
+    let before_peak = program.read_until("PEAK");
+    // Coverage as the daemon sees it: ask the tagger over the protocol (kernel numbers
+    // from /proc/self/smaps: VMAs flagged `um` over all anonymous memory).
+    served.stream.send(&Message::CoverageRequest).unwrap();
+    let Message::Coverage {
+        managed_anon_bytes,
+        anon_bytes,
+    } = served.wait_for("Coverage", |m| matches!(m, Message::Coverage { .. }))
+    else {
+        unreachable!()
+    };
+    let ratio = managed_anon_bytes as f64 / anon_bytes as f64;
+    eprintln!("coverage at peak: {managed_anon_bytes} / {anon_bytes} = {ratio:.4}");
+    assert!(
+        anon_bytes > 60 << 20,
+        "the workload should hold > 60 MiB anonymous at its peak, smaps says {anon_bytes}"
+    );
+    assert!(
+        ratio >= 0.90,
+        "coverage {ratio:.3} ({managed_anon_bytes} of {anon_bytes} anonymous bytes) is below 90%"
+    );
+    // And from outside, straight from the kernel.
+    let outside = usm_proto::coverage::Coverage::of_pid(served.pid).unwrap();
+    assert!(outside.ratio() >= 0.90, "outside view: {outside:?}");
+    // The program's own report agrees that it is managed.
+    let peak = before_peak.iter().find(|l| l.starts_with("COVERAGE peak")).unwrap();
+    let (managed, anon, mode) = parse_coverage(peak).unwrap();
+    assert_eq!(mode, 1, "tagger mode at peak: {peak}");
+    assert!(managed as f64 >= 0.9 * anon as f64, "{peak}");
+
+    program.resume();
+    let (status, out, err) = program.finish();
+    assert!(status.success(), "workload failed: {status:?}\nstdout: {out}\nstderr: {err}");
+    assert!(out.contains("OK"), "{out}");
+    assert!(warning_lines(&err).is_empty(), "a managed program prints nothing: {err}");
+
+    let stats = &served.faults.stats;
+    eprintln!("fault server: {stats:?}");
+    let faults = stats.faults.load(Ordering::Relaxed);
+    assert!(faults > 10_000, "the daemon served only {faults} faults");
+    assert!(stats.copies.load(Ordering::Relaxed) > 0);
+    assert!(stats.forks.load(Ordering::Relaxed) >= 1, "EVENT_FORK must reach the daemon");
+    assert!(stats.remaps.load(Ordering::Relaxed) >= 1, "mremap of a managed range");
+    assert!(stats.removes.load(Ordering::Relaxed) >= 1, "madvise(DONTNEED)");
+    assert!(stats.unmaps.load(Ordering::Relaxed) >= 1, "munmap");
+    served.faults.stop();
+    let notices = served.drain();
+    assert!(
+        notices.iter().any(|m| matches!(m, Message::RegisterRange { kind: RangeKind::Heap, .. })),
+        "heap segments are announced"
+    );
+    assert!(
+        notices.iter().any(|m| matches!(m, Message::RegisterRange { kind: RangeKind::Mmap, .. })),
+        "direct mmaps are announced"
+    );
+    assert!(notices.iter().any(|m| matches!(m, Message::UnregisterRange { .. })));
+}
+
+#[test]
+fn daemon_absent_one_warning_and_the_program_runs() {
+    let tagger = tagger_so();
+    let work = tempfile::tempdir().unwrap();
+    let bin = compile(work.path(), "workload", &[]);
+    let missing = work.path().join("no-daemon.sock");
+    let program = Program::spawn(&bin, &["full"], &tagger, &missing);
+    let (status, out, err) = program.finish();
+    assert!(status.success(), "{status:?}\n{out}\n{err}");
+    assert!(out.contains("OK"));
+    let warnings = warning_lines(&err);
+    assert_eq!(warnings.len(), 1, "exactly one warning line, got: {err}");
+    assert!(warnings[0].contains("no USM daemon") && warnings[0].contains("running unmanaged"));
+    let end = out.lines().find(|l| l.starts_with("COVERAGE end")).unwrap();
+    let (managed, _, mode) = parse_coverage(end).unwrap();
+    assert_eq!((managed, mode), (0, 2), "unmanaged: {end}");
+}
+
+#[test]
+fn refused_program_runs_unmanaged_with_one_warning() {
+    let tagger = tagger_so();
+    let work = tempfile::tempdir().unwrap();
+    let bin = compile(work.path(), "workload", &[]);
+    let daemon = TestDaemon::new();
+    let program = Program::spawn(&bin, &["small"], &tagger, &daemon.socket());
+    let peer = daemon.accept();
+    peer.refuse(RefusalReason::NotConfigured, "no process rule names workload").unwrap();
+    let (status, out, err) = program.finish();
+    assert!(status.success(), "{status:?}\n{out}\n{err}");
+    let warnings = warning_lines(&err);
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(warnings[0].contains("refused") && warnings[0].contains("no process rule"), "{err}");
+}
+
+#[test]
+fn daemon_death_with_swapped_pages_kills_the_program() {
+    let tagger = tagger_so();
+    let work = tempfile::tempdir().unwrap();
+    let bin = compile(work.path(), "workload", &[]);
+    let daemon = TestDaemon::new();
+    let mut program = Program::spawn(&bin, &["full", "pause"], &tagger, &daemon.socket());
+    let served = daemon.accept_and_serve();
+    program.read_until("PEAK");
+    served.stream.send(&Message::SwapState { swapped_pages: 12 }).unwrap();
+    // Make sure the tagger has seen the state before the daemon dies.
+    served.stream.send(&Message::CoverageRequest).unwrap();
+    served.wait_for("Coverage", |m| matches!(m, Message::Coverage { .. }));
+    served.die();
+    let (status, out, err) = program.finish();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}\n{out}\n{err}");
+    assert!(!out.contains("OK"));
+    assert!(
+        err.contains("FATAL") && err.contains("12 swapped-out page(s)") && err.contains("rather than let it read zeros"),
+        "{err}"
+    );
+}
+
+#[test]
+fn daemon_death_with_nothing_swapped_continues_unmanaged() {
+    let tagger = tagger_so();
+    let work = tempfile::tempdir().unwrap();
+    let bin = compile(work.path(), "workload", &[]);
+    let daemon = TestDaemon::new();
+    let mut program = Program::spawn(&bin, &["full", "pause"], &tagger, &daemon.socket());
+    let served = daemon.accept_and_serve();
+    program.read_until("PEAK");
+    served.stream.send(&Message::SwapState { swapped_pages: 0 }).unwrap();
+    served.die();
+    // The second phase frees, reallocates and re-verifies everything without a daemon.
+    program.resume();
+    let (status, out, err) = program.finish();
+    assert!(status.success(), "{status:?}\n{out}\n{err}");
+    assert!(out.contains("OK"));
+    let warnings = warning_lines(&err);
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(warnings[0].contains("continuing unmanaged"), "{err}");
+    let end = out.lines().find(|l| l.starts_with("COVERAGE end")).unwrap();
+    let (managed, _, mode) = parse_coverage(end).unwrap();
+    assert_eq!(mode, 2, "{end}");
+    assert_eq!(managed, 0, "every range was unregistered by the kernel: {end}");
+}
+
+#[test]
+fn program_with_its_own_userfaultfd_still_works() {
+    let tagger = tagger_so();
+    let work = tempfile::tempdir().unwrap();
+    let bin = compile(work.path(), "workload", &[]);
+    let daemon = TestDaemon::new();
+    let program = Program::spawn(&bin, &["own-uffd"], &tagger, &daemon.socket());
+    let served = daemon.accept_and_serve();
+    let (status, out, err) = program.finish();
+    assert!(status.success(), "{status:?}\n{out}\n{err}");
+    assert!(out.contains("OK"), "{out}");
+    served.faults.stop();
+}
+
+#[test]
+fn usm_hint_reaches_the_daemon() {
+    let tagger = tagger_so();
+    let libusm = libusm_so();
+    let work = tempfile::tempdir().unwrap();
+    let include = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../capi/include");
+    let libdir = libusm.parent().unwrap().to_str().unwrap().to_owned();
+    let bin = compile(
+        work.path(),
+        "hint",
+        &[
+            &format!("-I{}", include.display()),
+            &format!("-L{libdir}"),
+            &format!("-Wl,-rpath,{libdir}"),
+            "-lusm",
+        ],
+    );
+    let daemon = TestDaemon::new();
+    let program = Program::spawn(&bin, &[], &tagger, &daemon.socket());
+    let served = daemon.accept_and_serve();
+    let hint = served.wait_for("Hint", |m| matches!(m, Message::Hint { .. }));
+    let Message::Hint { addr, len, text } = hint else { unreachable!() };
+    assert_eq!(text, "cold:sequential");
+    assert_eq!(len, 1 << 20);
+    assert_ne!(addr, 0);
+    let (status, out, err) = program.finish();
+    assert!(status.success(), "{status:?}\n{out}\n{err}");
+    assert!(out.contains("hint=0 null=-22 empty=-22 OK"), "{out}");
+    served.faults.stop();
+
+    // Without the tagger, usm_hint says ENOTCONN.
+    let out = std::process::Command::new(&bin).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&format!("hint={} ", -libc::ENOTCONN)), "{stdout}");
+}
