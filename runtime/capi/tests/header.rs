@@ -19,7 +19,10 @@ fn checked_in_header_matches_cbindgen() {
         std::fs::write(&path, &fresh).unwrap();
     }
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(fresh.contains("int usm_hint(void *addr, size_t len, const char *hint);"), "{fresh}");
+    assert!(
+        fresh.contains("int usm_hint(void *addr, size_t len, const char *hint);"),
+        "{fresh}"
+    );
     assert_eq!(
         checked_in, fresh,
         "include/usm.h is stale: run USM_BLESS=1 cargo test -p usm-capi --test header"

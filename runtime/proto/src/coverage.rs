@@ -52,11 +52,9 @@ impl Coverage {
                     anon = kib.saturating_mul(1024);
                     cov.anon_bytes = cov.anon_bytes.saturating_add(anon);
                 }
-                "VmFlags:" => {
-                    if words.any(|w| w == "um") {
-                        cov.managed_vmas += 1;
-                        cov.managed_anon_bytes = cov.managed_anon_bytes.saturating_add(anon);
-                    }
+                "VmFlags:" if words.any(|w| w == "um") => {
+                    cov.managed_vmas += 1;
+                    cov.managed_anon_bytes = cov.managed_anon_bytes.saturating_add(anon);
                 }
                 _ => {}
             }

@@ -401,9 +401,8 @@ impl Listener {
             };
             if fd >= 0 {
                 // SAFETY: accept4 returned a fresh descriptor that we now own.
-                return Ok(Channel {
-                    fd: unsafe { OwnedFd::from_raw_fd(fd) },
-                });
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                return Ok(Channel { fd });
             }
             let err = io::Error::last_os_error();
             match err.raw_os_error() {

@@ -57,10 +57,10 @@ pub(crate) fn forget(start: usize, len: usize) {
 
 /// Sends an advisory notice without blocking; counts it if the socket is full.
 fn notify(msg: &Message) {
-    if let Some(channel) = state::channel()
-        && channel.send_nowait(msg).is_err()
-    {
-        state::DROPPED_NOTICES.fetch_add(1, Ordering::Relaxed);
+    if let Some(channel) = state::channel() {
+        if channel.send_nowait(msg).is_err() {
+            state::DROPPED_NOTICES.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -87,10 +87,9 @@ pub(crate) fn after_munmap(addr: usize, len: usize) {
 /// Before the program registers a range on *its own* userfaultfd: a range can belong to
 /// one userfaultfd only, so the tagger steps aside (the program's handler wins).
 pub(crate) fn before_foreign_register(fd: i32, start: u64, len: u64) {
-    if let Some(uffd) = state::managed_uffd()
-        && fd != uffd
-        && len != 0
-    {
-        let _ = sys::uffd_unregister(uffd, start as usize, len as usize);
+    if let Some(uffd) = state::managed_uffd() {
+        if fd != uffd && len != 0 {
+            let _ = sys::uffd_unregister(uffd, start as usize, len as usize);
+        }
     }
 }

@@ -55,7 +55,10 @@ pub(crate) fn start() {
     match attach(&path) {
         Ok(policy) => {
             if std::env::var_os("USM_TAGGER_VERBOSE").is_some() {
-                warn(&format!("managed by the USM daemon at {} (policy {policy})", path.display()));
+                warn(&format!(
+                    "managed by the USM daemon at {} (policy {policy})",
+                    path.display()
+                ));
             }
         }
         Err(why) => {
@@ -74,12 +77,16 @@ fn process_name() -> String {
         .filter(|c| *c != '\0')
         .take(wire::MAX_NAME_LEN)
         .collect();
-    if name.is_empty() { "unknown".to_owned() } else { name }
+    if name.is_empty() {
+        "unknown".to_owned()
+    } else {
+        name
+    }
 }
 
 fn attach(path: &std::path::Path) -> Result<String, String> {
-    let session = client::connect(path)
-        .map_err(|e| format!("no USM daemon at {} ({e})", path.display()))?;
+    let session =
+        client::connect(path).map_err(|e| format!("no USM daemon at {} ({e})", path.display()))?;
     let raw = sys::open_userfaultfd().map_err(|errno| {
         format!(
             "cannot open a userfaultfd ({})",
@@ -87,10 +94,16 @@ fn attach(path: &std::path::Path) -> Result<String, String> {
         )
     })?;
     let uffd = owned(raw);
-    let admission = match session.hello(sys::getpid(), &process_name(), std::os::fd::AsFd::as_fd(&uffd)) {
+    let admission = match session.hello(
+        sys::getpid(),
+        &process_name(),
+        std::os::fd::AsFd::as_fd(&uffd),
+    ) {
         Ok(a) => a,
         Err(ProtoError::Refused { reason, text }) => {
-            return Err(format!("the USM daemon refused this process ({reason:?}: {text})"));
+            return Err(format!(
+                "the USM daemon refused this process ({reason:?}: {text})"
+            ));
         }
         Err(e) => return Err(format!("USM daemon handshake failed ({e})")),
     };
@@ -132,10 +145,10 @@ fn watch(reader: Channel) {
                     managed_anon_bytes: cov.managed_anon_bytes.min(cov.anon_bytes),
                     anon_bytes: cov.anon_bytes,
                 };
-                if let Err(e) = reader.send(&reply)
-                    && e.is_peer_gone()
-                {
-                    return daemon_lost(&e.to_string());
+                if let Err(e) = reader.send(&reply) {
+                    if e.is_peer_gone() {
+                        return daemon_lost(&e.to_string());
+                    }
                 }
             }
             Ok(Message::Bye) => {
@@ -143,10 +156,17 @@ fn watch(reader: Channel) {
                 detach();
                 return;
             }
-            Ok(other) => warn(&format!("ignoring unexpected {} from the daemon", other.name())),
+            Ok(other) => warn(&format!(
+                "ignoring unexpected {} from the daemon",
+                other.name()
+            )),
             Err(e) if e.is_retryable() => continue,
-            Err(e @ (ProtoError::Decode(_) | ProtoError::BadFdCount { .. } | ProtoError::Truncated)) => {
-                warn(&format!("ignoring a malformed message from the daemon ({e})"));
+            Err(
+                e @ (ProtoError::Decode(_) | ProtoError::BadFdCount { .. } | ProtoError::Truncated),
+            ) => {
+                warn(&format!(
+                    "ignoring a malformed message from the daemon ({e})"
+                ));
             }
             Err(e) => return daemon_lost(&e.to_string()),
         }

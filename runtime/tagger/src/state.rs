@@ -7,8 +7,8 @@
 //! | `CHANNEL`   | constructor (set once, lives until exit)     | notifications, hints   |
 //! | `SWAPPED`   | watcher (`SwapState`)                        | watcher on daemon loss       |
 
-use usm_proto::Channel;
 use std::sync::OnceLock;
+use usm_proto::Channel;
 
 use usm_sync::atomic::{AtomicI32, AtomicU8, AtomicU64, Ordering};
 

@@ -13,7 +13,10 @@ use support::*;
 use usm_proto::{Message, RangeKind, RefusalReason};
 
 fn warning_lines(stderr: &str) -> Vec<&str> {
-    stderr.lines().filter(|l| l.starts_with("usm-tagger:")).collect()
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("usm-tagger:"))
+        .collect()
 }
 
 #[test]
@@ -52,37 +55,71 @@ fn tagged_program_is_managed_and_keeps_its_data() {
     let outside = usm_proto::coverage::Coverage::of_pid(served.pid).unwrap();
     assert!(outside.ratio() >= 0.90, "outside view: {outside:?}");
     // The program's own report agrees that it is managed.
-    let peak = before_peak.iter().find(|l| l.starts_with("COVERAGE peak")).unwrap();
+    let peak = before_peak
+        .iter()
+        .find(|l| l.starts_with("COVERAGE peak"))
+        .unwrap();
     let (managed, anon, mode) = parse_coverage(peak).unwrap();
     assert_eq!(mode, 1, "tagger mode at peak: {peak}");
     assert!(managed as f64 >= 0.9 * anon as f64, "{peak}");
 
     program.resume();
     let (status, out, err) = program.finish();
-    assert!(status.success(), "workload failed: {status:?}\nstdout: {out}\nstderr: {err}");
+    assert!(
+        status.success(),
+        "workload failed: {status:?}\nstdout: {out}\nstderr: {err}"
+    );
     assert!(out.contains("OK"), "{out}");
-    assert!(warning_lines(&err).is_empty(), "a managed program prints nothing: {err}");
+    assert!(
+        warning_lines(&err).is_empty(),
+        "a managed program prints nothing: {err}"
+    );
 
     let stats = &served.faults.stats;
     eprintln!("fault server: {stats:?}");
     let faults = stats.faults.load(Ordering::Relaxed);
     assert!(faults > 10_000, "the daemon served only {faults} faults");
     assert!(stats.copies.load(Ordering::Relaxed) > 0);
-    assert!(stats.forks.load(Ordering::Relaxed) >= 1, "EVENT_FORK must reach the daemon");
-    assert!(stats.remaps.load(Ordering::Relaxed) >= 1, "mremap of a managed range");
-    assert!(stats.removes.load(Ordering::Relaxed) >= 1, "madvise(DONTNEED)");
+    assert!(
+        stats.forks.load(Ordering::Relaxed) >= 1,
+        "EVENT_FORK must reach the daemon"
+    );
+    assert!(
+        stats.remaps.load(Ordering::Relaxed) >= 1,
+        "mremap of a managed range"
+    );
+    assert!(
+        stats.removes.load(Ordering::Relaxed) >= 1,
+        "madvise(DONTNEED)"
+    );
     assert!(stats.unmaps.load(Ordering::Relaxed) >= 1, "munmap");
     served.faults.stop();
     let notices = served.drain();
     assert!(
-        notices.iter().any(|m| matches!(m, Message::RegisterRange { kind: RangeKind::Heap, .. })),
+        notices.iter().any(|m| matches!(
+            m,
+            Message::RegisterRange {
+                kind: RangeKind::Heap,
+                ..
+            }
+        )),
         "heap segments are announced"
     );
     assert!(
-        notices.iter().any(|m| matches!(m, Message::RegisterRange { kind: RangeKind::Mmap, .. })),
+        notices.iter().any(|m| matches!(
+            m,
+            Message::RegisterRange {
+                kind: RangeKind::Mmap,
+                ..
+            }
+        )),
         "direct mmaps are announced"
     );
-    assert!(notices.iter().any(|m| matches!(m, Message::UnregisterRange { .. })));
+    assert!(
+        notices
+            .iter()
+            .any(|m| matches!(m, Message::UnregisterRange { .. }))
+    );
 }
 
 #[test]
@@ -111,12 +148,19 @@ fn refused_program_runs_unmanaged_with_one_warning() {
     let daemon = TestDaemon::new();
     let program = Program::spawn(&bin, &["small"], &tagger, &daemon.socket());
     let peer = daemon.accept();
-    peer.refuse(RefusalReason::NotConfigured, "no process rule names workload").unwrap();
+    peer.refuse(
+        RefusalReason::NotConfigured,
+        "no process rule names workload",
+    )
+    .unwrap();
     let (status, out, err) = program.finish();
     assert!(status.success(), "{status:?}\n{out}\n{err}");
     let warnings = warning_lines(&err);
     assert_eq!(warnings.len(), 1, "{err}");
-    assert!(warnings[0].contains("refused") && warnings[0].contains("no process rule"), "{err}");
+    assert!(
+        warnings[0].contains("refused") && warnings[0].contains("no process rule"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -128,17 +172,26 @@ fn daemon_death_with_swapped_pages_kills_the_program() {
     let mut program = Program::spawn(&bin, &["full", "pause"], &tagger, &daemon.socket());
     let served = daemon.accept_and_serve();
     program.read_until("PEAK");
-    served.stream.send(&Message::SwapState { swapped_pages: 12 }).unwrap();
+    served
+        .stream
+        .send(&Message::SwapState { swapped_pages: 12 })
+        .unwrap();
     // Make sure the tagger has seen the state before the daemon dies.
     served.stream.send(&Message::CoverageRequest).unwrap();
     served.wait_for("Coverage", |m| matches!(m, Message::Coverage { .. }));
     served.die();
     let (status, out, err) = program.finish();
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}\n{out}\n{err}");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "{status:?}\n{out}\n{err}"
+    );
     assert!(!out.contains("OK"));
     assert!(
-        err.contains("FATAL") && err.contains("12 swapped-out page(s)") && err.contains("rather than let it read zeros"),
+        err.contains("FATAL")
+            && err.contains("12 swapped-out page(s)")
+            && err.contains("rather than let it read zeros"),
         "{err}"
     );
 }
@@ -152,7 +205,10 @@ fn daemon_death_with_nothing_swapped_continues_unmanaged() {
     let mut program = Program::spawn(&bin, &["full", "pause"], &tagger, &daemon.socket());
     let served = daemon.accept_and_serve();
     program.read_until("PEAK");
-    served.stream.send(&Message::SwapState { swapped_pages: 0 }).unwrap();
+    served
+        .stream
+        .send(&Message::SwapState { swapped_pages: 0 })
+        .unwrap();
     served.die();
     // The second phase frees, reallocates and re-verifies everything without a daemon.
     program.resume();
@@ -165,7 +221,10 @@ fn daemon_death_with_nothing_swapped_continues_unmanaged() {
     let end = out.lines().find(|l| l.starts_with("COVERAGE end")).unwrap();
     let (managed, _, mode) = parse_coverage(end).unwrap();
     assert_eq!(mode, 2, "{end}");
-    assert_eq!(managed, 0, "every range was unregistered by the kernel: {end}");
+    assert_eq!(
+        managed, 0,
+        "every range was unregistered by the kernel: {end}"
+    );
 }
 
 #[test]
@@ -203,7 +262,9 @@ fn usm_hint_reaches_the_daemon() {
     let program = Program::spawn(&bin, &[], &tagger, &daemon.socket());
     let served = daemon.accept_and_serve();
     let hint = served.wait_for("Hint", |m| matches!(m, Message::Hint { .. }));
-    let Message::Hint { addr, len, text } = hint else { unreachable!() };
+    let Message::Hint { addr, len, text } = hint else {
+        unreachable!()
+    };
     assert_eq!(text, "cold:sequential");
     assert_eq!(len, 1 << 20);
     assert_ne!(addr, 0);
@@ -215,5 +276,8 @@ fn usm_hint_reaches_the_daemon() {
     // Without the tagger, usm_hint says ENOTCONN.
     let out = std::process::Command::new(&bin).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains(&format!("hint={} ", -libc::ENOTCONN)), "{stdout}");
+    assert!(
+        stdout.contains(&format!("hint={} ", -libc::ENOTCONN)),
+        "{stdout}"
+    );
 }

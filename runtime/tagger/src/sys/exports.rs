@@ -5,7 +5,10 @@
 //! whole program, including calls from glibc itself and from other libraries (Debian's
 //! redis-server links jemalloc, which calls the exported `mmap`).
 
-#![allow(unreachable_pub, reason = "C symbols: exported by #[no_mangle], not by Rust paths")]
+#![allow(
+    unreachable_pub,
+    reason = "C symbols: exported by #[no_mangle], not by Rust paths"
+)]
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 
@@ -97,7 +100,11 @@ pub extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
 /// # Safety
 /// - `memptr` is valid for one pointer-sized write.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn posix_memalign(memptr: *mut *mut c_void, align: usize, size: usize) -> c_int {
+pub unsafe extern "C" fn posix_memalign(
+    memptr: *mut *mut c_void,
+    align: usize,
+    size: usize,
+) -> c_int {
     if !align.is_power_of_two() || align % std::mem::size_of::<usize>() != 0 {
         return libc::EINVAL;
     }
@@ -148,7 +155,14 @@ pub unsafe extern "C" fn malloc_usable_size(ptr: *mut c_void) -> usize {
     unsafe { heap::usable_size(ptr.cast()) }
 }
 
-fn mmap_common(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> *mut c_void {
+fn mmap_common(
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: i64,
+) -> *mut c_void {
     match super::mmap_raw(addr as usize, len, prot, flags, fd, off) {
         Ok(mapped) => {
             ranges::after_mmap(mapped, len, flags);
@@ -245,11 +259,11 @@ pub unsafe extern "C" fn mremap(
 /// - As for `ioctl(2)`: `arg` is what `request` expects.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ioctl(fd: c_int, request: libc::c_ulong, arg: usize) -> c_int {
-    if request == super::UFFDIO_REGISTER
+    if request == super::UFFDIO_REGISTER {
         // SAFETY: for UFFDIO_REGISTER, `arg` points to a struct uffdio_register.
-        && let Some(range) = unsafe { super::read_register_range(arg) }
-    {
-        ranges::before_foreign_register(fd, range.start, range.len);
+        if let Some(range) = unsafe { super::read_register_range(arg) } {
+            ranges::before_foreign_register(fd, range.start, range.len);
+        }
     }
     // SAFETY: forwarded caller contract.
     let rc = unsafe { super::ioctl_raw(fd, request, arg) };
@@ -268,7 +282,11 @@ pub unsafe extern "C" fn ioctl(fd: c_int, request: libc::c_ulong, arg: usize) ->
 /// # Safety
 /// - `hint` is null or a NUL-terminated string.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn usm_tagger_hint(addr: *const c_void, len: usize, hint: *const c_char) -> c_int {
+pub unsafe extern "C" fn usm_tagger_hint(
+    addr: *const c_void,
+    len: usize,
+    hint: *const c_char,
+) -> c_int {
     if hint.is_null() {
         return -libc::EINVAL;
     }

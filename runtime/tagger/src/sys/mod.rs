@@ -50,7 +50,9 @@ unsafe extern "C" {
 }
 
 fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 /// Sets the calling thread's `errno` (the malloc family reports ENOMEM this way).
@@ -71,7 +73,11 @@ pub(crate) fn mmap_raw(
     // SAFETY: mmap only creates or replaces mappings as asked; replacing memory the
     // program still uses (MAP_FIXED) is the caller's contract, as with libc's mmap.
     let rc = unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, offset) };
-    if rc < 0 { Err(errno()) } else { Ok(rc as usize) }
+    if rc < 0 {
+        Err(errno())
+    } else {
+        Ok(rc as usize)
+    }
 }
 
 /// `munmap(2)` without going through the exported wrapper.
@@ -92,7 +98,11 @@ pub(crate) fn mremap_raw(
     // SAFETY: as for mremap(2): the caller owns the old range (and the new one with
     // MREMAP_FIXED).
     let rc = unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) };
-    if rc < 0 { Err(errno()) } else { Ok(rc as usize) }
+    if rc < 0 {
+        Err(errno())
+    } else {
+        Ok(rc as usize)
+    }
 }
 
 /// `ioctl(2)` without going through the exported wrapper.
@@ -123,7 +133,11 @@ pub(crate) fn open_userfaultfd() -> Result<RawFd, i32> {
     }
     // SAFETY: userfaultfd(2) takes flags by value.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-    if fd < 0 { Err(errno()) } else { Ok(fd as RawFd) }
+    if fd < 0 {
+        Err(errno())
+    } else {
+        Ok(fd as RawFd)
+    }
 }
 
 /// `UFFDIO_REGISTER` (MISSING) of `[start, start+len)` on `uffd`.

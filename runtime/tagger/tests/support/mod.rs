@@ -37,7 +37,12 @@ fn cargo_build(packages: &[&str]) {
     }
     let profile_dir = profile_dir();
     let target_dir = profile_dir.parent().unwrap();
-    let profile = profile_dir.file_name().unwrap().to_str().unwrap().to_owned();
+    let profile = profile_dir
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.arg("build").arg("--quiet");
@@ -74,7 +79,9 @@ pub fn libusm_so() -> PathBuf {
 
 /// Compiles `tests/programs/<name>.c` into `dir`.
 pub fn compile(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs").join(format!("{name}.c"));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/programs")
+        .join(format!("{name}.c"));
     let out = dir.join(name);
     let status = Command::new("gcc")
         .args(["-O1", "-g", "-Wall", "-pthread", "-o"])
@@ -228,7 +235,9 @@ impl TestDaemon {
     pub fn new() -> TestDaemon {
         let dir = tempfile::tempdir().unwrap();
         let listener = Listener::bind(&dir.path().join("usm.sock")).unwrap();
-        listener.set_accept_timeout(Some(Duration::from_secs(20))).unwrap();
+        listener
+            .set_accept_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         TestDaemon { dir, listener }
     }
 
@@ -245,11 +254,16 @@ impl TestDaemon {
     /// serves its faults.
     pub fn accept_and_serve(&self) -> Served {
         let peer = self.accept();
-        let features = uffdio_api(peer.uffd.as_fd(), DAEMON_FEATURES).expect("UFFDIO_API on the handed-over fd");
+        let features = uffdio_api(peer.uffd.as_fd(), DAEMON_FEATURES)
+            .expect("UFFDIO_API on the handed-over fd");
         assert_eq!(features & DAEMON_FEATURES, DAEMON_FEATURES);
         peer.ack(features, "test-policy").unwrap();
         let TaggedPeer {
-            pid, name, uffd, stream, ..
+            pid,
+            name,
+            uffd,
+            stream,
+            ..
         } = peer;
         let faults = FaultServer::start(uffd);
         let reader_stream = stream.try_clone().unwrap();
@@ -321,7 +335,11 @@ impl Program {
             .unwrap();
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        Program { child, stdin, stdout }
+        Program {
+            child,
+            stdin,
+            stdout,
+        }
     }
 
     /// Reads stdout lines until one equals `marker`; returns the lines before it.
@@ -330,7 +348,10 @@ impl Program {
         loop {
             let mut line = String::new();
             let n = self.stdout.read_line(&mut line).unwrap();
-            assert!(n > 0, "program ended before printing {marker}; got {lines:?}");
+            assert!(
+                n > 0,
+                "program ended before printing {marker}; got {lines:?}"
+            );
             let line = line.trim_end().to_owned();
             if line == marker {
                 return lines;

@@ -65,7 +65,9 @@ pub struct UffdMsg {
 }
 
 fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 /// `UFFDIO_API` on a handed-over, un-negotiated userfaultfd.
@@ -77,7 +79,11 @@ pub fn uffdio_api(fd: BorrowedFd<'_>, features: u64) -> Result<u64, i32> {
     };
     // SAFETY: `api` is a valid uffdio_api the kernel reads and writes.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &raw mut api) };
-    if rc < 0 { Err(errno()) } else { Ok(api.features) }
+    if rc < 0 {
+        Err(errno())
+    } else {
+        Ok(api.features)
+    }
 }
 
 /// Waits up to `timeout_ms` for the userfaultfd to be readable.
@@ -96,7 +102,13 @@ pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> bool {
 pub fn read_msgs(fd: BorrowedFd<'_>) -> Vec<UffdMsg> {
     let mut buf = [0u64; 4 * 16];
     // SAFETY: `buf` is writable for its whole size.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), std::mem::size_of_val(&buf)) };
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            std::mem::size_of_val(&buf),
+        )
+    };
     if n <= 0 {
         return Vec::new();
     }
@@ -150,7 +162,10 @@ pub fn zero_page(fd: BorrowedFd<'_>, page: u64) -> Result<(), i32> {
 
 /// Wakes threads waiting on `page` (after EEXIST: someone else mapped it).
 pub fn wake(fd: BorrowedFd<'_>, page: u64) {
-    let range = UffdioRange { start: page, len: PAGE };
+    let range = UffdioRange {
+        start: page,
+        len: PAGE,
+    };
     // SAFETY: a valid uffdio_range.
     unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_WAKE, &raw const range) };
 }
