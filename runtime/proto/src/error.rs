@@ -78,6 +78,15 @@ pub enum ProtoError {
         /// The pid from SO_PEERCRED.
         actual: u32,
     },
+    /// The agent's ring or staging description is inconsistent.
+    #[error("bad agent setup: {why}")]
+    BadAgentSetup {
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// As many agent requests are outstanding as the ring has entries.
+    #[error("agent ring full: collect completions first")]
+    AgentRingFull,
     /// The socket path does not fit in `sockaddr_un`.
     #[error("socket path is {len} bytes, longer than sun_path allows")]
     PathTooLong {
@@ -105,7 +114,7 @@ impl ProtoError {
 
     /// Trying the same operation again may succeed (interrupted, would block, timed out).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Timeout { .. })
+        matches!(self, Self::Timeout { .. } | Self::AgentRingFull)
             || matches!(self.errno(), Some(libc::EINTR | libc::EAGAIN))
     }
 

@@ -29,7 +29,9 @@
 //!    the userfaultfd stay authoritative). It may send [`Message::Hint`] (from `usm_hint`)
 //!    and answers [`Message::CoverageRequest`] with [`Message::Coverage`].
 //!    The daemon keeps the tagger informed with [`Message::SwapState`]: whether it holds
-//!    swapped pages of this process.
+//!    swapped pages of this process. It may start the eviction agent
+//!    ([`Message::StartAgent`] → [`Message::AgentReady`] with a shared ring, see
+//!    [`agent`]).
 //! 5. **End.** Either side sends [`Message::Bye`]. A daemon's Bye means "every page is
 //!    back in your address space": the tagger closes its copy of the userfaultfd (the
 //!    kernel then unregisters every range) and continues unmanaged. If the socket closes
@@ -42,6 +44,7 @@
 //! descriptor where none is expected (or none where Hello needs one), is refused at the
 //! socket layer with a [`ProtoError`].
 
+pub mod agent;
 pub mod client;
 pub mod coverage;
 mod error;

@@ -186,29 +186,34 @@ impl Channel {
 
     /// Sends one message, blocking while the socket is full. Never allocates.
     pub fn send(&self, msg: &Message) -> Result<(), ProtoError> {
-        self.send_raw(msg, None, 0)
+        self.send_raw(msg, &[], 0)
     }
 
     /// Sends one message only if the socket has room now (`EAGAIN` otherwise, see
     /// [`ProtoError::is_retryable`]). Never allocates.
     pub fn send_nowait(&self, msg: &Message) -> Result<(), ProtoError> {
-        self.send_raw(msg, None, libc::MSG_DONTWAIT)
+        self.send_raw(msg, &[], libc::MSG_DONTWAIT)
     }
 
     /// Sends one message with `fd` attached as `SCM_RIGHTS`. Never allocates.
     pub fn send_with_fd(&self, msg: &Message, fd: BorrowedFd<'_>) -> Result<(), ProtoError> {
-        self.send_raw(msg, Some(fd), 0)
+        self.send_raw(msg, &[fd], 0)
+    }
+
+    /// Sends one message with up to four descriptors attached. Never allocates.
+    pub fn send_with_fds(&self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), ProtoError> {
+        self.send_raw(msg, fds, 0)
     }
 
     fn send_raw(
         &self,
         msg: &Message,
-        fd: Option<BorrowedFd<'_>>,
+        fds: &[BorrowedFd<'_>],
         flags: libc::c_int,
     ) -> Result<(), ProtoError> {
         let mut buf = [0u8; MAX_MESSAGE_LEN];
         let len = wire::encode(msg, &mut buf)?;
-        self.send_bytes(&buf[..len], fd, flags)
+        self.send_bytes_fds(&buf[..len], fds, flags)
     }
 
     /// Sends raw bytes as one datagram (tests use it to send malformed messages).
@@ -218,6 +223,25 @@ impl Channel {
         fd: Option<BorrowedFd<'_>>,
         flags: libc::c_int,
     ) -> Result<(), ProtoError> {
+        match fd {
+            Some(fd) => self.send_bytes_fds(bytes, &[fd], flags),
+            None => self.send_bytes_fds(bytes, &[], flags),
+        }
+    }
+
+    fn send_bytes_fds(
+        &self,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+        flags: libc::c_int,
+    ) -> Result<(), ProtoError> {
+        if fds.len() > MAX_FDS {
+            return Err(ProtoError::BadFdCount {
+                message: "outgoing message",
+                count: fds.len(),
+                expected: MAX_FDS,
+            });
+        }
         let mut iov = libc::iovec {
             iov_base: bytes.as_ptr().cast_mut().cast(),
             iov_len: bytes.len(),
@@ -227,21 +251,23 @@ impl Channel {
         let mut hdr: libc::msghdr = unsafe { zeroed() };
         hdr.msg_iov = &raw mut iov;
         hdr.msg_iovlen = 1;
-        if let Some(fd) = fd {
+        if !fds.is_empty() {
+            let data_len = (size_of::<RawFd>() * fds.len()) as u32;
             // SAFETY: CMSG_SPACE only computes a size.
-            let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+            let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
             hdr.msg_control = cmsg.0.as_mut_ptr().cast();
             hdr.msg_controllen = space as _;
-            // SAFETY: msg_control points at `cmsg` (aligned, 64 >= space bytes), so the
-            // first header and its data fit; we write one int after the header.
+            // SAFETY: msg_control points at `cmsg` (8-aligned, 64 bytes >= CMSG_SPACE of
+            // at most MAX_FDS ints), so the header and `fds.len()` ints fit.
             unsafe {
                 let c = libc::CMSG_FIRSTHDR(&hdr);
                 (*c).cmsg_level = libc::SOL_SOCKET;
                 (*c).cmsg_type = libc::SCM_RIGHTS;
-                (*c).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as _;
-                libc::CMSG_DATA(c)
-                    .cast::<RawFd>()
-                    .write_unaligned(fd.as_raw_fd());
+                (*c).cmsg_len = libc::CMSG_LEN(data_len) as _;
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                for (i, fd) in fds.iter().enumerate() {
+                    data.add(i).write_unaligned(fd.as_raw_fd());
+                }
             }
         }
         loop {
@@ -315,7 +341,9 @@ impl Channel {
         Ok((len, fds))
     }
 
-    /// Receives one message that must carry no descriptor.
+    /// Receives one message that carries no descriptor; a message that should carry
+    /// some ([`Message::expected_fds`]) is refused (its descriptors closed): use
+    /// [`Channel::recv_with_fds`] where those are expected.
     pub fn recv(&self) -> Result<Message, ProtoError> {
         let (msg, fds) = self.recv_with_fds()?;
         if !fds.is_empty() {
@@ -328,7 +356,8 @@ impl Channel {
         Ok(msg)
     }
 
-    /// Receives one message and whatever descriptors came with it.
+    /// Receives one message and its descriptors, refusing a message whose descriptor
+    /// count differs from [`Message::expected_fds`].
     pub fn recv_with_fds(&self) -> Result<(Message, Vec<OwnedFd>), ProtoError> {
         let mut buf = [0u8; MAX_MESSAGE_LEN];
         let (len, fds) = self.recv_bytes(&mut buf)?;
@@ -336,6 +365,13 @@ impl Channel {
             return Err(ProtoError::Closed);
         }
         let msg = wire::decode(&buf[..len])?;
+        if fds.len() != msg.expected_fds() {
+            return Err(ProtoError::BadFdCount {
+                message: msg.name(),
+                count: fds.len(),
+                expected: msg.expected_fds(),
+            });
+        }
         Ok((msg, fds))
     }
 
@@ -428,4 +464,144 @@ impl AsFd for Listener {
 pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid(2) cannot fail and takes no arguments.
     unsafe { libc::geteuid() }
+}
+
+/// A `MAP_SHARED` mapping of a memfd (the agent ring), unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct SharedMap {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all accesses go through atomics
+// (`SharedMap::word`), so it may be used from any thread.
+unsafe impl Send for SharedMap {}
+// SAFETY: as above: only atomic accesses.
+unsafe impl Sync for SharedMap {}
+
+impl SharedMap {
+    /// Maps `len` bytes of `fd` read-write, shared.
+    pub(crate) fn map(fd: BorrowedFd<'_>, len: usize) -> Result<SharedMap, ProtoError> {
+        // SAFETY: a fresh mapping chosen by the kernel; it aliases nothing of ours.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(ProtoError::last_os("mmap(agent ring)"));
+        }
+        Ok(SharedMap {
+            base: base.cast(),
+            len,
+        })
+    }
+
+    /// The 8-byte word at `offset` as an atomic.
+    ///
+    /// The other process writes the same memory, so every access is atomic (plain
+    /// `core` atomics: loom cannot model memory shared between processes, which is why
+    /// this is not `usm_sync`).
+    pub(crate) fn word(&self, offset: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(
+            offset % 8 == 0 && offset + 8 <= self.len,
+            "ring offset {offset} out of bounds"
+        );
+        // SAFETY: in bounds and 8-aligned (checked; the base is page-aligned); the mapping
+        // lives as long as `self`; every access to it is atomic.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.base.add(offset).cast()) }
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping we made; no reference outlives `self`.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// A memfd of `len` bytes (zero-filled).
+pub(crate) fn memfd(name: &std::ffi::CStr, len: usize) -> Result<OwnedFd, ProtoError> {
+    // SAFETY: `name` is NUL-terminated.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(ProtoError::last_os("memfd_create"));
+    }
+    // SAFETY: fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on our own memfd.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
+        return Err(ProtoError::last_os("ftruncate(memfd)"));
+    }
+    Ok(fd)
+}
+
+/// Size of a memfd (to check what a peer handed over).
+pub(crate) fn fd_size(fd: BorrowedFd<'_>) -> Result<u64, ProtoError> {
+    // SAFETY: stat is plain old data.
+    let mut st: libc::stat = unsafe { zeroed() };
+    // SAFETY: `st` is writable.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+        return Err(ProtoError::last_os("fstat"));
+    }
+    Ok(st.st_size as u64)
+}
+
+/// A new eventfd (counter mode, close-on-exec).
+pub(crate) fn eventfd() -> Result<OwnedFd, ProtoError> {
+    // SAFETY: eventfd(2) has no memory arguments.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(ProtoError::last_os("eventfd"));
+    }
+    // SAFETY: fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds 1 to an eventfd.
+pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) -> Result<(), ProtoError> {
+    let one = 1u64;
+    // SAFETY: writes 8 readable bytes.
+    let rc = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
+    if rc != 8 {
+        return Err(ProtoError::last_os("write(eventfd)"));
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout_ms` (-1 = forever) for an eventfd to be signalled and resets it.
+/// Returns false on timeout.
+pub(crate) fn eventfd_wait(fd: BorrowedFd<'_>, timeout_ms: i32) -> Result<bool, ProtoError> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(ProtoError::io("poll(eventfd)", err));
+        }
+        if rc == 0 {
+            return Ok(false);
+        }
+        break;
+    }
+    let mut value = 0u64;
+    // SAFETY: reads 8 bytes into `value`.
+    let rc = unsafe { libc::read(fd.as_raw_fd(), (&raw mut value).cast(), 8) };
+    if rc != 8 {
+        return Err(ProtoError::last_os("read(eventfd)"));
+    }
+    Ok(true)
 }

@@ -22,6 +22,12 @@
 //! | 8    | `CoverageRequest`| daemon → tagger  | (empty)                                      |
 //! | 9    | `Coverage`       | tagger → daemon  | managed_anon_bytes u64, anon_bytes u64       |
 //! | 10   | `Bye`            | both             | (empty)                                      |
+//! | 11   | `StartAgent`     | daemon → tagger  | staging_pages u32, ring_entries u32          |
+//! | 12   | `AgentReady`     | tagger → daemon  | staging_start u64, staging_pages u32, ring_entries u32; 3 fds |
+//! | 13   | `AgentUnavailable`| tagger → daemon | text                                         |
+//!
+//! `Hello` carries exactly one descriptor (the userfaultfd), `AgentReady` exactly three
+//! (ring memfd, kick eventfd, done eventfd; see [`crate::agent`]), every other message none.
 //!
 //! Ranges (`RegisterRange`, `UnregisterRange`) are page-aligned (4 KiB), non-empty and do
 //! not wrap. A hint's range is non-empty and does not wrap (any alignment).
@@ -156,6 +162,27 @@ pub enum Message {
     },
     /// End of session (see the module docs for what it means from each side).
     Bye,
+    /// The daemon asks for an eviction agent ([`crate::agent`]).
+    StartAgent {
+        /// Staging slots (4 KiB pages), 1..=[`crate::agent::MAX_STAGING_PAGES`].
+        staging_pages: u32,
+        /// Ring entries, a power of two up to [`crate::agent::MAX_RING_ENTRIES`].
+        ring_entries: u32,
+    },
+    /// The agent runs; carries ring memfd, kick and done eventfds.
+    AgentReady {
+        /// Page-aligned start of the staging area in the tagged process.
+        staging_start: u64,
+        /// Staging slots.
+        staging_pages: u32,
+        /// Ring entries.
+        ring_entries: u32,
+    },
+    /// The agent could not start (the process stays managed, without eviction).
+    AgentUnavailable {
+        /// Why.
+        text: String,
+    },
 }
 
 /// Why a datagram is not a valid message.
@@ -252,6 +279,12 @@ pub enum DecodeError {
     /// Hello with pid 0.
     #[error("hello with pid 0")]
     ZeroPid,
+    /// An agent message's sizes are out of range.
+    #[error("bad agent parameters: {why}")]
+    BadAgent {
+        /// What is wrong.
+        why: &'static str,
+    },
     /// Coverage claims more managed than total bytes.
     #[error("coverage managed {managed} > anonymous {anon}")]
     BadCoverage {
@@ -284,6 +317,9 @@ impl Message {
             Message::CoverageRequest => 8,
             Message::Coverage { .. } => 9,
             Message::Bye => 10,
+            Message::StartAgent { .. } => 11,
+            Message::AgentReady { .. } => 12,
+            Message::AgentUnavailable { .. } => 13,
         }
     }
 
@@ -300,6 +336,18 @@ impl Message {
             Message::CoverageRequest => "CoverageRequest",
             Message::Coverage { .. } => "Coverage",
             Message::Bye => "Bye",
+            Message::StartAgent { .. } => "StartAgent",
+            Message::AgentReady { .. } => "AgentReady",
+            Message::AgentUnavailable { .. } => "AgentUnavailable",
+        }
+    }
+
+    /// How many descriptors travel with this message (`SCM_RIGHTS`).
+    pub fn expected_fds(&self) -> usize {
+        match self {
+            Message::Hello { .. } => 1,
+            Message::AgentReady { .. } => 3,
+            _ => 0,
         }
     }
 
@@ -336,6 +384,36 @@ impl Message {
                 }
                 Ok(())
             }
+            Message::StartAgent {
+                staging_pages,
+                ring_entries,
+            }
+            | Message::AgentReady {
+                staging_pages,
+                ring_entries,
+                ..
+            } => {
+                if *staging_pages == 0 || *staging_pages > crate::agent::MAX_STAGING_PAGES {
+                    return Err(DecodeError::BadAgent {
+                        why: "staging pages out of range",
+                    });
+                }
+                if !ring_entries.is_power_of_two() || *ring_entries > crate::agent::MAX_RING_ENTRIES
+                {
+                    return Err(DecodeError::BadAgent {
+                        why: "ring entries not a power of two in range",
+                    });
+                }
+                if let Message::AgentReady { staging_start, .. } = self {
+                    check_range(
+                        *staging_start,
+                        u64::from(*staging_pages) * RANGE_ALIGN,
+                        true,
+                    )?;
+                }
+                Ok(())
+            }
+            Message::AgentUnavailable { text } => check_text("text", text, MAX_TEXT_LEN, true),
             Message::SwapState { .. } | Message::CoverageRequest | Message::Bye => Ok(()),
         }
     }
@@ -463,6 +541,23 @@ pub fn encode(msg: &Message, buf: &mut [u8; MAX_MESSAGE_LEN]) -> Result<usize, E
             w.u64(*anon_bytes);
         }
         Message::CoverageRequest | Message::Bye => {}
+        Message::StartAgent {
+            staging_pages,
+            ring_entries,
+        } => {
+            w.u32(*staging_pages);
+            w.u32(*ring_entries);
+        }
+        Message::AgentReady {
+            staging_start,
+            staging_pages,
+            ring_entries,
+        } => {
+            w.u64(*staging_start);
+            w.u32(*staging_pages);
+            w.u32(*ring_entries);
+        }
+        Message::AgentUnavailable { text } => w.text(text),
     }
     let len = w.pos;
     let payload = (len - HEADER_LEN) as u32;
@@ -631,6 +726,18 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
             anon_bytes: r.u64("coverage.anon")?,
         },
         10 => Message::Bye,
+        11 => Message::StartAgent {
+            staging_pages: r.u32("agent.staging_pages")?,
+            ring_entries: r.u32("agent.ring_entries")?,
+        },
+        12 => Message::AgentReady {
+            staging_start: r.u64("agent.staging_start")?,
+            staging_pages: r.u32("agent.staging_pages")?,
+            ring_entries: r.u32("agent.ring_entries")?,
+        },
+        13 => Message::AgentUnavailable {
+            text: r.text("text", MAX_TEXT_LEN)?,
+        },
         other => return Err(DecodeError::UnknownKind { kind: other }),
     };
     r.finish()?;
@@ -678,6 +785,18 @@ mod tests {
                 anon_bytes: 2,
             },
             Message::Bye,
+            Message::StartAgent {
+                staging_pages: 64,
+                ring_entries: 32,
+            },
+            Message::AgentReady {
+                staging_start: 0x7f00_0000_0000,
+                staging_pages: 64,
+                ring_entries: 32,
+            },
+            Message::AgentUnavailable {
+                text: "no UFFD_FEATURE_MOVE".into(),
+            },
         ]
     }
 

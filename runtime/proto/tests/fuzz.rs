@@ -45,6 +45,20 @@ fn message() -> impl Strategy<Value = Message> {
             anon_bytes: a.max(b)
         }),
         Just(Message::Bye),
+        (1u32..=usm_proto::agent::MAX_STAGING_PAGES, 0u32..=16).prop_map(|(staging_pages, e)| {
+            Message::StartAgent {
+                staging_pages,
+                ring_entries: 1 << e,
+            }
+        }),
+        (0u64..1 << 30, 1u32..=1024, 0u32..=16).prop_map(|(s, staging_pages, e)| {
+            Message::AgentReady {
+                staging_start: s * 4096,
+                staging_pages,
+                ring_entries: 1 << e,
+            }
+        }),
+        text(MAX_TEXT_LEN).prop_map(|text| Message::AgentUnavailable { text }),
     ]
 }
 
@@ -58,7 +72,7 @@ proptest! {
 
     #[test]
     fn random_payload_behind_a_valid_header_never_panics(
-        kind in 0u16..12,
+        kind in 0u16..15,
         payload in proptest::collection::vec(any::<u8>(), 0..300),
     ) {
         let mut bytes = Vec::new();

@@ -21,10 +21,11 @@
 //! `usm_tagger_coverage` (managed anonymous bytes vs anonymous RSS from
 //! `/proc/self/smaps`), `usm_tagger_state`.
 //!
-//! Not built (yet): the eviction agent thread (same-mm `UFFDIO_MOVE` app → staging on the
-//! daemon's request); a forked child's new memory is unmanaged (its inherited memory is
-//! the daemon's through `EVENT_FORK`).
+//! The eviction agent (`agent`) moves pages app ↔ staging with same-mm `UFFDIO_MOVE` on
+//! the daemon's request. Not built (yet): a forked child's new memory is unmanaged (its
+//! inherited memory is the daemon's through `EVENT_FORK`).
 
+mod agent;
 mod ranges;
 mod session;
 mod state;

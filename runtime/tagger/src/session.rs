@@ -35,7 +35,7 @@ use crate::sys;
 /// Prefix of every line the tagger writes.
 const TAG: &str = "usm-tagger";
 
-fn warn(line: &str) {
+pub(crate) fn warn(line: &str) {
     // One write(2) per line, so lines from several processes do not interleave.
     let text = format!("{TAG}: {line}\n");
     sys::write_stderr(text.as_bytes());
@@ -110,6 +110,7 @@ fn attach(path: &std::path::Path) -> Result<String, String> {
     // Keep our copy for good: registration goes through it, and its number must stay
     // ours until exit (see `detach`).
     state::set_uffd(into_raw(uffd));
+    state::set_features(admission.features);
     let channel = state::set_channel(session.into_channel());
     let reader = channel
         .try_clone()
@@ -151,6 +152,10 @@ fn watch(reader: Channel) {
                     }
                 }
             }
+            Ok(Message::StartAgent {
+                staging_pages,
+                ring_entries,
+            }) => crate::agent::start(&reader, staging_pages, ring_entries),
             Ok(Message::Bye) => {
                 // The daemon gave every page back before saying Bye.
                 detach();
@@ -178,7 +183,9 @@ fn watch(reader: Channel) {
 
 /// The daemon's socket closed without Bye.
 fn daemon_lost(why: &str) {
-    let swapped = state::swapped_pages();
+    // Pages still in staging are ours: put them back first.
+    let unrestored = crate::agent::restore_staged();
+    let swapped = state::swapped_pages() + unrestored;
     if swapped > 0 {
         let line = format!(
             "{TAG}: FATAL: the USM daemon went away ({why}) while holding {swapped} swapped-out \

@@ -31,6 +31,7 @@ static UFFD: AtomicI32 = AtomicI32::new(-1);
 static CHANNEL: OnceLock<Channel> = OnceLock::new();
 static SWAPPED: AtomicU64 = AtomicU64::new(0);
 static DEVNULL: AtomicI32 = AtomicI32::new(-1);
+static FEATURES: AtomicU64 = AtomicU64::new(0);
 
 /// Bytes registered on the userfaultfd so far (cumulative, for diagnostics).
 pub(crate) static REGISTERED_BYTES: AtomicU64 = AtomicU64::new(0);
@@ -93,4 +94,13 @@ pub(crate) fn devnull() -> i32 {
 
 pub(crate) fn set_devnull(fd: i32) {
     DEVNULL.store(fd, Ordering::Release);
+}
+
+/// `uffdio_api.features` the daemon negotiated (from the Ack).
+pub(crate) fn features() -> u64 {
+    FEATURES.load(Ordering::Acquire)
+}
+
+pub(crate) fn set_features(features: u64) {
+    FEATURES.store(features, Ordering::Release);
 }

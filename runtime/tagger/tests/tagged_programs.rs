@@ -281,3 +281,158 @@ fn usm_hint_reaches_the_daemon() {
         "{stdout}"
     );
 }
+
+/// Expected word `i` of a buffer filled by the workload's `fill(seed)`.
+fn pattern_word(seed: u64, i: u64) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i)
+}
+
+fn collect(
+    agent: &mut usm_proto::agent::AgentClient,
+    n: usize,
+) -> Vec<usm_proto::agent::AgentCompletion> {
+    let mut done = Vec::new();
+    while done.len() < n {
+        assert!(agent.wait_done(20_000).unwrap(), "agent did not answer");
+        done.extend(agent.completions());
+    }
+    done
+}
+
+#[test]
+fn eviction_agent_moves_pages_out_and_back() {
+    use usm_proto::agent::{AgentClient, AgentOp, AgentRequest};
+    let tagger = tagger_so();
+    let work = tempfile::tempdir().unwrap();
+    let bin = compile(work.path(), "workload", &[]);
+    let daemon = TestDaemon::new();
+    let mut program = Program::spawn(&bin, &["evict"], &tagger, &daemon.socket());
+    let served = daemon.accept_and_serve();
+    let lines = program.read_until("PEAK");
+    let buf_line = lines.iter().find(|l| l.starts_with("BUF ")).unwrap();
+    let mut words = buf_line.split_whitespace().skip(1);
+    let buf = u64::from_str_radix(words.next().unwrap(), 16).unwrap();
+    let pages: u64 = words.next().unwrap().parse().unwrap();
+    assert_eq!(pages, 64);
+
+    served
+        .stream
+        .send(&Message::StartAgent {
+            staging_pages: 64,
+            ring_entries: 64,
+        })
+        .unwrap();
+    let (ready, fds) = served.wait_for_with_fds("AgentReady", |m| {
+        matches!(
+            m,
+            Message::AgentReady { .. } | Message::AgentUnavailable { .. }
+        )
+    });
+    let Message::AgentReady {
+        staging_start,
+        staging_pages,
+        ring_entries,
+    } = ready
+    else {
+        panic!("agent unavailable: {ready:?}")
+    };
+    let mut agent =
+        AgentClient::from_ready(staging_start, staging_pages, ring_entries, fds).unwrap();
+
+    // Round 1: evict every page, keep its content "in swap", drop the staging slots,
+    // then let the program fault everything back.
+    for i in 0..pages {
+        agent
+            .submit(AgentRequest {
+                op: AgentOp::EvictToStaging,
+                slot: i as u32,
+                addr: buf + i * 4096,
+                pages: 1,
+                seq: i,
+            })
+            .unwrap();
+    }
+    agent.kick().unwrap();
+    let done = collect(&mut agent, pages as usize);
+    assert!(done.iter().all(|c| c.result == 4096), "evictions: {done:?}");
+    let staged =
+        support::sys::read_remote(served.pid, staging_start, (pages * 4096) as usize).unwrap();
+    assert_eq!(staged.len() as u64, pages * 4096);
+    for (i, word) in staged.chunks_exact(8).enumerate() {
+        let word = u64::from_le_bytes(word.try_into().unwrap());
+        assert_eq!(
+            word,
+            pattern_word(7, i as u64),
+            "staged word {i} differs from the program's data"
+        );
+    }
+    {
+        let mut swapped = served.faults.swapped.lock().unwrap();
+        for (i, page) in staged.chunks_exact(4096).enumerate() {
+            let mut content = Box::new(support::sys::SourcePage([0; 4096]));
+            content.0.copy_from_slice(page);
+            swapped.insert(buf + i as u64 * 4096, content);
+        }
+    }
+    served.send_swap_state(pages);
+    agent
+        .submit(AgentRequest {
+            op: AgentOp::DropSlots,
+            slot: 0,
+            addr: 0,
+            pages,
+            seq: 1000,
+        })
+        .unwrap();
+    agent.kick().unwrap();
+    let dropped = collect(&mut agent, 1);
+    assert_eq!(dropped[0].result, 0, "{dropped:?}");
+    program.resume();
+    program.read_until("PEAK2");
+    assert_eq!(
+        served.faults.stats.swapins.load(Ordering::Relaxed),
+        pages,
+        "every page came back by a fault"
+    );
+    assert!(served.faults.swapped.lock().unwrap().is_empty());
+    served.send_swap_state(0);
+
+    // Round 2: evict 8 pages; 4 come back through the agent, 4 stay staged when the
+    // daemon dies. The tagger puts those back itself, so the program continues correctly.
+    for i in 0..8u64 {
+        agent
+            .submit(AgentRequest {
+                op: AgentOp::EvictToStaging,
+                slot: i as u32,
+                addr: buf + i * 4096,
+                pages: 1,
+                seq: 2000 + i,
+            })
+            .unwrap();
+    }
+    agent.kick().unwrap();
+    assert!(collect(&mut agent, 8).iter().all(|c| c.result == 4096));
+    agent
+        .submit(AgentRequest {
+            op: AgentOp::ReturnFromStaging,
+            slot: 0,
+            addr: buf,
+            pages: 4,
+            seq: 3000,
+        })
+        .unwrap();
+    agent.kick().unwrap();
+    let back = collect(&mut agent, 1);
+    assert_eq!(back[0].result, 4 * 4096, "{back:?}");
+    let swapins_before = served.faults.stats.swapins.load(Ordering::Relaxed);
+    served.die();
+    program.resume();
+    let (status, out, err) = program.finish();
+    assert!(status.success(), "{status:?}\n{out}\n{err}");
+    assert!(out.contains("OK"), "{out}");
+    assert!(err.contains("continuing unmanaged"), "{err}");
+    assert_eq!(
+        swapins_before, pages,
+        "round 2 needed no swap-in from the daemon"
+    );
+}

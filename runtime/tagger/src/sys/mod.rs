@@ -250,3 +250,51 @@ pub(crate) fn own_fd(raw: RawFd) -> std::os::fd::OwnedFd {
     // SAFETY: `raw` is a fresh descriptor (open_userfaultfd) that nothing else owns.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }
 }
+
+/// `UFFDIO_MOVE` = `_IOWR(0xAA, 0x05, struct uffdio_move)` (Linux 6.8).
+const UFFDIO_MOVE: libc::c_ulong = 0xC028_AA05;
+
+/// `struct uffdio_move`.
+#[repr(C)]
+struct UffdioMove {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    moved: i64,
+}
+
+/// `UFFDIO_MOVE` of `len` bytes from `src` to `dst` in this process (waking threads
+/// waiting on `dst`). Returns the bytes moved; on an error after a partial move, the
+/// partial count; otherwise the errno.
+pub(crate) fn uffd_move(uffd: RawFd, dst: usize, src: usize, len: usize) -> Result<usize, i32> {
+    let mut mv = UffdioMove {
+        dst: dst as u64,
+        src: src as u64,
+        len: len as u64,
+        mode: 0,
+        moved: 0,
+    };
+    // SAFETY: `mv` is a valid uffdio_move. The move transfers pages between two
+    // ranges of this process that the agent's protocol owns at this moment: the source
+    // page leaves the application (it becomes a hole that faults to the daemon) or the
+    // staging slot; the kernel checks both ranges.
+    let rc = unsafe { ioctl_raw(uffd, UFFDIO_MOVE, (&raw mut mv) as usize) };
+    if rc >= 0 {
+        return Ok(mv.moved.max(0) as usize);
+    }
+    let err = errno();
+    if mv.moved > 0 {
+        Ok(mv.moved as usize)
+    } else {
+        Err(err)
+    }
+}
+
+/// `madvise(2)`.
+pub(crate) fn madvise_raw(addr: usize, len: usize, advice: i32) -> Result<(), i32> {
+    // SAFETY: madvise on a range the caller owns; DONTNEED/DONTFORK/NOHUGEPAGE do not
+    // invalidate Rust references (the staging area is never referenced from Rust).
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
+    if rc < 0 { Err(errno()) } else { Ok(()) }
+}

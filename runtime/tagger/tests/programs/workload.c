@@ -7,6 +7,8 @@
  *                           for a line on stdin before a second phase.
  *   workload own-uffd       uses its own userfaultfd on its own mmap.
  *   workload small          a few allocations only.
+ *   workload evict          a 64-page buffer the test evicts through the agent between
+ *                           two pauses (PEAK, PEAK2), verified after each.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -297,6 +299,31 @@ static int own(void) {
     return 0;
 }
 
+/* ---- pages evicted by the daemon through the agent, then faulted back ---- */
+static void wait_line(void) {
+    char line[64];
+    CHECK(fgets(line, sizeof line, stdin) != NULL, "stdin closed");
+}
+
+static int evict(void) {
+    size_t pages = 64;
+    char *buf = memalign(PAGE, pages * PAGE);
+    CHECK(buf, "memalign");
+    fill(buf, pages * PAGE, 7);
+    printf("BUF %lx %zu\n", (unsigned long)buf, pages);
+    printf("PEAK\n");
+    fflush(stdout);
+    wait_line();
+    CHECK(verify(buf, pages * PAGE, 7), "data lost across swap-out and swap-in");
+    printf("PEAK2\n");
+    fflush(stdout);
+    wait_line();
+    CHECK(verify(buf, pages * PAGE, 7), "data lost across the staging round trip");
+    print_coverage("end");
+    printf("OK\n");
+    return 0;
+}
+
 static int small_only(void) {
     char *s = strdup("hello");
     void *b = malloc(1 * MiB);
@@ -315,5 +342,6 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "full")) return full(argc > 2 && !strcmp(argv[2], "pause"));
     if (!strcmp(argv[1], "own-uffd")) return own();
     if (!strcmp(argv[1], "small")) return small_only();
+    if (!strcmp(argv[1], "evict")) return evict();
     return 2;
 }

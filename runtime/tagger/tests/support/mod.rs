@@ -4,6 +4,7 @@
 
 pub mod sys;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -105,6 +106,8 @@ pub struct FaultStats {
     pub remaps: AtomicU64,
     pub removes: AtomicU64,
     pub unmaps: AtomicU64,
+    /// Faults served from `FaultServer::swapped` (swap-ins).
+    pub swapins: AtomicU64,
 }
 
 /// One reader per userfaultfd, serving missing faults with COPY (writes) or ZEROPAGE
@@ -113,6 +116,8 @@ pub struct FaultServer {
     stop: Arc<AtomicBool>,
     pub stats: Arc<FaultStats>,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Page contents "in swap": a fault on such a page is served with its content.
+    pub swapped: Arc<Mutex<HashMap<u64, Box<SourcePage>>>>,
 }
 
 impl FaultServer {
@@ -121,6 +126,7 @@ impl FaultServer {
             stop: Arc::new(AtomicBool::new(false)),
             stats: Arc::new(FaultStats::default()),
             threads: Arc::new(Mutex::new(Vec::new())),
+            swapped: Arc::new(Mutex::new(HashMap::new())),
         };
         server.spawn(uffd);
         server
@@ -134,6 +140,7 @@ impl FaultServer {
             stop: stop.clone(),
             stats: stats.clone(),
             threads: threads.clone(),
+            swapped: self.swapped.clone(),
         };
         let handle = std::thread::spawn(move || me.serve(uffd));
         threads.lock().unwrap().push(handle);
@@ -171,7 +178,19 @@ impl FaultServer {
                 }
             }
             for (page, write) in work {
-                let res = if write {
+                let from_swap = self.swapped.lock().unwrap().remove(&page);
+                let res = if let Some(content) = from_swap {
+                    let res = copy_page(uffd.as_fd(), page, &content);
+                    match res {
+                        Ok(()) => {
+                            self.stats.swapins.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            self.swapped.lock().unwrap().insert(page, content);
+                        }
+                    }
+                    res
+                } else if write {
                     copy_page(uffd.as_fd(), page, &zero).inspect(|_| {
                         self.stats.copies.fetch_add(1, Ordering::Relaxed);
                     })
@@ -220,8 +239,8 @@ pub struct Served {
     pub faults: FaultServer,
     /// For sending to the tagger (the reader thread has its own handle).
     pub stream: Channel,
-    /// Messages from the tagger, in order.
-    pub inbox: Receiver<Message>,
+    /// Messages from the tagger, in order, with their descriptors.
+    pub inbox: Receiver<(Message, Vec<OwnedFd>)>,
     reader: Option<JoinHandle<()>>,
 }
 
@@ -229,7 +248,8 @@ pub const DAEMON_FEATURES: u64 = UFFD_FEATURE_EVENT_FORK
     | UFFD_FEATURE_EVENT_REMAP
     | UFFD_FEATURE_EVENT_REMOVE
     | UFFD_FEATURE_EVENT_UNMAP
-    | UFFD_FEATURE_THREAD_ID;
+    | UFFD_FEATURE_THREAD_ID
+    | UFFD_FEATURE_MOVE;
 
 impl TestDaemon {
     pub fn new() -> TestDaemon {
@@ -267,9 +287,9 @@ impl TestDaemon {
         } = peer;
         let faults = FaultServer::start(uffd);
         let reader_stream = stream.try_clone().unwrap();
-        let (tx, inbox): (Sender<Message>, _) = channel();
+        let (tx, inbox): (Sender<(Message, Vec<OwnedFd>)>, _) = channel();
         let reader = std::thread::spawn(move || {
-            while let Ok(msg) = reader_stream.recv() {
+            while let Ok(msg) = reader_stream.recv_with_fds() {
                 if tx.send(msg).is_err() {
                     break;
                 }
@@ -287,6 +307,15 @@ impl TestDaemon {
 }
 
 impl Served {
+    /// Tells the tagger how many of its pages the daemon holds.
+    pub fn send_swap_state(&self, pages: u64) {
+        self.stream
+            .send(&Message::SwapState {
+                swapped_pages: pages,
+            })
+            .unwrap();
+    }
+
     /// The daemon dies: fault readers stop, userfaultfd copies close, then the socket.
     pub fn die(mut self) {
         self.faults.stop();
@@ -298,20 +327,29 @@ impl Served {
 
     /// Waits for a message matching `want`, skipping others (range notices).
     pub fn wait_for(&self, what: &str, want: impl Fn(&Message) -> bool) -> Message {
+        self.wait_for_with_fds(what, want).0
+    }
+
+    /// As `wait_for`, with the message's descriptors.
+    pub fn wait_for_with_fds(
+        &self,
+        what: &str,
+        want: impl Fn(&Message) -> bool,
+    ) -> (Message, Vec<OwnedFd>) {
         loop {
-            let msg = self
+            let (msg, fds) = self
                 .inbox
                 .recv_timeout(Duration::from_secs(20))
                 .unwrap_or_else(|_| panic!("no {what} from the tagger"));
             if want(&msg) {
-                return msg;
+                return (msg, fds);
             }
         }
     }
 
     /// Every message received so far.
     pub fn drain(&self) -> Vec<Message> {
-        self.inbox.try_iter().collect()
+        self.inbox.try_iter().map(|(m, _)| m).collect()
     }
 }
 

@@ -16,6 +16,7 @@ pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
 pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 pub const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+pub const UFFD_FEATURE_MOVE: u64 = 1 << 16;
 
 pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 pub const UFFD_EVENT_FORK: u8 = 0x13;
@@ -168,4 +169,25 @@ pub fn wake(fd: BorrowedFd<'_>, page: u64) {
     };
     // SAFETY: a valid uffdio_range.
     unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_WAKE, &raw const range) };
+}
+
+/// Reads `len` bytes at `addr` in process `pid` (only present memory: the staging
+/// slots the agent filled; never a hole).
+pub fn read_remote(pid: u32, addr: u64, len: usize) -> Result<Vec<u8>, i32> {
+    let mut buf = vec![0u8; len];
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: `local` covers `buf`; the kernel checks the remote range.
+    let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        return Err(errno());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
 }

@@ -1,0 +1,219 @@
+//! The eviction agent: a thread of the tagged process that moves pages between the
+//! application and a staging area on the daemon's request ([`usm_proto::agent`]).
+//!
+//! # Who owns a page
+//! ```text
+//!  application page ──EvictToStaging──► staging slot ──DropSlots──► only in the daemon's swap
+//!        ▲                                   │
+//!        └──────────ReturnFromStaging────────┘   (or the daemon UFFDIO_COPYs it back)
+//! ```
+//! The agent remembers which application page each occupied slot came from
+//! (`slot_owner`). If the daemon disappears, pages still in staging are moved back by
+//! the tagger itself before it detaches: only pages the daemon *dropped* from staging
+//! (reported by `SwapState`) are beyond its reach, and those make it kill the process.
+
+use std::os::fd::BorrowedFd;
+use std::sync::OnceLock;
+
+use usm_proto::agent::{AgentCompletion, AgentOp, AgentRequest, AgentServer};
+use usm_proto::{Message, ProtoError};
+use usm_sync::Mutex;
+use usm_sync::atomic::{AtomicU64, Ordering};
+
+use crate::state::{self, Mode};
+use crate::sys::{self, PAGE_SIZE};
+
+/// `UFFD_FEATURE_MOVE`.
+const UFFD_FEATURE_MOVE: u64 = 1 << 16;
+
+struct Agent {
+    server: AgentServer,
+    staging: usize,
+    pages: u32,
+    /// Application address whose page sits in each slot (0 = empty).
+    slot_owner: Vec<AtomicU64>,
+    /// Held while a batch of requests runs, and while pages are restored.
+    busy: Mutex<()>,
+}
+
+static AGENT: OnceLock<Agent> = OnceLock::new();
+
+/// Handles `StartAgent`: builds staging + ring, answers `AgentReady` (or
+/// `AgentUnavailable`) on `channel`, and starts the agent thread.
+pub(crate) fn start(channel: &usm_proto::Channel, staging_pages: u32, ring_entries: u32) {
+    let answer = match setup(staging_pages, ring_entries) {
+        Ok(agent) => agent,
+        Err(why) => {
+            let _ = channel.send(&Message::AgentUnavailable { text: why });
+            return;
+        }
+    };
+    let ready = Message::AgentReady {
+        staging_start: answer.staging as u64,
+        staging_pages: answer.pages,
+        ring_entries: answer.server.entries(),
+    };
+    let fds: [BorrowedFd<'_>; 3] = answer.server.fds_for_daemon();
+    if let Err(e) = channel.send_with_fds(&ready, &fds) {
+        crate::session::warn(&format!("cannot hand the agent ring to the daemon ({e})"));
+        return;
+    }
+    if std::thread::Builder::new()
+        .name("usm-agent".into())
+        .spawn(move || run(answer))
+        .is_err()
+    {
+        crate::session::warn("cannot start the eviction agent thread");
+    }
+}
+
+fn setup(staging_pages: u32, ring_entries: u32) -> Result<&'static Agent, String> {
+    if AGENT.get().is_some() {
+        return Err("an agent is already running".into());
+    }
+    if state::features() & UFFD_FEATURE_MOVE == 0 {
+        return Err("the daemon did not negotiate UFFD_FEATURE_MOVE".into());
+    }
+    let Some(uffd) = state::managed_uffd() else {
+        return Err("the process is not managed".into());
+    };
+    let server = AgentServer::create(ring_entries, staging_pages).map_err(|e| e.to_string())?;
+    let len = staging_pages as usize * PAGE_SIZE;
+    let staging = sys::mmap_raw(
+        0,
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        -1,
+        0,
+    )
+    .map_err(|e| format!("staging mmap failed (errno {e})"))?;
+    let prepared = sys::madvise_raw(staging, len, libc::MADV_DONTFORK)
+        .and_then(|()| sys::madvise_raw(staging, len, libc::MADV_NOHUGEPAGE))
+        .and_then(|()| sys::uffd_register(uffd, staging, len));
+    if let Err(e) = prepared {
+        let _ = sys::munmap_raw(staging, len);
+        return Err(format!("staging area setup failed (errno {e})"));
+    }
+    let agent = Agent {
+        server,
+        staging,
+        pages: staging_pages,
+        slot_owner: (0..staging_pages).map(|_| AtomicU64::new(0)).collect(),
+        busy: Mutex::new(()),
+    };
+    AGENT
+        .set(agent)
+        .map_err(|_| "an agent is already running".to_owned())?;
+    AGENT.get().ok_or_else(|| "agent vanished".to_owned())
+}
+
+fn run(agent: &'static Agent) {
+    loop {
+        match agent.server.wait_kick(-1) {
+            Ok(_) => {}
+            Err(e) if e.is_retryable() => continue,
+            Err(_) => return,
+        }
+        if state::mode() != Mode::Managed {
+            return;
+        }
+        let Ok(_guard) = agent.busy.lock() else {
+            return;
+        };
+        while let Some(req) = agent.server.next_request() {
+            let completion = match req {
+                Ok(req) => agent.execute(req),
+                Err(invalid) => invalid,
+            };
+            agent.server.complete(completion);
+        }
+        if agent.server.signal_done().is_err() {
+            return;
+        }
+    }
+}
+
+impl Agent {
+    fn slot_addr(&self, slot: u64) -> usize {
+        self.staging + slot as usize * PAGE_SIZE
+    }
+
+    fn execute(&self, req: AgentRequest) -> AgentCompletion {
+        let len = req.pages as usize * PAGE_SIZE;
+        let slot = u64::from(req.slot);
+        let result = match state::managed_uffd() {
+            None => Err(libc::ENOTCONN),
+            Some(uffd) => match req.op {
+                AgentOp::EvictToStaging => {
+                    sys::uffd_move(uffd, self.slot_addr(slot), req.addr as usize, len).inspect(
+                        |moved| {
+                            for i in 0..(*moved / PAGE_SIZE) as u64 {
+                                self.slot_owner[(slot + i) as usize]
+                                    .store(req.addr + i * PAGE_SIZE as u64, Ordering::Release);
+                            }
+                        },
+                    )
+                }
+                AgentOp::ReturnFromStaging => {
+                    sys::uffd_move(uffd, req.addr as usize, self.slot_addr(slot), len).inspect(
+                        |moved| {
+                            for i in 0..(*moved / PAGE_SIZE) as u64 {
+                                self.slot_owner[(slot + i) as usize].store(0, Ordering::Release);
+                            }
+                        },
+                    )
+                }
+                AgentOp::DropSlots => {
+                    sys::madvise_raw(self.slot_addr(slot), len, libc::MADV_DONTNEED).map(|()| {
+                        for i in 0..req.pages {
+                            self.slot_owner[(slot + i) as usize].store(0, Ordering::Release);
+                        }
+                        0
+                    })
+                }
+            },
+        };
+        AgentCompletion {
+            op: Ok(req.op),
+            slot: req.slot,
+            addr: req.addr,
+            result: match result {
+                Ok(bytes) => bytes as i64,
+                Err(errno) => -i64::from(errno),
+            },
+            seq: req.seq,
+        }
+    }
+}
+
+/// The daemon is gone: move every staged page back where it came from (on the
+/// tagger's own copy of the userfaultfd, still open), and stop the agent. Returns how
+/// many pages could not be put back.
+pub(crate) fn restore_staged() -> u64 {
+    let Some(agent) = AGENT.get() else { return 0 };
+    let Ok(_guard) = agent.busy.lock() else {
+        return 0;
+    };
+    let uffd = state::uffd_number();
+    let mut lost = 0;
+    for slot in 0..agent.pages {
+        let owner = agent.slot_owner[slot as usize].load(Ordering::Acquire);
+        if owner == 0 {
+            continue;
+        }
+        match sys::uffd_move(
+            uffd,
+            owner as usize,
+            agent.slot_addr(u64::from(slot)),
+            PAGE_SIZE,
+        ) {
+            // EEXIST: the page was installed again meanwhile; the staged copy is stale.
+            Ok(_) | Err(libc::EEXIST) => {}
+            Err(_) => lost += 1,
+        }
+        agent.slot_owner[slot as usize].store(0, Ordering::Release);
+    }
+    let _: Result<(), ProtoError> = agent.server.self_kick();
+    lost
+}
