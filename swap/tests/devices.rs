@@ -171,6 +171,10 @@ fn priorities_fill_the_highest_first_and_rotate_among_equals() {
     pipeline(&mut eng, &writes, 99, 8);
     let reads: Vec<_> = all.iter().rev().map(|&e| (IoOp::Read, e)).collect();
     pipeline(&mut eng, &reads, 99, 8);
+    // A clean page swapped back in keeps its slot (reading never frees): it can be
+    // evicted again without a write.
+    assert!(all.iter().all(|&e| space.refcount(e) == 1));
+    assert_eq!(space.free_slots(), 0);
 }
 
 #[test]

@@ -166,6 +166,7 @@ impl Ring {
         };
         let mut report = String::new();
         let mut built = None;
+        let mut last_err = None;
         for &mode in candidates {
             // DEFER_TASKRUN requires SINGLE_ISSUER; the others only prefer it.
             let issuer_options: &[bool] = if mode == CompletionMode::DeferTaskrun {
@@ -174,19 +175,17 @@ impl Ring {
                 &[true, false]
             };
             for &single in issuer_options {
+                let name = format!("{mode}{}", if single { "+SINGLE_ISSUER" } else { "" });
                 match try_build(mode, single, entries) {
                     Ok(u) => {
-                        report.push_str(&format!(
-                            "{mode}{} chosen",
-                            if single { "+SINGLE_ISSUER" } else { "" }
-                        ));
+                        report.push_str(&format!("{name} chosen"));
                         built = Some((u, mode));
                         break;
                     }
-                    Err(e) => report.push_str(&format!(
-                        "{mode}{} refused ({e}); ",
-                        if single { "+SINGLE_ISSUER" } else { "" }
-                    )),
+                    Err(e) => {
+                        report.push_str(&format!("{name} refused ({e}); "));
+                        last_err = Some(e);
+                    }
                 }
             }
             if built.is_some() {
@@ -194,11 +193,24 @@ impl Ring {
             }
         }
         let Some((uring, mode)) = built else {
-            return Err(SwapError::Unsupported {
-                what: match setup.mode {
-                    Some(CompletionMode::DeferTaskrun) => "IORING_SETUP_DEFER_TASKRUN",
-                    Some(CompletionMode::CoopTaskrun) => "IORING_SETUP_COOP_TASKRUN",
-                    _ => "io_uring_setup",
+            return Err(match (setup.mode, last_err) {
+                (Some(CompletionMode::DeferTaskrun), Some(e))
+                    if e.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    SwapError::Unsupported {
+                        what: "IORING_SETUP_DEFER_TASKRUN",
+                    }
+                }
+                (Some(CompletionMode::CoopTaskrun), Some(e))
+                    if e.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    SwapError::Unsupported {
+                        what: "IORING_SETUP_COOP_TASKRUN",
+                    }
+                }
+                (_, Some(e)) => SwapError::ring("setup", e),
+                (_, None) => SwapError::Unsupported {
+                    what: "io_uring_setup",
                 },
             });
         };
