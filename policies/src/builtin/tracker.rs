@@ -187,19 +187,15 @@ impl Tracker {
 
     /// Moves `f` to the tail of its lists (a second chance, or a refused candidate).
     pub(crate) fn rotate(&mut self, f: FrameNo) {
-        if let Some(m) = self.meta(f).copied() {
-            let referenced = m.referenced;
-            self.insert(
-                MappedPage {
-                    frame: f,
-                    pid: m.pid,
-                    addr: m.addr,
-                },
-                m.class as usize,
-            );
-            if let Some(m) = self.meta_mut(f) {
-                m.referenced = referenced;
-            }
+        let Some(m) = self.meta(f).copied() else {
+            return;
+        };
+        let class = m.class as usize;
+        self.global.unlink(&mut self.global_lists[class], f.0);
+        self.global.push_back(&mut self.global_lists[class], f.0);
+        if let Some(lists) = self.local_lists.get_mut(&m.pid) {
+            self.local.unlink(&mut lists[class], f.0);
+            self.local.push_back(&mut lists[class], f.0);
         }
     }
 
