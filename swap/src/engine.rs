@@ -16,6 +16,10 @@
 //! * **One engine per thread.** The ring is created `SINGLE_ISSUER` on the calling thread,
 //!   so an `Engine` is neither `Send` nor `Sync`: each worker builds its own with
 //!   [`Engine::new`] on its own thread, and a thread that is not a worker builds another.
+//!   ```compile_fail
+//!   fn needs_send<T: Send>() {}
+//!   needs_send::<usm_swap::Engine>();
+//!   ```
 //! * **Completion modes** ([`CompletionMode`]), chosen at [`Engine::new`] (probed, with
 //!   fallback, the choice reported by [`Engine::mode`] and [`Engine::setup_report`]):
 //!   - `DeferTaskrun`: completions are posted *only* when this thread enters the kernel

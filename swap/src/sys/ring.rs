@@ -123,6 +123,7 @@ pub(crate) struct Ring {
     slots: Vec<Option<Pending>>,
     free_slots: Vec<u32>,
     cqes: Vec<(u64, i32)>,
+    done: Vec<(Pending, i32)>,
     staging: PageBuf,
     staging_pages: u16,
     staging_free: Vec<u16>,
@@ -273,6 +274,7 @@ impl Ring {
             slots: (0..depth).map(|_| None).collect(),
             free_slots: (0..depth as u32).rev().collect(),
             cqes: Vec::with_capacity(depth * 2),
+            done: Vec::with_capacity(depth),
             staging,
             staging_pages: setup.staging_pages,
             staging_free: (0..setup.staging_pages).rev().collect(),
@@ -464,21 +466,29 @@ impl Ring {
     }
 
     /// Hands every visible completion to `f` with its request and result, freeing slots.
+    ///
+    /// Every visible CQE is first matched with its request (slot freed, request moved to
+    /// `done`), then `f` runs: if `f` panics, the remaining requests are dropped while
+    /// unwinding — the kernel is already done with their buffers — and no slot is left
+    /// waiting for a CQE that was consumed.
     pub(crate) fn drain(&mut self, mut f: impl FnMut(Pending, i32)) -> usize {
         self.cqes.clear();
         self.cqes
             .extend(self.uring.completion().map(|c| (c.user_data(), c.result())));
-        let mut n = 0;
-        for i in 0..self.cqes.len() {
-            let (ud, res) = self.cqes[i];
+        let mut done = std::mem::take(&mut self.done);
+        for &(ud, res) in &self.cqes {
             let Some(p) = self.slots.get_mut(ud as usize).and_then(Option::take) else {
                 tracing::error!(user_data = ud, "completion for an unknown request; ignored");
                 continue;
             };
             self.free_slots.push(ud as u32);
-            n += 1;
+            done.push((p, res));
+        }
+        let n = done.len();
+        for (p, res) in done.drain(..) {
             f(p, res);
         }
+        self.done = done;
         n
     }
 }
