@@ -21,10 +21,12 @@ use usm_sync::atomic::{AtomicPtr, Ordering};
 /// A slot holding at most one `Box<T>`, moved in and out atomically.
 ///
 /// Invariant: the pointer is null or came from `Box::into_raw` and is owned by the slot.
+#[cfg_attr(loom, allow(dead_code))]
 pub(crate) struct AtomicBox<T> {
     ptr: AtomicPtr<T>,
 }
 
+#[cfg_attr(loom, allow(dead_code))]
 impl<T> AtomicBox<T> {
     /// An empty slot.
     pub(crate) fn empty() -> Self {
