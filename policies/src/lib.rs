@@ -23,13 +23,14 @@
 //! # A complete custom policy
 //!
 //! Map two pages per fault when the next page is vacant and frames are plentiful,
-//! otherwise one; registered under a name, assigned to a process, and run on the
-//! simulator:
+//! otherwise one (24 lines); then register it under a name, assign it to a process, and
+//! run it on the simulator:
 //!
 //! ```
 //! use usm_kmod::event::Fault;
+//! use usm_policies::sim::{FaultOutcome, SimMachine};
 //! use usm_policies::{AllocPolicy, Cx, Decision, Mapping, PageMask, Param, Registry};
-//! use usm_policies::{builtin, sim::{FaultOutcome, SimMachine}, swap_in_if_swapped};
+//! use usm_policies::{page_floor, swap_in_if_swapped};
 //!
 //! struct Pairs;
 //!
@@ -38,27 +39,27 @@
 //!
 //!     fn alloc(&mut self, fault: &Fault, cx: &mut dyn Cx) -> Decision {
 //!         if let Some(d) = swap_in_if_swapped(fault, cx) {
-//!             return d; // content is in swap: read it back, never map zeros
+//!             return d; // the page has content (staging or swap): get it back
 //!         }
-//!         let (pid, addr) = (fault.origin.pid, fault.addr & !4095);
+//!         let (pid, addr) = (fault.origin.pid, page_floor(fault.addr));
 //!         let mut vacant = PageMask::new();
-//!         cx.vacant(pid, addr, 2, &mut vacant);
-//!         let mut frames = Vec::with_capacity(2);
-//!         if vacant.get(1) && cx.free_frames() > 2 + cx.watermarks().low
-//!             && cx.take_frames(2, &mut frames)
-//!         {
-//!             if let Some(m) = Mapping::run(addr, frames) { return Decision::Map(m); }
+//!         cx.vacant(pid, addr, 2, &mut vacant); // the next page too?
+//!         if vacant.get(1) && cx.free_frames() >= 2 + cx.watermarks().low {
+//!             let mut frames = Vec::with_capacity(2);
+//!             if cx.take_frames(2, &mut frames) {
+//!                 if let Some(m) = Mapping::run(addr, frames) { return Decision::Map(m); }
+//!             }
 //!         }
-//!         match cx.take_frame() {
+//!         match cx.take_frame() { // the allocation-free single-page path
 //!             Some(f) => Decision::Map(Mapping::one(addr, f)),
-//!             None => Decision::Oom,
+//!             None => Decision::Oom, // the runtime evicts, then asks the OOM policy
 //!         }
 //!     }
 //! }
 //!
 //! let mut reg = Registry::with_builtins();
 //! reg.register_alloc("pairs", Param::None, |_| Ok(Box::new(Pairs)))?;
-//! reg.assign_process("myapp", "pairs")?;
+//! reg.assign_process("myapp", "pairs")?; // the config's `process myapp pairs`
 //! let set = reg.for_process("myapp")?.expect("assigned");
 //! let mut m = SimMachine::new(64, Default::default(), set.evict, set.oom);
 //! m.add_process(7, "myapp", 0x10000..0x20000, set.alloc);
@@ -66,7 +67,6 @@
 //! assert_eq!(m.fault(7, 0x11000, false), Ok(FaultOutcome::AlreadyPresent));
 //! assert_eq!(m.fault(7, 0x1f000, false), Ok(FaultOutcome::Mapped(1))); // region end
 //! m.check().expect("frames conserved, none handed out twice");
-//! # let _ = builtin::FirstFit;
 //! # Ok::<(), usm_policies::PolicyError>(())
 //! ```
 #![forbid(unsafe_code)]

@@ -29,6 +29,7 @@ use crate::alloc::AllocPolicy;
 use crate::cx::{Access, Cx, EvictCx, PageMask, ProcessCounters, Watermarks};
 use crate::decision::{Decision, Mapping, page_floor};
 use crate::evict::{EvictPolicy, MappedPage, Urgency, VictimRequest, VictimScan};
+use crate::guard::{PolicyPanic, guarded};
 use crate::hint::{Hint, HintError, HintMap};
 use crate::oom::{OomAction, OomPolicy, OomReason, OomSituation, RunMode};
 
@@ -65,6 +66,11 @@ pub enum FaultOutcome {
     Failed(OomReason),
     /// The OOM policy killed the faulting process itself.
     Killed,
+    /// The allocation policy panicked: the access failed, the frames it had taken were
+    /// reclaimed, and the process's policy was replaced by a fresh instance (the runtime
+    /// builds it from the registry; the simulator uses the factory given to
+    /// [`SimMachine::set_respawn`], `first-fit` by default).
+    PolicyPanicked(PolicyPanic),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -444,7 +450,12 @@ pub struct SimMachine {
     core: SimCore,
     oom: Box<dyn OomPolicy>,
     allocs: HashMap<u32, Box<dyn AllocPolicy>>,
+    respawn: fn() -> Box<dyn AllocPolicy>,
     mode: RunMode,
+}
+
+fn first_fit() -> Box<dyn AllocPolicy> {
+    Box::new(crate::builtin::FirstFit)
 }
 
 impl SimMachine {
@@ -476,6 +487,7 @@ impl SimMachine {
             core: SimCore { mem, evict },
             oom,
             allocs: HashMap::new(),
+            respawn: first_fit,
             mode: RunMode::Daemon,
         }
     }
@@ -626,7 +638,15 @@ impl SimMachine {
             let Some(alloc) = self.allocs.get_mut(&pid) else {
                 return Err(SimError::NoProcess(pid));
             };
-            let decision = alloc.alloc(&fault, &mut self.core);
+            let name = alloc.name().to_owned();
+            let core = &mut self.core;
+            let decision = match guarded(&name, || alloc.alloc(&fault, core)) {
+                Ok(d) => d,
+                Err(panic) => {
+                    self.recover_from_panic(pid);
+                    return Ok(FaultOutcome::PolicyPanicked(panic));
+                }
+            };
             let outcome = match decision {
                 Decision::Map(m) => Some(self.apply_map(pid, addr, m)?),
                 Decision::Yield(t) => {
@@ -702,6 +722,36 @@ impl SimMachine {
                 }
             }
         }
+    }
+
+    /// What the runtime does after a policy panicked: take back what the policy held
+    /// (staged frames go back to staging with their write-back), drop the instance and
+    /// build a fresh one.
+    fn recover_from_panic(&mut self, pid: u32) {
+        let mem = &mut self.core.mem;
+        let staged: Vec<_> = mem.staged_taken.drain().collect();
+        for (f, (p, a)) in staged {
+            mem.frames[f.index()] = FrameState::Staging(Some((p, a)));
+            if let Some(proc_) = mem.procs.get_mut(&p) {
+                proc_.pages.insert(a, Page::Staging(f));
+            }
+            mem.writebacks.push_back(f);
+            mem.taken -= 1;
+        }
+        for i in 0..mem.frames.len() {
+            if mem.frames[i] == FrameState::Taken {
+                mem.taken -= 1;
+                mem.put_free(FrameNo(i as u32));
+            }
+        }
+        mem.violations.clear();
+        let fresh = (self.respawn)();
+        self.allocs.insert(pid, fresh);
+    }
+
+    /// Sets the factory that replaces an allocation policy after it panicked.
+    pub fn set_respawn(&mut self, factory: fn() -> Box<dyn AllocPolicy>) {
+        self.respawn = factory;
     }
 
     fn install(&mut self, pid: u32, addr: u64, f: FrameNo) {
