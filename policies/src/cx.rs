@@ -49,7 +49,7 @@ use crate::evict::VictimRequest;
 use crate::hint::Hint;
 
 /// Access information about one mapped frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Access {
     /// The page was accessed since the previous report for this frame.
     pub accessed: bool,
@@ -58,7 +58,7 @@ pub struct Access {
 }
 
 /// Free-frame watermarks of the worker, in frames.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Watermarks {
     /// Below this many free frames the runtime starts eviction; an allocation policy
     /// should shrink what it maps beyond the faulting page.
@@ -68,7 +68,7 @@ pub struct Watermarks {
 }
 
 /// Per-process counters, maintained by the runtime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct ProcessCounters {
     /// Pages holding a frame: mapped, plus swap-ins in flight.
     pub resident: usize,

@@ -97,6 +97,11 @@ impl Mapping {
             .map(move |(i, f)| (start + (i * PAGE_SIZE) as u64, *f))
     }
 
+    /// The frames, by value (a run's `Vec` is handed over without copying).
+    pub fn into_frames(self) -> Frames {
+        self.frames
+    }
+
     /// The page `addr` is covered.
     pub fn contains(&self, addr: u64) -> bool {
         (self.start..self.end()).contains(&addr)

@@ -111,7 +111,7 @@ impl VictimRequest {
 }
 
 /// What a victim search saw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct VictimScan {
     /// Pages returned.
     pub chosen: usize,

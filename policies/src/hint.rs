@@ -31,7 +31,7 @@ use std::ops::Range;
 use usm_kmod::frame::PAGE_SIZE;
 
 /// Eviction order of a range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
 pub enum Priority {
     /// Evicted first.
     Low,
@@ -54,7 +54,7 @@ impl Priority {
 }
 
 /// Whether a range may be evicted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
 pub enum Eviction {
     /// The default: the range may be evicted.
     #[default]
@@ -66,7 +66,7 @@ pub enum Eviction {
 
 /// A parsed hint. Every field is optional: `None` means "not said", which matters when a
 /// hint overlays another ([`Hint::overlay`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
 pub struct Hint {
     /// `PRIORITY=`.
     pub priority: Option<Priority>,

@@ -319,3 +319,85 @@ impl Tracker {
         scan
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn walk(links: &Links, list: &ListHead) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut f = list.head;
+        while f != NIL {
+            out.push(f);
+            f = links.links[f as usize].next;
+        }
+        assert_eq!(out.len(), list.len);
+        assert_eq!(out.last().copied().unwrap_or(NIL), list.tail);
+        out
+    }
+
+    proptest! {
+        /// The intrusive lists agree with a plain `Vec` model after any sequence of
+        /// inserts, removes, rotations and reclassifications, globally and per process.
+        #[test]
+        fn lists_match_a_vec_model(ops in prop::collection::vec(
+            (0u8..4, 0u32..40, 0u32..3, 0usize..CLASSES), 1..200)) {
+            let mut t = Tracker::default();
+            // model: frame -> (pid, class), plus per-class global order
+            let mut order: [Vec<u32>; CLASSES] = Default::default();
+            let mut owner: HashMap<u32, (u32, usize)> = HashMap::new();
+            for (op, f, pid, class) in ops {
+                let frame = FrameNo(f);
+                match op {
+                    0 => {
+                        if let Some((_, c)) = owner.remove(&f) {
+                            order[c].retain(|x| *x != f);
+                        }
+                        t.insert(MappedPage { frame, pid, addr: f as u64 * 4096 }, class);
+                        order[class].push(f);
+                        owner.insert(f, (pid, class));
+                    }
+                    1 => {
+                        let got = t.remove(frame).map(|m| m.pid);
+                        let want = owner.remove(&f).map(|(p, c)| {
+                            order[c].retain(|x| *x != f);
+                            p
+                        });
+                        prop_assert_eq!(got, want);
+                    }
+                    2 => {
+                        t.rotate(frame);
+                        if let Some((_, c)) = owner.get(&f) {
+                            order[*c].retain(|x| *x != f);
+                            order[*c].push(f);
+                        }
+                    }
+                    _ => {
+                        t.reclass(frame, class);
+                        if let Some((_, c)) = owner.get_mut(&f) {
+                            if *c != class {
+                                order[*c].retain(|x| *x != f);
+                                order[class].push(f);
+                                *c = class;
+                            }
+                        }
+                    }
+                }
+                prop_assert_eq!(t.tracked(), owner.len());
+                for c in 0..CLASSES {
+                    prop_assert_eq!(&walk(&t.global, &t.global_lists[c]), &order[c]);
+                    for p in 0..3u32 {
+                        let want: Vec<u32> = order[c]
+                            .iter()
+                            .copied()
+                            .filter(|x| owner[x].0 == p)
+                            .collect();
+                        let got = t.local_lists.get(&p).map_or_else(Vec::new, |l| walk(&t.local, &l[c]));
+                        prop_assert_eq!(got, want, "pid {} class {}", p, c);
+                    }
+                }
+            }
+        }
+    }
+}
