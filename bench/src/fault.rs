@@ -285,3 +285,41 @@ pub fn available_kernel_sides() -> Vec<KernelPageSize> {
     v.push(KernelPageSize::Thp2M);
     v
 }
+
+/// Ratios of one first-touch side against the kernel at 4 KiB (same order, same size).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FirstTouchRatio {
+    /// Side label.
+    pub side: String,
+    /// `seq` / `rand`.
+    pub order: String,
+    /// Faults taken / kernel-4K faults (USM's goal with `fhp:64K`: ≤ 1/16).
+    pub faults_vs_kernel: Option<f64>,
+    /// GiB/s / kernel-4K GiB/s (goal ≥ 2).
+    pub gib_per_s_vs_kernel: Option<f64>,
+    /// CPU seconds / kernel-4K CPU seconds.
+    pub cpu_s_vs_kernel: Option<f64>,
+}
+
+/// Ratios of every side of `results` against `kernel-4K` of the same order (kernel or USM
+/// sides alike, so USM's `FirstTouchResult`s can be appended and ratioed in one call).
+pub fn first_touch_ratios(results: &[FirstTouchResult]) -> Vec<FirstTouchRatio> {
+    let base = KernelPageSize::Base4K.label();
+    results
+        .iter()
+        .filter(|r| r.side != base)
+        .map(|r| {
+            let k = results.iter().find(|b| b.side == base && b.order == r.order);
+            let f = |num: f64, g: fn(&FirstTouchResult) -> f64| {
+                k.and_then(|k| crate::stats::ratio_vs_kernel(num, g(k)))
+            };
+            FirstTouchRatio {
+                side: r.side.clone(),
+                order: r.order.clone(),
+                faults_vs_kernel: f(r.faults, |k| k.faults),
+                gib_per_s_vs_kernel: f(r.gib_per_s.median, |k| k.gib_per_s.median),
+                cpu_s_vs_kernel: f(r.cpu_s.median, |k| k.cpu_s.median),
+            }
+        })
+        .collect()
+}

@@ -30,6 +30,7 @@ pub mod fault;
 pub mod guard;
 pub mod plot;
 pub mod prewarm;
+pub mod redis;
 pub mod storm;
 
 pub mod report;

@@ -228,3 +228,22 @@ pub(crate) fn join_cgroup_before_exec(cmd: &mut Command, procs: Arc<OwnedFd>) {
         cmd.pre_exec(hook);
     }
 }
+
+/// Makes the child of `cmd` receive SIGKILL when the spawning thread dies, so a server
+/// started by a benchmark never outlives it (even after SIGKILL of the benchmark).
+pub(crate) fn kill_child_with_parent(cmd: &mut Command) {
+    let hook = || -> std::io::Result<()> {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is a plain syscall, async-signal-safe, no memory
+        // is passed.
+        let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: the hook only performs one prctl(2) — async-signal-safe, no allocation.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}

@@ -159,13 +159,18 @@ impl MthpMode {
     }
 }
 
-/// Folio sizes (KiB) that have a `hugepages-<N>kB` directory here, ascending. Empty on a
+/// Folio sizes (KiB) that have a `hugepages-<N>kB/enabled` knob here, ascending. Empty on a
 /// kernel without mTHP.
 pub fn mthp_sizes_kib() -> Vec<u32> {
     let mut sizes: Vec<u32> = fs::read_dir(THP_DIR)
         .map(|rd| {
             rd.filter_map(|e| {
-                let name = e.ok()?.file_name().into_string().ok()?;
+                let e = e.ok()?;
+                // Some sizes (8 kB on x86-64) have a directory but no anonymous knob.
+                if !e.path().join("enabled").exists() {
+                    return None;
+                }
+                let name = e.file_name().into_string().ok()?;
                 name.strip_prefix("hugepages-")?
                     .strip_suffix("kB")?
                     .parse()
