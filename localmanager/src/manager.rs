@@ -213,6 +213,8 @@ pub(crate) struct WorkerLocal {
     pub(crate) rt: Arc<RuntimeShared>,
     pub(crate) current_task: Cell<*const Task>,
     pub(crate) current_slot: Cell<u32>,
+    /// Boxed because the box itself moves on into the slot table (`AtomicBox`) unchanged.
+    #[allow(clippy::vec_box)]
     pub(crate) spawns: RefCell<Vec<Box<Entry>>>,
     pub(crate) timers: RefCell<BinaryHeap<Reverse<TimerEntry>>>,
     pub(crate) timer_seq: Cell<u64>,

@@ -17,7 +17,7 @@ mod sys {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::sync::Once;
 
-    pub const PAGE: usize = 4096;
+    pub(crate) const PAGE: usize = 4096;
 
     extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
         // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
@@ -45,7 +45,7 @@ mod sys {
     }
 
     /// Installs the SIGBUS handler once for the whole test binary.
-    pub fn install_sigbus_handler() {
+    pub(crate) fn install_sigbus_handler() {
         static ONCE: Once = Once::new();
         ONCE.call_once(|| {
             // SAFETY: a zeroed sigaction is a valid starting point; we fill handler, flags
@@ -65,7 +65,7 @@ mod sys {
 
     /// A `MAP_SHARED` mapping of a memfd whose size starts below the mapping's length:
     /// touching a page past end-of-file raises SIGBUS.
-    pub struct FileMapping {
+    pub(crate) struct FileMapping {
         fd: OwnedFd,
         base: *mut u8,
         len: usize,
@@ -78,7 +78,7 @@ mod sys {
     unsafe impl Sync for FileMapping {}
 
     impl FileMapping {
-        pub fn new(pages: usize, file_pages: usize) -> Self {
+        pub(crate) fn new(pages: usize, file_pages: usize) -> Self {
             // SAFETY: plain syscalls; results checked.
             unsafe {
                 let fd = libc::memfd_create(c"usm-fault-test".as_ptr(), libc::MFD_CLOEXEC);
@@ -105,37 +105,35 @@ mod sys {
             }
         }
 
-        pub fn addr(&self, offset: usize) -> u64 {
+        pub(crate) fn addr(&self, offset: usize) -> u64 {
             self.base as u64 + offset as u64
         }
 
-        pub fn contains(&self, addr: u64) -> bool {
+        pub(crate) fn contains(&self, addr: u64) -> bool {
             (self.base as u64..self.base as u64 + self.len as u64).contains(&addr)
         }
 
         /// Makes the file `pages` long: the pages become accessible.
-        pub fn extend(&self, pages: usize) {
+        pub(crate) fn extend(&self, pages: usize) {
             // SAFETY: ftruncate on our own memfd.
-            assert_eq!(
-                unsafe { libc::ftruncate(self.fd.as_raw_fd(), (pages * PAGE) as i64) },
-                0
-            );
+            let rc = unsafe { libc::ftruncate(self.fd.as_raw_fd(), (pages * PAGE) as i64) };
+            assert_eq!(rc, 0);
         }
 
-        pub fn write(&self, offset: usize, value: u8) {
+        pub(crate) fn write(&self, offset: usize, value: u8) {
             assert!(offset < self.len);
             // SAFETY: in bounds of our mapping; a SIGBUS here is the point of the test.
             unsafe { self.base.add(offset).write_volatile(value) }
         }
 
-        pub fn read(&self, offset: usize) -> u8 {
+        pub(crate) fn read(&self, offset: usize) -> u8 {
             assert!(offset < self.len);
             // SAFETY: as in `write`.
             unsafe { self.base.add(offset).read_volatile() }
         }
 
         /// Keeps the mapping forever (a uThread parked on it is leaked on purpose).
-        pub fn leak(self) {
+        pub(crate) fn leak(self) {
             std::mem::forget(self);
         }
     }
