@@ -212,8 +212,10 @@ pub trait Cx: EvictCx {
     /// The counters of process `pid` (zeros for an unknown process).
     fn counters(&self, pid: u32) -> ProcessCounters;
 
-    /// Runs the eviction policy for `req` and takes the chosen pages out of their address
-    /// space now (into staging, then written to swap). Returns how many pages left; their
-    /// frames come back to the arena when their write-back completes.
+    /// Runs the eviction policy for `req` and starts taking the chosen pages out of their
+    /// address space (into staging, then written to swap). Returns how many were chosen.
+    /// From this call on they no longer count as resident in [`Cx::counters`], even where
+    /// the move out completes a little later (daemon mode: the tagger's agent thread does
+    /// it); their frames come back to the arena when their write-back completes.
     fn evict(&mut self, req: VictimRequest) -> usize;
 }

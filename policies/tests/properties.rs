@@ -210,7 +210,7 @@ const EVICTS: [&str; 3] = ["fifo", "clock", "hints"];
 const OOMS: [&str; 3] = ["fail", "evict-harder:4", "kill-largest"];
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     /// Any mix of allocation, eviction and OOM policies keeps the machine consistent.
     #[test]

@@ -183,8 +183,12 @@ impl AllocPolicy for FlexibleHugePages {
 }
 
 /// Caps each process's resident pages (mapped plus swap-ins in flight) at `PAGES`: a fault
-/// at the cap first evicts the process's own pages (normal urgency, then hard), and answers
-/// `Oom` if none can leave. Pages are served one at a time like `first-fit`.
+/// at the cap first evicts the process's own pages (normal urgency, then hard). Pages are
+/// served one at a time like `first-fit`.
+///
+/// When none of its own pages can leave (all pinned), it answers `Oom` and the OOM policy
+/// decides; pair `quota` with `fail` or `evict-harder` — `kill-largest` could pick another
+/// process, which does not help a process that is at its own cap.
 #[derive(Debug, Clone)]
 pub struct Quota {
     name: String,
