@@ -33,6 +33,31 @@
 //! policy cannot tell which, and must not care. *Written* comes from `WP_ASYNC` +
 //! `PAGEMAP_SCAN` and tells clean from dirty only, never hot from cold.
 //!
+//! # Checklist for the runtime implementing `Cx`
+//!
+//! [`sim::SimMachine`](crate::sim::SimMachine) follows this list and checks it; read it as
+//! the reference implementation.
+//!
+//! 1. Hand frames out of the worker's lArena and remember which ones this call took;
+//!    after the call, none may remain taken (debug-assert). Around every policy call use
+//!    [`guarded`](crate::guarded); on a panic, put taken frames back (a frame from
+//!    [`Cx::take_staged`] back into staging with its write-back), fail the access, and
+//!    replace the policy with a fresh instance from the registry.
+//! 2. Resolve in-flight swap-ins yourself (a second fault waits on the same ticket); send
+//!    every other fault — including a staging hit — to the allocation policy.
+//! 3. [`Cx::vacant`] reports "no content anywhere": present, staged, swapped and in-flight
+//!    pages are not vacant, nor is anything outside the process's managed ranges.
+//! 4. [`Cx::swap_in`] never fails; a read error becomes a poisoned page at completion.
+//! 5. Call [`EvictPolicy::on_map`](crate::EvictPolicy::on_map) after every install (a `Map`
+//!    decision, a completed swap-in, a page whose eviction could not be carried out) and
+//!    [`EvictPolicy::on_free`](crate::EvictPolicy::on_free) for every frame of a freed range
+//!    or an exited process, before `AllocPolicy::free` / `exit`.
+//! 6. [`Cx::evict`] runs the eviction policy with an [`EvictCx`] view (so both can be
+//!    borrowed at once), stages the victims, and stops counting them as resident.
+//! 7. On a hint call: [`Hint::parse`], record it in the process's
+//!    [`HintMap`](crate::HintMap) (what [`EvictCx::hint`] reads), then call
+//!    `AllocPolicy::hint` and `EvictPolicy::on_hint`.
+//!
 //! # Context
 //!
 //! Every call happens in normal context on a worker (a LocalManager between two uThread
