@@ -16,13 +16,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use usm_bench::child::ChildLauncher;
 use usm_bench::fault::{self, FirstTouchSpec, TouchOrder};
 use usm_bench::redis::{self, RedisContext, RedisSide, RedisSpec};
-use usm_bench::report::{fmt_f, JsonReport, Table};
+use usm_bench::report::{JsonReport, Table, fmt_f};
 use usm_bench::storm::{self, KernelThreadsMode, StormContext, StormMode, StormSpec, SwapMedium};
-use usm_bench::{guard, Error, PmQos, Result};
+use usm_bench::{Error, PmQos, Result, guard};
 
 #[derive(Parser, Debug)]
 #[command(about = "Kernel baselines of the USM benchmarks")]
@@ -131,7 +131,11 @@ fn run(cli: &Cli) -> Result<()> {
         eprintln!("cleanup of a previous run: {cleaned:?}");
     }
     if matches!(cli.command, Cmd::Cleanup) {
-        println!("cleanup: {} undone, {} failed", cleaned.undone.len(), cleaned.failed.len());
+        println!(
+            "cleanup: {} undone, {} failed",
+            cleaned.undone.len(),
+            cleaned.failed.len()
+        );
         for u in &cleaned.undone {
             println!("  undone {u}");
         }
@@ -150,15 +154,31 @@ fn run(cli: &Cli) -> Result<()> {
     };
     let mut report = JsonReport::new("kernel_baseline");
     report.insert("quick", cli.quick)?;
-    report.insert("pm_qos_us", if _qos.is_some() { json!(0) } else { Value::Null })?;
+    report.insert(
+        "pm_qos_us",
+        if _qos.is_some() {
+            json!(0)
+        } else {
+            Value::Null
+        },
+    )?;
     report.insert("swaps_at_start", guard::active_swaps()?)?;
     match &cli.command {
         Cmd::Cleanup => {}
-        Cmd::FaultLatency { pages } => report.insert("fault_latency", fault_latency(cli, *pages)?)?,
-        Cmd::FirstTouch { mib, runs } => report.insert("first_touch", first_touch(cli, *mib, *runs)?)?,
-        Cmd::Storm { intensities, duration_ms, svg } => {
-            report.insert("storm", storm_cmd(cli, intensities.clone(), *duration_ms, svg.clone())?)?
+        Cmd::FaultLatency { pages } => {
+            report.insert("fault_latency", fault_latency(cli, *pages)?)?
         }
+        Cmd::FirstTouch { mib, runs } => {
+            report.insert("first_touch", first_touch(cli, *mib, *runs)?)?
+        }
+        Cmd::Storm {
+            intensities,
+            duration_ms,
+            svg,
+        } => report.insert(
+            "storm",
+            storm_cmd(cli, intensities.clone(), *duration_ms, svg.clone())?,
+        )?,
         Cmd::Redis { requests } => report.insert("redis", redis_cmd(cli, *requests)?)?,
         Cmd::All { svg } => {
             report.insert("fault_latency", fault_latency(cli, None)?)?;
@@ -188,7 +208,10 @@ fn fault_latency(cli: &Cli, pages: Option<usize>) -> Result<Value> {
         fmt_f(Some(r.latency.mean_ns), 0),
         r.timer_overhead_ns.to_string(),
     ]);
-    println!("\n== first-touch fault latency (kernel, 4 KiB)\n{}", t.render());
+    println!(
+        "\n== first-touch fault latency (kernel, 4 KiB)\n{}",
+        t.render()
+    );
     Ok(serde_json::to_value(r)?)
 }
 
@@ -204,7 +227,7 @@ fn first_touch(cli: &Cli, mib: Option<u64>, runs: Option<usize>) -> Result<Value
                 order,
                 warmup: 1,
                 runs,
-                seed: 0x0f17_57,
+                seed: 0x000f_1757,
             };
             match fault::kernel_first_touch(side, &spec) {
                 Ok(r) => results.push(r),
@@ -215,10 +238,20 @@ fn first_touch(cli: &Cli, mib: Option<u64>, runs: Option<usize>) -> Result<Value
     }
     let ratios = fault::first_touch_ratios(&results);
     let mut t = Table::new(&[
-        "side", "order", "faults", "folios", "GiB/s", "wall s", "cpu s", "GiB/s vs 4K", "faults vs 4K",
+        "side",
+        "order",
+        "faults",
+        "folios",
+        "GiB/s",
+        "wall s",
+        "cpu s",
+        "GiB/s vs 4K",
+        "faults vs 4K",
     ]);
     for r in &results {
-        let ratio = ratios.iter().find(|x| x.side == r.side && x.order == r.order);
+        let ratio = ratios
+            .iter()
+            .find(|x| x.side == r.side && x.order == r.order);
         t.row(vec![
             r.side.clone(),
             r.order.clone(),
@@ -231,7 +264,10 @@ fn first_touch(cli: &Cli, mib: Option<u64>, runs: Option<usize>) -> Result<Value
             fmt_f(ratio.and_then(|x| x.faults_vs_kernel), 4),
         ]);
     }
-    println!("\n== first touch of {mib} MiB (median of {runs} runs, host pre-warmed)\n{}", t.render());
+    println!(
+        "\n== first touch of {mib} MiB (median of {runs} runs, host pre-warmed)\n{}",
+        t.render()
+    );
     for s in &skipped {
         println!("skipped {s}");
     }
@@ -244,17 +280,32 @@ fn storm_cmd(
     duration_ms: Option<u64>,
     svg: Option<PathBuf>,
 ) -> Result<Value> {
-    let mut spec = if cli.quick { StormSpec::quick() } else { StormSpec::default_mix() };
+    let mut spec = if cli.quick {
+        StormSpec::quick()
+    } else {
+        StormSpec::default_mix()
+    };
     if let Some(d) = duration_ms {
         spec.duration_ms = d;
     }
-    let intensities =
-        intensities.unwrap_or(if cli.quick { vec![1.0, 0.1] } else { vec![1.0, 0.25, 0.05] });
+    let intensities = intensities.unwrap_or(if cli.quick {
+        vec![1.0, 0.1]
+    } else {
+        vec![1.0, 0.25, 0.05]
+    });
     let launcher = ChildLauncher::current_exe()?;
     let mut sweeps = Vec::new();
     let mut t = Table::new(&[
-        "mode", "medium", "intensity", "cpu ops/s", "mem ops/s", "access p50 us", "access p99 us",
-        "majflt", "peak MiB", "swap MiB",
+        "mode",
+        "medium",
+        "intensity",
+        "cpu ops/s",
+        "mem ops/s",
+        "access p50 us",
+        "access p99 us",
+        "majflt",
+        "peak MiB",
+        "swap MiB",
     ]);
     for medium in media(cli.medium) {
         let ctx = StormContext {
@@ -299,14 +350,19 @@ fn storm_cmd(
     );
     if let Some(path) = svg {
         let points: Vec<&storm::StormPoint> = sweeps.iter().flat_map(|s| s.points.iter()).collect();
-        storm::throughput_plot(&points, "swap storm: throughput over time (kernel modes)").write(&path)?;
+        storm::throughput_plot(&points, "swap storm: throughput over time (kernel modes)")
+            .write(&path)?;
         println!("wrote {}", path.display());
     }
     Ok(serde_json::to_value(sweeps)?)
 }
 
 fn redis_cmd(cli: &Cli, requests: Option<u64>) -> Result<Value> {
-    let mut spec = if cli.quick { RedisSpec::quick() } else { RedisSpec::default_run() };
+    let mut spec = if cli.quick {
+        RedisSpec::quick()
+    } else {
+        RedisSpec::default_run()
+    };
     if let Some(r) = requests {
         spec.requests = r;
     }
@@ -331,7 +387,14 @@ fn redis_cmd(cli: &Cli, requests: Option<u64>) -> Result<Value> {
         }
     }
     let mut t = Table::new(&[
-        "side", "SET ops/s", "GET ops/s", "SET p99 ms", "GET p99 ms", "populate s", "swap MiB", "majflt",
+        "side",
+        "SET ops/s",
+        "GET ops/s",
+        "SET p99 ms",
+        "GET p99 ms",
+        "populate s",
+        "swap MiB",
+        "majflt",
     ]);
     for r in &results {
         t.row(vec![
@@ -342,7 +405,9 @@ fn redis_cmd(cli: &Cli, requests: Option<u64>) -> Result<Value> {
             fmt_f(Some(r.get_p99_ms), 3),
             fmt_f(Some(r.populate_s), 2),
             (r.swap_used_bytes >> 20).to_string(),
-            r.cgroup.as_ref().map_or("-".into(), |c| c.major_faults.to_string()),
+            r.cgroup
+                .as_ref()
+                .map_or("-".into(), |c| c.major_faults.to_string()),
         ]);
     }
     println!(

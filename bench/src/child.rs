@@ -44,8 +44,10 @@ pub fn serve_if_child(extra: &[(&str, ChildHandler)]) -> Option<i32> {
     let text = std::env::var(CHILD_ENV).ok()?;
     let outcome = (|| -> Result<Value> {
         let req: ChildRequest = serde_json::from_str(&text)?;
-        let builtin: [(&str, ChildHandler); 1] =
-            [(crate::storm::STORM_THREADS_CHILD, crate::storm::storm_threads_child)];
+        let builtin: [(&str, ChildHandler); 1] = [(
+            crate::storm::STORM_THREADS_CHILD,
+            crate::storm::storm_threads_child,
+        )];
         let handler = builtin
             .iter()
             .chain(extra.iter())
@@ -119,7 +121,15 @@ impl ChildLauncher {
             (true, Some(json)) => Ok(serde_json::from_str(json)?),
             _ => {
                 let err = String::from_utf8_lossy(&out.stderr);
-                let tail: String = err.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
+                let tail: String = err
+                    .lines()
+                    .rev()
+                    .take(8)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join(" | ");
                 Err(Error::Child {
                     what: kind.into(),
                     detail: format!("{} ; stderr: {tail}", out.status),

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::guard::{JournalRecord, Undo, UndoCause, DEFAULT_SWAP_DIR, JOURNAL_DIR};
+use crate::guard::{DEFAULT_SWAP_DIR, JOURNAL_DIR, JournalRecord, Undo, UndoCause};
 
 /// What [`cleanup_leftovers`] did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -40,7 +40,11 @@ fn pid_alive(pid: u32) -> bool {
 
 /// The pid encoded in `usm-bench-<pid>-...`.
 fn pid_of_name(name: &str) -> Option<u32> {
-    name.strip_prefix("usm-bench-")?.split('-').next()?.parse().ok()
+    name.strip_prefix("usm-bench-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Undoes leftovers of dead runs; see the module docs. `extra_swap_dirs` are scanned in
@@ -66,7 +70,9 @@ pub fn cleanup_leftovers(extra_swap_dirs: &[PathBuf]) -> Result<CleanupReport> {
     if let Ok(rd) = fs::read_dir(JOURNAL_DIR) {
         for entry in rd.flatten() {
             let path = entry.path();
-            let Ok(text) = fs::read_to_string(&path) else { continue };
+            let Ok(text) = fs::read_to_string(&path) else {
+                continue;
+            };
             let Ok(rec) = serde_json::from_str::<JournalRecord>(&text) else {
                 let _ = fs::remove_file(&path);
                 continue;

@@ -18,8 +18,10 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::guard::{mthp_sizes_kib, MthpMode, MthpSetting, ThpMode, ThpSetting};
-use crate::stats::{measure_thread, warmup_then_runs, LatencyHistogram, LatencySummary, RunSummary};
+use crate::guard::{MthpMode, MthpSetting, ThpMode, ThpSetting, mthp_sizes_kib};
+use crate::stats::{
+    LatencyHistogram, LatencySummary, RunSummary, measure_thread, warmup_then_runs,
+};
 use crate::sys::{Advice, AnonMemory};
 
 const PAGE: usize = 4096;
@@ -79,7 +81,11 @@ impl PageSizeConfig {
         let thp = ThpSetting::set_enabled(ThpMode::Madvise)?;
         let mut guards = Vec::new();
         for s in sizes {
-            let mode = if s == want { MthpMode::Madvise } else { MthpMode::Never };
+            let mode = if s == want {
+                MthpMode::Madvise
+            } else {
+                MthpMode::Never
+            };
             guards.push(MthpSetting::set(s, mode)?);
         }
         Ok(Self {
@@ -309,7 +315,9 @@ pub fn first_touch_ratios(results: &[FirstTouchResult]) -> Vec<FirstTouchRatio> 
         .iter()
         .filter(|r| r.side != base)
         .map(|r| {
-            let k = results.iter().find(|b| b.side == base && b.order == r.order);
+            let k = results
+                .iter()
+                .find(|b| b.side == base && b.order == r.order);
             let f = |num: f64, g: fn(&FirstTouchResult) -> f64| {
                 k.and_then(|k| crate::stats::ratio_vs_kernel(num, g(k)))
             };

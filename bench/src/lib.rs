@@ -21,7 +21,6 @@
 //!
 //! `unsafe` lives only in [`sys`].
 
-
 pub mod child;
 pub mod cleanup;
 mod error;

@@ -172,7 +172,7 @@ pub fn ensure_redis_installed() -> Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
-    if !status.success() || !(have("redis-server") && have("redis-benchmark")) {
+    if !(status.success() && have("redis-server") && have("redis-benchmark")) {
         return Err(Error::Unavailable {
             facility: "redis-server",
             reason: format!("apt-get install redis-server redis-tools: {status}"),
@@ -215,7 +215,10 @@ impl RespClient {
             match TcpStream::connect(("127.0.0.1", port)) {
                 Ok(stream) => {
                     let mut c = Self { stream };
-                    if c.command(&[b"PING"]).map(|r| r.starts_with(b"+PONG")).unwrap_or(false) {
+                    if c.command(&[b"PING"])
+                        .map(|r| r.starts_with(b"+PONG"))
+                        .unwrap_or(false)
+                    {
                         return Ok(c);
                     }
                 }
@@ -286,7 +289,10 @@ impl RespClient {
             if replies.chunks(5).any(|r| r != b"+OK\r\n") {
                 return Err(Error::Child {
                     what: "redis-server".into(),
-                    detail: format!("SET failed: {}", String::from_utf8_lossy(&replies[..40.min(replies.len())])),
+                    detail: format!(
+                        "SET failed: {}",
+                        String::from_utf8_lossy(&replies[..40.min(replies.len())])
+                    ),
                 });
             }
             k += n;
@@ -297,10 +303,13 @@ impl RespClient {
     fn dbsize(&mut self) -> Result<u64> {
         let r = self.command(&[b"DBSIZE"])?;
         let t = String::from_utf8_lossy(&r);
-        t.trim().trim_start_matches(':').parse().map_err(|_| Error::Parse {
-            what: "DBSIZE reply",
-            detail: t.into_owned(),
-        })
+        t.trim()
+            .trim_start_matches(':')
+            .parse()
+            .map_err(|_| Error::Parse {
+                what: "DBSIZE reply",
+                detail: t.into_owned(),
+            })
     }
 }
 
@@ -319,7 +328,9 @@ pub struct BenchmarkRow {
 /// of `test` (e.g. `"SET"`).
 pub fn parse_benchmark_csv(csv: &str, test: &str) -> Result<BenchmarkRow> {
     let split = |l: &str| -> Vec<String> {
-        l.split(',').map(|f| f.trim().trim_matches('"').to_string()).collect()
+        l.split(',')
+            .map(|f| f.trim().trim_matches('"').to_string())
+            .collect()
     };
     let mut lines = csv.lines().filter(|l| !l.trim().is_empty());
     let header = split(lines.next().unwrap_or_default());
@@ -364,7 +375,11 @@ impl SideSwap {
 }
 
 /// Runs one side; see the module docs.
-pub fn run_redis_side(side: &RedisSide, spec: &RedisSpec, ctx: &RedisContext) -> Result<RedisResult> {
+pub fn run_redis_side(
+    side: &RedisSide,
+    spec: &RedisSpec,
+    ctx: &RedisContext,
+) -> Result<RedisResult> {
     ensure_redis_installed()?;
     let dataset = spec.dataset_bytes();
     if ctx.prewarm {
@@ -383,12 +398,26 @@ pub fn run_redis_side(side: &RedisSide, spec: &RedisSpec, ctx: &RedisContext) ->
     let port = free_port()?;
     let dir = std::env::temp_dir().join(format!("usm-bench-redis-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
-    let log = std::fs::File::create(dir.join("server.log")).map_err(|e| Error::io("create", &dir, e))?;
+    let log =
+        std::fs::File::create(dir.join("server.log")).map_err(|e| Error::io("create", &dir, e))?;
     let log2 = log.try_clone().map_err(|e| Error::io("dup", &dir, e))?;
     let server_args: Vec<String> = [
-        "redis-server", "--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "",
-        "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
-        "--loglevel", "warning", "--dir",
+        "redis-server",
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "yes",
+        "--loglevel",
+        "warning",
+        "--dir",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -419,10 +448,23 @@ pub fn run_redis_side(side: &RedisSide, spec: &RedisSpec, ctx: &RedisContext) ->
     }
     let out = Command::new("redis-benchmark")
         .args([
-            "-h", "127.0.0.1", "-p", &port.to_string(), "-t", "set,get",
-            "-n", &spec.requests.to_string(), "-r", &spec.keys.to_string(),
-            "-d", &spec.value_bytes.to_string(), "-c", &spec.clients.to_string(),
-            "-P", &spec.pipeline.to_string(), "--csv",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "set,get",
+            "-n",
+            &spec.requests.to_string(),
+            "-r",
+            &spec.keys.to_string(),
+            "-d",
+            &spec.value_bytes.to_string(),
+            "-c",
+            &spec.clients.to_string(),
+            "-P",
+            &spec.pipeline.to_string(),
+            "--csv",
         ])
         .stdin(Stdio::null())
         .output()

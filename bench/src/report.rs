@@ -99,7 +99,10 @@ impl Table {
 
     /// Renders the table.
     pub fn render(&self) -> String {
-        let cols = self.header.len().max(self.rows.iter().map(Vec::len).max().unwrap_or(0));
+        let cols = self
+            .header
+            .len()
+            .max(self.rows.iter().map(Vec::len).max().unwrap_or(0));
         let mut width = vec![0usize; cols];
         for r in std::iter::once(&self.header).chain(&self.rows) {
             for (i, c) in r.iter().enumerate() {
@@ -110,7 +113,8 @@ impl Table {
             let mut s = String::new();
             for (i, w) in width.iter().enumerate() {
                 let c = r.get(i).map_or("", String::as_str);
-                let numeric = c.parse::<f64>().is_ok() || c.ends_with('x') && c[..c.len() - 1].parse::<f64>().is_ok();
+                let numeric = c.parse::<f64>().is_ok()
+                    || c.ends_with('x') && c[..c.len() - 1].parse::<f64>().is_ok();
                 if i > 0 {
                     s.push_str("  ");
                 }
@@ -124,7 +128,13 @@ impl Table {
         };
         let mut out = line(&self.header);
         out.push('\n');
-        out.push_str(&width.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+        out.push_str(
+            &width
+                .iter()
+                .map(|w| "-".repeat(*w))
+                .collect::<Vec<_>>()
+                .join("  "),
+        );
         out.push('\n');
         for r in &self.rows {
             out.push_str(&line(r));

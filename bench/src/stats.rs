@@ -163,7 +163,7 @@ pub struct ThreadCost {
 /// CPU seconds, minor and major faults of the calling thread so far (`RUSAGE_THREAD`), or
 /// of the whole process with `whole_process`.
 pub fn rusage(whole_process: bool) -> Result<(f64, u64, u64)> {
-    use nix::sys::resource::{getrusage, UsageWho};
+    use nix::sys::resource::{UsageWho, getrusage};
     let who = if whole_process {
         UsageWho::RUSAGE_SELF
     } else {

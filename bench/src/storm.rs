@@ -145,7 +145,9 @@ impl StormSpec {
             return Err(Error::Invalid("need memory tasks and workers".into()));
         }
         if self.working_set_bytes / (PAGE as u64) < self.mix.memory_tasks as u64 {
-            return Err(Error::Invalid("working set smaller than one page per task".into()));
+            return Err(Error::Invalid(
+                "working set smaller than one page per task".into(),
+            ));
         }
         Ok(())
     }
@@ -282,7 +284,9 @@ impl<'a> MemoryTask<'a> {
         for (p, want) in self.sums.iter().enumerate() {
             let sum = checksum(&self.pages[p * PAGE..(p + 1) * PAGE]);
             if sum != *want {
-                return Err(Error::Corruption(format!("page {p}: {sum:#x} != {want:#x}")));
+                return Err(Error::Corruption(format!(
+                    "page {p}: {sum:#x} != {want:#x}"
+                )));
             }
         }
         Ok(())
@@ -311,7 +315,11 @@ pub fn sample_throughput(
     let mut samples = Vec::new();
     let (mut last_t, mut last_m, mut last_c) = (start, 0u64, 0u64);
     while start.elapsed() < duration {
-        std::thread::sleep(interval.min(duration.saturating_sub(start.elapsed())).max(Duration::from_millis(1)));
+        std::thread::sleep(
+            interval
+                .min(duration.saturating_sub(start.elapsed()))
+                .max(Duration::from_millis(1)),
+        );
         let now = Instant::now();
         let m = counters.memory_ops.load(Ordering::Relaxed);
         let c = counters.cpu_ops.load(Ordering::Relaxed);
@@ -403,7 +411,11 @@ pub fn run_storm_on_threads(spec: &StormSpec, intensity: f64) -> Result<StormPoi
     type TaskOut = Result<(LatencyHistogram, u64)>;
     let (results, memory_ops, cpu_ops): (Vec<TaskOut>, u64, u64) = std::thread::scope(|s| {
         let mut handles = Vec::new();
-        for (i, shard) in mem.as_mut_slice().chunks_mut(pages_per_task * PAGE).enumerate() {
+        for (i, shard) in mem
+            .as_mut_slice()
+            .chunks_mut(pages_per_task * PAGE)
+            .enumerate()
+        {
             let (counters, barrier) = (&counters, &barrier);
             let seed = spec.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             let wp = spec.write_percent;
@@ -462,7 +474,10 @@ pub fn run_storm_on_threads(spec: &StormSpec, intensity: f64) -> Result<StormPoi
         let (mo, co) = (m1 - m0, c1 - c0);
         let out: Vec<_> = handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Invalid("task panicked".into()))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Invalid("task panicked".into())))
+            })
             .collect();
         (out, mo, co)
     });
@@ -623,7 +638,9 @@ impl StormMode for KernelThreadsMode {
             spec: ctx.spec.clone(),
             intensity,
         };
-        let value = ctx.launcher.run(STORM_THREADS_CHILD, &payload, Some(&env.cgroup))?;
+        let value = ctx
+            .launcher
+            .run(STORM_THREADS_CHILD, &payload, Some(&env.cgroup))?;
         let mut point: StormPoint = serde_json::from_value(value)?;
         point.mode = self.label();
         point.medium = ctx.medium.label().into();
@@ -741,7 +758,11 @@ pub fn throughput_plot(points: &[&StormPoint], title: &str) -> LinePlot {
         });
         series.push(Series {
             name: format!("{tag} mem"),
-            points: p.samples.iter().map(|s| (s.t_s, s.memory_ops_per_s)).collect(),
+            points: p
+                .samples
+                .iter()
+                .map(|s| (s.t_s, s.memory_ops_per_s))
+                .collect(),
         });
     }
     LinePlot {

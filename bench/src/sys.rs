@@ -149,7 +149,10 @@ extern "C" fn on_termination_signal(signo: libc::c_int) {
 /// `pipe_write`, which is leaked and stays open until exit. The reader runs the cleanups in
 /// normal context.
 pub(crate) fn install_termination_pipe(pipe_write: OwnedFd, signals: &[libc::c_int]) -> Result<()> {
-    TERMINATION_PIPE.store(std::os::fd::IntoRawFd::into_raw_fd(pipe_write), Ordering::SeqCst);
+    TERMINATION_PIPE.store(
+        std::os::fd::IntoRawFd::into_raw_fd(pipe_write),
+        Ordering::SeqCst,
+    );
     for &signo in signals {
         // SAFETY: an all-zero sigaction is a valid starting value (empty mask, no flags).
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };

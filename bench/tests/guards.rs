@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use usm_bench::guard::{self, active_swaps, MthpMode, ThpMode};
+use usm_bench::guard::{self, MthpMode, ThpMode, active_swaps};
 use usm_bench::{MemCgroup, MthpSetting, PmQos, SwapFile, ThpSetting, ZramSwap};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -57,7 +57,10 @@ fn cgroup_places_child_before_exec_and_is_removed() {
     let out = cg.command("cat").arg("/proc/self/cgroup").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.contains("memory") || l.starts_with("0::")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("memory") || l.starts_with("0::"))
+        .unwrap();
     assert!(text.contains(&name), "child not in {name}: {line}");
     let stats = cg.stats().unwrap();
     assert_eq!(stats.limit_bytes, 64 << 20);
@@ -111,7 +114,10 @@ fn swap_file_enabled_then_removed_and_state_restored() {
         .find(|s| Path::new(&s.path) == path)
         .expect("swap file not active");
     assert_eq!(mine.priority, 7);
-    assert!(mine.size_bytes >= (60 << 20) && mine.size_bytes <= 64 << 20, "{mine:?}");
+    assert!(
+        mine.size_bytes >= (60 << 20) && mine.size_bytes <= 64 << 20,
+        "{mine:?}"
+    );
     drop(sw);
     assert!(!path.exists(), "swap file not deleted");
     assert_eq!(active_swaps().unwrap(), before);
@@ -145,8 +151,14 @@ fn cgroup_limit_pushes_child_memory_to_swap_file() {
     let cg = MemCgroup::create("test-limit", 32 << 20).unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut cmd = cg.command(&exe);
-    cmd.args(["--exact", "child_entry", "--nocapture", "--test-threads", "1"])
-        .env("USM_BENCH_TEST_CHILD", "alloc:96");
+    cmd.args([
+        "--exact",
+        "child_entry",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ])
+    .env("USM_BENCH_TEST_CHILD", "alloc:96");
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
@@ -177,11 +189,24 @@ fn zram_swap_enabled_then_reset() {
         Err(e) => panic!("{e}"),
     };
     let now = active_swaps().unwrap();
-    let mine = now.iter().find(|s| s.path == "/dev/zram0").expect("zram0 not active");
+    let mine = now
+        .iter()
+        .find(|s| s.path == "/dev/zram0")
+        .expect("zram0 not active");
     assert_eq!(mine.priority, 9);
-    assert_eq!(fs::read_to_string("/sys/block/zram0/disksize").unwrap().trim(), (64u64 << 20).to_string());
+    assert_eq!(
+        fs::read_to_string("/sys/block/zram0/disksize")
+            .unwrap()
+            .trim(),
+        (64u64 << 20).to_string()
+    );
     drop(z);
-    assert_eq!(fs::read_to_string("/sys/block/zram0/disksize").unwrap().trim(), "0");
+    assert_eq!(
+        fs::read_to_string("/sys/block/zram0/disksize")
+            .unwrap()
+            .trim(),
+        "0"
+    );
     assert_eq!(active_swaps().unwrap(), before);
 }
 
@@ -195,12 +220,21 @@ fn thp_and_mthp_settings_restored_on_drop_and_panic() {
     }
     let thp0 = knob(THP_ENABLED);
     let m0 = knob(MTHP_64K);
-    let other = if m0 == "always" { MthpMode::Never } else { MthpMode::Always };
+    let other = if m0 == "always" {
+        MthpMode::Never
+    } else {
+        MthpMode::Always
+    };
     {
         let g = MthpSetting::set(64, other).unwrap();
         assert_eq!(g.original(), m0);
         assert_ne!(knob(MTHP_64K), m0);
-        let t = ThpSetting::set_enabled(if thp0 == "never" { ThpMode::Madvise } else { ThpMode::Never }).unwrap();
+        let t = ThpSetting::set_enabled(if thp0 == "never" {
+            ThpMode::Madvise
+        } else {
+            ThpMode::Never
+        })
+        .unwrap();
         assert_ne!(knob(THP_ENABLED), thp0);
         drop(t);
         assert_eq!(knob(THP_ENABLED), thp0);
@@ -218,7 +252,10 @@ fn thp_and_mthp_settings_restored_on_drop_and_panic() {
 
 fn read_dma_latency() -> i32 {
     let mut b = [0u8; 4];
-    fs::File::open("/dev/cpu_dma_latency").unwrap().read_exact(&mut b).unwrap();
+    fs::File::open("/dev/cpu_dma_latency")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
     i32::from_ne_bytes(b)
 }
 
@@ -244,7 +281,13 @@ fn pm_qos_held_then_released() {
 fn spawn_guard_holder() -> (std::process::Child, PathBuf, PathBuf) {
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new(exe)
-        .args(["--exact", "child_entry", "--nocapture", "--test-threads", "1"])
+        .args([
+            "--exact",
+            "child_entry",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env("USM_BENCH_TEST_CHILD", "hold")
         .stdout(Stdio::piped())
         .spawn()
@@ -263,7 +306,11 @@ fn spawn_guard_holder() -> (std::process::Child, PathBuf, PathBuf) {
             break;
         }
     }
-    (child, cg.expect("no cgroup line"), sw.expect("no swap line"))
+    (
+        child,
+        cg.expect("no cgroup line"),
+        sw.expect("no swap line"),
+    )
 }
 
 #[test]
@@ -307,7 +354,10 @@ fn cleanup_leftovers_undoes_a_sigkilled_run() {
     let (mut child, cg, sw) = spawn_guard_holder();
     child.kill().unwrap(); // SIGKILL: no handler runs
     child.wait().unwrap();
-    assert!(cg.exists() && sw.exists(), "SIGKILL should leave state behind");
+    assert!(
+        cg.exists() && sw.exists(),
+        "SIGKILL should leave state behind"
+    );
     assert_ne!(knob(MTHP_64K), m0);
     let report = usm_bench::cleanup::cleanup_leftovers(&[]).unwrap();
     assert!(report.failed.is_empty(), "{report:?}");
@@ -317,7 +367,11 @@ fn cleanup_leftovers_undoes_a_sigkilled_run() {
     assert_eq!(active_swaps().unwrap(), before);
     assert_eq!(knob(MTHP_64K), m0);
     // Nothing left for a second pass.
-    assert!(usm_bench::cleanup::cleanup_leftovers(&[]).unwrap().is_clean());
+    assert!(
+        usm_bench::cleanup::cleanup_leftovers(&[])
+            .unwrap()
+            .is_clean()
+    );
 }
 
 /// Not a test on its own: the body of the child processes above (inert without the env).
@@ -340,7 +394,15 @@ fn child_entry() {
         let sw = SwapFile::create(&swap_dir(), 32 << 20, 4).unwrap();
         let cg = MemCgroup::create("test-hold", 32 << 20).unwrap();
         let m0 = knob(MTHP_64K);
-        let _m = MthpSetting::set(64, if m0 == "always" { MthpMode::Never } else { MthpMode::Always }).unwrap();
+        let _m = MthpSetting::set(
+            64,
+            if m0 == "always" {
+                MthpMode::Never
+            } else {
+                MthpMode::Always
+            },
+        )
+        .unwrap();
         println!("CGROUP {}", cg.path().display());
         println!("SWAP {}", sw.path().display());
         println!("READY");

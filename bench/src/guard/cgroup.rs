@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use usm_sync::atomic::{AtomicU64, Ordering};
 
-use super::{register, Registration, Undo, UndoCause};
+use super::{Registration, Undo, UndoCause, register};
 use crate::error::{Error, Result};
 
 /// Which cgroup hierarchy carries the memory controller.
@@ -80,8 +80,7 @@ pub(crate) fn cgroup_base() -> Result<(CgroupVersion, PathBuf)> {
     if !root.join("memory.limit_in_bytes").exists() {
         return Err(Error::Unavailable {
             facility: "memory cgroup",
-            reason: "neither cgroup v2 with the memory controller nor /sys/fs/cgroup/memory"
-                .into(),
+            reason: "neither cgroup v2 with the memory controller nor /sys/fs/cgroup/memory".into(),
         });
     }
     let own = fs::read_to_string("/proc/self/cgroup")
@@ -91,12 +90,22 @@ pub(crate) fn cgroup_base() -> Result<(CgroupVersion, PathBuf)> {
         .filter_map(|l| {
             let mut it = l.splitn(3, ':');
             let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
-            ctrls.split(',').any(|c| c == "memory").then(|| path.to_string())
+            ctrls
+                .split(',')
+                .any(|c| c == "memory")
+                .then(|| path.to_string())
         })
         .next()
         .unwrap_or_else(|| "/".into());
     let dir = root.join(rel.trim_start_matches('/'));
-    Ok((CgroupVersion::V1, if dir.is_dir() { dir } else { root.to_path_buf() }))
+    Ok((
+        CgroupVersion::V1,
+        if dir.is_dir() {
+            dir
+        } else {
+            root.to_path_buf()
+        },
+    ))
 }
 
 fn write_file(path: &Path, value: &str) -> Result<()> {
@@ -136,10 +145,19 @@ impl MemCgroup {
         }
         let clean: String = label
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let seq = NEXT_SEQ.fetch_add(1, Ordering::Relaxed);
-        let dir = base.join(format!("{CGROUP_PREFIX}{}-{seq}-{clean}", std::process::id()));
+        let dir = base.join(format!(
+            "{CGROUP_PREFIX}{}-{seq}-{clean}",
+            std::process::id()
+        ));
         let registration = register(Undo::RemoveCgroup { dir: dir.clone() })?;
         let made = (|| -> Result<Arc<OwnedFd>> {
             fs::create_dir(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
@@ -223,8 +241,7 @@ impl MemCgroup {
     pub fn stats(&self) -> Result<CgroupStats> {
         let d = &self.dir;
         let stat_path = d.join("memory.stat");
-        let stat =
-            fs::read_to_string(&stat_path).map_err(|e| Error::io("read", &stat_path, e))?;
+        let stat = fs::read_to_string(&stat_path).map_err(|e| Error::io("read", &stat_path, e))?;
         let major_faults = stat_field(&stat, "pgmajfault").unwrap_or(0);
         let faults = stat_field(&stat, "pgfault").unwrap_or(0);
         Ok(match self.version {

@@ -30,10 +30,8 @@ mod thp;
 
 pub use cgroup::{CgroupStats, CgroupVersion, MemCgroup};
 pub use pmqos::PmQos;
-pub use swap::{
-    active_swaps, ActiveSwap, SwapFile, ZramSwap, DEFAULT_SWAP_DIR, ZRAM_LOCK_PATH,
-};
-pub use thp::{mthp_sizes_kib, mthp_stat, MthpMode, MthpSetting, SysfsKnob, ThpMode, ThpSetting};
+pub use swap::{ActiveSwap, DEFAULT_SWAP_DIR, SwapFile, ZRAM_LOCK_PATH, ZramSwap, active_swaps};
+pub use thp::{MthpMode, MthpSetting, SysfsKnob, ThpMode, ThpSetting, mthp_sizes_kib, mthp_stat};
 
 use std::fs;
 use std::io::Read;
@@ -42,8 +40,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
-use usm_sync::atomic::{AtomicU64, Ordering};
 use usm_sync::Mutex;
+use usm_sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 

@@ -20,7 +20,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use usm_sync::atomic::{AtomicU64, Ordering};
 
-use super::{register, Registration, Undo, UndoCause};
+use super::{Registration, Undo, UndoCause, register};
 use crate::error::{Error, Result};
 
 /// Default directory of swap files: on the root ext4 disk, the project's disk.
@@ -85,7 +85,9 @@ fn is_active(path: &Path) -> bool {
 fn write_swap_header(file: &File, path: &Path, bytes: u64) -> Result<()> {
     let pages = bytes / PAGE;
     if pages < 10 {
-        return Err(Error::Invalid(format!("swap of {bytes} bytes is too small")));
+        return Err(Error::Invalid(format!(
+            "swap of {bytes} bytes is too small"
+        )));
     }
     let mut page0 = vec![0u8; PAGE as usize];
     // struct swap_header_v1_2 at offset 1024: version, last_page, nr_badpages, uuid[16],
@@ -119,7 +121,10 @@ impl SwapFile {
     pub fn create(dir: &Path, bytes: u64, priority: i16) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|e| Error::io("mkdir", dir, e))?;
         let seq = NEXT_SEQ.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!("{SWAP_FILE_PREFIX}{}-{seq}.swap", std::process::id()));
+        let path = dir.join(format!(
+            "{SWAP_FILE_PREFIX}{}-{seq}.swap",
+            std::process::id()
+        ));
         let size_bytes = bytes / PAGE * PAGE;
         let registration = register(Undo::SwapOffFile { path: path.clone() })?;
         let made = (|| -> Result<()> {
@@ -262,8 +267,7 @@ impl ZramSwap {
         };
         let disksize = sysfs.join("disksize");
         loop {
-            let cur = fs::read_to_string(&disksize)
-                .map_err(|e| Error::io("read", &disksize, e))?;
+            let cur = fs::read_to_string(&disksize).map_err(|e| Error::io("read", &disksize, e))?;
             if cur.trim() == "0" {
                 break;
             }

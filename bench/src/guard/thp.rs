@@ -9,7 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{register, Registration, Undo, UndoCause};
+use super::{Registration, Undo, UndoCause, register};
 use crate::error::{Error, Result};
 
 const THP_DIR: &str = "/sys/kernel/mm/transparent_hugepage";
