@@ -142,7 +142,10 @@ impl Error {
     }
     /// Trying again later may succeed (`EAGAIN`, `EINTR`, `ENOMEM`).
     pub fn is_retryable(&self) -> bool {
-        matches!(self.errno(), Some(Errno::EAGAIN | Errno::EINTR | Errno::ENOMEM))
+        matches!(
+            self.errno(),
+            Some(Errno::EAGAIN | Errno::EINTR | Errno::ENOMEM)
+        )
     }
     /// The target address space is gone (`ESRCH`: the process exited).
     pub fn is_mm_gone(&self) -> bool {

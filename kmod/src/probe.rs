@@ -54,8 +54,14 @@ pub struct Attempt {
 impl Attempt {
     fn from<T, E: fmt::Display>(r: Result<T, E>) -> Attempt {
         match r {
-            Ok(_) => Attempt { ok: true, error: None },
-            Err(e) => Attempt { ok: false, error: Some(e.to_string()) },
+            Ok(_) => Attempt {
+                ok: true,
+                error: None,
+            },
+            Err(e) => Attempt {
+                ok: false,
+                error: Some(e.to_string()),
+            },
         }
     }
 }
@@ -183,12 +189,23 @@ fn probe_kernel() -> KernelInfo {
         Err(_) => (String::from("?"), String::from("?")),
     };
     let version = parse_version(&release);
-    KernelInfo { release, machine, version }
+    KernelInfo {
+        release,
+        machine,
+        version,
+    }
 }
 
 fn probe_uffd() -> UffdProbe {
-    let handler = OpenFlags { nonblock: true, cloexec: true, user_mode_only: false };
-    let umo = OpenFlags { user_mode_only: true, ..handler };
+    let handler = OpenFlags {
+        nonblock: true,
+        cloexec: true,
+        user_mode_only: false,
+    };
+    let umo = OpenFlags {
+        user_mode_only: true,
+        ..handler
+    };
     let meta = std::fs::metadata("/dev/userfaultfd");
     let dev_mode = meta
         .as_ref()
@@ -210,7 +227,11 @@ fn probe_uffd() -> UffdProbe {
     };
     let features = Features::NAMED
         .iter()
-        .map(|&(name, f)| FeatureProbe { name, since: f.since(), available: offered.contains(f) })
+        .map(|&(name, f)| FeatureProbe {
+            name,
+            since: f.since(),
+            available: offered.contains(f),
+        })
         .collect();
     UffdProbe {
         dev_exists: meta.is_ok(),
@@ -243,23 +264,43 @@ fn probe_io_uring() -> IoUringProbe {
             let mut p = io_uring::Probe::new();
             let r = ring.submitter().register_probe(&mut p);
             let ok = r.is_ok();
-            let ops = needed.iter().map(|&(n, c)| (n.to_string(), ok && p.is_supported(c))).collect();
+            let ops = needed
+                .iter()
+                .map(|&(n, c)| (n.to_string(), ok && p.is_supported(c)))
+                .collect();
             (Attempt::from(r), ops)
         }
         Err(_) => (
-            Attempt { ok: false, error: Some("no ring".into()) },
-            needed.iter().map(|&(n, _)| (n.to_string(), false)).collect(),
+            Attempt {
+                ok: false,
+                error: Some("no ring".into()),
+            },
+            needed
+                .iter()
+                .map(|&(n, _)| (n.to_string(), false))
+                .collect(),
         ),
     };
-    IoUringProbe { setup, probe, ops, disabled_sysctl }
+    IoUringProbe {
+        setup,
+        probe,
+        ops,
+        disabled_sysctl,
+    }
 }
 
 fn probe_memlock() -> MemlockProbe {
     use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
     let lim = |v: u64| (v != RLIM_INFINITY).then_some(v);
     match getrlimit(Resource::RLIMIT_MEMLOCK) {
-        Ok((soft, hard)) => MemlockProbe { soft: lim(soft), hard: lim(hard) },
-        Err(_) => MemlockProbe { soft: Some(0), hard: Some(0) },
+        Ok((soft, hard)) => MemlockProbe {
+            soft: lim(soft),
+            hard: lim(hard),
+        },
+        Err(_) => MemlockProbe {
+            soft: Some(0),
+            hard: Some(0),
+        },
     }
 }
 
@@ -286,7 +327,11 @@ fn probe_cgroup() -> CgroupProbe {
         let f: Vec<&str> = l.split_whitespace().collect();
         f.len() > 3 && f[2] == "cgroup" && f[3].split(',').any(|o| o == "memory")
     });
-    CgroupProbe { v2_mounted, v2_memory, v1_memory }
+    CgroupProbe {
+        v2_mounted,
+        v2_memory,
+        v1_memory,
+    }
 }
 
 fn missing_features(u: &UffdProbe, needed: Features, mode: &str) -> Vec<String> {
@@ -316,14 +361,21 @@ impl ProbeReport {
         let cgroup = probe_cgroup();
 
         let mut embedded = Vec::new();
-        if !userfaultfd.dev_open.ok && !userfaultfd.syscall_user_mode_only.ok && !userfaultfd.syscall.ok {
+        if !userfaultfd.dev_open.ok
+            && !userfaultfd.syscall_user_mode_only.ok
+            && !userfaultfd.syscall.ok
+        {
             embedded.push(
                 "no userfaultfd can be opened: make /dev/userfaultfd accessible (chmod/ACL) or \
                  allow the syscall"
                     .to_string(),
             );
         }
-        embedded.extend(missing_features(&userfaultfd, EMBEDDED_FEATURES, "embedded"));
+        embedded.extend(missing_features(
+            &userfaultfd,
+            EMBEDDED_FEATURES,
+            "embedded",
+        ));
 
         let mut daemon = Vec::new();
         if userfaultfd.path.is_none() {
@@ -351,11 +403,32 @@ impl ProbeReport {
             }
         }
         let modes = vec![
-            ModeReadiness { mode: "embedded", ready: embedded.is_empty(), missing: embedded },
-            ModeReadiness { mode: "daemon", ready: daemon.is_empty(), missing: daemon },
-            ModeReadiness { mode: "swap", ready: swap.is_empty(), missing: swap },
+            ModeReadiness {
+                mode: "embedded",
+                ready: embedded.is_empty(),
+                missing: embedded,
+            },
+            ModeReadiness {
+                mode: "daemon",
+                ready: daemon.is_empty(),
+                missing: daemon,
+            },
+            ModeReadiness {
+                mode: "swap",
+                ready: swap.is_empty(),
+                missing: swap,
+            },
         ];
-        ProbeReport { kernel, euid, userfaultfd, io_uring, memlock, cpu_dma_latency, cgroup, modes }
+        ProbeReport {
+            kernel,
+            euid,
+            userfaultfd,
+            io_uring,
+            memlock,
+            cpu_dma_latency,
+            cgroup,
+            modes,
+        }
     }
 
     /// Every mode is ready.
@@ -379,7 +452,11 @@ fn attempt(a: &Attempt) -> String {
 impl fmt::Display for ProbeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let k = &self.kernel;
-        writeln!(f, "kernel            {} ({}), euid {}", k.release, k.machine, self.euid)?;
+        writeln!(
+            f,
+            "kernel            {} ({}), euid {}",
+            k.release, k.machine, self.euid
+        )?;
         let u = &self.userfaultfd;
         writeln!(f, "userfaultfd")?;
         writeln!(
@@ -420,11 +497,17 @@ impl fmt::Display for ProbeReport {
             writeln!(f, "  EVENT_FORK permitted: {}", yes(p))?;
         }
         let io = &self.io_uring;
-        writeln!(f, "io_uring          setup {}, probe {}", attempt(&io.setup), attempt(&io.probe))?;
+        writeln!(
+            f,
+            "io_uring          setup {}, probe {}",
+            attempt(&io.setup),
+            attempt(&io.probe)
+        )?;
         for (op, ok) in &io.ops {
             writeln!(f, "  {op:<20} {}", yes(*ok))?;
         }
-        let lim = |v: Option<u64>| v.map_or("unlimited".to_string(), |b| format!("{} KiB", b / 1024));
+        let lim =
+            |v: Option<u64>| v.map_or("unlimited".to_string(), |b| format!("{} KiB", b / 1024));
         writeln!(
             f,
             "RLIMIT_MEMLOCK    soft {}, hard {}",
@@ -441,7 +524,12 @@ impl fmt::Display for ProbeReport {
             yes(c.v1_memory)
         )?;
         for m in &self.modes {
-            writeln!(f, "mode {:<9}    {}", m.mode, if m.ready { "ready" } else { "NOT ready" })?;
+            writeln!(
+                f,
+                "mode {:<9}    {}",
+                m.mode,
+                if m.ready { "ready" } else { "NOT ready" }
+            )?;
             for line in &m.missing {
                 writeln!(f, "  advice: {line}")?;
             }
@@ -461,7 +549,10 @@ impl fmt::Display for ProbeReport {
             )?;
         }
         if !c.v2_memory && !c.v1_memory {
-            writeln!(f, "advice: no memory cgroup: the kernel-baseline benchmarks cannot limit memory")?;
+            writeln!(
+                f,
+                "advice: no memory cgroup: the kernel-baseline benchmarks cannot limit memory"
+            )?;
         }
         Ok(())
     }

@@ -113,7 +113,10 @@ impl Features {
 
     /// The single-bit sets of `self`, known or not, lowest bit first.
     pub fn bits_iter(self) -> impl Iterator<Item = Features> {
-        (0..64).map(|b| 1u64 << b).filter(move |m| self.0 & m != 0).map(Features)
+        (0..64)
+            .map(|b| 1u64 << b)
+            .filter(move |m| self.0 & m != 0)
+            .map(Features)
     }
 }
 
@@ -276,7 +279,11 @@ pub struct OpenFlags {
 impl Default for OpenFlags {
     /// Non-blocking, close-on-exec, *not* user-mode-only.
     fn default() -> Self {
-        OpenFlags { nonblock: true, cloexec: true, user_mode_only: false }
+        OpenFlags {
+            nonblock: true,
+            cloexec: true,
+            user_mode_only: false,
+        }
     }
 }
 
@@ -354,7 +361,13 @@ impl UffdEvent {
     /// process `pid`. Remap and Fork need the runtime's bookkeeping and map to `None`.
     pub fn to_event(&self, pid: u32) -> Option<Event> {
         match *self {
-            UffdEvent::Pagefault { addr, write, wp, minor, tid } => Some(Event::Fault(Fault {
+            UffdEvent::Pagefault {
+                addr,
+                write,
+                wp,
+                minor,
+                tid,
+            } => Some(Event::Fault(Fault {
                 addr: addr & !(PAGE_SIZE as u64 - 1),
                 write,
                 wp,
@@ -363,7 +376,11 @@ impl UffdEvent {
                 origin: Origin { pid, tid },
             })),
             UffdEvent::Remove { start, end } | UffdEvent::Unmap { start, end } => {
-                Some(Event::Free { origin: Origin { pid, tid: 0 }, start, len: end - start })
+                Some(Event::Free {
+                    origin: Origin { pid, tid: 0 },
+                    start,
+                    len: end - start,
+                })
             }
             UffdEvent::Fork { .. } | UffdEvent::Remap { .. } => None,
         }

@@ -26,7 +26,8 @@ fn a_thread_faults_another_resolves_with_copy_zeropage_and_move() {
     let move_src = sys::mmap_anon(PAGE as usize);
     sys::fill_page(copy_src, 0xC0C0);
     sys::fill_page(move_src, 0x3030);
-    uffd.register(region, 3 * PAGE, RegisterMode::MISSING).unwrap();
+    uffd.register(region, 3 * PAGE, RegisterMode::MISSING)
+        .unwrap();
 
     let tid = Arc::new(AtomicU32::new(0));
     let faulter = {
@@ -36,7 +37,12 @@ fn a_thread_faults_another_resolves_with_copy_zeropage_and_move() {
             let a = sys::load(region + 8);
             sys::store(region + PAGE + 16, 7);
             let c = sys::load(region + 2 * PAGE + 24);
-            (a, sys::load(region + PAGE), sys::load(region + PAGE + 16), c)
+            (
+                a,
+                sys::load(region + PAGE),
+                sys::load(region + PAGE + 16),
+                c,
+            )
         })
     };
     let mut faults = 0;
@@ -45,21 +51,29 @@ fn a_thread_faults_another_resolves_with_copy_zeropage_and_move() {
         let events = wait_events(&uffd, 1, WAIT);
         assert!(!events.is_empty(), "the faulting thread's fault arrives");
         for ev in events {
-            let UffdEvent::Pagefault { addr, write, wp, minor, tid: ftid } = ev else {
+            let UffdEvent::Pagefault {
+                addr,
+                write,
+                wp,
+                minor,
+                tid: ftid,
+            } = ev
+            else {
                 panic!("unexpected event {ev:?}");
             };
             assert!(!wp && !minor);
-            assert_eq!(ftid, tid.load(Ordering::SeqCst), "THREAD_ID reports the faulting thread");
+            assert_eq!(
+                ftid,
+                tid.load(Ordering::SeqCst),
+                "THREAD_ID reports the faulting thread"
+            );
             let page = (addr - region) / PAGE;
             assert_eq!(page, faults, "faults arrive in program order");
             assert_eq!(write, page == 1, "page 1 is written, 0 and 2 read");
-            // SAFETY: test-owned region pages and sources.
-            let r = unsafe {
-                match page {
-                    0 => uffd.copy(addr, copy_src, PAGE, CopyMode::empty()),
-                    1 => uffd.zeropage(addr, PAGE, ZeropageMode::empty()),
-                    _ => uffd.move_pages(addr, move_src, PAGE, MoveMode::empty()),
-                }
+            let r = match page {
+                0 => sys::copy(&uffd, addr, copy_src, PAGE, CopyMode::empty()),
+                1 => sys::zeropage(&uffd, addr, PAGE, ZeropageMode::empty()),
+                _ => sys::move_pages(&uffd, addr, move_src, PAGE, MoveMode::empty()),
             }
             .unwrap();
             assert_eq!(r, Resolved::Done(PAGE));
@@ -70,15 +84,18 @@ fn a_thread_faults_another_resolves_with_copy_zeropage_and_move() {
     let (a, b0, b16, c) = faulter.join().unwrap();
     assert_eq!((a, b0, b16, c), (0xC0C0, 0, 7, 0x3030));
     assert_eq!(resolved_bytes, 3 * PAGE);
-    assert!(sys::page_is(region + 2 * PAGE, 0x3030), "moved page content intact");
-    assert!(sys::page_is(move_src, 0), "MOVE left a hole in the (unregistered) source");
+    assert!(
+        sys::page_is(region + 2 * PAGE, 0x3030),
+        "moved page content intact"
+    );
+    assert!(
+        sys::page_is(move_src, 0),
+        "MOVE left a hole in the (unregistered) source"
+    );
     // Resolving again: already mapped, a state not an error.
-    // SAFETY: test-owned.
-    let r = unsafe { uffd.copy(region, copy_src, PAGE, CopyMode::DONTWAKE) }.unwrap();
+    let r = sys::copy(&uffd, region, copy_src, PAGE, CopyMode::DONTWAKE).unwrap();
     assert_eq!(r, Resolved::AlreadyMapped);
-    for a in [region] {
-        sys::munmap(a, 3 * PAGE as usize);
-    }
+    sys::munmap(region, 3 * PAGE as usize);
     sys::munmap(copy_src, PAGE as usize);
     sys::munmap(move_src, PAGE as usize);
 }
@@ -92,10 +109,10 @@ fn a_write_blocks_until_write_protection_is_cleared() {
     let region = sys::mmap_anon(PAGE as usize);
     let src = sys::mmap_anon(PAGE as usize);
     sys::fill_page(src, 1);
-    uffd.register(region, PAGE, RegisterMode::MISSING | RegisterMode::WP).unwrap();
+    uffd.register(region, PAGE, RegisterMode::MISSING | RegisterMode::WP)
+        .unwrap();
     // Populate write-protected in one step (COPY with MODE_WP).
-    // SAFETY: test-owned.
-    let r = unsafe { uffd.copy(region, src, PAGE, CopyMode::WP) }.unwrap();
+    let r = sys::copy(&uffd, region, src, PAGE, CopyMode::WP).unwrap();
     assert_eq!(r, Resolved::Done(PAGE));
     assert_eq!(sys::load(region), 1, "reads are not blocked by WP");
     let done = Arc::new(AtomicBool::new(false));
@@ -112,16 +129,17 @@ fn a_write_blocks_until_write_protection_is_cleared() {
         "{events:?}"
     );
     std::thread::sleep(Duration::from_millis(50));
-    assert!(!done.load(Ordering::SeqCst), "the write waits while the page is write-protected");
-    // SAFETY: test-owned.
-    let r = unsafe { uffd.writeprotect(region, PAGE, WriteProtect::Clear) }.unwrap();
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the write waits while the page is write-protected"
+    );
+    let r = sys::writeprotect(&uffd, region, PAGE, WriteProtect::Clear).unwrap();
     assert_eq!(r, Resolved::Done(PAGE));
     writer.join().unwrap();
     assert!(done.load(Ordering::SeqCst));
     assert_eq!(sys::load(region), 42);
     // Setting it again protects again.
-    // SAFETY: test-owned.
-    let r = unsafe { uffd.writeprotect(region, PAGE, WriteProtect::Set) }.unwrap();
+    let r = sys::writeprotect(&uffd, region, PAGE, WriteProtect::Set).unwrap();
     assert!(r.is_done());
     sys::munmap(region, PAGE as usize);
     sys::munmap(src, PAGE as usize);
@@ -138,7 +156,10 @@ fn remove_and_unmap_events_arrive_for_dontneed_and_munmap() {
     uffd.register(region, len, RegisterMode::MISSING).unwrap();
     // Both calls wait until their event is read, so they run on another thread.
     let t = std::thread::spawn(move || {
-        assert_eq!(sys::madvise(region + PAGE, 2 * PAGE as usize, libc::MADV_DONTNEED), 0);
+        assert_eq!(
+            sys::madvise(region + PAGE, 2 * PAGE as usize, libc::MADV_DONTNEED),
+            0
+        );
         assert_eq!(sys::munmap(region, len as usize), 0);
     });
     let mut events = wait_events(&uffd, 1, WAIT);
@@ -149,7 +170,9 @@ fn remove_and_unmap_events_arrive_for_dontneed_and_munmap() {
         other => panic!("expected one REMOVE, got {other:?}"),
     }
     let ev = events.pop().unwrap().to_event(7).unwrap();
-    assert!(matches!(ev, usm_kmod::Event::Free { start, len, .. } if start == region + PAGE && len == 2 * PAGE));
+    assert!(
+        matches!(ev, usm_kmod::Event::Free { start, len, .. } if start == region + PAGE && len == 2 * PAGE)
+    );
     let events = wait_events(&uffd, 1, WAIT);
     match events.as_slice() {
         [UffdEvent::Unmap { start, end }] => assert_eq!((*start, *end), (region, region + len)),
@@ -169,15 +192,21 @@ fn a_resolve_during_an_unread_remap_is_mmap_changing() {
     let target = sys::mmap_anon(len);
     let src = sys::mmap_anon(PAGE as usize);
     sys::fill_page(src, 9);
-    uffd.register(region, len as u64, RegisterMode::MISSING).unwrap();
+    uffd.register(region, len as u64, RegisterMode::MISSING)
+        .unwrap();
     let mover = std::thread::spawn(move || sys::mremap_fixed(region, len, target));
     // The REMAP event is queued (and mmap_changing raised) before mremap waits for us.
-    assert!(uffd.wait_readable(5000).unwrap(), "the remap event is pending");
-    // SAFETY: test-owned (the old or the new range, both ours).
-    let r = unsafe { uffd.copy(target, src, PAGE, CopyMode::empty()) }.unwrap();
-    assert_eq!(r, Resolved::MmapChanging, "EAGAIN with no progress while the event is unread");
-    // SAFETY: as above.
-    let r = unsafe { uffd.move_pages(target, src, PAGE, MoveMode::empty()) }.unwrap();
+    assert!(
+        uffd.wait_readable(5000).unwrap(),
+        "the remap event is pending"
+    );
+    let r = sys::copy(&uffd, target, src, PAGE, CopyMode::empty()).unwrap();
+    assert_eq!(
+        r,
+        Resolved::MmapChanging,
+        "EAGAIN with no progress while the event is unread"
+    );
+    let r = sys::move_pages(&uffd, target, src, PAGE, MoveMode::empty()).unwrap();
     assert_eq!(r, Resolved::MmapChanging);
     let events = wait_events(&uffd, 1, WAIT);
     match events.as_slice() {
@@ -188,8 +217,7 @@ fn a_resolve_during_an_unread_remap_is_mmap_changing() {
     }
     assert_eq!(mover.join().unwrap(), target);
     // Reading the event lets mremap finish; then the new range resolves normally.
-    // SAFETY: test-owned.
-    let r = unsafe { uffd.copy(target, src, PAGE, CopyMode::empty()) }.unwrap();
+    let r = sys::copy(&uffd, target, src, PAGE, CopyMode::empty()).unwrap();
     assert_eq!(r, Resolved::Done(PAGE));
     assert!(sys::page_is(target, 9));
     sys::munmap(target, len);
@@ -210,22 +238,43 @@ fn a_multi_page_move_meeting_a_present_page_is_partial() {
     }
     uffd.register(dst, n * PAGE, RegisterMode::MISSING).unwrap();
     // Page 2 of dst is present.
-    // SAFETY: test-owned.
-    assert!(unsafe { uffd.zeropage(dst + 2 * PAGE, PAGE, ZeropageMode::DONTWAKE) }.unwrap().is_done());
-    // SAFETY: test-owned.
-    let r = unsafe { uffd.move_pages(dst, src, n * PAGE, MoveMode::empty()) }.unwrap();
-    assert_eq!(r, Resolved::Partial(2 * PAGE), "stops at the present page with a partial count");
+    assert!(
+        sys::zeropage(&uffd, dst + 2 * PAGE, PAGE, ZeropageMode::DONTWAKE)
+            .unwrap()
+            .is_done()
+    );
+    let r = sys::move_pages(&uffd, dst, src, n * PAGE, MoveMode::empty()).unwrap();
+    assert_eq!(
+        r,
+        Resolved::Partial(2 * PAGE),
+        "stops at the present page with a partial count"
+    );
     assert!(sys::page_is(dst, 100) && sys::page_is(dst + PAGE, 101));
     // Continuing from the stop point names the reason: the page is already mapped.
-    // SAFETY: test-owned.
-    let r = unsafe { uffd.move_pages(dst + 2 * PAGE, src + 2 * PAGE, 2 * PAGE, MoveMode::empty()) }.unwrap();
+    let r = sys::move_pages(
+        &uffd,
+        dst + 2 * PAGE,
+        src + 2 * PAGE,
+        2 * PAGE,
+        MoveMode::empty(),
+    )
+    .unwrap();
     assert_eq!(r, Resolved::AlreadyMapped);
     // And the rest moves.
-    // SAFETY: test-owned.
-    let r = unsafe { uffd.move_pages(dst + 3 * PAGE, src + 3 * PAGE, PAGE, MoveMode::empty()) }.unwrap();
+    let r = sys::move_pages(
+        &uffd,
+        dst + 3 * PAGE,
+        src + 3 * PAGE,
+        PAGE,
+        MoveMode::empty(),
+    )
+    .unwrap();
     assert_eq!(r, Resolved::Done(PAGE));
     assert!(sys::page_is(dst + 3 * PAGE, 103));
-    assert!(sys::page_is(src + 2 * PAGE, 102), "the unmoved source page stayed");
+    assert!(
+        sys::page_is(src + 2 * PAGE, 102),
+        "the unmoved source page stayed"
+    );
     sys::munmap(dst, (n * PAGE) as usize);
     sys::munmap(src, (n * PAGE) as usize);
 }
@@ -244,20 +293,27 @@ fn moving_a_fork_shared_page_says_use_copy_and_copy_works() {
     let rfd = std::os::fd::AsRawFd::as_raw_fd(&r);
     // The child shares `src` copy-on-write and waits on the pipe.
     let child = sys::fork_with(move || {
-        let mut b = [0u8; 1];
-        // SAFETY: reading one byte into a stack buffer.
-        let n = unsafe { libc::read(rfd, b.as_mut_ptr().cast(), 1) };
-        if n == 1 && sys::load(src) == 0xF00D { 0 } else { 1 }
+        if sys::read_one(rfd) && sys::load(src) == 0xF00D {
+            0
+        } else {
+            1
+        }
     });
-    // SAFETY: test-owned.
-    let r1 = unsafe { uffd.move_pages(dst, src, PAGE, MoveMode::empty()) }.unwrap();
-    assert_eq!(r1, Resolved::UseCopy, "EBUSY from MOVE on a fork-shared page");
-    // SAFETY: test-owned.
-    let r2 = unsafe { uffd.copy(dst, src, PAGE, CopyMode::empty()) }.unwrap();
+    let r1 = sys::move_pages(&uffd, dst, src, PAGE, MoveMode::empty()).unwrap();
+    assert_eq!(
+        r1,
+        Resolved::UseCopy,
+        "EBUSY from MOVE on a fork-shared page"
+    );
+    let r2 = sys::copy(&uffd, dst, src, PAGE, CopyMode::empty()).unwrap();
     assert_eq!(r2, Resolved::Done(PAGE));
     assert!(sys::page_is(dst, 0xF00D));
     nix::unistd::write(&w, b"x").unwrap();
-    assert_eq!(sys::wait_child(child), Ok(0), "the child still sees its copy");
+    assert_eq!(
+        sys::wait_child(child),
+        Ok(0),
+        "the child still sees its copy"
+    );
     sys::munmap(dst, PAGE as usize);
     sys::munmap(src, PAGE as usize);
 }
@@ -271,12 +327,15 @@ fn a_poisoned_page_raises_sigbus_on_access() {
     let region = sys::mmap_anon(2 * PAGE as usize);
     let src = sys::mmap_anon(PAGE as usize);
     sys::fill_page(src, 5);
-    uffd.register(region, 2 * PAGE, RegisterMode::MISSING).unwrap();
+    uffd.register(region, 2 * PAGE, RegisterMode::MISSING)
+        .unwrap();
     // Page 0 gets real content (so the child inherits the page tables), page 1 poison.
-    // SAFETY: test-owned.
-    assert!(unsafe { uffd.copy(region, src, PAGE, CopyMode::empty()) }.unwrap().is_done());
-    // SAFETY: test-owned.
-    let r = unsafe { uffd.poison(region + PAGE, PAGE, PoisonMode::empty()) }.unwrap();
+    assert!(
+        sys::copy(&uffd, region, src, PAGE, CopyMode::empty())
+            .unwrap()
+            .is_done()
+    );
+    let r = sys::poison(&uffd, region + PAGE, PAGE, PoisonMode::empty()).unwrap();
     assert_eq!(r, Resolved::Done(PAGE));
     // Touch it in a child: the parent must survive to check how the child died.
     let child = sys::fork_with(move || {

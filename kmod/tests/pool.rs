@@ -19,7 +19,14 @@ fn pin_to(cpu: usize) {
 
 #[test]
 fn concurrent_take_and_give_from_both_cores_conserves_frames() {
-    let pool = FramePool::new(PoolConfig { frames: 1024, lock: LockMode::Unlocked }, None).unwrap();
+    let pool = FramePool::new(
+        PoolConfig {
+            frames: 1024,
+            lock: LockMode::Unlocked,
+        },
+        None,
+    )
+    .unwrap();
     let zeroer = pool.spawn_zeroer(32);
     let workers: Vec<_> = (0..2)
         .map(|w| {
@@ -43,7 +50,9 @@ fn concurrent_take_and_give_from_both_cores_conserves_frames() {
                             if round % 2 == 0 {
                                 // Written, so it goes through the zeroing queue.
                                 let off = f.index() * 4096;
-                                pool.memory().store_u64(off + 8 * (round as usize % 512), round | 1).unwrap();
+                                pool.memory()
+                                    .store_u64(off + 8 * (round as usize % 512), round | 1)
+                                    .unwrap();
                                 pool.release(f).unwrap();
                             } else {
                                 pool.return_unused(&mut local, f).unwrap();
@@ -67,7 +76,10 @@ fn concurrent_take_and_give_from_both_cores_conserves_frames() {
     while pool.zero_some(256).unwrap() > 0 {}
     let c = pool.check_conservation().unwrap();
     assert_eq!(c.free, 1024, "{c}");
-    assert_eq!(c.free_shared, 1024, "dropped lArenas spilled everything: {c}");
+    assert_eq!(
+        c.free_shared, 1024,
+        "dropped lArenas spilled everything: {c}"
+    );
     // Every frame is in the sArena exactly once, and zero.
     let mut frames = pool.shared_arena().snapshot();
     frames.sort_unstable();
@@ -78,7 +90,14 @@ fn concurrent_take_and_give_from_both_cores_conserves_frames() {
 
 #[test]
 fn conservation_check_catches_a_frame_outside_every_arena() {
-    let pool = FramePool::new(PoolConfig { frames: 8, lock: LockMode::Unlocked }, None).unwrap();
+    let pool = FramePool::new(
+        PoolConfig {
+            frames: 8,
+            lock: LockMode::Unlocked,
+        },
+        None,
+    )
+    .unwrap();
     let mut local = pool.local_arena();
     let f = pool.take(&mut local).unwrap().unwrap();
     let c = pool.check_conservation().unwrap();
@@ -92,7 +111,16 @@ fn conservation_check_catches_a_frame_outside_every_arena() {
     pool.check_conservation().unwrap();
     // A wrong transition is a typed error.
     let err = pool.release(g).unwrap_err();
-    assert!(matches!(err, usm_kmod::Error::FrameState { actual: FrameState::Free, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            usm_kmod::Error::FrameState {
+                actual: FrameState::Free,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 fn pool_and_region(lock: LockMode, region_locked: bool) -> Option<(Arc<FramePool>, u64, u64)> {
@@ -110,37 +138,46 @@ fn pool_and_region(lock: LockMode, region_locked: bool) -> Option<(Arc<FramePool
 }
 
 fn install_stage_release(pool: &Arc<FramePool>, region: u64) {
-    let owner = FrameOwner { pid: std::process::id(), region: 1 };
+    let owner = FrameOwner {
+        pid: std::process::id(),
+        region: 1,
+    };
     let mut local = pool.local_arena();
     let f = pool.take(&mut local).unwrap().unwrap();
-    // SAFETY: `region` is a missing page of the test's region, registered on the pool's uffd.
-    let r = unsafe { pool.install(f, region, owner, MoveMode::empty()) }.unwrap();
+    let r = sys::install(pool, f, region, owner, MoveMode::empty()).unwrap();
     assert_eq!(r, Resolved::Done(PAGE));
     let d = pool.desc(f).unwrap();
-    assert_eq!((d.state(), d.vaddr(), d.owner()), (FrameState::Mapped, region, owner));
+    assert_eq!(
+        (d.state(), d.vaddr(), d.owner()),
+        (FrameState::Mapped, region, owner)
+    );
     d.set_policy(77);
     assert_eq!(pool.desc(f).unwrap().policy(), 77);
     assert!(sys::page_is(region, 0), "the installed frame is zero");
     sys::fill_page(region, 0x1234);
     // Evict: the page goes back to its slot, the region page becomes a hole again.
-    // SAFETY: test-owned region page.
-    let r = unsafe { pool.stage(f, MoveMode::DONTWAKE) }.unwrap();
+    let r = sys::stage(pool, f, MoveMode::DONTWAKE).unwrap();
     assert_eq!(r, Resolved::Done(PAGE));
     assert_eq!(pool.desc(f).unwrap().state(), FrameState::Staging);
     let slot = f.index() * 4096;
-    assert_eq!(pool.memory().load_u64(slot).unwrap(), 0x1234, "the staged page carries the data");
+    assert_eq!(
+        pool.memory().load_u64(slot).unwrap(),
+        0x1234,
+        "the staged page carries the data"
+    );
     // Swap-cache hit: move it back.
-    // SAFETY: the region page is a hole again, ours.
-    let r = unsafe { pool.unstage(f, MoveMode::empty()) }.unwrap();
+    let r = sys::unstage(pool, f, MoveMode::empty()).unwrap();
     assert!(r.is_done());
     assert!(sys::page_is(region, 0x1234));
     // Region dropped: reclaim moves the page back and queues the frame for zeroing.
-    // SAFETY: test-owned.
-    let r = unsafe { pool.reclaim(f) }.unwrap();
+    let r = sys::reclaim(pool, f).unwrap();
     assert!(r.is_done());
     assert_eq!(pool.desc(f).unwrap().state(), FrameState::Zeroing);
     assert_eq!(pool.zero_some(16).unwrap(), 1);
-    assert!(pool.memory().is_zero(slot, 4096).unwrap(), "the dirty slot was cleared");
+    assert!(
+        pool.memory().is_zero(slot, 4096).unwrap(),
+        "the dirty slot was cleared"
+    );
     pool.check_conservation().unwrap();
 }
 
@@ -173,11 +210,15 @@ fn move_between_locked_pool_and_unlocked_region_is_einval() {
         let (pool, region, len) = pool_and_region(pool_lock, region_locked).unwrap();
         let mut local = pool.local_arena();
         let f = pool.take(&mut local).unwrap().unwrap();
-        // SAFETY: test-owned missing page.
-        let err = unsafe { pool.install(f, region, FrameOwner::default(), MoveMode::empty()) }.unwrap_err();
+        let err =
+            sys::install(&pool, f, region, FrameOwner::default(), MoveMode::empty()).unwrap_err();
         assert!(err.is_invalid(), "lock-state mismatch is EINVAL: {err:?}");
         assert!(err.to_string().contains("UFFDIO_MOVE"), "{err}");
-        assert_eq!(pool.desc(f).unwrap().state(), FrameState::Taken, "a failed install keeps the frame");
+        assert_eq!(
+            pool.desc(f).unwrap().state(),
+            FrameState::Taken,
+            "a failed install keeps the frame"
+        );
         pool.return_unused(&mut local, f).unwrap();
         sys::munmap(region, len as usize);
     }
@@ -193,8 +234,14 @@ fn a_frame_whose_page_was_dropped_is_refilled_with_a_zeroed_page() {
     let mut frames = Vec::new();
     for i in 0..4 {
         let f = pool.take(&mut local).unwrap().unwrap();
-        // SAFETY: test-owned missing pages.
-        let r = unsafe { pool.install(f, region + i * PAGE, FrameOwner::default(), MoveMode::empty()) }.unwrap();
+        let r = sys::install(
+            &pool,
+            f,
+            region + i * PAGE,
+            FrameOwner::default(),
+            MoveMode::empty(),
+        )
+        .unwrap();
         assert!(r.is_done());
         sys::fill_page(region + i * PAGE, 0xAA + i);
         frames.push(f);
@@ -208,18 +255,30 @@ fn a_frame_whose_page_was_dropped_is_refilled_with_a_zeroed_page() {
     assert_eq!(pool.zero_some(64).unwrap(), 4);
     for &f in &frames {
         assert_eq!(pool.desc(f).unwrap().state(), FrameState::Free);
-        assert!(pool.memory().is_zero(f.index() * 4096, 4096).unwrap(), "{f} refilled and zero");
+        assert!(
+            pool.memory().is_zero(f.index() * 4096, 4096).unwrap(),
+            "{f} refilled and zero"
+        );
     }
     // They can be moved out again (a refilled slot holds a real page again).
     let region2 = sys::mmap_anon(len as usize);
     assert_eq!(sys::madvise(region2, len as usize, libc::MADV_DONTFORK), 0);
-    pool.userfaultfd().unwrap().register(region2, len, RegisterMode::MISSING).unwrap();
+    pool.userfaultfd()
+        .unwrap()
+        .register(region2, len, RegisterMode::MISSING)
+        .unwrap();
     drop(local);
     let mut local = pool.local_arena();
     for i in 0..4 {
         let f = pool.take(&mut local).unwrap().unwrap();
-        // SAFETY: test-owned missing pages.
-        let r = unsafe { pool.install(f, region2 + i * PAGE, FrameOwner::default(), MoveMode::empty()) }.unwrap();
+        let r = sys::install(
+            &pool,
+            f,
+            region2 + i * PAGE,
+            FrameOwner::default(),
+            MoveMode::empty(),
+        )
+        .unwrap();
         assert!(r.is_done(), "{f}: {r:?}");
         assert!(sys::page_is(region2 + i * PAGE, 0));
     }

@@ -22,29 +22,60 @@ fn the_faulting_thread_resolves_its_own_fault_in_its_sigbus_handler() {
     sys::fill_page(copy_src, 0xAB);
     sys::fill_page(move_src, 0xCD);
     sys::fill_page(move_src + PAGE, 0xEF);
-    uffd.register(region, pages * PAGE, RegisterMode::MISSING).unwrap();
-    sys::install_sigbus(sys::SigbusSetup { uffd, region, len: pages * PAGE, copy_src, move_src });
+    uffd.register(region, pages * PAGE, RegisterMode::MISSING)
+        .unwrap();
+    sys::install_sigbus(sys::SigbusSetup {
+        uffd,
+        region,
+        len: pages * PAGE,
+        copy_src,
+        move_src,
+    });
 
     // This thread faults four times; each fault is resolved in its own signal handler.
     assert_eq!(sys::load(region + 64), 0xAB, "page 0: COPY");
     sys::store(region + PAGE, 11);
-    assert_eq!(sys::load(region + PAGE), 11, "page 1: ZEROPAGE, then the write COWs");
+    assert_eq!(
+        sys::load(region + PAGE),
+        11,
+        "page 1: ZEROPAGE, then the write COWs"
+    );
     assert_eq!(sys::load(region + PAGE + 8), 0);
     assert_eq!(sys::load(region + 2 * PAGE), 0xCD, "page 2: MOVE");
     sys::store(region + 3 * PAGE + 8, 1);
     assert_eq!(sys::load(region + 3 * PAGE), 0xEF, "page 3: MOVE, written");
 
-    let counts: Vec<usize> = sys::RESOLVED.iter().map(|c| c.load(Ordering::SeqCst)).collect();
-    assert_eq!(counts, vec![1, 1, 2], "one signal per missing page, each resolved once");
+    let counts: Vec<usize> = sys::RESOLVED
+        .iter()
+        .map(|c| c.load(Ordering::SeqCst))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![1, 1, 2],
+        "one signal per missing page, each resolved once"
+    );
     assert_eq!(sys::FOREIGN.load(Ordering::SeqCst), 0);
-    assert!(sys::page_is(move_src, 0), "the moved source pages are holes now");
+    assert!(
+        sys::page_is(move_src, 0),
+        "the moved source pages are holes now"
+    );
 
     // A second access to the resolved pages raises nothing, and no message is queued.
     let _ = sys::load(region + 3 * PAGE + 16);
-    assert_eq!(sys::RESOLVED.iter().map(|c| c.load(Ordering::SeqCst)).sum::<usize>(), 4);
+    assert_eq!(
+        sys::RESOLVED
+            .iter()
+            .map(|c| c.load(Ordering::SeqCst))
+            .sum::<usize>(),
+        4
+    );
     let mut events: Vec<UffdEvent> = Vec::new();
     let uffd = sys_setup_uffd();
-    assert_eq!(uffd.read_events(&mut events).unwrap(), 0, "SIGBUS mode sends no fault messages");
+    assert_eq!(
+        uffd.read_events(&mut events).unwrap(),
+        0,
+        "SIGBUS mode sends no fault messages"
+    );
 }
 
 fn sys_setup_uffd() -> &'static usm_kmod::Userfaultfd {

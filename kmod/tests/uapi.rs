@@ -6,7 +6,7 @@ mod common;
 
 use common::{PAGE, require_root, sys};
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::Command;
 use usm_kmod::sys::uapi::{self, *};
 use usm_kmod::{
@@ -49,11 +49,17 @@ fn header_values() -> Vec<(&'static str, u64)> {
         ("UFFD_PAGEFAULT_FLAG_WRITE", UFFD_PAGEFAULT_FLAG_WRITE),
         ("UFFD_PAGEFAULT_FLAG_WP", UFFD_PAGEFAULT_FLAG_WP),
         ("UFFD_PAGEFAULT_FLAG_MINOR", UFFD_PAGEFAULT_FLAG_MINOR),
-        ("UFFD_FEATURE_PAGEFAULT_FLAG_WP", UFFD_FEATURE_PAGEFAULT_FLAG_WP),
+        (
+            "UFFD_FEATURE_PAGEFAULT_FLAG_WP",
+            UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+        ),
         ("UFFD_FEATURE_EVENT_FORK", UFFD_FEATURE_EVENT_FORK),
         ("UFFD_FEATURE_EVENT_REMAP", UFFD_FEATURE_EVENT_REMAP),
         ("UFFD_FEATURE_EVENT_REMOVE", UFFD_FEATURE_EVENT_REMOVE),
-        ("UFFD_FEATURE_MISSING_HUGETLBFS", UFFD_FEATURE_MISSING_HUGETLBFS),
+        (
+            "UFFD_FEATURE_MISSING_HUGETLBFS",
+            UFFD_FEATURE_MISSING_HUGETLBFS,
+        ),
         ("UFFD_FEATURE_MISSING_SHMEM", UFFD_FEATURE_MISSING_SHMEM),
         ("UFFD_FEATURE_EVENT_UNMAP", UFFD_FEATURE_EVENT_UNMAP),
         ("UFFD_FEATURE_SIGBUS", UFFD_FEATURE_SIGBUS),
@@ -61,41 +67,119 @@ fn header_values() -> Vec<(&'static str, u64)> {
         ("UFFD_FEATURE_MINOR_HUGETLBFS", UFFD_FEATURE_MINOR_HUGETLBFS),
         ("UFFD_FEATURE_MINOR_SHMEM", UFFD_FEATURE_MINOR_SHMEM),
         ("UFFD_FEATURE_EXACT_ADDRESS", UFFD_FEATURE_EXACT_ADDRESS),
-        ("UFFD_FEATURE_WP_HUGETLBFS_SHMEM", UFFD_FEATURE_WP_HUGETLBFS_SHMEM),
+        (
+            "UFFD_FEATURE_WP_HUGETLBFS_SHMEM",
+            UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+        ),
         ("UFFDIO_REGISTER_MODE_MISSING", UFFDIO_REGISTER_MODE_MISSING),
         ("UFFDIO_REGISTER_MODE_WP", UFFDIO_REGISTER_MODE_WP),
         ("UFFDIO_REGISTER_MODE_MINOR", UFFDIO_REGISTER_MODE_MINOR),
         ("UFFDIO_COPY_MODE_DONTWAKE", UFFDIO_COPY_MODE_DONTWAKE),
         ("UFFDIO_COPY_MODE_WP", UFFDIO_COPY_MODE_WP),
-        ("UFFDIO_ZEROPAGE_MODE_DONTWAKE", UFFDIO_ZEROPAGE_MODE_DONTWAKE),
+        (
+            "UFFDIO_ZEROPAGE_MODE_DONTWAKE",
+            UFFDIO_ZEROPAGE_MODE_DONTWAKE,
+        ),
         ("UFFDIO_WRITEPROTECT_MODE_WP", UFFDIO_WRITEPROTECT_MODE_WP),
-        ("UFFDIO_WRITEPROTECT_MODE_DONTWAKE", UFFDIO_WRITEPROTECT_MODE_DONTWAKE),
-        ("UFFDIO_CONTINUE_MODE_DONTWAKE", UFFDIO_CONTINUE_MODE_DONTWAKE),
+        (
+            "UFFDIO_WRITEPROTECT_MODE_DONTWAKE",
+            UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+        ),
+        (
+            "UFFDIO_CONTINUE_MODE_DONTWAKE",
+            UFFDIO_CONTINUE_MODE_DONTWAKE,
+        ),
         ("sizeof(struct uffdio_api)", size_of::<UffdioApi>() as u64),
-        ("sizeof(struct uffdio_range)", size_of::<UffdioRange>() as u64),
-        ("sizeof(struct uffdio_register)", size_of::<UffdioRegister>() as u64),
+        (
+            "sizeof(struct uffdio_range)",
+            size_of::<UffdioRange>() as u64,
+        ),
+        (
+            "sizeof(struct uffdio_register)",
+            size_of::<UffdioRegister>() as u64,
+        ),
         ("sizeof(struct uffdio_copy)", size_of::<UffdioCopy>() as u64),
-        ("sizeof(struct uffdio_zeropage)", size_of::<UffdioZeropage>() as u64),
-        ("sizeof(struct uffdio_writeprotect)", size_of::<UffdioWriteprotect>() as u64),
-        ("sizeof(struct uffdio_continue)", size_of::<UffdioContinue>() as u64),
+        (
+            "sizeof(struct uffdio_zeropage)",
+            size_of::<UffdioZeropage>() as u64,
+        ),
+        (
+            "sizeof(struct uffdio_writeprotect)",
+            size_of::<UffdioWriteprotect>() as u64,
+        ),
+        (
+            "sizeof(struct uffdio_continue)",
+            size_of::<UffdioContinue>() as u64,
+        ),
         ("sizeof(struct uffd_msg)", size_of::<UffdMsg>() as u64),
-        ("offsetof(struct uffdio_api, features)", offset_of!(UffdioApi, features) as u64),
-        ("offsetof(struct uffdio_api, ioctls)", offset_of!(UffdioApi, ioctls) as u64),
-        ("offsetof(struct uffdio_register, mode)", offset_of!(UffdioRegister, mode) as u64),
-        ("offsetof(struct uffdio_register, ioctls)", offset_of!(UffdioRegister, ioctls) as u64),
-        ("offsetof(struct uffdio_copy, src)", offset_of!(UffdioCopy, src) as u64),
-        ("offsetof(struct uffdio_copy, mode)", offset_of!(UffdioCopy, mode) as u64),
-        ("offsetof(struct uffdio_copy, copy)", offset_of!(UffdioCopy, copy) as u64),
-        ("offsetof(struct uffdio_zeropage, zeropage)", offset_of!(UffdioZeropage, zeropage) as u64),
-        ("offsetof(struct uffdio_writeprotect, mode)", offset_of!(UffdioWriteprotect, mode) as u64),
-        ("offsetof(struct uffdio_continue, mapped)", offset_of!(UffdioContinue, mapped) as u64),
-        ("offsetof(struct uffd_msg, arg)", offset_of!(UffdMsg, arg) as u64),
-        ("offsetof(struct uffd_msg, arg.pagefault.address)", offset_of!(UffdMsg, arg) as u64 + offset_of!(UffdMsgPagefault, address) as u64),
-        ("offsetof(struct uffd_msg, arg.pagefault.feat.ptid)", offset_of!(UffdMsg, arg) as u64 + offset_of!(UffdMsgPagefault, feat) as u64),
-        ("offsetof(struct uffd_msg, arg.remap.to)", offset_of!(UffdMsg, arg) as u64 + offset_of!(UffdMsgRemap, to) as u64),
-        ("offsetof(struct uffd_msg, arg.remap.len)", offset_of!(UffdMsg, arg) as u64 + offset_of!(UffdMsgRemap, len) as u64),
-        ("offsetof(struct uffd_msg, arg.remove.end)", offset_of!(UffdMsg, arg) as u64 + offset_of!(UffdMsgRemove, end) as u64),
-        ("sizeof(((struct uffd_msg *)0)->arg)", size_of::<UffdMsgArg>() as u64),
+        (
+            "offsetof(struct uffdio_api, features)",
+            offset_of!(UffdioApi, features) as u64,
+        ),
+        (
+            "offsetof(struct uffdio_api, ioctls)",
+            offset_of!(UffdioApi, ioctls) as u64,
+        ),
+        (
+            "offsetof(struct uffdio_register, mode)",
+            offset_of!(UffdioRegister, mode) as u64,
+        ),
+        (
+            "offsetof(struct uffdio_register, ioctls)",
+            offset_of!(UffdioRegister, ioctls) as u64,
+        ),
+        (
+            "offsetof(struct uffdio_copy, src)",
+            offset_of!(UffdioCopy, src) as u64,
+        ),
+        (
+            "offsetof(struct uffdio_copy, mode)",
+            offset_of!(UffdioCopy, mode) as u64,
+        ),
+        (
+            "offsetof(struct uffdio_copy, copy)",
+            offset_of!(UffdioCopy, copy) as u64,
+        ),
+        (
+            "offsetof(struct uffdio_zeropage, zeropage)",
+            offset_of!(UffdioZeropage, zeropage) as u64,
+        ),
+        (
+            "offsetof(struct uffdio_writeprotect, mode)",
+            offset_of!(UffdioWriteprotect, mode) as u64,
+        ),
+        (
+            "offsetof(struct uffdio_continue, mapped)",
+            offset_of!(UffdioContinue, mapped) as u64,
+        ),
+        (
+            "offsetof(struct uffd_msg, arg)",
+            offset_of!(UffdMsg, arg) as u64,
+        ),
+        (
+            "offsetof(struct uffd_msg, arg.pagefault.address)",
+            offset_of!(UffdMsg, arg) as u64 + offset_of!(UffdMsgPagefault, address) as u64,
+        ),
+        (
+            "offsetof(struct uffd_msg, arg.pagefault.feat.ptid)",
+            offset_of!(UffdMsg, arg) as u64 + offset_of!(UffdMsgPagefault, feat) as u64,
+        ),
+        (
+            "offsetof(struct uffd_msg, arg.remap.to)",
+            offset_of!(UffdMsg, arg) as u64 + offset_of!(UffdMsgRemap, to) as u64,
+        ),
+        (
+            "offsetof(struct uffd_msg, arg.remap.len)",
+            offset_of!(UffdMsg, arg) as u64 + offset_of!(UffdMsgRemap, len) as u64,
+        ),
+        (
+            "offsetof(struct uffd_msg, arg.remove.end)",
+            offset_of!(UffdMsg, arg) as u64 + offset_of!(UffdMsgRemove, end) as u64,
+        ),
+        (
+            "sizeof(((struct uffd_msg *)0)->arg)",
+            size_of::<UffdMsgArg>() as u64,
+        ),
         ("sizeof(((struct uffd_msg *)0)->arg.fork.ufd)", 4),
     ]
 }
@@ -106,9 +190,12 @@ fn constants_and_layouts_match_the_system_header() {
         eprintln!("SKIP: {HEADER} is absent (install linux-libc-dev)");
         return;
     }
-    let compiler = ["cc", "gcc", "clang"]
-        .into_iter()
-        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()));
+    let compiler = ["cc", "gcc", "clang"].into_iter().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
     let Some(compiler) = compiler else {
         eprintln!("SKIP: no C compiler (cc/gcc/clang) to build the header probe");
         return;
@@ -127,8 +214,17 @@ fn constants_and_layouts_match_the_system_header() {
     let src = dir.path().join("probe.c");
     let bin = dir.path().join("probe");
     std::fs::write(&src, c).unwrap();
-    let out = Command::new(compiler).arg(&src).arg("-o").arg(&bin).output().unwrap();
-    assert!(out.status.success(), "C probe failed to build: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(compiler)
+        .arg(&src)
+        .arg("-o")
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "C probe failed to build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new(&bin).output().unwrap();
     assert!(out.status.success());
     let got: HashMap<String, u64> = String::from_utf8(out.stdout)
@@ -144,7 +240,11 @@ fn constants_and_layouts_match_the_system_header() {
             bad.push(format!("{expr}: header {:#x}, ours {ours:#x}", got[*expr]));
         }
     }
-    assert!(bad.is_empty(), "mismatches against {HEADER}:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "mismatches against {HEADER}:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[test]
@@ -168,31 +268,36 @@ fn the_kernel_accepts_move_and_poison_and_reports_them() {
         return;
     }
     let uffd = common::uffd(Features::MOVE | Features::POISON | Features::WP_ASYNC);
-    assert!(uffd.features().contains(Features::WP_UNPOPULATED), "WP_ASYNC implies WP_UNPOPULATED");
-    assert!(uffd.api_ioctls().contains(Ioctls::API | Ioctls::REGISTER | Ioctls::UNREGISTER));
+    assert!(
+        uffd.features().contains(Features::WP_UNPOPULATED),
+        "WP_ASYNC implies WP_UNPOPULATED"
+    );
+    assert!(
+        uffd.api_ioctls()
+            .contains(Ioctls::API | Ioctls::REGISTER | Ioctls::UNREGISTER)
+    );
     let dst = sys::mmap_anon(3 * PAGE as usize);
     let src = sys::mmap_anon(PAGE as usize);
     sys::fill_page(src, 0x5a5a);
     let granted = uffd.register(dst, 3 * PAGE, RegisterMode::MISSING).unwrap();
-    assert!(granted.contains(Ioctls::MOVE | Ioctls::POISON | Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::WAKE));
-    // SAFETY: test-owned ranges.
-    let r = unsafe { uffd.move_pages(dst, src, PAGE, MoveMode::empty()) }.unwrap();
+    assert!(
+        granted.contains(
+            Ioctls::MOVE | Ioctls::POISON | Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::WAKE
+        )
+    );
+    let r = sys::move_pages(&uffd, dst, src, PAGE, MoveMode::empty()).unwrap();
     assert_eq!(r, Resolved::Done(PAGE));
     assert!(sys::page_is(dst, 0x5a5a));
-    // SAFETY: test-owned range.
-    let r = unsafe { uffd.poison(dst + PAGE, PAGE, PoisonMode::empty()) }.unwrap();
+    let r = sys::poison(&uffd, dst + PAGE, PAGE, PoisonMode::empty()).unwrap();
     assert_eq!(r, Resolved::Done(PAGE));
     // MOVE from a hole without ALLOW_SRC_HOLES: ENOENT, an error classified as not-found.
-    // SAFETY: test-owned ranges.
-    let e = unsafe { uffd.move_pages(dst + 2 * PAGE, src, PAGE, MoveMode::empty()) };
+    let e = sys::move_pages(&uffd, dst + 2 * PAGE, src, PAGE, MoveMode::empty());
     assert!(e.as_ref().is_err_and(|e| e.is_not_found()), "{e:?}");
     // With ALLOW_SRC_HOLES the hole counts as moved and the destination stays missing.
-    // SAFETY: test-owned ranges.
-    let r = unsafe { uffd.move_pages(dst + 2 * PAGE, src, PAGE, MoveMode::ALLOW_SRC_HOLES) }.unwrap();
+    let r = sys::move_pages(&uffd, dst + 2 * PAGE, src, PAGE, MoveMode::ALLOW_SRC_HOLES).unwrap();
     assert_eq!(r, Resolved::Done(PAGE));
     // A poisoned page counts as present for a later resolve.
-    // SAFETY: test-owned range.
-    let r = unsafe { uffd.zeropage(dst + PAGE, PAGE, usm_kmod::ZeropageMode::empty()) }.unwrap();
+    let r = sys::zeropage(&uffd, dst + PAGE, PAGE, usm_kmod::ZeropageMode::empty()).unwrap();
     assert_eq!(r, Resolved::AlreadyMapped);
     sys::munmap(dst, 3 * PAGE as usize);
     sys::munmap(src, PAGE as usize);
@@ -203,7 +308,10 @@ fn features_display_and_missing_feature_error() {
     let f = Features::MOVE | Features::SIGBUS;
     assert_eq!(f.to_string(), "SIGBUS | MOVE");
     assert_eq!(Features::empty().to_string(), "(none)");
-    assert_eq!(Features::from_bits_retain(1 << 40).to_string(), "0x10000000000");
+    assert_eq!(
+        Features::from_bits_retain(1 << 40).to_string(),
+        "0x10000000000"
+    );
     assert_eq!(Features::MOVE.since(), "6.8");
     assert_eq!(Features::POISON.since(), "6.6");
     assert_eq!(Features::WP_ASYNC.since(), "6.7");
@@ -211,9 +319,19 @@ fn features_display_and_missing_feature_error() {
         return;
     }
     let raw = RawUserfaultfd::open(OpenFlags::default()).unwrap();
-    let err = raw.negotiate(Features::empty(), Features::MOVE | Features::from_bits_retain(1 << 40)).unwrap_err();
+    let err = raw
+        .negotiate(
+            Features::empty(),
+            Features::MOVE | Features::from_bits_retain(1 << 40),
+        )
+        .unwrap_err();
     match &err {
-        Error::MissingFeature { name, since, offered, .. } => {
+        Error::MissingFeature {
+            name,
+            since,
+            offered,
+            ..
+        } => {
             assert_eq!(name, "bit 40");
             assert_eq!(*since, "?");
             assert!(offered.contains(Features::MOVE));
@@ -234,38 +352,61 @@ fn negotiating_twice_is_an_api_error() {
     let _first = raw.negotiate(Features::empty(), Features::MOVE).unwrap();
     let again = RawUserfaultfd::from_fd(dup).unwrap();
     assert_eq!(again.path(), OpenPath::Adopted);
-    let err = again.negotiate(Features::empty(), Features::MOVE).unwrap_err();
-    assert!(matches!(err, Error::Api { .. }) && err.is_invalid(), "{err:?}");
+    let err = again
+        .negotiate(Features::empty(), Features::MOVE)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Api { .. }) && err.is_invalid(),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn adopting_an_fd_received_over_scm_rights() {
     use nix::sys::socket::{
-        AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
-        recvmsg, sendmsg, socketpair,
+        AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+        sendmsg, socketpair,
     };
     use std::io::{IoSlice, IoSliceMut};
     if !require_root("adopting_an_fd_received_over_scm_rights") {
         return;
     }
     // The "tagger" side opens without negotiating and sends the fd.
-    let (tagger, daemon) =
-        socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).unwrap();
+    let (tagger, daemon) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
     let raw = RawUserfaultfd::open(OpenFlags::default()).unwrap();
     let fd = raw.into_fd();
     let fds = [fd.as_raw_fd()];
-    sendmsg::<()>(tagger.as_raw_fd(), &[IoSlice::new(b"uffd")], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None).unwrap();
+    sendmsg::<()>(
+        tagger.as_raw_fd(),
+        &[IoSlice::new(b"uffd")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
     drop(fd);
     // The "daemon" side receives, adopts and negotiates with its own privileges.
     let mut buf = [0u8; 8];
     let mut iov = [IoSliceMut::new(&mut buf)];
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(daemon.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty()).unwrap();
+    let msg = recvmsg::<()>(
+        daemon.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .unwrap();
     let mut received = None;
     for c in msg.cmsgs().unwrap() {
         if let ControlMessageOwned::ScmRights(v) = c {
             // The fd arrived in our table; we own it now.
-            received = Some(own(v[0]));
+            received = Some(sys::own_fd(v[0]));
         }
     }
     let uffd = RawUserfaultfd::from_fd(received.expect("an fd arrived"))
@@ -275,8 +416,7 @@ fn adopting_an_fd_received_over_scm_rights() {
     assert!(uffd.features().contains(Features::EVENT_FORK));
     let region = sys::mmap_anon(PAGE as usize);
     uffd.register(region, PAGE, RegisterMode::MISSING).unwrap();
-    // SAFETY: test-owned range.
-    let r = unsafe { uffd.zeropage(region, PAGE, usm_kmod::ZeropageMode::empty()) }.unwrap();
+    let r = sys::zeropage(&uffd, region, PAGE, usm_kmod::ZeropageMode::empty()).unwrap();
     assert_eq!(r, Resolved::Done(PAGE));
     assert_eq!(sys::load(region), 0);
     // Something that is not a userfaultfd is refused.
@@ -286,20 +426,18 @@ fn adopting_an_fd_received_over_scm_rights() {
     sys::munmap(region, PAGE as usize);
 }
 
-fn own(fd: std::os::fd::RawFd) -> OwnedFd {
-    // SAFETY: the fd was just installed in our table by SCM_RIGHTS; nothing else owns it.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
 #[test]
 fn user_mode_only_turns_kernel_accesses_into_efault() {
     if !require_root("user_mode_only_turns_kernel_accesses_into_efault") {
         return;
     }
-    let uffd = RawUserfaultfd::open(OpenFlags { user_mode_only: true, ..OpenFlags::default() })
-        .unwrap()
-        .negotiate(Features::empty(), Features::empty())
-        .unwrap();
+    let uffd = RawUserfaultfd::open(OpenFlags {
+        user_mode_only: true,
+        ..OpenFlags::default()
+    })
+    .unwrap()
+    .negotiate(Features::empty(), Features::empty())
+    .unwrap();
     let region = sys::mmap_anon(PAGE as usize);
     uffd.register(region, PAGE, RegisterMode::MISSING).unwrap();
     let (r, w) = nix::unistd::pipe().unwrap();

@@ -43,20 +43,28 @@ impl Default for SharedArena {
 impl SharedArena {
     /// An empty arena.
     pub fn new() -> SharedArena {
-        SharedArena { frames: Mutex::new(Vec::new()), len: AtomicUsize::new(0) }
+        SharedArena {
+            frames: Mutex::new(Vec::new()),
+            len: AtomicUsize::new(0),
+        }
     }
 
     /// An arena holding `frames` (the last one is handed out first).
     pub fn with_frames(frames: impl IntoIterator<Item = FrameNo>) -> SharedArena {
         let frames: Vec<FrameNo> = frames.into_iter().collect();
         let len = frames.len();
-        SharedArena { frames: Mutex::new(frames), len: AtomicUsize::new(len) }
+        SharedArena {
+            frames: Mutex::new(frames),
+            len: AtomicUsize::new(len),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<FrameNo>> {
         // A panic while holding the lock cannot leave the Vec half-updated in a way that
         // loses frames (push/truncate are atomic w.r.t. panics), so poison is ignored.
-        self.frames.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.frames
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Frames held now (a snapshot; exact when nobody is refilling or spilling).

@@ -265,7 +265,9 @@ impl FramePool {
     /// or bookkeeping-only users).
     pub fn new(config: PoolConfig, uffd: Option<Arc<Userfaultfd>>) -> Result<Arc<FramePool>> {
         if config.frames == 0 || config.frames > u32::MAX as usize {
-            return Err(Error::InvalidArgument("pool size must be 1..=u32::MAX frames"));
+            return Err(Error::InvalidArgument(
+                "pool size must be 1..=u32::MAX frames",
+            ));
         }
         if let Some(u) = &uffd {
             if !u.features().contains(Features::MOVE) {
@@ -290,8 +292,9 @@ impl FramePool {
         }
         let zero_source = Mapping::anonymous(ZERO_SOURCE_PAGES * PAGE_SIZE, Protection::Read)?;
         let descs = (0..config.frames).map(|_| FrameDesc::new()).collect();
-        let shared =
-            Arc::new(SharedArena::with_frames((0..config.frames as u32).rev().map(FrameNo)));
+        let shared = Arc::new(SharedArena::with_frames(
+            (0..config.frames as u32).rev().map(FrameNo),
+        ));
         Ok(Arc::new(FramePool {
             mem,
             zero_source,
@@ -342,7 +345,10 @@ impl FramePool {
     }
     /// A frame's descriptor.
     pub fn desc(&self, frame: FrameNo) -> Result<&FrameDesc> {
-        self.descs.get(frame.index()).ok_or(Error::NoSuchFrame { frame, len: self.descs.len() })
+        self.descs.get(frame.index()).ok_or(Error::NoSuchFrame {
+            frame,
+            len: self.descs.len(),
+        })
     }
     /// The sArena.
     pub fn shared_arena(&self) -> &Arc<SharedArena> {
@@ -360,7 +366,12 @@ impl FramePool {
     }
 
     /// Moves a frame's state `from` → `to`; a mismatch is [`Error::FrameState`].
-    pub(crate) fn transition(&self, frame: FrameNo, from: FrameState, to: FrameState) -> Result<&FrameDesc> {
+    pub(crate) fn transition(
+        &self,
+        frame: FrameNo,
+        from: FrameState,
+        to: FrameState,
+    ) -> Result<&FrameDesc> {
         let desc = self.desc(frame)?;
         desc.state
             .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
@@ -389,7 +400,10 @@ impl FramePool {
             }
         };
         let transitioned = self.transition(frame, FrameState::Free, FrameState::Taken);
-        debug_assert!(transitioned.is_ok(), "arena held a non-free frame: {transitioned:?}");
+        debug_assert!(
+            transitioned.is_ok(),
+            "arena held a non-free frame: {transitioned:?}"
+        );
         transitioned?;
         Ok(Some(frame))
     }
@@ -413,7 +427,11 @@ impl FramePool {
             FrameState::Taken | FrameState::Staging => SlotContent::Dirty,
             FrameState::Mapped => SlotContent::Hole,
             other => {
-                return Err(Error::FrameState { frame, expected: FrameState::Taken, actual: other });
+                return Err(Error::FrameState {
+                    frame,
+                    expected: FrameState::Taken,
+                    actual: other,
+                });
             }
         };
         self.transition(frame, state, FrameState::Zeroing)?;
@@ -471,7 +489,10 @@ impl FramePool {
 
     /// Counts frames by state and where the free ones are.
     pub fn census(&self) -> Census {
-        let mut c = Census { total: self.descs.len(), ..Census::default() };
+        let mut c = Census {
+            total: self.descs.len(),
+            ..Census::default()
+        };
         for d in &self.descs {
             match d.state() {
                 FrameState::Free => c.free += 1,
@@ -549,7 +570,11 @@ mod zeroer {
                     }
                 }
             });
-            ZeroerHandle { stop, pool: Arc::clone(self), thread: Some(thread) }
+            ZeroerHandle {
+                stop,
+                pool: Arc::clone(self),
+                thread: Some(thread),
+            }
         }
     }
 

@@ -104,7 +104,10 @@ impl Mapping {
             )
         };
         if raw == libc::MAP_FAILED {
-            return Err(Error::Sys { what: "mmap(anonymous)", source: Errno::last() });
+            return Err(Error::Sys {
+                what: "mmap(anonymous)",
+                source: Errno::last(),
+            });
         }
         let base = raw as usize;
         let start = (base + align - 1) & !(align - 1);
@@ -144,7 +147,9 @@ impl Mapping {
 
     fn check(&self, offset: usize, len: usize) -> Result<()> {
         if offset % PAGE_SIZE != 0 || offset.checked_add(len).is_none_or(|e| e > self.len) {
-            return Err(Error::InvalidArgument("range outside the mapping or misaligned"));
+            return Err(Error::InvalidArgument(
+                "range outside the mapping or misaligned",
+            ));
         }
         Ok(())
     }
@@ -154,10 +159,12 @@ impl Mapping {
         self.check(offset, len)?;
         // SAFETY: the range lies inside this mapping; no Rust reference points into it, so
         // dropping or populating pages cannot invalidate one.
-        let ret = unsafe {
-            libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice.bits())
-        };
-        Errno::result(ret).map(drop).map_err(|source| Error::Sys { what: "madvise", source })
+        let ret =
+            unsafe { libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice.bits()) };
+        Errno::result(ret).map(drop).map_err(|source| Error::Sys {
+            what: "madvise",
+            source,
+        })
     }
 
     /// `mlock2(MLOCK_ONFAULT)` on the whole mapping: pages are locked as they are faulted
@@ -165,19 +172,27 @@ impl Mapping {
     pub fn mlock_onfault(&self) -> Result<()> {
         // SAFETY: locking pages of our own mapping has no memory-safety effect.
         let ret = unsafe { libc::mlock2(self.ptr.as_ptr().cast(), self.len, libc::MLOCK_ONFAULT) };
-        Errno::result(ret).map(drop).map_err(|source| Error::Sys { what: "mlock2(MLOCK_ONFAULT)", source })
+        Errno::result(ret).map(drop).map_err(|source| Error::Sys {
+            what: "mlock2(MLOCK_ONFAULT)",
+            source,
+        })
     }
 
     /// `munlock` on the whole mapping.
     pub fn munlock(&self) -> Result<()> {
         // SAFETY: unlocking pages of our own mapping has no memory-safety effect.
         let ret = unsafe { libc::munlock(self.ptr.as_ptr().cast(), self.len) };
-        Errno::result(ret).map(drop).map_err(|source| Error::Sys { what: "munlock", source })
+        Errno::result(ret).map(drop).map_err(|source| Error::Sys {
+            what: "munlock",
+            source,
+        })
     }
 
     fn atomic_u64(&self, offset: usize) -> Result<&AtomicU64> {
         if offset % 8 != 0 || offset + 8 > self.len {
-            return Err(Error::InvalidArgument("offset outside the mapping or unaligned"));
+            return Err(Error::InvalidArgument(
+                "offset outside the mapping or unaligned",
+            ));
         }
         // SAFETY: the address is inside the live mapping and 8-byte aligned; every safe
         // access to mapping bytes is atomic, so no non-atomic access races with it; the

@@ -16,7 +16,11 @@ impl FramePool {
     fn expect_state(&self, frame: FrameNo, expected: FrameState) -> Result<()> {
         let actual = self.desc(frame)?.state();
         if actual != expected {
-            return Err(Error::FrameState { frame, expected, actual });
+            return Err(Error::FrameState {
+                frame,
+                expected,
+                actual,
+            });
         }
         Ok(())
     }
@@ -31,7 +35,13 @@ impl FramePool {
     /// - `dst` is a missing page of a region the caller manages, registered on the pool's
     ///   userfaultfd with the pool's protection and lock state.
     /// - The caller owns `frame` (it took it) and nobody accesses its slot concurrently.
-    pub unsafe fn install(&self, frame: FrameNo, dst: u64, owner: FrameOwner, mode: MoveMode) -> Result<Resolved> {
+    pub unsafe fn install(
+        &self,
+        frame: FrameNo,
+        dst: u64,
+        owner: FrameOwner,
+        mode: MoveMode,
+    ) -> Result<Resolved> {
         let uffd = self.uffd_or_err()?;
         self.expect_state(frame, FrameState::Taken)?;
         // SAFETY: the caller owns `dst` (missing page of its region) and the Taken frame's
@@ -52,7 +62,12 @@ impl FramePool {
     ///
     /// # Safety
     /// Same as [`FramePool::install`].
-    pub unsafe fn install_copy(&self, frame: FrameNo, dst: u64, mode: CopyMode) -> Result<Resolved> {
+    pub unsafe fn install_copy(
+        &self,
+        frame: FrameNo,
+        dst: u64,
+        mode: CopyMode,
+    ) -> Result<Resolved> {
         let uffd = self.uffd_or_err()?;
         self.expect_state(frame, FrameState::Taken)?;
         // SAFETY: the caller owns `dst`; the slot is a present page the caller owns, read only.

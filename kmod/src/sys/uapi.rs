@@ -35,7 +35,10 @@ pub const IOC_READ: u32 = 2;
 
 /// `_IOC(dir, type, nr, size)`.
 pub const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u32 {
-    (dir << IOC_DIRSHIFT) | ((size as u32) << IOC_SIZESHIFT) | (ty << IOC_TYPESHIFT) | (nr << IOC_NRSHIFT)
+    (dir << IOC_DIRSHIFT)
+        | ((size as u32) << IOC_SIZESHIFT)
+        | (ty << IOC_TYPESHIFT)
+        | (nr << IOC_NRSHIFT)
 }
 /// `_IO(type, nr)`.
 pub const fn io(ty: u32, nr: u32) -> u32 {
@@ -396,7 +399,11 @@ impl UffdMsg {
         reserved2: 0,
         reserved3: 0,
         arg: UffdMsgArg {
-            reserved: UffdMsgReserved { reserved1: 0, reserved2: 0, reserved3: 0 },
+            reserved: UffdMsgReserved {
+                reserved1: 0,
+                reserved2: 0,
+                reserved3: 0,
+            },
         },
     };
 }

@@ -28,12 +28,12 @@ impl RawUserfaultfd {
     pub fn open(flags: OpenFlags) -> Result<RawUserfaultfd> {
         match Self::open_via(OpenPath::DevUserfaultfd, flags) {
             Ok(raw) => Ok(raw),
-            Err(dev_err) => Self::open_via(OpenPath::Syscall, flags).map_err(|sys_err| {
-                Error::OpenFailed {
+            Err(dev_err) => {
+                Self::open_via(OpenPath::Syscall, flags).map_err(|sys_err| Error::OpenFailed {
                     dev: dev_err.errno().unwrap_or(Errno::UnknownErrno),
                     syscall: sys_err.errno().unwrap_or(Errno::UnknownErrno),
-                }
-            }),
+                })
+            }
         }
     }
 
@@ -70,7 +70,10 @@ impl RawUserfaultfd {
     /// shows at [`RawUserfaultfd::negotiate`] (`EINVAL`).
     pub fn from_fd(fd: OwnedFd) -> Result<RawUserfaultfd> {
         check_is_userfaultfd(fd.as_raw_fd())?;
-        Ok(RawUserfaultfd { fd, path: OpenPath::Adopted })
+        Ok(RawUserfaultfd {
+            fd,
+            path: OpenPath::Adopted,
+        })
     }
 
     /// How the fd was obtained.
@@ -111,10 +114,18 @@ impl RawUserfaultfd {
             }
             want = want.difference(Features::EVENT_FORK);
         }
-        let mut api = uapi::UffdioApi { api: uapi::UFFD_API, features: want.bits(), ioctls: 0 };
+        let mut api = uapi::UffdioApi {
+            api: uapi::UFFD_API,
+            features: want.bits(),
+            ioctls: 0,
+        };
         // SAFETY: UFFDIO_API reads and writes a `uffdio_api`; it touches no other memory.
-        unsafe { ioctl_ptr(self.fd.as_raw_fd(), uapi::UFFDIO_API, &mut api) }
-            .map_err(|source| Error::Api { requested: want, source })?;
+        unsafe { ioctl_ptr(self.fd.as_raw_fd(), uapi::UFFDIO_API, &mut api) }.map_err(
+            |source| Error::Api {
+                requested: want,
+                source,
+            },
+        )?;
         // WP_ASYNC implies WP_UNPOPULATED (the kernel turns it on silently).
         let mut enabled = want;
         if enabled.contains(Features::WP_ASYNC) {
@@ -145,7 +156,11 @@ fn open_dev(flags: i32) -> core::result::Result<OwnedFd, Errno> {
         .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
     // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a new fd.
     let ret = unsafe {
-        libc::ioctl(dev.as_raw_fd(), uapi::USERFAULTFD_IOC_NEW as libc::c_ulong, flags)
+        libc::ioctl(
+            dev.as_raw_fd(),
+            uapi::USERFAULTFD_IOC_NEW as libc::c_ulong,
+            flags,
+        )
     };
     let fd = Errno::result(ret)?;
     // SAFETY: the ioctl returned a new fd that nothing else owns.
@@ -153,8 +168,10 @@ fn open_dev(flags: i32) -> core::result::Result<OwnedFd, Errno> {
 }
 
 fn check_is_userfaultfd(fd: RawFd) -> Result<()> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .map_err(|e| Error::Sys { what: "readlink /proc/self/fd", source: io_errno(&e) })?;
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).map_err(|e| Error::Sys {
+        what: "readlink /proc/self/fd",
+        source: io_errno(&e),
+    })?;
     let what = link.to_string_lossy().into_owned();
     if what == "anon_inode:[userfaultfd]" {
         Ok(())
@@ -170,23 +187,38 @@ fn io_errno(e: &std::io::Error) -> Errno {
 fn fd_is_nonblocking(fd: RawFd) -> Result<bool> {
     // SAFETY: F_GETFL on a valid fd reads its status flags.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    let flags = Errno::result(flags).map_err(|source| Error::Sys { what: "fcntl(F_GETFL)", source })?;
+    let flags = Errno::result(flags).map_err(|source| Error::Sys {
+        what: "fcntl(F_GETFL)",
+        source,
+    })?;
     Ok(flags & libc::O_NONBLOCK != 0)
 }
 
 fn probe_fd() -> Result<RawUserfaultfd> {
     // User-mode-only needs no privilege on the syscall path and does not change the
     // feature list.
-    RawUserfaultfd::open(OpenFlags { nonblock: true, cloexec: true, user_mode_only: true })
+    RawUserfaultfd::open(OpenFlags {
+        nonblock: true,
+        cloexec: true,
+        user_mode_only: true,
+    })
 }
 
 /// Every feature this kernel offers (`UFFDIO_API` with no feature on a throw-away fd).
 pub fn available_features() -> Result<Features> {
     let probe = probe_fd()?;
-    let mut api = uapi::UffdioApi { api: uapi::UFFD_API, features: 0, ioctls: 0 };
+    let mut api = uapi::UffdioApi {
+        api: uapi::UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
     // SAFETY: UFFDIO_API reads and writes a `uffdio_api` only.
-    unsafe { ioctl_ptr(probe.fd.as_raw_fd(), uapi::UFFDIO_API, &mut api) }
-        .map_err(|source| Error::Api { requested: Features::empty(), source })?;
+    unsafe { ioctl_ptr(probe.fd.as_raw_fd(), uapi::UFFDIO_API, &mut api) }.map_err(|source| {
+        Error::Api {
+            requested: Features::empty(),
+            source,
+        }
+    })?;
     Ok(Features::from_bits_retain(api.features))
 }
 
@@ -194,13 +226,19 @@ pub fn available_features() -> Result<Features> {
 /// throw-away fd.
 pub fn event_fork_permitted() -> Result<bool> {
     let probe = probe_fd()?;
-    let mut api =
-        uapi::UffdioApi { api: uapi::UFFD_API, features: uapi::UFFD_FEATURE_EVENT_FORK, ioctls: 0 };
+    let mut api = uapi::UffdioApi {
+        api: uapi::UFFD_API,
+        features: uapi::UFFD_FEATURE_EVENT_FORK,
+        ioctls: 0,
+    };
     // SAFETY: UFFDIO_API reads and writes a `uffdio_api` only.
     match unsafe { ioctl_ptr(probe.fd.as_raw_fd(), uapi::UFFDIO_API, &mut api) } {
         Ok(_) => Ok(true),
         Err(Errno::EPERM) => Ok(false),
-        Err(source) => Err(Error::Api { requested: Features::EVENT_FORK, source }),
+        Err(source) => Err(Error::Api {
+            requested: Features::EVENT_FORK,
+            source,
+        }),
     }
 }
 
@@ -239,7 +277,9 @@ impl IntoRawFd for Userfaultfd {
 fn range_ok(start: u64, len: u64) -> Result<()> {
     let page = crate::frame::PAGE_SIZE as u64;
     if len == 0 || start % page != 0 || len % page != 0 {
-        return Err(Error::InvalidArgument("range must be non-empty and page aligned"));
+        return Err(Error::InvalidArgument(
+            "range must be non-empty and page aligned",
+        ));
     }
     Ok(())
 }
@@ -259,12 +299,21 @@ fn classify(
     ebusy_is_use_copy: bool,
 ) -> Result<Resolved> {
     match ret {
-        Ok(_) => Ok(Resolved::Done(if progress > 0 { progress as u64 } else { len })),
+        Ok(_) => Ok(Resolved::Done(if progress > 0 {
+            progress as u64
+        } else {
+            len
+        })),
         Err(Errno::EAGAIN) if progress > 0 => Ok(Resolved::Partial(progress as u64)),
         Err(Errno::EAGAIN) => Ok(Resolved::MmapChanging),
         Err(Errno::EEXIST) => Ok(Resolved::AlreadyMapped),
         Err(Errno::EBUSY) if ebusy_is_use_copy => Ok(Resolved::UseCopy),
-        Err(source) => Err(Error::Ioctl { op, start, len, source }),
+        Err(source) => Err(Error::Ioctl {
+            op,
+            start,
+            len,
+            source,
+        }),
     }
 }
 
@@ -307,8 +356,14 @@ impl Userfaultfd {
         };
         // SAFETY: UFFDIO_REGISTER reads/writes a `uffdio_register` and changes how faults
         // on the range are handled, not its content.
-        unsafe { ioctl_ptr(self.fd.as_raw_fd(), uapi::UFFDIO_REGISTER, &mut reg) }
-            .map_err(|source| Error::Ioctl { op: "UFFDIO_REGISTER", start, len, source })?;
+        unsafe { ioctl_ptr(self.fd.as_raw_fd(), uapi::UFFDIO_REGISTER, &mut reg) }.map_err(
+            |source| Error::Ioctl {
+                op: "UFFDIO_REGISTER",
+                start,
+                len,
+                source,
+            },
+        )?;
         Ok(Ioctls::from_bits_retain(reg.ioctls))
     }
 
@@ -317,8 +372,14 @@ impl Userfaultfd {
         range_ok(start, len)?;
         let mut range = uapi::UffdioRange { start, len };
         // SAFETY: UFFDIO_UNREGISTER reads a `uffdio_range` and changes fault handling only.
-        unsafe { ioctl_ptr(self.fd.as_raw_fd(), uapi::UFFDIO_UNREGISTER, &mut range) }
-            .map_err(|source| Error::Ioctl { op: "UFFDIO_UNREGISTER", start, len, source })?;
+        unsafe { ioctl_ptr(self.fd.as_raw_fd(), uapi::UFFDIO_UNREGISTER, &mut range) }.map_err(
+            |source| Error::Ioctl {
+                op: "UFFDIO_UNREGISTER",
+                start,
+                len,
+                source,
+            },
+        )?;
         Ok(())
     }
 
@@ -328,8 +389,14 @@ impl Userfaultfd {
         range_ok(start, len)?;
         let mut range = uapi::UffdioRange { start, len };
         // SAFETY: UFFDIO_WAKE reads a `uffdio_range`; waking threads writes no memory.
-        unsafe { ioctl_ptr(self.fd.as_raw_fd(), uapi::UFFDIO_WAKE, &mut range) }
-            .map_err(|source| Error::Ioctl { op: "UFFDIO_WAKE", start, len, source })?;
+        unsafe { ioctl_ptr(self.fd.as_raw_fd(), uapi::UFFDIO_WAKE, &mut range) }.map_err(
+            |source| Error::Ioctl {
+                op: "UFFDIO_WAKE",
+                start,
+                len,
+                source,
+            },
+        )?;
         Ok(())
     }
 
@@ -341,7 +408,13 @@ impl Userfaultfd {
     /// - `[src, src+len)` is readable memory of this process not written concurrently.
     pub unsafe fn copy(&self, dst: u64, src: u64, len: u64, mode: CopyMode) -> Result<Resolved> {
         range_ok(dst, len)?;
-        let mut arg = uapi::UffdioCopy { dst, src, len, mode: mode.bits(), copy: 0 };
+        let mut arg = uapi::UffdioCopy {
+            dst,
+            src,
+            len,
+            mode: mode.bits(),
+            copy: 0,
+        };
         // SAFETY: the argument is a `uffdio_copy`; the caller owns the destination pages
         // and the source is readable (contract above).
         let ret = unsafe { ioctl_ptr(self.fd.as_raw_fd(), uapi::UFFDIO_COPY, &mut arg) };
@@ -378,10 +451,22 @@ impl Userfaultfd {
     /// - `[dst, dst+len)` is a registered range whose content the caller decides.
     /// - `[src, src+len)` is memory of this process whose pages the caller may take away
     ///   (afterwards it reads as a hole: on a registered range, a fault).
-    pub unsafe fn move_pages(&self, dst: u64, src: u64, len: u64, mode: MoveMode) -> Result<Resolved> {
+    pub unsafe fn move_pages(
+        &self,
+        dst: u64,
+        src: u64,
+        len: u64,
+        mode: MoveMode,
+    ) -> Result<Resolved> {
         range_ok(dst, len)?;
         range_ok(src, len)?;
-        let mut arg = uapi::UffdioMove { dst, src, len, mode: mode.bits(), move_: 0 };
+        let mut arg = uapi::UffdioMove {
+            dst,
+            src,
+            len,
+            mode: mode.bits(),
+            move_: 0,
+        };
         // SAFETY: the argument is a `uffdio_move`; the caller owns both ranges' pages.
         let ret = unsafe { ioctl_ptr(self.fd.as_raw_fd(), uapi::UFFDIO_MOVE, &mut arg) };
         classify("UFFDIO_MOVE", dst, len, ret, arg.move_, true)
@@ -392,7 +477,12 @@ impl Userfaultfd {
     ///
     /// # Safety
     /// - `[start, start+len)` is a MINOR-registered range whose mapping the caller decides.
-    pub unsafe fn continue_pages(&self, start: u64, len: u64, mode: ContinueMode) -> Result<Resolved> {
+    pub unsafe fn continue_pages(
+        &self,
+        start: u64,
+        len: u64,
+        mode: ContinueMode,
+    ) -> Result<Resolved> {
         range_ok(start, len)?;
         let mut arg = uapi::UffdioContinue {
             range: uapi::UffdioRange { start, len },
@@ -428,15 +518,22 @@ impl Userfaultfd {
     /// # Safety
     /// - `[start, start+len)` is a WP-registered range the caller manages: setting WP
     ///   blocks (or, with `WP_ASYNC`, tracks) every writer until it is cleared.
-    pub unsafe fn writeprotect(&self, start: u64, len: u64, what: WriteProtect) -> Result<Resolved> {
+    pub unsafe fn writeprotect(
+        &self,
+        start: u64,
+        len: u64,
+        what: WriteProtect,
+    ) -> Result<Resolved> {
         range_ok(start, len)?;
         let mode = match what {
             WriteProtect::Set => uapi::UFFDIO_WRITEPROTECT_MODE_WP,
             WriteProtect::Clear => 0,
             WriteProtect::ClearDontWake => uapi::UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
         };
-        let mut arg =
-            uapi::UffdioWriteprotect { range: uapi::UffdioRange { start, len }, mode };
+        let mut arg = uapi::UffdioWriteprotect {
+            range: uapi::UffdioRange { start, len },
+            mode,
+        };
         // SAFETY: the argument is a `uffdio_writeprotect`; the caller owns the range.
         let ret = unsafe { ioctl_ptr(self.fd.as_raw_fd(), uapi::UFFDIO_WRITEPROTECT, &mut arg) };
         classify("UFFDIO_WRITEPROTECT", start, len, ret, 0, false)
@@ -444,14 +541,23 @@ impl Userfaultfd {
 
     /// Waits up to `timeout_ms` (-1: forever) for the fd to become readable.
     pub fn wait_readable(&self, timeout_ms: i32) -> Result<bool> {
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         loop {
             // SAFETY: one valid pollfd, count 1.
             let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
             match Errno::result(ret) {
                 Ok(n) => return Ok(n > 0 && pfd.revents & libc::POLLIN != 0),
                 Err(Errno::EINTR) => continue,
-                Err(source) => return Err(Error::Sys { what: "poll(userfaultfd)", source }),
+                Err(source) => {
+                    return Err(Error::Sys {
+                        what: "poll(userfaultfd)",
+                        source,
+                    });
+                }
             }
         }
     }
@@ -477,7 +583,12 @@ impl Userfaultfd {
                 Ok(n) => break n as usize,
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => return Ok(0),
-                Err(source) => return Err(Error::Sys { what: "read(userfaultfd)", source }),
+                Err(source) => {
+                    return Err(Error::Sys {
+                        what: "read(userfaultfd)",
+                        source,
+                    });
+                }
             }
         };
         let count = bytes / core::mem::size_of::<UffdMsg>();
@@ -521,17 +632,27 @@ fn decode(msg: &UffdMsg) -> Option<UffdEvent> {
         uapi::UFFD_EVENT_REMAP => {
             // SAFETY: see above.
             let r = unsafe { arg.remap };
-            Some(UffdEvent::Remap { from: r.from, to: r.to, len: r.len })
+            Some(UffdEvent::Remap {
+                from: r.from,
+                to: r.to,
+                len: r.len,
+            })
         }
         uapi::UFFD_EVENT_REMOVE => {
             // SAFETY: see above.
             let r = unsafe { arg.remove };
-            Some(UffdEvent::Remove { start: r.start, end: r.end })
+            Some(UffdEvent::Remove {
+                start: r.start,
+                end: r.end,
+            })
         }
         uapi::UFFD_EVENT_UNMAP => {
             // SAFETY: see above.
             let r = unsafe { arg.remove };
-            Some(UffdEvent::Unmap { start: r.start, end: r.end })
+            Some(UffdEvent::Unmap {
+                start: r.start,
+                end: r.end,
+            })
         }
         _ => None,
     }

@@ -18,7 +18,12 @@ pub fn mmap_anon(len: usize) -> u64 {
             0,
         )
     };
-    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
     p as u64
 }
 
@@ -26,21 +31,33 @@ pub fn mmap_anon(len: usize) -> u64 {
 pub fn munmap(addr: u64, len: usize) -> i32 {
     // SAFETY: the tests unmap only ranges they mapped and no longer reference.
     let r = unsafe { libc::munmap(addr as *mut libc::c_void, len) };
-    if r == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) }
+    if r == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
 }
 
 /// `madvise`; returns 0 or the errno.
 pub fn madvise(addr: u64, len: usize, advice: i32) -> i32 {
     // SAFETY: advice on ranges the tests own; no Rust reference points into them.
     let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
-    if r == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) }
+    if r == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
 }
 
 /// `mlock2(MLOCK_ONFAULT)`; returns 0 or the errno.
 pub fn mlock_onfault(addr: u64, len: usize) -> i32 {
     // SAFETY: locking pages of our own mapping.
     let r = unsafe { libc::mlock2(addr as *const libc::c_void, len, libc::MLOCK_ONFAULT) };
-    if r == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) }
+    if r == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
 }
 
 /// `mremap(old, len, len, MAYMOVE | FIXED, new)`; returns the new address or panics.
@@ -55,7 +72,12 @@ pub fn mremap_fixed(old: u64, len: usize, new: u64) -> u64 {
             new as *mut libc::c_void,
         )
     };
-    assert_ne!(p, libc::MAP_FAILED, "mremap: {}", std::io::Error::last_os_error());
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mremap: {}",
+        std::io::Error::last_os_error()
+    );
     p as u64
 }
 
@@ -122,7 +144,11 @@ pub fn read_into(fd: i32, addr: u64, len: usize) -> isize {
     // SAFETY: `addr..addr+len` is a mapping the test owns and accesses only through
     // atomics elsewhere; the kernel writes it.
     let r = unsafe { libc::read(fd, addr as *mut libc::c_void, len) };
-    if r < 0 { -(std::io::Error::last_os_error().raw_os_error().unwrap_or(1) as isize) } else { r }
+    if r < 0 {
+        -(std::io::Error::last_os_error().raw_os_error().unwrap_or(1) as isize)
+    } else {
+        r
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -144,7 +170,11 @@ pub struct SigbusSetup {
 
 static SETUP: OnceLock<SigbusSetup> = OnceLock::new();
 /// Resolutions done by the handler, by kind: [copy, zeropage, move].
-pub static RESOLVED: [AtomicUsize; 3] = [AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0)];
+pub static RESOLVED: [AtomicUsize; 3] = [
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+];
 /// Signals that arrived for addresses outside the region (would be chained in the runtime).
 pub static FOREIGN: AtomicUsize = AtomicUsize::new(0);
 
@@ -168,7 +198,14 @@ extern "C" fn on_sigbus(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::
         // SAFETY: as above.
         1 => unsafe { s.uffd.zeropage(addr, 4096, ZeropageMode::empty()) },
         // SAFETY: as above; the move source pages belong to the test and are given up.
-        _ => unsafe { s.uffd.move_pages(addr, s.move_src + (page - 2) * 4096, 4096, MoveMode::empty()) },
+        _ => unsafe {
+            s.uffd.move_pages(
+                addr,
+                s.move_src + (page - 2) * 4096,
+                4096,
+                MoveMode::empty(),
+            )
+        },
     };
     if let Ok(Resolved::Done(_)) = r {
         RESOLVED[page.min(2) as usize].fetch_add(1, Ordering::SeqCst);
@@ -192,4 +229,108 @@ pub fn install_sigbus(setup: SigbusSetup) {
 /// The installed SIGBUS setup.
 pub fn setup() -> &'static SigbusSetup {
     SETUP.get().expect("install_sigbus ran")
+}
+
+// ---------------------------------------------------------------------------------
+// The resolve operations, for the tests. Each test passes ranges it mapped and owns:
+// destinations are missing pages of its own registered regions, sources its own buffers.
+
+use usm_kmod::pool::{FrameOwner, FramePool};
+use usm_kmod::{FrameNo, PoisonMode, WriteProtect};
+
+/// `Userfaultfd::copy` on test-owned ranges.
+pub fn copy(
+    u: &Userfaultfd,
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: CopyMode,
+) -> usm_kmod::Result<Resolved> {
+    // SAFETY: test-owned destination (missing pages of its region) and source.
+    unsafe { u.copy(dst, src, len, mode) }
+}
+
+/// `Userfaultfd::zeropage` on a test-owned range.
+pub fn zeropage(
+    u: &Userfaultfd,
+    dst: u64,
+    len: u64,
+    mode: ZeropageMode,
+) -> usm_kmod::Result<Resolved> {
+    // SAFETY: test-owned destination.
+    unsafe { u.zeropage(dst, len, mode) }
+}
+
+/// `Userfaultfd::move_pages` on test-owned ranges.
+pub fn move_pages(
+    u: &Userfaultfd,
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: MoveMode,
+) -> usm_kmod::Result<Resolved> {
+    // SAFETY: test-owned destination and source; the source pages are given up.
+    unsafe { u.move_pages(dst, src, len, mode) }
+}
+
+/// `Userfaultfd::poison` on a test-owned range.
+pub fn poison(u: &Userfaultfd, dst: u64, len: u64, mode: PoisonMode) -> usm_kmod::Result<Resolved> {
+    // SAFETY: test-owned range; only a forked child touches it afterwards.
+    unsafe { u.poison(dst, len, mode) }
+}
+
+/// `Userfaultfd::writeprotect` on a test-owned range.
+pub fn writeprotect(
+    u: &Userfaultfd,
+    start: u64,
+    len: u64,
+    what: WriteProtect,
+) -> usm_kmod::Result<Resolved> {
+    // SAFETY: test-owned WP-registered range.
+    unsafe { u.writeprotect(start, len, what) }
+}
+
+/// `FramePool::install` into a test-owned region page.
+pub fn install(
+    p: &FramePool,
+    f: FrameNo,
+    dst: u64,
+    owner: FrameOwner,
+    mode: MoveMode,
+) -> usm_kmod::Result<Resolved> {
+    // SAFETY: `dst` is a missing page of the test's region, registered on the pool's uffd;
+    // the test took `f`.
+    unsafe { p.install(f, dst, owner, mode) }
+}
+
+/// `FramePool::stage` of a frame mapped in a test-owned region.
+pub fn stage(p: &FramePool, f: FrameNo, mode: MoveMode) -> usm_kmod::Result<Resolved> {
+    // SAFETY: the region page is the test's.
+    unsafe { p.stage(f, mode) }
+}
+
+/// `FramePool::unstage` back into a test-owned region page.
+pub fn unstage(p: &FramePool, f: FrameNo, mode: MoveMode) -> usm_kmod::Result<Resolved> {
+    // SAFETY: the region page is the test's and a hole again.
+    unsafe { p.unstage(f, mode) }
+}
+
+/// `FramePool::reclaim` of a frame mapped in a test-owned region.
+pub fn reclaim(p: &FramePool, f: FrameNo) -> usm_kmod::Result<Resolved> {
+    // SAFETY: the region page is the test's.
+    unsafe { p.reclaim(f) }
+}
+
+/// Reads one byte from `fd` (async-signal-safe; for forked children). True if one came.
+pub fn read_one(fd: i32) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: reading at most one byte into a live stack buffer.
+    unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) == 1 }
+}
+
+/// Takes ownership of an fd that SCM_RIGHTS just installed in our table.
+pub fn own_fd(fd: i32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the fd was just installed for this process by recvmsg; nothing else owns it.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
 }
