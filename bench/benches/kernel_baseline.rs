@@ -21,7 +21,9 @@ use usm_bench::child::ChildLauncher;
 use usm_bench::fault::{self, FirstTouchSpec, TouchOrder};
 use usm_bench::redis::{self, RedisContext, RedisSide, RedisSpec};
 use usm_bench::report::{JsonReport, Table, fmt_f};
-use usm_bench::storm::{self, KernelThreadsMode, StormContext, StormMode, StormSpec, SwapMedium};
+use usm_bench::storm::{
+    self, KernelThreadsMode, PlotMetric, StormContext, StormMode, StormSpec, SwapMedium,
+};
 use usm_bench::{Error, PmQos, Result, guard};
 
 #[derive(Parser, Debug)]
@@ -86,7 +88,7 @@ enum Cmd {
         /// Measured milliseconds per point.
         #[arg(long)]
         duration_ms: Option<u64>,
-        /// Write the throughput-over-time plot here.
+        /// Write the throughput-over-time plots as STEM-cpu.svg and STEM-memory.svg.
         #[arg(long)]
         svg: Option<PathBuf>,
     },
@@ -350,9 +352,17 @@ fn storm_cmd(
     );
     if let Some(path) = svg {
         let points: Vec<&storm::StormPoint> = sweeps.iter().flat_map(|s| s.points.iter()).collect();
-        storm::throughput_plot(&points, "swap storm: throughput over time (kernel modes)")
-            .write(&path)?;
-        println!("wrote {}", path.display());
+        let stem = path.with_extension("");
+        for (metric, suffix) in [(PlotMetric::Cpu, "cpu"), (PlotMetric::Memory, "memory")] {
+            let file = PathBuf::from(format!("{}-{suffix}.svg", stem.display()));
+            storm::throughput_plot(
+                &points,
+                metric,
+                &format!("swap storm, kernel modes: {suffix} throughput"),
+            )
+            .write(&file)?;
+            println!("wrote {}", file.display());
+        }
     }
     Ok(serde_json::to_value(sweeps)?)
 }

@@ -55,10 +55,17 @@ fn esc(s: &str) -> String {
 }
 
 impl LinePlot {
-    /// Renders the plot as an SVG document (800×450).
+    /// Renders the plot as an SVG document (the legend column widens with the labels).
     pub fn to_svg(&self) -> String {
-        let (w, h) = (800.0, 450.0);
-        let (ml, mr, mt, mb) = (80.0, 200.0, 40.0, 60.0);
+        let longest = self
+            .series
+            .iter()
+            .map(|s| s.name.chars().count())
+            .max()
+            .unwrap_or(0);
+        let mr = 60.0 + longest as f64 * 7.0;
+        let (w, h) = (640.0 + mr, 450.0);
+        let (ml, mt, mb) = (80.0, 40.0, 60.0);
         let pw = w - ml - mr;
         let ph = h - mt - mb;
         let pts = self.series.iter().flat_map(|s| s.points.iter());

@@ -747,28 +747,41 @@ pub fn run_sweep(
     })
 }
 
-/// Throughput-over-time plot of `points`: one CPU and one memory line per point.
-pub fn throughput_plot(points: &[&StormPoint], title: &str) -> LinePlot {
-    let mut series = Vec::new();
-    for p in points {
-        let tag = format!("{} {} i={}", p.mode, p.medium, p.intensity);
-        series.push(Series {
-            name: format!("{tag} cpu"),
-            points: p.samples.iter().map(|s| (s.t_s, s.cpu_ops_per_s)).collect(),
-        });
-        series.push(Series {
-            name: format!("{tag} mem"),
+/// Which throughput a plot shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlotMetric {
+    /// CPU-task ops/s.
+    Cpu,
+    /// Memory-task ops/s.
+    Memory,
+}
+
+/// Throughput-over-time plot of `points`: one line per point (mode, medium, intensity).
+pub fn throughput_plot(points: &[&StormPoint], metric: PlotMetric, title: &str) -> LinePlot {
+    let series = points
+        .iter()
+        .map(|p| Series {
+            name: format!("{} {} i={}", p.mode, p.medium, p.intensity),
             points: p
                 .samples
                 .iter()
-                .map(|s| (s.t_s, s.memory_ops_per_s))
+                .map(|s| {
+                    let y = match metric {
+                        PlotMetric::Cpu => s.cpu_ops_per_s,
+                        PlotMetric::Memory => s.memory_ops_per_s,
+                    };
+                    (s.t_s, y)
+                })
                 .collect(),
-        });
-    }
+        })
+        .collect();
     LinePlot {
         title: title.into(),
         x_label: "time (s)".into(),
-        y_label: "ops/s".into(),
+        y_label: match metric {
+            PlotMetric::Cpu => "CPU-task ops/s".into(),
+            PlotMetric::Memory => "memory-task ops/s".into(),
+        },
         series,
     }
 }
