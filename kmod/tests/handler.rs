@@ -23,7 +23,7 @@ fn a_thread_faults_another_resolves_with_copy_zeropage_and_move() {
     let uffd = uffd(Features::MOVE | Features::THREAD_ID);
     let region = sys::mmap_anon(3 * PAGE as usize);
     let copy_src = sys::mmap_anon(PAGE as usize);
-    let move_src = sys::mmap_anon(PAGE as usize);
+    let move_src = sys::mmap_anon_dontfork(PAGE as usize);
     sys::fill_page(copy_src, 0xC0C0);
     sys::fill_page(move_src, 0x3030);
     uffd.register(region, 3 * PAGE, RegisterMode::MISSING)
@@ -232,7 +232,7 @@ fn a_multi_page_move_meeting_a_present_page_is_partial() {
     let uffd = uffd(Features::MOVE);
     let n = 4;
     let dst = sys::mmap_anon((n * PAGE) as usize);
-    let src = sys::mmap_anon((n * PAGE) as usize);
+    let src = sys::mmap_anon_dontfork((n * PAGE) as usize);
     for i in 0..n {
         sys::fill_page(src + i * PAGE, 100 + i);
     }

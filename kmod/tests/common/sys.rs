@@ -334,3 +334,11 @@ pub fn own_fd(fd: i32) -> std::os::fd::OwnedFd {
     // SAFETY: the fd was just installed for this process by recvmsg; nothing else owns it.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
 }
+
+/// Like [`mmap_anon`], `MADV_DONTFORK`: for MOVE sources, whose pages would turn
+/// fork-shared (MOVE: EBUSY) if another test of the same binary forks meanwhile.
+pub fn mmap_anon_dontfork(len: usize) -> u64 {
+    let a = mmap_anon(len);
+    assert_eq!(madvise(a, len, libc::MADV_DONTFORK), 0);
+    a
+}
