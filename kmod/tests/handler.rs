@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 use usm_kmod::{
-    CopyMode, Features, MoveMode, PoisonMode, RegisterMode, Resolved, UffdEvent, WriteProtect,
-    ZeropageMode,
+    ContinueMode, CopyMode, Features, Ioctls, MoveMode, PoisonMode, RegisterMode, Resolved,
+    UffdEvent, WriteProtect, ZeropageMode,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -348,4 +348,48 @@ fn a_poisoned_page_raises_sigbus_on_access() {
     assert_eq!(sys::wait_child(child), Err(libc::SIGBUS));
     sys::munmap(region, 2 * PAGE as usize);
     sys::munmap(src, PAGE as usize);
+}
+
+#[test]
+fn a_minor_fault_on_shmem_is_resolved_with_continue() {
+    if !require_root("a_minor_fault_on_shmem_is_resolved_with_continue") {
+        return;
+    }
+    let uffd = uffd(Features::MINOR_SHMEM);
+    let len = 2 * PAGE as usize;
+    let (_fd, managed, backdoor) = sys::memfd_mapped_twice(len);
+    // The page cache gets content through the second mapping; the first has no ptes yet.
+    sys::fill_page(backdoor, 0x77);
+    sys::fill_page(backdoor + PAGE, 0x88);
+    let granted = uffd
+        .register(managed, len as u64, RegisterMode::MINOR)
+        .unwrap();
+    assert!(granted.contains(Ioctls::CONTINUE), "{granted}");
+    let reader = std::thread::spawn(move || (sys::load(managed), sys::load(managed + PAGE)));
+    for page in 0..2u64 {
+        let events = wait_events(&uffd, 1, WAIT);
+        match events.as_slice() {
+            [
+                UffdEvent::Pagefault {
+                    addr,
+                    minor: true,
+                    write: false,
+                    ..
+                },
+            ] => {
+                assert_eq!(*addr, managed + page * PAGE);
+            }
+            other => panic!("expected a minor fault, got {other:?}"),
+        }
+        let r =
+            sys::continue_pages(&uffd, managed + page * PAGE, PAGE, ContinueMode::empty()).unwrap();
+        assert_eq!(r, Resolved::Done(PAGE));
+    }
+    assert_eq!(
+        reader.join().unwrap(),
+        (0x77, 0x88),
+        "CONTINUE mapped the page-cache pages"
+    );
+    sys::munmap(managed, len);
+    sys::munmap(backdoor, len);
 }

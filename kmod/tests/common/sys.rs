@@ -342,3 +342,47 @@ pub fn mmap_anon_dontfork(len: usize) -> u64 {
     assert_eq!(madvise(a, len, libc::MADV_DONTFORK), 0);
     a
 }
+
+/// A shmem file (memfd) of `len` bytes mapped shared twice: returns (fd, first, second).
+/// Writing through the second populates the page cache the first maps on a minor fault.
+pub fn memfd_mapped_twice(len: usize) -> (std::os::fd::OwnedFd, u64, u64) {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: a NUL-terminated name; memfd_create returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"usm-minor".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: the fd was just created and is owned here only.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: resizing our own memfd.
+    assert_eq!(
+        unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) },
+        0
+    );
+    let map = || {
+        // SAFETY: a new shared mapping of our memfd at a kernel-chosen address.
+        let p = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p as u64
+    };
+    let (a, b) = (map(), map());
+    (fd, a, b)
+}
+
+/// `Userfaultfd::continue_pages` on a test-owned MINOR-registered range.
+pub fn continue_pages(
+    u: &Userfaultfd,
+    start: u64,
+    len: u64,
+    mode: usm_kmod::ContinueMode,
+) -> usm_kmod::Result<Resolved> {
+    // SAFETY: test-owned MINOR-registered shmem range.
+    unsafe { u.continue_pages(start, len, mode) }
+}
