@@ -353,10 +353,8 @@ pub fn memfd_mapped_twice(len: usize) -> (std::os::fd::OwnedFd, u64, u64) {
     // SAFETY: the fd was just created and is owned here only.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
     // SAFETY: resizing our own memfd.
-    assert_eq!(
-        unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) },
-        0
-    );
+    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) };
+    assert_eq!(r, 0);
     let map = || {
         // SAFETY: a new shared mapping of our memfd at a kernel-chosen address.
         let p = unsafe {
