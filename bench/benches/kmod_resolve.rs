@@ -3,18 +3,28 @@
 //! anonymous memory — the first-touch fault and `MADV_POPULATE_WRITE` — measured in the
 //! same run on the same machine.
 //!
+//! Sides: `kernel_first_touch` (a write fault per page), `kernel_populate_write`
+//! (`MADV_POPULATE_WRITE` per chunk), `copy` (`UFFDIO_COPY` from a populated buffer),
+//! `zeropage` (`UFFDIO_ZEROPAGE`: maps the shared zero page, no allocation — a later
+//! write faults again), `move` (`UFFDIO_MOVE` from already-populated pool-like pages: the
+//! fault-path cost when the pool was refilled off the critical path) and
+//! `move_with_refill` (the same plus populating the source chunk first: the end-to-end
+//! cost including the refill).
+//!
 //! Method: every side populates the same amount of memory (`--mib`, default 32 MiB) in
 //! chunks of the given size, timing only the population loop (mapping, registration and
 //! the MOVE source's own population are set up untimed). Every mapping is
 //! `MADV_NOHUGEPAGE` so all sides work in 4 KiB pages. Host backing is pre-warmed once
 //! (touch + free twice the working set) so no side pays the hypervisor's first touch.
-//! One warm-up run, then `--runs` (default 5) measured runs; the median is reported as
+//! One warm-up run per side, then `--runs` (default 5) measured runs with the sides
+//! interleaved (so load changes on a shared machine hit every side alike); the median is reported as
 //! pages/s and as a ratio to the kernel's first-touch fault at the same chunk size
 //! (`<op>_<size>_vs_kernel` > 1 means faster than the kernel).
 //!
 //! ```text
 //! cargo bench -p usm-bench --bench kmod_resolve -- [--runs N] [--mib M] [--json PATH]
 //! ```
+//! (`cargo bench` runs the binary in `bench/`: a relative `--json` path is relative to it.)
 //! Needs a userfaultfd with MOVE (Linux 6.8, root or /dev/userfaultfd access); without it
 //! the resolve sides are skipped with the reason printed.
 
@@ -68,6 +78,7 @@ enum Side {
     Copy,
     Zeropage,
     Move,
+    MoveWithRefill,
 }
 
 impl Side {
@@ -78,6 +89,7 @@ impl Side {
             Side::Copy => "copy",
             Side::Zeropage => "zeropage",
             Side::Move => "move",
+            Side::MoveWithRefill => "move_with_refill",
         }
     }
 }
@@ -139,15 +151,21 @@ fn run_once(
 ) -> Duration {
     let dst = nohuge(total);
     let base = dst.addr();
-    let move_src = if side == Side::Move {
-        let m = nohuge(total);
-        m.advise(0, total, Advice::PopulateWrite)
-            .expect("populate MOVE source");
-        Some(m)
-    } else {
-        None
+    let move_src = match side {
+        Side::Move => {
+            let m = nohuge(total);
+            m.advise(0, total, Advice::PopulateWrite)
+                .expect("populate MOVE source");
+            Some(m)
+        }
+        Side::MoveWithRefill => Some(nohuge(total)),
+        _ => None,
     };
-    if matches!(side, Side::Copy | Side::Zeropage | Side::Move) {
+    let resolves = matches!(
+        side,
+        Side::Copy | Side::Zeropage | Side::Move | Side::MoveWithRefill
+    );
+    if resolves {
         let u = uffd.expect("userfaultfd for a resolve side");
         u.register(base, total as u64, RegisterMode::MISSING)
             .expect("register");
@@ -167,7 +185,13 @@ fn run_once(
                 len,
             ),
             Side::Zeropage => sys::zeropage(uffd.unwrap_or_else(|| unreachable!()), dst_at, len),
-            Side::Move => {
+            Side::Move | Side::MoveWithRefill => {
+                if side == Side::MoveWithRefill {
+                    // The pool's cost of getting a zeroed page into the slot first.
+                    let m = move_src.as_ref().unwrap_or_else(|| unreachable!());
+                    m.advise(off, chunk, Advice::PopulateWrite)
+                        .expect("refill source");
+                }
                 let s = move_src.as_ref().map_or(0, |m| m.addr()) + off as u64;
                 sys::move_pages(uffd.unwrap_or_else(|| unreachable!()), dst_at, s, len)
             }
@@ -180,7 +204,7 @@ fn run_once(
             "{side:?} populated"
         );
     }
-    if let Some(u) = uffd.filter(|_| matches!(side, Side::Copy | Side::Zeropage | Side::Move)) {
+    if let Some(u) = uffd.filter(|_| resolves) {
         u.unregister(base, total as u64).expect("unregister");
     }
     elapsed
@@ -234,21 +258,30 @@ fn main() {
         src.advise(0, chunk, Advice::PopulateWrite)
             .expect("populate copy source");
         src.touch_pages(0, chunk, 0xabcd).expect("fill copy source");
-        let mut kernel_pps = 0.0;
-        for side in [
+        let sides: Vec<Side> = [
             Side::FirstTouch,
             Side::PopulateWrite,
             Side::Copy,
             Side::Zeropage,
             Side::Move,
-        ] {
-            if uffd.is_none() && matches!(side, Side::Copy | Side::Zeropage | Side::Move) {
-                continue;
+            Side::MoveWithRefill,
+        ]
+        .into_iter()
+        .filter(|s| uffd.is_some() || matches!(s, Side::FirstTouch | Side::PopulateWrite))
+        .collect();
+        // Warm-up, then the sides interleaved run by run, so a load change on the
+        // machine hits every side alike.
+        for &side in &sides {
+            let _ = run_once(side, uffd.as_ref(), total, chunk, &src);
+        }
+        let mut per_side: Vec<Vec<Duration>> = vec![Vec::new(); sides.len()];
+        for _ in 0..args.runs {
+            for (i, &side) in sides.iter().enumerate() {
+                per_side[i].push(run_once(side, uffd.as_ref(), total, chunk, &src));
             }
-            let _ = run_once(side, uffd.as_ref(), total, chunk, &src); // warm-up
-            let runs: Vec<Duration> = (0..args.runs)
-                .map(|_| run_once(side, uffd.as_ref(), total, chunk, &src))
-                .collect();
+        }
+        let mut kernel_pps = 0.0;
+        for (&side, runs) in sides.iter().zip(per_side) {
             let med = median(runs.clone());
             let pps = pages as f64 / med.as_secs_f64();
             if side == Side::FirstTouch {
@@ -287,6 +320,12 @@ fn main() {
             "results": results,
             "ratios": ratios,
         });
+        if let Some(dir) = std::path::Path::new(&path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir).expect("create the JSON directory");
+        }
         std::fs::write(&path, serde_json::to_string_pretty(&doc).expect("json"))
             .expect("write json");
         println!("wrote {path}");
