@@ -386,3 +386,75 @@ impl UffdEvent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_named_feature_has_a_version_and_single_bit() {
+        for (name, f) in Features::NAMED {
+            assert_eq!(f.bits().count_ones(), 1, "{name}");
+            assert_ne!(f.since(), "?", "{name}");
+            assert_eq!(f.describe_bit(), *name);
+        }
+        let unknown = Features::from_bits_retain(1 << 33);
+        assert_eq!(unknown.describe_bit(), "bit 33");
+        let bits: Vec<_> = (Features::MOVE | Features::SIGBUS | unknown)
+            .bits_iter()
+            .collect();
+        assert_eq!(bits, vec![Features::SIGBUS, Features::MOVE, unknown]);
+    }
+
+    #[test]
+    fn flag_sets_format_and_combine() {
+        let m = RegisterMode::MISSING | RegisterMode::WP;
+        assert_eq!(m.to_string(), "MISSING | WP");
+        assert_eq!(format!("{m:?}"), "RegisterMode(MISSING | WP)");
+        assert!(m.contains(RegisterMode::WP) && !m.contains(RegisterMode::MINOR));
+        assert_eq!((m - RegisterMode::WP), RegisterMode::MISSING);
+        assert_eq!(Ioctls::from_bits_retain(1 << 5).to_string(), "MOVE");
+    }
+
+    #[test]
+    fn fault_messages_become_policy_events() {
+        let ev = UffdEvent::Pagefault {
+            addr: 0x1234,
+            write: true,
+            wp: false,
+            minor: false,
+            tid: 9,
+        };
+        match ev.to_event(42) {
+            Some(Event::Fault(f)) => {
+                assert_eq!(
+                    (f.addr, f.write, f.origin.pid, f.origin.tid),
+                    (0x1000, true, 42, 9)
+                );
+                assert_eq!(f.len_hint, 4096);
+            }
+            other => panic!("{other:?}"),
+        }
+        let ev = UffdEvent::Unmap {
+            start: 0x2000,
+            end: 0x5000,
+        };
+        assert!(matches!(
+            ev.to_event(1),
+            Some(Event::Free {
+                start: 0x2000,
+                len: 0x3000,
+                ..
+            })
+        ));
+        assert!(
+            UffdEvent::Remap {
+                from: 0,
+                to: 0,
+                len: 0
+            }
+            .to_event(1)
+            .is_none()
+        );
+    }
+}

@@ -657,3 +657,62 @@ fn decode(msg: &UffdMsg) -> Option<UffdEvent> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::classify;
+    use crate::uffd::Resolved;
+    use nix::errno::Errno;
+
+    const LEN: u64 = 4 * 4096;
+
+    #[test]
+    fn progress_tells_partial_from_mmap_changing() {
+        // EAGAIN after 2 pages: the kernel stopped at a page (present dst, src hole, pin).
+        let r = classify("UFFDIO_MOVE", 0, LEN, Err(Errno::EAGAIN), 8192, true).unwrap();
+        assert_eq!(r, Resolved::Partial(8192));
+        // EAGAIN at entry (field untouched) or from mfill's own check (field = -EAGAIN).
+        let r = classify("UFFDIO_MOVE", 0, LEN, Err(Errno::EAGAIN), 0, true).unwrap();
+        assert_eq!(r, Resolved::MmapChanging);
+        let r = classify(
+            "UFFDIO_COPY",
+            0,
+            LEN,
+            Err(Errno::EAGAIN),
+            -(libc::EAGAIN as i64),
+            false,
+        )
+        .unwrap();
+        assert_eq!(r, Resolved::MmapChanging);
+    }
+
+    #[test]
+    fn states_and_errors() {
+        assert_eq!(
+            classify("X", 0, LEN, Ok(0), LEN as i64, false).unwrap(),
+            Resolved::Done(LEN)
+        );
+        assert_eq!(
+            classify("X", 0, LEN, Ok(0), 0, false).unwrap(),
+            Resolved::Done(LEN)
+        );
+        assert_eq!(
+            classify("X", 0, LEN, Err(Errno::EEXIST), -17, false).unwrap(),
+            Resolved::AlreadyMapped
+        );
+        assert_eq!(
+            classify("UFFDIO_MOVE", 0, LEN, Err(Errno::EBUSY), -16, true).unwrap(),
+            Resolved::UseCopy
+        );
+        // EBUSY from another op is an error, not "use copy".
+        let e = classify("UFFDIO_COPY", 0, LEN, Err(Errno::EBUSY), -16, false).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::EBUSY));
+        let e = classify("UFFDIO_COPY", 0x1000, LEN, Err(Errno::ESRCH), 0, false).unwrap_err();
+        assert!(e.is_mm_gone() && !e.is_retryable());
+        assert!(e.to_string().contains("UFFDIO_COPY on [0x1000"), "{e}");
+        let e = classify("UFFDIO_MOVE", 0, LEN, Err(Errno::ENOENT), -2, true).unwrap_err();
+        assert!(e.is_not_found());
+        let e = classify("UFFDIO_MOVE", 0, LEN, Err(Errno::EINVAL), -22, true).unwrap_err();
+        assert!(e.is_invalid());
+    }
+}
