@@ -103,6 +103,10 @@ pub struct UffdProbe {
     pub event_fork_permitted: Option<bool>,
     /// Why features could not be read.
     pub api_error: Option<String>,
+    /// What an *unprivileged* user (no `CAP_SYS_PTRACE`) can open, from the device's mode
+    /// bits and the sysctl: `"handler mode via /dev/userfaultfd"`, `"handler mode via the
+    /// syscall"`, or `"user-mode-only via the syscall (embedded SIGBUS mode only)"`.
+    pub unprivileged_access: String,
 }
 
 /// io_uring.
@@ -233,11 +237,23 @@ fn probe_uffd() -> UffdProbe {
             available: offered.contains(f),
         })
         .collect();
+    let unprivileged_sysctl = read_u32("/proc/sys/vm/unprivileged_userfaultfd");
+    let dev_world_rw = meta.as_ref().is_ok_and(|m| m.mode() & 0o006 == 0o006);
+    let unprivileged_access = if dev_world_rw {
+        "handler mode via /dev/userfaultfd".to_string()
+    } else if unprivileged_sysctl == Some(1) {
+        "handler mode via the syscall (vm.unprivileged_userfaultfd=1)".to_string()
+    } else {
+        "user-mode-only via the syscall (embedded SIGBUS mode only; /dev/userfaultfd needs a \
+         group or ACL grant for more)"
+            .to_string()
+    };
     UffdProbe {
         dev_exists: meta.is_ok(),
         dev_mode,
         dev_open,
-        unprivileged_sysctl: read_u32("/proc/sys/vm/unprivileged_userfaultfd"),
+        unprivileged_sysctl,
+        unprivileged_access,
         syscall,
         syscall_user_mode_only,
         path,
@@ -476,6 +492,7 @@ impl fmt::Display for ProbeReport {
             Some(v) => writeln!(f, "  vm.unprivileged_userfaultfd = {v}")?,
             None => writeln!(f, "  vm.unprivileged_userfaultfd: not readable")?,
         }
+        writeln!(f, "  unprivileged users: {}", u.unprivileged_access)?;
         writeln!(
             f,
             "  handler path      {}",

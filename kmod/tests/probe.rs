@@ -44,6 +44,27 @@ fn the_probe_reports_this_machine_in_text_and_json() {
         );
     }
     assert_eq!(report.userfaultfd.event_fork_permitted, Some(true));
+    // "For whom": check the unprivileged verdict by really dropping privileges.
+    let (handler, user_mode_only) = common::sys::unprivileged_userfaultfd_attempts();
+    assert!(
+        user_mode_only,
+        "user-mode-only is always open to unprivileged users"
+    );
+    let sysctl = report.userfaultfd.unprivileged_sysctl;
+    assert_eq!(
+        handler,
+        sysctl == Some(1),
+        "sysctl {sysctl:?} decides handler mode"
+    );
+    let access = &report.userfaultfd.unprivileged_access;
+    if !report
+        .userfaultfd
+        .dev_mode
+        .as_deref()
+        .is_some_and(|m| m.starts_with("0666"))
+    {
+        assert_eq!(access.contains("user-mode-only"), !handler, "{access}");
+    }
     let offered = Features::from_bits_retain(report.userfaultfd.feature_bits);
     let embedded = report.modes.iter().find(|m| m.mode == "embedded").unwrap();
     assert_eq!(

@@ -384,3 +384,29 @@ pub fn continue_pages(
     // SAFETY: test-owned MINOR-registered shmem range.
     unsafe { u.continue_pages(start, len, mode) }
 }
+
+/// In a forked child that drops to uid/gid 65534 (nobody), tries the userfaultfd syscall
+/// without and with `UFFD_USER_MODE_ONLY`. Returns (handler mode ok, user-mode-only ok).
+pub fn unprivileged_userfaultfd_attempts() -> (bool, bool) {
+    let pid = fork_with(|| {
+        // SAFETY: setgid/setuid/syscall/close are async-signal-safe; nothing allocates.
+        unsafe {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return 100;
+            }
+            let try_open = |flags: i32| {
+                let fd = libc::syscall(libc::SYS_userfaultfd, flags | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::close(fd as i32);
+                }
+                fd >= 0
+            };
+            let handler = try_open(0);
+            let umo = try_open(usm_kmod::sys::uapi::UFFD_USER_MODE_ONLY);
+            i32::from(handler) | (i32::from(umo) << 1)
+        }
+    });
+    let code = wait_child(pid).expect("the child exits");
+    assert_ne!(code, 100, "the child could not drop privileges");
+    (code & 1 != 0, code & 2 != 0)
+}
