@@ -285,3 +285,84 @@ fn a_frame_whose_page_was_dropped_is_refilled_with_a_zeroed_page() {
     pool.check_conservation().unwrap();
     sys::munmap(region2, len as usize);
 }
+
+#[test]
+fn a_run_of_consecutive_frames_installs_with_partial_progress_reported() {
+    if !require_root("a_run_of_consecutive_frames_installs_with_partial_progress_reported") {
+        return;
+    }
+    let uffd = Arc::new(common::uffd(Features::MOVE));
+    let pool = FramePool::new(
+        PoolConfig {
+            frames: 64,
+            lock: LockMode::Unlocked,
+        },
+        Some(Arc::clone(&uffd)),
+    )
+    .unwrap();
+    let n = 8u64;
+    let region = sys::mmap_anon_dontfork((2 * n * PAGE) as usize);
+    uffd.register(region, 2 * n * PAGE, RegisterMode::MISSING)
+        .unwrap();
+    let mut local = pool.local_arena();
+    let frames: Vec<_> = (0..n)
+        .map(|_| pool.take(&mut local).unwrap().unwrap())
+        .collect();
+    assert!(
+        frames.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "a fresh pool hands out consecutive frames: {frames:?}"
+    );
+    let owner = FrameOwner { pid: 1, region: 2 };
+    let r = sys::install_many(&pool, &frames, region, owner, MoveMode::empty()).unwrap();
+    assert_eq!(r, Resolved::Done(n * PAGE));
+    for (i, &f) in frames.iter().enumerate() {
+        let d = pool.desc(f).unwrap();
+        assert_eq!(
+            (d.state(), d.vaddr()),
+            (FrameState::Mapped, region + i as u64 * PAGE)
+        );
+    }
+    // Second window: page 5 already present -> 5 pages installed, the rest stay Taken.
+    let second = region + n * PAGE;
+    assert!(
+        sys::zeropage(
+            &uffd,
+            second + 5 * PAGE,
+            PAGE,
+            usm_kmod::ZeropageMode::empty()
+        )
+        .unwrap()
+        .is_done()
+    );
+    let more: Vec<_> = (0..n)
+        .map(|_| pool.take(&mut local).unwrap().unwrap())
+        .collect();
+    let r = sys::install_many(&pool, &more, second, owner, MoveMode::empty()).unwrap();
+    assert_eq!(r, Resolved::Partial(5 * PAGE));
+    assert!(
+        more[..5]
+            .iter()
+            .all(|&f| pool.desc(f).unwrap().state() == FrameState::Mapped)
+    );
+    assert!(
+        more[5..]
+            .iter()
+            .all(|&f| pool.desc(f).unwrap().state() == FrameState::Taken)
+    );
+    // Nothing moves when the first page is present: the page's own state is reported.
+    let r = sys::install_many(
+        &pool,
+        &more[5..6],
+        second + 5 * PAGE,
+        owner,
+        MoveMode::empty(),
+    )
+    .unwrap();
+    assert_eq!(r, Resolved::AlreadyMapped);
+    for &f in &more[5..] {
+        pool.return_unused(&mut local, f).unwrap();
+    }
+    let c = pool.check_conservation().unwrap();
+    assert_eq!(c.mapped, 13, "{c}");
+    sys::munmap(region, (2 * n * PAGE) as usize);
+}

@@ -40,7 +40,8 @@
 //!   a compare-and-swap on the descriptor state, checked with `debug_assert!` / a typed
 //!   [`Error::FrameState`].
 //!
-//! The memory-touching half (install / stage / unstage / reclaim / refill) is implemented
+//! The memory-touching half (`install`, `install_many` for a run of pages, `install_copy`,
+//! `stage`, `unstage`, `reclaim`, slot refill) is implemented
 //! in `sys::pool`, where the crate's `unsafe` lives.
 
 pub mod arena;

@@ -410,3 +410,16 @@ pub fn unprivileged_userfaultfd_attempts() -> (bool, bool) {
     assert_ne!(code, 100, "the child could not drop privileges");
     (code & 1 != 0, code & 2 != 0)
 }
+
+/// `FramePool::install_many` into test-owned region pages.
+pub fn install_many(
+    p: &FramePool,
+    frames: &[FrameNo],
+    dst: u64,
+    owner: FrameOwner,
+    mode: MoveMode,
+) -> usm_kmod::Result<Resolved> {
+    // SAFETY: the destination pages are missing pages of the test's region, registered on
+    // the pool's uffd; the test took the frames.
+    unsafe { p.install_many(frames, dst, owner, mode) }
+}
