@@ -63,6 +63,9 @@ fn a_fork_hands_over_the_childs_userfaultfd_and_its_faults_resolve_from_here() {
         Ok(0),
         "the child saw inherited and resolved data"
     );
+    // The child is gone: resolving on its fd reports ESRCH, classified as "mm gone".
+    let err = sys::copy(&child_uffd, region + PAGE, src, PAGE, CopyMode::empty()).unwrap_err();
+    assert!(err.is_mm_gone(), "{err:?}");
     // Our own page 1 is still missing: resolving it here is independent of the child.
     let r = sys::zeropage(&uffd, region + PAGE, PAGE, usm_kmod::ZeropageMode::empty()).unwrap();
     assert_eq!(r, Resolved::Done(PAGE));
