@@ -146,23 +146,21 @@ impl Agent {
             None => Err(libc::ENOTCONN),
             Some(uffd) => match req.op {
                 AgentOp::EvictToStaging => {
-                    sys::uffd_move(uffd, self.slot_addr(slot), req.addr as usize, len).inspect(
-                        |moved| {
+                    sys::uffd_move(uffd, self.slot_addr(slot), req.addr as usize, len, true)
+                        .inspect(|moved| {
                             for i in 0..(*moved / PAGE_SIZE) as u64 {
                                 self.slot_owner[(slot + i) as usize]
                                     .store(req.addr + i * PAGE_SIZE as u64, Ordering::Release);
                             }
-                        },
-                    )
+                        })
                 }
                 AgentOp::ReturnFromStaging => {
-                    sys::uffd_move(uffd, req.addr as usize, self.slot_addr(slot), len).inspect(
-                        |moved| {
+                    sys::uffd_move(uffd, req.addr as usize, self.slot_addr(slot), len, true)
+                        .inspect(|moved| {
                             for i in 0..(*moved / PAGE_SIZE) as u64 {
                                 self.slot_owner[(slot + i) as usize].store(0, Ordering::Release);
                             }
-                        },
-                    )
+                        })
                 }
                 AgentOp::DropSlots => {
                     sys::madvise_raw(self.slot_addr(slot), len, libc::MADV_DONTNEED).map(|()| {
@@ -188,14 +186,19 @@ impl Agent {
 }
 
 /// The daemon is gone: move every staged page back where it came from (on the
-/// tagger's own copy of the userfaultfd, still open), and stop the agent. Returns how
-/// many pages could not be put back.
-pub(crate) fn restore_staged() -> u64 {
-    let Some(agent) = AGENT.get() else { return 0 };
+/// tagger's own copy of the userfaultfd, still open) *without waking* threads waiting
+/// on them, and stop the agent. Returns the restored application pages (to wake with
+/// [`wake_restored`] once the tagger has said what happened) and how many pages could
+/// not be put back.
+pub(crate) fn restore_staged() -> (Vec<usize>, u64) {
+    let Some(agent) = AGENT.get() else {
+        return (Vec::new(), 0);
+    };
     let Ok(_guard) = agent.busy.lock() else {
-        return 0;
+        return (Vec::new(), 0);
     };
     let uffd = state::uffd_number();
+    let mut restored = Vec::new();
     let mut lost = 0;
     for slot in 0..agent.pages {
         let owner = agent.slot_owner[slot as usize].load(Ordering::Acquire);
@@ -207,13 +210,23 @@ pub(crate) fn restore_staged() -> u64 {
             owner as usize,
             agent.slot_addr(u64::from(slot)),
             PAGE_SIZE,
+            false,
         ) {
+            Ok(_) => restored.push(owner as usize),
             // EEXIST: the page was installed again meanwhile; the staged copy is stale.
-            Ok(_) | Err(libc::EEXIST) => {}
+            Err(libc::EEXIST) => {}
             Err(_) => lost += 1,
         }
         agent.slot_owner[slot as usize].store(0, Ordering::Release);
     }
     let _: Result<(), ProtoError> = agent.server.self_kick();
-    lost
+    (restored, lost)
+}
+
+/// Wakes threads that faulted on pages `restore_staged` put back.
+pub(crate) fn wake_restored(pages: &[usize]) {
+    let uffd = state::uffd_number();
+    for &page in pages {
+        sys::uffd_wake(uffd, page, PAGE_SIZE);
+    }
 }

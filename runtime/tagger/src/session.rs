@@ -182,9 +182,12 @@ fn watch(reader: Channel) {
 }
 
 /// The daemon's socket closed without Bye.
+///
+/// Order matters: staged pages are put back first (without waking anyone), the verdict
+/// is written to stderr, and only then are waiting threads released — so a program
+/// never runs past this point before the message is out.
 fn daemon_lost(why: &str) {
-    // Pages still in staging are ours: put them back first.
-    let unrestored = crate::agent::restore_staged();
+    let (restored, unrestored) = crate::agent::restore_staged();
     let swapped = state::swapped_pages() + unrestored;
     if swapped > 0 {
         let line = format!(
@@ -195,10 +198,11 @@ fn daemon_lost(why: &str) {
         sys::write_stderr(line.as_bytes());
         sys::kill_self();
     }
-    detach();
     warn(&format!(
         "lost the USM daemon ({why}); no page was swapped out, continuing unmanaged"
     ));
+    crate::agent::wake_restored(&restored);
+    detach();
 }
 
 /// Stops managing: no new registrations, and our copy of the userfaultfd is dropped

@@ -180,7 +180,8 @@ fn daemon_death_with_swapped_pages_kills_the_program() {
     served.stream.send(&Message::CoverageRequest).unwrap();
     served.wait_for("Coverage", |m| matches!(m, Message::Coverage { .. }));
     served.die();
-    let (status, out, err) = program.finish();
+    // stdin stays open: only the tagger's kill can end the program.
+    let (status, out, err) = program.wait_without_resuming(std::time::Duration::from_secs(20));
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(
         status.signal(),

@@ -264,15 +264,26 @@ struct UffdioMove {
     moved: i64,
 }
 
-/// `UFFDIO_MOVE` of `len` bytes from `src` to `dst` in this process (waking threads
-/// waiting on `dst`). Returns the bytes moved; on an error after a partial move, the
-/// partial count; otherwise the errno.
-pub(crate) fn uffd_move(uffd: RawFd, dst: usize, src: usize, len: usize) -> Result<usize, i32> {
+/// `UFFDIO_MOVE_MODE_DONTWAKE`.
+const UFFDIO_MOVE_MODE_DONTWAKE: u64 = 1;
+/// `UFFDIO_WAKE` = `_IOR(0xAA, 0x02, struct uffdio_range)`.
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
+
+/// `UFFDIO_MOVE` of `len` bytes from `src` to `dst` in this process, waking threads
+/// waiting on `dst` if `wake`. Returns the bytes moved; on an error after a partial
+/// move, the partial count; otherwise the errno.
+pub(crate) fn uffd_move(
+    uffd: RawFd,
+    dst: usize,
+    src: usize,
+    len: usize,
+    wake: bool,
+) -> Result<usize, i32> {
     let mut mv = UffdioMove {
         dst: dst as u64,
         src: src as u64,
         len: len as u64,
-        mode: 0,
+        mode: if wake { 0 } else { UFFDIO_MOVE_MODE_DONTWAKE },
         moved: 0,
     };
     // SAFETY: `mv` is a valid uffdio_move. The move transfers pages between two
@@ -289,6 +300,16 @@ pub(crate) fn uffd_move(uffd: RawFd, dst: usize, src: usize, len: usize) -> Resu
     } else {
         Err(err)
     }
+}
+
+/// `UFFDIO_WAKE` of `[start, start+len)`: threads waiting on it retry their access.
+pub(crate) fn uffd_wake(uffd: RawFd, start: usize, len: usize) {
+    let range = UffdioRange {
+        start: start as u64,
+        len: len as u64,
+    };
+    // SAFETY: `range` is a valid uffdio_range the kernel only reads.
+    unsafe { ioctl_raw(uffd, UFFDIO_WAKE, (&raw const range) as usize) };
 }
 
 /// `madvise(2)`.

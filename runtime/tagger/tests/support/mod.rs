@@ -404,6 +404,34 @@ impl Program {
         stdin.flush().unwrap();
     }
 
+    /// Waits for the program to end *on its own* while its stdin stays open (it blocks
+    /// reading it); after `timeout` it gets SIGTERM, which the caller's assertions see.
+    pub fn wait_without_resuming(
+        mut self,
+        timeout: Duration,
+    ) -> (std::process::ExitStatus, String, String) {
+        let pid = self.child.id() as libc::pid_t;
+        let (tx, rx) = channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            if rx.recv_timeout(timeout).is_err() {
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(pid.to_string())
+                    .status();
+            }
+        });
+        let stdin = self.stdin.take();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut out).unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        let status = self.child.wait().unwrap();
+        let _ = tx.send(());
+        watchdog.join().unwrap();
+        drop(stdin);
+        (status, out, err)
+    }
+
     /// Waits for exit; returns (status, rest of stdout, stderr).
     pub fn finish(mut self) -> (std::process::ExitStatus, String, String) {
         drop(self.stdin.take());
