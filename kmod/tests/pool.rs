@@ -366,3 +366,37 @@ fn a_run_of_consecutive_frames_installs_with_partial_progress_reported() {
     assert_eq!(c.mapped, 13, "{c}");
     sys::munmap(region, (2 * n * PAGE) as usize);
 }
+
+#[test]
+fn dropping_a_pool_on_an_unmap_tracking_userfaultfd_does_not_wait_for_an_event() {
+    if !require_root("dropping_a_pool_on_an_unmap_tracking_userfaultfd_does_not_wait_for_an_event")
+    {
+        return;
+    }
+    let uffd = Arc::new(common::uffd(
+        Features::MOVE | Features::EVENT_UNMAP | Features::EVENT_REMOVE,
+    ));
+    let pool = FramePool::new(
+        PoolConfig {
+            frames: 8,
+            lock: LockMode::Unlocked,
+        },
+        Some(Arc::clone(&uffd)),
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dropper = std::thread::spawn(move || {
+        drop(pool);
+        tx.send(()).unwrap();
+    });
+    let dropped = rx.recv_timeout(std::time::Duration::from_secs(2)).is_ok();
+    // Unblock a stuck munmap before failing, so the test ends either way.
+    let mut events = Vec::new();
+    uffd.read_events(&mut events).unwrap();
+    dropper.join().unwrap();
+    assert!(
+        dropped,
+        "dropping the pool waited for an UNMAP event to be read"
+    );
+    assert!(events.is_empty(), "no event for the pool: {events:?}");
+}

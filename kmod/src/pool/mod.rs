@@ -531,6 +531,19 @@ impl FramePool {
     }
 }
 
+impl Drop for FramePool {
+    /// Unregisters the pool from its userfaultfd before the mapping is unmapped: with
+    /// `EVENT_UNMAP` enabled, unmapping a registered range would wait until the event is
+    /// read, which deadlocks if the reader is the dropping thread.
+    fn drop(&mut self) {
+        if let Some(u) = &self.uffd {
+            if let Err(e) = u.unregister(self.mem.addr(), self.mem.len() as u64) {
+                tracing::warn!(error = %e, "unregistering the frame pool failed");
+            }
+        }
+    }
+}
+
 #[cfg(not(loom))]
 mod zeroer {
     use super::FramePool;

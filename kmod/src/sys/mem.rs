@@ -3,7 +3,9 @@
 //! A `Mapping` never hands out Rust references to its bytes: its content can change under
 //! us (userfaultfd moves pages in and out, `MADV_DONTNEED` drops them), so it is reached
 //! through atomic loads/stores (safe) or raw byte writes whose exclusivity the caller
-//! promises (`unsafe`). Dropping it unmaps it.
+//! promises (`unsafe`). Dropping it unmaps it: if the range is registered on a
+//! userfaultfd with `EVENT_UNMAP`, unregister it first, or the drop waits until the UNMAP
+//! event is read (a deadlock when the reader is the dropping thread).
 
 use crate::error::{Error, Result};
 use crate::frame::PAGE_SIZE;
