@@ -1,20 +1,30 @@
 //! SIGBUS mode: with `UFFD_FEATURE_SIGBUS` a missing-page access raises SIGBUS in the
 //! faulting thread, whose handler resolves its own fault (COPY, ZEROPAGE, MOVE) and
 //! returns; the access is retried and succeeds. One test per binary: the handler is
-//! process-wide.
+//! process-wide. The fd is opened `user_mode_only`, as the embedded runtime does, so this
+//! needs no privilege.
 
 mod common;
 
-use common::{PAGE, require_root, sys};
+use common::{PAGE, sys};
 use std::sync::atomic::Ordering;
-use usm_kmod::{Features, RegisterMode, UffdEvent};
+use usm_kmod::{Features, OpenFlags, RawUserfaultfd, RegisterMode, UffdEvent};
 
 #[test]
 fn the_faulting_thread_resolves_its_own_fault_in_its_sigbus_handler() {
-    if !require_root("the_faulting_thread_resolves_its_own_fault_in_its_sigbus_handler") {
-        return;
-    }
-    let uffd = common::uffd(Features::SIGBUS | Features::MOVE);
+    let uffd = RawUserfaultfd::open(OpenFlags {
+        user_mode_only: true,
+        ..OpenFlags::default()
+    })
+    .and_then(|raw| raw.negotiate(Features::empty(), Features::SIGBUS | Features::MOVE));
+    let uffd = match uffd {
+        Ok(u) => u,
+        Err(e) if e.is_missing_feature() => {
+            eprintln!("SKIP: {e}");
+            return;
+        }
+        Err(e) => panic!("a user-mode-only userfaultfd opens for anyone: {e}"),
+    };
     let pages = 4;
     let region = sys::mmap_anon((pages * PAGE) as usize);
     let copy_src = sys::mmap_anon(PAGE as usize);
