@@ -578,7 +578,13 @@ mod zeroer {
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            tracing::warn!(error = %e, "frame zeroing failed; retrying");
+                            // EAGAIN (an address-space event is unread) is expected and
+                            // clears once the reader catches up; anything else is not.
+                            if e.is_retryable() {
+                                tracing::debug!(error = %e, "frame zeroing deferred");
+                            } else {
+                                tracing::warn!(error = %e, "frame zeroing failed; retrying");
+                            }
                             std::thread::sleep(Duration::from_millis(1));
                         }
                     }
