@@ -205,7 +205,12 @@ pub fn in_fiber() -> bool {
 /// initialisation. After it returns, the caller is on whichever thread resumed the fiber;
 /// for [`Suspend::Fault`] / [`Suspend::Preempted`] the scheduler guarantees that is the same
 /// thread.
-#[inline(never)]
+///
+/// `#[inline]` on purpose: corosensei's switch balances call/return pairs per stack, and a
+/// switch buried in a non-inlined helper costs a return misprediction on every switch
+/// (~90 ns measured instead of ~10 ns). The thread-local read stays behind the
+/// `#[inline(never)]` accessor, so inlining cannot cache its address across the switch.
+#[inline]
 pub fn suspend_current(reason: Suspend) -> bool {
     let yielder = current_yielder();
     if yielder.is_null() {

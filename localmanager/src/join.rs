@@ -44,23 +44,29 @@ impl JoinError {
     }
 }
 
+/// The result (once there) and the joiner waiting for it, under one short lock.
+struct Shared<T> {
+    result: Option<Result<T, JoinError>>,
+    waiter: Option<Waiter>,
+}
+
 pub(crate) struct JoinState<T> {
-    result: Mutex<Option<Result<T, JoinError>>>,
+    shared: Mutex<Shared<T>>,
     done: AtomicBool,
-    waiter: Mutex<Option<Waiter>>,
 }
 
 impl<T> JoinState<T> {
     fn complete(&self, result: Result<T, JoinError>) {
-        {
-            let mut slot = lock(&self.result);
-            if slot.is_some() || self.done.load(Ordering::Acquire) {
+        let waiter = {
+            let mut shared = lock(&self.shared);
+            if self.done.load(Ordering::Acquire) {
                 return;
             }
-            *slot = Some(result);
-        }
-        self.done.store(true, Ordering::Release);
-        if let Some(waiter) = lock(&self.waiter).take() {
+            shared.result = Some(result);
+            self.done.store(true, Ordering::Release);
+            shared.waiter.take()
+        };
+        if let Some(waiter) = waiter {
             waiter.wake();
         }
     }
@@ -98,19 +104,15 @@ impl<T> JoinHandle<T> {
     /// thread it blocks that thread.
     pub fn join(self) -> Result<T, JoinError> {
         loop {
-            if self.state.done.load(Ordering::Acquire)
-                && let Some(result) = lock(&self.state.result).take()
-            {
-                return result;
-            }
-            let waiter = Waiter::current();
-            {
-                let mut slot = lock(&self.state.waiter);
-                if self.state.done.load(Ordering::Acquire) {
-                    continue;
+            let waiter = {
+                let mut shared = lock(&self.state.shared);
+                if let Some(result) = shared.result.take() {
+                    return result;
                 }
-                *slot = Some(waiter.clone());
-            }
+                let waiter = Waiter::current();
+                shared.waiter = Some(waiter.clone());
+                waiter
+            };
             waiter.wait();
         }
     }
@@ -123,9 +125,11 @@ where
     T: Send + 'static,
 {
     let state = Arc::new(JoinState {
-        result: Mutex::new(None),
+        shared: Mutex::new(Shared {
+            result: None,
+            waiter: None,
+        }),
         done: AtomicBool::new(false),
-        waiter: Mutex::new(None),
     });
     let guard = CompleteOnDrop(state.clone());
     let body: Body = Box::new(move || {

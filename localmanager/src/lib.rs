@@ -86,7 +86,7 @@ mod api {
     impl std::fmt::Debug for Unparker {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("Unparker")
-                .field("task", &self.task.id)
+                .field("task", &self.task.id())
                 .finish()
         }
     }
@@ -97,9 +97,9 @@ mod api {
             self.task.unpark();
         }
 
-        /// A process-unique id of the uThread.
+        /// An id of the uThread, unique among live uThreads of the process.
         pub fn id(&self) -> u64 {
-            self.task.id
+            self.task.id()
         }
     }
 

@@ -110,6 +110,8 @@ pub(crate) struct ManagerShared {
     /// Live entries held by this worker (maintained by the owner).
     pub(crate) live: AtomicUsize,
     freed: Mutex<Vec<u32>>,
+    /// Set when `freed` may be non-empty, so the owner locks it only then.
+    has_freed: AtomicBool,
     /// uThreads spawned onto this worker from elsewhere (`spawn_on`).
     pub(crate) inbox: crossbeam_deque::Injector<Box<Entry>>,
     pub(crate) counters: Counters,
@@ -141,6 +143,7 @@ impl ManagerShared {
             in_handler: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
             freed: Mutex::new(Vec::new()),
+            has_freed: AtomicBool::new(false),
             inbox: crossbeam_deque::Injector::new(),
             counters: Counters::default(),
         })
@@ -415,7 +418,8 @@ impl<'a> LocalManager<'a> {
     }
 
     fn alloc_slot(&mut self) -> Option<usize> {
-        {
+        if self.shared.has_freed.load(Ordering::Acquire) {
+            self.shared.has_freed.store(false, Ordering::Release);
             let mut freed = crate::sync::lock(&self.shared.freed);
             for slot in freed.drain(..) {
                 self.ids.set(slot as usize, false);
@@ -618,6 +622,7 @@ impl<'a> LocalManager<'a> {
                     continue;
                 }
                 crate::sync::lock(&victim.freed).push(slot as u32);
+                victim.has_freed.store(true, Ordering::Release);
                 victim.live.fetch_sub(1, Ordering::Relaxed);
                 victim.counters.stolen_from.fetch_add(1, Ordering::Relaxed);
                 self.adopt(entry, false);

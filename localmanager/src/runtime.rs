@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_deque::Injector;
 use usm_fibers::StackPool;
-use usm_sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use usm_sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use usm_sync::{Arc, Mutex};
 
 use crate::counters::CountersSnapshot;
@@ -69,7 +69,6 @@ pub(crate) struct RuntimeShared {
     phase: AtomicU8,
     /// uThreads spawned and not finished (including ones still in queues).
     pub(crate) live: AtomicUsize,
-    next_id: AtomicU64,
     round_robin: AtomicUsize,
     stuck: Mutex<Vec<FaultedUThread>>,
     pub(crate) waker: WakerMode,
@@ -107,8 +106,10 @@ impl RuntimeShared {
             return;
         };
         manager.idq.set(slot as usize);
-        manager.counters.wakes.fetch_add(1, Ordering::Relaxed);
-        if !self.on_worker(owner) {
+        if self.on_worker(owner) {
+            crate::counters::bump_owned(&manager.counters.wakes, 1);
+        } else {
+            manager.counters.wakes.fetch_add(1, Ordering::Relaxed);
             manager.wake();
         }
     }
@@ -338,7 +339,6 @@ impl Builder {
             injector: Injector::new(),
             phase: AtomicU8::new(Phase::Running as u8),
             live: AtomicUsize::new(0),
-            next_id: AtomicU64::new(1),
             round_robin: AtomicUsize::new(0),
             stuck: Mutex::new(Vec::new()),
             waker: self.waker,
@@ -539,7 +539,6 @@ impl Handle {
             slot: usm_sync::atomic::AtomicU32::new(0),
             in_handler: usm_sync::atomic::AtomicBool::new(false),
             pinned,
-            id: rt.next_id.fetch_add(1, Ordering::Relaxed),
             rt: rt.clone(),
         });
         let entry = Box::new(Entry {

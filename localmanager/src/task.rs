@@ -55,14 +55,12 @@ pub(crate) struct Task {
     pub(crate) in_handler: AtomicBool,
     /// Never migrated (spawned pinned).
     pub(crate) pinned: bool,
-    pub(crate) id: u64,
     pub(crate) rt: Arc<RuntimeShared>,
 }
 
 impl std::fmt::Debug for Task {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Task")
-            .field("id", &self.id)
             .field("state", &self.state.load(Ordering::Relaxed))
             .field("owner", &self.owner.load(Ordering::Relaxed))
             .finish()
@@ -80,6 +78,11 @@ pub(crate) struct Entry {
 }
 
 impl Task {
+    /// A process-unique id while the task is alive (its address).
+    pub(crate) fn id(&self) -> u64 {
+        self as *const Task as u64
+    }
+
     /// Makes a parked uThread ready (or leaves a park token). Callable from any thread.
     pub(crate) fn unpark(&self) {
         let mut state = self.state.load(Ordering::Acquire);
