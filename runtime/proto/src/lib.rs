@@ -38,6 +38,23 @@
 //!    without Bye while the last [`Message::SwapState`] said pages are swapped, the
 //!    tagger kills its process with a message: it must never read zeros in place of data.
 //!
+//! # What the daemon must do (the contract the tagger relies on)
+//! - Negotiate `UFFDIO_API` on [`server::TaggedPeer::uffd`] *before* the Ack (the tagger
+//!   registers ranges right after it, which fails on an un-negotiated context) with at
+//!   least `EVENT_FORK | EVENT_REMAP | EVENT_REMOVE | EVENT_UNMAP`; add `MOVE` to be able
+//!   to start the eviction agent, `THREAD_ID` for per-thread accounting. Never
+//!   `UFFD_USER_MODE_ONLY`, never `SIGBUS` (faults must reach the daemon's reader).
+//! - Read the userfaultfd with one non-blocking reader; serve `PAGEFAULT`s, take the new
+//!   descriptor of every `FORK` event (the child's context: nobody else has it), treat
+//!   `REMAP`/`REMOVE`/`UNMAP` as authoritative for range changes.
+//! - Keep [`Message::SwapState`] current: `swapped_pages` counts pages whose only copy
+//!   is outside the process (written to swap *and* dropped from staging). Send it
+//!   before asking the agent to drop slots; pages still in staging are not counted
+//!   (the tagger puts those back itself if the daemon disappears).
+//! - Treat [`Message::RegisterRange`]/[`Message::UnregisterRange`] as advisory (they may
+//!   be dropped when the socket is full, and may name memory never seen).
+//! - To let a process go while alive: put every page back, then send [`Message::Bye`].
+//!
 //! # Strictness
 //! [`wire::decode`] refuses anything malformed with a typed [`wire::DecodeError`] and never
 //! panics (fuzzed with proptest). A datagram that was truncated, or that carries a file

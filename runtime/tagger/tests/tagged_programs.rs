@@ -54,6 +54,21 @@ fn tagged_program_is_managed_and_keeps_its_data() {
     // And from outside, straight from the kernel.
     let outside = usm_proto::coverage::Coverage::of_pid(served.pid).unwrap();
     assert!(outside.ratio() >= 0.90, "outside view: {outside:?}");
+    // Shared memory (MAP_SHARED anonymous, memfd) and the main stack stay with the kernel.
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", served.pid)).unwrap();
+    let mut kernel_only = 0;
+    let mut header = "";
+    for line in smaps.lines() {
+        if line.starts_with("VmFlags:") {
+            if ["memfd:workload", "/dev/zero", "[stack]"].iter().any(|n| header.contains(n)) {
+                kernel_only += 1;
+                assert!(!line.split_whitespace().any(|f| f == "um"), "{header} must not be registered");
+            }
+        } else if !line.split_whitespace().next().unwrap_or("").ends_with(':') {
+            header = line;
+        }
+    }
+    assert_eq!(kernel_only, 3, "expected the memfd, shared anonymous and stack VMAs in:\n{smaps}");
     // The program's own report agrees that it is managed.
     let peak = before_peak
         .iter()

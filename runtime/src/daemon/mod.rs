@@ -1,0 +1,1 @@
+//! InstanceUSM, the daemon (being written).
