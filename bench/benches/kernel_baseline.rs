@@ -247,6 +247,7 @@ fn first_touch(cli: &Cli, mib: Option<u64>, runs: Option<usize>) -> Result<Value
         "GiB/s",
         "wall s",
         "cpu s",
+        "steal s",
         "GiB/s vs 4K",
         "faults vs 4K",
     ]);
@@ -262,6 +263,7 @@ fn first_touch(cli: &Cli, mib: Option<u64>, runs: Option<usize>) -> Result<Value
             fmt_f(Some(r.gib_per_s.median), 2),
             fmt_f(Some(r.wall_s.median), 3),
             fmt_f(Some(r.cpu_s.median), 3),
+            fmt_f(Some(r.steal_s.median), 2),
             fmt_f(ratio.and_then(|x| x.gib_per_s_vs_kernel), 2),
             fmt_f(ratio.and_then(|x| x.faults_vs_kernel), 4),
         ]);
@@ -306,6 +308,7 @@ fn storm_cmd(
         "access p50 us",
         "access p99 us",
         "majflt",
+        "steal s",
         "peak MiB",
         "swap MiB",
     ]);
@@ -331,6 +334,7 @@ fn storm_cmd(
                 fmt_f(Some(p.access_latency.p50_ns as f64 / 1e3), 2),
                 fmt_f(Some(p.access_latency.p99_ns as f64 / 1e3), 1),
                 p.major_faults.to_string(),
+                fmt_f(Some(p.steal_s), 2),
                 (cg.peak_bytes >> 20).to_string(),
                 ((cg.peak_with_swap_bytes.saturating_sub(cg.peak_bytes)) >> 20).to_string(),
             ]);

@@ -216,6 +216,8 @@ pub struct FirstTouchResult {
     pub wall_s: RunSummary,
     /// CPU seconds of the touching thread.
     pub cpu_s: RunSummary,
+    /// CPU seconds stolen from the VM (all vCPUs) during a run.
+    pub steal_s: RunSummary,
 }
 
 /// A fixed permutation of `0..n` (xorshift-driven Fisher-Yates).
@@ -266,6 +268,7 @@ pub fn kernel_first_touch(side: KernelPageSize, spec: &FirstTouchSpec) -> Result
     let rates: Vec<f64> = walls.iter().map(|w| gib / w).collect();
     let faults: Vec<f64> = runs.iter().map(|(c, _)| c.minor_faults as f64).collect();
     let folios: Vec<f64> = runs.iter().map(|(_, f)| *f as f64).collect();
+    let steals: Vec<f64> = runs.iter().map(|(c, _)| c.steal_s).collect();
     Ok(FirstTouchResult {
         side: side.label(),
         order: spec.order.label().into(),
@@ -275,6 +278,7 @@ pub fn kernel_first_touch(side: KernelPageSize, spec: &FirstTouchSpec) -> Result
         gib_per_s: RunSummary::of(&rates),
         wall_s: RunSummary::of(&walls),
         cpu_s: RunSummary::of(&cpus),
+        steal_s: RunSummary::of(&steals),
     })
 }
 

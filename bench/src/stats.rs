@@ -158,6 +158,21 @@ pub struct ThreadCost {
     pub minor_faults: u64,
     /// Major faults taken by the calling thread.
     pub major_faults: u64,
+    /// CPU time stolen by the hypervisor from all vCPUs meanwhile ([`system_steal_s`]):
+    /// a large value means other guests/helpers competed, and wall time exceeds CPU time.
+    pub steal_s: f64,
+}
+
+/// Seconds of CPU time stolen from this VM so far, summed over all CPUs (`/proc/stat`,
+/// `steal` column of the `cpu` line, in USER_HZ = 100 ticks/s). 0 when unavailable.
+pub fn system_steal_s() -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("cpu "))?;
+            line.split_whitespace().nth(8)?.parse::<u64>().ok()
+        })
+        .map_or(0.0, |ticks| ticks as f64 / 100.0)
 }
 
 /// CPU seconds, minor and major faults of the calling thread so far (`RUSAGE_THREAD`), or
@@ -181,9 +196,11 @@ pub fn rusage(whole_process: bool) -> Result<(f64, u64, u64)> {
 /// Measures `f` on the calling thread: wall, CPU, faults.
 pub fn measure_thread<T>(f: impl FnOnce() -> T) -> Result<(T, ThreadCost)> {
     let (c0, min0, maj0) = rusage(false)?;
+    let steal0 = system_steal_s();
     let t0 = Instant::now();
     let out = f();
     let wall_s = t0.elapsed().as_secs_f64();
+    let steal_s = system_steal_s() - steal0;
     let (c1, min1, maj1) = rusage(false)?;
     Ok((
         out,
@@ -192,6 +209,7 @@ pub fn measure_thread<T>(f: impl FnOnce() -> T) -> Result<(T, ThreadCost)> {
             cpu_s: c1 - c0,
             minor_faults: min1.saturating_sub(min0),
             major_faults: maj1.saturating_sub(maj0),
+            steal_s,
         },
     ))
 }

@@ -111,18 +111,18 @@ pub struct StormSpec {
 }
 
 impl StormSpec {
-    /// The default point: 256 MiB budget, 512 MiB working set, 16 memory + 4 CPU tasks
-    /// on 2 workers, 4 s per point.
+    /// The default point: 192 MiB budget, 384 MiB working set (2× the budget), 16 memory
+    /// + 4 CPU tasks on 2 workers, 50% writes, 3 s per point.
     pub fn default_mix() -> Self {
         Self {
-            budget_bytes: 256 << 20,
-            working_set_bytes: 512 << 20,
+            budget_bytes: 192 << 20,
+            working_set_bytes: 384 << 20,
             mix: TaskMix {
                 memory_tasks: 16,
                 cpu_tasks: 4,
             },
             workers: 2,
-            duration_ms: 4000,
+            duration_ms: 3000,
             sample_ms: 100,
             write_percent: 50,
             seed: 0x5eed_0006,
@@ -313,7 +313,11 @@ pub fn sample_throughput(
 ) -> (Vec<ThroughputSample>, Duration) {
     let start = Instant::now();
     let mut samples = Vec::new();
-    let (mut last_t, mut last_m, mut last_c) = (start, 0u64, 0u64);
+    let (mut last_t, mut last_m, mut last_c) = (
+        start,
+        counters.memory_ops.load(Ordering::Relaxed),
+        counters.cpu_ops.load(Ordering::Relaxed),
+    );
     while start.elapsed() < duration {
         std::thread::sleep(
             interval
@@ -321,6 +325,10 @@ pub fn sample_throughput(
                 .max(Duration::from_millis(1)),
         );
         let now = Instant::now();
+        // A last sliver shorter than half an interval would only add noise.
+        if now - last_t < interval / 2 {
+            continue;
+        }
         let m = counters.memory_ops.load(Ordering::Relaxed);
         let c = counters.cpu_ops.load(Ordering::Relaxed);
         let dt = (now - last_t).as_secs_f64().max(1e-9);
@@ -364,6 +372,9 @@ pub struct StormPoint {
     pub minor_faults: u64,
     /// CPU seconds of the workload process during the measured window.
     pub cpu_s: f64,
+    /// CPU seconds stolen from the VM (all vCPUs) during the measured window.
+    #[serde(default)]
+    pub steal_s: f64,
     /// Seconds spent writing the initial data set.
     pub populate_s: f64,
     /// Throughput over time.
@@ -408,6 +419,7 @@ pub fn run_storm_on_threads(spec: &StormSpec, intensity: f64) -> Result<StormPoi
     let mut window = (0.0, 0u64, 0u64);
     let mut samples = Vec::new();
     let mut elapsed = Duration::ZERO;
+    let mut steal_s = 0.0;
     type TaskOut = Result<(LatencyHistogram, u64)>;
     let (results, memory_ops, cpu_ops): (Vec<TaskOut>, u64, u64) = std::thread::scope(|s| {
         let mut handles = Vec::new();
@@ -456,6 +468,7 @@ pub fn run_storm_on_threads(spec: &StormSpec, intensity: f64) -> Result<StormPoi
         barrier.wait();
         populate_s = populate_start.elapsed().as_secs_f64();
         let before = crate::stats::rusage(true);
+        let steal0 = crate::stats::system_steal_s();
         let m0 = counters.memory_ops.load(Ordering::Relaxed);
         let c0 = counters.cpu_ops.load(Ordering::Relaxed);
         let (smp, el) = sample_throughput(
@@ -466,6 +479,7 @@ pub fn run_storm_on_threads(spec: &StormSpec, intensity: f64) -> Result<StormPoi
         let m1 = counters.memory_ops.load(Ordering::Relaxed);
         let c1 = counters.cpu_ops.load(Ordering::Relaxed);
         let after = crate::stats::rusage(true);
+        steal_s = crate::stats::system_steal_s() - steal0;
         samples = smp;
         elapsed = el;
         if let (Ok(b), Ok(a)) = (before, after) {
@@ -504,6 +518,7 @@ pub fn run_storm_on_threads(spec: &StormSpec, intensity: f64) -> Result<StormPoi
         major_faults: major,
         minor_faults: minor,
         cpu_s,
+        steal_s,
         populate_s,
         samples,
         cgroup: None,
