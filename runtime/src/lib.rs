@@ -13,5 +13,6 @@ pub mod daemon;
 pub mod demo;
 pub mod embedded;
 pub mod mm;
+mod sys;
 
 pub use config::{Config, ConfigError};
