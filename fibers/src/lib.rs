@@ -40,7 +40,7 @@ mod sys;
 pub use error::FiberError;
 pub use local::with_local;
 pub use stack::{DEFAULT_STACK_SIZE, MIN_STACK_SIZE, StackPool};
-pub use sys::{Fiber, Outcome, PanicPayload, in_fiber, suspend_current};
+pub use sys::{Fiber, Outcome, PanicPayload, in_fiber, on_fiber_stack, suspend_current};
 
 /// Why a fiber gave control back to its scheduler; the value passed by
 /// [`suspend_current`] and returned by [`Fiber::resume`] in [`Outcome::Suspended`].

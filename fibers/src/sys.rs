@@ -7,6 +7,10 @@
 //!   written once by the fiber body on first entry (the yielder lives at the base of the
 //!   fiber's stack and does not move).
 //! - `CURRENT_LOCALS`: the running fiber's [`LocalMap`], or null.
+//! - `ON_FIBER_STACK`: true exactly while fiber code (not the scheduler, not the switch) runs
+//!   on this thread: set when the fiber body starts and after each switch back in, cleared
+//!   right before each switch out. A signal handler uses it ([`on_fiber_stack`]) to know
+//!   that the interrupted code, and so the handler itself, is on the fiber's stack.
 //!
 //! Because both are `const`-initialised `Cell`s of raw pointers (no `Drop`), reading them
 //! never runs lazy initialisation or registers a destructor: [`suspend_current`] is
@@ -31,6 +35,7 @@ type FiberCoroutine = Coroutine<(), Suspend, Result<(), PanicPayload>, DefaultSt
 thread_local! {
     static CURRENT_YIELDER: Cell<*const FiberYielder> = const { Cell::new(ptr::null()) };
     static CURRENT_LOCALS: Cell<*mut LocalMap> = const { Cell::new(ptr::null_mut()) };
+    static ON_FIBER_STACK: Cell<bool> = const { Cell::new(false) };
 }
 
 /// What [`Fiber::resume`] came back with.
@@ -83,6 +88,7 @@ impl Fiber {
         let stack = pool.take()?;
         let coroutine = FiberCoroutine::with_stack(stack, move |yielder: &FiberYielder, ()| {
             set_current_yielder(yielder as *const FiberYielder);
+            set_on_fiber_stack(true);
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(body))
         });
         Ok(Self {
@@ -106,6 +112,7 @@ impl Fiber {
         let saved_yielder = replace_current_yielder(self.yielder);
         let saved_locals = replace_current_locals(&mut *self.locals as *mut LocalMap);
         let result = coroutine.resume(());
+        set_on_fiber_stack(false);
         if self.yielder.is_null() {
             // First entry: the body published its yielder.
             self.yielder = current_yielder();
@@ -185,6 +192,19 @@ fn replace_current_yielder(yielder: *const FiberYielder) -> *const FiberYielder 
 }
 
 #[inline(never)]
+fn set_on_fiber_stack(on: bool) {
+    ON_FIBER_STACK.set(on);
+}
+
+/// True when the code running on this thread right now is fiber code on a fiber's stack
+/// (false in the scheduler and inside the switch itself). Async-signal-safe; meant for
+/// signal handlers that want to switch out of the interrupted fiber.
+#[inline(never)]
+pub fn on_fiber_stack() -> bool {
+    ON_FIBER_STACK.get()
+}
+
+#[inline(never)]
 fn replace_current_locals(locals: *mut LocalMap) -> *mut LocalMap {
     CURRENT_LOCALS.replace(locals)
 }
@@ -221,7 +241,9 @@ pub fn suspend_current(reason: Suspend) -> bool {
     // switches back). The yielder lives at the base of the running fiber's stack, so it is
     // alive, and we are executing on that fiber's stack, which is what `suspend` requires.
     let yielder = unsafe { &*yielder };
+    set_on_fiber_stack(false);
     yielder.suspend(reason);
+    set_on_fiber_stack(true);
     true
 }
 

@@ -23,6 +23,8 @@ pub(crate) struct Counters {
     pub(crate) fault_resumes: AtomicU64,
     pub(crate) cancelled: AtomicU64,
     pub(crate) rounds: AtomicU64,
+    pub(crate) preemptions: AtomicU64,
+    pub(crate) preempt_deferred: AtomicU64,
 }
 
 /// Adds `n` to a counter only its owner writes.
@@ -50,6 +52,8 @@ impl Counters {
             fault_resumes: get(&self.fault_resumes),
             cancelled: get(&self.cancelled),
             rounds: get(&self.rounds),
+            preemptions: get(&self.preemptions),
+            preempt_deferred: get(&self.preempt_deferred),
         }
     }
 }
@@ -87,4 +91,9 @@ pub struct CountersSnapshot {
     pub cancelled: u64,
     /// Scheduling rounds.
     pub rounds: u64,
+    /// uThreads switched out by time-slice preemption from the signal handler.
+    pub preemptions: u64,
+    /// Over-quantum uThreads that were not at a safe point and yielded at their next
+    /// runtime call instead.
+    pub preempt_deferred: u64,
 }

@@ -22,6 +22,9 @@ pub enum SchedError {
     /// Opening or writing `/dev/cpu_dma_latency` failed.
     #[error("holding /dev/cpu_dma_latency at 0 failed")]
     CpuDmaLatency(#[source] io::Error),
+    /// Installing the preemption signal handler failed.
+    #[error("installing the preemption signal handler failed")]
+    Signal(#[source] io::Error),
     /// Spawning a worker OS thread failed.
     #[error("spawning worker thread {worker} failed")]
     SpawnWorker {
@@ -63,7 +66,7 @@ impl SchedError {
     pub fn errno(&self) -> Option<i32> {
         match self {
             SchedError::EventFd(e) => Some(*e as i32),
-            SchedError::CpuDmaLatency(e) => e.raw_os_error(),
+            SchedError::CpuDmaLatency(e) | SchedError::Signal(e) => e.raw_os_error(),
             SchedError::SpawnWorker { source, .. } => source.raw_os_error(),
             _ => None,
         }

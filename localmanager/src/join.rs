@@ -103,6 +103,7 @@ impl<T> JoinHandle<T> {
     /// Waits for the uThread. On a uThread this parks only the calling uThread; on any other
     /// thread it blocks that thread.
     pub fn join(self) -> Result<T, JoinError> {
+        crate::preempt_point();
         loop {
             let waiter = {
                 let mut shared = lock(&self.state.shared);

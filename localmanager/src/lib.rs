@@ -55,6 +55,7 @@ mod api {
 
     use usm_fibers::Suspend;
     use usm_sync::Arc;
+    use usm_sync::atomic::Ordering;
 
     pub use crate::counters::CountersSnapshot;
     pub use crate::driver::{Driver, DriverContext, DriverFactory};
@@ -66,8 +67,80 @@ mod api {
 
     /// Gives the worker to the next ready uThread (the caller stays ready). Returns `false`
     /// (doing nothing) when not called on a uThread.
+    #[inline]
     pub fn yield_now() -> bool {
         usm_fibers::suspend_current(Suspend::Yield)
+    }
+
+    /// Runs `f` with time-slice preemption allowed (when the runtime was built with
+    /// [`Builder::preemption`]): if `f` runs past its quantum while executing the program's
+    /// own code, the uThread is switched out from the timer signal and resumed later on the
+    /// same worker. `f` must not take OS-level locks (`std::sync::Mutex`, stdout via
+    /// `println!`) — use this crate's primitives, which are never preempted inside. Off a
+    /// uThread, just runs `f`.
+    pub fn preemptible<R>(f: impl FnOnce() -> R) -> R {
+        struct Exit;
+        impl Drop for Exit {
+            fn drop(&mut self) {
+                current::with_current_task(|_, task, _| {
+                    task.preemptible.fetch_sub(1, Ordering::Relaxed)
+                });
+            }
+        }
+        if current::with_current_task(|_, task, _| task.preemptible.fetch_add(1, Ordering::Relaxed))
+            .is_none()
+        {
+            return f();
+        }
+        let _exit = Exit;
+        f()
+    }
+
+    /// A runtime call: if the preemption timer found the calling uThread over its quantum
+    /// while it could not be switched out, yield now. Every primitive of this crate starts
+    /// with this; long loops that call nothing else may call it directly. Returns whether it
+    /// yielded.
+    pub fn preempt_point() -> bool {
+        let pending = current::with_worker(|local| {
+            local.preemption && local.preempt_pending.load(Ordering::Relaxed) && {
+                local.preempt_pending.store(false, Ordering::Relaxed);
+                local
+                    .manager()
+                    .counters
+                    .preempt_deferred
+                    .fetch_add(1, Ordering::Relaxed);
+                true
+            }
+        });
+        pending == Some(true) && yield_now()
+    }
+
+    /// Marks the calling uThread non-preemptible until dropped (runtime internals).
+    pub(crate) struct NoPreempt {
+        active: bool,
+    }
+
+    impl NoPreempt {
+        #[inline]
+        pub(crate) fn enter() -> Self {
+            let active = current::with_worker(|local| local.preemption).unwrap_or(false)
+                && current::with_current_task(|_, task, _| {
+                    task.no_preempt.fetch_add(1, Ordering::Relaxed);
+                })
+                .is_some();
+            NoPreempt { active }
+        }
+    }
+
+    impl Drop for NoPreempt {
+        fn drop(&mut self) {
+            if self.active {
+                // Same uThread, same worker: nothing can switch it out while this is held.
+                current::with_current_task(|_, task, _| {
+                    task.no_preempt.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        }
     }
 
     /// Parks the calling uThread until an [`Unparker`] of it is used. Returns at once if an
@@ -94,6 +167,7 @@ mod api {
     impl Unparker {
         /// Makes the uThread ready if parked, or leaves it a token so its next park returns.
         pub fn unpark(&self) {
+            let _no_preempt = NoPreempt::enter();
             self.task.unpark();
         }
 
@@ -122,6 +196,7 @@ mod api {
     /// Parks the calling uThread for at least `duration` (a timer on its worker unparks it).
     /// Off a uThread, sleeps the OS thread.
     pub fn sleep(duration: Duration) {
+        preempt_point();
         let deadline = Instant::now() + duration;
         let Some(task) = current::current_task_arc() else {
             std::thread::sleep(duration);

@@ -112,6 +112,8 @@ pub(crate) struct ManagerShared {
     freed: Mutex<Vec<u32>>,
     /// Set when `freed` may be non-empty, so the owner locks it only then.
     has_freed: AtomicBool,
+    /// The worker's pthread id (for the preemption ticker), 0 until started.
+    pub(crate) thread: AtomicU64,
     /// uThreads spawned onto this worker from elsewhere (`spawn_on`).
     pub(crate) inbox: crossbeam_deque::Injector<Box<Entry>>,
     pub(crate) counters: Counters,
@@ -144,6 +146,7 @@ impl ManagerShared {
             live: AtomicUsize::new(0),
             freed: Mutex::new(Vec::new()),
             has_freed: AtomicBool::new(false),
+            thread: AtomicU64::new(0),
             inbox: crossbeam_deque::Injector::new(),
             counters: Counters::default(),
         })
@@ -223,6 +226,11 @@ pub(crate) struct WorkerLocal {
     pub(crate) timer_seq: Cell<u64>,
     /// Set while the worker drops unfinished uThreads (their join handles say Cancelled).
     pub(crate) cancelling: Cell<bool>,
+    /// Set by the preemption handler when the running uThread overran its quantum outside a
+    /// safe point: it yields at its next runtime call.
+    pub(crate) preempt_pending: AtomicBool,
+    /// Preemption is enabled for this runtime.
+    pub(crate) preemption: bool,
 }
 
 impl WorkerLocal {
@@ -231,6 +239,7 @@ impl WorkerLocal {
     }
 
     pub(crate) fn add_timer(&self, deadline: Instant, task: Arc<Task>) {
+        let _no_preempt = crate::NoPreempt::enter();
         let seq = self.timer_seq.get();
         self.timer_seq.set(seq + 1);
         self.timers.borrow_mut().push(Reverse(TimerEntry {
@@ -529,6 +538,7 @@ impl<'a> LocalManager<'a> {
         let outcome = fiber.resume();
         self.shared.running.store(false, Ordering::Relaxed);
         self.local.current_task.set(std::ptr::null());
+        self.local.preempt_pending.store(false, Ordering::Relaxed);
         bump_owned(&self.shared.counters.switches, 1);
         if was_in_handler {
             self.shared.in_handler.fetch_sub(1, Ordering::Relaxed);
@@ -690,14 +700,15 @@ impl<'a> LocalManager<'a> {
                 t.min(Duration::from_millis(5))
             }));
         }
-        let blocked = crate::handoff::idle_step(
+        crate::handoff::idle_step(
             &self.shared.park,
             || self.has_work(),
-            || self.block(timeout),
+            || {
+                // Counted on entry, so a worker blocked right now is already counted.
+                bump_owned(&self.shared.counters.worker_parks, 1);
+                self.block(timeout);
+            },
         );
-        if blocked {
-            bump_owned(&self.shared.counters.worker_parks, 1);
-        }
     }
 
     fn block(&self, timeout: Option<Duration>) {
@@ -802,6 +813,10 @@ pub(crate) fn worker_main(
     config: ManagerConfig,
 ) {
     let _guard = current::enter(&local);
+    local.manager().thread.store(
+        crate::sys::preempt::current_thread() as u64,
+        Ordering::Release,
+    );
     let driver = driver_factory.map(|factory| factory(local.index));
     let mut manager = LocalManager::new(&local, pool, driver, config);
     manager.run();

@@ -199,6 +199,7 @@ pub struct Builder {
     steal_batch: usize,
     spin_before_park: Duration,
     driver: Option<DriverFactory>,
+    preemption: Option<Duration>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -237,6 +238,7 @@ impl Builder {
             steal_batch: 32,
             spin_before_park: Duration::ZERO,
             driver: None,
+            preemption: None,
         }
     }
 
@@ -310,6 +312,15 @@ impl Builder {
         self
     }
 
+    /// Enables time-slice preemption with this quantum (e.g. 100 µs; at least 10 µs): a
+    /// uThread that runs longer without switching is switched out from a signal handler
+    /// when it is at a safe point (inside [`crate::preemptible`], in the program's own code),
+    /// otherwise at its next runtime call. Uses `SIGURG`. See [`crate::preemptible`].
+    pub fn preemption(mut self, quantum: Duration) -> Self {
+        self.preemption = Some(quantum);
+        self
+    }
+
     /// Installs a per-worker [`crate::Driver`], created on each worker thread.
     pub fn driver(mut self, factory: DriverFactory) -> Self {
         self.driver = Some(factory);
@@ -326,6 +337,12 @@ impl Builder {
         }
         // Validate the stack size before starting anything.
         StackPool::new(self.stack_size, 0)?;
+        if let Some(quantum) = self.preemption {
+            if quantum < Duration::from_micros(10) {
+                return Err(SchedError::InvalidConfig("preemption quantum below 10 µs"));
+            }
+            crate::sys::preempt::install().map_err(SchedError::Signal)?;
+        }
         let cpu_dma_latency = if self.hold_cpu_dma_latency {
             Some(hold_cpu_dma_latency()?)
         } else {
@@ -364,6 +381,7 @@ impl Builder {
         };
         let mut runtime = Runtime {
             rt: rt.clone(),
+            ticker: None,
             workers: Vec::new(),
             _cpu_dma_latency: cpu_dma_latency,
             report: None,
@@ -375,6 +393,7 @@ impl Builder {
             let (stack_size, cache, prefill) =
                 (self.stack_size, self.stack_cache, self.prefill_stacks);
             let driver = self.driver.clone();
+            let preemption = self.preemption;
             let handle = std::thread::Builder::new()
                 .name(format!("usm-worker-{worker}"))
                 .spawn(move || {
@@ -403,6 +422,8 @@ impl Builder {
                         timers: Default::default(),
                         timer_seq: std::cell::Cell::new(0),
                         cancelling: std::cell::Cell::new(false),
+                        preempt_pending: usm_sync::atomic::AtomicBool::new(false),
+                        preemption: preemption.is_some(),
                     };
                     worker_main(local, pool, driver, config);
                 })
@@ -414,7 +435,44 @@ impl Builder {
                 Err(_) => return Err(SchedError::InvalidConfig("worker exited during start")),
             }
         }
+        if let Some(quantum) = self.preemption {
+            let ticker_rt = rt.clone();
+            runtime.ticker = Some(
+                std::thread::Builder::new()
+                    .name("usm-preempt".into())
+                    .spawn(move || preemption_ticker(&ticker_rt, quantum))
+                    .map_err(|source| SchedError::SpawnWorker {
+                        worker: usize::MAX,
+                        source,
+                    })?,
+            );
+        }
         Ok(runtime)
+    }
+}
+
+/// Signals a worker whose current uThread ran a whole quantum without switching.
+fn preemption_ticker(rt: &RuntimeShared, quantum: Duration) {
+    let tick = quantum / 2;
+    let mut last: Vec<(u64, u32)> = vec![(u64::MAX, 0); rt.managers.len()];
+    while rt.phase() != Phase::Exiting {
+        std::thread::sleep(tick);
+        for (manager, (seen, ticks)) in rt.managers.iter().zip(last.iter_mut()) {
+            let switches = manager.counters.switches.load(Ordering::Relaxed);
+            let running = manager.running.load(Ordering::Relaxed);
+            if !running || switches != *seen {
+                *seen = switches;
+                *ticks = 0;
+                continue;
+            }
+            *ticks += 1;
+            if *ticks >= 2 {
+                let thread = manager.thread.load(Ordering::Acquire);
+                if thread != 0 {
+                    crate::sys::preempt::kick(thread as libc::pthread_t);
+                }
+            }
+        }
     }
 }
 
@@ -446,6 +504,7 @@ pub struct ShutdownReport {
 /// A running set of workers. Dropping it shuts it down with a 1 s grace period.
 pub struct Runtime {
     rt: Arc<RuntimeShared>,
+    ticker: Option<std::thread::JoinHandle<()>>,
     workers: Vec<std::thread::JoinHandle<()>>,
     _cpu_dma_latency: Option<File>,
     report: Option<ShutdownReport>,
@@ -528,6 +587,8 @@ impl Handle {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
+        crate::preempt_point();
+        let _no_preempt = crate::NoPreempt::enter();
         let rt = &self.rt;
         if rt.phase() != Phase::Running && current::with_worker(|_| ()).is_none() {
             return Err(SchedError::ShuttingDown);
@@ -539,6 +600,8 @@ impl Handle {
             slot: usm_sync::atomic::AtomicU32::new(0),
             in_handler: usm_sync::atomic::AtomicBool::new(false),
             pinned,
+            preemptible: usm_sync::atomic::AtomicU32::new(0),
+            no_preempt: usm_sync::atomic::AtomicU32::new(0),
             rt: rt.clone(),
         });
         let entry = Box::new(Entry {
@@ -693,6 +756,9 @@ impl Runtime {
         }
         // 3. Exit.
         rt.set_phase(Phase::Exiting);
+        if let Some(ticker) = self.ticker.take() {
+            let _ = ticker.join();
+        }
         for worker in self.workers.drain(..) {
             if worker.join().is_err() {
                 tracing::error!("a worker thread panicked");

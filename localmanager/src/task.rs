@@ -55,6 +55,10 @@ pub(crate) struct Task {
     pub(crate) in_handler: AtomicBool,
     /// Never migrated (spawned pinned).
     pub(crate) pinned: bool,
+    /// Depth of `preemptible` sections the uThread is in (written by itself only).
+    pub(crate) preemptible: AtomicU32,
+    /// Depth of runtime-internal non-preemptible sections (written by itself only).
+    pub(crate) no_preempt: AtomicU32,
     pub(crate) rt: Arc<RuntimeShared>,
 }
 

@@ -117,6 +117,7 @@ impl<T> Drop for Receiver<T> {
 impl<T> Sender<T> {
     /// Queues `value` unless the channel is full or the receiver is gone.
     pub fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
+        crate::preempt_point();
         if !self.chan.receiver_alive.load(Ordering::SeqCst) {
             return Err(TrySendError::Disconnected(value));
         }
@@ -158,6 +159,7 @@ impl<T> Sender<T> {
 impl<T> Receiver<T> {
     /// Takes the oldest value if there is one.
     pub fn try_recv(&self) -> Result<T, TryRecvError> {
+        crate::preempt_point();
         let popped = lock(&self.chan.queue).pop_front();
         match popped {
             Some(value) => {

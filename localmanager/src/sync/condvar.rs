@@ -34,6 +34,7 @@ impl Condvar {
     /// Releases `guard`, parks until notified, re-locks. The waiter is registered before the
     /// mutex is released, so a notification sent after the caller's check cannot be lost.
     pub fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+        crate::preempt_point();
         let mutex: &'a Mutex<T> = guard.mutex;
         let waiter = Waiter::current();
         let id = self.waiters.register(waiter.clone());
@@ -57,11 +58,13 @@ impl Condvar {
 
     /// Wakes one waiter.
     pub fn notify_one(&self) {
+        crate::preempt_point();
         self.waiters.wake_one();
     }
 
     /// Wakes every waiter.
     pub fn notify_all(&self) {
+        crate::preempt_point();
         self.waiters.wake_all();
     }
 }

@@ -19,10 +19,34 @@ pub use crate::sys::mutex::{Mutex, MutexGuard};
 pub use channel::{Receiver, RecvError, SendError, Sender, TryRecvError, TrySendError, channel};
 pub use condvar::Condvar;
 
+/// A locked internal (OS-level) mutex; the holding uThread cannot be preempted meanwhile.
+pub(crate) struct LockGuard<'a, T> {
+    guard: usm_sync::MutexGuard<'a, T>,
+    _no_preempt: crate::NoPreempt,
+}
+
+impl<T> std::ops::Deref for LockGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> std::ops::DerefMut for LockGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+
 /// Locks a shim mutex, ignoring poisoning (the data of our internal mutexes stays consistent
-/// at every panic point).
-pub(crate) fn lock<T>(mutex: &usm_sync::Mutex<T>) -> usm_sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// at every panic point). Preemption of the caller is off until the guard drops: a uThread
+/// switched out holding it would block the next uThread of its worker that locks it.
+pub(crate) fn lock<T>(mutex: &usm_sync::Mutex<T>) -> LockGuard<'_, T> {
+    let no_preempt = crate::NoPreempt::enter();
+    LockGuard {
+        guard: mutex
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        _no_preempt: no_preempt,
+    }
 }

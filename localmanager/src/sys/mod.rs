@@ -12,6 +12,8 @@ pub(crate) mod current;
 #[cfg(not(loom))]
 pub(crate) mod mutex;
 #[cfg(not(loom))]
+pub(crate) mod preempt;
+#[cfg(not(loom))]
 pub(crate) mod signal;
 
 use std::ptr;

@@ -73,6 +73,7 @@ impl<T> Mutex<T> {
 
     /// Takes the lock, parking the calling uThread while it is held elsewhere.
     pub fn lock(&self) -> MutexGuard<'_, T> {
+        crate::preempt_point();
         loop {
             if self.try_acquire() {
                 return MutexGuard { mutex: self };
@@ -92,6 +93,7 @@ impl<T> Mutex<T> {
     }
 
     fn unlock(&self) {
+        let _no_preempt = crate::NoPreempt::enter();
         self.locked.store(false, Ordering::SeqCst);
         self.waiters.wake_one();
     }

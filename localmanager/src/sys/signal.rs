@@ -12,8 +12,11 @@ use crate::sys::current::with_current_task;
 /// touched.
 pub fn park_current_on_fault(payload: u64) -> bool {
     with_current_task(|local, task, slot| {
+        // No preemption from here until the handler returns (see `sys::preempt`).
+        task.no_preempt.fetch_add(1, Ordering::Relaxed);
         let manager = local.manager();
         let Some(meta) = manager.slots.get(slot as usize) else {
+            task.no_preempt.fetch_sub(1, Ordering::Relaxed);
             return false;
         };
         meta.payload.store(payload, Ordering::Release);
@@ -23,6 +26,7 @@ pub fn park_current_on_fault(payload: u64) -> bool {
         manager.pfq.set(slot as usize);
         let switched = usm_fibers::suspend_current(Suspend::Fault);
         task.in_handler.store(false, Ordering::Release);
+        task.no_preempt.fetch_sub(1, Ordering::Relaxed);
         switched
     })
     .unwrap_or(false)
