@@ -185,48 +185,55 @@ impl Agent {
     }
 }
 
+/// Marks a slot whose page was moved back but whose waiters are not woken yet.
+const RESTORED: u64 = 1;
+
 /// The daemon is gone: move every staged page back where it came from (on the
 /// tagger's own copy of the userfaultfd, still open) *without waking* threads waiting
-/// on them, and stop the agent. Returns the restored application pages (to wake with
-/// [`wake_restored`] once the tagger has said what happened) and how many pages could
-/// not be put back.
-pub(crate) fn restore_staged() -> (Vec<usize>, u64) {
-    let Some(agent) = AGENT.get() else {
-        return (Vec::new(), 0);
-    };
+/// on them, and stop the agent. Returns how many pages could not be put back.
+/// Does not allocate (see `session::daemon_lost`); [`wake_restored`] finishes the job.
+pub(crate) fn restore_staged() -> u64 {
+    let Some(agent) = AGENT.get() else { return 0 };
     let Ok(_guard) = agent.busy.lock() else {
-        return (Vec::new(), 0);
+        return 0;
     };
     let uffd = state::uffd_number();
-    let mut restored = Vec::new();
     let mut lost = 0;
-    for slot in 0..agent.pages {
-        let owner = agent.slot_owner[slot as usize].load(Ordering::Acquire);
-        if owner == 0 {
+    for (slot, owner_slot) in agent.slot_owner.iter().enumerate() {
+        let owner = owner_slot.load(Ordering::Acquire);
+        if owner == 0 || owner & RESTORED != 0 {
             continue;
         }
-        match sys::uffd_move(
+        let next = match sys::uffd_move(
             uffd,
             owner as usize,
-            agent.slot_addr(u64::from(slot)),
+            agent.slot_addr(slot as u64),
             PAGE_SIZE,
             false,
         ) {
-            Ok(_) => restored.push(owner as usize),
+            Ok(_) => owner | RESTORED,
             // EEXIST: the page was installed again meanwhile; the staged copy is stale.
-            Err(libc::EEXIST) => {}
-            Err(_) => lost += 1,
-        }
-        agent.slot_owner[slot as usize].store(0, Ordering::Release);
+            Err(libc::EEXIST) => 0,
+            Err(_) => {
+                lost += 1;
+                0
+            }
+        };
+        owner_slot.store(next, Ordering::Release);
     }
     let _: Result<(), ProtoError> = agent.server.self_kick();
-    (restored, lost)
+    lost
 }
 
 /// Wakes threads that faulted on pages `restore_staged` put back.
-pub(crate) fn wake_restored(pages: &[usize]) {
+pub(crate) fn wake_restored() {
+    let Some(agent) = AGENT.get() else { return };
     let uffd = state::uffd_number();
-    for &page in pages {
-        sys::uffd_wake(uffd, page, PAGE_SIZE);
+    for owner_slot in &agent.slot_owner {
+        let owner = owner_slot.load(Ordering::Acquire);
+        if owner & RESTORED != 0 {
+            sys::uffd_wake(uffd, (owner & !RESTORED) as usize, PAGE_SIZE);
+            owner_slot.store(0, Ordering::Release);
+        }
     }
 }

@@ -148,7 +148,7 @@ fn watch(reader: Channel) {
                 };
                 if let Err(e) = reader.send(&reply) {
                     if e.is_peer_gone() {
-                        return daemon_lost(&e.to_string());
+                        return daemon_lost(&e);
                     }
                 }
             }
@@ -173,7 +173,7 @@ fn watch(reader: Channel) {
                     "ignoring a malformed message from the daemon ({e})"
                 ));
             }
-            Err(e) => return daemon_lost(&e.to_string()),
+            Err(e) => return daemon_lost(&e),
         }
         if state::mode() != Mode::Managed {
             return;
@@ -181,27 +181,68 @@ fn watch(reader: Channel) {
     }
 }
 
+/// A line formatted on the stack: the daemon-loss path must not allocate (another
+/// thread may hold the heap lock while it waits for a fault or an UNMAP event that only
+/// the dead daemon would have served; the kernel releases it once we detach).
+struct StackLine {
+    buf: [u8; 512],
+    len: usize,
+}
+
+impl std::fmt::Write for StackLine {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let room = self.buf.len() - self.len;
+        let n = s.len().min(room);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+/// Why the session ended, without allocating (no `io::Error` Display: it allocates).
+fn describe(e: &ProtoError) -> (&'static str, i32) {
+    match e {
+        ProtoError::Closed => ("socket closed", 0),
+        other => ("socket error", other.errno().unwrap_or(0)),
+    }
+}
+
 /// The daemon's socket closed without Bye.
 ///
 /// Order matters: staged pages are put back first (without waking anyone), the verdict
-/// is written to stderr, and only then are waiting threads released — so a program
-/// never runs past this point before the message is out.
-fn daemon_lost(why: &str) {
-    let (restored, unrestored) = crate::agent::restore_staged();
+/// is written to stderr, and only then are waiting threads released, so the program
+/// never runs past this point before the message is out. Nothing here allocates.
+fn daemon_lost(e: &ProtoError) {
+    use std::fmt::Write;
+    let (why, errno) = describe(e);
+    let unrestored = crate::agent::restore_staged();
     let swapped = state::swapped_pages() + unrestored;
+    let mut line = StackLine {
+        buf: [0; 512],
+        len: 0,
+    };
+    let _ = write!(line, "{TAG}: ");
     if swapped > 0 {
-        let line = format!(
-            "{TAG}: FATAL: the USM daemon went away ({why}) while holding {swapped} swapped-out \
-             page(s) of process {}; killing it rather than let it read zeros\n",
+        let _ = write!(line, "FATAL: the USM daemon went away ({why}");
+        if errno != 0 {
+            let _ = write!(line, ", errno {errno}");
+        }
+        let _ = writeln!(
+            line,
+            ") while holding {swapped} swapped-out page(s) of process {}; killing it rather \
+             than let it read zeros",
             sys::getpid()
         );
-        sys::write_stderr(line.as_bytes());
+        sys::write_stderr(&line.buf[..line.len]);
         sys::kill_self();
     }
-    warn(&format!(
-        "lost the USM daemon ({why}); no page was swapped out, continuing unmanaged"
-    ));
-    crate::agent::wake_restored(&restored);
+    let _ = write!(line, "lost the USM daemon ({why}");
+    if errno != 0 {
+        let _ = write!(line, ", errno {errno}");
+    }
+    let _ = writeln!(line, "); no page was swapped out, continuing unmanaged");
+    sys::write_stderr(&line.buf[..line.len]);
+    crate::agent::wake_restored();
     detach();
 }
 

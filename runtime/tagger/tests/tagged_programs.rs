@@ -60,15 +60,24 @@ fn tagged_program_is_managed_and_keeps_its_data() {
     let mut header = "";
     for line in smaps.lines() {
         if line.starts_with("VmFlags:") {
-            if ["memfd:workload", "/dev/zero", "[stack]"].iter().any(|n| header.contains(n)) {
+            if ["memfd:workload", "/dev/zero", "[stack]"]
+                .iter()
+                .any(|n| header.contains(n))
+            {
                 kernel_only += 1;
-                assert!(!line.split_whitespace().any(|f| f == "um"), "{header} must not be registered");
+                assert!(
+                    !line.split_whitespace().any(|f| f == "um"),
+                    "{header} must not be registered"
+                );
             }
         } else if !line.split_whitespace().next().unwrap_or("").ends_with(':') {
             header = line;
         }
     }
-    assert_eq!(kernel_only, 3, "expected the memfd, shared anonymous and stack VMAs in:\n{smaps}");
+    assert_eq!(
+        kernel_only, 3,
+        "expected the memfd, shared anonymous and stack VMAs in:\n{smaps}"
+    );
     // The program's own report agrees that it is managed.
     let peak = before_peak
         .iter()
