@@ -402,3 +402,70 @@ fn a_resumed_fault_is_never_stolen_even_while_stealing_is_busy() {
     let counters = rt.counters();
     assert!(counters[1].steals > 0, "stealing was active: {counters:?}");
 }
+
+/// The runtime's normal arrangement: the worker's own driver sees PFQ, resolves the fault
+/// and resumes the uThread (PFQ → IDQ from its own worker, no cross-core wake).
+#[test]
+fn the_workers_own_driver_resolves_and_resumes_faults() {
+    use usm_localmanager::{Driver, DriverContext};
+
+    struct Resolver {
+        mappings: Arc<Vec<FileMapping>>,
+        resumed: Arc<std::sync::atomic::AtomicUsize>,
+        faulted: Vec<FaultedUThread>,
+    }
+    impl Driver for Resolver {
+        fn poll(&mut self, cx: &mut DriverContext<'_>) -> usize {
+            self.faulted.clear();
+            cx.faulted(&mut self.faulted);
+            for f in &self.faulted {
+                assert_eq!(f.key.worker, cx.worker());
+                let addr = f.payload & !1;
+                self.mappings
+                    .iter()
+                    .find(|m| m.contains(addr))
+                    .unwrap()
+                    .extend(1);
+                assert!(cx.resume_faulted(f.key.slot));
+                self.resumed.fetch_add(1, Ordering::Relaxed);
+            }
+            self.faulted.len()
+        }
+    }
+
+    sys::install_sigbus_handler();
+    const N: usize = 16;
+    let mappings: Arc<Vec<FileMapping>> =
+        Arc::new((0..N).map(|_| FileMapping::new(1, 0)).collect());
+    let resumed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let factory = {
+        let (mappings, resumed) = (mappings.clone(), resumed.clone());
+        Arc::new(move |_worker: usize| -> Box<dyn Driver> {
+            Box::new(Resolver {
+                mappings: mappings.clone(),
+                resumed: resumed.clone(),
+                faulted: Vec::new(),
+            })
+        })
+    };
+    let rt = Builder::new().workers(2).driver(factory).build().unwrap();
+    let handles: Vec<_> = (0..N)
+        .map(|i| {
+            let m = mappings.clone();
+            rt.spawn_on(i % 2, move || {
+                m[i].write(64, i as u8); // SIGBUS, parked, resolved by the driver
+                m[i].read(64)
+            })
+            .unwrap()
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.join().unwrap(), i as u8);
+    }
+    assert_eq!(resumed.load(Ordering::Relaxed), N);
+    let counters = rt.counters();
+    assert_eq!(
+        counters.iter().map(|c| c.fault_resumes).sum::<u64>(),
+        N as u64
+    );
+}
