@@ -122,6 +122,8 @@ fn main() {
     let args = std::env::args().filter(|a| a != "--bench");
     let cli = Cli::parse_from(args);
     if let Err(e) = run(&cli) {
+        // A SIGINT/SIGTERM may have caused the error: let its cleanup finish first.
+        guard::wait_for_signal_cleanup();
         eprintln!("kernel_baseline: {e}");
         std::process::exit(1);
     }

@@ -107,6 +107,7 @@ impl ChildLauncher {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        crate::sys::kill_child_with_parent(&mut cmd);
         if let Some(cg) = cgroup {
             cg.place_before_exec(&mut cmd);
         }

@@ -15,6 +15,9 @@
 //!    the signal number to a self-pipe; a watcher thread reads it, performs every registered
 //!    undo in reverse order of registration (LIFO: a cgroup made after a swap file is removed
 //!    before that swap is turned off), then re-raises the signal with its default action.
+//!    While it works it holds a process-wide lock; a guard dropped meanwhile (its entry
+//!    already taken) waits on that lock, so an error path racing with the signal cannot end
+//!    the process half-cleaned ([`wait_for_signal_cleanup`] does the same before `exit`).
 //!
 //! After SIGKILL nothing runs in the process; [`crate::cleanup::cleanup_leftovers`] reads
 //! the journal files of dead pids (and scans for our named cgroups and swap files) and
@@ -125,6 +128,10 @@ struct Entry {
 }
 
 static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+/// Held by the signal watcher from before it takes the entries until the process dies, so
+/// a guard whose entry it took (and any caller of [`wait_for_signal_cleanup`]) blocks
+/// instead of letting the process exit half-cleaned.
+static TERMINATING: Mutex<()> = Mutex::new(());
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 static WATCHER: OnceLock<std::result::Result<(), String>> = OnceLock::new();
 
@@ -155,7 +162,12 @@ impl Registration {
         };
         match entry {
             Some(e) => perform_entry(e, cause),
-            None => Ok(()),
+            None => {
+                // Already undone — by us, or by the signal watcher, which may still be at
+                // it: wait for it (it ends the process when done).
+                drop(TERMINATING.lock().unwrap_or_else(|p| p.into_inner()));
+                Ok(())
+            }
         }
     }
 }
@@ -182,6 +194,12 @@ pub fn undo_all(cause: UndoCause) -> Vec<Error> {
         }
     }
     errors
+}
+
+/// Blocks while a termination signal's cleanup is running (it ends the process when done).
+/// Call before `std::process::exit` on an error path that a signal may have caused.
+pub fn wait_for_signal_cleanup() {
+    drop(TERMINATING.lock().unwrap_or_else(|p| p.into_inner()));
 }
 
 /// Number of undo actions currently registered in this process.
@@ -234,6 +252,7 @@ fn watch_termination(read_end: OwnedFd) {
     let mut byte = [0u8; 1];
     if file.read_exact(&mut byte).is_ok() {
         let signo = byte[0] as libc::c_int;
+        let _terminating = TERMINATING.lock().unwrap_or_else(|p| p.into_inner());
         let errors = undo_all(UndoCause::Terminate);
         for e in errors {
             eprintln!("usm-bench: cleanup on signal {signo}: {e}");
