@@ -61,12 +61,37 @@ struct Args {
     /// Skip zram.
     #[arg(long)]
     no_zram: bool,
+    /// Skip the disk file rows (the file is still used for the mode measurement).
+    #[arg(long)]
+    no_disk: bool,
     /// Queue depths.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     depths: Vec<u32>,
+    /// Operations to run (randread, randwrite).
+    #[arg(long, value_delimiter = ',', default_value = "randread,randwrite")]
+    ops: Vec<String>,
+    /// Completion mode of the engine in the fio comparison: auto, default, coop, defer.
+    #[arg(long, default_value = "auto")]
+    mode: String,
+    /// The engine side polls (`enter_for_completions` + `reap` in a loop, as the scheduler
+    /// does) instead of sleeping in `wait(1)` like fio.
+    #[arg(long)]
+    spin: bool,
+    /// The engine's `submit_batch` (1: submit each request at once, like fio's default
+    /// `iodepth_batch_submit=1`; 0: one submit per round). At depth 32 the other value is
+    /// measured too (`usm_alt_batch`).
+    #[arg(long, default_value_t = 1)]
+    submit_batch: u32,
+    /// Skip the completion-mode measurement.
+    #[arg(long)]
+    no_modes: bool,
     /// One short run per configuration (smoke test).
     #[arg(long)]
     quick: bool,
+    /// Internal: run one engine measurement in this (child) process:
+    /// `PATH,OP,DEPTH,SEED`; prints the sample as JSON.
+    #[arg(long, hide = true)]
+    child_run: Option<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -87,7 +112,7 @@ impl Op {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
 struct Sample {
     iops: f64,
     p50_us: f64,
@@ -125,6 +150,10 @@ struct Row {
     p99_vs_fio: f64,
     usm_runs: Vec<Sample>,
     fio_runs: Vec<Sample>,
+    /// The engine with the other `submit_batch` value (depth ≥ 8 only).
+    usm_alt_batch: Option<Sample>,
+    usm_alt_batch_value: u32,
+    usm_alt_batch_vs_fio: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -157,6 +186,12 @@ struct Report {
     zram_mib: Option<u64>,
     seconds_per_run: f64,
     runs: usize,
+    /// Completion mode requested for the engine in the fio rows (`auto` = probed).
+    engine_mode: String,
+    /// Whether the engine side spun (`--spin`) instead of sleeping in `wait(1)`.
+    engine_spin: bool,
+    engine_submit_batch: u32,
+    fio_args_example: String,
     rows: Vec<Row>,
     modes: Vec<ModeRow>,
     goal_depth32_iops_ratio_min: f64,
@@ -184,12 +219,17 @@ impl Rng {
     }
 }
 
-/// Half random, half zero: compresses about 2:1 on zram, like fio's
-/// `--buffer_compress_percentage=50`.
+/// Like fio's `--buffer_compress_percentage=50 --buffer_compress_chunk=512`: each 512-byte
+/// chunk is 256 random bytes then 256 zero bytes, so zram compresses both sides' pages
+/// alike (about 2:1).
 fn fill_pattern(buf: &mut [u8], rng: &mut Rng) {
-    for (i, chunk) in buf.chunks_mut(8).enumerate() {
-        let v = if (i / 8) % 2 == 0 { rng.next() } else { 0 };
-        chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
+    for chunk in buf.chunks_mut(512) {
+        let half = chunk.len().min(256);
+        for w in chunk[..half].chunks_mut(8) {
+            let v = rng.next();
+            w.copy_from_slice(&v.to_le_bytes()[..w.len()]);
+        }
+        chunk[half..].fill(0);
     }
 }
 
@@ -204,13 +244,19 @@ fn cpu_time(who: UsageWho) -> Duration {
         .unwrap_or_default()
 }
 
-fn engine_for(dev: &Arc<SwapDevice>, depth: u32, mode: Option<CompletionMode>) -> Engine {
+fn engine_for(
+    dev: &Arc<SwapDevice>,
+    depth: u32,
+    mode: Option<CompletionMode>,
+    submit_batch: u32,
+) -> Engine {
     Engine::new(
         &EngineConfig {
             depth,
             mode,
             staging_pages: 0,
             eventfd: false,
+            submit_batch,
         },
         std::slice::from_ref(dev),
     )
@@ -219,7 +265,7 @@ fn engine_for(dev: &Arc<SwapDevice>, depth: u32, mode: Option<CompletionMode>) -
 
 /// Writes every slot once (so reads hit real data, not unwritten extents).
 fn fill_device(dev: &Arc<SwapDevice>) {
-    let mut eng = engine_for(dev, 32, None);
+    let mut eng = engine_for(dev, 32, None, 0);
     let pages_per_io = 64u64;
     let mut rng = Rng(0x1234_5678);
     let mut next = 0u64;
@@ -258,8 +304,17 @@ fn fill_device(dev: &Arc<SwapDevice>) {
 }
 
 /// The engine's closed loop at `depth` for `secs`.
-fn run_usm(dev: &Arc<SwapDevice>, op: Op, depth: u32, secs: f64, seed: u64) -> Sample {
-    let mut eng = engine_for(dev, depth, None);
+fn run_usm(
+    dev: &Arc<SwapDevice>,
+    op: Op,
+    depth: u32,
+    secs: f64,
+    seed: u64,
+    mode: Option<CompletionMode>,
+    spin: bool,
+    submit_batch: u32,
+) -> Sample {
+    let mut eng = engine_for(dev, depth, mode, submit_batch);
     let slots = dev.slots();
     let mut rng = Rng(seed | 1);
     let mut bufs: Vec<PageBuf> = (0..depth).map(|_| PageBuf::page()).collect();
@@ -282,7 +337,13 @@ fn run_usm(dev: &Arc<SwapDevice>, op: Op, depth: u32, secs: f64, seed: u64) -> S
         let mut done = 0u64;
         while Instant::now() < end {
             issue(eng, bufs, &mut rng);
-            eng.wait(1).unwrap_or_else(|e| panic!("wait: {e}"));
+            if spin {
+                // The scheduler's way: enter for completions each round, never sleep.
+                eng.enter_for_completions()
+                    .unwrap_or_else(|e| panic!("enter: {e}"));
+            } else {
+                eng.wait(1).unwrap_or_else(|e| panic!("wait: {e}"));
+            }
             done += eng.reap(|c| {
                 if let Err(e) = c.result {
                     panic!("{op:?} failed: {e}");
@@ -319,6 +380,81 @@ fn run_usm(dev: &Arc<SwapDevice>, op: Op, depth: u32, secs: f64, seed: u64) -> S
     }
 }
 
+/// Runs one engine measurement in a fresh child process (like fio), so both sides start
+/// with the same scheduler state and their CPU is counted the same way (the whole child,
+/// io-wq threads included, via `RUSAGE_CHILDREN`).
+fn run_usm_child(
+    args: &Args,
+    path: &Path,
+    op: Op,
+    depth: u32,
+    seed: u64,
+    submit_batch: u32,
+) -> Sample {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let cpu0 = cpu_time(UsageWho::RUSAGE_CHILDREN);
+    let mut cmd = Command::new(exe);
+    cmd.arg("--child-run")
+        .arg(format!(
+            "{},{},{depth},{seed}",
+            path.display(),
+            op.fio_name()
+        ))
+        .arg("--seconds")
+        .arg(args.seconds.to_string())
+        .arg("--mode")
+        .arg(&args.mode);
+    if args.spin {
+        cmd.arg("--spin");
+    }
+    cmd.arg("--submit-batch").arg(submit_batch.to_string());
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn engine child: {e}"));
+    let cpu = (cpu_time(UsageWho::RUSAGE_CHILDREN) - cpu0).as_secs_f64();
+    if !out.status.success() {
+        panic!(
+            "engine child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut sample: Sample =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("engine child output: {e}"));
+    // Whole-process CPU, like fio's side: ios = iops × seconds.
+    sample.cpu_us_per_io = cpu * 1e6 / (sample.iops * args.seconds).max(1.0);
+    sample
+}
+
+fn child_main(args: &Args, spec: &str) {
+    let parts: Vec<&str> = spec.split(',').collect();
+    let submit_batch = args.submit_batch;
+    let [path, op, depth, seed] = parts[..] else {
+        panic!("--child-run PATH,OP,DEPTH,SEED, got {spec}");
+    };
+    let op = match op {
+        "randread" => Op::RandRead,
+        "randwrite" => Op::RandWrite,
+        other => panic!("op {other}"),
+    };
+    let depth: u32 = depth.parse().unwrap_or_else(|e| panic!("depth: {e}"));
+    let seed: u64 = seed.parse().unwrap_or_else(|e| panic!("seed: {e}"));
+    let dev = Arc::new(SwapDevice::open(DeviceId(0), path).unwrap_or_else(|e| panic!("{e}")));
+    let sample = run_usm(
+        &dev,
+        op,
+        depth,
+        args.seconds,
+        seed,
+        parse_mode(&args.mode),
+        args.spin,
+        submit_batch,
+    );
+    println!(
+        "{}",
+        serde_json::to_string(&sample).unwrap_or_else(|e| panic!("{e}"))
+    );
+}
+
 fn fio_args(path: &Path, bytes: u64, op: Op, depth: u32, secs: f64) -> Vec<String> {
     vec![
         "--name=usm-swap-bench".into(),
@@ -338,6 +474,7 @@ fn fio_args(path: &Path, bytes: u64, op: Op, depth: u32, secs: f64) -> Vec<Strin
         "--norandommap".into(),
         "--lat_percentiles=1".into(),
         "--buffer_compress_percentage=50".into(),
+        "--buffer_compress_chunk=512".into(),
         "--output-format=json".into(),
     ]
 }
@@ -372,23 +509,63 @@ fn run_fio(path: &Path, bytes: u64, op: Op, depth: u32, secs: f64) -> Sample {
     }
 }
 
-fn bench_medium(args: &Args, medium: &str, dev: &Arc<SwapDevice>, bytes: u64, rows: &mut Vec<Row>) {
+/// Compares the engine (in a child process) with fio on `path`. The caller must not hold
+/// `path` open `O_EXCL` (the child opens it as a swap device).
+fn bench_medium(args: &Args, medium: &str, path: &Path, bytes: u64, rows: &mut Vec<Row>) {
     for op in [Op::RandRead, Op::RandWrite] {
+        if !args.ops.iter().any(|o| o == op.fio_name()) {
+            continue;
+        }
         for &depth in &args.depths {
             let mut usm = Vec::new();
             let mut fio = Vec::new();
             for run in 0..args.runs {
                 let seed = 0x9E37_79B9 ^ (run as u64 * 7919) ^ u64::from(depth);
                 if run % 2 == 0 {
-                    usm.push(run_usm(dev, op, depth, args.seconds, seed));
-                    fio.push(run_fio(dev.path(), bytes, op, depth, args.seconds));
+                    usm.push(run_usm_child(
+                        args,
+                        path,
+                        op,
+                        depth,
+                        seed,
+                        args.submit_batch,
+                    ));
+                    fio.push(run_fio(path, bytes, op, depth, args.seconds));
                 } else {
-                    fio.push(run_fio(dev.path(), bytes, op, depth, args.seconds));
-                    usm.push(run_usm(dev, op, depth, args.seconds, seed));
+                    fio.push(run_fio(path, bytes, op, depth, args.seconds));
+                    usm.push(run_usm_child(
+                        args,
+                        path,
+                        op,
+                        depth,
+                        seed,
+                        args.submit_batch,
+                    ));
                 }
             }
+            let alt_batch = u32::from(args.submit_batch == 0);
+            let alt: Vec<Sample> = if depth >= 8 {
+                (0..args.runs)
+                    .map(|run| {
+                        let seed = 0x5EED ^ (run as u64 * 104_729) ^ u64::from(depth);
+                        run_usm_child(args, path, op, depth, seed, alt_batch)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let u = median_sample(&usm);
             let f = median_sample(&fio);
+            let alt_median = (!alt.is_empty()).then(|| median_sample(&alt));
+            if let Some(a) = alt_median {
+                eprintln!(
+                    "{medium:5} {:9} qd{depth:<3} usm submit_batch={alt_batch}: {:>8.0} IOPS p50 {:>7.1} µs (×{:.3} fio)",
+                    op.fio_name(),
+                    a.iops,
+                    a.p50_us,
+                    a.iops / f.iops
+                );
+            }
             eprintln!(
                 "{medium:5} {:9} qd{depth:<3} usm {:>8.0} IOPS p50 {:>7.1} µs p99 {:>7.1} µs cpu {:>5.1} µs/io | fio {:>8.0} IOPS p50 {:>7.1} µs p99 {:>7.1} µs cpu {:>5.1} µs/io | iops×{:.3} p50×{:.3}",
                 op.fio_name(),
@@ -414,8 +591,21 @@ fn bench_medium(args: &Args, medium: &str, dev: &Arc<SwapDevice>, bytes: u64, ro
                 p99_vs_fio: u.p99_us / f.p99_us,
                 usm_runs: usm,
                 fio_runs: fio,
+                usm_alt_batch: alt_median,
+                usm_alt_batch_value: alt_batch,
+                usm_alt_batch_vs_fio: alt_median.map(|a| a.iops / f.iops),
             });
         }
+    }
+}
+
+fn parse_mode(s: &str) -> Option<CompletionMode> {
+    match s {
+        "default" => Some(CompletionMode::Default),
+        "coop" => Some(CompletionMode::CoopTaskrun),
+        "defer" => Some(CompletionMode::DeferTaskrun),
+        "auto" => None,
+        other => panic!("--mode {other}: expected auto, default, coop or defer"),
     }
 }
 
@@ -432,7 +622,7 @@ fn bench_modes(dev: &Arc<SwapDevice>, args: &Args) -> Vec<ModeRow> {
         CompletionMode::CoopTaskrun,
         CompletionMode::DeferTaskrun,
     ] {
-        let mut eng = engine_for(dev, 32, Some(mode));
+        let mut eng = engine_for(dev, 32, Some(mode), 0);
         let mut rng = Rng(0xABCD ^ mode as u64);
         // (1) The scheduler loop: enter_for_completions + reap, spinning, depth 1.
         let mut lat = Vec::with_capacity(loop_ios);
@@ -499,8 +689,13 @@ fn bench_modes(dev: &Arc<SwapDevice>, args: &Args) -> Vec<ModeRow> {
         }
         // (3) Depth-32 IOPS in this mode.
         drop(eng);
-        let depth32 = run_mode_iops(dev, mode, if args.quick { 0.5 } else { args.seconds });
-        let eng = engine_for(dev, 1, Some(mode));
+        let depth32 = run_mode_iops(
+            dev,
+            mode,
+            if args.quick { 0.5 } else { args.seconds },
+            args.submit_batch,
+        );
+        let eng = engine_for(dev, 1, Some(mode), 0);
         let report = eng.setup_report().to_string();
         let row = ModeRow {
             mode,
@@ -532,8 +727,8 @@ fn bench_modes(dev: &Arc<SwapDevice>, args: &Args) -> Vec<ModeRow> {
     out
 }
 
-fn run_mode_iops(dev: &Arc<SwapDevice>, mode: CompletionMode, secs: f64) -> f64 {
-    let mut eng = engine_for(dev, 32, Some(mode));
+fn run_mode_iops(dev: &Arc<SwapDevice>, mode: CompletionMode, secs: f64, submit_batch: u32) -> f64 {
+    let mut eng = engine_for(dev, 32, Some(mode), submit_batch);
     let slots = dev.slots();
     let mut rng = Rng(77);
     let mut bufs: Vec<PageBuf> = (0..32).map(|_| PageBuf::page()).collect();
@@ -562,6 +757,10 @@ fn run_mode_iops(dev: &Arc<SwapDevice>, mode: CompletionMode, secs: f64) -> f64 
 
 fn main() {
     let mut args = Args::parse();
+    if let Some(spec) = args.child_run.clone() {
+        child_main(&args, &spec);
+        return;
+    }
     if args.quick {
         args.runs = 1;
         args.seconds = 0.5;
@@ -589,8 +788,14 @@ fn main() {
     fill_device(&disk);
 
     let mut rows = Vec::new();
-    let modes = bench_modes(&disk, &args);
-    bench_medium(&args, "disk", &disk, bytes, &mut rows);
+    let modes = if args.no_modes {
+        Vec::new()
+    } else {
+        bench_modes(&disk, &args)
+    };
+    if !args.no_disk {
+        bench_medium(&args, "disk", &path, bytes, &mut rows);
+    }
     drop(disk);
 
     let mut zram_mib = None;
@@ -609,8 +814,9 @@ fn main() {
                 args.zram_mib
             );
             fill_device(&dev);
-            bench_medium(&args, "zram", &dev, args.zram_mib << 20, &mut rows);
+            // Release the O_EXCL open: the engine child opens the device itself.
             drop(dev);
+            bench_medium(&args, "zram", zram.path(), args.zram_mib << 20, &mut rows);
             zram_mib = Some(args.zram_mib);
             drop(zram);
         } else {
@@ -645,6 +851,11 @@ fn main() {
         zram_mib,
         seconds_per_run: args.seconds,
         runs: args.runs,
+        engine_mode: args.mode.clone(),
+        engine_spin: args.spin,
+        engine_submit_batch: args.submit_batch,
+        fio_args_example: fio_args(Path::new("FILE"), 1 << 30, Op::RandRead, 32, args.seconds)
+            .join(" "),
         rows,
         modes,
         goal_depth32_iops_ratio_min: 0.9,

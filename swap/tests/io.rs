@@ -477,3 +477,40 @@ fn dropping_an_engine_with_io_in_flight_waits_for_it() {
         .collect();
     pipeline(&mut eng, &reads, 8, 64);
 }
+
+#[test]
+fn submit_batch_zero_queues_until_an_explicit_submit() {
+    let dir = disk_tempdir();
+    let dev = device(dir.path(), "swap0", 0, 1 << 20);
+    let mut eng = Engine::new(
+        &EngineConfig {
+            depth: 8,
+            submit_batch: 0,
+            ..EngineConfig::default()
+        },
+        std::slice::from_ref(&dev),
+    )
+    .unwrap();
+    for s in 0..5 {
+        eng.read(SwapEntry::new(DeviceId(0), s).unwrap(), PageBuf::page())
+            .unwrap();
+    }
+    assert_eq!(
+        eng.stats().enters,
+        0,
+        "nothing may reach the kernel before submit"
+    );
+    assert_eq!(eng.submit().unwrap(), 5);
+    assert_eq!(eng.stats().enters, 1, "one system call for the batch");
+    eng.wait(5).unwrap();
+    assert_eq!(eng.reap(|c| assert!(c.result.is_ok())), 5);
+    // The default submits each request at once.
+    let mut eager = engine(&[dev], 8, None);
+    eager
+        .read(SwapEntry::new(DeviceId(0), 0).unwrap(), PageBuf::page())
+        .unwrap();
+    assert_eq!(eager.stats().enters, 1);
+    assert_eq!(eager.submit().unwrap(), 0);
+    eager.wait(1).unwrap();
+    assert_eq!(eager.reap(|c| assert!(c.result.is_ok())), 1);
+}
