@@ -166,7 +166,8 @@ fn run(cli: &Cli) -> Result<()> {
             Value::Null
         },
     )?;
-    report.insert("swaps_at_start", guard::active_swaps()?)?;
+    let swaps_start = guard::active_swaps()?;
+    report.insert("swaps_at_start", &swaps_start)?;
     match &cli.command {
         Cmd::Cleanup => {}
         Cmd::FaultLatency { pages } => {
@@ -192,6 +193,9 @@ fn run(cli: &Cli) -> Result<()> {
         }
     }
     let swaps_end = guard::active_swaps()?;
+    if swaps_end != swaps_start {
+        eprintln!("WARNING: active swaps differ from the start: {swaps_start:?} -> {swaps_end:?}");
+    }
     report.insert("swaps_at_end", &swaps_end)?;
     if let Some(path) = &cli.json {
         report.write(path)?;

@@ -403,11 +403,11 @@ fn pin_to_workers(workers: usize) -> Result<()> {
 }
 
 /// Runs the workload on plain OS threads over plain anonymous memory in *this* process
-/// (the body of the (a′) child; callable directly for tests). Mode and medium labels are
-/// left empty for the caller.
+/// (the body of the (a′) child; callable directly for tests): one thread per task, each
+/// pinned to cores `0..workers` (the caller's affinity is left alone). Mode and medium
+/// labels are left empty for the caller.
 pub fn run_storm_on_threads(spec: &StormSpec, intensity: f64) -> Result<StormPoint> {
     spec.validate()?;
-    pin_to_workers(spec.workers)?;
     let m = spec.mix.memory_tasks;
     let pages_per_task = (spec.working_set_bytes as usize / PAGE) / m;
     let mut mem = AnonMemory::new(pages_per_task * m * PAGE)?;
@@ -431,10 +431,23 @@ pub fn run_storm_on_threads(spec: &StormSpec, intensity: f64) -> Result<StormPoi
             let (counters, barrier) = (&counters, &barrier);
             let seed = spec.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             let wp = spec.write_percent;
+            let workers = spec.workers;
             handles.push(s.spawn(move || -> Result<(LatencyHistogram, u64)> {
-                let mut task = MemoryTask::new(shard, seed, intensity, wp)?;
-                task.populate();
-                barrier.wait();
+                // Every thread reaches the barrier, even when its set-up fails.
+                let setup = pin_to_workers(workers)
+                    .and_then(|()| MemoryTask::new(shard, seed, intensity, wp));
+                let mut task = match setup {
+                    Ok(mut task) => {
+                        task.populate();
+                        barrier.wait();
+                        task
+                    }
+                    Err(e) => {
+                        counters.stop.store(true, Ordering::SeqCst);
+                        barrier.wait();
+                        return Err(e);
+                    }
+                };
                 let mut local = 0u64;
                 let mut res = Ok(());
                 while !counters.stop.load(Ordering::Relaxed) {
@@ -455,9 +468,15 @@ pub fn run_storm_on_threads(spec: &StormSpec, intensity: f64) -> Result<StormPoi
         for i in 0..spec.mix.cpu_tasks {
             let (counters, barrier) = (&counters, &barrier);
             let seed = spec.seed ^ 0xc0ff_ee00 ^ i as u64;
+            let workers = spec.workers;
             handles.push(s.spawn(move || -> Result<(LatencyHistogram, u64)> {
+                let pinned = pin_to_workers(workers);
                 let mut task = CpuTask::new(seed);
                 barrier.wait();
+                if let Err(e) = pinned {
+                    counters.stop.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
                 while !counters.stop.load(Ordering::Relaxed) {
                     task.step();
                     counters.cpu_ops.fetch_add(1, Ordering::Relaxed);
