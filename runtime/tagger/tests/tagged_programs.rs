@@ -253,6 +253,29 @@ fn daemon_death_with_nothing_swapped_continues_unmanaged() {
 }
 
 #[test]
+fn daemon_death_while_threads_wait_inside_malloc() {
+    // Threads fault (or wait for an UNMAP event) inside malloc/free, holding the heap
+    // lock, when the daemon stops serving and then dies: the tagger must detach without
+    // needing the heap, and every thread must continue on kernel memory.
+    let tagger = tagger_so();
+    let work = tempfile::tempdir().unwrap();
+    let bin = compile(work.path(), "workload", &[]);
+    let daemon = TestDaemon::new();
+    let program = Program::spawn(&bin, &["churn"], &tagger, &daemon.socket());
+    let served = daemon.accept_and_serve();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    served.stop_serving();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    served.die();
+    let (status, out, err) = program.wait_without_resuming(std::time::Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{out}\n{err}");
+    assert!(out.contains("OK"), "{out}");
+    let warnings = warning_lines(&err);
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(warnings[0].contains("continuing unmanaged"), "{err}");
+}
+
+#[test]
 fn program_with_its_own_userfaultfd_still_works() {
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();

@@ -7,6 +7,7 @@
  *                           for a line on stdin before a second phase.
  *   workload own-uffd       uses its own userfaultfd on its own mmap.
  *   workload small          a few allocations only.
+ *   workload churn          4 threads malloc/free large blocks for 2 s.
  *   workload evict          a 64-page buffer the test evicts through the agent between
  *                           two pauses (PEAK, PEAK2), verified after each.
  */
@@ -26,6 +27,7 @@
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MiB (1024UL * 1024UL)
@@ -324,6 +326,33 @@ static int evict(void) {
     return 0;
 }
 
+/* ---- allocation churn: large blocks mapped and unmapped under the heap lock ---- */
+static void *churn_large(void *arg) {
+    uint64_t seed = (uintptr_t)arg;
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (int i = 0;; i++) {
+        size_t n = 512 * 1024 + (size_t)(i % 7) * 65536;
+        char *p = malloc(n);
+        CHECK(p, "churn malloc");
+        /* Touch only the chunk's first bytes (the page malloc itself just wrote): the
+         * faults happen inside malloc/free, with the heap lock held. */
+        fill(p, 64, seed + i);
+        CHECK(verify(p, 64, seed + i), "churn data");
+        free(p);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec - start.tv_sec >= 2) return NULL;
+    }
+}
+
+static int churn_mode(void) {
+    pthread_t t[4];
+    for (uintptr_t i = 0; i < 4; i++) pthread_create(&t[i], NULL, churn_large, (void *)(i * 1000000));
+    for (int i = 0; i < 4; i++) pthread_join(t[i], NULL);
+    printf("OK\n");
+    return 0;
+}
+
 static int small_only(void) {
     char *s = strdup("hello");
     void *b = malloc(1 * MiB);
@@ -343,5 +372,6 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "own-uffd")) return own();
     if (!strcmp(argv[1], "small")) return small_only();
     if (!strcmp(argv[1], "evict")) return evict();
+    if (!strcmp(argv[1], "churn")) return churn_mode();
     return 2;
 }

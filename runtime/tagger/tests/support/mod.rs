@@ -316,6 +316,11 @@ impl Served {
             .unwrap();
     }
 
+    /// The daemon stops reading its userfaultfds (they stay open): faults and events pile up.
+    pub fn stop_serving(&self) {
+        self.faults.stop.store(true, Ordering::Release);
+    }
+
     /// The daemon dies: fault readers stop, userfaultfd copies close, then the socket.
     pub fn die(mut self) {
         self.faults.stop();
