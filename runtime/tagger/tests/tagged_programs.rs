@@ -437,6 +437,14 @@ fn eviction_agent_moves_pages_out_and_back() {
     assert_eq!(dropped[0].result, 0, "{dropped:?}");
     program.resume();
     program.read_until("PEAK2");
+    // The program verified every page; the fault server counts a swap-in just after the
+    // COPY that woke the program, so give the counter a moment to catch up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while served.faults.stats.swapins.load(Ordering::Relaxed) < pages
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     assert_eq!(
         served.faults.stats.swapins.load(Ordering::Relaxed),
         pages,
