@@ -1,1 +1,80 @@
-//! The memory-manager core shared by the embedded runtime and the daemon (being written).
+//! The memory-manager core shared by the embedded runtime and the daemon.
+//!
+//! # Pieces
+//! - [`Space`] ([`space`]): one address space — page states keyed by page address
+//!   ([`PageState`]: Resident / Copied / Staging / Swapped / SwapIn / Poisoned), managed
+//!   ranges with a per-range generation (fencing address reuse), a [`usm_policies::HintMap`],
+//!   pins, counters.
+//! - [`MmCore`] ([`core`](self::core)): shared by all workers — the frame pool, the
+//!   [`Installer`], the policy registry, the swap devices and slot map, the eviction and
+//!   OOM policies and every [`Space`], under one lock.
+//! - [`WorkerMm`]: one per worker thread — its lArena, its io_uring engine (`!Send`) and
+//!   the operations in flight on it. It implements `usm_policies::Cx` for policy calls
+//!   (a private `WorkerCx` over the locked state, with memory state and eviction policy
+//!   in separate fields so `Cx::evict` can run the eviction policy mid-allocation).
+//! - [`Installer`] ([`installer`]): *how* frames get into and out of an address space
+//!   (embedded: [`SameMmInstaller`], same-mm `UFFDIO_MOVE`; the daemon brings its own).
+//! - [`MmStats`] ([`stats`]): counters and latency histograms per [`FaultPath`];
+//!   [`StatsSnapshot`] is `serde::Serialize`.
+//!
+//! # The fault protocol (who owns what)
+//! 1. A worker gets a fault (embedded: a uThread parked by the SIGBUS handler, or a plain
+//!    thread's posted fault) and calls [`WorkerMm::handle_fault`] in normal context.
+//! 2. Under the core lock: a present page → [`FaultResult::AlreadyPresent`]; a swap-in in
+//!    flight → [`FaultResult::Wait`] (the worker's bit is added to the page's waiters);
+//!    otherwise the range's allocation policy runs (through `usm_policies::guarded`: a
+//!    panic restores every frame the call took — fresh ones to the lArena, staged ones to
+//!    staging — logs, and replaces the policy by the registry's default allocation
+//!    policy, then retries).
+//! 3. `Map`: fresh frames are installed (one `UFFDIO_MOVE` per run of consecutive pages;
+//!    `Partial` results re-issued from the stop point and classified page by page;
+//!    `UseCopy` → `UFFDIO_COPY`, page recorded `Copied` and the frame given back); staged
+//!    frames (swap-cache hits) are moved back, or — while their write-back pins the slot —
+//!    copied into a fresh frame that is moved in (the staging frame becomes an *orphan*,
+//!    released when its write completes). → [`FaultResult::Resolved`].
+//!    `Yield(ticket)`: `Cx::swap_in` queued `O_DIRECT` read straight into the Taken
+//!    frame's slot; the page is `SwapIn` → [`FaultResult::Wait`]. With `PREFETCH=N` on the
+//!    page, up to N following swapped pages are read too.
+//!    `Oom`: wait for write-backs in flight ([`FaultResult::NeedMemory`]), else evict to
+//!    the high watermark, else ask the OOM policy (`EvictHarder` / `FailAccess` / kill →
+//!    the page is poisoned and the access fails with SIGBUS, logged).
+//! 4. [`WorkerMm::poll`] (every scheduling round) reaps the worker's io_uring:
+//!    - write-back done: the page becomes `Swapped(entry)` **before** its staging frame is
+//!      released to the zeroing queue (zeroing happens off the fault path, in kmod's
+//!      zeroer); if a fault took the page back meanwhile, the slot is freed instead; a
+//!      failed write moves the page back (nothing lost);
+//!    - swap-in done: the frame is moved into the page, the slot freed, and every worker
+//!      in the page's waiter mask woken ([`MmCore::set_waker`]); a read that lost data
+//!      (`must_poison`) makes the page `Poisoned` with `UFFDIO_POISON` — never zeros.
+//!    Operations whose range went away (or was replaced: generation check) are *fenced*:
+//!    their frame and slot are freed, nothing is installed.
+//! 5. Eviction (below the low watermark after a fault or completion, up to the high one;
+//!    or on `Oom`): victims from the eviction policy; pinned pages and pages that are not
+//!    Resident are skipped (and re-announced with `on_map`); each victim is moved out with
+//!    `UFFDIO_MOVE` into its staging slot *before* its write is queued (`O_DIRECT`
+//!    straight from the slot), so no write of the application can be lost; writes are
+//!    submitted in one batch per round.
+//!
+//! # Pins
+//! [`MmCore::pin`] / [`MmCore::unpin`] count pins per page; a pinned page is never chosen
+//! or staged. The embedded I/O helpers pin, then pre-fault, then run the syscall.
+//!
+//! # What is not here (yet)
+//! Access information for eviction (`EvictCx::access` reports no information, so `clock`
+//! degrades to FIFO), and clean-page eviction without I/O (`WP_ASYNC` + `PAGEMAP_SCAN`):
+//! a swapped-in page frees its slot and is written again when evicted.
+//!
+//! # API stability
+//! Extend, don't break: the daemon builds on these types. Changes are noted here.
+
+mod core;
+mod error;
+pub mod installer;
+pub mod space;
+pub mod stats;
+
+pub use self::core::{FaultClock, FaultResult, MemState, MmConfig, MmCore, RangeRelease, WorkerMm};
+pub use error::MmError;
+pub use installer::{InstallReport, Installer, SameMmInstaller};
+pub use space::{ManagedRange, PageState, RangeKey, Space, SpaceCounters};
+pub use stats::{FaultPath, Latency, MmStats, StatsSnapshot};

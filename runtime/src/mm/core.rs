@@ -1,0 +1,1732 @@
+//! [`MmCore`] (shared by all workers) and [`WorkerMm`] (one per worker): fault service,
+//! swap-in completion, eviction. See the [`crate::mm`] module docs for the protocol.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+use usm_kmod::event::{Fault, Origin};
+use usm_kmod::pool::arena::LocalArena;
+use usm_kmod::pool::{FrameOwner, FramePool, FrameState};
+use usm_kmod::{FrameNo, PAGE_SIZE};
+use usm_policies::{
+    Access, Cx, Decision, EvictCx, EvictPolicy, Hint, MappedPage, OomAction, OomPolicy,
+    OomSituation, PageMask, ProcessCounters, Registry, RunMode, VictimRequest, VictimScan,
+    Watermarks, guarded, page_floor,
+};
+use usm_swap::{
+    Completion, Engine, EngineConfig, SwapDevice, SwapEntry, SwapError, SwapSpace, Ticket,
+};
+use usm_sync::Mutex;
+use usm_sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crate::mm::MmError;
+use crate::mm::installer::Installer;
+use crate::mm::space::{ManagedRange, PageState, RangeKey, Space};
+use crate::mm::stats::{FaultPath, MmStats, StatsSnapshot};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Tickets of requests the engine refused at once (their completion is synthesised).
+const SYNTHETIC_TICKET: u64 = 1 << 62;
+
+/// Configuration of an [`MmCore`].
+#[derive(Debug, Clone)]
+pub struct MmConfig {
+    /// Free-frame watermarks (whole pool): below `low` eviction starts, up to `high`.
+    pub watermarks: Watermarks,
+    /// Eviction policy spec (registry name).
+    pub evict: String,
+    /// OOM policy spec.
+    pub oom: String,
+    /// Per-worker io_uring engine.
+    pub engine: EngineConfig,
+    /// Daemon or embedded (told to the OOM policy).
+    pub mode: RunMode,
+    /// Most victims staged per eviction round (bounded by the engine's free depth).
+    pub eviction_batch: usize,
+}
+
+impl MmConfig {
+    /// Defaults for a pool of `frames`: low = frames/16 (at least 16), high = 2 × low,
+    /// `clock` eviction, `fail` OOM policy, embedded mode, engine depth 256.
+    pub fn for_pool(frames: usize) -> MmConfig {
+        let low = (frames / 16).max(16).min(frames / 2);
+        MmConfig {
+            watermarks: Watermarks {
+                low,
+                high: (2 * low).min(frames),
+            },
+            evict: "clock".into(),
+            oom: "fail".into(),
+            engine: EngineConfig {
+                depth: 256,
+                ..EngineConfig::default()
+            },
+            mode: RunMode::Embedded,
+            eviction_batch: 128,
+        }
+    }
+}
+
+/// An asynchronous operation in flight on a worker's engine.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    WriteBack {
+        key: RangeKey,
+        addr: u64,
+        frame: FrameNo,
+        entry: SwapEntry,
+    },
+    SwapIn {
+        key: RangeKey,
+        addr: u64,
+        frame: FrameNo,
+        entry: SwapEntry,
+    },
+}
+
+/// Memory state under the core's lock: everything an eviction policy may query.
+pub struct MemState {
+    /// Address spaces by pid.
+    pub spaces: BTreeMap<u32, Space>,
+    /// Swap slots.
+    pub swap: SwapSpace,
+    /// Staging frames no page refers to any more (swap-cache hit served by a copy, range
+    /// dropped): released when their write-back completes.
+    orphans: HashSet<FrameNo>,
+    /// Write-backs in flight on all workers.
+    writebacks: usize,
+}
+
+impl std::fmt::Debug for MemState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemState")
+            .field("spaces", &self.spaces.len())
+            .field("orphans", &self.orphans.len())
+            .field("writebacks", &self.writebacks)
+            .finish()
+    }
+}
+
+/// Everything under the core's lock: memory state and the two global policies, in
+/// separate fields so an allocation policy's `Cx::evict` can borrow the eviction policy
+/// while the memory state is borrowed too.
+struct MmState {
+    mem: MemState,
+    evict: Box<dyn EvictPolicy>,
+    oom: Box<dyn OomPolicy>,
+}
+
+/// Shared by all workers of one memory manager.
+pub struct MmCore {
+    pool: Arc<FramePool>,
+    installer: Box<dyn Installer>,
+    registry: Arc<Registry>,
+    devices: Vec<Arc<SwapDevice>>,
+    config: MmConfig,
+    state: Mutex<MmState>,
+    stats: MmStats,
+    generation: AtomicU64,
+    wakers: Mutex<Vec<Option<Arc<dyn Fn() + Send + Sync>>>>,
+    io_in_flight: AtomicUsize,
+}
+
+impl std::fmt::Debug for MmCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmCore")
+            .field("frames", &self.pool.len())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What happened to a fault handed to [`WorkerMm::handle_fault`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultResult {
+    /// The page is present now: resume the faulting thread (it retries the access).
+    Resolved(FaultPath),
+    /// The page was already present (another resolver won, or a spurious fault): resume.
+    AlreadyPresent,
+    /// A swap-in is in flight for the page: keep the thread parked; this worker is woken
+    /// (its waker called) when the page is installed, then ask again.
+    Wait,
+    /// No free frame; eviction is in flight. Ask again at the next poll.
+    NeedMemory,
+    /// The access failed (OOM policy, poisoned content): the page is poisoned, so resuming
+    /// the thread makes it take SIGBUS at that page. The reason is logged.
+    Failed(String),
+    /// The address is not a managed page of this pid.
+    Foreign,
+}
+
+/// Frames, swap and fences released by [`MmCore::remove_range`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RangeRelease {
+    /// Resident frames moved back to the pool.
+    pub frames: usize,
+    /// Swap slots freed.
+    pub slots: usize,
+    /// Pages with an operation in flight (their frame/slot is freed at completion).
+    pub in_flight: usize,
+    /// Pages that stayed because they were pinned (frames lost to the pool).
+    pub stuck: usize,
+}
+
+impl MmCore {
+    /// A core over `pool` (registered on the userfaultfd `installer` uses), `devices`
+    /// (swap; may be empty: then nothing is evicted and a full pool goes to the OOM policy)
+    /// and the policies of `registry`, for `workers` workers.
+    pub fn new(
+        pool: Arc<FramePool>,
+        installer: Box<dyn Installer>,
+        registry: Arc<Registry>,
+        devices: Vec<Arc<SwapDevice>>,
+        config: MmConfig,
+        workers: usize,
+    ) -> Result<Arc<MmCore>, MmError> {
+        let mut swap = SwapSpace::new();
+        for d in &devices {
+            swap.add(d.clone(), 0)?;
+        }
+        let evict = registry.build_evict(&config.evict)?;
+        let oom = registry.build_oom(&config.oom)?;
+        Ok(Arc::new(MmCore {
+            pool,
+            installer,
+            registry,
+            devices,
+            config,
+            state: Mutex::new(MmState {
+                mem: MemState {
+                    spaces: BTreeMap::new(),
+                    swap,
+                    orphans: HashSet::new(),
+                    writebacks: 0,
+                },
+                evict,
+                oom,
+            }),
+            stats: MmStats::default(),
+            generation: AtomicU64::new(1),
+            wakers: Mutex::new((0..workers).map(|_| None).collect()),
+            io_in_flight: AtomicUsize::new(0),
+        }))
+    }
+
+    fn lock(&self) -> usm_sync::MutexGuard<'_, MmState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The frame pool.
+    pub fn pool(&self) -> &Arc<FramePool> {
+        &self.pool
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MmConfig {
+        &self.config
+    }
+
+    /// The policy registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The swap devices.
+    pub fn devices(&self) -> &[Arc<SwapDevice>] {
+        &self.devices
+    }
+
+    /// Statistics.
+    pub fn stats(&self) -> &MmStats {
+        &self.stats
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats_snapshot(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Sets how to wake worker `worker` (called when a page it waits for is installed by
+    /// another worker, or frames it waits for come free).
+    pub fn set_waker(
+        &self,
+        worker: usize,
+        waker: Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<(), MmError> {
+        let mut w = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = w.get_mut(worker).ok_or(MmError::NoWorker(worker))?;
+        *slot = Some(waker);
+        Ok(())
+    }
+
+    fn wake(&self, worker: usize) {
+        let waker = {
+            let w = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+            w.get(worker).cloned().flatten()
+        };
+        if let Some(waker) = waker {
+            waker();
+        }
+    }
+
+    fn wake_mask(&self, mask: u64, except: usize) {
+        for w in 0..64 {
+            if mask & (1 << w) != 0 && w != except {
+                self.wake(w);
+            }
+        }
+    }
+
+    /// Creates the space of `pid` (idempotent).
+    pub fn add_space(&self, pid: u32) {
+        self.lock()
+            .mem
+            .spaces
+            .entry(pid)
+            .or_insert_with(|| Space::new(pid));
+    }
+
+    /// Starts managing `[start, start + len)` of `pid` (page aligned, not overlapping a
+    /// managed range) with the allocation policy `alloc_spec`. The caller has registered
+    /// the range on the pool's userfaultfd.
+    pub fn add_range(
+        &self,
+        pid: u32,
+        start: u64,
+        len: u64,
+        id: u32,
+        alloc_spec: &str,
+    ) -> Result<RangeKey, MmError> {
+        let bad = |reason| MmError::BadRange {
+            pid,
+            start,
+            len,
+            reason,
+        };
+        if len == 0 || start % PAGE != 0 || len % PAGE != 0 {
+            return Err(bad("empty or not page aligned"));
+        }
+        let alloc = self.registry.build_alloc(alloc_spec)?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        let space = st.mem.spaces.entry(pid).or_insert_with(|| Space::new(pid));
+        let end = start + len;
+        if space.range_of(start).is_some()
+            || space.range_of(end - 1).is_some()
+            || space.ranges.range(start..end).next().is_some()
+        {
+            return Err(bad("overlaps a managed range"));
+        }
+        space.ranges.insert(
+            start,
+            ManagedRange {
+                end,
+                generation,
+                id,
+                alloc_spec: alloc_spec.to_owned(),
+                alloc: Some(alloc),
+            },
+        );
+        Ok(RangeKey {
+            pid,
+            start,
+            generation,
+        })
+    }
+
+    /// Stops managing the range starting at `start`: resident frames go back to the pool
+    /// (the pages become holes), swap slots are freed, in-flight operations are fenced
+    /// (their frame and slot are freed when they complete). The caller unregisters and
+    /// unmaps the range afterwards.
+    pub fn remove_range(&self, pid: u32, start: u64) -> Result<RangeRelease, MmError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let space = st
+            .mem
+            .spaces
+            .get_mut(&pid)
+            .ok_or(MmError::NoRange { pid, addr: start })?;
+        let range = space
+            .ranges
+            .remove(&start)
+            .ok_or(MmError::NoRange { pid, addr: start })?;
+        let addrs: Vec<u64> = space
+            .pages
+            .keys()
+            .copied()
+            .filter(|a| (start..range.end).contains(a))
+            .collect();
+        let mut rel = RangeRelease::default();
+        for addr in addrs {
+            space.pins.remove(&addr);
+            match space.clear(addr) {
+                Some(PageState::Resident(f)) => {
+                    st.evict.on_free(f);
+                    match self.installer.reclaim(&self.pool, f) {
+                        Ok(true) => rel.frames += 1,
+                        Ok(false) => rel.stuck += 1,
+                        Err(e) => {
+                            tracing::warn!(error = %e, %f, addr, "reclaiming a frame failed");
+                            rel.stuck += 1;
+                        }
+                    }
+                }
+                Some(PageState::Staging { frame, .. }) => {
+                    st.mem.orphans.insert(frame);
+                    rel.in_flight += 1;
+                }
+                Some(PageState::Swapped(e)) => {
+                    if let Err(err) = st.mem.swap.free(e) {
+                        tracing::warn!(error = %err, "freeing a swap slot failed");
+                    }
+                    rel.slots += 1;
+                }
+                Some(PageState::SwapIn { .. }) => rel.in_flight += 1,
+                Some(PageState::Copied) | Some(PageState::Poisoned) | None => {}
+            }
+        }
+        Ok(rel)
+    }
+
+    /// Pins `[start, end)` of `pid` against eviction (counted; see [`MmCore::unpin`]).
+    pub fn pin(&self, pid: u32, range: Range<u64>) {
+        let mut st = self.lock();
+        if let Some(space) = st.mem.spaces.get_mut(&pid) {
+            let mut a = page_floor(range.start);
+            while a < range.end {
+                *space.pins.entry(a).or_insert(0) += 1;
+                a += PAGE;
+            }
+        }
+    }
+
+    /// Undoes one [`MmCore::pin`] of the same range.
+    pub fn unpin(&self, pid: u32, range: Range<u64>) {
+        let mut st = self.lock();
+        if let Some(space) = st.mem.spaces.get_mut(&pid) {
+            let mut a = page_floor(range.start);
+            while a < range.end {
+                if let Some(n) = space.pins.get_mut(&a) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        space.pins.remove(&a);
+                    }
+                }
+                a += PAGE;
+            }
+        }
+    }
+
+    /// Records a hint (`"PREFETCH=8; EVICTION=DENY"`) for `[start, start + len)` of `pid`
+    /// and tells the eviction policy.
+    pub fn hint(&self, pid: u32, start: u64, len: u64, text: &str) -> Result<(), MmError> {
+        let hint = Hint::parse(text).map_err(usm_policies::PolicyError::from)?;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(space) = st.mem.spaces.get_mut(&pid) else {
+            return Err(MmError::NoRange { pid, addr: start });
+        };
+        space.hints.apply(start, len, &hint);
+        let mut view = MemView {
+            pool: &self.pool,
+            mem: &st.mem,
+        };
+        st.evict.on_hint(pid, start..start + len, &hint, &mut view);
+        Ok(())
+    }
+
+    /// The state of page `addr` of `pid` (`None`: vacant or unknown).
+    pub fn page_state(&self, pid: u32, addr: u64) -> Option<PageState> {
+        self.lock()
+            .mem
+            .spaces
+            .get(&pid)?
+            .pages
+            .get(&page_floor(addr))
+            .cloned()
+    }
+
+    /// Counters of `pid`'s space.
+    pub fn space_counters(&self, pid: u32) -> Option<crate::mm::SpaceCounters> {
+        self.lock().mem.spaces.get(&pid).map(|s| s.counters)
+    }
+
+    /// Swap slots in use (all devices).
+    pub fn swap_slots_used(&self) -> u64 {
+        let st = self.lock();
+        st.mem.swap.total_slots() - st.mem.swap.free_slots()
+    }
+
+    /// Asynchronous operations (swap-ins, write-backs) in flight on all workers.
+    pub fn io_in_flight(&self) -> usize {
+        self.io_in_flight.load(Ordering::Acquire)
+    }
+
+    /// Frames free in the pool as far as any worker can tell (shared arena + zeroing
+    /// queue; frames cached in lArenas are not counted).
+    pub fn shared_free_frames(&self) -> usize {
+        self.pool.shared_arena().len() + self.pool.zeroing_len()
+    }
+
+    /// Evicts up to `want` pages now on behalf of worker `io` (used by tests and by the
+    /// watermark logic). Returns the pages staged.
+    pub fn evict_now(&self, io: &mut WorkerMm, want: usize) -> usize {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut cx = WorkerCx::new(self, st, &mut io.io, io.worker);
+        cx.run_eviction(VictimRequest::any(want)).chosen
+    }
+
+    /// Installs Taken `frames` at `start..` of `pid` directly, bypassing the policies
+    /// (tests of the installer's partial-move classification, daemon pre-population).
+    /// Only vacant pages of a managed range are accepted; the pages installed become
+    /// Resident. Frames not installed are returned to the caller in the report.
+    pub fn install_frames(
+        &self,
+        pid: u32,
+        start: u64,
+        frames: &[FrameNo],
+    ) -> Result<crate::mm::InstallReport, MmError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let space = st
+            .mem
+            .spaces
+            .get_mut(&pid)
+            .ok_or(MmError::NoRange { pid, addr: start })?;
+        let (rs, range) = space
+            .range_of(start)
+            .ok_or(MmError::NoRange { pid, addr: start })?;
+        let end = start + frames.len() as u64 * PAGE;
+        if end > range.end || start % PAGE != 0 {
+            return Err(MmError::BadRange {
+                pid,
+                start,
+                len: end - start,
+                reason: "outside its range",
+            });
+        }
+        let owner = FrameOwner {
+            pid,
+            region: range.id,
+        };
+        let _ = rs;
+        for i in 0..frames.len() as u64 {
+            if space.pages.contains_key(&(start + i * PAGE)) {
+                return Err(MmError::BadRange {
+                    pid,
+                    start,
+                    len: end - start,
+                    reason: "not vacant",
+                });
+            }
+        }
+        let report = self.installer.install(&self.pool, frames, start, owner)?;
+        if !report.present.is_empty() || !report.copied.is_empty() {
+            MmStats::bump(&self.stats.counters.partial_moves);
+        }
+        for &(a, f) in &report.moved {
+            space.set(a, PageState::Resident(f));
+        }
+        for &(a, _) in report.copied.iter().chain(report.present.iter()) {
+            space.set(a, PageState::Copied);
+        }
+        let mut view = MemView {
+            pool: &self.pool,
+            mem: &st.mem,
+        };
+        for &(a, f) in &report.moved {
+            st.evict.on_map(
+                MappedPage {
+                    frame: f,
+                    pid,
+                    addr: a,
+                },
+                &mut view,
+            );
+        }
+        Ok(report)
+    }
+}
+
+/// One worker's part of the memory manager: its lArena, its io_uring engine and the
+/// operations in flight on it. Not `Send` (the engine is bound to its thread): build it
+/// on the worker thread.
+pub struct WorkerMm {
+    core: Arc<MmCore>,
+    worker: usize,
+    io: WorkerIo,
+    completions: Vec<Completion>,
+}
+
+impl std::fmt::Debug for WorkerMm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerMm")
+            .field("worker", &self.worker)
+            .field("ops", &self.io.ops.len())
+            .finish()
+    }
+}
+
+struct WorkerIo {
+    arena: LocalArena,
+    engine: Engine,
+    ops: HashMap<Ticket, Op>,
+    /// Requests the engine refused at once, completed with their error at the next poll.
+    refused: Vec<(Ticket, SwapError)>,
+    next_synthetic: u64,
+}
+
+impl WorkerMm {
+    /// Builds worker `worker`'s part on the calling (worker) thread.
+    pub fn new(core: Arc<MmCore>, worker: usize) -> Result<WorkerMm, MmError> {
+        let engine = Engine::new(&core.config.engine, &core.devices)?;
+        let arena = core.pool.local_arena();
+        Ok(WorkerMm {
+            core,
+            worker,
+            io: WorkerIo {
+                arena,
+                engine,
+                ops: HashMap::new(),
+                refused: Vec::new(),
+                next_synthetic: SYNTHETIC_TICKET,
+            },
+            completions: Vec::new(),
+        })
+    }
+
+    /// The core.
+    pub fn core(&self) -> &Arc<MmCore> {
+        &self.core
+    }
+
+    /// This worker's index.
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// Operations in flight on this worker's engine.
+    pub fn in_flight(&self) -> usize {
+        self.io.ops.len()
+    }
+
+    /// The engine's eventfd (poll it while parked).
+    pub fn eventfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.io.engine.eventfd()
+    }
+
+    /// Serves a fault on `addr` of `pid` (see [`FaultResult`]).
+    pub fn handle_fault(&mut self, pid: u32, addr: u64, write: bool, tid: u32) -> FaultResult {
+        let core = &*self.core;
+        let addr = page_floor(addr);
+        let span = tracing::trace_span!("fault", addr, write, worker = self.worker).entered();
+        MmStats::bump(&core.stats.counters.faults);
+        let mut guard = core.lock();
+        let st = &mut *guard;
+        let result = {
+            let Some(space) = st.mem.spaces.get_mut(&pid) else {
+                return FaultResult::Foreign;
+            };
+            if space.range_of(addr).is_none() {
+                return FaultResult::Foreign;
+            }
+            match space.pages.get_mut(&addr) {
+                Some(PageState::Resident(_) | PageState::Copied | PageState::Poisoned) => {
+                    return FaultResult::AlreadyPresent;
+                }
+                Some(PageState::SwapIn { waiters, .. }) => {
+                    *waiters |= 1 << self.worker;
+                    return FaultResult::Wait;
+                }
+                _ => {}
+            }
+            space.counters.faults += 1;
+            let fault = Fault {
+                addr,
+                write,
+                wp: false,
+                minor: false,
+                len_hint: PAGE,
+                origin: Origin { pid, tid },
+            };
+            let mut cx = WorkerCx::new(core, st, &mut self.io, self.worker);
+            cx.serve(&fault)
+        };
+        if !matches!(result, FaultResult::NeedMemory) {
+            let mut cx = WorkerCx::new(core, st, &mut self.io, self.worker);
+            cx.balance();
+        }
+        drop(guard);
+        let _ = self.io.engine.submit();
+        drop(span);
+        result
+    }
+
+    /// Reaps this worker's completions: write-backs record their swap entry and free the
+    /// staging frame; swap-ins install their page (or poison it) and wake the workers
+    /// waiting for it. Returns how many operations finished.
+    pub fn poll(&mut self) -> usize {
+        if self.io.ops.is_empty() && self.io.refused.is_empty() {
+            return 0;
+        }
+        if let Err(e) = self.io.engine.enter_for_completions() {
+            tracing::warn!(error = %e, "io_uring enter failed");
+        }
+        let mut completions = std::mem::take(&mut self.completions);
+        self.io.engine.reap(|c| completions.push(c));
+        let refused = std::mem::take(&mut self.io.refused);
+        if completions.is_empty() && refused.is_empty() {
+            self.completions = completions;
+            return 0;
+        }
+        let core = &*self.core;
+        let mut guard = core.lock();
+        let st = &mut *guard;
+        let mut n = 0;
+        let mut cx = WorkerCx::new(core, st, &mut self.io, self.worker);
+        for c in completions.drain(..) {
+            n += 1;
+            cx.complete(c.ticket, c.result.map(|_| ()));
+        }
+        for (t, e) in refused {
+            n += 1;
+            cx.complete(t, Err(e));
+        }
+        cx.balance();
+        drop(guard);
+        let _ = self.io.engine.submit();
+        self.completions = completions;
+        n
+    }
+
+    /// Gives this worker's cached free frames back to the shared arena (before exit, or
+    /// when another worker starves).
+    pub fn drain_arena(&mut self) {
+        self.io.arena.drain();
+    }
+}
+
+/// The eviction policy's view: memory state only.
+struct MemView<'a> {
+    pool: &'a FramePool,
+    mem: &'a MemState,
+}
+
+impl EvictCx for MemView<'_> {
+    fn access(&mut self, _frame: FrameNo) -> Access {
+        // No access sampling yet: every frame reports "no information".
+        Access::default()
+    }
+
+    fn is_pinned(&self, frame: FrameNo) -> bool {
+        let Ok(desc) = self.pool.desc(frame) else {
+            return false;
+        };
+        let (pid, addr) = (desc.owner().pid, desc.vaddr());
+        self.mem.spaces.get(&pid).is_some_and(|s| s.is_pinned(addr))
+    }
+
+    fn hint(&self, pid: u32, addr: u64) -> Hint {
+        self.mem
+            .spaces
+            .get(&pid)
+            .map(|s| s.hints.hint_at(addr))
+            .unwrap_or_default()
+    }
+}
+
+/// The [`Cx`] a policy gets on one worker, for one call.
+struct WorkerCx<'a> {
+    core: &'a MmCore,
+    mem: &'a mut MemState,
+    evict: &'a mut Box<dyn EvictPolicy>,
+    oom: &'a mut Box<dyn OomPolicy>,
+    io: &'a mut WorkerIo,
+    worker: usize,
+    /// Fresh frames taken during this call.
+    taken: Vec<FrameNo>,
+    /// Staged frames handed out by `take_staged`, with their page and prior state.
+    staged: Vec<(FrameNo, u32, u64, PageState)>,
+}
+
+impl<'a> WorkerCx<'a> {
+    fn new(core: &'a MmCore, st: &'a mut MmState, io: &'a mut WorkerIo, worker: usize) -> Self {
+        WorkerCx {
+            core,
+            mem: &mut st.mem,
+            evict: &mut st.evict,
+            oom: &mut st.oom,
+            io,
+            worker,
+            taken: Vec::new(),
+            staged: Vec::new(),
+        }
+    }
+
+    fn view(&self) -> MemView<'_> {
+        MemView {
+            pool: &self.core.pool,
+            mem: self.mem,
+        }
+    }
+
+    fn free_total(&self) -> usize {
+        self.io.arena.len() + self.core.shared_free_frames()
+    }
+
+    /// Gives back every frame still taken (after a panic, an OOM answer, or a policy that
+    /// kept some): fresh ones to the arena, staged ones back into staging.
+    fn restore_taken(&mut self) {
+        for f in std::mem::take(&mut self.taken) {
+            self.return_frame(f, true);
+        }
+        for (f, pid, addr, prior) in std::mem::take(&mut self.staged) {
+            if let Some(space) = self.mem.spaces.get_mut(&pid) {
+                space.set(addr, prior);
+            } else {
+                self.mem.orphans.insert(f);
+            }
+        }
+    }
+
+    fn return_frame(&mut self, f: FrameNo, zeroed: bool) {
+        let pool = &self.core.pool;
+        let r = if zeroed {
+            pool.return_unused(&mut self.io.arena, f)
+        } else {
+            pool.release(f)
+        };
+        if let Err(e) = r {
+            tracing::error!(error = %e, %f, "giving a frame back failed");
+        }
+    }
+
+    /// Runs the region's allocation policy for `fault` and carries out its decision.
+    fn serve(&mut self, fault: &Fault) -> FaultResult {
+        let (pid, addr) = (fault.origin.pid, fault.addr);
+        let mut attempts = 0u32;
+        let mut last_scan = VictimScan::default();
+        let mut evicted_once = false;
+        loop {
+            let Some(space) = self.mem.spaces.get_mut(&pid) else {
+                return FaultResult::Foreign;
+            };
+            let Some((_, range)) = space.range_of_mut(addr) else {
+                return FaultResult::Foreign;
+            };
+            let spec = range.alloc_spec.clone();
+            let Some(mut alloc) = range.alloc.take() else {
+                return FaultResult::NeedMemory;
+            };
+            let name = alloc.name().to_owned();
+            let decision = guarded(&name, || alloc.alloc(fault, self));
+            let panicked = decision.is_err();
+            if panicked {
+                // Replace the instance: the default allocation policy (logged).
+                let fallback = self
+                    .core
+                    .registry
+                    .default_spec(usm_policies::PolicyKind::Alloc)
+                    .unwrap_or("first-fit")
+                    .to_owned();
+                match self.core.registry.build_alloc(&fallback) {
+                    Ok(p) => alloc = p,
+                    Err(e) => tracing::error!(error = %e, "cannot build the default policy"),
+                }
+                tracing::error!(policy = %name, replacement = %fallback, spec = %spec,
+                    "allocation policy panicked; frames it held were taken back and the region now uses the default policy");
+                MmStats::bump(&self.core.stats.counters.policy_panics);
+            }
+            if let Some(space) = self.mem.spaces.get_mut(&pid)
+                && let Some((_, range)) = space.range_of_mut(addr)
+            {
+                range.alloc = Some(alloc);
+            }
+            let decision = match decision {
+                Ok(d) => d,
+                Err(_) => {
+                    self.restore_taken();
+                    attempts += 1;
+                    if attempts > 3 {
+                        return self.fail(addr, pid, "allocation policy keeps panicking".into());
+                    }
+                    continue;
+                }
+            };
+            match decision {
+                Decision::Map(m) => return self.apply_map(pid, addr, m),
+                Decision::Yield(ticket) => {
+                    self.restore_taken();
+                    let space = self.mem.spaces.get_mut(&pid);
+                    return match space.and_then(|s| s.pages.get_mut(&addr)) {
+                        Some(PageState::SwapIn {
+                            waiters, ticket: t, ..
+                        }) if *t == ticket => {
+                            *waiters |= 1 << self.worker;
+                            FaultResult::Wait
+                        }
+                        Some(PageState::SwapIn { waiters, .. }) => {
+                            *waiters |= 1 << self.worker;
+                            FaultResult::Wait
+                        }
+                        other => {
+                            tracing::error!(?other, "policy yielded on a page with no swap-in");
+                            FaultResult::NeedMemory
+                        }
+                    };
+                }
+                Decision::Oom => {
+                    self.restore_taken();
+                    if self.mem.writebacks > 0 {
+                        MmStats::bump(&self.core.stats.counters.memory_waits);
+                        return FaultResult::NeedMemory;
+                    }
+                    if !evicted_once {
+                        evicted_once = true;
+                        let want = self.core.config.watermarks.high.max(1);
+                        last_scan = self.run_eviction(VictimRequest::any(want));
+                        if last_scan.chosen > 0 {
+                            MmStats::bump(&self.core.stats.counters.memory_waits);
+                            return FaultResult::NeedMemory;
+                        }
+                        if self.free_total() > 0 {
+                            continue;
+                        }
+                    }
+                    let situation = OomSituation {
+                        fault: *fault,
+                        attempt: attempts,
+                        mode: self.core.config.mode,
+                        last_scan,
+                        free_frames: self.free_total(),
+                    };
+                    attempts += 1;
+                    let oom_name = self.oom.name().to_owned();
+                    let action = {
+                        let mut policy = std::mem::replace(self.oom, Box::new(NoOom));
+                        let a = guarded(&oom_name, || policy.on_oom(&situation, self));
+                        *self.oom = policy;
+                        a
+                    };
+                    self.restore_taken();
+                    match action {
+                        Ok(OomAction::EvictHarder(n)) if attempts <= 8 => {
+                            last_scan = self.run_eviction(VictimRequest::any(n.max(1)).hard());
+                            if last_scan.chosen > 0 {
+                                return FaultResult::NeedMemory;
+                            }
+                        }
+                        Ok(OomAction::EvictHarder(_)) => {
+                            return self.fail(
+                                addr,
+                                pid,
+                                format!("out of memory after {attempts} harder evictions"),
+                            );
+                        }
+                        Ok(OomAction::FailAccess(reason)) => {
+                            return self.fail(addr, pid, reason.to_string());
+                        }
+                        Ok(OomAction::KillLargestProcess | OomAction::KillLargestTask) => {
+                            return self.fail(
+                                addr,
+                                pid,
+                                "out of memory: the OOM policy killed the faulting task".into(),
+                            );
+                        }
+                        Err(p) => return self.fail(addr, pid, p.to_string()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Poisons `addr` so the access fails with SIGBUS, logs why.
+    fn fail(&mut self, addr: u64, pid: u32, reason: String) -> FaultResult {
+        tracing::error!(addr, pid, %reason, "access failed: page poisoned (SIGBUS on access)");
+        MmStats::bump(&self.core.stats.counters.oom_failures);
+        if let Err(e) = self.core.installer.poison(&self.core.pool, addr) {
+            tracing::error!(error = %e, addr, "poisoning failed");
+        }
+        if let Some(space) = self.mem.spaces.get_mut(&pid) {
+            space.set(addr, PageState::Poisoned);
+        }
+        FaultResult::Failed(reason)
+    }
+
+    fn apply_map(&mut self, pid: u32, addr: u64, m: usm_policies::Mapping) -> FaultResult {
+        let Some(space) = self.mem.spaces.get(&pid) else {
+            self.restore_taken();
+            return FaultResult::Foreign;
+        };
+        let Some((rstart, range)) = space.range_of(addr) else {
+            self.restore_taken();
+            return FaultResult::Foreign;
+        };
+        let (rend, region) = (range.end, range.id);
+        let owner = FrameOwner { pid, region };
+        if !m.contains(addr) || m.start() < rstart || m.end() > rend {
+            tracing::error!(
+                start = m.start(),
+                end = m.end(),
+                addr,
+                "policy mapping misses the fault or leaves its region"
+            );
+            self.restore_taken();
+            return FaultResult::NeedMemory;
+        }
+        let mut path = FaultPath::FastMap;
+        // 1. Staged frames (swap-cache hits) go back to their own page.
+        let mut fresh: Vec<(u64, FrameNo)> = Vec::with_capacity(m.len());
+        for (a, f) in m.pages() {
+            if let Some(i) = self.staged.iter().position(|s| s.0 == f) {
+                let (f, spid, saddr, prior) = self.staged.swap_remove(i);
+                if (spid, saddr) != (pid, a) {
+                    tracing::error!(%f, "policy mapped a staged frame at another page; restored");
+                    if let Some(space) = self.mem.spaces.get_mut(&spid) {
+                        space.set(saddr, prior);
+                    }
+                    continue;
+                }
+                path = FaultPath::SwapCacheHit;
+                self.swap_cache_hit(pid, a, f, prior, owner);
+            } else if let Some(i) = self.taken.iter().position(|&t| t == f) {
+                self.taken.swap_remove(i);
+                if self
+                    .mem
+                    .spaces
+                    .get(&pid)
+                    .is_some_and(|s| s.pages.contains_key(&a))
+                {
+                    // Not vacant: never map over content.
+                    self.return_frame(f, true);
+                } else {
+                    fresh.push((a, f));
+                }
+            } else {
+                tracing::error!(%f, "policy mapped a frame it did not take this call");
+            }
+        }
+        // 2. Fresh frames: one MOVE per run of consecutive pages.
+        let mut i = 0;
+        while i < fresh.len() {
+            let mut j = i + 1;
+            while j < fresh.len() && fresh[j].0 == fresh[j - 1].0 + PAGE {
+                j += 1;
+            }
+            let frames: Vec<FrameNo> = fresh[i..j].iter().map(|p| p.1).collect();
+            self.install_fresh(pid, fresh[i].0, &frames, owner, true);
+            i = j;
+        }
+        self.restore_taken();
+        match self.mem.spaces.get(&pid).and_then(|s| s.pages.get(&addr)) {
+            Some(PageState::Resident(_) | PageState::Copied) => FaultResult::Resolved(path),
+            _ => FaultResult::NeedMemory,
+        }
+    }
+
+    /// Installs Taken frames (zeroed if `zeroed`, else holding content) at `start..`.
+    fn install_fresh(
+        &mut self,
+        pid: u32,
+        start: u64,
+        frames: &[FrameNo],
+        owner: FrameOwner,
+        zeroed: bool,
+    ) {
+        let report = match self
+            .core
+            .installer
+            .install(&self.core.pool, frames, start, owner)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, start, "install failed");
+                for &f in frames {
+                    self.return_frame(f, zeroed);
+                }
+                return;
+            }
+        };
+        let c = &self.core.stats.counters;
+        if report.moved.len() != frames.len() {
+            MmStats::bump(&c.partial_moves);
+        }
+        c.pages_mapped
+            .fetch_add(report.moved.len() as u64, Ordering::Relaxed);
+        if let Some(space) = self.mem.spaces.get_mut(&pid) {
+            for &(a, f) in &report.moved {
+                space.set(a, PageState::Resident(f));
+            }
+            for &(a, _) in report.copied.iter().chain(report.present.iter()) {
+                space.set(a, PageState::Copied);
+            }
+        }
+        for &(_, f) in report.copied.iter() {
+            MmStats::bump(&c.copy_fallbacks);
+            self.return_frame(f, zeroed);
+        }
+        for &(_, f) in report.present.iter().chain(report.retry.iter()) {
+            self.return_frame(f, zeroed);
+        }
+        for &(a, f) in &report.moved {
+            let mut view = MemView {
+                pool: &self.core.pool,
+                mem: self.mem,
+            };
+            self.evict.on_map(
+                MappedPage {
+                    frame: f,
+                    pid,
+                    addr: a,
+                },
+                &mut view,
+            );
+        }
+    }
+
+    /// A fault on a page in staging: MOVE it back, or — when its in-flight write pins the
+    /// slot — copy it into a fresh frame and move that in.
+    fn swap_cache_hit(
+        &mut self,
+        pid: u32,
+        addr: u64,
+        f: FrameNo,
+        prior: PageState,
+        owner: FrameOwner,
+    ) {
+        let c = &self.core.stats.counters;
+        match self.core.installer.unstage(&self.core.pool, f) {
+            Ok(true) => {
+                MmStats::bump(&c.swap_cache_moves);
+                if let Some(space) = self.mem.spaces.get_mut(&pid) {
+                    space.set(addr, PageState::Resident(f));
+                }
+                let mut view = MemView {
+                    pool: &self.core.pool,
+                    mem: self.mem,
+                };
+                self.evict.on_map(
+                    MappedPage {
+                        frame: f,
+                        pid,
+                        addr,
+                    },
+                    &mut view,
+                );
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, %f, addr, "unstage failed; page stays in staging");
+                if let Some(space) = self.mem.spaces.get_mut(&pid) {
+                    space.set(addr, prior);
+                }
+                return;
+            }
+        }
+        // The write pins the slot: copy into a fresh frame.
+        let fresh = match self.core.pool.take(&mut self.io.arena) {
+            Ok(Some(n)) => n,
+            _ => {
+                if let Some(space) = self.mem.spaces.get_mut(&pid) {
+                    space.set(addr, prior);
+                }
+                return;
+            }
+        };
+        if let Err(e) = crate::sys::io::copy_slot(&self.core.pool, f, fresh) {
+            tracing::error!(error = %e, "copying a staged page failed");
+            self.return_frame(fresh, true);
+            if let Some(space) = self.mem.spaces.get_mut(&pid) {
+                space.set(addr, prior);
+            }
+            return;
+        }
+        MmStats::bump(&c.swap_cache_copies);
+        self.mem.orphans.insert(f);
+        self.install_fresh(pid, addr, &[fresh], owner, false);
+    }
+
+    /// Stages victims chosen by the eviction policy and queues their write-backs.
+    fn run_eviction(&mut self, req: VictimRequest) -> VictimScan {
+        let span =
+            tracing::debug_span!("eviction", want = req.want, worker = self.worker).entered();
+        let room =
+            (self.io.engine.depth() as usize).saturating_sub(self.io.engine.in_flight() as usize);
+        let want = req.want.min(room).min(self.core.config.eviction_batch);
+        if want == 0 || self.mem.swap.free_slots() == 0 {
+            return VictimScan::default();
+        }
+        let mut out = Vec::with_capacity(want);
+        let mut scan = {
+            let mut view = MemView {
+                pool: &self.core.pool,
+                mem: self.mem,
+            };
+            self.evict
+                .victims(VictimRequest { want, ..req }, &mut view, &mut out)
+        };
+        let mut staged = 0;
+        for v in out {
+            if self.stage_victim(v) {
+                staged += 1;
+            }
+        }
+        scan.chosen = staged;
+        if staged > 0 {
+            if let Err(e) = self.io.engine.submit() {
+                tracing::warn!(error = %e, "submitting write-backs failed");
+            }
+        }
+        drop(span);
+        scan
+    }
+
+    fn stage_victim(&mut self, v: MappedPage) -> bool {
+        let core = self.core;
+        let c = &core.stats.counters;
+        let ok = matches!(
+            self.mem.spaces.get(&v.pid).and_then(|s| s.pages.get(&v.addr)),
+            Some(PageState::Resident(f)) if *f == v.frame
+        );
+        let pinned = self
+            .mem
+            .spaces
+            .get(&v.pid)
+            .is_some_and(|s| s.is_pinned(v.addr));
+        if !ok || pinned {
+            if ok {
+                MmStats::bump(&c.evict_pinned);
+                let mut view = MemView {
+                    pool: &core.pool,
+                    mem: self.mem,
+                };
+                self.evict.on_map(v, &mut view);
+            }
+            return false;
+        }
+        let entry = match self.mem.swap.alloc() {
+            Ok(e) => e,
+            Err(_) => {
+                let mut view = MemView {
+                    pool: &core.pool,
+                    mem: self.mem,
+                };
+                self.evict.on_map(v, &mut view);
+                return false;
+            }
+        };
+        match core.installer.stage(&core.pool, v.frame) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                MmStats::bump(&c.evict_pinned);
+                let _ = self.mem.swap.free(entry);
+                let mut view = MemView {
+                    pool: &core.pool,
+                    mem: self.mem,
+                };
+                self.evict.on_map(v, &mut view);
+                return false;
+            }
+        }
+        let ticket = match crate::sys::io::write_from_slot(
+            &mut self.io.engine,
+            &core.pool,
+            v.frame,
+            entry,
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                // Put the page back where it was: nothing is lost.
+                tracing::warn!(error = %e, "queueing a write-back failed; page restored");
+                let _ = self.mem.swap.free(entry);
+                match core.installer.unstage(&core.pool, v.frame) {
+                    Ok(true) => {
+                        let mut view = MemView {
+                            pool: &core.pool,
+                            mem: self.mem,
+                        };
+                        self.evict.on_map(v, &mut view);
+                    }
+                    _ => tracing::error!(frame = %v.frame, "could not restore a staged page"),
+                }
+                return false;
+            }
+        };
+        let Some(key) = self.range_key(v.pid, v.addr) else {
+            return false;
+        };
+        self.io.ops.insert(
+            ticket,
+            Op::WriteBack {
+                key,
+                addr: v.addr,
+                frame: v.frame,
+                entry,
+            },
+        );
+        core.io_in_flight.fetch_add(1, Ordering::AcqRel);
+        self.mem.writebacks += 1;
+        if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
+            space.set(
+                v.addr,
+                PageState::Staging {
+                    frame: v.frame,
+                    entry,
+                    worker: self.worker,
+                    write: ticket,
+                },
+            );
+        }
+        MmStats::bump(&c.evicted);
+        true
+    }
+
+    fn range_key(&self, pid: u32, addr: u64) -> Option<RangeKey> {
+        let space = self.mem.spaces.get(&pid)?;
+        let (start, r) = space.range_of(addr)?;
+        Some(RangeKey {
+            pid,
+            start,
+            generation: r.generation,
+        })
+    }
+
+    fn still_owned(&self, key: RangeKey, addr: u64) -> bool {
+        self.mem
+            .spaces
+            .get(&key.pid)
+            .and_then(|s| s.generation_at(addr))
+            == Some(key.generation)
+    }
+
+    /// After a fault or a completion: below the low watermark, evict up to the high one.
+    fn balance(&mut self) {
+        let wm = self.core.config.watermarks;
+        let free = self.free_total();
+        if free >= wm.low || self.core.devices.is_empty() {
+            return;
+        }
+        let want = wm.high.saturating_sub(free + self.mem.writebacks);
+        if want > 0 {
+            self.run_eviction(VictimRequest::any(want));
+        }
+    }
+
+    fn queue_read(&mut self, entry: SwapEntry, frame: FrameNo) -> Ticket {
+        match crate::sys::io::read_into_slot(&mut self.io.engine, &self.core.pool, frame, entry) {
+            Ok(t) => t,
+            Err(e) => {
+                let t = Ticket(self.io.next_synthetic);
+                self.io.next_synthetic += 1;
+                let err = match e {
+                    MmError::Swap(s) => s,
+                    _ => SwapError::BadEntry(entry),
+                };
+                self.io.refused.push((t, err));
+                t
+            }
+        }
+    }
+
+    fn start_swap_in(
+        &mut self,
+        pid: u32,
+        addr: u64,
+        entry: SwapEntry,
+        frame: FrameNo,
+        waiters: u64,
+    ) -> Option<Ticket> {
+        let key = self.range_key(pid, addr)?;
+        let ticket = self.queue_read(entry, frame);
+        self.io.ops.insert(
+            ticket,
+            Op::SwapIn {
+                key,
+                addr,
+                frame,
+                entry,
+            },
+        );
+        self.core.io_in_flight.fetch_add(1, Ordering::AcqRel);
+        if let Some(space) = self.mem.spaces.get_mut(&pid) {
+            space.set(
+                addr,
+                PageState::SwapIn {
+                    frame,
+                    entry,
+                    worker: self.worker,
+                    ticket,
+                    waiters,
+                },
+            );
+        }
+        MmStats::bump(&self.core.stats.counters.swap_ins);
+        Some(ticket)
+    }
+
+    /// Prefetch: with `PREFETCH=N` on the page, also read back up to N following swapped
+    /// pages of the same range (while frames stay above the low watermark).
+    fn prefetch(&mut self, pid: u32, addr: u64) {
+        let n = self.view().hint(pid, addr).prefetch.unwrap_or(0) as u64;
+        if n == 0 {
+            return;
+        }
+        let Some(bounds) = self.mem.spaces.get(&pid).and_then(|s| s.bounds(addr)) else {
+            return;
+        };
+        for i in 1..=n {
+            let a = addr + i * PAGE;
+            if a >= bounds.end || !self.io.engine.has_capacity() {
+                break;
+            }
+            if self.free_total() <= self.core.config.watermarks.low {
+                break;
+            }
+            let Some(PageState::Swapped(e)) = self
+                .mem
+                .spaces
+                .get(&pid)
+                .and_then(|s| s.pages.get(&a))
+                .cloned()
+            else {
+                continue;
+            };
+            let Ok(Some(f)) = self.core.pool.take(&mut self.io.arena) else {
+                break;
+            };
+            if self.start_swap_in(pid, a, e, f, 0).is_some() {
+                MmStats::bump(&self.core.stats.counters.prefetches);
+            } else {
+                self.return_frame(f, true);
+            }
+        }
+    }
+
+    /// One completed operation.
+    fn complete(&mut self, ticket: Ticket, result: Result<(), SwapError>) {
+        let Some(op) = self.io.ops.remove(&ticket) else {
+            return;
+        };
+        self.core.io_in_flight.fetch_sub(1, Ordering::AcqRel);
+        let core = self.core;
+        let c = &core.stats.counters;
+        match op {
+            Op::WriteBack {
+                key,
+                addr,
+                frame,
+                entry,
+            } => {
+                self.mem.writebacks = self.mem.writebacks.saturating_sub(1);
+                let _span = tracing::trace_span!("writeback_done", addr, %entry).entered();
+                let ours = self.still_owned(key, addr)
+                    && matches!(self.mem.spaces.get(&key.pid).and_then(|s| s.pages.get(&addr)),
+                        Some(PageState::Staging { frame: f, .. }) if *f == frame);
+                match (ours, result) {
+                    (true, Ok(())) => {
+                        // Record the entry first, then recycle the staging frame.
+                        if let Some(space) = self.mem.spaces.get_mut(&key.pid) {
+                            space.set(addr, PageState::Swapped(entry));
+                        }
+                        if let Err(e) = core.pool.release(frame) {
+                            tracing::error!(error = %e, %frame, "releasing a staging frame failed");
+                        }
+                        MmStats::bump(&c.writebacks_done);
+                    }
+                    (true, Err(e)) => {
+                        MmStats::bump(&c.writeback_errors);
+                        tracing::warn!(error = %e, addr, "write-back failed; page put back in memory");
+                        let _ = self.mem.swap.free(entry);
+                        match core.installer.unstage(&core.pool, frame) {
+                            Ok(true) => {
+                                if let Some(space) = self.mem.spaces.get_mut(&key.pid) {
+                                    space.set(addr, PageState::Resident(frame));
+                                }
+                                let mut view = MemView {
+                                    pool: &core.pool,
+                                    mem: self.mem,
+                                };
+                                self.evict.on_map(
+                                    MappedPage {
+                                        frame,
+                                        pid: key.pid,
+                                        addr,
+                                    },
+                                    &mut view,
+                                );
+                            }
+                            other => {
+                                tracing::error!(?other, %frame, "page of a failed write-back could not be put back; it stays in staging")
+                            }
+                        }
+                    }
+                    (false, _) => {
+                        // Taken back by a fault (MOVE or copy) or its range is gone.
+                        if !self.still_owned(key, addr) {
+                            MmStats::bump(&c.fenced);
+                        }
+                        let _ = self.mem.swap.free(entry);
+                        if self.mem.orphans.remove(&frame) {
+                            if let Err(e) = core.pool.release(frame) {
+                                tracing::error!(error = %e, %frame, "releasing an orphan staging frame failed");
+                            }
+                        }
+                    }
+                }
+            }
+            Op::SwapIn {
+                key,
+                addr,
+                frame,
+                entry,
+            } => {
+                let _span = tracing::trace_span!("swap_in_done", addr, %entry).entered();
+                let waiters = match self
+                    .mem
+                    .spaces
+                    .get(&key.pid)
+                    .and_then(|s| s.pages.get(&addr))
+                {
+                    Some(PageState::SwapIn {
+                        frame: f, waiters, ..
+                    }) if *f == frame && self.still_owned(key, addr) => Some(*waiters),
+                    _ => None,
+                };
+                let Some(waiters) = waiters else {
+                    MmStats::bump(&c.fenced);
+                    self.return_frame(frame, false);
+                    let _ = self.mem.swap.free(entry);
+                    return;
+                };
+                match result {
+                    Ok(()) => {
+                        if let Some(space) = self.mem.spaces.get_mut(&key.pid) {
+                            space.clear(addr);
+                        }
+                        let region = self
+                            .mem
+                            .spaces
+                            .get(&key.pid)
+                            .and_then(|s| s.range_of(addr))
+                            .map_or(0, |(_, r)| r.id);
+                        self.install_fresh(
+                            key.pid,
+                            addr,
+                            &[frame],
+                            FrameOwner {
+                                pid: key.pid,
+                                region,
+                            },
+                            false,
+                        );
+                        let _ = self.mem.swap.free(entry);
+                        MmStats::bump(&c.swap_ins_done);
+                    }
+                    Err(e) if e.is_retryable() => {
+                        let t = self.queue_read(entry, frame);
+                        self.io.ops.insert(t, op);
+                        core.io_in_flight.fetch_add(1, Ordering::AcqRel);
+                        if let Some(PageState::SwapIn { ticket, .. }) = self
+                            .mem
+                            .spaces
+                            .get_mut(&key.pid)
+                            .and_then(|s| s.pages.get_mut(&addr))
+                        {
+                            *ticket = t;
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, addr, %entry, "swap-in failed: content lost, page poisoned (SIGBUS on access, never zeros)");
+                        MmStats::bump(&c.poisoned);
+                        if let Some(space) = self.mem.spaces.get_mut(&key.pid) {
+                            space.clear(addr);
+                        }
+                        if let Err(pe) = core.installer.poison(&core.pool, addr) {
+                            tracing::error!(error = %pe, addr, "poisoning failed");
+                        }
+                        if let Some(space) = self.mem.spaces.get_mut(&key.pid) {
+                            space.set(addr, PageState::Poisoned);
+                        }
+                        self.return_frame(frame, false);
+                        let _ = self.mem.swap.free(entry);
+                    }
+                }
+                core.wake_mask(waiters, self.worker);
+            }
+        }
+    }
+}
+
+/// Placeholder while the OOM policy is being called (never called itself).
+struct NoOom;
+
+impl OomPolicy for NoOom {
+    fn name(&self) -> &str {
+        "none"
+    }
+    fn on_oom(&mut self, _: &OomSituation, _: &mut dyn Cx) -> OomAction {
+        OomAction::FailAccess(usm_policies::OomReason::Policy("re-entered".into()))
+    }
+}
+
+impl EvictCx for WorkerCx<'_> {
+    fn access(&mut self, frame: FrameNo) -> Access {
+        self.view().access(frame)
+    }
+    fn is_pinned(&self, frame: FrameNo) -> bool {
+        self.view().is_pinned(frame)
+    }
+    fn hint(&self, pid: u32, addr: u64) -> Hint {
+        self.view().hint(pid, addr)
+    }
+}
+
+impl Cx for WorkerCx<'_> {
+    fn take_frame(&mut self) -> Option<FrameNo> {
+        match self.core.pool.take(&mut self.io.arena) {
+            Ok(Some(f)) => {
+                self.taken.push(f);
+                Some(f)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "taking a frame failed");
+                None
+            }
+        }
+    }
+
+    fn take_frames(&mut self, n: usize, out: &mut Vec<FrameNo>) -> bool {
+        let mark = out.len();
+        for _ in 0..n {
+            match self.take_frame() {
+                Some(f) => out.push(f),
+                None => {
+                    for f in out.drain(mark..) {
+                        self.give_frame(f);
+                    }
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn give_frame(&mut self, frame: FrameNo) {
+        if let Some(i) = self.staged.iter().position(|s| s.0 == frame) {
+            let (_, pid, addr, prior) = self.staged.swap_remove(i);
+            tracing::error!(%frame, "policy gave back a staged frame; it stays in staging");
+            if let Some(space) = self.mem.spaces.get_mut(&pid) {
+                space.set(addr, prior);
+            }
+            return;
+        }
+        if let Some(i) = self.taken.iter().position(|&t| t == frame) {
+            self.taken.swap_remove(i);
+            self.return_frame(frame, true);
+        }
+    }
+
+    fn free_frames(&self) -> usize {
+        self.free_total()
+    }
+
+    fn watermarks(&self) -> Watermarks {
+        self.core.config.watermarks
+    }
+
+    fn region(&self, pid: u32, addr: u64) -> Option<Range<u64>> {
+        self.mem.spaces.get(&pid)?.bounds(addr)
+    }
+
+    fn vacant(&self, pid: u32, start: u64, npages: usize, out: &mut PageMask) {
+        out.clear();
+        let Some(space) = self.mem.spaces.get(&pid) else {
+            return;
+        };
+        for i in 0..npages.min(PageMask::CAPACITY) {
+            let a = start + i as u64 * PAGE;
+            if space.range_of(a).is_some() && !space.pages.contains_key(&a) {
+                out.set(i);
+            }
+        }
+    }
+
+    fn take_staged(&mut self, pid: u32, addr: u64) -> Option<FrameNo> {
+        let addr = page_floor(addr);
+        let space = self.mem.spaces.get_mut(&pid)?;
+        let Some(PageState::Staging { frame, .. }) = space.pages.get(&addr).cloned() else {
+            return None;
+        };
+        let prior = space.clear(addr)?;
+        self.staged.push((frame, pid, addr, prior));
+        Some(frame)
+    }
+
+    fn swap_entry(&self, pid: u32, addr: u64) -> Option<SwapEntry> {
+        match self.mem.spaces.get(&pid)?.pages.get(&page_floor(addr))? {
+            PageState::Swapped(e) => Some(*e),
+            _ => None,
+        }
+    }
+
+    fn swap_in(&mut self, pid: u32, addr: u64, entry: SwapEntry, frame: FrameNo) -> Ticket {
+        let addr = page_floor(addr);
+        let _span = tracing::trace_span!("swap_in", addr, %entry).entered();
+        if let Some(i) = self.taken.iter().position(|&t| t == frame) {
+            self.taken.swap_remove(i);
+        }
+        let ok = matches!(self.mem.spaces.get(&pid).and_then(|s| s.pages.get(&addr)), Some(PageState::Swapped(e)) if *e == entry);
+        if !ok || self.core.pool.desc(frame).map(|d| d.state()).ok() != Some(FrameState::Taken) {
+            tracing::error!(addr, %entry, %frame, "swap_in of a page that is not swapped to that entry");
+            self.return_frame(frame, true);
+            let t = Ticket(self.io.next_synthetic);
+            self.io.next_synthetic += 1;
+            return t;
+        }
+        let ticket = match self.start_swap_in(pid, addr, entry, frame, 1 << self.worker) {
+            Some(t) => t,
+            None => {
+                self.return_frame(frame, true);
+                Ticket(0)
+            }
+        };
+        self.prefetch(pid, addr);
+        ticket
+    }
+
+    fn counters(&self, pid: u32) -> ProcessCounters {
+        self.mem
+            .spaces
+            .get(&pid)
+            .map_or(ProcessCounters::default(), |s| ProcessCounters {
+                resident: s.counters.resident,
+                swapped: s.counters.swapped,
+                faults: s.counters.faults,
+            })
+    }
+
+    fn evict(&mut self, req: VictimRequest) -> usize {
+        self.run_eviction(req).chosen
+    }
+}
+
+/// Start time of a fault, for the latency histograms.
+#[derive(Debug, Clone, Copy)]
+pub struct FaultClock(Instant);
+
+impl FaultClock {
+    /// Now.
+    pub fn start() -> FaultClock {
+        FaultClock(Instant::now())
+    }
+    /// Records the time since [`FaultClock::start`] under `path`.
+    pub fn record(self, stats: &MmStats, path: FaultPath) {
+        stats.record(path, self.0.elapsed());
+    }
+}

@@ -1,0 +1,72 @@
+//! [`Installer`]: *how* pages get into and out of an address space.
+//!
+//! The core decides *what* happens to a page; an installer carries it out in a given
+//! address space:
+//!
+//! | | embedded ([`SameMmInstaller`]) | daemon (implemented by the daemon) |
+//! |---|---|---|
+//! | install a frame | `UFFDIO_MOVE` pool slot → page (zero copy); `UFFDIO_COPY` when MOVE says `EBUSY` | `UFFDIO_COPY` from the daemon's slot into the tagged process (cross-mm) |
+//! | take a page out (evict) | `UFFDIO_MOVE` page → staging slot, same mm | the tagger's agent thread does the same-mm MOVE to its staging area |
+//! | swap-cache hit | MOVE the staging slot back (COPY while the write-back still pins it) | COPY from staging |
+//! | lost content | `UFFDIO_POISON` | `UFFDIO_POISON` on the tagged process's fd |
+//!
+//! Every method is called with the core's state lock held, on a worker, in normal
+//! context. An installer never blocks on the address space it manages.
+
+use usm_kmod::FrameNo;
+use usm_kmod::pool::{FrameOwner, FramePool};
+
+use crate::mm::MmError;
+
+/// The result of installing a run of frames at consecutive pages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstallReport {
+    /// Pages installed by MOVE: their frames are Mapped.
+    pub moved: Vec<(u64, FrameNo)>,
+    /// Pages installed by COPY (the frame's slot was pinned or shared): the frames stay
+    /// Taken; the caller gives them back.
+    pub copied: Vec<(u64, FrameNo)>,
+    /// Pages that were already present (`EEXIST`): nothing installed; frames stay Taken.
+    pub present: Vec<(u64, FrameNo)>,
+    /// Pages not installed because the address space is changing (`EAGAIN`, no
+    /// progress): retry after reading the events; frames stay Taken.
+    pub retry: Vec<(u64, FrameNo)>,
+}
+
+/// Takes pages into and out of one address space (see the module docs).
+pub trait Installer: Send + Sync {
+    /// Installs Taken `frames` (their slots hold the content: zeroes or a swapped-in page)
+    /// at `start`, `start + 4096`, ... Partial multi-page moves are classified page by
+    /// page (DESIGN.md: never retried blindly).
+    ///
+    /// The destination pages must be vacant pages of a range the core manages in this
+    /// installer's address space; the core guarantees it under its lock. A present page
+    /// is never overwritten (the kernel refuses with `EEXIST`).
+    fn install(
+        &self,
+        pool: &FramePool,
+        frames: &[FrameNo],
+        start: u64,
+        owner: FrameOwner,
+    ) -> Result<InstallReport, MmError>;
+
+    /// Takes a Mapped frame's page out of the address space into its staging slot.
+    /// `Ok(true)`: the frame is Staging. `Ok(false)`: the page is pinned (in-flight
+    /// O_DIRECT on it, fork-shared) and stays mapped.
+    fn stage(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError>;
+
+    /// Swap-cache hit: puts a Staging frame's page back at its address. `Ok(true)`: the
+    /// frame is Mapped again. `Ok(false)`: the staging slot is pinned by its in-flight
+    /// write; the caller copies instead (see [`Installer::install`] with a fresh frame).
+    fn unstage(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError>;
+
+    /// Marks page `addr` poisoned: accesses raise SIGBUS. `addr` is a vacant page of a
+    /// range the core manages.
+    fn poison(&self, pool: &FramePool, addr: u64) -> Result<(), MmError>;
+
+    /// Drops a Mapped frame's page from a range that is going away; the frame goes to the
+    /// zeroing queue. `Ok(false)`: the page was pinned and stays (the frame stays Mapped).
+    fn reclaim(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError>;
+}
+
+pub use crate::sys::install::SameMmInstaller;

@@ -1,0 +1,223 @@
+//! [`Space`]: what the memory manager knows about one address space.
+//!
+//! # Page states (keyed by page address, 4 KiB aligned)
+//!
+//! ```text
+//!            fault: Map                       victim: MOVE page -> staging slot
+//!  (vacant) ───────────► Resident(frame) ─────────────────────────► Staging{frame, entry}
+//!     ▲                     ▲    ▲   ▲                                 │   │ fault (swap-cache hit):
+//!     │                     │    │   └──── MOVE back (or copy if the ──┘   │ page back at once
+//!     │                     │    │         write still pins the slot)      │
+//!     │     swap-in done    │    │                                         │ write-back done:
+//!     │  (MOVE slot->page)  │    └─ Copied (COPY fallback: resident,       ▼ entry recorded, then
+//!     │                     │       no pool frame, never evicted)    Swapped(entry)   frame freed
+//!     │                 SwapIn{frame, entry, ticket, worker} ◄─────────────┘
+//!     │                     │ read failed: UFFDIO_POISON
+//!     │                     ▼
+//!     └── range dropped ─ Poisoned (the program gets SIGBUS there, never zeros)
+//! ```
+//!
+//! A page absent from the map is *vacant*: no content anywhere, a zeroed frame may back it.
+//!
+//! # Ranges and generations
+//! Every managed range carries a generation number, unique over the core's life. Each
+//! asynchronous operation (write-back, swap-in) records the generation of the range its
+//! page belonged to; when it completes and the range at that address is gone or has a
+//! different generation (the address was reused), the result is dropped: frame freed,
+//! swap slot freed. Nothing is installed into an address that changed owner.
+//!
+//! # Pins
+//! I/O helpers pin pages for the duration of a syscall (`pins`: page → count). A pinned
+//! page is never taken out of the address space by eviction.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+
+use serde::Serialize;
+use usm_kmod::FrameNo;
+use usm_policies::{AllocPolicy, HintMap};
+use usm_swap::{SwapEntry, Ticket};
+
+/// The state of one managed page that has (or had) content. See the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageState {
+    /// Mapped, backed by a pool frame.
+    Resident(FrameNo),
+    /// Mapped by `UFFDIO_COPY` (MOVE refused): resident but owns no pool frame, so it is
+    /// never evicted; its memory goes with the range.
+    Copied,
+    /// Taken out of the address space into a staging slot; its write-back to `entry` is
+    /// in flight (ticket `write` on worker `worker`).
+    Staging {
+        /// The staging frame (its slot holds the page).
+        frame: FrameNo,
+        /// Where the page is being written.
+        entry: SwapEntry,
+        /// The worker whose engine carries the write.
+        worker: usize,
+        /// The write's ticket.
+        write: Ticket,
+    },
+    /// Content only in swap.
+    Swapped(SwapEntry),
+    /// A swap-in is in flight into `frame`; faults on the page wait for it.
+    SwapIn {
+        /// The frame being filled.
+        frame: FrameNo,
+        /// The entry being read.
+        entry: SwapEntry,
+        /// The worker whose engine carries the read (it installs the page).
+        worker: usize,
+        /// The read's ticket.
+        ticket: Ticket,
+        /// Bit `w` set: worker `w` has a faulting uThread waiting on this page and must be
+        /// woken when it is installed.
+        waiters: u64,
+    },
+    /// The content could not be read back: the page is poisoned (SIGBUS on access).
+    Poisoned,
+}
+
+impl PageState {
+    /// Holds a frame (resident or swap-in in flight): counts as resident.
+    pub fn is_resident(&self) -> bool {
+        matches!(
+            self,
+            PageState::Resident(_) | PageState::Copied | PageState::SwapIn { .. }
+        )
+    }
+}
+
+/// Identifies a managed range: process, first byte and generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct RangeKey {
+    /// The process.
+    pub pid: u32,
+    /// First byte of the range.
+    pub start: u64,
+    /// Generation (unique over the core's life).
+    pub generation: u64,
+}
+
+/// One managed range (an embedded region, or a VMA in daemon mode).
+pub struct ManagedRange {
+    /// One past the last byte.
+    pub end: u64,
+    /// Generation, see the module docs.
+    pub generation: u64,
+    /// Region id recorded as the frames' owner.
+    pub id: u32,
+    /// The allocation policy spec (to rebuild it after a panic).
+    pub alloc_spec: String,
+    /// The allocation policy; `None` only while it is being called.
+    pub alloc: Option<Box<dyn AllocPolicy>>,
+}
+
+impl std::fmt::Debug for ManagedRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagedRange")
+            .field("end", &format_args!("{:#x}", self.end))
+            .field("generation", &self.generation)
+            .field("id", &self.id)
+            .field("alloc", &self.alloc_spec)
+            .finish()
+    }
+}
+
+/// Per-space counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SpaceCounters {
+    /// Pages holding a frame (mapped, copied, swap-in in flight).
+    pub resident: usize,
+    /// Pages whose content is only in staging or swap.
+    pub swapped: usize,
+    /// Poisoned pages.
+    pub poisoned: usize,
+    /// Faults served (policy calls).
+    pub faults: u64,
+}
+
+/// One address space: page states, managed ranges, hints, pins, counters.
+#[derive(Debug, Default)]
+pub struct Space {
+    /// The process id.
+    pub pid: u32,
+    /// Page address → state (absent: vacant).
+    pub pages: HashMap<u64, PageState>,
+    /// Range start → range.
+    pub ranges: BTreeMap<u64, ManagedRange>,
+    /// Hints given by the program.
+    pub hints: HintMap,
+    /// Page address → pin count.
+    pub pins: HashMap<u64, u32>,
+    /// Counters.
+    pub counters: SpaceCounters,
+}
+
+impl Space {
+    /// An empty space for `pid`.
+    pub fn new(pid: u32) -> Space {
+        Space {
+            pid,
+            ..Space::default()
+        }
+    }
+
+    /// The range holding `addr`, with its start.
+    pub fn range_of(&self, addr: u64) -> Option<(u64, &ManagedRange)> {
+        let (&start, range) = self.ranges.range(..=addr).next_back()?;
+        (addr < range.end).then_some((start, range))
+    }
+
+    /// The range holding `addr`, mutably.
+    pub fn range_of_mut(&mut self, addr: u64) -> Option<(u64, &mut ManagedRange)> {
+        let (&start, range) = self.ranges.range_mut(..=addr).next_back()?;
+        (addr < range.end).then_some((start, range))
+    }
+
+    /// The bounds of the range holding `addr`.
+    pub fn bounds(&self, addr: u64) -> Option<Range<u64>> {
+        self.range_of(addr).map(|(s, r)| s..r.end)
+    }
+
+    /// The generation of the range holding `addr`.
+    pub fn generation_at(&self, addr: u64) -> Option<u64> {
+        self.range_of(addr).map(|(_, r)| r.generation)
+    }
+
+    /// Sets the state of `addr`, keeping the counters.
+    pub fn set(&mut self, addr: u64, state: PageState) -> Option<PageState> {
+        self.count(&state, 1);
+        let old = self.pages.insert(addr, state);
+        if let Some(o) = &old {
+            self.count(o, -1);
+        }
+        old
+    }
+
+    /// Forgets `addr` (vacant again), keeping the counters.
+    pub fn clear(&mut self, addr: u64) -> Option<PageState> {
+        let old = self.pages.remove(&addr);
+        if let Some(o) = &old {
+            self.count(o, -1);
+        }
+        old
+    }
+
+    fn count(&mut self, state: &PageState, delta: isize) {
+        let c = &mut self.counters;
+        let slot = match state {
+            PageState::Resident(_) | PageState::Copied | PageState::SwapIn { .. } => {
+                &mut c.resident
+            }
+            PageState::Staging { .. } | PageState::Swapped(_) => &mut c.swapped,
+            PageState::Poisoned => &mut c.poisoned,
+        };
+        *slot = slot.saturating_add_signed(delta);
+    }
+
+    /// The page is pinned for a syscall.
+    pub fn is_pinned(&self, addr: u64) -> bool {
+        self.pins.get(&addr).is_some_and(|&n| n > 0)
+    }
+}
