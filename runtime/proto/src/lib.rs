@@ -51,6 +51,10 @@
 //!   is outside the process (written to swap *and* dropped from staging). Send it
 //!   before asking the agent to drop slots; pages still in staging are not counted
 //!   (the tagger puts those back itself if the daemon disappears).
+//! - Serve a page that was never evicted as zeros (`UFFDIO_ZEROPAGE`, or a zeroed
+//!   `UFFDIO_COPY`): the tagger's `calloc` relies on fresh heap memory being zero.
+//! - Never make the userfaultfd reader wait for a reply on the socket: threads of the
+//!   program may hold its heap lock while they wait for a fault.
 //! - Treat [`Message::RegisterRange`]/[`Message::UnregisterRange`] as advisory (they may
 //!   be dropped when the socket is full, and may name memory never seen).
 //! - To let a process go while alive: put every page back, then send [`Message::Bye`].
@@ -65,6 +69,7 @@ pub mod agent;
 pub mod client;
 pub mod coverage;
 mod error;
+pub mod preload;
 pub mod server;
 mod sys;
 pub mod wire;
