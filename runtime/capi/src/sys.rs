@@ -1,4 +1,5 @@
-//! Finding the tagger's exported hint function: the only `unsafe` of the crate.
+//! The exported C function and finding the tagger's hint entry point: the only
+//! `unsafe` of the crate.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 
@@ -27,4 +28,38 @@ pub(crate) unsafe fn c_str<'a>(ptr: *const c_char) -> Option<&'a [u8]> {
     }
     // SAFETY: guaranteed by the caller.
     Some(unsafe { CStr::from_ptr(ptr) }.to_bytes())
+}
+
+/// Sends a policy hint about `[addr, addr + len)` to the USM daemon.
+///
+/// `hint` is a NUL-terminated UTF-8 string of 1 to 1024 bytes understood by the
+/// process's policies (for example `"cold"`, `"hot"`, `"sequential"`).
+///
+/// Returns 0 when the hint was delivered to the daemon, `-EINVAL` when `hint` is NULL,
+/// empty, too long or not UTF-8, or when `len` is 0 or the range wraps around,
+/// `-ENOTCONN` when the process is not managed by a daemon (not tagged, daemon absent
+/// or refused), or another negative errno from the socket.
+///
+/// # Safety
+/// `hint` must be NULL or point to a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn usm_hint(addr: *mut c_void, len: usize, hint: *const c_char) -> c_int {
+    // SAFETY: forwarded caller contract.
+    let Some(text) = (unsafe { c_str(hint) }) else {
+        return -libc::EINVAL;
+    };
+    if text.is_empty()
+        || text.len() > crate::MAX_HINT_LEN
+        || std::str::from_utf8(text).is_err()
+        || len == 0
+        || (addr as usize).checked_add(len).is_none()
+    {
+        return -libc::EINVAL;
+    }
+    match tagger_hint() {
+        // SAFETY: `hint` is a valid C string (checked above); the tagger's function has
+        // the signature it exports (see libusm_tagger's sys::exports).
+        Some(send) => unsafe { send(addr, len, hint) },
+        None => -libc::ENOTCONN,
+    }
 }
