@@ -1,1 +1,560 @@
-//! InstanceUSM, the daemon (being written).
+//! InstanceUSM, the daemon: manages the anonymous memory of unmodified programs tagged
+//! with `libusm_tagger.so` (`usm run CONFIG`, or privately under `usm exec`).
+//!
+//! # Pieces
+//! | piece | thread(s) | module |
+//! |---|---|---|
+//! | accept loop: Hello, `SO_PEERCRED`, policy by name, `UFFDIO_API`, Ack/Refused | `usm-accept` | [`process`] (`admit`) |
+//! | one reader per userfaultfd (fork children get their own) | `usm-rd-PID` | [`process`] |
+//! | fault service: one workee (uThread) per fault on the LocalManager workers | `usm-localmanager` workers | [`process`] |
+//! | swap I/O: io_uring engine, parks/unparks workees | `usm-swap-io` | [`swapio`] |
+//! | eviction through the tagger's agent | `usm-evict` | [`evict`] |
+//! | `usm stat` socket (`SOCKET.stat`, JSON lines) | `usm-stat` | [`control`] |
+//! | Prometheus exposition (`metrics ADDR`) | `usm-metrics` | [`metrics`] |
+//!
+//! # Memory accounting
+//! The pool is a budget of `memory` frames. Cross-process, a frame is not a page of the
+//! daemon's (`UFFDIO_MOVE` cannot cross address spaces): the daemon installs with
+//! `UFFDIO_COPY` from its buffers, and a frame is one page it mapped into a program and
+//! that is still there. Every such page is in exactly one [`space::PageMap`], and
+//! `frames_used` is the sum of their `charged` counts, kept in lockstep by the map.
+//! Swap slots belong to [`space::SwapCell`]s and are freed when the last sharer (after
+//! fork) lets go. A process that exits, `munmap`s or `madvise(DONTNEED/FREE)`s gives its
+//! frames and slots back at the event.
+//!
+//! # Shutdown (SIGINT/SIGTERM on `usm run`, end of `usm exec`), numbered
+//! 1. Stop admitting (new taggers get `Refused(Busy)`), stop the accept loop.
+//! 2. Stop the evictor (no page leaves a program any more).
+//! 3. For each managed process: copy every evicted page back into it (`UFFDIO_COPY`
+//!    from swap or the swap cache), tell the tagger `SwapState 0`, send `Bye`, stop its
+//!    reader; closing the daemon's userfaultfd lets the kernel unregister its ranges,
+//!    and the program continues unmanaged with all its data.
+//! 4. Stop the workers, the swap I/O thread, delete a private swap file and the sockets.
+
+mod control;
+mod evict;
+mod metrics;
+mod process;
+mod space;
+pub mod stats;
+mod swapio;
+mod sys;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use usm_sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use usm_sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use usm_policies::Registry;
+use usm_proto::server::{self, Listener};
+
+use crate::config::Config;
+pub use control::{query_stat, stat_socket_path};
+pub use stats::{DaemonStat, Latency, ProcessStat};
+
+use process::Proc;
+use stats::ProcCounters;
+use swapio::SwapStore;
+
+/// Everything that can stop the daemon from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A config value the daemon cannot use (the line is the config's).
+    #[error("config line {line}: {why}")]
+    Config {
+        /// Line in the config file.
+        line: usize,
+        /// What is wrong.
+        why: String,
+    },
+    /// A policy name the registry does not know.
+    #[error("config line {line}: {source}")]
+    Policy {
+        /// Line in the config file.
+        line: usize,
+        /// The registry's error (lists the known names).
+        #[source]
+        source: usm_policies::PolicyError,
+    },
+    /// The taggers' socket.
+    #[error("socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: usm_proto::ProtoError,
+    },
+    /// A swap device.
+    #[error("swap: {0}")]
+    Swap(#[from] usm_swap::SwapError),
+    /// The LocalManager runtime.
+    #[error("workers: {0}")]
+    Sched(#[from] usm_localmanager::SchedError),
+    /// Another OS resource at start-up.
+    #[error("{what}: {source}")]
+    Setup {
+        /// What was being set up.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DaemonError {
+    /// Another daemon already listens on the socket.
+    pub fn is_address_in_use(&self) -> bool {
+        matches!(self, DaemonError::Socket { source, .. } if source.errno() == Some(libc::EADDRINUSE))
+    }
+}
+
+/// Options beyond the config file.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// Where a private swap file goes when the config names no swap device.
+    pub temp_swap_dir: PathBuf,
+    /// Size of that private swap file (bytes).
+    pub temp_swap_bytes: u64,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        DaemonOptions {
+            temp_swap_dir: std::env::var_os("USM_SWAP_DIR")
+                .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from),
+            temp_swap_bytes: 0,
+        }
+    }
+}
+
+/// State shared by every daemon thread.
+pub(crate) struct Shared {
+    pub(crate) pool_pages: u64,
+    pub(crate) low: u64,
+    pub(crate) high: u64,
+    pub(crate) frames_used: Arc<AtomicU64>,
+    pub(crate) swap: Arc<SwapStore>,
+    pub(crate) handle: usm_localmanager::Handle,
+    pub(crate) workers: usize,
+    procs: Mutex<Vec<Arc<Proc>>>,
+    ended: Mutex<Vec<ProcessStat>>,
+    pub(crate) stopping: AtomicBool,
+    evict_kick: (Mutex<bool>, Condvar),
+    pub(crate) totals: ProcCounters,
+    pub(crate) admitted: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) bad_messages: AtomicU64,
+    pub(crate) overcommits: AtomicU64,
+    /// Process name → allocation policy name.
+    assignments: HashMap<String, String>,
+    /// Policy name → pages per flexible huge page.
+    fhp: HashMap<String, u64>,
+}
+
+impl Shared {
+    pub(crate) fn policy_for(&self, name: &str) -> Option<String> {
+        self.assignments.get(name).cloned()
+    }
+
+    pub(crate) fn fhp_pages_for(&self, policy: &str) -> u64 {
+        self.fhp.get(policy).copied().unwrap_or(1)
+    }
+
+    pub(crate) fn free_frames(&self) -> u64 {
+        self.pool_pages
+            .saturating_sub(self.frames_used.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn kick_evictor(&self) {
+        if let Ok(mut k) = self.evict_kick.0.lock() {
+            *k = true;
+        }
+        self.evict_kick.1.notify_one();
+    }
+
+    pub(crate) fn wait_evict_kick(&self, timeout: Duration) {
+        if let Ok(k) = self.evict_kick.0.lock() {
+            if let Ok((mut k, _)) = self.evict_kick.1.wait_timeout_while(k, timeout, |k| !*k) {
+                *k = false;
+            }
+        }
+    }
+
+    pub(crate) fn add_proc(&self, p: Arc<Proc>) {
+        self.procs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(p);
+    }
+
+    pub(crate) fn remove_proc(&self, p: &Arc<Proc>) {
+        let stat = p.stat();
+        self.procs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|q| !Arc::ptr_eq(q, p));
+        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        ended.push(stat);
+        // Keep the last few hundred for `usm stat` and the exec summary.
+        if ended.len() > 512 {
+            ended.remove(0);
+        }
+    }
+
+    pub(crate) fn procs(&self) -> Vec<Arc<Proc>> {
+        self.procs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The managed process with the most charged frames that has an agent.
+    pub(crate) fn largest_evictable(&self) -> Option<Arc<Proc>> {
+        self.procs()
+            .into_iter()
+            .filter(|p| {
+                !p.gone.load(Ordering::Acquire)
+                    && p.agent.lock().map(|a| a.is_some()).unwrap_or(false)
+            })
+            .map(|p| {
+                let charged = p.lock_map().charged;
+                (charged, p)
+            })
+            .filter(|(c, _)| *c > 0)
+            .max_by_key(|(c, _)| *c)
+            .map(|(_, p)| p)
+    }
+
+    pub(crate) fn stat(&self) -> DaemonStat {
+        let procs = self.procs();
+        DaemonStat {
+            pid: std::process::id(),
+            pool_pages: self.pool_pages,
+            frames_used: self.frames_used.load(Ordering::Acquire),
+            slots_used: self.swap.used(),
+            slots_total: self.swap.total(),
+            workers: self.workers,
+            admitted: self.admitted.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            bad_messages: self.bad_messages.load(Ordering::Relaxed),
+            overcommits: self.overcommits.load(Ordering::Relaxed),
+            latency: self.totals.latency(),
+            processes: procs.iter().map(|p| p.stat()).collect(),
+            ended: self
+                .ended
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+}
+
+/// A running daemon. Dropping it without [`Daemon::shutdown`] still shuts it down.
+pub struct Daemon {
+    shared: Arc<Shared>,
+    runtime: Option<usm_localmanager::Runtime>,
+    threads: Vec<JoinHandle<()>>,
+    socket: PathBuf,
+    stat_socket: PathBuf,
+    stop_accept: Arc<AtomicBool>,
+    stop_aux: Arc<AtomicBool>,
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// What shutdown gave back.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShutdownSummary {
+    /// Processes released.
+    pub processes: usize,
+    /// Pages copied back into programs.
+    pub pages_returned: u64,
+    /// Pages that could not be read back (poisoned: SIGBUS there, never zeros).
+    pub pages_lost: u64,
+}
+
+/// Checks the config's policy names against the registry; returns name → policy and
+/// policy → fhp pages.
+fn assignments(cfg: &Config) -> Result<(HashMap<String, String>, HashMap<String, u64>), DaemonError> {
+    let mut reg = Registry::with_builtins();
+    for p in &cfg.policies {
+        reg.validate(&p.value).map_err(|source| DaemonError::Policy {
+            line: p.line,
+            source,
+        })?;
+    }
+    let mut out = HashMap::new();
+    let mut fhp = HashMap::new();
+    for r in &cfg.processes {
+        reg.assign_process(&r.name, &r.policy.value)
+            .map_err(|source| DaemonError::Policy {
+                line: r.policy.line,
+                source,
+            })?;
+        let spec = r.policy.value.clone();
+        let pages = fhp_pages(&reg, &spec, cfg.fhp_bytes);
+        fhp.insert(spec.clone(), pages);
+        out.insert(r.name.clone(), spec);
+    }
+    Ok((out, fhp))
+}
+
+/// Pages per flexible huge page for an allocation policy spec (`fhp:64K`, `fhp`).
+fn fhp_pages(reg: &Registry, spec: &str, default_bytes: Option<u64>) -> u64 {
+    let Ok(policy) = reg.build_alloc(spec) else {
+        return 1;
+    };
+    let name = policy.name().to_owned();
+    let Some(size) = name.strip_prefix("fhp:") else {
+        return if name == "fhp" {
+            default_bytes.map_or(16, |b| (b / 4096).max(1))
+        } else {
+            1
+        };
+    };
+    crate::config::parse_size(size, "fhp").map_or(1, |b| (b / 4096).clamp(1, 512))
+}
+
+impl Daemon {
+    /// Starts a daemon: workers, swap, socket, evictor, stat socket, metrics.
+    pub fn start(cfg: &Config, opts: &DaemonOptions) -> Result<Daemon, DaemonError> {
+        let (assignments, fhp) = assignments(cfg)?;
+        let workers = cfg.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(4)
+        });
+        let runtime = usm_localmanager::Runtime::builder()
+            .workers(workers)
+            .pin(false)
+            .build()?;
+        let pool = cfg.memory_pages;
+        let temp_bytes = if opts.temp_swap_bytes > 0 {
+            opts.temp_swap_bytes
+        } else {
+            (pool * 4096 * 8).max(256 << 20)
+        };
+        let swap = SwapStore::open(&cfg.swap, &opts.temp_swap_dir, temp_bytes)?;
+        let socket = cfg.socket.clone();
+        let listener = bind(&socket)?;
+        let low = cfg.watermarks.0.pages(pool).max(1);
+        let high = cfg.watermarks.1.pages(pool).max(low + 1).min(pool);
+        let shared = Arc::new(Shared {
+            pool_pages: pool,
+            low,
+            high,
+            frames_used: Arc::new(AtomicU64::new(0)),
+            swap,
+            handle: runtime.handle(),
+            workers,
+            procs: Mutex::new(Vec::new()),
+            ended: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+            evict_kick: (Mutex::new(false), Condvar::new()),
+            totals: ProcCounters::default(),
+            admitted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            bad_messages: AtomicU64::new(0),
+            overcommits: AtomicU64::new(0),
+            assignments,
+            fhp,
+        });
+        let stop_accept = Arc::new(AtomicBool::new(false));
+        let stop_aux = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| DaemonError::Setup {
+                    what: format!("spawn {name}"),
+                    source: e,
+                })
+        };
+        let (sh, stop) = (shared.clone(), stop_accept.clone());
+        threads.push(spawn(
+            "usm-accept",
+            Box::new(move || accept_loop(&sh, &listener, &stop)),
+        )?);
+        let sh = shared.clone();
+        threads.push(spawn("usm-evict", Box::new(move || evict::run(&sh)))?);
+        let stat_socket = stat_socket_path(&socket);
+        let stat_listener = control::bind(&stat_socket)?;
+        let (sh, stop) = (shared.clone(), stop_aux.clone());
+        threads.push(spawn(
+            "usm-stat",
+            Box::new(move || control::serve(&sh, &stat_listener, &stop)),
+        )?);
+        let mut metrics_addr = None;
+        if let Some(addr) = cfg.metrics {
+            let l = std::net::TcpListener::bind(addr).map_err(|e| DaemonError::Setup {
+                what: format!("metrics listener on {addr}"),
+                source: e,
+            })?;
+            metrics_addr = l.local_addr().ok();
+            let (sh, stop) = (shared.clone(), stop_aux.clone());
+            threads.push(spawn(
+                "usm-metrics",
+                Box::new(move || metrics::serve(&sh, &l, &stop)),
+            )?);
+        }
+        tracing::info!(
+            "usm daemon: pool {pool} pages, {workers} workers, socket {}",
+            socket.display()
+        );
+        Ok(Daemon {
+            shared,
+            runtime: Some(runtime),
+            threads,
+            socket,
+            stat_socket,
+            stop_accept,
+            stop_aux,
+            metrics_addr,
+        })
+    }
+
+    /// The taggers' socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The metrics address actually bound (port 0 in the config picks one).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// A snapshot of every counter (what `usm stat` prints).
+    pub fn stat(&self) -> DaemonStat {
+        self.shared.stat()
+    }
+
+    /// Graceful shutdown (steps in the module docs).
+    pub fn shutdown(mut self) -> ShutdownSummary {
+        self.shutdown_inner()
+    }
+
+    fn shutdown_inner(&mut self) -> ShutdownSummary {
+        let mut summary = ShutdownSummary::default();
+        if self.runtime.is_none() {
+            return summary;
+        }
+        let sh = self.shared.clone();
+        // 1-2.
+        sh.stopping.store(true, Ordering::Release);
+        self.stop_accept.store(true, Ordering::Release);
+        sh.kick_evictor();
+        // Join accept + evictor (the first two threads).
+        let rest = self.threads.split_off(2.min(self.threads.len()));
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.threads = rest;
+        // 3.
+        for p in sh.procs() {
+            let (ok, bad) = process::give_back(&sh, &p);
+            summary.pages_returned += ok;
+            summary.pages_lost += bad;
+            summary.processes += 1;
+            p.tell_swapped(true);
+            if let Some(ch) = &p.channel {
+                let _ = ch.send(&usm_proto::Message::Bye);
+            }
+            p.stop.store(true, Ordering::Release);
+        }
+        for p in sh.procs() {
+            let handles: Vec<_> = p
+                .threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(..)
+                .collect();
+            for h in handles {
+                let _ = h.join();
+            }
+        }
+        // 4.
+        self.stop_aux.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown(Duration::from_secs(2));
+        }
+        sh.swap.shutdown();
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.stat_socket);
+        tracing::info!(
+            "usm daemon stopped: {} process(es) released, {} page(s) returned, {} lost",
+            summary.processes,
+            summary.pages_returned,
+            summary.pages_lost
+        );
+        summary
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shutdown_inner();
+    }
+}
+
+/// Binds the taggers' socket, creating its directory and replacing a stale socket (one
+/// nobody answers on); a live daemon's socket is an error.
+fn bind(path: &Path) -> Result<Listener, DaemonError> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).map_err(|e| DaemonError::Setup {
+                what: format!("create {}", dir.display()),
+                source: e,
+            })?;
+        }
+    }
+    match Listener::bind(path) {
+        Ok(l) => Ok(l),
+        Err(e) if e.errno() == Some(libc::EADDRINUSE) => {
+            if usm_proto::Channel::connect(path).is_ok() {
+                return Err(DaemonError::Socket {
+                    path: path.into(),
+                    source: e,
+                });
+            }
+            let _ = std::fs::remove_file(path);
+            Listener::bind(path).map_err(|source| DaemonError::Socket {
+                path: path.into(),
+                source,
+            })
+        }
+        Err(source) => Err(DaemonError::Socket {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+fn accept_loop(sh: &Arc<Shared>, listener: &Listener, stop: &AtomicBool) {
+    let _ = listener.set_accept_timeout(Some(Duration::from_millis(200)));
+    while !stop.load(Ordering::Acquire) {
+        match listener.accept_channel() {
+            Ok(ch) => {
+                // Admission reads the Hello with a timeout: do it off the accept loop so
+                // a silent peer cannot hold others up.
+                let sh2 = sh.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("usm-admit".into())
+                    .spawn(move || match server::admit(ch) {
+                        Ok(peer) => process::admit(&sh2, peer),
+                        Err(e) => process::log_refused(&sh2, &e),
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start admission: {e}");
+                }
+            }
+            Err(usm_proto::ProtoError::Timeout { .. }) => {}
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}

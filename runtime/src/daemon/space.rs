@@ -1,0 +1,273 @@
+//! One tagged address space as the daemon sees it: which pages it mapped, which are on
+//! their way out, which are in swap.
+//!
+//! # Page states (keyed by page address; absent = the daemon holds nothing for it)
+//! ```text
+//!   (absent) ──fault: COPY zeros──► Resident ──evictor: agent MOVE to staging──► Out(cell: Evicting)
+//!      ▲                              ▲                                              │ daemon reads staging
+//!      │ UNMAP / REMOVE / exit        │ fault: COPY from cell                       ▼
+//!      └──────────────────────────────┴────────────────────────── Out(cell: Cached ─► Stored(slot))
+//! ```
+//! - `Resident`: the program has the page; it costs one frame of the pool budget.
+//! - `Out(cell)`: the program has a hole there. The [`SwapCell`] says where the data is:
+//!   still being moved to staging (`Evicting`), in a daemon buffer while its write is in
+//!   flight (`Cached`, the "swap cache"), or in a swap slot (`Stored`). A fault copies it
+//!   back from the cell and the entry becomes `Resident`.
+//! - After `fork`, parent and child share cells (`Arc`): the slot is freed when the last
+//!   sharer lets go, which is the slot's reference count.
+//!
+//! # Fencing address reuse
+//! Every change of the map by an event (UNMAP, REMOVE, REMAP, fork) bumps `generation`.
+//! A workee that let go of the lock (to read swap) installs only if the entry is still
+//! the very cell it read (`Arc::ptr_eq`): a page freed and re-mapped meanwhile holds
+//! another state, so a stale swap-in is dropped instead of landing in new memory.
+
+use std::collections::{HashMap, VecDeque};
+use usm_sync::atomic::{AtomicU64, Ordering};
+use usm_sync::{Arc, Mutex};
+
+use usm_swap::{PageBuf, SwapEntry};
+
+use super::swapio::SwapStore;
+use super::sys::PAGE;
+
+/// Where an evicted page's data is.
+pub(crate) enum CellData {
+    /// The agent is moving it to staging; the daemon has no copy yet.
+    Evicting,
+    /// The daemon has it in memory (its swap write may be in flight).
+    Cached(PageBuf),
+    /// Only the swap slot has it.
+    Stored(SwapEntry),
+    /// Lost (the agent failed after the page left the program, or the slot cannot be
+    /// read): a fault gets `UFFDIO_POISON`, never zeros.
+    Lost,
+}
+
+/// An evicted page, shared by every address space that still refers to it.
+pub(crate) struct SwapCell {
+    pub(crate) data: Mutex<CellData>,
+    store: Arc<SwapStore>,
+}
+
+impl SwapCell {
+    pub(crate) fn new(store: Arc<SwapStore>) -> Arc<SwapCell> {
+        Arc::new(SwapCell {
+            data: Mutex::new(CellData::Evicting),
+            store,
+        })
+    }
+}
+
+impl Drop for SwapCell {
+    fn drop(&mut self) {
+        if let Ok(CellData::Stored(e)) = self.data.get_mut().map(|d| &*d) {
+            self.store.free(*e);
+        }
+    }
+}
+
+/// One page's state.
+#[derive(Clone)]
+pub(crate) enum PageState {
+    /// Mapped in the program; costs a frame (unless `borrowed`: inherited through fork,
+    /// counted by the parent).
+    Resident {
+        /// Not charged to the pool (a fork child's inherited page).
+        inherited: bool,
+    },
+    /// A hole in the program; the data is in the cell.
+    Out(Arc<SwapCell>),
+}
+
+/// How a newly resident page is paid for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Charge {
+    /// The caller reserved the frame already ([`PageMap::try_reserve`]).
+    Reserved,
+    /// Charge it now (a reverted eviction).
+    Now,
+    /// Not charged: inherited through fork (the parent pays).
+    Inherited,
+}
+
+/// The page map of one address space. Every change of `charged` is mirrored in the
+/// daemon-wide `frames_used` counter, so the two never disagree.
+pub(crate) struct PageMap {
+    /// Daemon-wide frames in use (shared by every map).
+    frames_used: Arc<AtomicU64>,
+    pub(crate) pages: HashMap<u64, PageState>,
+    /// Resident pages in mapping order, for FIFO eviction (entries may be stale: check
+    /// the map when popping).
+    pub(crate) fifo: VecDeque<u64>,
+    /// Bumped by every event that changes the map.
+    pub(crate) generation: u64,
+    /// Pages charged to the pool.
+    pub(crate) charged: u64,
+    /// Pages whose data is only outside the program (`Out`).
+    pub(crate) out: u64,
+}
+
+/// What a range removal released.
+#[derive(Default, Debug, Clone, Copy)]
+pub(crate) struct Released {
+    /// Charged frames given back to the pool.
+    pub(crate) frames: u64,
+    /// Pages that were out (cells dropped; slots freed with the last sharer).
+    pub(crate) out: u64,
+}
+
+/// Reserves `n` frames of a pool of `pool` frames in `frames_used`; `false` when they
+/// are not available.
+pub(crate) fn try_reserve(frames_used: &AtomicU64, n: u64, pool: u64) -> bool {
+    frames_used
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+            (u + n <= pool).then_some(u + n)
+        })
+        .is_ok()
+}
+
+/// Gives back `n` reserved frames.
+pub(crate) fn unreserve(frames_used: &AtomicU64, n: u64) {
+    frames_used.fetch_sub(n, Ordering::AcqRel);
+}
+
+impl PageMap {
+    /// An empty map charging `frames_used`.
+    pub(crate) fn new(frames_used: Arc<AtomicU64>) -> PageMap {
+        PageMap {
+            frames_used,
+            pages: HashMap::new(),
+            fifo: VecDeque::new(),
+            generation: 0,
+            charged: 0,
+            out: 0,
+        }
+    }
+
+    /// Records a newly mapped page.
+    pub(crate) fn set_resident(&mut self, page: u64, charge: Charge) {
+        let old = self.pages.insert(
+            page,
+            PageState::Resident {
+                inherited: charge == Charge::Inherited,
+            },
+        );
+        self.account_removed(old.as_ref());
+        if charge != Charge::Inherited {
+            if charge == Charge::Now {
+                self.frames_used.fetch_add(1, Ordering::AcqRel);
+            }
+            self.charged += 1;
+            self.fifo.push_back(page);
+        }
+    }
+
+    /// Marks a resident page as going out. Returns whether it was charged.
+    pub(crate) fn set_out(&mut self, page: u64, cell: Arc<SwapCell>) -> bool {
+        let old = self.pages.insert(page, PageState::Out(cell));
+        let was_charged = matches!(old, Some(PageState::Resident { inherited: false }));
+        self.account_removed(old.as_ref());
+        self.out += 1;
+        was_charged
+    }
+
+    fn account_removed(&mut self, old: Option<&PageState>) {
+        match old {
+            Some(PageState::Resident { inherited: false }) => {
+                self.charged -= 1;
+                self.frames_used.fetch_sub(1, Ordering::AcqRel);
+            }
+            Some(PageState::Out(_)) => self.out -= 1,
+            _ => {}
+        }
+    }
+
+    /// Drops everything in `[start, end)` (UNMAP, REMOVE, exit).
+    pub(crate) fn remove_range(&mut self, start: u64, end: u64) -> Released {
+        self.generation += 1;
+        let mut rel = Released::default();
+        let npages = end.saturating_sub(start) / PAGE;
+        let keys: Vec<u64> = if npages as usize > self.pages.len() {
+            self.pages
+                .keys()
+                .copied()
+                .filter(|a| (start..end).contains(a))
+                .collect()
+        } else {
+            (0..npages)
+                .map(|i| start + i * PAGE)
+                .filter(|a| self.pages.contains_key(a))
+                .collect()
+        };
+        for k in keys {
+            match self.pages.remove(&k) {
+                Some(PageState::Resident { inherited: false }) => {
+                    self.charged -= 1;
+                    self.frames_used.fetch_sub(1, Ordering::AcqRel);
+                    rel.frames += 1;
+                }
+                Some(PageState::Out(_)) => {
+                    self.out -= 1;
+                    rel.out += 1;
+                }
+                _ => {}
+            }
+        }
+        rel
+    }
+
+    /// Moves `[from, from+len)` to `to` (mremap).
+    pub(crate) fn remap(&mut self, from: u64, to: u64, len: u64) {
+        self.generation += 1;
+        let moved: Vec<(u64, PageState)> = (0..len / PAGE)
+            .filter_map(|i| {
+                let a = from + i * PAGE;
+                self.pages.remove(&a).map(|s| (a, s))
+            })
+            .collect();
+        for (a, s) in moved {
+            let b = a - from + to;
+            if matches!(s, PageState::Resident { inherited: false }) {
+                self.fifo.push_back(b);
+            }
+            self.pages.insert(b, s);
+        }
+    }
+
+    /// The child's view after fork: same pages; resident ones are the child's through
+    /// copy-on-write and not charged again, evicted ones share the parent's cells.
+    pub(crate) fn fork_child(&mut self) -> PageMap {
+        self.generation += 1;
+        let mut child = PageMap::new(self.frames_used.clone());
+        for (&a, s) in &self.pages {
+            match s {
+                PageState::Resident { .. } => {
+                    child
+                        .pages
+                        .insert(a, PageState::Resident { inherited: true });
+                }
+                PageState::Out(c) => {
+                    child.pages.insert(a, PageState::Out(c.clone()));
+                    child.out += 1;
+                }
+            }
+        }
+        child
+    }
+
+    /// Drops everything (exit). Returns what was released.
+    pub(crate) fn clear(&mut self) -> Released {
+        self.generation += 1;
+        let rel = Released {
+            frames: self.charged,
+            out: self.out,
+        };
+        self.pages.clear();
+        self.fifo.clear();
+        self.frames_used.fetch_sub(self.charged, Ordering::AcqRel);
+        self.charged = 0;
+        self.out = 0;
+        rel
+    }
+}
