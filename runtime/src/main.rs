@@ -1,5 +1,8 @@
-//! The `usm` command: `usm doctor`, `usm check-config`, and (as they land) the daemon,
-//! `usm exec`, `usm stat` and the demo.
+//! The `usm` command: `usm run` (the InstanceUSM daemon), `usm exec` (tag and run one
+//! program under a private daemon), `usm stat`, `usm mkswap`, `usm doctor` and
+//! `usm check-config`.
+
+mod cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +32,39 @@ enum Command {
         /// The config file (USM cfg format).
         file: PathBuf,
     },
+    /// Run the InstanceUSM daemon with CONFIG until SIGINT/SIGTERM; on the signal it
+    /// gives every managed program its memory back, then exits.
+    Run {
+        /// The config file (USM cfg format).
+        config: PathBuf,
+    },
+    /// Tag and run one program under a private daemon (built-in defaults, or --config);
+    /// prints a summary at exit; exits with the program's code.
+    Exec(cli::ExecArgs),
+    /// Show a running daemon's managed processes: resident and swapped pages, fault and
+    /// swap-in rates, latency percentiles, policy.
+    Stat {
+        /// The daemon's taggers' socket.
+        #[arg(long, default_value = usm_runtime::config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Refresh every N seconds (default 1) until interrupted.
+        #[arg(long, num_args = 0..=1, default_missing_value = "1")]
+        watch: Option<u64>,
+        /// Print the raw snapshot as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Format a file or block device as USM swap (creates the file with --size).
+    Mkswap {
+        /// File or block device.
+        path: PathBuf,
+        /// Size of a new file (512M, 4G).
+        #[arg(long)]
+        size: Option<String>,
+        /// Overwrite a device or file that holds something else.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,14 +91,28 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(cfg) => {
-                print!("{cfg}");
-                ExitCode::SUCCESS
-            }
+            Ok(cfg) => match cli::check_policies(&cfg) {
+                Ok(()) => {
+                    print!("{cfg}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("usm: {}: {e}", file.display());
+                    ExitCode::from(2)
+                }
+            },
             Err(e) => {
                 eprintln!("usm: {e}");
                 ExitCode::from(2)
             }
         },
+        Command::Run { config } => cli::run(&config),
+        Command::Exec(args) => cli::exec(&args),
+        Command::Stat {
+            socket,
+            watch,
+            json,
+        } => cli::stat(&socket, watch, json),
+        Command::Mkswap { path, size, force } => cli::mkswap(&path, size.as_deref(), force),
     }
 }

@@ -298,6 +298,12 @@ fn assignments(cfg: &Config) -> Result<(HashMap<String, String>, HashMap<String,
     Ok((out, fhp))
 }
 
+/// Checks a config as [`Daemon::start`] will: policy names against the registry, each
+/// error naming its line.
+pub fn validate(cfg: &Config) -> Result<(), DaemonError> {
+    assignments(cfg).map(|_| ())
+}
+
 /// Pages per flexible huge page for an allocation policy spec (`fhp:64K`, `fhp`).
 fn fhp_pages(reg: &Registry, spec: &str, default_bytes: Option<u64>) -> u64 {
     let Ok(policy) = reg.build_alloc(spec) else {

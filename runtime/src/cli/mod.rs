@@ -1,0 +1,555 @@
+//! The daemon-facing subcommands of `usm`: `run`, `exec`, `stat`, `mkswap`.
+
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::SignalFd;
+use usm_runtime::config::{Config, ProcessRule, Spanned, SwapSpec, parse_size};
+use usm_runtime::daemon::{self, Daemon, DaemonOptions, DaemonStat, ProcessStat};
+
+/// Output format of `usm exec`'s summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ReportFormat {
+    /// Two human-readable lines on stderr.
+    Human,
+    /// One JSON object on one line on stderr.
+    Json,
+}
+
+/// Arguments of `usm exec`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ExecArgs {
+    /// Config file for the private daemon (the program is added to it if it does not
+    /// name it).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Pool size: pages, or a size (512M, 2G). Default: the config's, else 32768 pages.
+    #[arg(long)]
+    pool: Option<String>,
+    /// Allocation policy for the program (first-fit, fhp:64K, ...).
+    #[arg(long)]
+    policy: Option<String>,
+    /// Worker threads of the private daemon.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// A USM swap device or file (`usm mkswap`); default: a private temporary file.
+    #[arg(long)]
+    swap: Option<PathBuf>,
+    /// Size of the private temporary swap file (default: 8 × the pool, at least 256M).
+    #[arg(long)]
+    swap_size: Option<String>,
+    /// Use the daemon already listening on this socket instead of a private one.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Summary format at exit.
+    #[arg(long, value_enum, default_value = "human")]
+    report: ReportFormat,
+    /// The program and its arguments.
+    #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
+    command: Vec<String>,
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("USM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Blocks SIGINT/SIGTERM in this thread (and every thread started after) and returns a
+/// signalfd that reads them.
+fn signal_fd() -> Result<SignalFd, String> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()
+        .map_err(|e| format!("cannot block SIGINT/SIGTERM: {e}"))?;
+    SignalFd::new(&set).map_err(|e| format!("signalfd: {e}"))
+}
+
+/// Checks a config's policy names as the daemon will (used by `usm check-config`).
+pub(crate) fn check_policies(cfg: &Config) -> Result<(), String> {
+    daemon::validate(cfg).map_err(|e| e.to_string())
+}
+
+/// `usm run CONFIG`.
+pub(crate) fn run(config: &Path) -> ExitCode {
+    init_tracing("info");
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("usm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let sfd = match signal_fd() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("usm: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let d = match Daemon::start(&cfg, &DaemonOptions::default()) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("usm: cannot start the daemon ({}): {e}", config.display());
+            return ExitCode::from(if matches!(e, daemon::DaemonError::Policy { .. }) {
+                2
+            } else {
+                1
+            });
+        }
+    };
+    eprintln!(
+        "usm: daemon {} listening on {} (pool {} pages); SIGINT/SIGTERM to stop",
+        std::process::id(),
+        d.socket().display(),
+        cfg.memory_pages
+    );
+    if let Some(a) = d.metrics_addr() {
+        eprintln!("usm: metrics on http://{a}/metrics");
+    }
+    let sig = loop {
+        match sfd.read_signal() {
+            Ok(Some(s)) => break s.ssi_signo,
+            Ok(None) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                eprintln!("usm: reading signals failed: {e}");
+                break 0;
+            }
+        }
+    };
+    eprintln!("usm: signal {sig}: giving memory back to every managed program");
+    let s = d.shutdown();
+    eprintln!(
+        "usm: stopped; {} process(es) released, {} page(s) returned, {} could not be read back",
+        s.processes, s.pages_returned, s.pages_lost
+    );
+    ExitCode::SUCCESS
+}
+
+/// Where `libusm_tagger.so` is: `USM_TAGGER`, next to the `usm` binary (or its parent,
+/// for test binaries in `deps/`), or the build's target directory.
+pub(crate) fn find_tagger() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("USM_TAGGER") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    let mut candidates = vec![
+        dir.join("libusm_tagger.so"),
+        dir.join("../libusm_tagger.so"),
+        dir.join("../lib/usm/libusm_tagger.so"),
+    ];
+    if let Some(t) = option_env!("USM_BUILD_TARGET_DIR") {
+        candidates.push(Path::new(t).join("debug/libusm_tagger.so"));
+        candidates.push(Path::new(t).join("release/libusm_tagger.so"));
+    }
+    candidates.into_iter().find(|p| p.exists())
+}
+
+fn resolve_program(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        return Some(PathBuf::from(name));
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Why `LD_PRELOAD` will not reach `program`, if it will not.
+fn preload_obstacle(program: &Path) -> Option<String> {
+    match usm_proto::preload::preload_obstacle(program) {
+        Ok(Some(o)) => Some(format!(
+            "{} is {o}: it runs unmanaged (no tagger, no summary of its memory)",
+            program.display()
+        )),
+        _ => None,
+    }
+}
+
+/// The name the tagger will report: `/proc/PID/comm`, the file name cut to 15 bytes.
+fn comm_of(program: &Path) -> String {
+    let name = program
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut end = name.len().min(15);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_owned()
+}
+
+fn exec_config(a: &ExecArgs, program: &Path) -> Result<Config, String> {
+    let mut cfg = match &a.config {
+        Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    if let Some(pool) = &a.pool {
+        cfg.memory_pages = if pool.bytes().all(|b| b.is_ascii_digit()) {
+            pool.parse().map_err(|_| format!("bad --pool {pool}"))?
+        } else {
+            parse_size(pool, "memory")
+                .map_err(|e| format!("--pool: {e}"))?
+                .div_ceil(4096)
+        };
+        if cfg.memory_pages == 0 {
+            return Err("--pool: the pool cannot be empty".into());
+        }
+    }
+    if let Some(w) = a.workers {
+        cfg.workers = Some(w.max(1));
+    } else if cfg.workers.is_none() {
+        cfg.workers = Some(2);
+    }
+    if let Some(s) = &a.swap {
+        cfg.swap = vec![SwapSpec {
+            path: s.clone(),
+            priority: 0,
+            line: 0,
+        }];
+    }
+    let policy = a
+        .policy
+        .clone()
+        .or_else(|| cfg.default_policy().map(str::to_owned))
+        .unwrap_or_else(|| "first-fit".to_owned());
+    let comm = comm_of(program);
+    if let Some(r) = cfg.processes.iter_mut().find(|r| r.name == comm) {
+        if a.policy.is_some() {
+            r.policy.value = policy;
+        }
+    } else {
+        cfg.processes.push(ProcessRule {
+            name: comm,
+            policy: Spanned {
+                value: policy,
+                line: 0,
+            },
+        });
+    }
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map_or_else(std::env::temp_dir, PathBuf::from)
+        .join(format!("usm-exec-{}", std::process::id()));
+    cfg.socket = dir.join("usm.sock");
+    cfg.metrics = None;
+    Ok(cfg)
+}
+
+/// `usm exec`.
+pub(crate) fn exec(a: &ExecArgs) -> ExitCode {
+    init_tracing("warn");
+    let Some(program) = resolve_program(&a.command[0]) else {
+        eprintln!("usm: {}: command not found", a.command[0]);
+        return ExitCode::from(127);
+    };
+    if let Some(why) = preload_obstacle(&program) {
+        eprintln!("usm: warning: {why}");
+    }
+    let Some(tagger) = find_tagger() else {
+        eprintln!(
+            "usm: libusm_tagger.so not found (next to {} or in USM_TAGGER); build it with \
+             `cargo build -p usm-tagger`",
+            std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        return ExitCode::from(1);
+    };
+    // Ctrl-C reaches the program through the terminal; usm waits for it to exit.
+    let sfd = match signal_fd() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("usm: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (daemon, socket) = if let Some(sock) = &a.socket {
+        (None, sock.clone())
+    } else {
+        let cfg = match exec_config(a, &program) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("usm: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let mut opts = DaemonOptions::default();
+        if let Some(s) = &a.swap_size {
+            match parse_size(s, "swap-size") {
+                Ok(b) => opts.temp_swap_bytes = b,
+                Err(e) => {
+                    eprintln!("usm: --swap-size: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        match Daemon::start(&cfg, &opts) {
+            Ok(d) => {
+                let s = d.socket().to_path_buf();
+                (Some(d), s)
+            }
+            Err(e) => {
+                eprintln!("usm: cannot start the private daemon: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    };
+    let preload = match std::env::var_os("LD_PRELOAD") {
+        Some(old) if !old.is_empty() => {
+            let mut s = tagger.clone().into_os_string();
+            s.push(":");
+            s.push(old);
+            s
+        }
+        _ => tagger.clone().into_os_string(),
+    };
+    let started = Instant::now();
+    let mut child = match Command::new(&program)
+        .args(&a.command[1..])
+        .env("LD_PRELOAD", preload)
+        .env(usm_proto::SOCKET_ENV, &socket)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("usm: cannot run {}: {e}", program.display());
+            return ExitCode::from(127);
+        }
+    };
+    let pid = child.id();
+    // Forward SIGINT/SIGTERM sent to usm itself (not via the terminal) to the program.
+    let forward = std::thread::Builder::new()
+        .name("usm-signals".into())
+        .spawn(move || {
+            while let Ok(Some(s)) = sfd.read_signal() {
+                if s.ssi_pid == std::process::id() && s.ssi_signo == 0 {
+                    return;
+                }
+                if let Ok(sig) = Signal::try_from(s.ssi_signo as i32) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+                }
+            }
+        });
+    drop(forward);
+    let status = match child.wait() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("usm: waiting for the program failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let wall = started.elapsed();
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    if let Some(d) = daemon {
+        // Let the readers see the exit and fold the processes into `ended`.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !d.stat().processes.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stat = d.stat();
+        report(a.report, &stat, pid, code, wall);
+        d.shutdown();
+    }
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn report(format: ReportFormat, stat: &DaemonStat, pid: u32, code: i32, wall: Duration) {
+    let main: Option<&ProcessStat> = stat
+        .ended
+        .iter()
+        .chain(&stat.processes)
+        .find(|p| p.pid == pid);
+    let sum = |f: fn(&ProcessStat) -> u64| stat.total(f);
+    let managed = main.is_some();
+    let cov = main.and_then(|p| {
+        (p.anon_bytes > 0).then(|| p.managed_anon_bytes as f64 / p.anon_bytes as f64)
+    });
+    let json = serde_json::json!({
+        "pid": pid,
+        "exit_code": code,
+        "managed": managed,
+        "policy": main.map(|p| p.policy.clone()),
+        "wall_s": wall.as_secs_f64(),
+        "faults": sum(|p| p.faults),
+        "zero_fills": sum(|p| p.zero_fills),
+        "fhp_pages": sum(|p| p.fhp_pages),
+        "evictions": sum(|p| p.evictions),
+        "swapins": sum(|p| p.swapins),
+        "poisoned": sum(|p| p.poisoned),
+        "forks": sum(|p| p.forks),
+        "released_frames": sum(|p| p.released_frames),
+        "fault_p50_us": stat.latency.p50_us,
+        "fault_p99_us": stat.latency.p99_us,
+        "coverage": cov,
+        "pool_pages": stat.pool_pages,
+        "frames_used_at_exit": stat.frames_used,
+        "slots_used_at_exit": stat.slots_used,
+    });
+    let mut err = std::io::stderr().lock();
+    match format {
+        ReportFormat::Json => {
+            let _ = writeln!(err, "{json}");
+        }
+        ReportFormat::Human => {
+            if !managed {
+                let _ = writeln!(
+                    err,
+                    "usm: pid {pid} exited with {code}; it was not managed (see the tagger's warning)"
+                );
+                return;
+            }
+            let _ = writeln!(
+                err,
+                "usm: pid {pid} exited with {code} after {:.2}s; policy {}",
+                wall.as_secs_f64(),
+                main.map_or("?", |p| p.policy.as_str())
+            );
+            let _ = writeln!(
+                err,
+                "usm: {} faults served (p50 {:.1} µs, p99 {:.1} µs), {} pages by flexible huge pages, \
+                 {} evictions, {} swap-ins, coverage {}",
+                sum(|p| p.faults),
+                stat.latency.p50_us,
+                stat.latency.p99_us,
+                sum(|p| p.fhp_pages),
+                sum(|p| p.evictions),
+                sum(|p| p.swapins),
+                cov.map_or("n/a".to_owned(), |c| format!("{:.1}%", c * 100.0))
+            );
+        }
+    }
+}
+
+/// `usm stat`.
+pub(crate) fn stat(socket: &Path, watch: Option<u64>, json: bool) -> ExitCode {
+    let mut prev: Option<(Instant, DaemonStat)> = None;
+    loop {
+        let s = match daemon::query_stat(socket) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("usm: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let now = Instant::now();
+        if json {
+            println!("{}", serde_json::to_string(&s).unwrap_or_default());
+        } else {
+            if watch.is_some() {
+                print!("\x1b[2J\x1b[H");
+            }
+            print_stat(&s, prev.as_ref().map(|(t, p)| (now - *t, p)));
+        }
+        let Some(secs) = watch else {
+            return ExitCode::SUCCESS;
+        };
+        prev = Some((now, s));
+        std::thread::sleep(Duration::from_secs(secs.max(1)));
+    }
+}
+
+fn print_stat(s: &DaemonStat, prev: Option<(Duration, &DaemonStat)>) {
+    println!(
+        "daemon {}: pool {} pages, {} used, swap {}/{} slots, {} workers, {} admitted, {} refused, {} bad messages",
+        s.pid,
+        s.pool_pages,
+        s.frames_used,
+        s.slots_used,
+        s.slots_total,
+        s.workers,
+        s.admitted,
+        s.refused,
+        s.bad_messages
+    );
+    println!(
+        "{:>8} {:<18} {:<10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
+        "PID", "NAME", "POLICY", "RESIDENT", "SWAPPED", "FAULTS", "FAULT/s", "SWAPIN/s", "P50µs", "P99µs"
+    );
+    for p in &s.processes {
+        let rate = |f: fn(&ProcessStat) -> u64| -> String {
+            let Some((dt, old)) = prev else {
+                return "-".into();
+            };
+            let before = old
+                .processes
+                .iter()
+                .find(|q| q.pid == p.pid && q.name == p.name)
+                .map_or(0, f);
+            format!("{:.0}", f(p).saturating_sub(before) as f64 / dt.as_secs_f64().max(1e-3))
+        };
+        let pid = if p.pid == 0 {
+            format!("({})", p.parent.unwrap_or(0))
+        } else {
+            p.pid.to_string()
+        };
+        println!(
+            "{:>8} {:<18} {:<10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9.1} {:>9.1}",
+            pid,
+            p.name,
+            p.policy,
+            p.resident_pages,
+            p.swapped_pages,
+            p.faults,
+            rate(|p| p.faults),
+            rate(|p| p.swapins),
+            p.latency.p50_us,
+            p.latency.p99_us
+        );
+    }
+}
+
+/// `usm mkswap`.
+pub(crate) fn mkswap(path: &Path, size: Option<&str>, force: bool) -> ExitCode {
+    let result = if path.exists() {
+        if let Some(sz) = size {
+            if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+                eprintln!(
+                    "usm: {} exists; --size only applies to a new file (remove it first)",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+            let _ = sz;
+        }
+        usm_swap::format(path, &usm_swap::FormatOptions { force })
+    } else {
+        let Some(sz) = size else {
+            eprintln!("usm: {} does not exist: give --size to create it", path.display());
+            return ExitCode::from(2);
+        };
+        match parse_size(sz, "size") {
+            Ok(b) => usm_swap::create_swap_file(path, b),
+            Err(e) => {
+                eprintln!("usm: --size: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    match result {
+        Ok(h) => {
+            println!("{}: USM swap, {:?}", path.display(), h);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("usm: mkswap {}: {e}", path.display());
+            if matches!(e, usm_swap::SwapError::ForeignData { .. }) {
+                eprintln!("usm: (use --force to overwrite it)");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
