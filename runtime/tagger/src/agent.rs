@@ -237,3 +237,14 @@ pub(crate) fn wake_restored() {
         }
     }
 }
+
+/// Pages currently in staging (their application page is a hole). Does not allocate.
+pub(crate) fn staged_pages() -> u64 {
+    AGENT.get().map_or(0, |agent| {
+        agent
+            .slot_owner
+            .iter()
+            .filter(|o| o.load(Ordering::Acquire) != 0)
+            .count() as u64
+    })
+}

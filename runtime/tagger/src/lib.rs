@@ -22,8 +22,9 @@
 //! `/proc/self/smaps`), `usm_tagger_state`.
 //!
 //! The eviction agent (`agent`) moves pages app ↔ staging with same-mm `UFFDIO_MOVE` on
-//! the daemon's request. Not built (yet): a forked child's new memory is unmanaged (its
-//! inherited memory is the daemon's through `EVENT_FORK`).
+//! the daemon's request. Not built (yet): a forked child's *new* memory is unmanaged
+//! (its inherited memory is the daemon's through `EVENT_FORK`; a child that inherited
+//! swapped-out pages is killed with a message if the daemon dies).
 
 mod agent;
 mod ranges;

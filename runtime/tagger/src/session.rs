@@ -20,8 +20,12 @@
 //!   kernel unregisters every range and the program continues on kernel memory.
 //! - *fork*: the child inherits the ranges on a new userfaultfd context that only the
 //!   daemon holds (`EVENT_FORK`); the tagger's inherited copy belongs to the *parent's*
-//!   context, so the child drops it and runs unmanaged for new memory.
+//!   context, so the child drops it and runs unmanaged for new memory. If pages were out
+//!   of the parent at `fork` (swapped or staged), the child inherits holes only the
+//!   daemon can fill: it watches the daemon's socket for a hang-up and is killed with a
+//!   message if the daemon goes away (see `after_fork_in_child`).
 
+use std::fmt::Write as _;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -189,6 +193,19 @@ struct StackLine {
     len: usize,
 }
 
+impl StackLine {
+    fn new() -> StackLine {
+        StackLine {
+            buf: [0; 512],
+            len: 0,
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 impl std::fmt::Write for StackLine {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
         let room = self.buf.len() - self.len;
@@ -209,41 +226,47 @@ fn describe(e: &ProtoError) -> (&'static str, i32) {
 
 /// The daemon's socket closed without Bye.
 ///
-/// Order matters: staged pages are put back first (without waking anyone), the verdict
-/// is written to stderr, and only then are waiting threads released, so the program
-/// never runs past this point before the message is out. Nothing here allocates.
+/// Order matters. The verdict is written first (the program may finish any moment once
+/// pages are back). Pages the daemon holds in swap cannot come back: the process is
+/// killed. Otherwise pages still in staging are moved back (without waking anyone; a
+/// page that cannot be moved back is fatal too), then waiting threads are released and
+/// the tagger's userfaultfd is dropped. Nothing here allocates.
 fn daemon_lost(e: &ProtoError) {
-    use std::fmt::Write;
     let (why, errno) = describe(e);
-    let unrestored = crate::agent::restore_staged();
-    let swapped = state::swapped_pages() + unrestored;
-    let mut line = StackLine {
-        buf: [0; 512],
-        len: 0,
-    };
-    let _ = write!(line, "{TAG}: ");
+    let swapped = state::swapped_pages();
     if swapped > 0 {
-        let _ = write!(line, "FATAL: the USM daemon went away ({why}");
-        if errno != 0 {
-            let _ = write!(line, ", errno {errno}");
-        }
-        let _ = writeln!(
-            line,
-            ") while holding {swapped} swapped-out page(s) of process {}; killing it rather \
-             than let it read zeros",
-            sys::getpid()
-        );
-        sys::write_stderr(&line.buf[..line.len]);
-        sys::kill_self();
+        fatal(why, errno, swapped);
     }
-    let _ = write!(line, "lost the USM daemon ({why}");
+    let mut line = StackLine::new();
+    let _ = write!(line, "{TAG}: lost the USM daemon ({why}");
     if errno != 0 {
         let _ = write!(line, ", errno {errno}");
     }
     let _ = writeln!(line, "); no page was swapped out, continuing unmanaged");
-    sys::write_stderr(&line.buf[..line.len]);
+    sys::write_stderr(line.as_bytes());
+    let unrestored = crate::agent::restore_staged();
+    if unrestored > 0 {
+        fatal(why, errno, unrestored);
+    }
     crate::agent::wake_restored();
     detach();
+}
+
+/// Writes the FATAL line and kills the process.
+fn fatal(why: &str, errno: i32, pages: u64) -> ! {
+    let mut line = StackLine::new();
+    let _ = write!(line, "{TAG}: FATAL: the USM daemon went away ({why}");
+    if errno != 0 {
+        let _ = write!(line, ", errno {errno}");
+    }
+    let _ = writeln!(
+        line,
+        ") while holding {pages} swapped-out page(s) of process {}; killing it rather than \
+         let it read zeros",
+        sys::getpid()
+    );
+    sys::write_stderr(line.as_bytes());
+    sys::kill_self()
 }
 
 /// Stops managing: no new registrations, and our copy of the userfaultfd is dropped
@@ -257,20 +280,53 @@ pub(crate) fn detach() {
 }
 
 /// In a forked child (single-threaded, from the `pthread_atfork` child handler): drop
-/// the parent's userfaultfd context and session without allocating.
+/// the parent's userfaultfd context (using it here would register ranges in the
+/// *parent's* address space) and the parent's session.
+///
+/// The child's inherited memory lives on a new context only the daemon holds
+/// (`EVENT_FORK`). Pages that were out of the parent's address space at `fork` (swapped,
+/// or in the parent's staging area, which is `MADV_DONTFORK`) are holes in the child
+/// that only the daemon can fill, and the child cannot be asked to evict anything later
+/// (it has no agent). So if there were any, the child keeps the parent's socket *only to
+/// notice the daemon's death* (it never reads it) and a small thread kills the child
+/// with a message if the daemon goes away; otherwise it needs nothing.
 pub(crate) fn after_fork_in_child() {
     let was_managed = state::mode() == Mode::Managed;
     state::set_mode(Mode::Unmanaged);
     if !was_managed {
         return;
     }
+    let at_risk = state::swapped_pages() + crate::agent::staged_pages();
     let devnull = state::devnull();
     let uffd = state::uffd_number();
     if uffd >= 0 {
         sys::replace_fd(uffd, devnull);
     }
-    if let Some(channel) = state::channel() {
-        sys::replace_fd(channel.as_raw_fd(), devnull);
+    let Some(channel) = state::channel() else {
+        return;
+    };
+    let sock = channel.as_raw_fd();
+    if at_risk == 0 {
+        sys::replace_fd(sock, devnull);
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("usm-fork-watch".into())
+        .spawn(move || {
+            if !sys::wait_peer_hangup(sock) {
+                return;
+            }
+            let line = format!(
+                "{TAG}: FATAL: the USM daemon went away while holding {at_risk} page(s) this \
+                 forked process inherited as swapped out (pid {}); killing it rather than \
+                 let it read zeros\n",
+                sys::getpid()
+            );
+            sys::write_stderr(line.as_bytes());
+            sys::kill_self();
+        });
+    if spawned.is_err() {
+        warn("cannot watch the USM daemon from this forked process");
     }
 }
 

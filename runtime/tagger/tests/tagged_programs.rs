@@ -492,3 +492,69 @@ fn eviction_agent_moves_pages_out_and_back() {
         "round 2 needed no swap-in from the daemon"
     );
 }
+
+#[test]
+fn forked_child_with_inherited_holes_is_killed_when_the_daemon_dies() {
+    use usm_proto::agent::{AgentClient, AgentOp, AgentRequest};
+    let tagger = tagger_so();
+    let work = tempfile::tempdir().unwrap();
+    let bin = compile(work.path(), "workload", &[]);
+    let daemon = TestDaemon::new();
+    let mut program = Program::spawn(&bin, &["fork-at-risk"], &tagger, &daemon.socket());
+    let served = daemon.accept_and_serve();
+    let lines = program.read_until("PEAK");
+    let buf_line = lines.iter().find(|l| l.starts_with("BUF ")).unwrap();
+    let buf = u64::from_str_radix(buf_line.split_whitespace().nth(1).unwrap(), 16).unwrap();
+    served
+        .stream
+        .send(&Message::StartAgent {
+            staging_pages: 4,
+            ring_entries: 4,
+        })
+        .unwrap();
+    let (ready, fds) = served.wait_for_with_fds("AgentReady", |m| {
+        matches!(
+            m,
+            Message::AgentReady { .. } | Message::AgentUnavailable { .. }
+        )
+    });
+    let Message::AgentReady {
+        staging_start,
+        staging_pages,
+        ring_entries,
+    } = ready
+    else {
+        panic!("agent unavailable: {ready:?}")
+    };
+    let mut agent =
+        AgentClient::from_ready(staging_start, staging_pages, ring_entries, fds).unwrap();
+    agent
+        .submit(AgentRequest {
+            op: AgentOp::EvictToStaging,
+            slot: 0,
+            addr: buf,
+            pages: 1,
+            seq: 1,
+        })
+        .unwrap();
+    agent.kick().unwrap();
+    assert_eq!(collect(&mut agent, 1)[0].result, 4096);
+    // The parent forks while its page 0 is in staging: the child inherits a hole.
+    program.resume();
+    program.read_until("CHILD");
+    served.die();
+    program.resume();
+    // If nobody kills the child, the parent waits for it forever: the watchdog ends that.
+    let (status, out, err) = program.wait_without_resuming(std::time::Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{out}\n{err}");
+    assert!(
+        out.contains("CHILD_STATUS signal 9"),
+        "the child must be killed: {out}\n{err}"
+    );
+    assert!(
+        out.contains("OK"),
+        "the parent restores its staged page and goes on: {out}"
+    );
+    assert!(err.contains("forked process inherited"), "{err}");
+    assert!(err.contains("continuing unmanaged"), "{err}");
+}

@@ -319,3 +319,30 @@ pub(crate) fn madvise_raw(addr: usize, len: usize, advice: i32) -> Result<(), i3
     let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
     if rc < 0 { Err(errno()) } else { Ok(()) }
 }
+
+/// Blocks until the peer of socket `fd` hangs up (`POLLRDHUP`/`POLLHUP`: true),
+/// without reading anything from it (another process reads its messages). False if the
+/// socket can no longer be watched (the program closed it, or poll failed).
+pub(crate) fn wait_peer_hangup(fd: RawFd) -> bool {
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if rc < 0 {
+            if errno() == libc::EINTR {
+                continue;
+            }
+            return false;
+        }
+        if pfd.revents & libc::POLLNVAL != 0 {
+            return false;
+        }
+        if pfd.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0 {
+            return true;
+        }
+    }
+}

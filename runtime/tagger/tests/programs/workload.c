@@ -7,6 +7,7 @@
  *                           for a line on stdin before a second phase.
  *   workload own-uffd       uses its own userfaultfd on its own mmap.
  *   workload small          a few allocations only.
+ *   workload fork-at-risk   forks while a page is evicted; reports how the child ended.
  *   workload churn          4 threads malloc/free large blocks for 2 s.
  *   workload evict          a 64-page buffer the test evicts through the agent between
  *                           two pauses (PEAK, PEAK2), verified after each.
@@ -353,6 +354,34 @@ static int churn_mode(void) {
     return 0;
 }
 
+/* ---- a child forked while one of the parent's pages is out (in staging) ---- */
+static int fork_at_risk(void) {
+    size_t pages = 16;
+    char *buf = memalign(PAGE, pages * PAGE);
+    CHECK(buf, "memalign");
+    fill(buf, pages * PAGE, 9);
+    printf("BUF %lx %zu\n", (unsigned long)buf, pages);
+    printf("PEAK\n");
+    fflush(stdout);
+    wait_line(); /* the test evicts page 0 meanwhile */
+    pid_t child = fork();
+    CHECK(child >= 0, "fork");
+    if (child == 0) {
+        /* The child never touches the evicted page: it only waits. */
+        printf("CHILD\n");
+        fflush(stdout);
+        for (;;) pause();
+    }
+    wait_line(); /* the daemon is gone now */
+    int status = 0;
+    CHECK(waitpid(child, &status, 0) == child, "waitpid");
+    printf("CHILD_STATUS %s %d\n", WIFSIGNALED(status) ? "signal" : "exit",
+           WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
+    CHECK(verify(buf, pages * PAGE, 9), "parent data after the daemon died");
+    printf("OK\n");
+    return 0;
+}
+
 static int small_only(void) {
     char *s = strdup("hello");
     void *b = malloc(1 * MiB);
@@ -373,5 +402,6 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "small")) return small_only();
     if (!strcmp(argv[1], "evict")) return evict();
     if (!strcmp(argv[1], "churn")) return churn_mode();
+    if (!strcmp(argv[1], "fork-at-risk")) return fork_at_risk();
     return 2;
 }
