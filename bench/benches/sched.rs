@@ -67,6 +67,9 @@ struct Side {
     p99_ns: Option<f64>,
     /// Per-run values (throughput sides), ns.
     runs_ns: Vec<f64>,
+    /// Best run (throughput sides) or minimum sample (latency sides), ns: less sensitive to
+    /// other load on the machine than the median.
+    best_ns: f64,
     /// Waker mode of the runtime used, if any.
     waker: Option<String>,
     /// Whether `/dev/cpu_dma_latency` was held at 0 during the side.
@@ -78,6 +81,9 @@ struct Side {
 struct Report {
     command: String,
     machine_cpus: usize,
+    /// `/proc/loadavg` at the start and at the end of the run (other load skews figures).
+    loadavg_start: String,
+    loadavg_end: String,
     sides: BTreeMap<String, Side>,
     ratios: BTreeMap<String, f64>,
     targets: BTreeMap<String, Target>,
@@ -112,10 +118,12 @@ fn throughput(
     one_run(iterations / 4 + 1);
     let mut per_run: Vec<f64> = (0..runs).map(|_| one_run(iterations)).collect();
     let runs_ns = per_run.clone();
+    let best_ns = per_run.iter().copied().fold(f64::INFINITY, f64::min);
     Side {
         median_ns: median(&mut per_run),
         p99_ns: None,
         runs_ns,
+        best_ns,
         waker: waker.map(|w| format!("{w:?}")),
         cpu_dma_latency_held: false,
         iterations,
@@ -128,6 +136,7 @@ fn latency(hist: &Histogram<u64>, waker: Option<String>, dma: bool, iterations: 
         median_ns: hist.value_at_quantile(0.5) as f64 / 2.0,
         p99_ns: Some(hist.value_at_quantile(0.99) as f64 / 2.0),
         runs_ns: Vec::new(),
+        best_ns: hist.min() as f64 / 2.0,
         waker,
         cpu_dma_latency_held: dma,
         iterations,
@@ -383,6 +392,13 @@ fn main() {
     let mut sides = BTreeMap::new();
     let mut skipped = BTreeMap::new();
 
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let loadavg_start = loadavg();
     let want = |name: &str| args.only.as_deref().is_none_or(|only| name.contains(only));
     println!("sched benchmark: {runs} runs per side, medians");
     if want("corosensei_resume_suspend") {
@@ -441,25 +457,28 @@ fn main() {
         );
     }
 
-    if !want("cross_core") {
-        // Filtered out.
-    } else if cpus < 2 {
+    if cpus < 2 {
         skipped.insert(
             "cross_core".to_string(),
             "needs two CPUs".to_string(),
         );
     } else {
-        let hist = os_condvar_pingpong(os_iterations, (0, 1));
-        sides.insert(
-            "os_condvar_cross_core".to_string(),
-            latency(&hist, None, false, os_iterations),
-        );
-        let unpark_iterations = 50_000 / scale;
+        if want("os_condvar_cross_core") {
+            let hist = os_condvar_pingpong(os_iterations, (0, 1));
+            sides.insert(
+                "os_condvar_cross_core".to_string(),
+                latency(&hist, None, false, os_iterations),
+            );
+        }
+        let unpark_iterations = 20_000 / scale;
         for (name, mode, dma) in [
             ("unpark_cross_core_eventfd", WakerMode::EventFd, false),
             ("unpark_cross_core_busy_poll", WakerMode::BusyPoll, false),
             ("unpark_cross_core_eventfd_dma", WakerMode::EventFd, true),
         ] {
+            if !want(name) {
+                continue;
+            }
             match runtime(2, mode, dma) {
                 Ok(rt) => {
                     unpark_cross_core(&rt, unpark_iterations / 10); // warm-up
@@ -483,7 +502,7 @@ fn main() {
                 }
             }
         }
-        if !sides.contains_key("os_condvar_cross_core_dma") {
+        if want("os_condvar_cross_core_dma") && !sides.contains_key("os_condvar_cross_core_dma") {
             // Hold it ourselves if the runtime could not (so the baseline still exists).
             if let Ok(_held) = hold_cpu_dma_latency() {
                 let hist = os_condvar_pingpong(os_iterations, (0, 1));
@@ -550,12 +569,16 @@ fn main() {
         }
     }
 
-    println!("{:<34} {:>12} {:>12}  waker", "side", "median ns", "p99 ns");
+    println!(
+        "{:<34} {:>12} {:>12} {:>12}  waker",
+        "side", "median ns", "best ns", "p99 ns"
+    );
     for (name, side) in &sides {
         println!(
-            "{:<34} {:>12.1} {:>12}  {}{}",
+            "{:<34} {:>12.1} {:>12.1} {:>12}  {}{}",
             name,
             side.median_ns,
+            side.best_ns,
             side.p99_ns.map_or("-".to_string(), |p| format!("{p:.1}")),
             side.waker.as_deref().unwrap_or("-"),
             if side.cpu_dma_latency_held {
@@ -579,10 +602,13 @@ fn main() {
     for (name, why) in &skipped {
         println!("skipped {name}: {why}");
     }
+    println!("load average: start {loadavg_start} / end {}", loadavg());
 
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         machine_cpus: cpus,
+        loadavg_start,
+        loadavg_end: loadavg(),
         sides,
         ratios,
         targets,

@@ -2,20 +2,23 @@
 //! crate.
 //!
 //! # Thread state (one set per OS thread, `const`-initialised, no destructor)
-//! - `CURRENT_YIELDER`: the corosensei `Yielder` of the fiber running on this thread, or null.
+//! - `yielder`: the corosensei `Yielder` of the fiber running on this thread, or null.
 //!   Written by [`Fiber::resume`] before switching in and restored after it switches back;
 //!   written once by the fiber body on first entry (the yielder lives at the base of the
 //!   fiber's stack and does not move).
-//! - `CURRENT_LOCALS`: the running fiber's [`LocalMap`], or null.
-//! - `ON_FIBER_STACK`: true exactly while fiber code (not the scheduler, not the switch) runs
+//! - `locals`: the running fiber's [`LocalMap`], or null.
+//! - `on_fiber_stack`: true exactly while fiber code (not the scheduler, not the switch) runs
 //!   on this thread: set when the fiber body starts and after each switch back in, cleared
 //!   right before each switch out. A signal handler uses it ([`on_fiber_stack`]) to know
 //!   that the interrupted code, and so the handler itself, is on the fiber's stack.
 //!
-//! Because both are `const`-initialised `Cell`s of raw pointers (no `Drop`), reading them
-//! never runs lazy initialisation or registers a destructor: [`suspend_current`] is
-//! async-signal-safe. They are read through `#[inline(never)]` functions so that no caller
-//! caches a thread-local address across a suspension.
+//! The three live in one `const`-initialised thread-local struct of `Cell`s (no `Drop`), so
+//! reaching it never runs lazy initialisation or registers a destructor: [`suspend_current`]
+//! is async-signal-safe. Its address is obtained through the `#[inline(never)]`
+//! `thread_state`, called again after every switch into a fiber, so no caller keeps a
+//! thread-local address across a suspension (the fiber may resume on another thread). The
+//! scheduler side ([`Fiber::resume`]) keeps the address across `resume`: the thread that calls
+//! `resume` is the one it returns to.
 
 use std::cell::Cell;
 use std::ptr;
@@ -32,10 +35,33 @@ pub type PanicPayload = Box<dyn std::any::Any + Send + 'static>;
 type FiberYielder = Yielder<(), Suspend>;
 type FiberCoroutine = Coroutine<(), Suspend, Result<(), PanicPayload>, DefaultStack>;
 
+/// Per-thread fiber bookkeeping (see the module docs).
+struct ThreadState {
+    yielder: Cell<*const FiberYielder>,
+    locals: Cell<*mut LocalMap>,
+    on_fiber_stack: Cell<bool>,
+}
+
 thread_local! {
-    static CURRENT_YIELDER: Cell<*const FiberYielder> = const { Cell::new(ptr::null()) };
-    static CURRENT_LOCALS: Cell<*mut LocalMap> = const { Cell::new(ptr::null_mut()) };
-    static ON_FIBER_STACK: Cell<bool> = const { Cell::new(false) };
+    static THREAD_STATE: ThreadState = const {
+        ThreadState {
+            yielder: Cell::new(ptr::null()),
+            locals: Cell::new(ptr::null_mut()),
+            on_fiber_stack: Cell::new(false),
+        }
+    };
+}
+
+/// This thread's fiber bookkeeping. Never inlined: every call computes the address for the
+/// thread running *now*.
+#[inline(never)]
+fn thread_state() -> &'static ThreadState {
+    let state = THREAD_STATE.with(|state| state as *const ThreadState);
+    // SAFETY: the thread-local is const-initialised and has no destructor, so it is valid
+    // for the whole life of this thread. Callers use the reference only on this thread and
+    // never keep it across a switch into a fiber (they fetch it again after `suspend`), so it
+    // never outlives the thread it belongs to.
+    unsafe { &*state }
 }
 
 /// What [`Fiber::resume`] came back with.
@@ -87,8 +113,9 @@ impl Fiber {
     {
         let stack = pool.take()?;
         let coroutine = FiberCoroutine::with_stack(stack, move |yielder: &FiberYielder, ()| {
-            set_current_yielder(yielder as *const FiberYielder);
-            set_on_fiber_stack(true);
+            let state = thread_state();
+            state.yielder.set(yielder as *const FiberYielder);
+            state.on_fiber_stack.set(true);
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(body))
         });
         Ok(Self {
@@ -109,16 +136,18 @@ impl Fiber {
         if coroutine.done() {
             return Outcome::Finished(Ok(()));
         }
-        let saved_yielder = replace_current_yielder(self.yielder);
-        let saved_locals = replace_current_locals(&mut *self.locals as *mut LocalMap);
+        // The scheduler's thread: the same before and after `resume`.
+        let state = thread_state();
+        let saved_yielder = state.yielder.replace(self.yielder);
+        let saved_locals = state.locals.replace(&mut *self.locals as *mut LocalMap);
         let result = coroutine.resume(());
-        set_on_fiber_stack(false);
+        state.on_fiber_stack.set(false);
         if self.yielder.is_null() {
             // First entry: the body published its yielder.
-            self.yielder = current_yielder();
+            self.yielder = state.yielder.get();
         }
-        replace_current_yielder(saved_yielder);
-        replace_current_locals(saved_locals);
+        state.yielder.set(saved_yielder);
+        state.locals.set(saved_locals);
         match result {
             CoroutineResult::Yield(reason) => {
                 self.last_suspend = Some(reason);
@@ -168,51 +197,25 @@ impl Drop for Fiber {
             std::mem::forget(coroutine);
             return;
         }
-        let saved_yielder = replace_current_yielder(self.yielder);
-        let saved_locals = replace_current_locals(&mut *self.locals as *mut LocalMap);
+        let state = thread_state();
+        let saved_yielder = state.yielder.replace(self.yielder);
+        let saved_locals = state.locals.replace(&mut *self.locals as *mut LocalMap);
         drop(coroutine);
-        replace_current_yielder(saved_yielder);
-        replace_current_locals(saved_locals);
+        state.yielder.set(saved_yielder);
+        state.locals.set(saved_locals);
     }
-}
-
-#[inline(never)]
-fn current_yielder() -> *const FiberYielder {
-    CURRENT_YIELDER.get()
-}
-
-#[inline(never)]
-fn set_current_yielder(yielder: *const FiberYielder) {
-    CURRENT_YIELDER.set(yielder);
-}
-
-#[inline(never)]
-fn replace_current_yielder(yielder: *const FiberYielder) -> *const FiberYielder {
-    CURRENT_YIELDER.replace(yielder)
-}
-
-#[inline(never)]
-fn set_on_fiber_stack(on: bool) {
-    ON_FIBER_STACK.set(on);
 }
 
 /// True when the code running on this thread right now is fiber code on a fiber's stack
 /// (false in the scheduler and inside the switch itself). Async-signal-safe; meant for
 /// signal handlers that want to switch out of the interrupted fiber.
-#[inline(never)]
 pub fn on_fiber_stack() -> bool {
-    ON_FIBER_STACK.get()
-}
-
-#[inline(never)]
-fn replace_current_locals(locals: *mut LocalMap) -> *mut LocalMap {
-    CURRENT_LOCALS.replace(locals)
+    thread_state().on_fiber_stack.get()
 }
 
 /// True when called from inside a fiber (on this thread, now).
-#[inline(never)]
 pub fn in_fiber() -> bool {
-    !current_yielder().is_null()
+    !thread_state().yielder.get().is_null()
 }
 
 /// Suspends the fiber running on this thread with `reason`, returning when its scheduler
@@ -232,36 +235,39 @@ pub fn in_fiber() -> bool {
 /// `#[inline(never)]` accessor, so inlining cannot cache its address across the switch.
 #[inline]
 pub fn suspend_current(reason: Suspend) -> bool {
-    let yielder = current_yielder();
+    let state = thread_state();
+    let yielder = state.yielder.get();
     if yielder.is_null() {
         return false;
     }
-    // SAFETY: a non-null CURRENT_YIELDER is only set while the fiber owning that yielder is
+    // SAFETY: a non-null `yielder` is only set while the fiber owning that yielder is
     // running on this thread (set by `Fiber::resume` / the fiber body, cleared when the fiber
     // switches back). The yielder lives at the base of the running fiber's stack, so it is
     // alive, and we are executing on that fiber's stack, which is what `suspend` requires.
     let yielder = unsafe { &*yielder };
-    set_on_fiber_stack(false);
+    state.on_fiber_stack.set(false);
     yielder.suspend(reason);
-    set_on_fiber_stack(true);
+    // Possibly another thread now: fetch its state again.
+    thread_state().on_fiber_stack.set(true);
     true
 }
 
 /// Runs `f` on the current fiber's local map; `None` outside a fiber or when re-entered.
 pub(crate) fn with_current_locals<R>(f: impl FnOnce(&mut LocalMap) -> R) -> Option<R> {
     // Take the pointer out while `f` runs so a nested call cannot alias the map.
-    let locals = replace_current_locals(ptr::null_mut());
+    let locals = thread_state().locals.replace(ptr::null_mut());
     if locals.is_null() {
         return None;
     }
     struct Restore(*mut LocalMap);
     impl Drop for Restore {
         fn drop(&mut self) {
-            replace_current_locals(self.0);
+            // `f` does not suspend (documented on `with_local`): still the same thread.
+            thread_state().locals.set(self.0);
         }
     }
     let restore = Restore(locals);
-    // SAFETY: a non-null CURRENT_LOCALS points at the running fiber's boxed map, set by
+    // SAFETY: a non-null `locals` points at the running fiber's boxed map, set by
     // `Fiber::resume` for exactly the time the fiber runs on this thread; we removed it from
     // the thread-local, so this is the only reference until `restore` puts it back.
     let map = unsafe { &mut *restore.0 };
