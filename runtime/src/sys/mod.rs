@@ -3,3 +3,5 @@
 
 pub(crate) mod install;
 pub(crate) mod io;
+pub(crate) mod sigbus;
+pub(crate) mod view;

@@ -1,0 +1,428 @@
+//! [`Builder`] and [`Runtime`]: the embedded runtime.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use usm_kmod::pool::{FramePool, LockMode, PoolConfig, ZeroerHandle};
+use usm_kmod::{Features, OpenFlags, RawUserfaultfd, Userfaultfd};
+use usm_localmanager::{JoinError, JoinHandle, ShutdownReport, WakerMode};
+use usm_policies::{Registry, Watermarks};
+use usm_swap::{DeviceId, SwapDevice};
+
+use crate::embedded::driver::FaultDriver;
+use crate::embedded::{EmbeddedError, Region, RuntimeStats};
+use crate::mm::{MmConfig, MmCore, SameMmInstaller, WorkerMm};
+use crate::sys::sigbus;
+
+/// State shared by the runtime, its drivers and its regions.
+pub(crate) struct Shared {
+    pub(crate) core: Arc<MmCore>,
+    pub(crate) uffd: Arc<Userfaultfd>,
+    pub(crate) pid: u32,
+    pub(crate) runtime_id: u32,
+    pub(crate) external_fd: EventFd,
+    pub(crate) worker_fds: Vec<Arc<EventFd>>,
+    pub(crate) next_region: AtomicU32,
+    pub(crate) default_alloc: String,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        sigbus::release_runtime(self.runtime_id);
+    }
+}
+
+/// Where a swap device comes from.
+#[derive(Debug, Clone)]
+enum SwapSource {
+    /// Open this USM-formatted path.
+    Path(PathBuf),
+    /// Create (`usm mkswap`) a file of this many bytes at the path, then open it.
+    Create(PathBuf, u64),
+}
+
+/// Builds a [`Runtime`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    workers: usize,
+    pool_frames: usize,
+    swap: Vec<SwapSource>,
+    alloc: String,
+    evict: String,
+    oom: String,
+    waker: WakerMode,
+    watermarks: Option<Watermarks>,
+    pin: bool,
+    stack_size: Option<usize>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder::new()
+    }
+}
+
+impl Builder {
+    /// Defaults: 2 workers (not pinned), a pool of 16 MiB (4096 frames), no swap,
+    /// `first-fit` / `clock` / `fail` policies, eventfd waker, watermarks from the pool
+    /// size ([`MmConfig::for_pool`]).
+    pub fn new() -> Builder {
+        Builder {
+            workers: 2,
+            pool_frames: 4096,
+            swap: Vec::new(),
+            alloc: "first-fit".into(),
+            evict: "clock".into(),
+            oom: "fail".into(),
+            waker: WakerMode::EventFd,
+            watermarks: None,
+            pin: false,
+            stack_size: None,
+        }
+    }
+
+    /// Number of workers.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Pool size in 4 KiB frames.
+    pub fn pool_frames(mut self, frames: usize) -> Self {
+        self.pool_frames = frames;
+        self
+    }
+
+    /// Adds a USM swap device (formatted with `usm mkswap`).
+    pub fn swap_device(mut self, path: impl Into<PathBuf>) -> Self {
+        self.swap.push(SwapSource::Path(path.into()));
+        self
+    }
+
+    /// Creates a swap file of `bytes` at `path` (must not exist) and uses it. Put it on a
+    /// disk (`O_DIRECT`), not tmpfs.
+    pub fn create_swap_file(mut self, path: impl Into<PathBuf>, bytes: u64) -> Self {
+        self.swap.push(SwapSource::Create(path.into(), bytes));
+        self
+    }
+
+    /// Default allocation policy of regions (registry spec, e.g. `"fhp:64K"`).
+    pub fn alloc_policy(mut self, spec: &str) -> Self {
+        self.alloc = spec.into();
+        self
+    }
+
+    /// Eviction policy spec.
+    pub fn evict_policy(mut self, spec: &str) -> Self {
+        self.evict = spec.into();
+        self
+    }
+
+    /// OOM policy spec.
+    pub fn oom_policy(mut self, spec: &str) -> Self {
+        self.oom = spec.into();
+        self
+    }
+
+    /// How idle workers wait.
+    pub fn waker(mut self, waker: WakerMode) -> Self {
+        self.waker = waker;
+        self
+    }
+
+    /// Free-frame watermarks (frames).
+    pub fn watermarks(mut self, low: usize, high: usize) -> Self {
+        self.watermarks = Some(Watermarks { low, high });
+        self
+    }
+
+    /// Pin workers to cores.
+    pub fn pin_workers(mut self, pin: bool) -> Self {
+        self.pin = pin;
+        self
+    }
+
+    /// uThread stack size.
+    pub fn stack_size(mut self, bytes: usize) -> Self {
+        self.stack_size = Some(bytes);
+        self
+    }
+
+    /// Opens the userfaultfd (SIGBUS mode), builds the pool, the swap devices and the
+    /// memory core, installs the SIGBUS handler and starts the workers.
+    pub fn build(self) -> Result<Runtime, EmbeddedError> {
+        self.build_with_registry(Registry::with_builtins())
+    }
+
+    /// [`Builder::build`] with a registry holding custom policies.
+    pub fn build_with_registry(self, mut registry: Registry) -> Result<Runtime, EmbeddedError> {
+        if self.workers == 0 || self.workers > 64 {
+            return Err(EmbeddedError::Config("workers must be 1..=64"));
+        }
+        registry.set_default(&self.alloc)?;
+        let raw = RawUserfaultfd::open(OpenFlags {
+            nonblock: true,
+            cloexec: true,
+            user_mode_only: true,
+        })?;
+        let uffd = Arc::new(raw.negotiate(
+            Features::empty(),
+            Features::SIGBUS | Features::MOVE | Features::POISON,
+        )?);
+        let pool = FramePool::new(
+            PoolConfig {
+                frames: self.pool_frames,
+                lock: LockMode::Unlocked,
+            },
+            Some(uffd.clone()),
+        )?;
+        let mut devices = Vec::new();
+        for (i, src) in self.swap.iter().enumerate() {
+            let path = match src {
+                SwapSource::Path(p) => p.clone(),
+                SwapSource::Create(p, bytes) => {
+                    usm_swap::create_swap_file(p, *bytes)?;
+                    p.clone()
+                }
+            };
+            devices.push(Arc::new(SwapDevice::open(DeviceId(i as u8), &path)?));
+        }
+        let mut config = MmConfig::for_pool(self.pool_frames);
+        if let Some(wm) = self.watermarks {
+            config.watermarks = wm;
+        }
+        config.evict = self.evict.clone();
+        config.oom = self.oom.clone();
+        // Surface engine set-up errors here rather than on a worker thread.
+        drop(usm_swap::Engine::new(&config.engine, &devices)?);
+        let core = MmCore::new(
+            pool.clone(),
+            Box::new(SameMmInstaller),
+            Arc::new(registry),
+            devices,
+            config,
+            self.workers,
+        )?;
+        let pid = std::process::id();
+        core.add_space(pid);
+        sigbus::install().map_err(EmbeddedError::Signal)?;
+        let efd =
+            || EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC);
+        let external_fd = efd().map_err(EmbeddedError::Signal)?;
+        let worker_fds = (0..self.workers)
+            .map(|_| efd().map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(EmbeddedError::Signal)?;
+        let runtime_id = sigbus::claim_runtime(std::os::fd::AsRawFd::as_raw_fd(&external_fd))
+            .ok_or(EmbeddedError::Config(
+                "too many embedded runtimes in this process",
+            ))?;
+        for (i, fd) in worker_fds.iter().enumerate() {
+            let fd = fd.clone();
+            core.set_waker(
+                i,
+                Arc::new(move || {
+                    let _ = fd.write(1);
+                }),
+            )?;
+        }
+        let shared = Arc::new(Shared {
+            core: core.clone(),
+            uffd,
+            pid,
+            runtime_id,
+            external_fd,
+            worker_fds,
+            next_region: AtomicU32::new(1),
+            default_alloc: self.alloc.clone(),
+        });
+        let zeroer = pool.spawn_zeroer(64);
+        let factory_shared = shared.clone();
+        let factory: usm_localmanager::DriverFactory = Arc::new(move |worker| match WorkerMm::new(
+            factory_shared.core.clone(),
+            worker,
+        ) {
+            Ok(wm) => Box::new(FaultDriver::new(wm, factory_shared.clone()))
+                as Box<dyn usm_localmanager::Driver>,
+            Err(e) => {
+                tracing::error!(error = %e, worker, "worker memory manager failed to start");
+                Box::new(NoDriver)
+            }
+        });
+        let mut sched = usm_localmanager::Runtime::builder()
+            .workers(self.workers)
+            .pin(self.pin)
+            .waker(self.waker)
+            .driver(factory);
+        if let Some(s) = self.stack_size {
+            sched = sched.stack_size(s);
+        }
+        let sched = sched.build()?;
+        Ok(Runtime {
+            shared,
+            sched: Some(sched),
+            _zeroer: Some(zeroer),
+        })
+    }
+}
+
+struct NoDriver;
+
+impl usm_localmanager::Driver for NoDriver {
+    fn poll(&mut self, _cx: &mut usm_localmanager::DriverContext<'_>) -> usize {
+        0
+    }
+}
+
+/// The embedded runtime: workers running uThreads, a frame pool, swap, and the SIGBUS
+/// fault path for its [`Region`]s. See the [`crate::embedded`] module docs.
+pub struct Runtime {
+    shared: Arc<Shared>,
+    sched: Option<usm_localmanager::Runtime>,
+    _zeroer: Option<ZeroerHandle>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("pid", &self.shared.pid)
+            .field("frames", &self.shared.core.pool().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// A [`Builder`].
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    fn sched(&self) -> Result<&usm_localmanager::Runtime, EmbeddedError> {
+        self.sched.as_ref().ok_or(EmbeddedError::ShutDown)
+    }
+
+    /// Runs `f` on a uThread and waits for its result from this thread.
+    pub fn block_on<F, T>(&self, f: F) -> Result<T, JoinError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        match self.sched() {
+            Ok(s) => s.block_on(f),
+            Err(_) => Err(JoinError::Cancelled),
+        }
+    }
+
+    /// Spawns a uThread.
+    pub fn spawn<F, T>(&self, f: F) -> Result<JoinHandle<T>, EmbeddedError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        Ok(self.sched()?.spawn(f)?)
+    }
+
+    /// Spawns a uThread on worker `worker`, never migrated.
+    pub fn spawn_on<F, T>(&self, worker: usize, f: F) -> Result<JoinHandle<T>, EmbeddedError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        Ok(self.sched()?.spawn_on(worker, f)?)
+    }
+
+    /// A scheduler handle (spawn from any thread).
+    pub fn handle(&self) -> Result<usm_localmanager::Handle, EmbeddedError> {
+        Ok(self.sched()?.handle())
+    }
+
+    /// A managed region of `bytes` (rounded up to pages) with the default allocation
+    /// policy.
+    pub fn region(&self, bytes: usize) -> Result<Region, EmbeddedError> {
+        Region::new(
+            self.shared.clone(),
+            bytes,
+            &self.shared.default_alloc.clone(),
+        )
+    }
+
+    /// A managed region served by the allocation policy `alloc_spec`.
+    pub fn region_with_policy(
+        &self,
+        bytes: usize,
+        alloc_spec: &str,
+    ) -> Result<Region, EmbeddedError> {
+        Region::new(self.shared.clone(), bytes, alloc_spec)
+    }
+
+    /// The memory-manager core (statistics, page states, pool).
+    pub fn mm(&self) -> &Arc<MmCore> {
+        &self.shared.core
+    }
+
+    /// A snapshot of the runtime's statistics.
+    pub fn stats(&self) -> RuntimeStats {
+        let core = &self.shared.core;
+        let census = core.pool().census();
+        RuntimeStats {
+            mm: core.stats_snapshot(),
+            pool: census,
+            swap_slots_used: core.swap_slots_used(),
+            io_in_flight: core.io_in_flight(),
+            space: core.space_counters(self.shared.pid).unwrap_or_default(),
+            sched: self
+                .sched
+                .as_ref()
+                .map(|s| s.counters())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Waits (up to `timeout`) until no swap I/O is in flight and the zeroing queue is
+    /// empty. `true` when it got there.
+    pub fn quiesce(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let core = &self.shared.core;
+            if core.io_in_flight() == 0 && core.pool().zeroing_len() == 0 {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            for fd in &self.shared.worker_fds {
+                let _ = fd.write(1);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Shuts the scheduler down (see `usm_localmanager::Runtime::shutdown`): uThreads
+    /// parked on a fault are served to completion, never dropped.
+    pub fn shutdown(mut self, grace: Duration) -> ShutdownReport {
+        self.shutdown_inner(grace)
+    }
+
+    fn shutdown_inner(&mut self, grace: Duration) -> ShutdownReport {
+        match self.sched.take() {
+            Some(s) => s.shutdown(grace),
+            None => ShutdownReport {
+                completed: 0,
+                cancelled: 0,
+                stuck_in_handler: Vec::new(),
+                counters: Vec::new(),
+            },
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if self.sched.is_some() {
+            self.shutdown_inner(Duration::from_secs(5));
+        }
+    }
+}
