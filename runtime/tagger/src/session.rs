@@ -47,6 +47,9 @@ pub(crate) fn warn(line: &str) {
 
 /// Runs in the library constructor. Never fails: every problem ends in Unmanaged.
 pub(crate) fn start() {
+    if std::env::var_os("USM_TAGGER_MALLOC_ZERO").is_some_and(|v| v == "0") {
+        sys::heap::set_zero_on_malloc(false);
+    }
     state::set_devnull(sys::open_devnull());
     if let Err(rc) = sys::install_atfork() {
         warn(&format!("pthread_atfork failed ({rc}); running unmanaged"));

@@ -23,6 +23,7 @@
 use std::cell::UnsafeCell;
 
 use dlmalloc::{Allocator, Dlmalloc};
+use usm_sync::atomic::{AtomicBool, Ordering};
 
 use super::{PAGE_SIZE, mmap_raw, mremap_raw, munmap_raw};
 use crate::ranges;
@@ -212,8 +213,28 @@ pub(crate) fn adopt_pending() {
 
 const MIN_ALIGN: usize = 2 * std::mem::size_of::<usize>();
 
+/// Hand out zeroed memory from `malloc` and `memalign` too (see [`set_zero_on_malloc`]).
+static ZERO_ON_MALLOC: AtomicBool = AtomicBool::new(true);
+
+/// Whether `malloc`/`memalign` zero what they return (default: yes).
+///
+/// Some programs read memory they never initialised and happen to work on glibc, whose
+/// fresh memory is usually zero; stressapptest 1.0.6 is one (it crashes under glibc
+/// with `MALLOC_PERTURB_` as well). Zeroing costs a `memset` of recycled chunks only:
+/// chunks freshly mapped from the kernel (or the daemon) are known to be zero and are
+/// not touched, so large allocations stay lazy. `USM_TAGGER_MALLOC_ZERO=0` turns it off.
+pub(crate) fn set_zero_on_malloc(on: bool) {
+    ZERO_ON_MALLOC.store(on, Ordering::Relaxed);
+}
+
 /// `malloc`.
 pub(crate) fn malloc(size: usize) -> *mut u8 {
+    if size >= LARGE_THRESHOLD {
+        return large_alloc(size, MIN_ALIGN);
+    }
+    if ZERO_ON_MALLOC.load(Ordering::Relaxed) {
+        return calloc(size);
+    }
     // SAFETY: c_malloc has no preconditions.
     with_heap(|dl| unsafe { dl.c_malloc(size) })
 }
@@ -227,11 +248,19 @@ pub(crate) unsafe fn free(ptr: *mut u8) {
         return;
     }
     // SAFETY: guaranteed by the caller.
+    if let Some(large) = unsafe { LargeHeader::of(ptr) } {
+        large.release();
+        return;
+    }
+    // SAFETY: guaranteed by the caller.
     with_heap(|dl| unsafe { dl.c_free(ptr) });
 }
 
 /// `calloc` of `size` bytes (the caller checked the multiplication).
 pub(crate) fn calloc(size: usize) -> *mut u8 {
+    if size >= LARGE_THRESHOLD {
+        return large_alloc(size, MIN_ALIGN);
+    }
     // SAFETY: calloc with the natural alignment has no preconditions.
     with_heap(|dl| unsafe { dl.calloc(size, MIN_ALIGN) })
 }
@@ -242,26 +271,167 @@ pub(crate) fn calloc(size: usize) -> *mut u8 {
 /// - `ptr` is a live allocation of this heap.
 pub(crate) unsafe fn realloc(ptr: *mut u8, size: usize) -> *mut u8 {
     // SAFETY: guaranteed by the caller.
+    if let Some(large) = unsafe { LargeHeader::of(ptr) } {
+        if size >= LARGE_THRESHOLD && large.ptr == large.base + PAGE_SIZE {
+            if let Some(moved) = large.remap(size) {
+                return moved;
+            }
+        }
+        let fresh = malloc(size);
+        if !fresh.is_null() {
+            // SAFETY: both blocks are live and distinct; the copy fits both.
+            unsafe { std::ptr::copy_nonoverlapping(ptr, fresh, size.min(large.usable())) };
+            large.release();
+        }
+        return fresh;
+    }
+    // SAFETY: guaranteed by the caller.
     with_heap(|dl| unsafe { dl.c_realloc(ptr, size) })
 }
 
 /// `memalign` with a power-of-two `align`.
 pub(crate) fn memalign(align: usize, size: usize) -> *mut u8 {
     debug_assert!(align.is_power_of_two());
+    if size >= LARGE_THRESHOLD {
+        return large_alloc(size, align);
+    }
+    if ZERO_ON_MALLOC.load(Ordering::Relaxed) {
+        // SAFETY: `align` is a power of two (checked by every caller).
+        return with_heap(|dl| unsafe { dl.calloc(size, align) });
+    }
     // SAFETY: `align` is a power of two (checked by every caller).
     with_heap(|dl| unsafe { dl.c_memalign(align, size) })
 }
 
-/// `malloc_usable_size`: dlmalloc's chunk header (pinned crate version, see
-/// Cargo.toml) is the word before the pointer: size | PINUSE | CINUSE | FLAG4; a chunk
-/// with neither in-use bit is a directly mmapped one, with two words of overhead.
+/// `malloc_usable_size`: a large block's header, or dlmalloc's chunk header (pinned
+/// crate version, see Cargo.toml), the word before the pointer: size | PINUSE | CINUSE |
+/// FLAG4; a chunk with neither in-use bit is a directly mmapped one, with two words of
+/// overhead.
 ///
 /// # Safety
 /// - `ptr` is a live allocation of this heap.
 pub(crate) unsafe fn usable_size(ptr: *const u8) -> usize {
+    // SAFETY: guaranteed by the caller.
+    if let Some(large) = unsafe { LargeHeader::of(ptr.cast_mut()) } {
+        return large.usable();
+    }
     // SAFETY: every live dlmalloc allocation is preceded by its chunk header.
     let head = unsafe { ptr.cast::<usize>().sub(1).read() };
     let size = head & !7;
     let overhead = if head & 3 == 0 { 2 } else { 1 } * std::mem::size_of::<usize>();
     size.saturating_sub(overhead)
+}
+
+/// Allocations of at least this many bytes get a mapping of their own (glibc does the
+/// same above its mmap threshold): fresh from the kernel, hence zero without a `memset`
+/// and untouched until used; returned to the kernel on `free`; no heap lock.
+const LARGE_THRESHOLD: usize = 256 * 1024;
+/// `"USMLARGE"`, xor-ed with the block's address in its tag word.
+const LARGE_MAGIC: usize = 0x5553_4D4C_4152_4745;
+
+/// A large block, described by the 32 bytes just below its pointer:
+/// ```text
+///  ptr-32: mapping base   ptr-24: mapping length   ptr-16: 0   ptr-8: LARGE_MAGIC ^ ptr
+/// ```
+/// The mapping starts at least one page below `ptr`, so the header is always inside it.
+/// A dlmalloc chunk has its size word at `ptr-8`, always far below `LARGE_MAGIC ^ ptr`
+/// (whose top bits come from the magic), so the two cannot be confused.
+#[derive(Clone, Copy, Debug)]
+struct LargeHeader {
+    ptr: usize,
+    base: usize,
+    len: usize,
+}
+
+impl LargeHeader {
+    /// The header of `ptr` if it is a large block.
+    ///
+    /// # Safety
+    /// - `ptr` is a live allocation of this heap (so `ptr-32..ptr` is readable: a large
+    ///   block's header, or dlmalloc's chunk header and the previous chunk's tail).
+    unsafe fn of(ptr: *mut u8) -> Option<LargeHeader> {
+        let words = ptr.cast::<usize>();
+        // SAFETY: readable per the contract.
+        let tag = unsafe { words.sub(1).read() };
+        if tag != LARGE_MAGIC ^ ptr as usize {
+            return None;
+        }
+        // SAFETY: a large block: its header words are inside its mapping.
+        let (base, len) = unsafe { (words.sub(4).read(), words.sub(3).read()) };
+        Some(LargeHeader {
+            ptr: ptr as usize,
+            base,
+            len,
+        })
+    }
+
+    fn write(&self) {
+        let words = self.ptr as *mut usize;
+        // SAFETY: `ptr - 32 >= base` (ptr is at least a page into the mapping), and the
+        // mapping is ours and writable.
+        unsafe {
+            words.sub(4).write(self.base);
+            words.sub(3).write(self.len);
+            words.sub(2).write(0);
+            words.sub(1).write(LARGE_MAGIC ^ self.ptr);
+        }
+    }
+
+    fn usable(&self) -> usize {
+        self.base + self.len - self.ptr
+    }
+
+    /// Unmaps the block.
+    fn release(self) {
+        if munmap_raw(self.base, self.len).is_ok() {
+            with_heap(|_| pending_mut().dropped(self.base, self.len));
+        }
+    }
+
+    /// Grows or shrinks a page-aligned block in place or by moving it (`mremap`; the
+    /// registration moves with it).
+    fn remap(self, size: usize) -> Option<*mut u8> {
+        let len = size
+            .checked_add(PAGE_SIZE)?
+            .checked_next_multiple_of(PAGE_SIZE)?;
+        let base = mremap_raw(self.base, self.len, len, libc::MREMAP_MAYMOVE, 0).ok()?;
+        with_heap(|_| {
+            let pending = pending_mut();
+            pending.dropped(self.base, self.len);
+            pending.created(base, len);
+        });
+        let moved = LargeHeader {
+            ptr: base + PAGE_SIZE,
+            base,
+            len,
+        };
+        moved.write();
+        Some(moved.ptr as *mut u8)
+    }
+}
+
+/// Maps a large block of `size` bytes aligned to `align` (a power of two).
+fn large_alloc(size: usize, align: usize) -> *mut u8 {
+    let slack = if align > PAGE_SIZE { align } else { 0 };
+    let Some(len) = size
+        .checked_add(PAGE_SIZE + slack)
+        .and_then(|l| l.checked_next_multiple_of(PAGE_SIZE))
+    else {
+        return std::ptr::null_mut();
+    };
+    let Ok(base) = mmap_raw(
+        0,
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    ) else {
+        return std::ptr::null_mut();
+    };
+    with_heap(|_| pending_mut().created(base, len));
+    let ptr = (base + PAGE_SIZE).next_multiple_of(align.max(PAGE_SIZE));
+    let block = LargeHeader { ptr, base, len };
+    block.write();
+    ptr as *mut u8
 }
