@@ -6,6 +6,15 @@
 //! ([`ProtoError::is_peer_fault`]) concern that connection only: the refused peer has
 //! been told why (best effort) and the daemon keeps accepting.
 //!
+//! [`accept`] is [`Listener::accept_channel`] followed by [`admit`], which waits up to
+//! [`HELLO_TIMEOUT`] for the Hello: a daemon that must not let one silent peer delay the
+//! others accepts with `accept_channel` and runs `admit` on another thread.
+//!
+//! After the Ack the daemon owns three things per peer: `uffd` (read it with one
+//! non-blocking reader), `stream` (receive with [`Channel::recv_with_fds`] in its own
+//! loop: `AgentReady` carries descriptors; send `SwapState`, `StartAgent`,
+//! `CoverageRequest`, `Bye`), and the pid (open a pidfd for exit).
+//!
 //! ```no_run
 //! # fn demo() -> Result<(), usm_proto::ProtoError> {
 //! use usm_proto::server::{self, Listener};
