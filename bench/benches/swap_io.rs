@@ -180,6 +180,10 @@ struct ModeRow {
 struct Report {
     command: String,
     kernel: String,
+    /// `/proc/loadavg` before and after: the machine is shared (2 vCPUs), so a high load
+    /// means noisy figures on both sides.
+    loadavg_start: String,
+    loadavg_end: String,
     fio_version: String,
     file: String,
     file_mib: u64,
@@ -303,9 +307,8 @@ fn fill_device(dev: &Arc<SwapDevice>) {
     }
 }
 
-/// The engine's closed loop at `depth` for `secs`.
-fn run_usm(
-    dev: &Arc<SwapDevice>,
+/// One engine measurement.
+struct UsmRun {
     op: Op,
     depth: u32,
     secs: f64,
@@ -313,7 +316,19 @@ fn run_usm(
     mode: Option<CompletionMode>,
     spin: bool,
     submit_batch: u32,
-) -> Sample {
+}
+
+/// The engine's closed loop at `depth` for `secs`.
+fn run_usm(dev: &Arc<SwapDevice>, run: &UsmRun) -> Sample {
+    let UsmRun {
+        op,
+        depth,
+        secs,
+        seed,
+        mode,
+        spin,
+        submit_batch,
+    } = *run;
     let mut eng = engine_for(dev, depth, mode, submit_batch);
     let slots = dev.slots();
     let mut rng = Rng(seed | 1);
@@ -441,13 +456,15 @@ fn child_main(args: &Args, spec: &str) {
     let dev = Arc::new(SwapDevice::open(DeviceId(0), path).unwrap_or_else(|e| panic!("{e}")));
     let sample = run_usm(
         &dev,
-        op,
-        depth,
-        args.seconds,
-        seed,
-        parse_mode(&args.mode),
-        args.spin,
-        submit_batch,
+        &UsmRun {
+            op,
+            depth,
+            secs: args.seconds,
+            seed,
+            mode: parse_mode(&args.mode),
+            spin: args.spin,
+            submit_batch,
+        },
     );
     println!(
         "{}",
@@ -773,6 +790,12 @@ fn main() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|_| "fio missing: apt-get install -y fio".into());
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let loadavg_start = loadavg();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
@@ -845,6 +868,8 @@ fn main() {
     let report = Report {
         command,
         kernel,
+        loadavg_start,
+        loadavg_end: loadavg(),
         fio_version,
         file: path.display().to_string(),
         file_mib: args.file_mib,
