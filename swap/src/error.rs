@@ -209,9 +209,14 @@ impl SwapError {
         }
     }
 
-    /// No free slot: eviction should try another device or hand over to the OOM policy.
+    /// No free slot, or a write the device refused with `ENOSPC`: eviction should try
+    /// another device or hand over to the OOM policy.
     pub fn is_no_space(&self) -> bool {
-        matches!(self, Self::NoSpace { .. })
+        match self {
+            Self::NoSpace { .. } => true,
+            Self::WriteFailed { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+            _ => false,
+        }
     }
 
     /// The page's swap copy is lost: the runtime must install the page with
@@ -246,3 +251,34 @@ impl SwapError {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = SwapError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::DeviceId;
+
+    #[test]
+    fn classifiers() {
+        let e = SwapEntry::new(DeviceId(1), 2).unwrap();
+        let enospc = SwapError::WriteFailed {
+            entry: e,
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert!(enospc.is_no_space() && enospc.keeps_page() && !enospc.must_poison());
+        let eio = SwapError::ReadFailed {
+            entry: e,
+            source: io::Error::from_raw_os_error(libc::EIO),
+        };
+        assert!(eio.must_poison() && !eio.is_retryable());
+        assert_eq!(eio.entry(), Some(e));
+        assert_eq!(eio.errno(), Some(libc::EIO));
+        let eagain = SwapError::ReadFailed {
+            entry: e,
+            source: io::Error::from_raw_os_error(libc::EAGAIN),
+        };
+        assert!(eagain.is_retryable() && !eagain.must_poison());
+        assert!(SwapError::QueueFull { depth: 4 }.is_retryable());
+        assert!(SwapError::NoSpace { device: None }.is_no_space());
+        assert!(SwapError::BadEntry(e).must_poison());
+    }
+}
