@@ -36,10 +36,10 @@ pub mod atomic {
 
 /// Threads (spawning, yielding, parking).
 pub mod thread {
-    #[cfg(not(loom))]
-    pub use std::thread::{JoinHandle, current, park, spawn, yield_now};
     #[cfg(loom)]
     pub use loom::thread::{JoinHandle, current, park, spawn, yield_now};
+    #[cfg(not(loom))]
+    pub use std::thread::{JoinHandle, current, park, spawn, yield_now};
 }
 
 /// Interior mutability checked by loom (`with`/`with_mut` closures on both sides).
