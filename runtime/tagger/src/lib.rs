@@ -6,9 +6,9 @@
 //! On load (an `.init_array` constructor) it connects to the daemon, sends Hello with an
 //! un-negotiated userfaultfd (`usm_proto`), and once acked registers all anonymous
 //! memory the program touches from then on:
-//! - the heap: the malloc family is replaced by dlmalloc over managed segments
-//!   (`sys::heap`), because glibc's malloc maps memory through internal calls no
-//!   wrapper sees;
+//! - the heap: the malloc family is replaced by dlmalloc over managed segments, with
+//!   blocks of 256 KiB and more in mappings of their own (`sys::heap`), because glibc's
+//!   malloc maps memory through internal calls no wrapper sees;
 //! - private anonymous `mmap`s (jemalloc's included), which stay managed across
 //!   `mremap` (`ranges`).
 //!
@@ -16,6 +16,10 @@
 //! Without a daemon (or if refused) the program runs unmanaged after one warning line.
 //! Session states and the daemon-loss rule are in `session`; the process-wide atomics
 //! in `state`; all `unsafe` in `sys`.
+//!
+//! Environment: `USM_SOCKET` (daemon socket, default `/run/usm/usm.sock`),
+//! `USM_TAGGER_VERBOSE` (say which policy manages the process),
+//! `USM_TAGGER_MALLOC_ZERO=0` (do not zero recycled heap memory; see `sys::heap`).
 //!
 //! Exported for other code: `usm_tagger_hint` (used by `libusm.so`'s `usm_hint`),
 //! `usm_tagger_coverage` (managed anonymous bytes vs anonymous RSS from
