@@ -52,7 +52,7 @@ pub(crate) fn run(sh: &Arc<Shared>) {
             let Some(victim) = sh.largest_evictable() else {
                 break;
             };
-            let want = (sh.high - sh.free_frames()).min(BATCH as u64) as usize;
+            let want = sh.high.saturating_sub(sh.free_frames()).clamp(1, BATCH as u64) as usize;
             if evict_batch(sh, &victim, want) == 0 {
                 stalls += 1;
                 if stalls > 3 {
@@ -64,20 +64,59 @@ pub(crate) fn run(sh: &Arc<Shared>) {
     }
 }
 
+/// Reads one page of process `pid` at `addr` (a staging slot: present memory).
+pub(crate) fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> nix::Result<usize> {
+    let remote = [RemoteIoVec {
+        base: addr as usize,
+        len: buf.len(),
+    }];
+    process_vm_readv(
+        Pid::from_raw(pid as i32),
+        &mut [IoSliceMut::new(buf)],
+        &remote,
+    )
+}
+
+/// The page did not leave the program: it is the program's (and charged) again.
+fn revert(proc: &Proc, agent: &mut Agent, v: Victim) {
+    let mut m = proc.lock_map();
+    if matches!(m.pages.get(&v.page), Some(PageState::Out(c)) if Arc::ptr_eq(c, &v.cell)) {
+        m.set_resident(v.page, Charge::Now);
+    }
+    agent.free_slots.push(v.slot);
+}
+
+/// The page is in staging but the daemon cannot read it: ask the agent to put it back.
+fn return_from_staging(proc: &Proc, agent: &mut Agent, v: Victim) {
+    let Some(seq) = submit(agent, AgentOp::ReturnFromStaging, v.slot, v.page) else {
+        *v.cell.data.lock().unwrap_or_else(|p| p.into_inner()) = CellData::Lost;
+        return;
+    };
+    let _ = agent.client.kick();
+    let mut d = HashMap::new();
+    collect(agent, &mut d, seq, Duration::from_secs(10));
+    if d.get(&seq).copied() == Some(PAGE as i64) {
+        revert(proc, agent, v);
+    } else {
+        *v.cell.data.lock().unwrap_or_else(|p| p.into_inner()) = CellData::Lost;
+    }
+}
+
 struct Victim {
     page: u64,
     cell: Arc<SwapCell>,
     slot: u32,
 }
 
-fn collect(agent: &mut Agent, done: &mut HashMap<u64, i64>, expect: usize, timeout: Duration) {
+/// Collects completions until `seq` (and everything before it) is answered, or `timeout`.
+fn collect(agent: &mut Agent, done: &mut HashMap<u64, i64>, seq: u64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    while done.len() < expect && Instant::now() < deadline {
+    while !done.contains_key(&seq) && Instant::now() < deadline {
         for c in agent.client.completions() {
             done.insert(c.seq, c.result);
         }
-        if done.len() < expect {
-            let _ = agent.client.wait_done(50);
+        if !done.contains_key(&seq) {
+            let _ = agent.client.wait_done(20);
         }
     }
 }
@@ -127,7 +166,7 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
                 m.fifo.push_front(page);
                 break;
             };
-            let cell = SwapCell::new(sh.swap.clone());
+            let cell = SwapCell::new(sh.swap.clone(), agent.client.staging_addr(slot));
             m.set_out(page, cell.clone());
             victims.push(Victim { page, cell, slot });
         }
@@ -135,61 +174,72 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
     if victims.is_empty() {
         return 0;
     }
-    // 2. Ask the agent to move them to staging.
-    let mut seqs = Vec::with_capacity(victims.len());
-    for v in &victims {
-        seqs.push(submit(agent, AgentOp::EvictToStaging, v.slot, v.page));
+    // 2. Ask the agent to move them to staging; 3. handle each completion as it
+    // arrives (a fault on a moved page is served from the cache at once: the agent's
+    // own thread may be the one faulting), never assuming an outcome on a timeout.
+    let mut pending: HashMap<u64, Victim> = HashMap::new();
+    for v in victims {
+        match submit(agent, AgentOp::EvictToStaging, v.slot, v.page) {
+            Some(seq) => {
+                pending.insert(seq, v);
+            }
+            None => revert(proc, agent, v),
+        }
     }
     let _ = agent.client.kick();
-    let mut done = HashMap::new();
-    let expect = seqs.iter().flatten().count();
-    collect(agent, &mut done, expect, Duration::from_secs(5));
-    // 3. Read the moved pages out of staging.
     let mut moved = Vec::new();
-    for (v, seq) in victims.into_iter().zip(seqs) {
-        let result = seq.and_then(|s| done.get(&s).copied()).unwrap_or(-1);
-        if result == PAGE as i64 {
-            let mut buf = PageBuf::page();
-            let remote = [RemoteIoVec {
-                base: agent.client.staging_addr(v.slot) as usize,
-                len: PAGE as usize,
-            }];
-            let read = process_vm_readv(
-                Pid::from_raw(proc.pid as i32),
-                &mut [IoSliceMut::new(&mut buf)],
-                &remote,
+    let mut waited = Instant::now();
+    while !pending.is_empty() {
+        let done = agent.client.completions();
+        if done.is_empty() {
+            if proc.gone.load(Ordering::Acquire) {
+                return 0; // the cells stay Evicting: the map is gone with the process
+            }
+            if waited.elapsed() > Duration::from_secs(10) {
+                tracing::warn!(
+                    "pid {}: the eviction agent has not answered for 10 s ({} pages pending)",
+                    proc.pid,
+                    pending.len()
+                );
+                waited = Instant::now();
+            }
+            let _ = agent.client.wait_done(20);
+            continue;
+        }
+        for c in done {
+            let Some(v) = pending.remove(&c.seq) else {
+                continue;
+            };
+            tracing::trace!(
+                "pid {}: evict {:#x} slot {} -> {}",
+                proc.pid,
+                v.page,
+                v.slot,
+                c.result
             );
+            if c.result != PAGE as i64 {
+                bump(&proc.counters.evict_skipped);
+                revert(proc, agent, v);
+                continue;
+            }
+            let mut buf = PageBuf::page();
+            let read = read_remote(proc.pid, agent.client.staging_addr(v.slot), &mut buf);
             if read == Ok(PAGE as usize) {
                 *v.cell.data.lock().unwrap_or_else(|p| p.into_inner()) = CellData::Cached(buf);
                 bump(&proc.counters.evictions);
                 moved.push(v);
                 continue;
             }
-            // Cannot read staging: give the page back to the program from staging.
+            if read == Err(nix::errno::Errno::ESRCH) {
+                return 0; // the process is gone, and its map with it
+            }
             tracing::warn!(
                 "pid {}: cannot read staging slot {} ({read:?}); returning the page",
                 proc.pid,
                 v.slot
             );
-            if let Some(s) = submit(agent, AgentOp::ReturnFromStaging, v.slot, v.page) {
-                let _ = agent.client.kick();
-                let mut d = HashMap::new();
-                collect(agent, &mut d, 1, Duration::from_secs(5));
-                if d.get(&s).copied() != Some(PAGE as i64) {
-                    *v.cell.data.lock().unwrap_or_else(|p| p.into_inner()) = CellData::Lost;
-                    agent.free_slots.push(v.slot);
-                    continue;
-                }
-            }
-        } else {
-            bump(&proc.counters.evict_skipped);
+            return_from_staging(proc, agent, v);
         }
-        // Not moved (or moved back): the page is the program's again.
-        let mut m = proc.lock_map();
-        if matches!(m.pages.get(&v.page), Some(PageState::Out(c)) if Arc::ptr_eq(c, &v.cell)) {
-            m.set_resident(v.page, Charge::Now);
-        }
-        agent.free_slots.push(v.slot);
     }
     // 4. Write to swap.
     let mut writes = Vec::new();
@@ -225,7 +275,9 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
     }
     let _ = agent.client.kick();
     let mut d = HashMap::new();
-    collect(agent, &mut d, drops.len(), Duration::from_secs(5));
+    if let Some(&last) = drops.last() {
+        collect(agent, &mut d, last, Duration::from_secs(10));
+    }
     for v in moved {
         agent.free_slots.push(v.slot);
     }

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use usm_sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use usm_sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use usm_sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -83,6 +83,9 @@ pub(crate) struct Proc {
     pub(crate) coverage: Mutex<(u64, u64)>,
     /// Last `SwapState` sent.
     pub(crate) told_swapped: AtomicU64,
+    /// Thread id of the tagger's eviction agent (0: none). Its faults never wait for a
+    /// frame: the evictor may be waiting for it.
+    pub(crate) agent_tid: AtomicU32,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -215,6 +218,7 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer) {
         stop: AtomicBool::new(false),
         coverage: Mutex::new((0, 0)),
         told_swapped: AtomicU64::new(0),
+        agent_tid: AtomicU32::new(0),
         threads: Mutex::new(Vec::new()),
     });
     sh.add_proc(proc.clone());
@@ -315,17 +319,18 @@ fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>) {
 
 fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
     match ev {
-        UffdEvent::Pagefault { addr, write, .. } => {
+        UffdEvent::Pagefault { addr, tid, .. } => {
             bump(&proc.counters.faults);
             let t0 = Instant::now();
+            let urgent = tid != 0 && tid == proc.agent_tid.load(Ordering::Acquire);
             let (s, p) = (sh.clone(), proc.clone());
             let spawned = sh
                 .handle
-                .spawn(move || serve_fault(&s, &p, addr & !(PAGE - 1), write, t0));
+                .spawn(move || serve_fault(&s, &p, addr & !(PAGE - 1), urgent, t0));
             if let Err(e) = spawned {
                 // No runtime (shutting down): serve here rather than leave it waiting.
                 tracing::debug!("spawn failed ({e}); serving the fault on the reader");
-                serve_fault(sh, proc, addr & !(PAGE - 1), write, t0);
+                serve_fault(sh, proc, addr & !(PAGE - 1), urgent, t0);
             }
         }
         UffdEvent::Fork { child } => {
@@ -358,6 +363,7 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
                         stop: AtomicBool::new(false),
                         coverage: Mutex::new((0, 0)),
                         told_swapped: AtomicU64::new(0),
+                        agent_tid: AtomicU32::new(0),
                         threads: Mutex::new(Vec::new()),
                     });
                     sh.add_proc(child.clone());
@@ -411,8 +417,9 @@ fn finish(sh: &Arc<Shared>, proc: &Arc<Proc>) {
 }
 
 /// Waits (parking the workee, never the worker) until `n` frames are reserved; after
-/// [`FRAME_WAIT`] reserves them anyway (counted over the pool) rather than hang.
-fn reserve_frames(sh: &Shared, n: u64) {
+/// [`FRAME_WAIT`] — at once when `urgent` — reserves them anyway (counted over the
+/// pool) rather than hang.
+fn reserve_frames(sh: &Shared, n: u64, urgent: bool) {
     let deadline = Instant::now() + FRAME_WAIT;
     loop {
         if try_reserve(&sh.frames_used, n, sh.pool_pages) {
@@ -422,7 +429,7 @@ fn reserve_frames(sh: &Shared, n: u64) {
             return;
         }
         sh.kick_evictor();
-        if Instant::now() > deadline || sh.stopping.load(Ordering::Acquire) {
+        if urgent || Instant::now() > deadline || sh.stopping.load(Ordering::Acquire) {
             sh.frames_used.fetch_add(n, Ordering::AcqRel);
             bump(&sh.overcommits);
             return;
@@ -437,8 +444,7 @@ fn zeros(len: usize) -> &'static [u8] {
 }
 
 /// Serves one fault of `proc` at `page`. Runs on a workee.
-pub(crate) fn serve_fault(sh: &Shared, proc: &Proc, page: u64, write: bool, t0: Instant) {
-    let _ = write;
+pub(crate) fn serve_fault(sh: &Shared, proc: &Proc, page: u64, urgent: bool, t0: Instant) {
     for _ in 0..100_000 {
         if proc.gone.load(Ordering::Acquire) {
             return;
@@ -447,11 +453,12 @@ pub(crate) fn serve_fault(sh: &Shared, proc: &Proc, page: u64, write: bool, t0: 
         let done = match state {
             Some(PageState::Resident { .. }) => {
                 // Someone (another workee, a revert) mapped it: just wake the waiters.
+                tracing::trace!("pid {}: fault on resident page {page:#x}", proc.pid);
                 let _ = proc.uffd.wake(page, PAGE);
                 true
             }
-            None => fill_fresh(sh, proc, page),
-            Some(PageState::Out(cell)) => swap_in(sh, proc, page, &cell),
+            None => fill_fresh(sh, proc, page, urgent),
+            Some(PageState::Out(cell)) => swap_in(sh, proc, page, &cell, urgent),
         };
         if done {
             proc.counters.record_latency(t0.elapsed());
@@ -486,11 +493,11 @@ fn classify(r: usm_kmod::Result<Resolved>) -> Install {
 }
 
 /// First touch: zeros, possibly a whole flexible huge page. Returns true when done.
-fn fill_fresh(sh: &Shared, proc: &Proc, page: u64) -> bool {
+fn fill_fresh(sh: &Shared, proc: &Proc, page: u64, urgent: bool) -> bool {
     if proc.fhp_pages > 1 && fill_fhp(sh, proc, page) {
         return true;
     }
-    reserve_frames(sh, 1);
+    reserve_frames(sh, 1, urgent);
     let mut m = proc.lock_map();
     if proc.gone.load(Ordering::Acquire) || m.pages.contains_key(&page) {
         drop(m);
@@ -500,6 +507,7 @@ fn fill_fresh(sh: &Shared, proc: &Proc, page: u64) -> bool {
     let r = sys::copy_into(&proc.uffd, page, zeros(PAGE as usize));
     match r {
         Ok(Resolved::Done(_)) => {
+            tracing::trace!("pid {}: zero fill {page:#x}", proc.pid);
             m.set_resident(page, Charge::Reserved);
             bump(&proc.counters.zero_fills);
             true
@@ -555,12 +563,19 @@ fn fill_fhp(sh: &Shared, proc: &Proc, page: u64) -> bool {
 }
 
 /// Swap-in of `page` from `cell`. Returns true when done.
-fn swap_in(sh: &Shared, proc: &Proc, page: u64, cell: &Arc<SwapCell>) -> bool {
+fn swap_in(sh: &Shared, proc: &Proc, page: u64, cell: &Arc<SwapCell>, urgent: bool) -> bool {
     // Where is the data?
     let data: Result<PageBuf, String> = {
         let d = cell.data.lock().unwrap_or_else(|p| p.into_inner());
         match &*d {
-            CellData::Evicting => return false, // the agent is moving it; wait
+            CellData::Evicting => {
+                // The fault proves the agent moved it: read it from staging.
+                let mut buf = PageBuf::page();
+                match super::evict::read_remote(proc.pid, cell.staging, &mut buf) {
+                    Ok(n) if n == PAGE as usize => Ok(buf),
+                    _ => return false,
+                }
+            }
             CellData::Cached(buf) => {
                 let mut copy = PageBuf::page();
                 copy.copy_from_slice(buf);
@@ -574,7 +589,7 @@ fn swap_in(sh: &Shared, proc: &Proc, page: u64, cell: &Arc<SwapCell>) -> bool {
             }
         }
     };
-    reserve_frames(sh, 1);
+    reserve_frames(sh, 1, urgent);
     let mut m = proc.lock_map();
     let same = matches!(m.pages.get(&page), Some(PageState::Out(c)) if Arc::ptr_eq(c, cell));
     if proc.gone.load(Ordering::Acquire) || !same {
@@ -586,6 +601,7 @@ fn swap_in(sh: &Shared, proc: &Proc, page: u64, cell: &Arc<SwapCell>) -> bool {
     match data {
         Ok(buf) => match classify(sys::copy_into(&proc.uffd, page, &buf)) {
             Install::Done => {
+                tracing::trace!("pid {}: swap-in {page:#x}", proc.pid);
                 m.set_resident(page, Charge::Reserved);
                 bump(&proc.counters.swapins);
                 true
@@ -679,6 +695,8 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
                     free_slots,
                     seq: 0,
                 });
+                proc.agent_tid
+                    .store(find_thread(proc.pid, "usm-agent"), Ordering::Release);
                 tracing::info!("pid {}: eviction agent ready", proc.pid);
             }
             Err(e) => {
@@ -704,6 +722,23 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
             );
         }
     }
+}
+
+/// The tid of `pid`'s thread named `comm` (0 if none).
+fn find_thread(pid: u32, comm: &str) -> u32 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    for e in dir.flatten() {
+        let named = std::fs::read_to_string(e.path().join("comm"))
+            .is_ok_and(|c| c.trim_end() == comm);
+        if named {
+            if let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok()) {
+                return tid;
+            }
+        }
+    }
+    0
 }
 
 /// Used by shutdown: puts every page of `proc` back into it (blocking this OS thread

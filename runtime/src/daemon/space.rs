@@ -47,13 +47,19 @@ pub(crate) enum CellData {
 /// An evicted page, shared by every address space that still refers to it.
 pub(crate) struct SwapCell {
     pub(crate) data: Mutex<CellData>,
+    /// While `Evicting`: the staging slot's address in the program. A fault on the page
+    /// proves the agent's MOVE happened (the page was present before), so the data can
+    /// be read from there before the agent's completion arrives — the agent's own
+    /// thread may be the one faulting.
+    pub(crate) staging: u64,
     store: Arc<SwapStore>,
 }
 
 impl SwapCell {
-    pub(crate) fn new(store: Arc<SwapStore>) -> Arc<SwapCell> {
+    pub(crate) fn new(store: Arc<SwapStore>, staging: u64) -> Arc<SwapCell> {
         Arc::new(SwapCell {
             data: Mutex::new(CellData::Evicting),
+            staging,
             store,
         })
     }

@@ -12,7 +12,7 @@
 //! processes that share the page after `fork` share the cell (`Arc`), so the slot is freed
 //! when the last sharer drops it — the reference count of the slot is the cell's.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use usm_sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -269,35 +269,52 @@ impl Drop for SwapStore {
 
 fn io_loop(mut engine: Engine, rx: mpsc::Receiver<IoReq>) {
     let mut waiting: HashMap<u64, Arc<IoWait>> = HashMap::new();
+    // Requests beyond the ring's depth wait here, in order: a full ring is back-pressure,
+    // never a failure (a failed read would poison a page).
+    let mut backlog: VecDeque<IoReq> = VecDeque::new();
     let mut open = true;
     loop {
-        let timeout = if engine.in_flight() > 0 {
+        let busy = engine.in_flight() > 0 || !backlog.is_empty();
+        let timeout = if busy {
             Duration::from_micros(30)
         } else {
             Duration::from_millis(200)
         };
-        let mut batch = Vec::new();
         if open {
             match rx.recv_timeout(timeout) {
-                Ok(r) => batch.push(r),
+                Ok(r) => backlog.push_back(r),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => open = false,
             }
-            batch.extend(rx.try_iter());
+            backlog.extend(rx.try_iter());
         }
-        if !open && engine.in_flight() == 0 && batch.is_empty() {
+        if !open && engine.in_flight() == 0 && backlog.is_empty() {
             return;
         }
-        for req in batch {
-            let (queued, w) = match req {
-                IoReq::Read(e, w) => (engine.read(e, PageBuf::page()), w),
-                IoReq::Write(e, b, w) => (engine.write(e, b), w),
-            };
-            match queued {
-                Ok(t) => {
-                    waiting.insert(t.0, w);
-                }
-                Err(rej) => w.complete(Err(rej.error.to_string())),
+        while engine.has_capacity() {
+            let Some(req) = backlog.pop_front() else { break };
+            let full = |e: &usm_swap::SwapError| matches!(e, usm_swap::SwapError::QueueFull { .. });
+            match req {
+                IoReq::Read(e, w) => match engine.read(e, PageBuf::page()) {
+                    Ok(t) => {
+                        waiting.insert(t.0, w);
+                    }
+                    Err(rej) if full(&rej.error) => {
+                        backlog.push_front(IoReq::Read(e, w));
+                        break;
+                    }
+                    Err(rej) => w.complete(Err(rej.error.to_string())),
+                },
+                IoReq::Write(e, b, w) => match engine.write(e, b) {
+                    Ok(t) => {
+                        waiting.insert(t.0, w);
+                    }
+                    Err(rej) if full(&rej.error) => {
+                        backlog.push_front(IoReq::Write(e, rej.buf, w));
+                        break;
+                    }
+                    Err(rej) => w.complete(Err(rej.error.to_string())),
+                },
             }
         }
         if let Err(e) = engine.submit() {
