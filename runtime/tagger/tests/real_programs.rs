@@ -43,6 +43,10 @@ fn redis_cli(sock: &Path, args: &[&str]) -> String {
 
 #[test]
 fn redis_server_with_jemalloc_is_covered() {
+    if let Some(why) = support::sys::userfaultfd_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
     let Some(redis) = installed("redis-server") else {
         eprintln!("SKIP: redis-server is not installed (apt-get install redis-server redis-tools)");
         return;
@@ -115,6 +119,10 @@ fn redis_server_with_jemalloc_is_covered() {
 
 #[test]
 fn stressapptest_passes_and_is_covered() {
+    if let Some(why) = support::sys::userfaultfd_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
     let Some(sat) = installed("stressapptest") else {
         eprintln!("SKIP: stressapptest is not installed (apt-get install stressapptest)");
         return;

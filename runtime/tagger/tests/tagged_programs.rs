@@ -21,6 +21,10 @@ fn warning_lines(stderr: &str) -> Vec<&str> {
 
 #[test]
 fn tagged_program_is_managed_and_keeps_its_data() {
+    if let Some(why) = support::sys::userfaultfd_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();
     let bin = compile(work.path(), "workload", &[]);
@@ -166,6 +170,10 @@ fn daemon_absent_one_warning_and_the_program_runs() {
 
 #[test]
 fn refused_program_runs_unmanaged_with_one_warning() {
+    if let Some(why) = support::sys::userfaultfd_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();
     let bin = compile(work.path(), "workload", &[]);
@@ -189,6 +197,10 @@ fn refused_program_runs_unmanaged_with_one_warning() {
 
 #[test]
 fn daemon_death_with_swapped_pages_kills_the_program() {
+    if let Some(why) = support::sys::userfaultfd_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();
     let bin = compile(work.path(), "workload", &[]);
@@ -223,6 +235,10 @@ fn daemon_death_with_swapped_pages_kills_the_program() {
 
 #[test]
 fn daemon_death_with_nothing_swapped_continues_unmanaged() {
+    if let Some(why) = support::sys::userfaultfd_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();
     let bin = compile(work.path(), "workload", &[]);
@@ -254,6 +270,10 @@ fn daemon_death_with_nothing_swapped_continues_unmanaged() {
 
 #[test]
 fn daemon_death_while_threads_wait_inside_malloc() {
+    if let Some(why) = support::sys::userfaultfd_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
     // Threads fault (or wait for an UNMAP event) inside malloc/free, holding the heap
     // lock, when the daemon stops serving and then dies: the tagger must detach without
     // needing the heap, and every thread must continue on kernel memory.
@@ -277,6 +297,10 @@ fn daemon_death_while_threads_wait_inside_malloc() {
 
 #[test]
 fn program_with_its_own_userfaultfd_still_works() {
+    if let Some(why) = support::sys::userfaultfd_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();
     let bin = compile(work.path(), "workload", &[]);
@@ -291,6 +315,10 @@ fn program_with_its_own_userfaultfd_still_works() {
 
 #[test]
 fn usm_hint_reaches_the_daemon() {
+    if let Some(why) = support::sys::userfaultfd_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
     let tagger = tagger_so();
     let libusm = libusm_so();
     let work = tempfile::tempdir().unwrap();
@@ -349,6 +377,10 @@ fn collect(
 
 #[test]
 fn eviction_agent_moves_pages_out_and_back() {
+    if let Some(why) = support::sys::userfaultfd_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
     use usm_proto::agent::{AgentClient, AgentOp, AgentRequest};
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();
@@ -495,6 +527,10 @@ fn eviction_agent_moves_pages_out_and_back() {
 
 #[test]
 fn forked_child_with_inherited_holes_is_killed_when_the_daemon_dies() {
+    if let Some(why) = support::sys::userfaultfd_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
     use usm_proto::agent::{AgentClient, AgentOp, AgentRequest};
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();

@@ -191,3 +191,37 @@ pub fn read_remote(pid: u32, addr: u64, len: usize) -> Result<Vec<u8>, i32> {
     buf.truncate(n as usize);
     Ok(buf)
 }
+
+/// Can this process open a handler-mode userfaultfd (not `UFFD_USER_MODE_ONLY`)?
+/// Either through `/dev/userfaultfd` (needs access to the device) or the system call
+/// (needs `CAP_SYS_PTRACE` or `vm.unprivileged_userfaultfd=1`). Returns the reason if not.
+pub fn userfaultfd_unavailable() -> Option<String> {
+    const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+    // SAFETY: the path is NUL-terminated.
+    let dev = unsafe { libc::open(c"/dev/userfaultfd".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if dev >= 0 {
+        // SAFETY: USERFAULTFD_IOC_NEW takes flags by value.
+        let fd = unsafe { libc::ioctl(dev, USERFAULTFD_IOC_NEW, libc::O_CLOEXEC) };
+        // SAFETY: closing descriptors we own.
+        unsafe {
+            if fd >= 0 {
+                libc::close(fd);
+            }
+            libc::close(dev);
+        }
+        if fd >= 0 {
+            return None;
+        }
+    }
+    // SAFETY: userfaultfd(2) takes flags by value.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+    if fd >= 0 {
+        // SAFETY: closing a descriptor we own.
+        unsafe { libc::close(fd as i32) };
+        return None;
+    }
+    Some(format!(
+        "no handler-mode userfaultfd for this user ({}): run as root or set vm.unprivileged_userfaultfd=1",
+        io::Error::last_os_error()
+    ))
+}
