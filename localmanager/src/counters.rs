@@ -1,8 +1,9 @@
 //! Per-LocalManager counters.
 //!
 //! Most counters are written only by their worker (a load + store, no locked RMW, so the
-//! hot path stays cheap) and read by anyone; `wakes` is incremented by whichever thread
-//! makes a uThread of this worker ready, so it uses `fetch_add`.
+//! hot path stays cheap) and read by anyone; the few bumped from other threads or signal
+//! handlers (`stolen_from`, `faults`, `fault_resumes`, `preemptions`, `panicked`) use
+//! `fetch_add`. The block is cache-padded away from the words other cores write.
 
 use usm_sync::atomic::{AtomicU64, Ordering};
 
@@ -71,7 +72,8 @@ pub struct CountersSnapshot {
     pub stolen_from: u64,
     /// uThreads that parked (generic park, not faults).
     pub parks: u64,
-    /// Parked uThreads of this worker made ready again (by anyone).
+    /// uThreads of this worker made ready by someone else (unpark, PFQ resume) and then run
+    /// here (counted when run).
     pub wakes: u64,
     /// Times the worker itself blocked in its waker (eventfd mode).
     pub worker_parks: u64,

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use bitvec::vec::BitVec;
 use crossbeam_deque::Steal;
+use crossbeam_utils::CachePadded;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use usm_fibers::{Fiber, Outcome, StackPool, Suspend};
 use usm_sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -98,11 +99,11 @@ pub(crate) struct ManagerShared {
     pub(crate) idq: AtomicBitfield,
     pub(crate) pfq: AtomicBitfield,
     pub(crate) slots: SlotTable,
-    pub(crate) park: ParkState,
+    pub(crate) park: CachePadded<ParkState>,
     wake_fd: Option<EventFd>,
     mode: WakerMode,
     /// Running a uThread right now (steal heuristic).
-    pub(crate) running: AtomicBool,
+    pub(crate) running: CachePadded<AtomicBool>,
     /// Idle with no timers or driver work pending (shutdown quiescence).
     pub(crate) quiescent: AtomicBool,
     /// uThreads of this worker parked inside a signal handler (maintained by the owner).
@@ -116,7 +117,7 @@ pub(crate) struct ManagerShared {
     pub(crate) thread: AtomicU64,
     /// uThreads spawned onto this worker from elsewhere (`spawn_on`).
     pub(crate) inbox: crossbeam_deque::Injector<Box<Entry>>,
-    pub(crate) counters: Counters,
+    pub(crate) counters: CachePadded<Counters>,
 }
 
 impl ManagerShared {
@@ -137,10 +138,10 @@ impl ManagerShared {
             idq,
             pfq,
             slots,
-            park: ParkState::new(),
+            park: CachePadded::new(ParkState::new()),
             wake_fd,
             mode,
-            running: AtomicBool::new(false),
+            running: CachePadded::new(AtomicBool::new(false)),
             quiescent: AtomicBool::new(false),
             in_handler: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
@@ -148,7 +149,7 @@ impl ManagerShared {
             has_freed: AtomicBool::new(false),
             thread: AtomicU64::new(0),
             inbox: crossbeam_deque::Injector::new(),
-            counters: Counters::default(),
+            counters: CachePadded::new(Counters::default()),
         })
     }
 
@@ -511,7 +512,11 @@ impl<'a> LocalManager<'a> {
             self.shared.idq.set(slot);
             return;
         };
-        entry.task.claim_running();
+        if entry.task.claim_running() && entry.fiber.is_some() {
+            // Made ready by an unpark or a PFQ resume (counted here, by the owner, so
+            // wakers never write this worker's counters line).
+            bump_owned(&self.shared.counters.wakes, 1);
+        }
         if entry.fiber.is_none() {
             let Some(body) = entry.body.take() else {
                 self.finish(slot, entry, false);
@@ -647,6 +652,12 @@ impl<'a> LocalManager<'a> {
         0
     }
 
+    /// Work other threads can hand this worker without waking it: ready bits, injected or
+    /// inboxed uThreads.
+    fn has_queued_work(&self) -> bool {
+        !self.shared.idq.is_empty() || !self.rt.injector.is_empty() || !self.shared.inbox.is_empty()
+    }
+
     fn has_work(&self) -> bool {
         !self.shared.idq.is_empty()
             || !self.rt.injector.is_empty()
@@ -662,8 +673,10 @@ impl<'a> LocalManager<'a> {
         let start = Instant::now();
         match self.shared.mode {
             WakerMode::BusyPoll => {
-                for _ in 0..64 {
-                    if self.has_work() || self.rt.phase() != Phase::Running {
+                // Spin on the cheap checks only (a few loads of lines other cores write);
+                // timers, the driver and shutdown are handled by the next round.
+                for _ in 0..1024 {
+                    if self.has_queued_work() {
                         break;
                     }
                     usm_sync::hint::spin_loop();

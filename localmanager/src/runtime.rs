@@ -106,10 +106,7 @@ impl RuntimeShared {
             return;
         };
         manager.idq.set(slot as usize);
-        if self.on_worker(owner) {
-            crate::counters::bump_owned(&manager.counters.wakes, 1);
-        } else {
-            manager.counters.wakes.fetch_add(1, Ordering::Relaxed);
+        if !self.on_worker(owner) {
             manager.wake();
         }
     }

@@ -128,8 +128,9 @@ impl Task {
         }
     }
 
-    /// Worker side, when it claims the uThread to run it.
-    pub(crate) fn claim_running(&self) {
+    /// Worker side, when it claims the uThread to run it. Returns `true` if it was made
+    /// ready by someone else (`QUEUED`/`FAULTED`), `false` after its own yield.
+    pub(crate) fn claim_running(&self) -> bool {
         let mut state = self.state.load(Ordering::Acquire);
         while state & STATE_MASK != RUNNING {
             let next = RUNNING | (state & NOTIFIED);
@@ -137,10 +138,11 @@ impl Task {
                 .state
                 .compare_exchange_weak(state, next, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return,
+                Ok(_) => return true,
                 Err(actual) => state = actual,
             }
         }
+        false
     }
 
     /// Fault primitive side: `RUNNING → FAULTED`, keeping a pending token. Lock-free,
