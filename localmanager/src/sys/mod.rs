@@ -50,7 +50,16 @@ impl<T> AtomicBox<T> {
     }
 
     /// Puts `value` in; if the slot was not empty, the previous box is returned.
+    ///
+    /// The common case (the slot is empty and only the caller may fill it, as for the worker
+    /// putting back the uThread it ran) costs a load and a release store instead of a locked
+    /// swap. If another thread filled the slot between the two, that box is leaked, never
+    /// freed twice: still memory-safe, and the scheduler's protocol rules it out.
     pub(crate) fn put(&self, value: Box<T>) -> Option<Box<T>> {
+        if self.ptr.load(Ordering::Acquire).is_null() {
+            self.ptr.store(Box::into_raw(value), Ordering::Release);
+            return None;
+        }
         let raw = self.ptr.swap(Box::into_raw(value), Ordering::AcqRel);
         if raw.is_null() {
             None
