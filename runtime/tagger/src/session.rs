@@ -29,6 +29,7 @@ use std::fmt::Write as _;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use usm_proto::coverage::Coverage;
 use usm_proto::{Channel, DEFAULT_SOCKET_PATH, Message, ProtoError, SOCKET_ENV, client, wire};
@@ -45,6 +46,9 @@ pub(crate) fn warn(line: &str) {
     sys::write_stderr(text.as_bytes());
 }
 
+/// The daemon's socket, for forked children to attach on their own.
+static SOCKET_PATH: OnceLock<PathBuf> = OnceLock::new();
+
 /// Runs in the library constructor. Never fails: every problem ends in Unmanaged.
 pub(crate) fn start() {
     if std::env::var_os("USM_TAGGER_MALLOC_ZERO").is_some_and(|v| v == "0") {
@@ -59,6 +63,7 @@ pub(crate) fn start() {
     let path = std::env::var_os(SOCKET_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH));
+    let _ = SOCKET_PATH.set(path.clone());
     match attach(&path) {
         Ok(policy) => {
             if std::env::var_os("USM_TAGGER_VERBOSE").is_some() {
@@ -92,6 +97,20 @@ fn process_name() -> String {
 }
 
 fn attach(path: &std::path::Path) -> Result<String, String> {
+    let (channel, uffd, admission) = handshake(path)?;
+    let reader = install(channel, uffd, admission.features)?;
+    std::thread::Builder::new()
+        .name("usm-tagger".into())
+        .spawn(move || watch(reader))
+        .map_err(|e| {
+            detach();
+            format!("cannot start the watcher thread ({e})")
+        })?;
+    Ok(admission.policy)
+}
+
+/// Connect, Hello with a fresh un-negotiated userfaultfd, verdict.
+fn handshake(path: &std::path::Path) -> Result<(Channel, OwnedFd, client::Admission), String> {
     let session =
         client::connect(path).map_err(|e| format!("no USM daemon at {} ({e})", path.display()))?;
     let raw = sys::open_userfaultfd().map_err(|errno| {
@@ -114,24 +133,39 @@ fn attach(path: &std::path::Path) -> Result<String, String> {
         }
         Err(e) => return Err(format!("USM daemon handshake failed ({e})")),
     };
-    // Keep our copy for good: registration goes through it, and its number must stay
-    // ours until exit (see `detach`).
-    state::set_uffd(into_raw(uffd));
-    state::set_features(admission.features);
-    let channel = state::set_channel(session.into_channel());
+    Ok((session.into_channel(), uffd, admission))
+}
+
+/// Makes an acked session current and returns the watcher's handle on its socket.
+///
+/// The first time, the descriptors are stored. In a forked child, `state` still names
+/// the parent's descriptor *numbers* (pointing at `/dev/null` since the fork): the new
+/// descriptors are moved onto those numbers, so everything holding them stays right.
+/// Our userfaultfd copy is kept for good: registration goes through it, and its number
+/// must stay ours until exit (see `detach`).
+fn install(channel: Channel, uffd: OwnedFd, features: u64) -> Result<Channel, String> {
+    let old_uffd = state::uffd_number();
+    if old_uffd >= 0 {
+        sys::replace_fd(old_uffd, uffd.as_raw_fd());
+        drop(uffd);
+    } else {
+        state::set_uffd(into_raw(uffd));
+    }
+    let channel = match state::channel() {
+        Some(existing) => {
+            sys::replace_fd(existing.as_raw_fd(), channel.as_raw_fd());
+            drop(channel);
+            existing
+        }
+        None => state::set_channel(channel),
+    };
+    state::set_features(features);
     let reader = channel
         .try_clone()
         .map_err(|e| format!("cannot clone the daemon socket ({e})"))?;
     state::set_mode(Mode::Managed);
     crate::sys::heap::adopt_pending();
-    std::thread::Builder::new()
-        .name("usm-tagger".into())
-        .spawn(move || watch(reader))
-        .map_err(|e| {
-            detach();
-            format!("cannot start the watcher thread ({e})")
-        })?;
-    Ok(admission.policy)
+    Ok(reader)
 }
 
 fn owned(raw: i32) -> OwnedFd {
@@ -282,54 +316,79 @@ pub(crate) fn detach() {
     }
 }
 
-/// In a forked child (single-threaded, from the `pthread_atfork` child handler): drop
-/// the parent's userfaultfd context (using it here would register ranges in the
-/// *parent's* address space) and the parent's session.
+/// In a forked child (single-threaded, from the `pthread_atfork` child handler).
 ///
-/// The child's inherited memory lives on a new context only the daemon holds
-/// (`EVENT_FORK`). Pages that were out of the parent's address space at `fork` (swapped,
-/// or in the parent's staging area, which is `MADV_DONTFORK`) are holes in the child
-/// that only the daemon can fill, and the child cannot be asked to evict anything later
-/// (it has no agent). So if there were any, the child keeps the parent's socket *only to
-/// notice the daemon's death* (it never reads it) and a small thread kills the child
-/// with a message if the daemon goes away; otherwise it needs nothing.
+/// The parent's userfaultfd copy and socket must not be used here (registering on the
+/// parent's context would register ranges in the *parent's* address space; messages
+/// would speak for the parent): both numbers are pointed at `/dev/null` at once. The
+/// child's inherited memory lives on a context only the daemon holds (`EVENT_FORK`).
+/// For its *new* memory the child attaches on its own, from a thread so `fork` does not
+/// wait for the daemon: a new connection and userfaultfd, Hello with the child's pid.
+/// Heap segments made meanwhile are remembered and registered at the Ack.
+///
+/// Pages that were out of the parent at `fork` (swapped, or in the parent's staging
+/// area, which is `MADV_DONTFORK`) are holes in the child that only the daemon can
+/// fill: they count as this process's swapped pages (a floor under what the daemon
+/// reports), so the daemon's death kills the child with a message. If the child cannot
+/// attach, it keeps a duplicate of the parent's socket only to notice that death.
 pub(crate) fn after_fork_in_child() {
     let was_managed = state::mode() == Mode::Managed;
-    state::set_mode(Mode::Unmanaged);
     if !was_managed {
+        state::set_mode(Mode::Unmanaged);
         return;
     }
-    let at_risk = state::swapped_pages() + crate::agent::staged_pages();
+    let inherited = state::swapped_pages() + crate::agent::staged_pages();
+    state::set_swapped_pages(0);
+    state::set_inherited_swapped(inherited);
+    state::set_mode(Mode::Starting);
     let devnull = state::devnull();
     let uffd = state::uffd_number();
     if uffd >= 0 {
         sys::replace_fd(uffd, devnull);
     }
-    let Some(channel) = state::channel() else {
+    let parent_sock = match state::channel() {
+        Some(channel) => {
+            let keep = if inherited > 0 {
+                sys::dup_cloexec(channel.as_raw_fd())
+            } else {
+                None
+            };
+            sys::replace_fd(channel.as_raw_fd(), devnull);
+            keep
+        }
+        None => None,
+    };
+    let Some(path) = SOCKET_PATH.get() else {
+        state::set_mode(Mode::Unmanaged);
         return;
     };
-    let sock = channel.as_raw_fd();
-    if at_risk == 0 {
-        sys::replace_fd(sock, devnull);
-        return;
-    }
     let spawned = std::thread::Builder::new()
-        .name("usm-fork-watch".into())
-        .spawn(move || {
-            if !sys::wait_peer_hangup(sock) {
-                return;
-            }
-            let line = format!(
-                "{TAG}: FATAL: the USM daemon went away while holding {at_risk} page(s) this \
-                 forked process inherited as swapped out (pid {}); killing it rather than \
-                 let it read zeros\n",
-                sys::getpid()
-            );
-            sys::write_stderr(line.as_bytes());
-            sys::kill_self();
-        });
+        .name("usm-tagger".into())
+        .spawn(move || attach_child(path, parent_sock));
     if spawned.is_err() {
-        warn("cannot watch the USM daemon from this forked process");
+        state::set_mode(Mode::Unmanaged);
+        warn("cannot start the watcher thread in this forked process; running unmanaged");
+    }
+}
+
+/// The forked child's own session (see `after_fork_in_child`).
+fn attach_child(path: &std::path::Path, parent_sock: Option<OwnedFd>) {
+    match handshake(path)
+        .and_then(|(channel, uffd, admission)| install(channel, uffd, admission.features))
+    {
+        Ok(reader) => {
+            drop(parent_sock);
+            watch(reader);
+        }
+        Err(why) => {
+            state::set_mode(Mode::Unmanaged);
+            warn(&format!("{why}; this forked process runs unmanaged"));
+            if let Some(sock) = parent_sock {
+                if sys::wait_peer_hangup(sock.as_raw_fd()) && state::swapped_pages() > 0 {
+                    fatal("socket closed", 0, state::swapped_pages());
+                }
+            }
+        }
     }
 }
 

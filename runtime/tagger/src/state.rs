@@ -32,6 +32,7 @@ static CHANNEL: OnceLock<Channel> = OnceLock::new();
 static SWAPPED: AtomicU64 = AtomicU64::new(0);
 static DEVNULL: AtomicI32 = AtomicI32::new(-1);
 static FEATURES: AtomicU64 = AtomicU64::new(0);
+static INHERITED_SWAPPED: AtomicU64 = AtomicU64::new(0);
 
 /// Bytes registered on the userfaultfd so far (cumulative, for diagnostics).
 pub(crate) static REGISTERED_BYTES: AtomicU64 = AtomicU64::new(0);
@@ -80,8 +81,15 @@ pub(crate) fn set_channel(channel: Channel) -> &'static Channel {
     CHANNEL.get_or_init(|| channel)
 }
 
+/// Pages only the daemon can bring back: what it reported, plus (in a forked child)
+/// the holes inherited from the parent.
 pub(crate) fn swapped_pages() -> u64 {
-    SWAPPED.load(Ordering::Acquire)
+    SWAPPED.load(Ordering::Acquire) + INHERITED_SWAPPED.load(Ordering::Acquire)
+}
+
+/// In a forked child: pages that were out of the parent at `fork`.
+pub(crate) fn set_inherited_swapped(n: u64) {
+    INHERITED_SWAPPED.store(n, Ordering::Release);
 }
 
 pub(crate) fn set_swapped_pages(n: u64) {

@@ -148,6 +148,22 @@ fn tagged_program_is_managed_and_keeps_its_data() {
             .iter()
             .any(|m| matches!(m, Message::UnregisterRange { .. }))
     );
+    // The forked child attached on its own and its new memory was managed there.
+    assert!(
+        before_peak.iter().any(|l| l == "CHILD_MODE 1"),
+        "{before_peak:?}"
+    );
+    let children = served.children.lock().unwrap();
+    let child = children
+        .iter()
+        .find(|c| c.pid != served.pid)
+        .expect("the forked child said Hello");
+    assert_eq!(child.name, "workload");
+    let child_faults = child.faults.stats.faults.load(Ordering::Relaxed);
+    assert!(
+        child_faults >= 1280,
+        "the child's 5 MiB block faulted {child_faults} times on its own userfaultfd"
+    );
 }
 
 #[test]
@@ -166,6 +182,10 @@ fn daemon_absent_one_warning_and_the_program_runs() {
     let end = out.lines().find(|l| l.starts_with("COVERAGE end")).unwrap();
     let (managed, _, mode) = parse_coverage(end).unwrap();
     assert_eq!((managed, mode), (0, 2), "unmanaged: {end}");
+    assert!(
+        out.contains("CHILD_MODE 2"),
+        "an unmanaged parent's child stays unmanaged: {out}"
+    );
 }
 
 #[test]
@@ -591,6 +611,9 @@ fn forked_child_with_inherited_holes_is_killed_when_the_daemon_dies() {
         out.contains("OK"),
         "the parent restores its staged page and goes on: {out}"
     );
-    assert!(err.contains("forked process inherited"), "{err}");
+    assert!(
+        err.contains("FATAL") && err.contains("1 swapped-out page(s)"),
+        "the child's message: {err}"
+    );
     assert!(err.contains("continuing unmanaged"), "{err}");
 }

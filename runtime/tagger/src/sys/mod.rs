@@ -346,3 +346,10 @@ pub(crate) fn wait_peer_hangup(fd: RawFd) -> bool {
         }
     }
 }
+
+/// A close-on-exec duplicate of `fd`.
+pub(crate) fn dup_cloexec(fd: RawFd) -> Option<std::os::fd::OwnedFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) only adds a descriptor to our table.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    (dup >= 0).then(|| own_fd(dup))
+}

@@ -206,6 +206,14 @@ static int full(int pause_at_peak) {
     if (child == 0) {
         if (!verify(large[0], 3 * MiB, 1000) || !verify(m2, 4 * MiB, 42) || !verify(sh, 1 * MiB, 60)) _exit(10);
         fill(large[0], 3 * MiB, 2000);
+        /* A managed parent's child attaches on its own: wait for the verdict (mode 0 =
+         * still attaching), so its new memory below is registered on its own context. */
+        int (*state)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "usm_tagger_state");
+        int mode = -1;
+        if (state)
+            for (int i = 0; i < 500 && (mode = state()) == 0; i++) usleep(10000);
+        printf("CHILD_MODE %d\n", mode);
+        fflush(stdout);
         void *c = malloc(5 * MiB);
         if (!c) _exit(11);
         fill(c, 5 * MiB, 3000);

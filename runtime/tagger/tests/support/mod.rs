@@ -229,7 +229,7 @@ impl FaultServer {
 /// A daemon played by the test: socket in a temp dir.
 pub struct TestDaemon {
     pub dir: tempfile::TempDir,
-    pub listener: Listener,
+    pub listener: Arc<Listener>,
 }
 
 /// One tagged program as the test daemon sees it.
@@ -242,6 +242,10 @@ pub struct Served {
     /// Messages from the tagger, in order, with their descriptors.
     pub inbox: Receiver<(Message, Vec<OwnedFd>)>,
     reader: Option<JoinHandle<()>>,
+    /// Later taggers (forked children attaching on their own), served the same way.
+    pub children: Arc<Mutex<Vec<Served>>>,
+    acceptor_stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
 }
 
 pub const DAEMON_FEATURES: u64 = UFFD_FEATURE_EVENT_FORK
@@ -258,7 +262,10 @@ impl TestDaemon {
         listener
             .set_accept_timeout(Some(Duration::from_secs(20)))
             .unwrap();
-        TestDaemon { dir, listener }
+        TestDaemon {
+            dir,
+            listener: Arc::new(listener),
+        }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -271,39 +278,70 @@ impl TestDaemon {
     }
 
     /// Accepts one tagger, negotiates its userfaultfd as the daemon does, acks it and
-    /// serves its faults.
+    /// serves its faults; later taggers (forked children) are accepted and served in the
+    /// background and listed in `Served::children`.
     pub fn accept_and_serve(&self) -> Served {
-        let peer = self.accept();
-        let features = uffdio_api(peer.uffd.as_fd(), DAEMON_FEATURES)
-            .expect("UFFDIO_API on the handed-over fd");
-        assert_eq!(features & DAEMON_FEATURES, DAEMON_FEATURES);
-        peer.ack(features, "test-policy").unwrap();
-        let TaggedPeer {
-            pid,
-            name,
-            uffd,
-            stream,
-            ..
-        } = peer;
-        let faults = FaultServer::start(uffd);
-        let reader_stream = stream.try_clone().unwrap();
-        let (tx, inbox): (Sender<(Message, Vec<OwnedFd>)>, _) = channel();
-        let reader = std::thread::spawn(move || {
-            while let Ok(msg) = reader_stream.recv_with_fds() {
-                if tx.send(msg).is_err() {
-                    break;
+        let mut served = serve_peer(self.accept());
+        self.listener
+            .set_accept_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let listener = self.listener.clone();
+        let stop = served.acceptor_stop.clone();
+        let children = served.children.clone();
+        served.acceptor = Some(std::thread::spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                match server::accept(&listener) {
+                    // A child may be gone already (it exited before we got to it).
+                    Ok(peer) => {
+                        if let Some(child) = try_serve_peer(peer) {
+                            children.lock().unwrap().push(child);
+                        }
+                    }
+                    Err(e) if e.is_retryable() || e.is_peer_fault() => {}
+                    Err(e) => panic!("accept: {e}"),
                 }
             }
-        });
-        Served {
-            pid,
-            name,
-            faults,
-            stream,
-            inbox,
-            reader: Some(reader),
-        }
+        }));
+        served
     }
+}
+
+fn serve_peer(peer: TaggedPeer) -> Served {
+    try_serve_peer(peer).expect("UFFDIO_API and Ack for the tagger")
+}
+
+fn try_serve_peer(peer: TaggedPeer) -> Option<Served> {
+    let features = uffdio_api(peer.uffd.as_fd(), DAEMON_FEATURES).ok()?;
+    assert_eq!(features & DAEMON_FEATURES, DAEMON_FEATURES);
+    peer.ack(features, "test-policy").ok()?;
+    let TaggedPeer {
+        pid,
+        name,
+        uffd,
+        stream,
+        ..
+    } = peer;
+    let faults = FaultServer::start(uffd);
+    let reader_stream = stream.try_clone().unwrap();
+    let (tx, inbox): (Sender<(Message, Vec<OwnedFd>)>, _) = channel();
+    let reader = std::thread::spawn(move || {
+        while let Ok(msg) = reader_stream.recv_with_fds() {
+            if tx.send(msg).is_err() {
+                break;
+            }
+        }
+    });
+    Some(Served {
+        pid,
+        name,
+        faults,
+        stream,
+        inbox,
+        reader: Some(reader),
+        children: Arc::new(Mutex::new(Vec::new())),
+        acceptor_stop: Arc::new(AtomicBool::new(false)),
+        acceptor: None,
+    })
 }
 
 impl Served {
@@ -319,14 +357,30 @@ impl Served {
     /// The daemon stops reading its userfaultfds (they stay open): faults and events pile up.
     pub fn stop_serving(&self) {
         self.faults.stop.store(true, Ordering::Release);
+        for child in self.children.lock().unwrap().iter() {
+            child.stop_serving();
+        }
     }
 
-    /// The daemon dies: fault readers stop, userfaultfd copies close, then the socket.
+    /// The daemon dies: it stops accepting, then for this tagger and every child: fault
+    /// readers stop, userfaultfd copies close, then the socket.
     pub fn die(mut self) {
+        self.stop_accepting();
+        let children = std::mem::take(&mut *self.children.lock().unwrap());
+        for child in children {
+            child.die();
+        }
         self.faults.stop();
         self.stream.shutdown();
         if let Some(r) = self.reader.take() {
             r.join().unwrap();
+        }
+    }
+
+    fn stop_accepting(&mut self) {
+        self.acceptor_stop.store(true, Ordering::Release);
+        if let Some(a) = self.acceptor.take() {
+            a.join().unwrap();
         }
     }
 
@@ -464,4 +518,12 @@ pub fn parse_coverage(line: &str) -> Option<(u64, u64, u64)> {
         }
     }
     Some((managed?, anon?, mode?))
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.stop_accepting();
+        self.children.lock().unwrap().clear();
+        self.faults.stop();
+    }
 }
