@@ -55,6 +55,10 @@
 //!   `UFFDIO_COPY`): the tagger's `calloc` relies on fresh heap memory being zero.
 //! - Never make the userfaultfd reader wait for a reply on the socket: threads of the
 //!   program may hold its heap lock while they wait for a fault.
+//! - Expect a Hello from every forked child of a managed process (its own pid, the
+//!   same name, a new userfaultfd for the memory it creates); the child's *inherited*
+//!   memory is on the context delivered by the parent's `FORK` event (the child's
+//!   `PPid` in `/proc/<pid>/status` names the parent).
 //! - Treat [`Message::RegisterRange`]/[`Message::UnregisterRange`] as advisory (they may
 //!   be dropped when the socket is full, and may name memory never seen).
 //! - To let a process go while alive: put every page back, then send [`Message::Bye`].

@@ -26,9 +26,10 @@
 //! `/proc/self/smaps`), `usm_tagger_state`.
 //!
 //! The eviction agent (`agent`) moves pages app ↔ staging with same-mm `UFFDIO_MOVE` on
-//! the daemon's request. Not built (yet): a forked child's *new* memory is unmanaged
-//! (its inherited memory is the daemon's through `EVENT_FORK`; a child that inherited
-//! swapped-out pages is killed with a message if the daemon dies).
+//! the daemon's request. A forked child attaches on its own (new connection and
+//! userfaultfd) for its new memory; its inherited memory is the daemon's through
+//! `EVENT_FORK`. Not managed: anonymous `mmap`s made before the Ack (or, in a forked
+//! child, before its own Ack), `brk`/`sbrk` called directly by the program.
 
 mod agent;
 mod ranges;

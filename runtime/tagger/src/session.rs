@@ -20,10 +20,10 @@
 //!   kernel unregisters every range and the program continues on kernel memory.
 //! - *fork*: the child inherits the ranges on a new userfaultfd context that only the
 //!   daemon holds (`EVENT_FORK`); the tagger's inherited copy belongs to the *parent's*
-//!   context, so the child drops it and runs unmanaged for new memory. If pages were out
-//!   of the parent at `fork` (swapped or staged), the child inherits holes only the
-//!   daemon can fill: it watches the daemon's socket for a hang-up and is killed with a
-//!   message if the daemon goes away (see `after_fork_in_child`).
+//!   context, so the child points it (and the parent's socket) at `/dev/null`, goes
+//!   back to *Starting* and attaches on its own from a thread (see
+//!   `after_fork_in_child`). Pages that were out of the parent at `fork` count as the
+//!   child's swapped pages: the daemon's death kills the child with a message.
 
 use std::fmt::Write as _;
 use std::io::Read;
