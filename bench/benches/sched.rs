@@ -14,7 +14,8 @@
 //! - `unpark_cross_core_<mode>`: a uThread on worker 0 unparks one on worker 1 and parks
 //!   until unparked back; one-way latency = round trip / 2, median and p99 over all round
 //!   trips, for each waker mode: eventfd, eventfd with `/dev/cpu_dma_latency` held at 0,
-//!   busy-poll. The OS-thread cross-core baseline is measured both without and with the
+//!   busy-poll, and eventfd after spinning 50 µs (`spin_before_park`). The OS-thread
+//!   cross-core baseline is measured both without and with the
 //!   PM-QoS request held, so every mode has a baseline under the same setting.
 //!
 //! Ratios: `yield_vs_corosensei`, `mutex_pingpong_vs_os_same_core`,
@@ -22,8 +23,10 @@
 //! Targets from the issue are checked and reported (`targets` in the JSON).
 //!
 //! ```text
-//! cargo bench -p usm-bench --bench sched -- [--runs N] [--quick] [--json PATH]
+//! cargo bench -p usm-bench --bench sched -- [--runs N] [--quick] [--only NAME] [--json PATH]
 //! ```
+//! `cargo bench` runs the binary from `bench/`: give `--json` an absolute path (or one
+//! relative to `bench/`, e.g. `results/sched.json`).
 //! Needs two cores for the cross-core sides; `/dev/cpu_dma_latency` needs root (the side
 //! is skipped with the reason printed otherwise).
 
@@ -144,10 +147,20 @@ fn latency(hist: &Histogram<u64>, waker: Option<String>, dma: bool, iterations: 
 }
 
 fn runtime(workers: usize, waker: WakerMode, dma: bool) -> Result<Runtime, String> {
+    runtime_spin(workers, waker, dma, Duration::ZERO)
+}
+
+fn runtime_spin(
+    workers: usize,
+    waker: WakerMode,
+    dma: bool,
+    spin: Duration,
+) -> Result<Runtime, String> {
     Builder::new()
         .workers(workers)
         .waker(waker)
         .hold_cpu_dma_latency(dma)
+        .spin_before_park(spin)
         .stack_size(64 * 1024)
         .stack_cache(1024, 64)
         .build()
@@ -200,6 +213,8 @@ fn pin_to(core: usize) {
 
 /// Two OS threads alternating through a futex mutex + condvar; samples are round trips.
 fn os_condvar_pingpong(iterations: u64, cores: (usize, usize)) -> Histogram<u64> {
+    let original = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .unwrap_or_else(|_| nix::sched::CpuSet::new());
     let shared = Arc::new((Mutex::new(0u64), Condvar::new()));
     let other = {
         let shared = shared.clone();
@@ -231,12 +246,9 @@ fn os_condvar_pingpong(iterations: u64, cores: (usize, usize)) -> Histogram<u64>
         let _ = hist.record(start.elapsed().as_nanos() as u64);
     }
     other.join().unwrap();
-    // Unpin the bench thread again.
-    let mut all = nix::sched::CpuSet::new();
-    for c in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
-        let _ = all.set(c);
-    }
-    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all);
+    // Give the bench thread its original CPU set back: later runtimes pick their cores from
+    // the creating thread's affinity (core_affinity), and must see both CPUs.
+    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &original);
     hist
 }
 
@@ -471,22 +483,30 @@ fn main() {
             );
         }
         let unpark_iterations = 20_000 / scale;
-        for (name, mode, dma) in [
-            ("unpark_cross_core_eventfd", WakerMode::EventFd, false),
-            ("unpark_cross_core_busy_poll", WakerMode::BusyPoll, false),
-            ("unpark_cross_core_eventfd_dma", WakerMode::EventFd, true),
+        let no_spin = Duration::ZERO;
+        let spin = Duration::from_micros(50);
+        for (name, mode, dma, spin) in [
+            ("unpark_cross_core_eventfd", WakerMode::EventFd, false, no_spin),
+            ("unpark_cross_core_busy_poll", WakerMode::BusyPoll, false, no_spin),
+            ("unpark_cross_core_eventfd_spin50us", WakerMode::EventFd, false, spin),
+            ("unpark_cross_core_eventfd_dma", WakerMode::EventFd, true, no_spin),
         ] {
             if !want(name) {
                 continue;
             }
-            match runtime(2, mode, dma) {
+            match runtime_spin(2, mode, dma, spin) {
                 Ok(rt) => {
                     unpark_cross_core(&rt, unpark_iterations / 10); // warm-up
                     let hist = unpark_cross_core(&rt, unpark_iterations);
                     let held = rt.handle().holds_cpu_dma_latency();
+                    let waker = if spin.is_zero() {
+                        format!("{mode:?}")
+                    } else {
+                        format!("{mode:?}+spin{}us", spin.as_micros())
+                    };
                     sides.insert(
                         name.to_string(),
-                        latency(&hist, Some(format!("{mode:?}")), held, unpark_iterations),
+                        latency(&hist, Some(waker), held, unpark_iterations),
                     );
                     if dma {
                         // Baseline under the same PM-QoS setting (the runtime holds it now).
@@ -541,6 +561,11 @@ fn main() {
     ratio(
         "unpark_busy_poll_vs_os_cross_core",
         get("unpark_cross_core_busy_poll"),
+        get("os_condvar_cross_core"),
+    );
+    ratio(
+        "unpark_eventfd_spin50us_vs_os_cross_core",
+        get("unpark_cross_core_eventfd_spin50us"),
         get("os_condvar_cross_core"),
     );
     ratio(
