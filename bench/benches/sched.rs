@@ -470,10 +470,7 @@ fn main() {
     }
 
     if cpus < 2 {
-        skipped.insert(
-            "cross_core".to_string(),
-            "needs two CPUs".to_string(),
-        );
+        skipped.insert("cross_core".to_string(), "needs two CPUs".to_string());
     } else {
         if want("os_condvar_cross_core") {
             let hist = os_condvar_pingpong(os_iterations, (0, 1));
@@ -486,10 +483,30 @@ fn main() {
         let no_spin = Duration::ZERO;
         let spin = Duration::from_micros(50);
         for (name, mode, dma, spin) in [
-            ("unpark_cross_core_eventfd", WakerMode::EventFd, false, no_spin),
-            ("unpark_cross_core_busy_poll", WakerMode::BusyPoll, false, no_spin),
-            ("unpark_cross_core_eventfd_spin50us", WakerMode::EventFd, false, spin),
-            ("unpark_cross_core_eventfd_dma", WakerMode::EventFd, true, no_spin),
+            (
+                "unpark_cross_core_eventfd",
+                WakerMode::EventFd,
+                false,
+                no_spin,
+            ),
+            (
+                "unpark_cross_core_busy_poll",
+                WakerMode::BusyPoll,
+                false,
+                no_spin,
+            ),
+            (
+                "unpark_cross_core_eventfd_spin50us",
+                WakerMode::EventFd,
+                false,
+                spin,
+            ),
+            (
+                "unpark_cross_core_eventfd_dma",
+                WakerMode::EventFd,
+                true,
+                no_spin,
+            ),
         ] {
             if !want(name) {
                 continue;
@@ -578,8 +595,16 @@ fn main() {
     for (name, side, limit) in [
         ("yield_le_50ns", "yield", 50.0),
         ("spawn_join_le_1us", "spawn_join", 1000.0),
-        ("unpark_busy_poll_le_1us", "unpark_cross_core_busy_poll", 1000.0),
-        ("unpark_eventfd_dma_le_5us", "unpark_cross_core_eventfd_dma", 5000.0),
+        (
+            "unpark_busy_poll_le_1us",
+            "unpark_cross_core_busy_poll",
+            1000.0,
+        ),
+        (
+            "unpark_eventfd_dma_le_5us",
+            "unpark_cross_core_eventfd_dma",
+            5000.0,
+        ),
     ] {
         if let Some(measured) = get(side) {
             targets.insert(

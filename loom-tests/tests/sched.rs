@@ -5,8 +5,8 @@
 
 #![cfg(loom)]
 
-use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use loom::sync::Arc;
+use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use loom::thread;
 use usm_localmanager::bitfield::{AtomicBitfield, CHUNK_BITS};
 use usm_localmanager::handoff::{idle_step, notify_for_injected};
@@ -16,7 +16,11 @@ use usm_localmanager::park::ParkState;
 /// it — including searches that must go through the summaries and the top word.
 fn assert_only_and_findable(field: &AtomicBitfield, index: usize) {
     for start in (0..field.capacity()).step_by(64) {
-        assert_eq!(field.find_next(start), Some(index), "searching from {start}");
+        assert_eq!(
+            field.find_next(start),
+            Some(index),
+            "searching from {start}"
+        );
     }
     assert!(!field.is_empty());
     assert_eq!(field.count(), 1);
