@@ -2,16 +2,18 @@
 //!
 //! # Overview
 //! A [`Runtime`] starts one worker thread per core (pinned with `core_affinity`); each runs a
-//! LocalManager ([`manager`] module docs) over its slots, with two atomic multi-level
+//! LocalManager (the `manager` module docs) over its slots, with two atomic multi-level
 //! bitfields ([`bitfield`]): **IDQ** (ready) and **PFQ** (parked inside the fault handler).
 //! uThreads are `usm-fibers` fibers. Cross-core work: spawns from outside go through a
 //! `crossbeam-deque` injector; an idle worker steals ready uThreads from a busy one; an
-//! unpark from another core sets the IDQ bit and wakes the owner ([`park`]).
+//! unpark from another core sets the IDQ bit and wakes the owner ([`mod@park`]).
 //!
 //! # API in a uThread
-//! [`yield_now`], [`park`] / [`current`] + [`Unparker::unpark`], [`sleep`], [`spawn`],
+//! [`yield_now`], [`fn@park`] / [`current`] + [`Unparker::unpark`], [`sleep`], [`spawn`],
 //! the primitives in [`sync`] (Mutex, Condvar, bounded MPSC channel), [`JoinHandle`].
 //! From a signal handler on a uThread: [`signal::park_current_on_fault`].
+//! Optional time-slice preemption: [`Builder::preemption`] + [`preemptible`] sections
+//! (safe-point rule in the `sys::preempt` module docs), [`preempt_point`] otherwise.
 //!
 //! # Migration
 //! A uThread may move to another worker whenever it is ready but not running (after a
@@ -20,7 +22,7 @@
 //! keep OS thread-local references across a yield/park (use `usm_fibers::with_local`).
 //!
 //! # Under `--cfg loom`
-//! Only [`bitfield`], [`park`] and the injector hand-off protocol ([`handoff`]) are built, on
+//! Only [`bitfield`], [`mod@park`] and the injector hand-off protocol ([`handoff`]) are built, on
 //! loom's atomics, for the models in `loom-tests/tests/sched.rs`.
 
 pub mod bitfield;

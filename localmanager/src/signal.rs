@@ -9,7 +9,8 @@
 //! 1. reads this thread's worker pointer (a `const` thread-local `Cell`, no lazy init) and
 //!    from it the running uThread's `Task` and slot — returns `false` if there is none
 //!    (not a worker thread, or the worker is between uThreads);
-//! 2. `slots[slot].payload.store(payload)` (one atomic store);
+//! 2. `task.no_preempt += 1` (time-slice preemption stays off until the handler is done),
+//!    then `slots[slot].payload.store(payload)` (one atomic store);
 //! 3. `task.in_handler.store(true)` — from now on no thief takes it, shutdown never drops it;
 //! 4. CAS loop `task.state: RUNNING → FAULTED` (keeps a pending unpark token);
 //! 5. `counters.faults += 1`, `pfq.set(slot)` (lock-free RMWs on the worker's PFQ);
@@ -17,8 +18,9 @@
 //!    the LocalManager, which puts the entry back in its slot and schedules others;
 //! 7. when resumed — always on the same worker thread, after someone moved it PFQ → IDQ with
 //!    [`crate::Handle::resume_faulted`] / [`crate::DriverContext::resume_faulted`] —
-//!    `task.in_handler.store(false)` and returns `true`; the handler then returns and the
-//!    kernel restores the interrupted context (the faulting access is retried).
+//!    `task.in_handler.store(false)`, `task.no_preempt -= 1`, and returns `true`; the
+//!    handler then returns and the kernel restores the interrupted context (the faulting
+//!    access is retried).
 //!
 //! No allocation, no lock, no tracing, no refcount change. Faults taken while not on a
 //! uThread must be handled by the caller (it gets `false`).
