@@ -362,3 +362,44 @@ fn stack_size_below_minimum_is_rejected() {
         .unwrap_err();
     assert!(matches!(err, usm_localmanager::SchedError::Fiber(_)));
 }
+
+#[test]
+fn one_worker_grows_beyond_4096_parked_uthreads() {
+    const N: usize = 5000;
+    let rt = Builder::new()
+        .workers(1)
+        .stack_size(32 * 1024)
+        .build()
+        .unwrap();
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = (0..N)
+        .map(|i| {
+            let (gate, waiting) = (gate.clone(), waiting.clone());
+            rt.spawn(move || {
+                let (lock, cv) = &*gate;
+                let guard = lock.lock();
+                waiting.fetch_add(1, Ordering::SeqCst);
+                drop(cv.wait_while(guard, |open| !*open));
+                i
+            })
+            .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while waiting.load(Ordering::SeqCst) < N {
+        assert!(
+            Instant::now() < deadline,
+            "only {} parked",
+            waiting.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // All N are parked at once on the single worker: its IDQ/PFQ/slots grew past 4096.
+    *gate.0.lock() = true;
+    gate.1.notify_all();
+    let sum: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(sum, N * (N - 1) / 2);
+    let counters = rt.counters();
+    assert!(counters[0].parks >= N as u64, "{counters:?}");
+}
