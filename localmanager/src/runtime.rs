@@ -246,7 +246,9 @@ impl Builder {
     }
 
     /// Cores to pin worker `i` to (`cores[i % len]`); default: the cores `core_affinity`
-    /// lists, in order.
+    /// lists, in order — that is, the *calling thread's* CPU affinity mask: building a runtime
+    /// from a thread pinned to one core pins every worker to that core unless `cores` is
+    /// given.
     pub fn cores(mut self, cores: Vec<usize>) -> Self {
         self.cores = Some(cores);
         self
