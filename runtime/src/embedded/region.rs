@@ -128,6 +128,12 @@ impl Region {
         view::slice_mut(self.ptr(), n)
     }
 
+    /// The whole region as atomic words: shared access from many uThreads and threads
+    /// through `&Region` (e.g. an `Arc<Region>`).
+    pub fn as_atomic_u64(&self) -> &[std::sync::atomic::AtomicU64] {
+        view::atomic_u64(self.ptr(), self.len / 8)
+    }
+
     /// Bytes `[range)`.
     pub fn bytes(&self, range: Range<usize>) -> &[u8] {
         &self.as_slice::<u8>()[range]
@@ -196,6 +202,7 @@ impl Region {
             return Ok(RangeRelease::default());
         };
         sigbus::remove_region(self.key.start);
+        sigbus::clear_poisoned(self.key.start, self.key.start + self.len as u64);
         let rel = self
             .shared
             .core

@@ -480,9 +480,11 @@ impl MmCore {
     }
 
     /// Installs Taken `frames` at `start..` of `pid` directly, bypassing the policies
-    /// (tests of the installer's partial-move classification, daemon pre-population).
-    /// Only vacant pages of a managed range are accepted; the pages installed become
-    /// Resident. Frames not installed are returned to the caller in the report.
+    /// (daemon pre-population; tests of the partial-move classification). Pages whose
+    /// content is elsewhere (staging, swap, swap-in, poisoned) are refused; pages already
+    /// present are left to the kernel, which refuses them (`EEXIST`): a multi-page MOVE
+    /// then stops with a partial count and the rest is re-issued page by page. Installed
+    /// pages become Resident; frames not installed come back in the report (still Taken).
     pub fn install_frames(
         &self,
         pid: u32,
@@ -491,36 +493,19 @@ impl MmCore {
     ) -> Result<crate::mm::InstallReport, MmError> {
         let mut guard = self.lock();
         let st = &mut *guard;
-        let space = st
-            .mem
-            .spaces
-            .get_mut(&pid)
-            .ok_or(MmError::NoRange { pid, addr: start })?;
-        let (rs, range) = space
-            .range_of(start)
-            .ok_or(MmError::NoRange { pid, addr: start })?;
+        let space = st.mem.spaces.get_mut(&pid).ok_or(MmError::NoRange { pid, addr: start })?;
+        let (_, range) = space.range_of(start).ok_or(MmError::NoRange { pid, addr: start })?;
         let end = start + frames.len() as u64 * PAGE;
         if end > range.end || start % PAGE != 0 {
-            return Err(MmError::BadRange {
-                pid,
-                start,
-                len: end - start,
-                reason: "outside its range",
-            });
+            return Err(MmError::BadRange { pid, start, len: end - start, reason: "outside its range" });
         }
-        let owner = FrameOwner {
-            pid,
-            region: range.id,
-        };
-        let _ = rs;
+        let owner = FrameOwner { pid, region: range.id };
         for i in 0..frames.len() as u64 {
-            if space.pages.contains_key(&(start + i * PAGE)) {
-                return Err(MmError::BadRange {
-                    pid,
-                    start,
-                    len: end - start,
-                    reason: "not vacant",
-                });
+            match space.pages.get(&(start + i * PAGE)) {
+                None | Some(PageState::Resident(_) | PageState::Copied) => {}
+                Some(_) => {
+                    return Err(MmError::BadRange { pid, start, len: end - start, reason: "a page has content in staging or swap" });
+                }
             }
         }
         let report = self.installer.install(&self.pool, frames, start, owner)?;

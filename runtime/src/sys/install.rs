@@ -81,7 +81,12 @@ impl Installer for SameMmInstaller {
         let uffd = pool.userfaultfd().ok_or(usm_kmod::Error::NoUserfaultfd)?;
         // SAFETY: as stated: a vacant page of a managed range, under the core's lock.
         match unsafe { uffd.poison(addr, PAGE, PoisonMode::empty())? } {
-            Resolved::Done(_) | Resolved::AlreadyMapped => Ok(()),
+            Resolved::Done(_) | Resolved::AlreadyMapped => {
+                if !crate::sys::sigbus::mark_poisoned(addr) {
+                    tracing::error!(addr, "poisoned-page table full: the access will spin");
+                }
+                Ok(())
+            }
             _ => Err(MmError::Protocol {
                 frame: FrameNo(u32::MAX),
                 what: "UFFDIO_POISON did not complete (address space changing)",

@@ -70,6 +70,40 @@ const NO_FD: AtomicI32 = AtomicI32::new(-1);
 /// Per runtime id: the eventfd the handler writes after posting an external fault.
 static RUNTIME_FDS: [AtomicI32; MAX_RUNTIMES] = [NO_FD; MAX_RUNTIMES];
 
+/// Pages poisoned with `UFFDIO_POISON` (0: free entry). Without `CONFIG_MEMORY_FAILURE`
+/// the kernel reports an access to a poisoned page as `BUS_ADRERR`, like a missing page;
+/// the handler looks the address up here and chains instead of parking again.
+pub(crate) const MAX_POISONED: usize = 1024;
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_PAGE: AtomicU64 = AtomicU64::new(0);
+static POISONED: [AtomicU64; MAX_POISONED] = [NO_PAGE; MAX_POISONED];
+
+/// Records page `addr` as poisoned (see [`POISONED`]); `false` when the table is full.
+pub(crate) fn mark_poisoned(addr: u64) -> bool {
+    let page = addr & !0xfff;
+    if is_poisoned(page) {
+        return true;
+    }
+    POISONED.iter().any(|slot| {
+        slot.compare_exchange(0, page, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    })
+}
+
+/// Forgets poisoned pages in `[start, end)` (their region went away).
+pub(crate) fn clear_poisoned(start: u64, end: u64) {
+    for slot in POISONED.iter() {
+        let p = slot.load(Ordering::Acquire);
+        if p != 0 && p >= start && p < end {
+            let _ = slot.compare_exchange(p, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+}
+
+fn is_poisoned(page: u64) -> bool {
+    POISONED.iter().any(|slot| slot.load(Ordering::Acquire) == page)
+}
+
 /// The write bit of a fault payload (the rest is the page address).
 pub(crate) const PAYLOAD_WRITE: u64 = 1;
 
@@ -287,7 +321,7 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     }
     // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as u64) };
-    let runtime = if code == libc::BUS_ADRERR {
+    let runtime = if code == libc::BUS_ADRERR && !is_poisoned(addr & !0xfff) {
         region_runtime(addr)
     } else {
         None
@@ -300,10 +334,14 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     // SAFETY: `ctx` is the ucontext_t of this SA_SIGINFO delivery.
     let write = unsafe { is_write(ctx) };
     let payload = (addr & !0xfff) | if write { PAYLOAD_WRITE } else { 0 };
-    if usm_localmanager::signal::park_current_on_fault(payload) {
-        return;
+    if !usm_localmanager::signal::park_current_on_fault(payload) {
+        post_external(runtime, payload);
     }
-    post_external(runtime, payload);
+    if is_poisoned(addr & !0xfff) {
+        // The fault was answered with UFFDIO_POISON: the program gets the SIGBUS.
+        // SAFETY: forwarding our own handler's arguments.
+        unsafe { chain(sig, info, ctx) };
+    }
 }
 
 /// Posts a plain thread's fault and waits on the slot's futex until a worker served it.

@@ -21,6 +21,14 @@ pub(crate) fn slice_mut<'a, T: Pod>(ptr: *mut u8, len: usize) -> &'a mut [T] {
     unsafe { std::slice::from_raw_parts_mut(ptr.cast::<T>(), len) }
 }
 
+/// `&[AtomicU64]` over `len` words at `ptr`; same contract as [`slice`] (any bit pattern
+/// is a valid `AtomicU64`, the region is page aligned, shared access goes through atomics).
+pub(crate) fn atomic_u64<'a>(ptr: *const u8, len: usize) -> &'a [std::sync::atomic::AtomicU64] {
+    // SAFETY: see `slice`; AtomicU64 has the size and alignment of u64 and interior
+    // mutability, so handing out shared references to it is sound.
+    unsafe { std::slice::from_raw_parts(ptr.cast(), len) }
+}
+
 /// Touches one byte of each page of `[ptr, ptr + len)` with a volatile read, so each page
 /// is faulted in (through the SIGBUS path) before a syscall uses the buffer.
 pub(crate) fn prefault(ptr: *const u8, len: usize) {

@@ -1,0 +1,459 @@
+//! Embedded runtime under swap pressure, on the real kernel (userfaultfd, io_uring,
+//! O_DIRECT swap file on ext4): integrity, nested faults, panics, shutdown, swap-cache
+//! hits, partial MOVE, datagrams into regions, poisoned swap entries.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use usm_kmod::event::Fault;
+use usm_policies::{AllocPolicy, Cx, Decision, Mapping, Param, Registry, page_floor, swap_in_if_swapped};
+use usm_runtime::embedded::{Region, Runtime};
+use usm_runtime::mm::{PageState, WorkerMm};
+
+const PAGE: usize = 4096;
+const WORDS: usize = PAGE / 8;
+
+fn swap_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("usm-embedded-")
+        .tempdir_in("/var/tmp")
+        .unwrap()
+}
+
+fn build(frames: usize, workers: usize, dir: &tempfile::TempDir) -> Runtime {
+    Runtime::builder()
+        .workers(workers)
+        .pool_frames(frames)
+        .create_swap_file(dir.path().join("swap0"), 64 << 20)
+        .build()
+        .unwrap()
+}
+
+/// A cheap per-page checksum pattern: word i of page p in generation g.
+fn word(p: usize, i: usize, g: u64) -> u64 {
+    ((p as u64) << 32) ^ (i as u64).wrapping_mul(0x9E37_79B9) ^ g.wrapping_mul(0x1000_0001)
+}
+
+#[test]
+fn many_uthreads_on_both_workers_keep_every_page_intact_under_heavy_swap() {
+    let dir = swap_dir();
+    let rt = build(256, 2, &dir);
+    let frames = rt.mm().pool().len();
+    let pages = 6 * frames; // working set 6x the pool
+    let region = Arc::new(rt.region(pages * PAGE).unwrap());
+    let tasks = 16;
+    let rounds = 3u64;
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let region = region.clone();
+        let errors = errors.clone();
+        handles.push(
+            rt.spawn(move || {
+                let words = region.as_atomic_u64();
+                // Task t owns pages p with p % tasks == t.
+                for g in 1..=rounds {
+                    for p in (t..pages).step_by(tasks) {
+                        for i in (0..WORDS).step_by(64) {
+                            words[p * WORDS + i].store(word(p, i, g), Ordering::Relaxed);
+                        }
+                        if p % 3 == 0 {
+                            usm_localmanager::yield_now();
+                        }
+                    }
+                    for p in (t..pages).step_by(tasks).rev() {
+                        for i in (0..WORDS).step_by(64) {
+                            if words[p * WORDS + i].load(Ordering::Relaxed) != word(p, i, g) {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            })
+            .unwrap(),
+        );
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "corrupted words");
+    let stats = rt.stats();
+    let workers_used = stats.sched.iter().filter(|c| c.faults > 0).count();
+    assert_eq!(workers_used, 2, "both workers served faults: {:?}", stats.sched);
+    assert!(stats.mm.evicted as usize > pages, "{:#?}", stats.mm);
+    assert!(stats.mm.swap_ins_done > 0);
+    assert!(stats.mm.swap_in.count > 0, "swap-in latency recorded");
+    assert_eq!(stats.mm.poisoned, 0);
+    drop(region);
+    assert!(rt.quiesce(Duration::from_secs(10)));
+    assert_eq!(rt.mm().swap_slots_used(), 0);
+    let census = rt.mm().pool().check_conservation().unwrap();
+    assert_eq!(census.free, frames, "{census}");
+}
+
+/// Evicts everything of `region` by touching a second region of twice the pool.
+fn push_out(rt: &Runtime, filler: &mut Option<Region>) {
+    let frames = rt.mm().pool().len();
+    let mut r = rt.region(2 * frames * PAGE).unwrap();
+    let r = rt
+        .block_on(move || {
+            for w in r.as_mut_slice::<u64>().iter_mut().step_by(WORDS) {
+                *w = 1;
+            }
+            r
+        })
+        .unwrap();
+    *filler = Some(r);
+}
+
+#[test]
+fn a_second_uthread_faults_while_the_first_is_parked_on_a_swap_in() {
+    let dir = swap_dir();
+    let rt = build(256, 1, &dir);
+    let mut a = rt.region(8 * PAGE).unwrap();
+    let a = rt
+        .block_on(move || {
+            a.as_mut_slice::<u64>()[0] = 42;
+            a
+        })
+        .unwrap();
+    let mut filler = None;
+    push_out(&rt, &mut filler);
+    assert!(matches!(
+        rt.mm().page_state(std::process::id(), a.addr()),
+        Some(PageState::Swapped(_) | PageState::Staging { .. })
+    ));
+    let b = Arc::new(rt.region(8 * PAGE).unwrap());
+    let a = Arc::new(a);
+    let (a2, b2) = (a.clone(), b.clone());
+    // Same worker: the first parks in PFQ on the swap-in, the second runs and faults too.
+    let first = rt.spawn_on(0, move || a2.as_slice::<u64>()[0]).unwrap();
+    let second = rt
+        .spawn_on(0, move || {
+            let v = b2.as_slice::<u64>()[WORDS * 3];
+            v + 7
+        })
+        .unwrap();
+    assert_eq!(first.join().unwrap(), 42);
+    assert_eq!(second.join().unwrap(), 7);
+    let faults: u64 = rt.stats().sched.iter().map(|c| c.faults).sum();
+    assert!(faults >= 2);
+    drop(filler);
+}
+
+#[test]
+fn a_panicking_uthread_that_holds_frames_loses_nothing() {
+    let dir = swap_dir();
+    let rt = build(256, 2, &dir);
+    let frames = rt.mm().pool().len();
+    let region = Arc::new(rt.region(64 * PAGE).unwrap());
+    let r2 = region.clone();
+    let h = rt
+        .spawn(move || {
+            let w = r2.as_atomic_u64();
+            for p in 0..64 {
+                w[p * WORDS].store(p as u64 + 1, Ordering::Relaxed);
+            }
+            panic!("task dies while its pages are resident");
+        })
+        .unwrap();
+    assert!(h.join().is_err());
+    // The runtime keeps serving faults and the pages kept their content.
+    let r3 = region.clone();
+    let sum = rt
+        .block_on(move || {
+            let w = r3.as_atomic_u64();
+            (0..64).map(|p| w[p * WORDS].load(Ordering::Relaxed)).sum::<u64>()
+        })
+        .unwrap();
+    assert_eq!(sum, (1..=64).sum::<u64>());
+    drop(region);
+    assert!(rt.quiesce(Duration::from_secs(5)));
+    assert_eq!(rt.mm().pool().check_conservation().unwrap().free, frames);
+}
+
+/// Maps like first-fit but panics on every `n`th call.
+struct Flaky {
+    calls: u64,
+    every: u64,
+}
+
+impl AllocPolicy for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+    fn alloc(&mut self, fault: &Fault, cx: &mut dyn Cx) -> Decision {
+        self.calls += 1;
+        if let Some(d) = swap_in_if_swapped(fault, cx) {
+            return d;
+        }
+        // Take a frame first, so the panic happens while the policy holds one.
+        let f = cx.take_frame();
+        if self.calls % self.every == 0 {
+            panic!("flaky policy, call {}", self.calls);
+        }
+        match f {
+            Some(f) => Decision::Map(Mapping::one(page_floor(fault.addr), f)),
+            None => Decision::Oom,
+        }
+    }
+}
+
+#[test]
+fn a_panicking_policy_is_replaced_by_the_default_and_the_access_completes() {
+    let dir = swap_dir();
+    let mut reg = Registry::with_builtins();
+    reg.register_alloc("flaky", Param::None, |_| {
+        Ok(Box::new(Flaky { calls: 0, every: 3 }))
+    })
+    .unwrap();
+    let rt = Runtime::builder()
+        .workers(2)
+        .pool_frames(256)
+        .create_swap_file(dir.path().join("swap0"), 16 << 20)
+        .build_with_registry(reg)
+        .unwrap();
+    let frames = rt.mm().pool().len();
+    let mut region = rt.region_with_policy(32 * PAGE, "flaky").unwrap();
+    let region = rt
+        .block_on(move || {
+            let w = region.as_mut_slice::<u64>();
+            for p in 0..32 {
+                w[p * WORDS] = p as u64 * 11;
+            }
+            for p in 0..32 {
+                assert_eq!(w[p * WORDS], p as u64 * 11);
+            }
+            region
+        })
+        .unwrap();
+    assert!(rt.stats().mm.policy_panics >= 1);
+    drop(region);
+    assert!(rt.quiesce(Duration::from_secs(5)));
+    let census = rt.mm().pool().check_conservation().unwrap();
+    assert_eq!(census.free, frames, "frames held by the panicking call came back: {census}");
+}
+
+#[test]
+fn shutdown_waits_for_uthreads_parked_in_pfq() {
+    let dir = swap_dir();
+    let rt = build(256, 2, &dir);
+    let mut data = rt.region(64 * PAGE).unwrap();
+    let data = rt
+        .block_on(move || {
+            for (p, w) in data.as_mut_slice::<u64>().iter_mut().step_by(WORDS).enumerate() {
+                *w = p as u64 + 100;
+            }
+            data
+        })
+        .unwrap();
+    let mut filler = None;
+    push_out(&rt, &mut filler);
+    let data = Arc::new(data);
+    let seen = Arc::new(AtomicU64::new(0));
+    for p in 0..64 {
+        let (d, seen) = (data.clone(), seen.clone());
+        rt.spawn(move || {
+            let v = d.as_slice::<u64>()[p * WORDS];
+            seen.fetch_add(v, Ordering::Relaxed);
+        })
+        .unwrap();
+    }
+    // Shut down at once: many uThreads are parked on swap-ins right now.
+    let report = rt.shutdown(Duration::from_secs(10));
+    assert!(report.stuck_in_handler.is_empty(), "{report:?}");
+    assert_eq!(report.cancelled, 0);
+    assert_eq!(seen.load(Ordering::Relaxed), (100..164).sum::<u64>());
+    drop(filler);
+}
+
+#[test]
+fn pages_faulted_back_during_write_back_come_from_the_swap_cache() {
+    let dir = swap_dir();
+    let rt = build(256, 1, &dir);
+    let frames = rt.mm().pool().len();
+    let pid = std::process::id();
+    let mut region = rt.region(64 * PAGE).unwrap();
+    for p in 0..64 {
+        region.as_mut_slice::<u64>()[p * WORDS + 1] = p as u64 ^ 0x5555;
+    }
+    // This thread evicts with an engine of its own and does not reap it yet: the victims
+    // stay in staging (their O_DIRECT writes queued or in flight) while we touch them.
+    let mut io = WorkerMm::new(rt.mm().clone(), 0).unwrap();
+    let staged = rt.mm().evict_now(&mut io, 32);
+    assert!(staged > 0, "eviction staged nothing");
+    let in_staging: Vec<usize> = (0..64)
+        .filter(|&p| {
+            matches!(
+                rt.mm().page_state(pid, region.addr() + (p * PAGE) as u64),
+                Some(PageState::Staging { .. })
+            )
+        })
+        .collect();
+    assert_eq!(in_staging.len(), staged);
+    for &p in &in_staging {
+        assert_eq!(region.as_slice::<u64>()[p * WORDS + 1], p as u64 ^ 0x5555, "page {p}");
+    }
+    let s = rt.stats().mm;
+    eprintln!(
+        "swap-cache hits: {} by MOVE, {} by copy (write still pinning the slot)",
+        s.swap_cache_moves, s.swap_cache_copies
+    );
+    assert_eq!((s.swap_cache_moves + s.swap_cache_copies) as usize, staged, "{s:#?}");
+    assert!(s.swap_cache_hit.count > 0);
+    // Reap the writes: the slots of pages taken back are freed, copied-from frames too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while io.in_flight() > 0 && std::time::Instant::now() < deadline {
+        io.poll();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(io.in_flight(), 0);
+    drop(io);
+    drop(region);
+    assert!(rt.quiesce(Duration::from_secs(10)));
+    assert_eq!(rt.mm().swap_slots_used(), 0);
+    assert_eq!(rt.mm().pool().check_conservation().unwrap().free, frames);
+}
+
+#[test]
+fn a_multi_page_move_that_meets_a_present_page_is_classified_page_by_page() {
+    let dir = swap_dir();
+    let rt = build(256, 1, &dir);
+    let mut region = rt.region(4 * PAGE).unwrap();
+    // Page 2 gets content through the normal fault path.
+    region.as_mut_slice::<u64>()[2 * WORDS] = 0xFEED;
+    let pool = rt.mm().pool().clone();
+    let mut arena = pool.local_arena();
+    let frames: Vec<_> = (0..4).map(|_| pool.take(&mut arena).unwrap().unwrap()).collect();
+    // Install a 4-page run over it: the MOVE stops at page 2 with a partial count; the
+    // rest is re-issued from there and classified (page 2 present, page 3 moved).
+    let report = rt
+        .mm()
+        .install_frames(std::process::id(), region.addr(), &frames)
+        .unwrap();
+    let moved: Vec<u64> = report.moved.iter().map(|m| (m.0 - region.addr()) / PAGE as u64).collect();
+    assert_eq!(moved, vec![0, 1, 3]);
+    assert_eq!(report.present.len(), 1);
+    assert_eq!(report.present[0].0, region.addr() + 2 * PAGE as u64);
+    pool.return_unused(&mut arena, report.present[0].1).unwrap();
+    assert_eq!(region.as_slice::<u64>()[2 * WORDS], 0xFEED, "present page untouched");
+    assert_eq!(region.as_slice::<u64>()[3 * WORDS], 0, "page 3 installed zeroed");
+    assert!(rt.stats().mm.partial_moves >= 1);
+    drop(arena);
+    drop(region);
+}
+
+#[test]
+fn a_datagram_received_into_a_missing_region_buffer_arrives_intact() {
+    let dir = swap_dir();
+    let rt = build(256, 1, &dir);
+    let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    tx.connect(rx.local_addr().unwrap()).unwrap();
+    rx.connect(tx.local_addr().unwrap()).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let msg: Vec<u8> = (0..6000u32).map(|i| (i * 7 % 251) as u8).collect();
+    // Without the helper the kernel meets missing pages: EFAULT and the datagram is gone.
+    let mut raw = rt.region(4 * PAGE).unwrap();
+    tx.send(&msg).unwrap();
+    let direct = rx.recv(raw.bytes_mut(PAGE..PAGE + 8000));
+    assert_eq!(direct.map_err(|e| e.raw_os_error()), Err(Some(libc::EFAULT)));
+    // With it: pinned, pre-faulted, intact (the buffer straddles a page boundary).
+    let mut region = rt.region(4 * PAGE).unwrap();
+    tx.send(&msg).unwrap();
+    let n = region.recv_into(&rx, 100..100 + 8000).unwrap();
+    assert_eq!(n, msg.len());
+    assert_eq!(region.bytes(100..100 + n), &msg[..]);
+    // And back out: send_from pre-faults too.
+    assert_eq!(region.send_from(&rx, 100..100 + n).unwrap(), n);
+    let mut back = vec![0u8; 8000];
+    tx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(tx.recv(&mut back).unwrap(), n);
+    assert_eq!(&back[..n], &msg[..]);
+}
+
+#[test]
+fn uthreads_holding_a_uthread_mutex_across_faulting_accesses_all_finish() {
+    // The documented rule: hold usm_localmanager::sync::Mutex (parks the uThread), never
+    // an OS mutex, across a region access. One worker, many contenders, swap traffic.
+    let dir = swap_dir();
+    let rt = build(256, 1, &dir);
+    let frames = rt.mm().pool().len();
+    let region = Arc::new(rt.region(3 * frames * PAGE).unwrap());
+    let lock = Arc::new(usm_localmanager::sync::Mutex::new(0u64));
+    let mut hs = Vec::new();
+    for t in 0..8 {
+        let (region, lock) = (region.clone(), lock.clone());
+        hs.push(
+            rt.spawn(move || {
+                let w = region.as_atomic_u64();
+                for k in 0..200 {
+                    let mut g = lock.lock();
+                    let p = (t * 97 + k * 13) % (3 * frames);
+                    // Faulting access while the lock is held: this uThread parks, others
+                    // run and block on the lock by parking too.
+                    w[p * WORDS].fetch_add(1, Ordering::Relaxed);
+                    *g += 1;
+                }
+            })
+            .unwrap(),
+        );
+    }
+    for h in hs {
+        h.join().unwrap();
+    }
+    assert_eq!(*lock.lock(), 8 * 200);
+}
+
+#[test]
+fn an_unreadable_swap_entry_kills_with_sigbus_not_zeros() {
+    use std::os::unix::process::ExitStatusExt;
+    if std::env::var_os("USM_POISON_CHILD").is_some() {
+        return poisoned_child();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["--exact", "an_unreadable_swap_entry_kills_with_sigbus_not_zeros", "--nocapture", "--test-threads=1"])
+        .env("USM_POISON_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("child: reading a page whose swap slot was truncated away"), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("child: READ"), "the child read something: {stdout}");
+    assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{stdout}\n{stderr}");
+}
+
+fn poisoned_child() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("usm_runtime=debug,usm_swap=debug")
+        .with_writer(std::io::stderr)
+        .try_init();
+    let dir = swap_dir();
+    let path = dir.path().join("swap0");
+    let rt = Runtime::builder()
+        .workers(1)
+        .pool_frames(256)
+        .create_swap_file(&path, 16 << 20)
+        .build()
+        .unwrap();
+    let mut data = rt.region(8 * PAGE).unwrap();
+    let data = rt
+        .block_on(move || {
+            data.as_mut_slice::<u64>()[0] = 0x1234_5678;
+            data
+        })
+        .unwrap();
+    let mut filler = None;
+    push_out(&rt, &mut filler);
+    assert!(rt.quiesce(Duration::from_secs(10)));
+    assert!(matches!(rt.mm().page_state(std::process::id(), data.addr()), Some(PageState::Swapped(_))));
+    // The swap file loses everything but its header under the runtime.
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+    println!("child: reading a page whose swap slot was truncated away");
+    let data = Arc::new(data);
+    let d = data.clone();
+    let v = rt.block_on(move || d.as_slice::<u64>()[0]).unwrap();
+    println!("child: READ {v:#x}");
+}
