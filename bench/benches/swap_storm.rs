@@ -1,6 +1,851 @@
-//! Placeholder while the benchmark is being written.
+//! Swap storm with co-located CPU tasks (issue 6, benchmark 1), every mode in one run.
+//!
+//! ```text
+//! cargo bench -p usm-bench --bench swap_storm -- [--quick] [--json PATH] [--svg PATH]
+//!     [--medium file|zram|both] [--intensities 1,0.25,0.05] [--duration-ms N]
+//!     [--overhead-mib N] [--no-prewarm] [--no-pmqos]
+//! ```
+//!
+//! # Modes (DESIGN.md, "Benchmarks, defined fairly")
+//! The workload is `usm_bench::storm`'s: a fixed mix of memory tasks (random 4 KiB page
+//! reads verified against a checksum table, or rewrites) and CPU tasks, memory intensity
+//! swept. Every mode runs in its own child process placed in a memory cgroup before it
+//! allocates, on `spec.workers` cores, with the same settings: PM-QoS held at 0 µs by the
+//! parent for all modes (`--no-pmqos` to drop it for all), and **no busy-polling** (the
+//! uThread runtimes park idle workers on an eventfd; the OS threads block in the kernel).
+//! - **(a) `a-kernel-uthreads`**: the same tasks as uThreads on `usm_localmanager`
+//!   (pinned workers), data in plain anonymous memory (`MADV_NOHUGEPAGE`), cgroup limit =
+//!   budget, kernel swap on the same medium ([`KernelSwapEnv`]): a fault on a swapped page
+//!   blocks the worker, as in Shenango or Junction. This is the denominator of
+//!   `…_vs_kernel`.
+//! - **(a′) `a'-kernel-threads`**: the kernel-baseline mode (one OS thread per task).
+//! - **(b) USM with synchronous swap-in**: not measured — the embedded runtime has no knob
+//!   that makes a worker wait for its own swap-in (every uThread fault yields).
+//! - **(c) `c-usm-yield`**: the same tasks as uThreads on the embedded runtime, one managed
+//!   region per memory task, pool = budget, USM swap on the same medium (a USM swap file in
+//!   the same directory, or `/dev/zram0` formatted for USM), no kernel swap. Its cgroup
+//!   limit is budget + its measured overhead: a probe run of (c) in a cgroup of budget +
+//!   512 MiB measures the peak beyond the pool (heap, stacks, page tables, checksum tables);
+//!   that plus 25% and 8 MiB is the allowance (`--overhead-mib` sets it instead).
+//!
+//! uThreads yield after every step (CPU op or page access), in (a) and (c) alike.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use usm_bench::child::ChildLauncher;
+use usm_bench::guard::{self, MemCgroup};
+use usm_bench::report::{JsonReport, Table, fmt_f};
+use usm_bench::stats::LatencyHistogram;
+use usm_bench::storm::{
+    self, CpuTask, KernelReference, KernelSwapEnv, KernelThreadsMode, MemoryTask, PlotMetric,
+    StormContext, StormCounters, StormMode, StormPoint, StormSpec, SwapMedium,
+};
+use usm_bench::sys::{Advice, AnonMemory};
+use usm_bench::{Error, PmQos, Result};
+use usm_localmanager::{Handle, JoinHandle, WakerMode};
+use usm_runtime::embedded::{Region, Runtime};
+use usm_sync::Arc;
+use usm_sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+const PAGE: usize = 4096;
+const UTHREADS_CHILD: &str = "storm-kernel-uthreads";
+const USM_CHILD: &str = "storm-usm-yield";
+const ZRAM_LOCK_PATH: &str = "/run/usm-zram.lock";
+
+#[derive(Parser, Debug)]
+#[command(about = "Swap storm: kernel swap (uThreads, OS threads) vs USM (Yield)")]
+struct Cli {
+    /// Small sizes and short runs (under 2 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Throughput-over-time plot (CPU tasks) of the swap-file run; the memory-task plot
+    /// goes next to it as STEM-memory.svg.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// Directory for swap files (must be on the project disk).
+    #[arg(long, default_value = guard::DEFAULT_SWAP_DIR)]
+    swap_dir: PathBuf,
+    /// Swap media.
+    #[arg(long, value_enum, default_value_t = MediumArg::Both)]
+    medium: MediumArg,
+    /// Memory intensities to sweep, e.g. 1,0.25,0.05.
+    #[arg(long, value_delimiter = ',')]
+    intensities: Option<Vec<f64>>,
+    /// Measured milliseconds per point.
+    #[arg(long)]
+    duration_ms: Option<u64>,
+    /// USM's cgroup allowance beyond the budget, MiB (default: measured by a probe run).
+    #[arg(long)]
+    overhead_mib: Option<u64>,
+    /// Seconds to wait for /dev/zram0 if someone else is using it.
+    #[arg(long, default_value_t = 30)]
+    zram_wait_s: u64,
+    /// Do not pre-warm the host backing before each point.
+    #[arg(long)]
+    no_prewarm: bool,
+    /// Do not hold /dev/cpu_dma_latency at 0.
+    #[arg(long)]
+    no_pmqos: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum MediumArg {
+    File,
+    Zram,
+    Both,
+}
 
 fn main() {
-    eprintln!("not yet implemented");
-    std::process::exit(2);
+    if let Some(code) = usm_bench::child::serve_if_child(&[
+        (UTHREADS_CHILD, kernel_uthreads_child),
+        (USM_CHILD, usm_child),
+    ]) {
+        std::process::exit(code);
+    }
+    let args = std::env::args().filter(|a| a != "--bench");
+    let cli = Cli::parse_from(args);
+    if let Err(e) = run(&cli) {
+        guard::wait_for_signal_cleanup();
+        eprintln!("swap_storm: {e}");
+        std::process::exit(1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The uThread workload, shared by (a) and (c).
+
+/// Memory a memory uThread works on: an anonymous mapping (a) or a managed region (c).
+trait ShardMemory: Send + 'static {
+    fn bytes_mut(&mut self) -> &mut [u8];
+}
+
+impl ShardMemory for AnonMemory {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
+impl ShardMemory for Region {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice::<u8>()
+    }
+}
+
+type MemOut<M> = Result<(LatencyHistogram, u64, M)>;
+
+/// Runs the mix as uThreads through `handle` over `shards` (one per memory task); returns
+/// the point (labels empty) and the shards.
+fn run_uthread_storm<M: ShardMemory>(
+    handle: &Handle,
+    spec: &StormSpec,
+    intensity: f64,
+    shards: Vec<M>,
+) -> Result<(StormPoint, Vec<M>)> {
+    let counters = Arc::new(StormCounters::default());
+    let populated = Arc::new(AtomicUsize::new(0));
+    let go = Arc::new(AtomicBool::new(false));
+    let workers = spec.workers.max(1);
+    let spawn_err = |e: usm_localmanager::SchedError| Error::Invalid(format!("spawn: {e}"));
+    let mut mem_handles: Vec<JoinHandle<MemOut<M>>> = Vec::new();
+    let populate_start = Instant::now();
+    for (i, mut shard) in shards.into_iter().enumerate() {
+        let (counters, populated, go) = (counters.clone(), populated.clone(), go.clone());
+        let seed = spec.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let wp = spec.write_percent;
+        let h = handle
+            .spawn_on(i % workers, move || -> MemOut<M> {
+                let (latency, verified) = {
+                    let mut task = match MemoryTask::new(shard.bytes_mut(), seed, intensity, wp) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            counters.stop.store(true, Ordering::SeqCst);
+                            populated.fetch_add(1, Ordering::SeqCst);
+                            return Err(e);
+                        }
+                    };
+                    task.populate();
+                    populated.fetch_add(1, Ordering::SeqCst);
+                    while !go.load(Ordering::Acquire) && !counters.stop.load(Ordering::Relaxed) {
+                        usm_localmanager::yield_now();
+                    }
+                    let mut local = 0u64;
+                    while !counters.stop.load(Ordering::Relaxed) {
+                        if let Err(e) = task.step() {
+                            counters.stop.store(true, Ordering::SeqCst);
+                            return Err(e);
+                        }
+                        local += 1;
+                        if local == 8 {
+                            counters.memory_ops.fetch_add(local, Ordering::Relaxed);
+                            local = 0;
+                        }
+                        usm_localmanager::yield_now();
+                    }
+                    (task.latency.clone(), task.verified_reads)
+                };
+                Ok((latency, verified, shard))
+            })
+            .map_err(spawn_err)?;
+        mem_handles.push(h);
+    }
+    let mut cpu_handles = Vec::new();
+    for i in 0..spec.mix.cpu_tasks {
+        let (counters, go) = (counters.clone(), go.clone());
+        let seed = spec.seed ^ 0xc0ff_ee00 ^ i as u64;
+        let h = handle
+            .spawn_on(i % workers, move || {
+                let mut task = CpuTask::new(seed);
+                while !go.load(Ordering::Acquire) && !counters.stop.load(Ordering::Relaxed) {
+                    usm_localmanager::yield_now();
+                }
+                while !counters.stop.load(Ordering::Relaxed) {
+                    task.step();
+                    counters.cpu_ops.fetch_add(1, Ordering::Relaxed);
+                    usm_localmanager::yield_now();
+                }
+            })
+            .map_err(spawn_err)?;
+        cpu_handles.push(h);
+    }
+    let m = mem_handles.len();
+    while populated.load(Ordering::SeqCst) < m {
+        if counters.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let populate_s = populate_start.elapsed().as_secs_f64();
+    let before = usm_bench::stats::rusage(true)?;
+    let steal0 = usm_bench::stats::system_steal_s();
+    go.store(true, Ordering::Release);
+    let m0 = counters.memory_ops.load(Ordering::Relaxed);
+    let c0 = counters.cpu_ops.load(Ordering::Relaxed);
+    let (samples, elapsed) = storm::sample_throughput(
+        &counters,
+        Duration::from_millis(spec.sample_ms.max(1)),
+        Duration::from_millis(spec.duration_ms),
+    );
+    let memory_ops = counters.memory_ops.load(Ordering::Relaxed) - m0;
+    let cpu_ops = counters.cpu_ops.load(Ordering::Relaxed) - c0;
+    let after = usm_bench::stats::rusage(true)?;
+    let steal_s = usm_bench::stats::system_steal_s() - steal0;
+    let mut latency = LatencyHistogram::new()?;
+    let mut verified_reads = 0;
+    let mut shards = Vec::new();
+    let mut first_err = None;
+    for h in mem_handles {
+        match h.join() {
+            Ok(Ok((lat, v, shard))) => {
+                latency.merge(&lat)?;
+                verified_reads += v;
+                shards.push(shard);
+            }
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err.get_or_insert(Error::Invalid(format!("memory uThread: {e}")));
+            }
+        }
+    }
+    for h in cpu_handles {
+        if let Err(e) = h.join() {
+            first_err.get_or_insert(Error::Invalid(format!("CPU uThread: {e}")));
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let secs = elapsed.as_secs_f64();
+    let point = StormPoint {
+        mode: String::new(),
+        medium: String::new(),
+        intensity,
+        elapsed_s: secs,
+        memory_ops,
+        cpu_ops,
+        memory_ops_per_s: memory_ops as f64 / secs,
+        cpu_ops_per_s: cpu_ops as f64 / secs,
+        access_latency: latency.summary(),
+        verified_reads,
+        major_faults: after.2.saturating_sub(before.2),
+        minor_faults: after.1.saturating_sub(before.1),
+        cpu_s: after.0 - before.0,
+        steal_s,
+        populate_s,
+        samples,
+        cgroup: None,
+    };
+    Ok((point, shards))
+}
+
+fn pages_per_task(spec: &StormSpec) -> usize {
+    (spec.working_set_bytes as usize / PAGE) / spec.mix.memory_tasks
+}
+
+// ---------------------------------------------------------------------------------------
+// (a): kernel swap under usm_localmanager.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct UThreadsPayload {
+    spec: StormSpec,
+    intensity: f64,
+}
+
+fn kernel_uthreads_child(payload: Value) -> Result<Value> {
+    let p: UThreadsPayload = serde_json::from_value(payload)?;
+    p.spec.validate()?;
+    let rt = usm_localmanager::Runtime::builder()
+        .workers(p.spec.workers)
+        .pin(true)
+        .waker(WakerMode::EventFd)
+        .build()
+        .map_err(|e| Error::Invalid(format!("usm_localmanager runtime: {e}")))?;
+    let mut shards = Vec::new();
+    for _ in 0..p.spec.mix.memory_tasks {
+        let mem = AnonMemory::new(pages_per_task(&p.spec) * PAGE)?;
+        mem.advise(Advice::NoHugePage)?;
+        shards.push(mem);
+    }
+    let (point, shards) = run_uthread_storm(&rt.handle(), &p.spec, p.intensity, shards)?;
+    drop(shards);
+    rt.shutdown(Duration::from_secs(5));
+    Ok(serde_json::to_value(point)?)
+}
+
+/// (a): kernel swap under the same uThread runtime.
+struct KernelUThreadsMode;
+
+impl StormMode for KernelUThreadsMode {
+    fn label(&self) -> String {
+        "a-kernel-uthreads".into()
+    }
+
+    fn kernel_reference(&self) -> Option<KernelReference> {
+        Some(KernelReference::UThreads)
+    }
+
+    fn run_point(&mut self, ctx: &StormContext, intensity: f64) -> Result<StormPoint> {
+        if ctx.prewarm {
+            usm_bench::prewarm::prewarm_host(ctx.spec.working_set_bytes + (64 << 20))?;
+        }
+        let env = KernelSwapEnv::prepare(ctx, "storm-uthreads")?;
+        let payload = UThreadsPayload {
+            spec: ctx.spec.clone(),
+            intensity,
+        };
+        let value = ctx
+            .launcher
+            .run(UTHREADS_CHILD, &payload, Some(&env.cgroup))?;
+        let mut point: StormPoint = serde_json::from_value(value)?;
+        point.mode = self.label();
+        point.medium = ctx.medium.label().into();
+        point.cgroup = Some(env.cgroup.stats()?);
+        drop(env);
+        Ok(point)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// (c): USM with Yield.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum UsmSwap {
+    /// Create a USM swap file of this many bytes here (removed by the parent).
+    CreateFile(PathBuf, u64),
+    /// A device already formatted for USM.
+    Device(PathBuf),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct UsmPayload {
+    spec: StormSpec,
+    intensity: f64,
+    swap: UsmSwap,
+}
+
+/// Fault-path statistics of one (c) point.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct UsmPathStats {
+    faults: u64,
+    fast_map: u64,
+    swap_cache_hits: u64,
+    swap_ins: u64,
+    evicted: u64,
+    swap_in_p50_us: f64,
+    swap_in_p99_us: f64,
+    fast_map_p50_us: f64,
+    fast_map_p99_us: f64,
+    faults_parked: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct UsmOut {
+    point: StormPoint,
+    usm: UsmPathStats,
+}
+
+fn usm_child(payload: Value) -> Result<Value> {
+    let p: UsmPayload = serde_json::from_value(payload)?;
+    p.spec.validate()?;
+    let emb = |e: usm_runtime::embedded::EmbeddedError| Error::Invalid(format!("embedded: {e}"));
+    let mut b = Runtime::builder()
+        .workers(p.spec.workers)
+        .pin_workers(true)
+        .waker(WakerMode::EventFd)
+        .pool_frames(p.spec.budget_bytes as usize / PAGE);
+    b = match &p.swap {
+        UsmSwap::CreateFile(path, bytes) => b.create_swap_file(path, *bytes),
+        UsmSwap::Device(path) => b.swap_device(path),
+    };
+    let rt = b.build().map_err(emb)?;
+    let mut shards = Vec::new();
+    for _ in 0..p.spec.mix.memory_tasks {
+        shards.push(rt.region(pages_per_task(&p.spec) * PAGE).map_err(emb)?);
+    }
+    let before = rt.stats();
+    let handle = rt.handle().map_err(emb)?;
+    let (point, shards) = run_uthread_storm(&handle, &p.spec, p.intensity, shards)?;
+    let st = rt.stats();
+    let parked0: u64 = before.sched.iter().map(|s| s.faults).sum();
+    let parked1: u64 = st.sched.iter().map(|s| s.faults).sum();
+    let usm = UsmPathStats {
+        faults: st.mm.faults,
+        fast_map: st.mm.fast_map.count,
+        swap_cache_hits: st.mm.swap_cache_hit.count,
+        swap_ins: st.mm.swap_ins_done,
+        evicted: st.mm.evicted,
+        swap_in_p50_us: st.mm.swap_in.p50_ns as f64 / 1e3,
+        swap_in_p99_us: st.mm.swap_in.p99_ns as f64 / 1e3,
+        fast_map_p50_us: st.mm.fast_map.p50_ns as f64 / 1e3,
+        fast_map_p99_us: st.mm.fast_map.p99_ns as f64 / 1e3,
+        faults_parked: parked1 - parked0,
+    };
+    if st.mm.poisoned > 0 {
+        return Err(Error::Corruption(format!(
+            "{} pages poisoned (unreadable swap)",
+            st.mm.poisoned
+        )));
+    }
+    drop(shards);
+    rt.shutdown(Duration::from_secs(10));
+    Ok(serde_json::to_value(UsmOut { point, usm })?)
+}
+
+/// `/dev/zram0` formatted for USM, held under the shared zram lock; reset on drop.
+struct UsmZram {
+    zram: Option<usm_swap::Zram>,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl UsmZram {
+    fn take(bytes: u64, wait: Duration) -> Result<Self> {
+        if !usm_swap::Zram::available(0) {
+            return Err(Error::Unavailable {
+                facility: "zram",
+                reason: "/dev/zram0 does not exist".into(),
+            });
+        }
+        let deadline = Instant::now() + wait;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(ZRAM_LOCK_PATH)
+            .map_err(|e| Error::Io {
+                op: "open",
+                path: ZRAM_LOCK_PATH.into(),
+                source: e,
+            })?;
+        let lock = loop {
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(l) => break l,
+                Err((f, _)) if Instant::now() < deadline => {
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err((_, errno)) => {
+                    return Err(Error::Busy {
+                        facility: "zram",
+                        reason: format!("{ZRAM_LOCK_PATH} held by another process ({errno})"),
+                    });
+                }
+            }
+        };
+        let disksize =
+            std::fs::read_to_string("/sys/block/zram0/disksize").map_err(|e| Error::Io {
+                op: "read",
+                path: "/sys/block/zram0/disksize".into(),
+                source: e,
+            })?;
+        if disksize.trim() != "0" {
+            return Err(Error::Busy {
+                facility: "zram",
+                reason: format!("/dev/zram0 in use (disksize {})", disksize.trim()),
+            });
+        }
+        let zram = usm_swap::Zram::configure(0, bytes, None)
+            .map_err(|e| Error::Invalid(format!("zram configure: {e}")))?;
+        usm_swap::format(zram.path(), &usm_swap::FormatOptions::default())
+            .map_err(|e| Error::Invalid(format!("format zram for USM: {e}")))?;
+        Ok(Self {
+            zram: Some(zram),
+            _lock: lock,
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.zram
+            .as_ref()
+            .map_or_else(|| PathBuf::from("/dev/zram0"), |z| z.path().to_path_buf())
+    }
+}
+
+impl Drop for UsmZram {
+    fn drop(&mut self) {
+        // Reset the device before the lock is released (fields drop after this).
+        drop(self.zram.take());
+    }
+}
+
+/// (c): USM, faults yield.
+type PathLog = std::rc::Rc<std::cell::RefCell<Vec<(f64, String, UsmPathStats)>>>;
+
+struct UsmYieldMode {
+    /// cgroup allowance beyond the budget.
+    overhead_bytes: u64,
+    /// Path statistics per point (intensity, medium, stats), shared with the caller.
+    paths: PathLog,
+}
+
+impl UsmYieldMode {
+    fn run_in(
+        &self,
+        ctx: &StormContext,
+        intensity: f64,
+        limit: u64,
+        spec: &StormSpec,
+    ) -> Result<(UsmOut, MemCgroup)> {
+        let swap_bytes = spec.working_set_bytes + (64 << 20);
+        let mut file = None;
+        let mut zram = None;
+        let swap = match ctx.medium {
+            SwapMedium::File => {
+                let path = ctx
+                    .swap_dir
+                    .join(format!("usm-storm-{}.swap", std::process::id()));
+                file = Some(RemoveOnDrop(path.clone()));
+                UsmSwap::CreateFile(path, swap_bytes)
+            }
+            SwapMedium::Zram => {
+                let z = UsmZram::take(swap_bytes, ctx.zram_wait)?;
+                let p = z.path();
+                zram = Some(z);
+                UsmSwap::Device(p)
+            }
+        };
+        let cgroup = MemCgroup::create("storm-usm", limit)?;
+        let payload = UsmPayload {
+            spec: spec.clone(),
+            intensity,
+            swap,
+        };
+        let value = ctx.launcher.run(USM_CHILD, &payload, Some(&cgroup));
+        drop(file);
+        drop(zram);
+        Ok((serde_json::from_value(value?)?, cgroup))
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl StormMode for UsmYieldMode {
+    fn label(&self) -> String {
+        "c-usm-yield".into()
+    }
+
+    fn run_point(&mut self, ctx: &StormContext, intensity: f64) -> Result<StormPoint> {
+        if ctx.prewarm {
+            usm_bench::prewarm::prewarm_host(ctx.spec.working_set_bytes + (64 << 20))?;
+        }
+        let limit = ctx.spec.budget_bytes + self.overhead_bytes;
+        let (out, cgroup) = self.run_in(ctx, intensity, limit, &ctx.spec)?;
+        let mut point = out.point;
+        point.mode = self.label();
+        point.medium = ctx.medium.label().into();
+        point.cgroup = Some(cgroup.stats()?);
+        self.paths
+            .borrow_mut()
+            .push((intensity, ctx.medium.label().into(), out.usm));
+        Ok(point)
+    }
+}
+
+/// Measures USM's memory beyond the pool: a short (c) run in a cgroup of budget + 512 MiB.
+fn measure_overhead(ctx: &StormContext, intensity: f64) -> Result<(u64, u64)> {
+    let probe = UsmYieldMode {
+        overhead_bytes: 0,
+        paths: PathLog::default(),
+    };
+    let mut spec = ctx.spec.clone();
+    spec.duration_ms = spec.duration_ms.min(1000);
+    let (_, cgroup) = probe.run_in(ctx, intensity, ctx.spec.budget_bytes + (512 << 20), &spec)?;
+    let peak = cgroup.stats()?.peak_bytes;
+    let beyond = peak.saturating_sub(ctx.spec.budget_bytes);
+    let allowance = (beyond + beyond / 4 + (8 << 20)).div_ceil(1 << 20) << 20;
+    Ok((peak, allowance))
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn run(cli: &Cli) -> Result<()> {
+    let started = Instant::now();
+    let cleaned = usm_bench::cleanup::cleanup_leftovers(std::slice::from_ref(&cli.swap_dir))?;
+    if !cleaned.is_clean() {
+        eprintln!("cleanup of a previous run: {cleaned:?}");
+    }
+    let qos = if cli.no_pmqos {
+        None
+    } else {
+        match PmQos::hold(0) {
+            Ok(q) => Some(q),
+            Err(e) => {
+                eprintln!("PM-QoS not held: {e}");
+                None
+            }
+        }
+    };
+    let mut spec = if cli.quick {
+        StormSpec::quick()
+    } else {
+        StormSpec::default_mix()
+    };
+    if let Some(d) = cli.duration_ms {
+        spec.duration_ms = d;
+    }
+    let intensities = cli.intensities.clone().unwrap_or(if cli.quick {
+        vec![1.0]
+    } else {
+        vec![1.0, 0.25, 0.05]
+    });
+    let media = match cli.medium {
+        MediumArg::File => vec![SwapMedium::File],
+        MediumArg::Zram => vec![SwapMedium::Zram],
+        MediumArg::Both => vec![SwapMedium::File, SwapMedium::Zram],
+    };
+    let mut report = JsonReport::new("swap_storm");
+    report.insert("quick", cli.quick)?;
+    report.insert(
+        "pm_qos_us",
+        if qos.is_some() { json!(0) } else { Value::Null },
+    )?;
+    report.insert("busy_poll", false)?;
+    report.insert("waker", "eventfd")?;
+    report.insert(
+        "mode_b",
+        "not measured: the embedded runtime has no synchronous swap-in knob",
+    )?;
+    let swaps_start = guard::active_swaps()?;
+    report.insert("swaps_at_start", &swaps_start)?;
+    let launcher = ChildLauncher::current_exe()?;
+    let mut sweeps = Vec::new();
+    let mut paths_all = Vec::new();
+    let mut overheads = Vec::new();
+    for medium in media {
+        let ctx = StormContext {
+            spec: spec.clone(),
+            medium,
+            swap_dir: cli.swap_dir.clone(),
+            launcher: launcher.clone(),
+            zram_wait: Duration::from_secs(cli.zram_wait_s),
+            prewarm: !cli.no_prewarm,
+        };
+        let overhead_bytes = match cli.overhead_mib {
+            Some(m) => m << 20,
+            None => match measure_overhead(&ctx, intensities[0]) {
+                Ok((peak, allowance)) => {
+                    println!(
+                        "USM on {}: probe peak {} MiB with a {} MiB pool -> cgroup allowance {} MiB",
+                        medium.label(),
+                        peak >> 20,
+                        spec.budget_bytes >> 20,
+                        allowance >> 20
+                    );
+                    overheads.push(json!({
+                        "medium": medium.label(),
+                        "probe_peak_bytes": peak,
+                        "allowance_bytes": allowance,
+                    }));
+                    allowance
+                }
+                Err(e) if e.is_unavailable() || e.is_busy() => {
+                    println!("skipped {}: {e}", medium.label());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let paths = PathLog::default();
+        let mut modes: Vec<Box<dyn StormMode>> = vec![
+            Box::new(KernelUThreadsMode),
+            Box::new(KernelThreadsMode),
+            Box::new(UsmYieldMode {
+                overhead_bytes,
+                paths: paths.clone(),
+            }),
+        ];
+        let sweep = storm::run_sweep(&mut modes, &ctx, &intensities)?;
+        paths_all.extend(paths.borrow_mut().drain(..));
+        print_sweep(&sweep, &paths_all);
+        sweeps.push(sweep);
+    }
+    print_goal(&sweeps);
+    let svg = cli.svg.clone().unwrap_or_else(|| {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results/storm.svg"))
+    });
+    write_plots(&sweeps, &svg)?;
+    report.insert("usm_overhead", &overheads)?;
+    report.insert("sweeps", &sweeps)?;
+    report.insert(
+        "usm_fault_paths",
+        paths_all
+            .iter()
+            .map(|(i, m, s)| json!({"intensity": i, "medium": m, "stats": s}))
+            .collect::<Vec<_>>(),
+    )?;
+    let swaps_end = guard::active_swaps()?;
+    if swaps_end != swaps_start {
+        eprintln!("WARNING: active swaps differ from the start: {swaps_start:?} -> {swaps_end:?}");
+    }
+    report.insert("swaps_at_end", &swaps_end)?;
+    report.insert("wall_s", started.elapsed().as_secs_f64())?;
+    if let Some(path) = &cli.json {
+        report.write(path)?;
+        println!("wrote {}", path.display());
+    }
+    println!("total {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn print_sweep(sweep: &storm::StormSweep, paths: &[(f64, String, UsmPathStats)]) {
+    let mut t = Table::new(&[
+        "mode",
+        "intensity",
+        "cpu ops/s",
+        "mem ops/s",
+        "cpu vs (a)",
+        "mem vs (a)",
+        "cpu vs (a')",
+        "mem vs (a')",
+        "access p50 us",
+        "access p99 us",
+        "swap-in p50/p99 us",
+        "cg peak MiB",
+    ]);
+    for p in &sweep.points {
+        let r = sweep
+            .ratios
+            .iter()
+            .find(|r| r.mode == p.mode && r.intensity == p.intensity);
+        let usm = paths
+            .iter()
+            .find(|(i, m, _)| *i == p.intensity && *m == p.medium && p.mode.starts_with("c-"));
+        t.row(vec![
+            p.mode.clone(),
+            p.intensity.to_string(),
+            fmt_f(Some(p.cpu_ops_per_s), 0),
+            fmt_f(Some(p.memory_ops_per_s), 0),
+            fmt_f(r.and_then(|r| r.cpu_throughput_vs_kernel), 2),
+            fmt_f(r.and_then(|r| r.memory_throughput_vs_kernel), 2),
+            fmt_f(r.and_then(|r| r.cpu_throughput_vs_kernel_threads), 2),
+            fmt_f(r.and_then(|r| r.memory_throughput_vs_kernel_threads), 2),
+            fmt_f(Some(p.access_latency.p50_ns as f64 / 1e3), 1),
+            fmt_f(Some(p.access_latency.p99_ns as f64 / 1e3), 0),
+            usm.map_or("-".into(), |(_, _, s)| {
+                format!("{:.0}/{:.0}", s.swap_in_p50_us, s.swap_in_p99_us)
+            }),
+            p.cgroup
+                .as_ref()
+                .map_or("-".into(), |c| (c.peak_bytes >> 20).to_string()),
+        ]);
+    }
+    println!(
+        "\n== swap storm on {}: {} memory + {} CPU tasks on {} workers, budget {} MiB, working set {} MiB, {} ms/point\n{}",
+        sweep.medium,
+        sweep.spec.mix.memory_tasks,
+        sweep.spec.mix.cpu_tasks,
+        sweep.spec.workers,
+        sweep.spec.budget_bytes >> 20,
+        sweep.spec.working_set_bytes >> 20,
+        sweep.spec.duration_ms,
+        t.render()
+    );
+    for s in &sweep.skipped {
+        println!("skipped {s}");
+    }
+}
+
+fn print_goal(sweeps: &[storm::StormSweep]) {
+    let Some(file) = sweeps.iter().find(|s| s.medium == "swapfile") else {
+        return;
+    };
+    let Some(first) = file.points.first().map(|p| p.intensity) else {
+        return;
+    };
+    if let Some(r) = file
+        .ratios
+        .iter()
+        .find(|r| r.mode == "c-usm-yield" && r.intensity == first)
+    {
+        let cpu = r.cpu_throughput_vs_kernel.unwrap_or(f64::NAN);
+        let mem = r.memory_throughput_vs_kernel.unwrap_or(f64::NAN);
+        let met = cpu >= 2.26 && mem >= 1.0;
+        println!(
+            "GOAL (swap file, intensity {first}): (c)/(a) CPU-task {cpu:.2}x (>= 2.26), memory-task {mem:.2}x (>= 1.0): {}",
+            if met { "MET" } else { "NOT MET" }
+        );
+    }
+}
+
+fn write_plots(sweeps: &[storm::StormSweep], svg: &Path) -> Result<()> {
+    let points: Vec<&StormPoint> = sweeps
+        .iter()
+        .filter(|s| s.medium == "swapfile")
+        .flat_map(|s| s.points.iter())
+        .collect();
+    if points.is_empty() {
+        return Ok(());
+    }
+    storm::throughput_plot(
+        &points,
+        PlotMetric::Cpu,
+        "swap storm on a swap file: CPU-task throughput over time",
+    )
+    .write(svg)?;
+    println!("wrote {}", svg.display());
+    let mem = svg.with_file_name(format!(
+        "{}-memory.svg",
+        svg.file_stem().and_then(|s| s.to_str()).unwrap_or("storm")
+    ));
+    storm::throughput_plot(
+        &points,
+        PlotMetric::Memory,
+        "swap storm on a swap file: memory-task throughput over time",
+    )
+    .write(&mem)?;
+    println!("wrote {}", mem.display());
+    Ok(())
 }
