@@ -100,7 +100,10 @@ fn pages_survive_eviction_and_swap_in_and_drop_returns_everything() {
         })
         .unwrap();
     let stats = rt.stats();
-    assert!(stats.mm.evicted > 0 && stats.mm.swap_ins_done > 0, "{stats:#?}");
+    assert!(
+        stats.mm.evicted > 0 && stats.mm.swap_ins_done > 0,
+        "{stats:#?}"
+    );
     assert!(stats.swap_slots_used > 0);
     drop(region);
     assert!(rt.quiesce(Duration::from_secs(10)));
@@ -127,6 +130,9 @@ fn region_vec_grows_and_keeps_its_elements() {
         })
         .unwrap();
     assert!(v.capacity() >= 5000);
-    assert_eq!(v.iter().map(|&x| x as u64).sum::<u64>(), (0..4999u64).map(|i| i * 3).sum::<u64>());
+    assert_eq!(
+        v.iter().map(|&x| x as u64).sum::<u64>(),
+        (0..4999u64).map(|i| i * 3).sum::<u64>()
+    );
     let _unused: Option<Region> = None;
 }

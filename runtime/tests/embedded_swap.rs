@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use usm_kmod::event::Fault;
-use usm_policies::{AllocPolicy, Cx, Decision, Mapping, Param, Registry, page_floor, swap_in_if_swapped};
+use usm_policies::{
+    AllocPolicy, Cx, Decision, Mapping, Param, Registry, page_floor, swap_in_if_swapped,
+};
 use usm_runtime::embedded::{Region, Runtime};
 use usm_runtime::mm::{PageState, WorkerMm};
 
@@ -80,7 +82,11 @@ fn many_uthreads_on_both_workers_keep_every_page_intact_under_heavy_swap() {
     assert_eq!(errors.load(Ordering::Relaxed), 0, "corrupted words");
     let stats = rt.stats();
     let workers_used = stats.sched.iter().filter(|c| c.faults > 0).count();
-    assert_eq!(workers_used, 2, "both workers served faults: {:?}", stats.sched);
+    assert_eq!(
+        workers_used, 2,
+        "both workers served faults: {:?}",
+        stats.sched
+    );
     assert!(stats.mm.evicted as usize > pages, "{:#?}", stats.mm);
     assert!(stats.mm.swap_ins_done > 0);
     assert!(stats.mm.swap_in.count > 0, "swap-in latency recorded");
@@ -164,7 +170,9 @@ fn a_panicking_uthread_that_holds_frames_loses_nothing() {
     let sum = rt
         .block_on(move || {
             let w = r3.as_atomic_u64();
-            (0..64).map(|p| w[p * WORDS].load(Ordering::Relaxed)).sum::<u64>()
+            (0..64)
+                .map(|p| w[p * WORDS].load(Ordering::Relaxed))
+                .sum::<u64>()
         })
         .unwrap();
     assert_eq!(sum, (1..=64).sum::<u64>());
@@ -232,7 +240,10 @@ fn a_panicking_policy_is_replaced_by_the_default_and_the_access_completes() {
     drop(region);
     assert!(rt.quiesce(Duration::from_secs(5)));
     let census = rt.mm().pool().check_conservation().unwrap();
-    assert_eq!(census.free, frames, "frames held by the panicking call came back: {census}");
+    assert_eq!(
+        census.free, frames,
+        "frames held by the panicking call came back: {census}"
+    );
 }
 
 #[test]
@@ -242,7 +253,12 @@ fn shutdown_waits_for_uthreads_parked_in_pfq() {
     let mut data = rt.region(64 * PAGE).unwrap();
     let data = rt
         .block_on(move || {
-            for (p, w) in data.as_mut_slice::<u64>().iter_mut().step_by(WORDS).enumerate() {
+            for (p, w) in data
+                .as_mut_slice::<u64>()
+                .iter_mut()
+                .step_by(WORDS)
+                .enumerate()
+            {
                 *w = p as u64 + 100;
             }
             data
@@ -293,14 +309,22 @@ fn pages_faulted_back_during_write_back_come_from_the_swap_cache() {
         .collect();
     assert_eq!(in_staging.len(), staged);
     for &p in &in_staging {
-        assert_eq!(region.as_slice::<u64>()[p * WORDS + 1], p as u64 ^ 0x5555, "page {p}");
+        assert_eq!(
+            region.as_slice::<u64>()[p * WORDS + 1],
+            p as u64 ^ 0x5555,
+            "page {p}"
+        );
     }
     let s = rt.stats().mm;
     eprintln!(
         "swap-cache hits: {} by MOVE, {} by copy (write still pinning the slot)",
         s.swap_cache_moves, s.swap_cache_copies
     );
-    assert_eq!((s.swap_cache_moves + s.swap_cache_copies) as usize, staged, "{s:#?}");
+    assert_eq!(
+        (s.swap_cache_moves + s.swap_cache_copies) as usize,
+        staged,
+        "{s:#?}"
+    );
     assert!(s.swap_cache_hit.count > 0);
     // Reap the writes: the slots of pages taken back are freed, copied-from frames too.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -325,20 +349,34 @@ fn a_multi_page_move_that_meets_a_present_page_is_classified_page_by_page() {
     region.as_mut_slice::<u64>()[2 * WORDS] = 0xFEED;
     let pool = rt.mm().pool().clone();
     let mut arena = pool.local_arena();
-    let frames: Vec<_> = (0..4).map(|_| pool.take(&mut arena).unwrap().unwrap()).collect();
+    let frames: Vec<_> = (0..4)
+        .map(|_| pool.take(&mut arena).unwrap().unwrap())
+        .collect();
     // Install a 4-page run over it: the MOVE stops at page 2 with a partial count; the
     // rest is re-issued from there and classified (page 2 present, page 3 moved).
     let report = rt
         .mm()
         .install_frames(std::process::id(), region.addr(), &frames)
         .unwrap();
-    let moved: Vec<u64> = report.moved.iter().map(|m| (m.0 - region.addr()) / PAGE as u64).collect();
+    let moved: Vec<u64> = report
+        .moved
+        .iter()
+        .map(|m| (m.0 - region.addr()) / PAGE as u64)
+        .collect();
     assert_eq!(moved, vec![0, 1, 3]);
     assert_eq!(report.present.len(), 1);
     assert_eq!(report.present[0].0, region.addr() + 2 * PAGE as u64);
     pool.return_unused(&mut arena, report.present[0].1).unwrap();
-    assert_eq!(region.as_slice::<u64>()[2 * WORDS], 0xFEED, "present page untouched");
-    assert_eq!(region.as_slice::<u64>()[3 * WORDS], 0, "page 3 installed zeroed");
+    assert_eq!(
+        region.as_slice::<u64>()[2 * WORDS],
+        0xFEED,
+        "present page untouched"
+    );
+    assert_eq!(
+        region.as_slice::<u64>()[3 * WORDS],
+        0,
+        "page 3 installed zeroed"
+    );
     assert!(rt.stats().mm.partial_moves >= 1);
     drop(arena);
     drop(region);
@@ -358,7 +396,10 @@ fn a_datagram_received_into_a_missing_region_buffer_arrives_intact() {
     let mut raw = rt.region(4 * PAGE).unwrap();
     tx.send(&msg).unwrap();
     let direct = rx.recv(raw.bytes_mut(PAGE..PAGE + 8000));
-    assert_eq!(direct.map_err(|e| e.raw_os_error()), Err(Some(libc::EFAULT)));
+    assert_eq!(
+        direct.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EFAULT))
+    );
     // With it: pinned, pre-faulted, intact (the buffer straddles a page boundary).
     let mut region = rt.region(4 * PAGE).unwrap();
     tx.send(&msg).unwrap();
@@ -414,15 +455,30 @@ fn an_unreadable_swap_entry_kills_with_sigbus_not_zeros() {
     }
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
-        .args(["--exact", "an_unreadable_swap_entry_kills_with_sigbus_not_zeros", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "an_unreadable_swap_entry_kills_with_sigbus_not_zeros",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("USM_POISON_CHILD", "1")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stdout.contains("child: reading a page whose swap slot was truncated away"), "{stdout}\n{stderr}");
-    assert!(!stdout.contains("child: READ"), "the child read something: {stdout}");
-    assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("child: reading a page whose swap slot was truncated away"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        !stdout.contains("child: READ"),
+        "the child read something: {stdout}"
+    );
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGBUS),
+        "{stdout}\n{stderr}"
+    );
 }
 
 fn poisoned_child() {
@@ -448,9 +504,17 @@ fn poisoned_child() {
     let mut filler = None;
     push_out(&rt, &mut filler);
     assert!(rt.quiesce(Duration::from_secs(10)));
-    assert!(matches!(rt.mm().page_state(std::process::id(), data.addr()), Some(PageState::Swapped(_))));
+    assert!(matches!(
+        rt.mm().page_state(std::process::id(), data.addr()),
+        Some(PageState::Swapped(_))
+    ));
     // The swap file loses everything but its header under the runtime.
-    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
     println!("child: reading a page whose swap slot was truncated away");
     let data = Arc::new(data);
     let d = data.clone();

@@ -187,7 +187,7 @@ impl Region {
         range: Range<usize>,
     ) -> std::io::Result<usize> {
         let guard = self.pin_for_syscall(range.clone());
-        let r = socket.send(&guard.region.bytes(range));
+        let r = socket.send(guard.region.bytes(range));
         drop(guard);
         r
     }

@@ -30,6 +30,9 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// Tickets of requests the engine refused at once (their completion is synthesised).
 const SYNTHETIC_TICKET: u64 = 1 << 62;
 
+/// Wakes one worker (writes its eventfd, unparks it, ...).
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
 /// Configuration of an [`MmCore`].
 #[derive(Debug, Clone)]
 pub struct MmConfig {
@@ -128,7 +131,7 @@ pub struct MmCore {
     state: Mutex<MmState>,
     stats: MmStats,
     generation: AtomicU64,
-    wakers: Mutex<Vec<Option<Arc<dyn Fn() + Send + Sync>>>>,
+    wakers: Mutex<Vec<Option<Waker>>>,
     io_in_flight: AtomicUsize,
 }
 
@@ -493,18 +496,37 @@ impl MmCore {
     ) -> Result<crate::mm::InstallReport, MmError> {
         let mut guard = self.lock();
         let st = &mut *guard;
-        let space = st.mem.spaces.get_mut(&pid).ok_or(MmError::NoRange { pid, addr: start })?;
-        let (_, range) = space.range_of(start).ok_or(MmError::NoRange { pid, addr: start })?;
+        let space = st
+            .mem
+            .spaces
+            .get_mut(&pid)
+            .ok_or(MmError::NoRange { pid, addr: start })?;
+        let (_, range) = space
+            .range_of(start)
+            .ok_or(MmError::NoRange { pid, addr: start })?;
         let end = start + frames.len() as u64 * PAGE;
         if end > range.end || start % PAGE != 0 {
-            return Err(MmError::BadRange { pid, start, len: end - start, reason: "outside its range" });
+            return Err(MmError::BadRange {
+                pid,
+                start,
+                len: end - start,
+                reason: "outside its range",
+            });
         }
-        let owner = FrameOwner { pid, region: range.id };
+        let owner = FrameOwner {
+            pid,
+            region: range.id,
+        };
         for i in 0..frames.len() as u64 {
             match space.pages.get(&(start + i * PAGE)) {
                 None | Some(PageState::Resident(_) | PageState::Copied) => {}
                 Some(_) => {
-                    return Err(MmError::BadRange { pid, start, len: end - start, reason: "a page has content in staging or swap" });
+                    return Err(MmError::BadRange {
+                        pid,
+                        start,
+                        len: end - start,
+                        reason: "a page has content in staging or swap",
+                    });
                 }
             }
         }

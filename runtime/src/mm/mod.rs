@@ -46,6 +46,7 @@
 //!    - swap-in done: the frame is moved into the page, the slot freed, and every worker
 //!      in the page's waiter mask woken ([`MmCore::set_waker`]); a read that lost data
 //!      (`must_poison`) makes the page `Poisoned` with `UFFDIO_POISON` — never zeros.
+//!
 //!    Operations whose range went away (or was replaced: generation check) are *fenced*:
 //!    their frame and slot are freed, nothing is installed.
 //! 5. Eviction (below the low watermark after a fault or completion, up to the high one;
@@ -73,7 +74,9 @@ pub mod installer;
 pub mod space;
 pub mod stats;
 
-pub use self::core::{FaultClock, FaultResult, MemState, MmConfig, MmCore, RangeRelease, WorkerMm};
+pub use self::core::{
+    FaultClock, FaultResult, MemState, MmConfig, MmCore, RangeRelease, Waker, WorkerMm,
+};
 pub use error::MmError;
 pub use installer::{InstallReport, Installer, SameMmInstaller};
 pub use space::{ManagedRange, PageState, RangeKey, Space, SpaceCounters};

@@ -26,7 +26,7 @@ impl Installer for SameMmInstaller {
         while i < frames.len() {
             let at = start + i as u64 * PAGE;
             let rest = &frames[i..];
-            // SAFETY (contract of `install_many`): the core calls us with vacant pages of
+            // SAFETY: (contract of `install_many`) the core calls us with vacant pages of
             // ranges it manages, registered on the pool's fd with the pool's protection
             // and lock state, under its state lock; the frames are Taken by the caller.
             let r = unsafe { pool.install_many(rest, at, owner, MoveMode::empty())? };

@@ -101,7 +101,9 @@ pub(crate) fn clear_poisoned(start: u64, end: u64) {
 }
 
 fn is_poisoned(page: u64) -> bool {
-    POISONED.iter().any(|slot| slot.load(Ordering::Acquire) == page)
+    POISONED
+        .iter()
+        .any(|slot| slot.load(Ordering::Acquire) == page)
 }
 
 /// The write bit of a fault payload (the rest is the page address).
