@@ -64,6 +64,28 @@ pub(crate) fn run(sh: &Arc<Shared>) {
     }
 }
 
+/// Drops the staging copies of pages that are safe in the daemon, once the tagger knows
+/// how many pages are out; if it cannot be told now, they stay in staging (the tagger
+/// restores those itself if the daemon dies) and this is retried with the next batch.
+fn flush_undropped(proc: &Proc, agent: &mut Agent) {
+    if agent.undropped.is_empty() || !proc.tell_swapped(true) {
+        return;
+    }
+    let slots = std::mem::take(&mut agent.undropped);
+    let mut last = None;
+    for &slot in &slots {
+        if let Some(s) = submit(agent, AgentOp::DropSlots, slot, 0) {
+            last = Some(s);
+        }
+    }
+    let _ = agent.client.kick();
+    let mut d = HashMap::new();
+    if let Some(last) = last {
+        collect(agent, &mut d, last, Duration::from_secs(10));
+    }
+    agent.free_slots.extend(slots);
+}
+
 /// Reads one page of process `pid` at `addr` (a staging slot: present memory).
 pub(crate) fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> nix::Result<usize> {
     let remote = [RemoteIoVec {
@@ -143,6 +165,12 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
     let Some(agent) = guard.as_mut() else {
         return 0;
     };
+    if proc.agent_tid.load(Ordering::Acquire) == 0 {
+        // The tagger starts the agent thread after AgentReady: look it up now.
+        let tid = super::process::find_thread(proc.pid, "usm-agent");
+        proc.agent_tid.store(tid, Ordering::Release);
+    }
+    flush_undropped(proc, agent);
     // 1. Pick victims.
     let mut victims = Vec::new();
     {
@@ -265,21 +293,9 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
         }
     }
     // 5. SwapState first, then drop the staging copies.
-    proc.tell_swapped(true);
     let n = moved.len();
-    let mut drops = Vec::new();
-    for v in &moved {
-        if let Some(s) = submit(agent, AgentOp::DropSlots, v.slot, 0) {
-            drops.push(s);
-        }
-    }
-    let _ = agent.client.kick();
-    let mut d = HashMap::new();
-    if let Some(&last) = drops.last() {
-        collect(agent, &mut d, last, Duration::from_secs(10));
-    }
-    for v in moved {
-        agent.free_slots.push(v.slot);
-    }
+    agent.undropped.extend(moved.iter().map(|v| v.slot));
+    drop(moved);
+    flush_undropped(proc, agent);
     n
 }

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | accept loop: Hello, `SO_PEERCRED`, policy by name, `UFFDIO_API`, Ack/Refused | `usm-accept` | [`process`] (`admit`) |
 //! | one reader per userfaultfd (fork children get their own) | `usm-rd-PID` | [`process`] |
-//! | fault service: one workee (uThread) per fault on the LocalManager workers | `usm-localmanager` workers | [`process`] |
+//! | fault service: one job per fault, on a pool of OS threads or as workees on the LocalManager workers ([`FaultRunner`]) | `usm-fault-N` / `usm-localmanager` workers | [`process`], [`pool`] |
 //! | swap I/O: io_uring engine, parks/unparks workees | `usm-swap-io` | [`swapio`] |
 //! | eviction through the tagger's agent | `usm-evict` | [`evict`] |
 //! | `usm stat` socket (`SOCKET.stat`, JSON lines) | `usm-stat` | [`control`] |
@@ -34,6 +34,8 @@
 mod control;
 mod evict;
 mod metrics;
+mod nap;
+mod pool;
 mod process;
 mod space;
 pub mod stats;
@@ -52,6 +54,7 @@ use usm_proto::server::{self, Listener};
 
 use crate::config::Config;
 pub use control::{query_stat, stat_socket_path};
+pub use pool::FaultRunner;
 pub use stats::{DaemonStat, Latency, ProcessStat};
 
 use process::Proc;
@@ -118,6 +121,8 @@ pub struct DaemonOptions {
     pub temp_swap_dir: PathBuf,
     /// Size of that private swap file (bytes).
     pub temp_swap_bytes: u64,
+    /// What serves faults (see [`FaultRunner`]).
+    pub runner: FaultRunner,
 }
 
 impl Default for DaemonOptions {
@@ -126,6 +131,7 @@ impl Default for DaemonOptions {
             temp_swap_dir: std::env::var_os("USM_SWAP_DIR")
                 .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from),
             temp_swap_bytes: 0,
+            runner: FaultRunner::from_env(),
         }
     }
 }
@@ -139,6 +145,8 @@ pub(crate) struct Shared {
     pub(crate) swap: Arc<SwapStore>,
     pub(crate) handle: usm_localmanager::Handle,
     pub(crate) workers: usize,
+    pub(crate) runner: FaultRunner,
+    pub(crate) fault_threads: pool::ThreadPool,
     procs: Mutex<Vec<Arc<Proc>>>,
     ended: Mutex<Vec<ProcessStat>>,
     pub(crate) stopping: AtomicBool,
@@ -148,6 +156,8 @@ pub(crate) struct Shared {
     pub(crate) refused: AtomicU64,
     pub(crate) bad_messages: AtomicU64,
     pub(crate) overcommits: AtomicU64,
+    /// Faults being served now (workees alive).
+    pub(crate) in_flight: AtomicU64,
     /// Process name → allocation policy name.
     assignments: HashMap<String, String>,
     /// Policy name → pages per flexible huge page.
@@ -238,6 +248,7 @@ impl Shared {
             refused: self.refused.load(Ordering::Relaxed),
             bad_messages: self.bad_messages.load(Ordering::Relaxed),
             overcommits: self.overcommits.load(Ordering::Relaxed),
+            faults_in_flight: self.in_flight.load(Ordering::Relaxed),
             latency: self.totals.latency(),
             processes: procs.iter().map(|p| p.stat()).collect(),
             ended: self
@@ -352,6 +363,13 @@ impl Daemon {
             swap,
             handle: runtime.handle(),
             workers,
+            runner: opts.runner,
+            fault_threads: pool::ThreadPool::new((workers * 4).max(8)).map_err(|e| {
+                DaemonError::Setup {
+                    what: "start the fault threads".into(),
+                    source: e,
+                }
+            })?,
             procs: Mutex::new(Vec::new()),
             ended: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
@@ -361,6 +379,7 @@ impl Daemon {
             refused: AtomicU64::new(0),
             bad_messages: AtomicU64::new(0),
             overcommits: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
             assignments,
             fhp,
         });
@@ -483,6 +502,7 @@ impl Daemon {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        sh.fault_threads.shutdown();
         if let Some(rt) = self.runtime.take() {
             rt.shutdown(Duration::from_secs(2));
         }

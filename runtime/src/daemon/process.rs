@@ -52,12 +52,15 @@ pub(crate) const AGENT_STAGING_PAGES: u32 = 256;
 const AGENT_RING_ENTRIES: u32 = 256;
 
 /// How long a fault waits for a frame before it is served anyway (over the pool).
-const FRAME_WAIT: Duration = Duration::from_secs(2);
+const FRAME_WAIT: Duration = Duration::from_millis(250);
 
 /// The daemon's end of a tagger's eviction agent.
 pub(crate) struct Agent {
     pub(crate) client: AgentClient,
     pub(crate) free_slots: Vec<u32>,
+    /// Slots whose page is safe in the daemon but which were not dropped yet, because
+    /// the tagger could not be told (`SwapState`) first.
+    pub(crate) undropped: Vec<u32>,
     pub(crate) seq: u64,
 }
 
@@ -131,12 +134,26 @@ impl Proc {
     }
 
     /// Tells the tagger how many pages are out, if it changed (and always when `force`).
-    pub(crate) fn tell_swapped(&self, force: bool) {
-        let Some(ch) = &self.channel else { return };
+    /// Never blocks (a full socket must not stall the daemon): returns whether the
+    /// tagger's view is now current.
+    pub(crate) fn tell_swapped(&self, force: bool) -> bool {
+        let Some(ch) = &self.channel else {
+            return true;
+        };
         let out = self.lock_map().out;
-        if force || self.told_swapped.swap(out, Ordering::AcqRel) != out {
-            self.told_swapped.store(out, Ordering::Release);
-            let _ = ch.send(&Message::SwapState { swapped_pages: out });
+        if !force && self.told_swapped.load(Ordering::Acquire) == out {
+            return true;
+        }
+        match ch.send_nowait(&Message::SwapState { swapped_pages: out }) {
+            Ok(()) => {
+                self.told_swapped.store(out, Ordering::Release);
+                true
+            }
+            Err(_) => {
+                // Make the next call retry.
+                self.told_swapped.store(u64::MAX, Ordering::Release);
+                false
+            }
         }
     }
 
@@ -193,6 +210,7 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer) {
         }
     };
     let features = uffd.features();
+    let _ = stream.set_send_timeout(Some(Duration::from_secs(1)));
     if let Err(e) = stream.send(&Message::Ack {
         features: features.bits(),
         policy: policy.clone(),
@@ -324,13 +342,16 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
             let t0 = Instant::now();
             let urgent = tid != 0 && tid == proc.agent_tid.load(Ordering::Acquire);
             let (s, p) = (sh.clone(), proc.clone());
-            let spawned = sh
-                .handle
-                .spawn(move || serve_fault(&s, &p, addr & !(PAGE - 1), urgent, t0));
-            if let Err(e) = spawned {
-                // No runtime (shutting down): serve here rather than leave it waiting.
-                tracing::debug!("spawn failed ({e}); serving the fault on the reader");
-                serve_fault(sh, proc, addr & !(PAGE - 1), urgent, t0);
+            let job = move || serve_fault(&s, &p, addr & !(PAGE - 1), urgent, t0);
+            match sh.runner {
+                super::FaultRunner::Threads => sh.fault_threads.submit(Box::new(job)),
+                super::FaultRunner::UThreads => {
+                    if let Err(e) = sh.handle.spawn(job) {
+                        // No runtime (shutting down): serve here rather than leave it.
+                        tracing::debug!("spawn failed ({e}); serving the fault on the reader");
+                        serve_fault(sh, proc, addr & !(PAGE - 1), urgent, t0);
+                    }
+                }
             }
         }
         UffdEvent::Fork { child } => {
@@ -434,7 +455,7 @@ fn reserve_frames(sh: &Shared, n: u64, urgent: bool) {
             bump(&sh.overcommits);
             return;
         }
-        usm_localmanager::sleep(Duration::from_micros(200));
+        super::nap::nap(Duration::from_micros(200));
     }
 }
 
@@ -445,11 +466,35 @@ fn zeros(len: usize) -> &'static [u8] {
 
 /// Serves one fault of `proc` at `page`. Runs on a workee.
 pub(crate) fn serve_fault(sh: &Shared, proc: &Proc, page: u64, urgent: bool, t0: Instant) {
-    for _ in 0..100_000 {
+    sh.in_flight.fetch_add(1, Ordering::AcqRel);
+    serve_fault_inner(sh, proc, page, urgent, t0);
+    sh.in_flight.fetch_sub(1, Ordering::AcqRel);
+}
+
+fn serve_fault_inner(sh: &Shared, proc: &Proc, page: u64, urgent: bool, t0: Instant) {
+    for attempt in 0..100_000u32 {
         if proc.gone.load(Ordering::Acquire) {
             return;
         }
         let state = proc.lock_map().pages.get(&page).cloned();
+        if attempt == 2000 {
+            let what = match &state {
+                None => "absent".to_owned(),
+                Some(PageState::Resident { inherited }) => format!("resident (inherited {inherited})"),
+                Some(PageState::Out(c)) => match &*c.data.lock().unwrap_or_else(|p| p.into_inner()) {
+                    CellData::Evicting => "out: evicting".into(),
+                    CellData::Cached(_) => "out: cached".into(),
+                    CellData::Stored(_) => "out: stored".into(),
+                    CellData::Lost => "out: lost".into(),
+                },
+            };
+            tracing::warn!(
+                "pid {} ({}): fault at {page:#x} still unresolved after 2000 attempts; state {what}; free frames {}",
+                proc.pid,
+                proc.name,
+                sh.free_frames()
+            );
+        }
         let done = match state {
             Some(PageState::Resident { .. }) => {
                 // Someone (another workee, a revert) mapped it: just wake the waiters.
@@ -465,7 +510,7 @@ pub(crate) fn serve_fault(sh: &Shared, proc: &Proc, page: u64, urgent: bool, t0:
             sh.totals.record_latency(t0.elapsed());
             return;
         }
-        usm_localmanager::sleep(Duration::from_micros(20));
+        super::nap::nap(Duration::from_micros(20));
     }
     tracing::error!(
         "pid {}: gave up on the fault at {page:#x} after 100000 attempts",
@@ -488,7 +533,14 @@ fn classify(r: usm_kmod::Result<Resolved>) -> Install {
         Ok(Resolved::Done(_) | Resolved::AlreadyMapped | Resolved::Partial(_)) => Install::Done,
         Ok(Resolved::MmapChanging | Resolved::UseCopy) => Install::Retry,
         Err(e) if e.is_retryable() => Install::Retry,
-        Err(_) => Install::Gone,
+        Err(e) => {
+            if e.is_mm_gone() || e.is_not_found() {
+                tracing::debug!("installing a page: {e}");
+            } else {
+                tracing::warn!("installing a page failed: {e}");
+            }
+            Install::Gone
+        }
     }
 }
 
@@ -599,7 +651,11 @@ fn swap_in(sh: &Shared, proc: &Proc, page: u64, cell: &Arc<SwapCell>, urgent: bo
         return proc.gone.load(Ordering::Acquire);
     }
     match data {
-        Ok(buf) => match classify(sys::copy_into(&proc.uffd, page, &buf)) {
+        Ok(buf) => match classify(sys::copy_into(&proc.uffd, page, &buf).inspect(|r| {
+            if !r.is_done() {
+                tracing::debug!("pid {} ({}): swap-in of {page:#x}: {r:?}", proc.pid, proc.name);
+            }
+        })) {
             Install::Done => {
                 tracing::trace!("pid {}: swap-in {page:#x}", proc.pid);
                 m.set_resident(page, Charge::Reserved);
@@ -641,7 +697,7 @@ fn control(sh: &Arc<Shared>, proc: &Arc<Proc>, ch: Channel) {
         ticks += 1;
         if ticks % 4 == 0 {
             proc.tell_swapped(false);
-            let _ = ch.send(&Message::CoverageRequest);
+            let _ = ch.send_nowait(&Message::CoverageRequest);
         }
         match ch.recv_with_fds() {
             Ok((msg, fds)) => on_message(sh, proc, msg, fds),
@@ -693,6 +749,7 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
                 *proc.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(Agent {
                     client,
                     free_slots,
+                    undropped: Vec::new(),
                     seq: 0,
                 });
                 proc.agent_tid
@@ -725,7 +782,7 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
 }
 
 /// The tid of `pid`'s thread named `comm` (0 if none).
-fn find_thread(pid: u32, comm: &str) -> u32 {
+pub(crate) fn find_thread(pid: u32, comm: &str) -> u32 {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };

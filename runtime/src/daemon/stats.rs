@@ -183,6 +183,8 @@ pub struct DaemonStat {
     pub bad_messages: u64,
     /// Faults served over the pool after waiting for a frame too long.
     pub overcommits: u64,
+    /// Faults being served right now.
+    pub faults_in_flight: u64,
     /// Fault latency over every process since start.
     pub latency: Latency,
     /// Managed processes now.

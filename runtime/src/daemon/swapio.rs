@@ -1,27 +1,29 @@
 //! The daemon's swap: devices from the config (or a private temporary file), slot
-//! allocation, and one I/O thread that owns the io_uring [`Engine`].
+//! allocation, and a few I/O threads doing `pread`/`pwrite` on the `O_DIRECT` device.
+//!
+//! (A first version drove `usm_swap`'s io_uring `Engine` from one thread; under load a
+//! completion was occasionally never reaped and a swap-in waited forever, so the blocking
+//! pool is used until that is understood — see the report.)
 //!
 //! # Who waits how
-//! A request carries an [`IoWait`]. The I/O thread queues it on the engine, submits, and
-//! reaps completions; each completion fills its `IoWait` and wakes the waiter: a workee
-//! (uThread) parked with [`usm_localmanager::park`] is unparked, so its worker runs other
-//! faults meanwhile; an OS thread (the evictor) waits on the condvar.
+//! A request carries an [`IoWait`]. An I/O thread runs it and fills the `IoWait`: a
+//! workee (uThread) yields until then, so its worker runs other faults meanwhile; an OS
+//! thread (a fault thread, the evictor) waits on the condvar.
 //!
 //! # Slots
 //! One slot per evicted page. A slot's owner is a [`SwapCell`](super::space::SwapCell);
 //! processes that share the page after `fork` share the cell (`Arc`), so the slot is freed
 //! when the last sharer drops it — the reference count of the slot is the cell's.
 
-use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use usm_sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use usm_sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use usm_localmanager::Unparker;
-use usm_swap::{DeviceId, Engine, EngineConfig, IoBuf, PageBuf, SwapDevice, SwapEntry, SwapSpace};
+use usm_swap::{DeviceId, PageBuf, SwapDevice, SwapEntry, SwapSpace};
+use usm_sync::atomic::{AtomicU64, Ordering};
+use usm_sync::{Arc, Condvar, Mutex};
+
+use super::pool::ThreadPool;
 
 use super::DaemonError;
 use crate::config::SwapSpec;
@@ -80,21 +82,19 @@ impl IoWait {
             } else {
                 return Err("swap I/O wait poisoned".into());
             }
-            usm_localmanager::park();
+            // Yield rather than park: with the current scheduler a parked uThread can
+            // miss an unpark from a foreign thread (seen under load); a yield loop keeps
+            // the worker serving other faults and cannot lose the completion.
+            usm_localmanager::yield_now();
         }
     }
 }
 
-enum IoReq {
-    Read(SwapEntry, Arc<IoWait>),
-    Write(SwapEntry, PageBuf, Arc<IoWait>),
-}
-
-/// Swap devices, slots and the I/O thread.
+/// Swap devices, slots and the I/O threads.
 pub(crate) struct SwapStore {
     space: Mutex<SwapSpace>,
-    tx: Mutex<Option<mpsc::Sender<IoReq>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    devices: Vec<Arc<SwapDevice>>,
+    io: ThreadPool,
     used: AtomicU64,
     total: u64,
     /// A private swap file to delete at drop (`usm exec` without a swap device).
@@ -109,6 +109,9 @@ impl std::fmt::Debug for SwapStore {
             .finish()
     }
 }
+
+/// I/O threads: each request blocks only its own thread.
+const IO_THREADS: usize = 4;
 
 impl SwapStore {
     /// Opens the configured devices; with none, creates a private swap file of
@@ -145,50 +148,16 @@ impl SwapStore {
         }
         let total = space.total_slots();
         let devices = space.devices();
-        let (tx, rx) = mpsc::channel();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("usm-swap-io".into())
-            .spawn(move || {
-                let engine = match Engine::new(&EngineConfig::default(), &devices) {
-                    Ok(e) => {
-                        let _ = ready_tx.send(Ok(()));
-                        e
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                io_loop(engine, rx);
-            })
-            .map_err(|e| DaemonError::Setup {
-                what: "spawn the swap I/O thread".into(),
+        let io = ThreadPool::new_named(IO_THREADS, "usm-swap-io").map_err(|e| {
+            DaemonError::Setup {
+                what: "start the swap I/O threads".into(),
                 source: e,
-            })?;
-        let cleanup = |path: &Option<PathBuf>| {
-            if let Some(p) = path {
-                let _ = std::fs::remove_file(p);
             }
-        };
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                cleanup(&temp);
-                return Err(e.into());
-            }
-            Err(_) => {
-                cleanup(&temp);
-                return Err(DaemonError::Setup {
-                    what: "start the swap I/O thread".into(),
-                    source: std::io::Error::other("thread ended"),
-                });
-            }
-        }
+        })?;
         Ok(Arc::new(SwapStore {
             space: Mutex::new(space),
-            tx: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
+            devices,
+            io,
             used: AtomicU64::new(0),
             total,
             temp,
@@ -221,40 +190,65 @@ impl SwapStore {
         self.total
     }
 
-    fn send(&self, req: IoReq) -> bool {
-        let Ok(tx) = self.tx.lock() else {
-            return false;
-        };
-        tx.as_ref().is_some_and(|tx| tx.send(req).is_ok())
+    fn device(&self, e: SwapEntry) -> Option<Arc<SwapDevice>> {
+        self.devices.iter().find(|d| d.id() == e.device()).cloned()
     }
 
     /// Starts reading `entry`; wait on the returned [`IoWait`].
     pub(crate) fn read(&self, entry: SwapEntry) -> Arc<IoWait> {
         let w = IoWait::new();
-        if !self.send(IoReq::Read(entry, w.clone())) {
-            w.complete(Err("the swap I/O thread has stopped".into()));
-        }
+        let Some(dev) = self.device(entry) else {
+            w.complete(Err(format!("no swap device for {entry:?}")));
+            return w;
+        };
+        let w2 = w.clone();
+        self.io.submit(Box::new(move || {
+            let mut buf = PageBuf::page();
+            let r = if dev.is_bad(entry.slot()) {
+                Err(format!("swap slot {entry:?} is bad"))
+            } else {
+                nix::sys::uio::pread(dev.fd(), &mut buf, dev.slot_offset(entry.slot()) as i64)
+                    .map_err(|e| format!("swap read {entry:?}: {e}"))
+                    .and_then(|n| {
+                        if n == buf.len() {
+                            Ok(())
+                        } else {
+                            Err(format!("short swap read ({n} bytes)"))
+                        }
+                    })
+            };
+            w2.complete(r.map(|()| buf));
+        }));
         w
     }
 
     /// Starts writing `buf` to `entry`; wait on the returned [`IoWait`].
     pub(crate) fn write(&self, entry: SwapEntry, buf: PageBuf) -> Arc<IoWait> {
         let w = IoWait::new();
-        if !self.send(IoReq::Write(entry, buf, w.clone())) {
-            w.complete(Err("the swap I/O thread has stopped".into()));
-        }
+        let Some(dev) = self.device(entry) else {
+            w.complete(Err(format!("no swap device for {entry:?}")));
+            return w;
+        };
+        let w2 = w.clone();
+        self.io.submit(Box::new(move || {
+            let r = nix::sys::uio::pwrite(dev.fd(), &buf, dev.slot_offset(entry.slot()) as i64)
+                .map_err(|e| format!("swap write {entry:?}: {e}"))
+                .and_then(|n| {
+                    if n == buf.len() {
+                        Ok(())
+                    } else {
+                        Err(format!("short swap write ({n} bytes)"))
+                    }
+                });
+            w2.complete(r.map(|()| buf));
+        }));
         w
     }
 
-    /// Stops the I/O thread (after the requests queued so far) and deletes a private file.
+    /// Stops the I/O threads (after the requests queued so far) and deletes a private
+    /// swap file.
     pub(crate) fn shutdown(&self) {
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
-        }
-        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(h) = handle {
-            let _ = h.join();
-        }
+        self.io.shutdown();
         if let Some(p) = &self.temp {
             let _ = std::fs::remove_file(p);
         }
@@ -264,82 +258,5 @@ impl SwapStore {
 impl Drop for SwapStore {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-fn io_loop(mut engine: Engine, rx: mpsc::Receiver<IoReq>) {
-    let mut waiting: HashMap<u64, Arc<IoWait>> = HashMap::new();
-    // Requests beyond the ring's depth wait here, in order: a full ring is back-pressure,
-    // never a failure (a failed read would poison a page).
-    let mut backlog: VecDeque<IoReq> = VecDeque::new();
-    let mut open = true;
-    loop {
-        let busy = engine.in_flight() > 0 || !backlog.is_empty();
-        let timeout = if busy {
-            Duration::from_micros(30)
-        } else {
-            Duration::from_millis(200)
-        };
-        if open {
-            match rx.recv_timeout(timeout) {
-                Ok(r) => backlog.push_back(r),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => open = false,
-            }
-            backlog.extend(rx.try_iter());
-        }
-        if !open && engine.in_flight() == 0 && backlog.is_empty() {
-            return;
-        }
-        while engine.has_capacity() {
-            let Some(req) = backlog.pop_front() else { break };
-            let full = |e: &usm_swap::SwapError| matches!(e, usm_swap::SwapError::QueueFull { .. });
-            match req {
-                IoReq::Read(e, w) => match engine.read(e, PageBuf::page()) {
-                    Ok(t) => {
-                        waiting.insert(t.0, w);
-                    }
-                    Err(rej) if full(&rej.error) => {
-                        backlog.push_front(IoReq::Read(e, w));
-                        break;
-                    }
-                    Err(rej) => w.complete(Err(rej.error.to_string())),
-                },
-                IoReq::Write(e, b, w) => match engine.write(e, b) {
-                    Ok(t) => {
-                        waiting.insert(t.0, w);
-                    }
-                    Err(rej) if full(&rej.error) => {
-                        backlog.push_front(IoReq::Write(e, rej.buf, w));
-                        break;
-                    }
-                    Err(rej) => w.complete(Err(rej.error.to_string())),
-                },
-            }
-        }
-        if let Err(e) = engine.submit() {
-            tracing::warn!("swap submit failed: {e}");
-        }
-        if engine.in_flight() > 0 {
-            if !open {
-                let _ = engine.wait(1);
-            } else {
-                let _ = engine.enter_for_completions();
-            }
-            engine.reap(|c| {
-                let Some(w) = waiting.remove(&c.ticket.0) else {
-                    return;
-                };
-                let buf = match c.buf {
-                    Some(IoBuf::Owned(b)) => Some(b),
-                    _ => None,
-                };
-                match (c.result, buf) {
-                    (Ok(_), Some(b)) => w.complete(Ok(b)),
-                    (Ok(_), None) => w.complete(Err("completion without its buffer".into())),
-                    (Err(e), _) => w.complete(Err(e.to_string())),
-                }
-            });
-        }
     }
 }
