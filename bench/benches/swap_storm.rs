@@ -28,7 +28,12 @@
 //!   512 MiB measures the peak beyond the pool (heap, stacks, page tables, checksum tables);
 //!   that plus 25% and 8 MiB is the allowance (`--overhead-mib` sets it instead).
 //!
-//! uThreads yield after every step (CPU op or page access), in (a) and (c) alike.
+//! uThreads are cooperative, in (a) and (c) alike: a memory task yields after every page
+//! access, a CPU task every `--cpu-slice-rounds` (1024 rounds, ~1.5 µs; an op is 32 768).
+//! The slice matters: a worker polls its driver (new faults, io_uring completions) only
+//! between rounds of up to 64 uThread runs (`usm_localmanager`'s `round_budget`, which the
+//! embedded `Builder` does not expose), so a CPU task that ran a whole 50 µs op per turn
+//! would delay every fault and swap-in completion by up to ~3 ms.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -41,7 +46,7 @@ use usm_bench::guard::{self, MemCgroup};
 use usm_bench::report::{JsonReport, Table, fmt_f};
 use usm_bench::stats::LatencyHistogram;
 use usm_bench::storm::{
-    self, CpuTask, KernelReference, KernelSwapEnv, KernelThreadsMode, MemoryTask, PlotMetric,
+    self, CPU_OP_ROUNDS, KernelReference, KernelSwapEnv, KernelThreadsMode, MemoryTask, PlotMetric,
     StormContext, StormCounters, StormMode, StormPoint, StormSpec, SwapMedium,
 };
 use usm_bench::sys::{Advice, AnonMemory};
@@ -90,6 +95,10 @@ struct Cli {
     /// Do not pre-warm the host backing before each point.
     #[arg(long)]
     no_prewarm: bool,
+    /// Compute rounds a CPU uThread runs between two yields, in (a) and (c) alike (an op
+    /// is `CPU_OP_ROUNDS` = 32768 rounds, ~50 µs; 32768 = yield once per op).
+    #[arg(long, default_value_t = 1024)]
+    cpu_slice_rounds: u32,
     /// Do not hold /dev/cpu_dma_latency at 0.
     #[arg(long)]
     no_pmqos: bool,
@@ -146,6 +155,7 @@ fn run_uthread_storm<M: ShardMemory>(
     handle: &Handle,
     spec: &StormSpec,
     intensity: f64,
+    cpu_slice_rounds: u32,
     shards: Vec<M>,
 ) -> Result<(StormPoint, Vec<M>)> {
     let counters = Arc::new(StormCounters::default());
@@ -199,16 +209,23 @@ fn run_uthread_storm<M: ShardMemory>(
     for i in 0..spec.mix.cpu_tasks {
         let (counters, go) = (counters.clone(), go.clone());
         let seed = spec.seed ^ 0xc0ff_ee00 ^ i as u64;
+        let slice = cpu_slice_rounds.clamp(1, CPU_OP_ROUNDS);
         let h = handle
             .spawn_on(i % workers, move || {
-                let mut task = CpuTask::new(seed);
+                // The same work as `CpuTask::step`, cut into slices with a yield between
+                // (a cooperative runtime needs it: the worker polls its driver between
+                // rounds of uThread runs, not while one runs).
+                let mut state = seed | 1;
+                let slices = (CPU_OP_ROUNDS / slice).max(1);
                 while !go.load(Ordering::Acquire) && !counters.stop.load(Ordering::Relaxed) {
                     usm_localmanager::yield_now();
                 }
                 while !counters.stop.load(Ordering::Relaxed) {
-                    task.step();
+                    for _ in 0..slices {
+                        storm::compute_rounds(&mut state, CPU_OP_ROUNDS / slices);
+                        usm_localmanager::yield_now();
+                    }
                     counters.cpu_ops.fetch_add(1, Ordering::Relaxed);
-                    usm_localmanager::yield_now();
                 }
             })
             .map_err(spawn_err)?;
@@ -297,6 +314,7 @@ fn pages_per_task(spec: &StormSpec) -> usize {
 struct UThreadsPayload {
     spec: StormSpec,
     intensity: f64,
+    cpu_slice_rounds: u32,
 }
 
 fn kernel_uthreads_child(payload: Value) -> Result<Value> {
@@ -314,14 +332,22 @@ fn kernel_uthreads_child(payload: Value) -> Result<Value> {
         mem.advise(Advice::NoHugePage)?;
         shards.push(mem);
     }
-    let (point, shards) = run_uthread_storm(&rt.handle(), &p.spec, p.intensity, shards)?;
+    let (point, shards) = run_uthread_storm(
+        &rt.handle(),
+        &p.spec,
+        p.intensity,
+        p.cpu_slice_rounds,
+        shards,
+    )?;
     drop(shards);
     rt.shutdown(Duration::from_secs(5));
     Ok(serde_json::to_value(point)?)
 }
 
 /// (a): kernel swap under the same uThread runtime.
-struct KernelUThreadsMode;
+struct KernelUThreadsMode {
+    cpu_slice_rounds: u32,
+}
 
 impl StormMode for KernelUThreadsMode {
     fn label(&self) -> String {
@@ -340,6 +366,7 @@ impl StormMode for KernelUThreadsMode {
         let payload = UThreadsPayload {
             spec: ctx.spec.clone(),
             intensity,
+            cpu_slice_rounds: self.cpu_slice_rounds,
         };
         let value = ctx
             .launcher
@@ -368,6 +395,7 @@ enum UsmSwap {
 struct UsmPayload {
     spec: StormSpec,
     intensity: f64,
+    cpu_slice_rounds: u32,
     swap: UsmSwap,
 }
 
@@ -412,7 +440,8 @@ fn usm_child(payload: Value) -> Result<Value> {
     }
     let before = rt.stats();
     let handle = rt.handle().map_err(emb)?;
-    let (point, shards) = run_uthread_storm(&handle, &p.spec, p.intensity, shards)?;
+    let (point, shards) =
+        run_uthread_storm(&handle, &p.spec, p.intensity, p.cpu_slice_rounds, shards)?;
     let st = rt.stats();
     let parked0: u64 = before.sched.iter().map(|s| s.faults).sum();
     let parked1: u64 = st.sched.iter().map(|s| s.faults).sum();
@@ -521,6 +550,8 @@ type PathLog = std::rc::Rc<std::cell::RefCell<Vec<(f64, String, UsmPathStats)>>>
 struct UsmYieldMode {
     /// cgroup allowance beyond the budget.
     overhead_bytes: u64,
+    /// Compute rounds between two yields of a CPU task.
+    cpu_slice_rounds: u32,
     /// Path statistics per point (intensity, medium, stats), shared with the caller.
     paths: PathLog,
 }
@@ -555,6 +586,7 @@ impl UsmYieldMode {
         let payload = UsmPayload {
             spec: spec.clone(),
             intensity,
+            cpu_slice_rounds: self.cpu_slice_rounds,
             swap,
         };
         let value = ctx.launcher.run(USM_CHILD, &payload, Some(&cgroup));
@@ -595,9 +627,10 @@ impl StormMode for UsmYieldMode {
 }
 
 /// Measures USM's memory beyond the pool: a short (c) run in a cgroup of budget + 512 MiB.
-fn measure_overhead(ctx: &StormContext, intensity: f64) -> Result<(u64, u64)> {
+fn measure_overhead(ctx: &StormContext, intensity: f64, slice: u32) -> Result<(u64, u64)> {
     let probe = UsmYieldMode {
         overhead_bytes: 0,
+        cpu_slice_rounds: slice,
         paths: PathLog::default(),
     };
     let mut spec = ctx.spec.clone();
@@ -654,6 +687,7 @@ fn run(cli: &Cli) -> Result<()> {
     )?;
     report.insert("busy_poll", false)?;
     report.insert("waker", "eventfd")?;
+    report.insert("cpu_slice_rounds", cli.cpu_slice_rounds)?;
     report.insert(
         "mode_b",
         "not measured: the embedded runtime has no synchronous swap-in knob",
@@ -675,7 +709,7 @@ fn run(cli: &Cli) -> Result<()> {
         };
         let overhead_bytes = match cli.overhead_mib {
             Some(m) => m << 20,
-            None => match measure_overhead(&ctx, intensities[0]) {
+            None => match measure_overhead(&ctx, intensities[0], cli.cpu_slice_rounds) {
                 Ok((peak, allowance)) => {
                     println!(
                         "USM on {}: probe peak {} MiB with a {} MiB pool -> cgroup allowance {} MiB",
@@ -700,10 +734,13 @@ fn run(cli: &Cli) -> Result<()> {
         };
         let paths = PathLog::default();
         let mut modes: Vec<Box<dyn StormMode>> = vec![
-            Box::new(KernelUThreadsMode),
+            Box::new(KernelUThreadsMode {
+                cpu_slice_rounds: cli.cpu_slice_rounds,
+            }),
             Box::new(KernelThreadsMode),
             Box::new(UsmYieldMode {
                 overhead_bytes,
+                cpu_slice_rounds: cli.cpu_slice_rounds,
                 paths: paths.clone(),
             }),
         ];
