@@ -521,3 +521,51 @@ fn poisoned_child() {
     let v = rt.block_on(move || d.as_slice::<u64>()[0]).unwrap();
     println!("child: READ {v:#x}");
 }
+
+#[test]
+fn a_prefetch_hint_reads_neighbours_back_with_the_faulting_page() {
+    let dir = swap_dir();
+    let rt = build(256, 1, &dir);
+    let mut data = rt.region(32 * PAGE).unwrap();
+    let data = rt
+        .block_on(move || {
+            for (p, w) in data
+                .as_mut_slice::<u64>()
+                .iter_mut()
+                .step_by(WORDS)
+                .enumerate()
+            {
+                *w = p as u64 * 3 + 1;
+            }
+            data
+        })
+        .unwrap();
+    let mut filler = None;
+    push_out(&rt, &mut filler);
+    assert!(rt.quiesce(Duration::from_secs(10)));
+    drop(filler);
+    assert!(rt.quiesce(Duration::from_secs(10)));
+    data.hint(0..32 * PAGE, "PREFETCH=8").unwrap();
+    let before = rt.stats().mm;
+    let data = Arc::new(data);
+    let d = data.clone();
+    assert_eq!(rt.block_on(move || d.as_slice::<u64>()[0]).unwrap(), 1);
+    let after = rt.stats().mm;
+    assert!(after.prefetches > before.prefetches, "{after:#?}");
+    // The prefetched neighbours are in memory (or arriving) with their content.
+    let resident = (1..=8)
+        .filter(|p| {
+            matches!(
+                rt.mm()
+                    .page_state(std::process::id(), data.addr() + (p * PAGE) as u64),
+                Some(PageState::Resident(_) | PageState::SwapIn { .. })
+            )
+        })
+        .count();
+    assert!(resident >= 1);
+    let d = data.clone();
+    let ok = rt
+        .block_on(move || (0..32).all(|p| d.as_slice::<u64>()[p * WORDS] == p as u64 * 3 + 1))
+        .unwrap();
+    assert!(ok);
+}

@@ -100,33 +100,41 @@ impl FaultDriver {
 impl Driver for FaultDriver {
     fn poll(&mut self, cx: &mut DriverContext<'_>) -> usize {
         let mut n = self.wm.poll();
-        let _ = self.own_fd.read();
-        let _ = self.shared.external_fd.read();
-        // Claim external faults of this runtime.
-        for (i, slot) in sigbus::EXTERNAL.iter().enumerate() {
-            if slot.state.load(Ordering::Acquire) == sigbus::EXT_POSTED
-                && slot.runtime.load(Ordering::Relaxed) == self.shared.runtime_id
-                && slot
-                    .state
-                    .compare_exchange(
-                        sigbus::EXT_POSTED,
-                        sigbus::EXT_SERVING,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    )
-                    .is_ok()
-            {
-                self.external.insert(
-                    i,
-                    Waiting {
-                        clock: FaultClock::start(),
-                        waited_io: false,
-                        needs_memory: false,
-                    },
-                );
+        if self.shared.woken[self.wm.worker()].swap(false, Ordering::AcqRel) {
+            let _ = self.own_fd.read();
+        }
+        // Claim external faults of this runtime (only when one was posted since).
+        if sigbus::take_external_pending(self.shared.runtime_id) {
+            let _ = self.shared.external_fd.read();
+            for (i, slot) in sigbus::EXTERNAL.iter().enumerate() {
+                if slot.state.load(Ordering::Acquire) == sigbus::EXT_POSTED
+                    && slot.runtime.load(Ordering::Relaxed) == self.shared.runtime_id
+                    && slot
+                        .state
+                        .compare_exchange(
+                            sigbus::EXT_POSTED,
+                            sigbus::EXT_SERVING,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_ok()
+                {
+                    self.external.insert(
+                        i,
+                        Waiting {
+                            clock: FaultClock::start(),
+                            waited_io: false,
+                            needs_memory: false,
+                        },
+                    );
+                }
             }
         }
-        let external: Vec<usize> = self.external.keys().copied().collect();
+        let external: Vec<usize> = if self.external.is_empty() {
+            Vec::new()
+        } else {
+            self.external.keys().copied().collect()
+        };
         for i in external {
             let payload = sigbus::EXTERNAL[i].payload.load(Ordering::Acquire);
             let Some(mut w) = self.external.remove(&i) else {
@@ -144,8 +152,10 @@ impl Driver for FaultDriver {
         let mut faulted = std::mem::take(&mut self.faulted);
         faulted.clear();
         cx.faulted(&mut faulted);
-        let live: std::collections::HashSet<u32> = faulted.iter().map(|f| f.key.slot).collect();
-        self.uthreads.retain(|slot, _| live.contains(slot));
+        if !self.uthreads.is_empty() {
+            let live: std::collections::HashSet<u32> = faulted.iter().map(|f| f.key.slot).collect();
+            self.uthreads.retain(|slot, _| live.contains(slot));
+        }
         for f in &faulted {
             let mut w = self.uthreads.remove(&f.key.slot).unwrap_or(Waiting {
                 clock: FaultClock::start(),

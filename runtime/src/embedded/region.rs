@@ -192,6 +192,15 @@ impl Region {
         r
     }
 
+    /// Gives a hint in the USM hint language (`"PREFETCH=8; EVICTION=DENY"`) for bytes
+    /// `[range)`: the eviction policy is told, and the memory core reads it (with
+    /// `PREFETCH=N`, a swap-in also reads back up to N following swapped pages).
+    pub fn hint(&self, range: Range<usize>, text: &str) -> Result<(), EmbeddedError> {
+        let start = self.key.start + range.start.min(self.len) as u64;
+        let len = (range.end.min(self.len) - range.start.min(self.len)) as u64;
+        Ok(self.shared.core.hint(self.shared.pid, start, len, text)?)
+    }
+
     /// Frees the region now (as dropping it does) and reports what went back.
     pub fn release(mut self) -> Result<RangeRelease, EmbeddedError> {
         self.release_inner()

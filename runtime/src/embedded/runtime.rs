@@ -25,6 +25,8 @@ pub(crate) struct Shared {
     pub(crate) runtime_id: u32,
     pub(crate) external_fd: EventFd,
     pub(crate) worker_fds: Vec<Arc<EventFd>>,
+    /// Set before a worker's eventfd is written, so its driver reads the fd only then.
+    pub(crate) woken: Arc<Vec<std::sync::atomic::AtomicBool>>,
     pub(crate) next_region: AtomicU32,
     pub(crate) default_alloc: String,
 }
@@ -220,12 +222,20 @@ impl Builder {
             .ok_or(EmbeddedError::Config(
                 "too many embedded runtimes in this process",
             ))?;
+        let woken: Arc<Vec<std::sync::atomic::AtomicBool>> = Arc::new(
+            (0..self.workers)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+        );
         for (i, fd) in worker_fds.iter().enumerate() {
-            let fd = fd.clone();
+            let (fd, woken) = (fd.clone(), woken.clone());
             core.set_waker(
                 i,
                 Arc::new(move || {
+                    // Write first, then flag: the driver reads the fd after taking the
+                    // flag, so no write is left unread (a readable fd would spin it).
                     let _ = fd.write(1);
+                    woken[i].store(true, std::sync::atomic::Ordering::Release);
                 }),
             )?;
         }
@@ -236,6 +246,7 @@ impl Builder {
             runtime_id,
             external_fd,
             worker_fds,
+            woken,
             next_region: AtomicU32::new(1),
             default_alloc: self.alloc.clone(),
         });
@@ -393,8 +404,9 @@ impl Runtime {
             if std::time::Instant::now() >= deadline {
                 return false;
             }
-            for fd in &self.shared.worker_fds {
+            for (fd, w) in self.shared.worker_fds.iter().zip(self.shared.woken.iter()) {
                 let _ = fd.write(1);
+                w.store(true, std::sync::atomic::Ordering::Release);
             }
             std::thread::sleep(Duration::from_millis(2));
         }

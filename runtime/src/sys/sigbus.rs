@@ -41,6 +41,8 @@ const EMPTY_REGION: RegionSlot = RegionSlot {
 };
 
 static REGIONS: [RegionSlot; MAX_REGIONS] = [EMPTY_REGION; MAX_REGIONS];
+/// One past the highest region slot ever used: the handler scans only below it.
+static REGIONS_HIGH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// External fault slot states (the `state` word is also the futex word).
 pub(crate) const EXT_FREE: u32 = 0;
@@ -77,6 +79,8 @@ pub(crate) const MAX_POISONED: usize = 1024;
 #[allow(clippy::declare_interior_mutable_const)]
 const NO_PAGE: AtomicU64 = AtomicU64::new(0);
 static POISONED: [AtomicU64; MAX_POISONED] = [NO_PAGE; MAX_POISONED];
+/// One past the highest poisoned slot ever used (0: nothing was ever poisoned).
+static POISONED_HIGH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Records page `addr` as poisoned (see [`POISONED`]); `false` when the table is full.
 pub(crate) fn mark_poisoned(addr: u64) -> bool {
@@ -84,10 +88,16 @@ pub(crate) fn mark_poisoned(addr: u64) -> bool {
     if is_poisoned(page) {
         return true;
     }
-    POISONED.iter().any(|slot| {
-        slot.compare_exchange(0, page, Ordering::AcqRel, Ordering::Acquire)
+    for (i, slot) in POISONED.iter().enumerate() {
+        if slot
+            .compare_exchange(0, page, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
-    })
+        {
+            POISONED_HIGH.fetch_max(i + 1, Ordering::AcqRel);
+            return true;
+        }
+    }
+    false
 }
 
 /// Forgets poisoned pages in `[start, end)` (their region went away).
@@ -104,6 +114,19 @@ fn is_poisoned(page: u64) -> bool {
     POISONED
         .iter()
         .any(|slot| slot.load(Ordering::Acquire) == page)
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const NOT_PENDING: AtomicU32 = AtomicU32::new(0);
+/// Per runtime id: set by the handler when it posts an external fault, taken by the
+/// driver that scans the slots (so drivers scan only when something was posted).
+static EXTERNAL_PENDING: [AtomicU32; MAX_RUNTIMES] = [NOT_PENDING; MAX_RUNTIMES];
+
+/// Takes runtime `id`'s "external fault posted" flag.
+pub(crate) fn take_external_pending(id: u32) -> bool {
+    EXTERNAL_PENDING
+        .get(id as usize)
+        .is_some_and(|f| f.swap(0, Ordering::AcqRel) != 0)
 }
 
 /// The write bit of a fault payload (the rest is the page address).
@@ -160,13 +183,14 @@ pub(crate) fn release_runtime(id: u32) {
 
 /// Makes `[start, end)` known to the handler as a region of runtime `runtime`.
 pub(crate) fn add_region(start: u64, end: u64, runtime: u32) -> bool {
-    for slot in REGIONS.iter() {
+    for (i, slot) in REGIONS.iter().enumerate() {
         if slot
             .start
             .compare_exchange(0, start, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
             slot.runtime.store(runtime, Ordering::Relaxed);
+            REGIONS_HIGH.fetch_max(i + 1, Ordering::AcqRel);
             slot.end.store(end, Ordering::Release);
             return true;
         }
@@ -186,7 +210,8 @@ pub(crate) fn remove_region(start: u64) {
 }
 
 fn region_runtime(addr: u64) -> Option<u32> {
-    for slot in REGIONS.iter() {
+    let high = REGIONS_HIGH.load(Ordering::Acquire).min(MAX_REGIONS);
+    for slot in REGIONS[..high].iter() {
         let end = slot.end.load(Ordering::Acquire);
         if end == 0 {
             continue;
@@ -360,7 +385,12 @@ fn post_external(runtime: u32, payload: u64) {
             slot.payload.store(payload, Ordering::Relaxed);
             slot.runtime.store(runtime, Ordering::Relaxed);
             slot.state.store(EXT_POSTED, Ordering::Release);
+            // Write the eventfd first, then raise the flag: a driver reads the fd only
+            // after taking the flag, so every write is consumed.
             notify_runtime(runtime);
+            if let Some(flag) = EXTERNAL_PENDING.get(runtime as usize) {
+                flag.store(1, Ordering::Release);
+            }
             loop {
                 let s = slot.state.load(Ordering::Acquire);
                 if s == EXT_DONE {
