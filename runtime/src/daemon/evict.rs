@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use nix::unistd::Pid;
-use usm_proto::agent::{AgentOp, AgentRequest};
+use usm_proto::agent::{AgentCompletion, AgentOp, AgentRequest};
 use usm_swap::PageBuf;
 
 use super::Shared;
@@ -86,6 +86,18 @@ fn flush_undropped(proc: &Proc, agent: &mut Agent) {
     agent.free_slots.extend(slots);
 }
 
+/// Is the page at `addr` of process `pid` present (`/proc/PID/pagemap` bit 63)? Reading
+/// a hole of a staging slot through `process_vm_readv` would fault into the program's
+/// own userfaultfd, so the daemon checks first.
+pub(crate) fn present(pid: u32, addr: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else {
+        return false;
+    };
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, addr / PAGE * 8).is_ok() && u64::from_le_bytes(e) >> 63 == 1
+}
+
 /// Reads one page of process `pid` at `addr` (a staging slot: present memory).
 pub(crate) fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> nix::Result<usize> {
     let remote = [RemoteIoVec {
@@ -119,8 +131,18 @@ fn return_from_staging(proc: &Proc, agent: &mut Agent, v: Victim) {
     collect(agent, &mut d, seq, Duration::from_secs(10));
     if d.get(&seq).copied() == Some(PAGE as i64) {
         revert(proc, agent, v);
-    } else {
+        return;
+    }
+    let ours = matches!(
+        proc.lock_map().pages.get(&v.page),
+        Some(PageState::Out(c)) if Arc::ptr_eq(c, &v.cell)
+    );
+    if ours {
+        // The slot keeps the only copy: it stays occupied, and a fault reads it there.
         *v.cell.data.lock().unwrap_or_else(|p| p.into_inner()) = CellData::Lost;
+    } else {
+        // Stale content nobody refers to: drop it and reuse the slot.
+        agent.undropped.push(v.slot);
     }
 }
 
@@ -130,13 +152,27 @@ struct Victim {
     slot: u32,
 }
 
-/// Collects completions until `seq` (and everything before it) is answered, or `timeout`.
+/// Every completion available: set aside earlier ones first, then the ring's.
+fn take_completions(agent: &mut Agent) -> Vec<AgentCompletion> {
+    let mut out = std::mem::take(&mut agent.stash);
+    out.extend(agent.client.completions());
+    out
+}
+
+/// Waits until `seq` is answered (or `timeout`); other completions are set aside for
+/// their own waiter.
 fn collect(agent: &mut Agent, done: &mut HashMap<u64, i64>, seq: u64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while !done.contains_key(&seq) && Instant::now() < deadline {
-        for c in agent.client.completions() {
-            done.insert(c.seq, c.result);
+        let mut others = Vec::new();
+        for c in take_completions(agent) {
+            if c.seq == seq {
+                done.insert(c.seq, c.result);
+            } else {
+                others.push(c);
+            }
         }
+        agent.stash.extend(others);
         if !done.contains_key(&seq) {
             let _ = agent.client.wait_done(20);
         }
@@ -218,7 +254,7 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
     let mut moved = Vec::new();
     let mut waited = Instant::now();
     while !pending.is_empty() {
-        let done = agent.client.completions();
+        let done = take_completions(agent);
         if done.is_empty() {
             if proc.gone.load(Ordering::Acquire) {
                 return 0; // the cells stay Evicting: the map is gone with the process
@@ -248,6 +284,16 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
             if c.result != PAGE as i64 {
                 bump(&proc.counters.evict_skipped);
                 revert(proc, agent, v);
+                continue;
+            }
+            let still_ours = matches!(
+                proc.lock_map().pages.get(&v.page),
+                Some(PageState::Out(cell)) if Arc::ptr_eq(cell, &v.cell)
+            );
+            if !still_ours {
+                // Freed and touched again while the request was queued: what the agent
+                // moved is the page's new content. Put it back where it belongs.
+                return_from_staging(proc, agent, v);
                 continue;
             }
             let mut buf = PageBuf::page();

@@ -61,6 +61,8 @@ pub(crate) struct Agent {
     /// Slots whose page is safe in the daemon but which were not dropped yet, because
     /// the tagger could not be told (`SwapState`) first.
     pub(crate) undropped: Vec<u32>,
+    /// Completions read while waiting for another one.
+    pub(crate) stash: Vec<usm_proto::agent::AgentCompletion>,
     pub(crate) seq: u64,
 }
 
@@ -621,7 +623,11 @@ fn swap_in(sh: &Shared, proc: &Proc, page: u64, cell: &Arc<SwapCell>, urgent: bo
         let d = cell.data.lock().unwrap_or_else(|p| p.into_inner());
         match &*d {
             CellData::Evicting => {
-                // The fault proves the agent moved it: read it from staging.
+                // Once the agent moved it, the data is in the staging slot. (A fault read
+                // late may predate the eviction: then the slot is still a hole — wait.)
+                if !super::evict::present(proc.pid, cell.staging) {
+                    return false;
+                }
                 let mut buf = PageBuf::page();
                 match super::evict::read_remote(proc.pid, cell.staging, &mut buf) {
                     Ok(n) if n == PAGE as usize => Ok(buf),
@@ -750,6 +756,7 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
                     client,
                     free_slots,
                     undropped: Vec::new(),
+                    stash: Vec::new(),
                     seq: 0,
                 });
                 proc.agent_tid

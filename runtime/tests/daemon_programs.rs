@@ -1,0 +1,499 @@
+//! The InstanceUSM daemon on real programs: `usm exec` and `usm run` with the real
+//! tagger, real userfaultfd, real swap files. Every program verifies its own data while
+//! the pool is a fraction of its working set.
+//!
+//! Needs root-like privileges for `EVENT_FORK` and `process_vm_readv` (the CI runs as
+//! root); tests skip with a reason when gcc, stressapptest or redis are absent.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const USM: &str = env!("CARGO_BIN_EXE_usm");
+
+/// The programs here each fill a pool several times over: run them one at a time (the
+/// CI machine has 2 vCPUs), so a slow neighbour never reads as a failure.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn target_profile_dir() -> PathBuf {
+    Path::new(USM).parent().unwrap().to_path_buf()
+}
+
+/// Builds `libusm_tagger.so` next to the `usm` binary (cargo does not build a cdylib of
+/// another package for integration tests).
+fn tagger() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = target_profile_dir();
+            let target = dir.parent().unwrap();
+            let profile = dir.file_name().unwrap().to_str().unwrap().to_owned();
+            let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            cmd.args(["build", "--quiet", "-p", "usm-tagger"]);
+            if profile == "release" {
+                cmd.arg("--release");
+            }
+            let st = cmd
+                .env("CARGO_TARGET_DIR", target)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("cargo build -p usm-tagger");
+            assert!(st.success());
+            let so = dir.join("libusm_tagger.so");
+            assert!(so.exists(), "{} missing", so.display());
+            so
+        })
+        .clone()
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn workload(dir: &Path) -> Option<PathBuf> {
+    if !have("gcc") {
+        eprintln!("skipped: gcc is not installed");
+        return None;
+    }
+    let out = dir.join("daemon_workload");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/daemon_workload.c");
+    let st = Command::new("gcc")
+        .args(["-O1", "-Wall", "-pthread", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("gcc");
+    assert!(st.success(), "gcc failed");
+    Some(out)
+}
+
+struct Exec {
+    code: i32,
+    stdout: String,
+    report: serde_json::Value,
+}
+
+/// `usm exec --report json` with a private daemon; bounded by `limit`.
+fn usm_exec(args: &[&str], cmd: &[&str], limit: Duration) -> Exec {
+    let mut child = Command::new(USM)
+        .arg("exec")
+        .args(args)
+        .args(["--report", "json", "--"])
+        .args(cmd)
+        .env("USM_TAGGER", tagger())
+        .env("USM_SWAP_DIR", std::env::temp_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run usm exec");
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("usm exec {cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report = stderr
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .unwrap_or_else(|| panic!("no JSON summary; stderr:\n{stderr}\nstdout:\n{stdout}"));
+    Exec {
+        code: out.status.code().unwrap_or(-1),
+        stdout,
+        report,
+    }
+}
+
+fn n(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+#[test]
+fn mixed_workload_keeps_its_data_with_a_pool_a_sixth_of_its_working_set() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(prog) = workload(dir.path()) else { return };
+    let p = prog.to_str().unwrap();
+    // 48 MiB of data (plus heap and threads) through an 8 MiB pool.
+    let r = usm_exec(&["--pool", "8M"], &[p, "mixed", "48", "nofork"], Duration::from_secs(90));
+    assert_eq!(r.code, 0, "stdout: {}", r.stdout);
+    assert!(r.stdout.contains("OK"), "{}", r.stdout);
+    assert!(r.report["managed"].as_bool().unwrap());
+    assert!(n(&r.report, "evictions") > 1000, "{}", r.report);
+    assert!(n(&r.report, "swapins") > 1000, "{}", r.report);
+    assert_eq!(n(&r.report, "poisoned"), 0);
+    // Everything was given back when the program exited.
+    assert_eq!(n(&r.report, "frames_used_at_exit"), 0, "{}", r.report);
+    assert_eq!(n(&r.report, "slots_used_at_exit"), 0, "{}", r.report);
+    assert!(r.report["coverage"].as_f64().unwrap() >= 0.9, "{}", r.report);
+}
+
+#[test]
+fn fork_children_inherit_managed_memory() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(prog) = workload(dir.path()) else { return };
+    let p = prog.to_str().unwrap();
+    let r = usm_exec(&["--pool", "32M"], &[p, "mixed", "16"], Duration::from_secs(60));
+    assert_eq!(r.code, 0, "stdout: {}", r.stdout);
+    assert!(r.stdout.contains("OK"));
+    assert!(n(&r.report, "forks") >= 1, "{}", r.report);
+    assert_eq!(n(&r.report, "frames_used_at_exit"), 0, "{}", r.report);
+}
+
+#[test]
+fn own_userfaultfd_and_shared_memory_still_work() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(prog) = workload(dir.path()) else { return };
+    let r = usm_exec(
+        &["--pool", "4M"],
+        &[prog.to_str().unwrap(), "own-uffd"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code, 0, "stdout: {}", r.stdout);
+    assert!(r.stdout.contains("OK"));
+    assert!(n(&r.report, "faults") > 0);
+}
+
+#[test]
+fn stressapptest_passes_with_memory_four_times_the_pool() {
+    let _serial = serial();
+    if !have("stressapptest") {
+        eprintln!("skipped: stressapptest is not installed");
+        return;
+    }
+    let r = usm_exec(
+        &["--pool", "16M"],
+        &["stressapptest", "-M", "64", "-s", "5", "-m", "2"],
+        Duration::from_secs(120),
+    );
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert!(r.stdout.contains("Status: PASS"), "{}", r.stdout);
+    assert!(n(&r.report, "evictions") > 0 && n(&r.report, "swapins") > 0);
+    assert!(r.report["coverage"].as_f64().unwrap() >= 0.9, "{}", r.report);
+}
+
+/// A `usm run` daemon on a config in a temp dir.
+struct RunDaemon {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RunDaemon {
+    fn start(config_body: &str) -> RunDaemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("usm.sock");
+        let cfg = dir.path().join("usm.cfg");
+        std::fs::write(
+            &cfg,
+            format!("{config_body}\nsocket {}\n", socket.display()),
+        )
+        .unwrap();
+        let child = Command::new(USM)
+            .arg("run")
+            .arg(&cfg)
+            .env("USM_SWAP_DIR", dir.path())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let d = RunDaemon {
+            child,
+            socket,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.stat().is_none() {
+            assert!(Instant::now() < deadline, "daemon did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn stat(&self) -> Option<serde_json::Value> {
+        let out = Command::new(USM)
+            .args(["stat", "--json", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn tagged(&self, cmd: &mut Command) -> Child {
+        cmd.env("LD_PRELOAD", tagger())
+            .env("USM_SOCKET", &self.socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn wait_for(&self, what: &str, limit: Duration, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.stat() {
+                if f(&s) {
+                    return s;
+                }
+                assert!(Instant::now() < deadline, "timed out waiting for {what}: {s}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM; returns the exit status and stderr.
+    fn stop(mut self) -> (i32, String) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "daemon did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut err = String::new();
+        let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+        (self.child.wait().unwrap().code().unwrap_or(-1), err)
+    }
+}
+
+impl Drop for RunDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_line_until(out: &mut impl BufRead, want: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    let mut all = String::new();
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            panic!("EOF before {want:?}; got {all}");
+        }
+        all.push_str(&line);
+        if line.contains(want) {
+            return all;
+        }
+        assert!(Instant::now() < deadline, "no {want:?} in time; got {all}");
+    }
+}
+
+#[test]
+fn sigkilled_program_leaves_frames_and_slots_idle() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(prog) = workload(dir.path()) else { return };
+    let d = RunDaemon::start("memory 2048\nworkers 2\nprocess daemon_workload first-fit");
+    let mut c = d.tagged(Command::new(&prog).args(["storm", "32", "30"]));
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    read_line_until(&mut out, "STARTED", Duration::from_secs(20));
+    // Mid-storm: some pages out, some in.
+    d.wait_for("a storm", Duration::from_secs(20), |s| {
+        s["processes"][0]["evictions"].as_u64().unwrap_or(0) > 500
+    });
+    c.kill().unwrap();
+    c.wait().unwrap();
+    let s = d.wait_for("idle frames and slots", Duration::from_secs(10), |s| {
+        s["processes"].as_array().unwrap().is_empty()
+            && s["frames_used"] == 0
+            && s["slots_used"] == 0
+    });
+    assert_eq!(s["frames_used"], 0);
+    let (code, err) = d.stop();
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn sigkilled_daemon_never_lets_a_program_read_zeros() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(prog) = workload(dir.path()) else { return };
+    let mut d = RunDaemon::start("memory 2048\nworkers 2\nprocess daemon_workload first-fit");
+    let mut c = d.tagged(Command::new(&prog).args(["storm", "32", "4"]));
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    read_line_until(&mut out, "STARTED", Duration::from_secs(20));
+    d.wait_for("pages in swap", Duration::from_secs(20), |s| {
+        s["processes"][0]["swapped_pages"].as_u64().unwrap_or(0) > 500
+    });
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    // The program either dies with the tagger's message or finishes with its data intact.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "program hung after the daemon died");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!rest.contains("BAD"), "the program read wrong data: {rest}");
+    if status.success() {
+        assert!(rest.contains("OK"), "{rest}");
+    } else {
+        assert!(
+            err.contains("killing it rather than let it read zeros"),
+            "status {status:?}, stderr: {err}"
+        );
+    }
+}
+
+#[test]
+fn madv_free_gives_frames_back() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(prog) = workload(dir.path()) else { return };
+    let d = RunDaemon::start("memory 16384\nworkers 2\nprocess daemon_workload first-fit");
+    let mut c = d.tagged(Command::new(&prog).args(["free", "16"]));
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut input = c.stdin.take().unwrap();
+    read_line_until(&mut out, "TOUCHED", Duration::from_secs(20));
+    let before = d.wait_for("16 MiB resident", Duration::from_secs(5), |s| {
+        s["processes"][0]["resident_pages"].as_u64().unwrap_or(0) >= 4096
+    });
+    let resident_before = before["processes"][0]["resident_pages"].as_u64().unwrap();
+    writeln!(input).unwrap();
+    read_line_until(&mut out, "FREED", Duration::from_secs(20));
+    let after = d.wait_for("MADV_FREE accounted", Duration::from_secs(5), |s| {
+        s["processes"][0]["removes"].as_u64().unwrap_or(0) >= 1
+    });
+    let p = &after["processes"][0];
+    assert!(
+        p["resident_pages"].as_u64().unwrap() + 4096 <= resident_before,
+        "MADV_FREE did not give the frames back: {p}"
+    );
+    assert!(p["released_frames"].as_u64().unwrap() >= 4096, "{p}");
+    writeln!(input).unwrap();
+    read_line_until(&mut out, "OK", Duration::from_secs(20));
+    assert!(c.wait().unwrap().success());
+    drop(d);
+}
+
+#[test]
+fn unconfigured_programs_run_untouched_and_shutdown_is_graceful() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(prog) = workload(dir.path()) else { return };
+    let d = RunDaemon::start("memory 1024\nworkers 1\nprocess somebody-else first-fit");
+    let mut c = d.tagged(Command::new(&prog).args(["mixed", "8", "nofork"]));
+    let st = c.wait().unwrap();
+    let mut out = String::new();
+    c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let mut err = String::new();
+    c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(st.success() && out.contains("OK"), "{out}{err}");
+    assert!(err.contains("refused"), "one warning line expected: {err}");
+    let s = d.stat().unwrap();
+    assert!(s["refused"].as_u64().unwrap() >= 1);
+    assert!(s["processes"].as_array().unwrap().is_empty());
+    // A managed program survives a daemon SIGTERM with its data: pages come back first.
+    let d2 = RunDaemon::start("memory 2048\nworkers 2\nprocess daemon_workload first-fit");
+    let mut c = d2.tagged(Command::new(&prog).args(["storm", "32", "5"]));
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    read_line_until(&mut out, "STARTED", Duration::from_secs(20));
+    d2.wait_for("pages in swap", Duration::from_secs(20), |s| {
+        s["processes"][0]["swapped_pages"].as_u64().unwrap_or(0) > 500
+    });
+    let (code, err) = d2.stop();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("page(s) returned"), "{err}");
+    let all = read_line_until(&mut out, "OK", Duration::from_secs(60));
+    assert!(!all.contains("BAD"), "{all}");
+    assert!(c.wait().unwrap().success());
+    drop(d);
+}
+
+fn redis_cmd(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn redis_data_survives_swap_and_metrics_match_stat() {
+    let _serial = serial();
+    if !have("redis-server") || !have("redis-cli") {
+        eprintln!("skipped: redis-server / redis-cli are not installed");
+        return;
+    }
+    let port = free_port();
+    let mport = free_port();
+    let d = RunDaemon::start(&format!(
+        "memory 4096\nworkers 2\nprocess redis-server first-fit\nmetrics 127.0.0.1:{mport}"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = d.tagged(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--enable-debug-command", "yes", "--dir"])
+            .arg(dir.path()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_cmd(port, &["PING"]) != "PONG" {
+        assert!(Instant::now() < deadline, "redis did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // ~64 MiB of values through a 16 MiB pool.
+    assert_eq!(redis_cmd(port, &["DEBUG", "POPULATE", "200000", "key", "300"]), "OK");
+    let digest = redis_cmd(port, &["DEBUG", "DIGEST"]);
+    let s = d.wait_for("redis pages in swap", Duration::from_secs(20), |s| {
+        s["processes"][0]["swapped_pages"].as_u64().unwrap_or(0) > 4096
+    });
+    assert!(s["processes"][0]["evictions"].as_u64().unwrap() > 4096);
+    // Read everything back (the digest walks every value).
+    assert_eq!(redis_cmd(port, &["DEBUG", "DIGEST"]), digest);
+    let v = redis_cmd(port, &["GET", "key:12345"]);
+    assert!(v.starts_with("value:12345"), "{v}");
+    let s = d.stat().unwrap();
+    assert!(s["processes"][0]["swapins"].as_u64().unwrap() > 1000, "{s}");
+    // Prometheus exposition: the same numbers.
+    let mut conn = TcpStream::connect(("127.0.0.1", mport)).unwrap();
+    write!(conn, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    assert!(text.contains("200 OK"), "{text}");
+    assert!(text.contains(&format!("usm_pool_pages {}", s["pool_pages"])), "{text}");
+    assert!(text.contains("usm_process_swapins_total{"), "{text}");
+    assert!(text.contains("name=\"redis-server\""), "{text}");
+    let _ = redis_cmd(port, &["SHUTDOWN", "NOSAVE"]);
+    let _ = r.wait();
+    drop(d);
+}
