@@ -136,3 +136,60 @@ fn region_vec_grows_and_keeps_its_elements() {
     );
     let _unused: Option<Region> = None;
 }
+
+/// Records the write bit of every fault it serves (first-fit otherwise).
+struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<(u64, bool)>>>);
+
+impl usm_policies::AllocPolicy for Recorder {
+    fn name(&self) -> &str {
+        "recorder"
+    }
+    fn alloc(
+        &mut self,
+        fault: &usm_kmod::event::Fault,
+        cx: &mut dyn usm_policies::Cx,
+    ) -> usm_policies::Decision {
+        self.0.lock().unwrap().push((fault.addr, fault.write));
+        match cx.take_frame() {
+            Some(f) => usm_policies::Decision::Map(usm_policies::Mapping::one(fault.addr, f)),
+            None => usm_policies::Decision::Oom,
+        }
+    }
+}
+
+#[test]
+fn the_handler_reports_reads_and_writes_from_the_fault_error_code() {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut reg = usm_policies::Registry::with_builtins();
+    let l = log.clone();
+    reg.register_alloc("recorder", usm_policies::Param::None, move |_| {
+        Ok(Box::new(Recorder(l.clone())))
+    })
+    .unwrap();
+    let rt = Runtime::builder()
+        .workers(1)
+        .pool_frames(64)
+        .build_with_registry(reg)
+        .unwrap();
+    let region = std::sync::Arc::new(rt.region_with_policy(4 * PAGE, "recorder").unwrap());
+    let r = region.clone();
+    rt.block_on(move || {
+        let w = r.as_atomic_u64();
+        let _ = w[0].load(std::sync::atomic::Ordering::Relaxed); // read fault, page 0
+        w[WORDS_PER_PAGE].store(1, std::sync::atomic::Ordering::Relaxed); // write fault, page 1
+    })
+    .unwrap();
+    // A plain thread too: page 2 read, page 3 write.
+    let _ = region.as_atomic_u64()[2 * WORDS_PER_PAGE].load(std::sync::atomic::Ordering::Relaxed);
+    region.as_atomic_u64()[3 * WORDS_PER_PAGE].store(1, std::sync::atomic::Ordering::Relaxed);
+    let base = region.addr();
+    let seen: Vec<(u64, bool)> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|&(a, w)| ((a - base) / PAGE as u64, w))
+        .collect();
+    assert_eq!(seen, vec![(0, false), (1, true), (2, false), (3, true)]);
+}
+
+const WORDS_PER_PAGE: usize = PAGE / 8;
