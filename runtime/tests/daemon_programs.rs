@@ -124,17 +124,24 @@ fn usm_exec(args: &[&str], cmd: &[&str], limit: Duration) -> Exec {
 }
 
 fn n(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
 #[test]
 fn mixed_workload_keeps_its_data_with_a_pool_a_sixth_of_its_working_set() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = workload(dir.path()) else { return };
+    let Some(prog) = workload(dir.path()) else {
+        return;
+    };
     let p = prog.to_str().unwrap();
     // 48 MiB of data (plus heap and threads) through an 8 MiB pool.
-    let r = usm_exec(&["--pool", "8M"], &[p, "mixed", "48", "nofork"], Duration::from_secs(90));
+    let r = usm_exec(
+        &["--pool", "8M"],
+        &[p, "mixed", "48", "nofork"],
+        Duration::from_secs(90),
+    );
     assert_eq!(r.code, 0, "stdout: {}", r.stdout);
     assert!(r.stdout.contains("OK"), "{}", r.stdout);
     assert!(r.report["managed"].as_bool().unwrap());
@@ -144,16 +151,26 @@ fn mixed_workload_keeps_its_data_with_a_pool_a_sixth_of_its_working_set() {
     // Everything was given back when the program exited.
     assert_eq!(n(&r.report, "frames_used_at_exit"), 0, "{}", r.report);
     assert_eq!(n(&r.report, "slots_used_at_exit"), 0, "{}", r.report);
-    assert!(r.report["coverage"].as_f64().unwrap() >= 0.9, "{}", r.report);
+    assert!(
+        r.report["coverage"].as_f64().unwrap() >= 0.9,
+        "{}",
+        r.report
+    );
 }
 
 #[test]
 fn fork_children_inherit_managed_memory() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = workload(dir.path()) else { return };
+    let Some(prog) = workload(dir.path()) else {
+        return;
+    };
     let p = prog.to_str().unwrap();
-    let r = usm_exec(&["--pool", "32M"], &[p, "mixed", "16"], Duration::from_secs(60));
+    let r = usm_exec(
+        &["--pool", "32M"],
+        &[p, "mixed", "16"],
+        Duration::from_secs(60),
+    );
     assert_eq!(r.code, 0, "stdout: {}", r.stdout);
     assert!(r.stdout.contains("OK"));
     assert!(n(&r.report, "forks") >= 1, "{}", r.report);
@@ -164,7 +181,9 @@ fn fork_children_inherit_managed_memory() {
 fn own_userfaultfd_and_shared_memory_still_work() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = workload(dir.path()) else { return };
+    let Some(prog) = workload(dir.path()) else {
+        return;
+    };
     let r = usm_exec(
         &["--pool", "4M"],
         &[prog.to_str().unwrap(), "own-uffd"],
@@ -190,7 +209,11 @@ fn stressapptest_passes_with_memory_four_times_the_pool() {
     assert_eq!(r.code, 0, "{}", r.stdout);
     assert!(r.stdout.contains("Status: PASS"), "{}", r.stdout);
     assert!(n(&r.report, "evictions") > 0 && n(&r.report, "swapins") > 0);
-    assert!(r.report["coverage"].as_f64().unwrap() >= 0.9, "{}", r.report);
+    assert!(
+        r.report["coverage"].as_f64().unwrap() >= 0.9,
+        "{}",
+        r.report
+    );
 }
 
 /// A `usm run` daemon on a config in a temp dir.
@@ -249,14 +272,22 @@ impl RunDaemon {
             .unwrap()
     }
 
-    fn wait_for(&self, what: &str, limit: Duration, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(s) = self.stat() {
                 if f(&s) {
                     return s;
                 }
-                assert!(Instant::now() < deadline, "timed out waiting for {what}: {s}");
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out waiting for {what}: {s}"
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -306,7 +337,9 @@ fn read_line_until(out: &mut impl BufRead, want: &str, limit: Duration) -> Strin
 fn sigkilled_program_leaves_frames_and_slots_idle() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = workload(dir.path()) else { return };
+    let Some(prog) = workload(dir.path()) else {
+        return;
+    };
     let d = RunDaemon::start("memory 2048\nworkers 2\nprocess daemon_workload first-fit");
     let mut c = d.tagged(Command::new(&prog).args(["storm", "32", "30"]));
     let mut out = BufReader::new(c.stdout.take().unwrap());
@@ -331,7 +364,9 @@ fn sigkilled_program_leaves_frames_and_slots_idle() {
 fn sigkilled_daemon_never_lets_a_program_read_zeros() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = workload(dir.path()) else { return };
+    let Some(prog) = workload(dir.path()) else {
+        return;
+    };
     let mut d = RunDaemon::start("memory 2048\nworkers 2\nprocess daemon_workload first-fit");
     let mut c = d.tagged(Command::new(&prog).args(["storm", "32", "4"]));
     let mut out = BufReader::new(c.stdout.take().unwrap());
@@ -347,7 +382,10 @@ fn sigkilled_daemon_never_lets_a_program_read_zeros() {
         if let Some(s) = c.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "program hung after the daemon died");
+        assert!(
+            Instant::now() < deadline,
+            "program hung after the daemon died"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut rest = String::new();
@@ -369,7 +407,9 @@ fn sigkilled_daemon_never_lets_a_program_read_zeros() {
 fn madv_free_gives_frames_back() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = workload(dir.path()) else { return };
+    let Some(prog) = workload(dir.path()) else {
+        return;
+    };
     let d = RunDaemon::start("memory 16384\nworkers 2\nprocess daemon_workload first-fit");
     let mut c = d.tagged(Command::new(&prog).args(["free", "16"]));
     let mut out = BufReader::new(c.stdout.take().unwrap());
@@ -400,7 +440,9 @@ fn madv_free_gives_frames_back() {
 fn unconfigured_programs_run_untouched_and_shutdown_is_graceful() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = workload(dir.path()) else { return };
+    let Some(prog) = workload(dir.path()) else {
+        return;
+    };
     let d = RunDaemon::start("memory 1024\nworkers 1\nprocess somebody-else first-fit");
     let mut c = d.tagged(Command::new(&prog).args(["mixed", "8", "nofork"]));
     let st = c.wait().unwrap();
@@ -462,8 +504,21 @@ fn redis_data_survives_swap_and_metrics_match_stat() {
     let dir = tempfile::tempdir().unwrap();
     let mut r = d.tagged(
         Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "no", "--enable-debug-command", "yes", "--dir"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args([
+                "--appendonly",
+                "no",
+                "--enable-debug-command",
+                "yes",
+                "--dir",
+            ])
             .arg(dir.path()),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -472,7 +527,10 @@ fn redis_data_survives_swap_and_metrics_match_stat() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // ~64 MiB of values through a 16 MiB pool.
-    assert_eq!(redis_cmd(port, &["DEBUG", "POPULATE", "200000", "key", "300"]), "OK");
+    assert_eq!(
+        redis_cmd(port, &["DEBUG", "POPULATE", "200000", "key", "300"]),
+        "OK"
+    );
     let digest = redis_cmd(port, &["DEBUG", "DIGEST"]);
     let s = d.wait_for("redis pages in swap", Duration::from_secs(20), |s| {
         s["processes"][0]["swapped_pages"].as_u64().unwrap_or(0) > 4096
@@ -490,7 +548,10 @@ fn redis_data_survives_swap_and_metrics_match_stat() {
     let mut text = String::new();
     conn.read_to_string(&mut text).unwrap();
     assert!(text.contains("200 OK"), "{text}");
-    assert!(text.contains(&format!("usm_pool_pages {}", s["pool_pages"])), "{text}");
+    assert!(
+        text.contains(&format!("usm_pool_pages {}", s["pool_pages"])),
+        "{text}"
+    );
     assert!(text.contains("usm_process_swapins_total{"), "{text}");
     assert!(text.contains("name=\"redis-server\""), "{text}");
     let _ = redis_cmd(port, &["SHUTDOWN", "NOSAVE"]);

@@ -20,7 +20,10 @@ fn write_cfg(dir: &Path, body: &str) -> PathBuf {
 fn bad_configs_are_refused_naming_the_line() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("memory 100\nworkres 2\n", "usm.cfg:2: unknown directive `workres`"),
+        (
+            "memory 100\nworkres 2\n",
+            "usm.cfg:2: unknown directive `workres`",
+        ),
         ("memory 100\nprocess redis nosuchpolicy\n", "config line 2"),
         ("memory 0\n", "usm.cfg:1:"),
     ];
@@ -30,7 +33,11 @@ fn bad_configs_are_refused_naming_the_line() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{body:?}: {err}");
         assert!(err.contains(want), "{body:?}: expected {want:?} in {err}");
-        let out = Command::new(USM).arg("check-config").arg(&cfg).output().unwrap();
+        let out = Command::new(USM)
+            .arg("check-config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2));
     }
     let err = String::from_utf8_lossy(
@@ -55,7 +62,10 @@ impl Daemon {
     fn start(body: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("usm.sock");
-        let cfg = write_cfg(dir.path(), &format!("{body}\nsocket {}\n", socket.display()));
+        let cfg = write_cfg(
+            dir.path(),
+            &format!("{body}\nsocket {}\n", socket.display()),
+        );
         let child = Command::new(USM)
             .arg("run")
             .arg(&cfg)
@@ -104,7 +114,8 @@ fn malformed_messages_are_refused_and_the_daemon_keeps_serving() {
     let d = Daemon::start("memory 1024\nworkers 1\nprocess daemon_protocol first-fit");
     // Garbage instead of a Hello: refused with a reason.
     let ch = Channel::connect(&d.socket).unwrap();
-    ch.send_bytes(b"this is not a USM message", None, 0).unwrap();
+    ch.send_bytes(b"this is not a USM message", None, 0)
+        .unwrap();
     match ch.recv() {
         Ok(Message::Refused { text, .. }) => assert!(text.contains("magic"), "{text}"),
         other => panic!("expected Refused, got {other:?}"),
@@ -128,7 +139,11 @@ fn malformed_messages_are_refused_and_the_daemon_keeps_serving() {
     assert_eq!(adm.policy, "first-fit");
     session
         .channel()
-        .send_bytes(b"USMP\x01\x00\x63\x00\x00\x00\x00\x00\x00\x00\x00\x00", None, 0)
+        .send_bytes(
+            b"USMP\x01\x00\x63\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+            None,
+            0,
+        )
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -137,7 +152,10 @@ fn malformed_messages_are_refused_and_the_daemon_keeps_serving() {
             assert_eq!(s["processes"].as_array().unwrap().len(), 1, "{s}");
             break;
         }
-        assert!(Instant::now() < deadline, "malformed message not counted: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "malformed message not counted: {s}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // An unconfigured name is refused as NotConfigured.
@@ -181,10 +199,21 @@ fn mkswap_creates_and_refuses_foreign_files() {
         .arg(&p)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::metadata(&p).unwrap().len(), 16 << 20);
     // Re-formatting a USM swap file is fine.
-    assert!(Command::new(USM).arg("mkswap").arg(&p).status().unwrap().success());
+    assert!(
+        Command::new(USM)
+            .arg("mkswap")
+            .arg(&p)
+            .status()
+            .unwrap()
+            .success()
+    );
     // A file with other data is refused without --force.
     let f = dir.path().join("data.bin");
     std::fs::write(&f, vec![0x42u8; 8 << 20]).unwrap();

@@ -477,7 +477,16 @@ fn print_stat(s: &DaemonStat, prev: Option<(Duration, &DaemonStat)>) {
     );
     println!(
         "{:>8} {:<18} {:<10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
-        "PID", "NAME", "POLICY", "RESIDENT", "SWAPPED", "FAULTS", "FAULT/s", "SWAPIN/s", "P50µs", "P99µs"
+        "PID",
+        "NAME",
+        "POLICY",
+        "RESIDENT",
+        "SWAPPED",
+        "FAULTS",
+        "FAULT/s",
+        "SWAPIN/s",
+        "P50µs",
+        "P99µs"
     );
     for p in &s.processes {
         let rate = |f: fn(&ProcessStat) -> u64| -> String {
@@ -489,7 +498,10 @@ fn print_stat(s: &DaemonStat, prev: Option<(Duration, &DaemonStat)>) {
                 .iter()
                 .find(|q| q.pid == p.pid && q.name == p.name)
                 .map_or(0, f);
-            format!("{:.0}", f(p).saturating_sub(before) as f64 / dt.as_secs_f64().max(1e-3))
+            format!(
+                "{:.0}",
+                f(p).saturating_sub(before) as f64 / dt.as_secs_f64().max(1e-3)
+            )
         };
         let pid = if p.pid == 0 {
             format!("({})", p.parent.unwrap_or(0))
@@ -528,7 +540,10 @@ pub(crate) fn mkswap(path: &Path, size: Option<&str>, force: bool) -> ExitCode {
         usm_swap::format(path, &usm_swap::FormatOptions { force })
     } else {
         let Some(sz) = size else {
-            eprintln!("usm: {} does not exist: give --size to create it", path.display());
+            eprintln!(
+                "usm: {} does not exist: give --size to create it",
+                path.display()
+            );
             return ExitCode::from(2);
         };
         match parse_size(sz, "size") {

@@ -6,9 +6,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use usm_sync::Arc;
 use usm_sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use super::stats::DaemonStat;
 use super::{DaemonError, Shared};

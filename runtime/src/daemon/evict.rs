@@ -22,9 +22,9 @@
 
 use std::collections::HashMap;
 use std::io::IoSliceMut;
+use std::time::{Duration, Instant};
 use usm_sync::Arc;
 use usm_sync::atomic::Ordering;
-use std::time::{Duration, Instant};
 
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use nix::unistd::Pid;
@@ -52,7 +52,10 @@ pub(crate) fn run(sh: &Arc<Shared>) {
             let Some(victim) = sh.largest_evictable() else {
                 break;
             };
-            let want = sh.high.saturating_sub(sh.free_frames()).clamp(1, BATCH as u64) as usize;
+            let want = sh
+                .high
+                .saturating_sub(sh.free_frames())
+                .clamp(1, BATCH as u64) as usize;
             if evict_batch(sh, &victim, want) == 0 {
                 stalls += 1;
                 if stalls > 3 {

@@ -4,9 +4,9 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
 use usm_sync::Arc;
 use usm_sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -27,12 +27,42 @@ pub(crate) fn render(stat: &DaemonStat) -> String {
         g.set(i64::try_from(v).unwrap_or(i64::MAX));
         reg.register(name, help, g);
     };
-    gauge(&mut reg, "pool_pages", "Pool size in 4 KiB pages", stat.pool_pages);
-    gauge(&mut reg, "frames_used", "Frames charged to managed processes", stat.frames_used);
-    gauge(&mut reg, "swap_slots_used", "Swap slots in use", stat.slots_used);
-    gauge(&mut reg, "swap_slots", "Swap slots in all devices", stat.slots_total);
-    gauge(&mut reg, "workers", "Worker threads (LocalManagers)", stat.workers as u64);
-    gauge(&mut reg, "processes", "Managed processes", stat.processes.len() as u64);
+    gauge(
+        &mut reg,
+        "pool_pages",
+        "Pool size in 4 KiB pages",
+        stat.pool_pages,
+    );
+    gauge(
+        &mut reg,
+        "frames_used",
+        "Frames charged to managed processes",
+        stat.frames_used,
+    );
+    gauge(
+        &mut reg,
+        "swap_slots_used",
+        "Swap slots in use",
+        stat.slots_used,
+    );
+    gauge(
+        &mut reg,
+        "swap_slots",
+        "Swap slots in all devices",
+        stat.slots_total,
+    );
+    gauge(
+        &mut reg,
+        "workers",
+        "Worker threads (LocalManagers)",
+        stat.workers as u64,
+    );
+    gauge(
+        &mut reg,
+        "processes",
+        "Managed processes",
+        stat.processes.len() as u64,
+    );
     let counter = |reg: &mut Registry, name: &str, help: &str, v: u64| {
         let c: Counter = Counter::default();
         c.inc_by(v);
@@ -40,9 +70,18 @@ pub(crate) fn render(stat: &DaemonStat) -> String {
     };
     counter(&mut reg, "admitted", "Processes admitted", stat.admitted);
     counter(&mut reg, "refused", "Taggers refused", stat.refused);
-    counter(&mut reg, "bad_messages", "Malformed session messages refused", stat.bad_messages);
+    counter(
+        &mut reg,
+        "bad_messages",
+        "Malformed session messages refused",
+        stat.bad_messages,
+    );
 
-    let per = |reg: &mut Registry, name: &str, help: &str, f: &dyn Fn(&ProcessStat) -> u64, is_counter: bool| {
+    let per = |reg: &mut Registry,
+               name: &str,
+               help: &str,
+               f: &dyn Fn(&ProcessStat) -> u64,
+               is_counter: bool| {
         if is_counter {
             let fam = Family::<Labels, Counter>::default();
             for p in &stat.processes {
@@ -58,13 +97,55 @@ pub(crate) fn render(stat: &DaemonStat) -> String {
             reg.register(name, help, fam);
         }
     };
-    per(&mut reg, "process_resident_pages", "Resident pages mapped by the daemon", &|p| p.resident_pages, false);
-    per(&mut reg, "process_swapped_pages", "Pages out of the program (swap)", &|p| p.swapped_pages, false);
-    per(&mut reg, "process_faults", "Faults served", &|p| p.faults, true);
-    per(&mut reg, "process_swapins", "Pages swapped in", &|p| p.swapins, true);
-    per(&mut reg, "process_evictions", "Pages evicted", &|p| p.evictions, true);
-    per(&mut reg, "process_fhp_pages", "Pages mapped by flexible huge pages", &|p| p.fhp_pages, true);
-    per(&mut reg, "process_poisoned", "Pages poisoned (unreadable swap)", &|p| p.poisoned, true);
+    per(
+        &mut reg,
+        "process_resident_pages",
+        "Resident pages mapped by the daemon",
+        &|p| p.resident_pages,
+        false,
+    );
+    per(
+        &mut reg,
+        "process_swapped_pages",
+        "Pages out of the program (swap)",
+        &|p| p.swapped_pages,
+        false,
+    );
+    per(
+        &mut reg,
+        "process_faults",
+        "Faults served",
+        &|p| p.faults,
+        true,
+    );
+    per(
+        &mut reg,
+        "process_swapins",
+        "Pages swapped in",
+        &|p| p.swapins,
+        true,
+    );
+    per(
+        &mut reg,
+        "process_evictions",
+        "Pages evicted",
+        &|p| p.evictions,
+        true,
+    );
+    per(
+        &mut reg,
+        "process_fhp_pages",
+        "Pages mapped by flexible huge pages",
+        &|p| p.fhp_pages,
+        true,
+    );
+    per(
+        &mut reg,
+        "process_poisoned",
+        "Pages poisoned (unreadable swap)",
+        &|p| p.poisoned,
+        true,
+    );
     let lat = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     for p in &stat.processes {
         for (q, v) in [("0.5", p.latency.p50_us), ("0.99", p.latency.p99_us)] {
@@ -73,7 +154,11 @@ pub(crate) fn render(stat: &DaemonStat) -> String {
             lat.get_or_create(&l).set(v);
         }
     }
-    reg.register("process_fault_latency_us", "Fault latency percentiles (µs)", lat);
+    reg.register(
+        "process_fault_latency_us",
+        "Fault latency percentiles (µs)",
+        lat,
+    );
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
         out.clear();

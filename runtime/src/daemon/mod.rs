@@ -44,10 +44,10 @@ mod sys;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use usm_sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use usm_sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use usm_sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use usm_sync::{Arc, Condvar, Mutex};
 
 use usm_policies::Registry;
 use usm_proto::server::{self, Listener};
@@ -194,10 +194,7 @@ impl Shared {
     }
 
     pub(crate) fn add_proc(&self, p: Arc<Proc>) {
-        self.procs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(p);
+        self.procs.lock().unwrap_or_else(|e| e.into_inner()).push(p);
     }
 
     pub(crate) fn remove_proc(&self, p: &Arc<Proc>) {
@@ -251,11 +248,7 @@ impl Shared {
             faults_in_flight: self.in_flight.load(Ordering::Relaxed),
             latency: self.totals.latency(),
             processes: procs.iter().map(|p| p.stat()).collect(),
-            ended: self
-                .ended
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+            ended: self.ended.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 }
@@ -285,13 +278,17 @@ pub struct ShutdownSummary {
 
 /// Checks the config's policy names against the registry; returns name → policy and
 /// policy → fhp pages.
-fn assignments(cfg: &Config) -> Result<(HashMap<String, String>, HashMap<String, u64>), DaemonError> {
+/// Process name → policy spec, and policy spec → pages per flexible huge page.
+type Assignments = (HashMap<String, String>, HashMap<String, u64>);
+
+fn assignments(cfg: &Config) -> Result<Assignments, DaemonError> {
     let mut reg = Registry::with_builtins();
     for p in &cfg.policies {
-        reg.validate(&p.value).map_err(|source| DaemonError::Policy {
-            line: p.line,
-            source,
-        })?;
+        reg.validate(&p.value)
+            .map_err(|source| DaemonError::Policy {
+                line: p.line,
+                source,
+            })?;
     }
     let mut out = HashMap::new();
     let mut fhp = HashMap::new();
@@ -566,12 +563,13 @@ fn accept_loop(sh: &Arc<Shared>, listener: &Listener, stop: &AtomicBool) {
                 // Admission reads the Hello with a timeout: do it off the accept loop so
                 // a silent peer cannot hold others up.
                 let sh2 = sh.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("usm-admit".into())
-                    .spawn(move || match server::admit(ch) {
-                        Ok(peer) => process::admit(&sh2, peer),
-                        Err(e) => process::log_refused(&sh2, &e),
-                    });
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("usm-admit".into())
+                        .spawn(move || match server::admit(ch) {
+                            Ok(peer) => process::admit(&sh2, peer),
+                            Err(e) => process::log_refused(&sh2, &e),
+                        });
                 if let Err(e) = spawned {
                     tracing::error!("cannot start admission: {e}");
                 }

@@ -16,10 +16,10 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use usm_sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use usm_sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use usm_sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use usm_sync::{Arc, Mutex, MutexGuard};
 
 use usm_kmod::{Features, RawUserfaultfd, Resolved, UffdEvent, Userfaultfd};
 use usm_proto::agent::AgentClient;
@@ -176,9 +176,8 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer) {
     let Some(policy) = sh.policy_for(&name) else {
         bump(&sh.refused);
         tracing::info!("pid {pid} ({name}): not named in the config; it runs untouched");
-        let text = format!(
-            "no `process {name} POLICY` line in the daemon's config; running untouched"
-        );
+        let text =
+            format!("no `process {name} POLICY` line in the daemon's config; running untouched");
         let _ = peer.refuse(RefusalReason::NotConfigured, &text);
         return;
     };
@@ -482,8 +481,11 @@ fn serve_fault_inner(sh: &Shared, proc: &Proc, page: u64, urgent: bool, t0: Inst
         if attempt == 2000 {
             let what = match &state {
                 None => "absent".to_owned(),
-                Some(PageState::Resident { inherited }) => format!("resident (inherited {inherited})"),
-                Some(PageState::Out(c)) => match &*c.data.lock().unwrap_or_else(|p| p.into_inner()) {
+                Some(PageState::Resident { inherited }) => {
+                    format!("resident (inherited {inherited})")
+                }
+                Some(PageState::Out(c)) => match &*c.data.lock().unwrap_or_else(|p| p.into_inner())
+                {
                     CellData::Evicting => "out: evicting".into(),
                     CellData::Cached(_) => "out: cached".into(),
                     CellData::Stored(_) => "out: stored".into(),
@@ -659,7 +661,11 @@ fn swap_in(sh: &Shared, proc: &Proc, page: u64, cell: &Arc<SwapCell>, urgent: bo
     match data {
         Ok(buf) => match classify(sys::copy_into(&proc.uffd, page, &buf).inspect(|r| {
             if !r.is_done() {
-                tracing::debug!("pid {} ({}): swap-in of {page:#x}: {r:?}", proc.pid, proc.name);
+                tracing::debug!(
+                    "pid {} ({}): swap-in of {page:#x}: {r:?}",
+                    proc.pid,
+                    proc.name
+                );
             }
         })) {
             Install::Done => {
@@ -794,8 +800,8 @@ pub(crate) fn find_thread(pid: u32, comm: &str) -> u32 {
         return 0;
     };
     for e in dir.flatten() {
-        let named = std::fs::read_to_string(e.path().join("comm"))
-            .is_ok_and(|c| c.trim_end() == comm);
+        let named =
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim_end() == comm);
         if named {
             if let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok()) {
                 return tid;
@@ -845,7 +851,8 @@ pub(crate) fn give_back(sh: &Shared, proc: &Proc) -> (u64, u64) {
                 }
             };
             let mut m = proc.lock_map();
-            let same = matches!(m.pages.get(&page), Some(PageState::Out(c)) if Arc::ptr_eq(c, &cell));
+            let same =
+                matches!(m.pages.get(&page), Some(PageState::Out(c)) if Arc::ptr_eq(c, &cell));
             if !same {
                 break;
             }

@@ -1,9 +1,9 @@
 //! Counters of the daemon and of each managed process, and the snapshot `usm stat`,
 //! `usm exec`'s summary and the Prometheus exposition all read (one source of numbers).
 
+use std::time::Duration;
 use usm_sync::Mutex;
 use usm_sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};

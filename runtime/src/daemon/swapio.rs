@@ -148,12 +148,11 @@ impl SwapStore {
         }
         let total = space.total_slots();
         let devices = space.devices();
-        let io = ThreadPool::new_named(IO_THREADS, "usm-swap-io").map_err(|e| {
-            DaemonError::Setup {
+        let io =
+            ThreadPool::new_named(IO_THREADS, "usm-swap-io").map_err(|e| DaemonError::Setup {
                 what: "start the swap I/O threads".into(),
                 source: e,
-            }
-        })?;
+            })?;
         Ok(Arc::new(SwapStore {
             space: Mutex::new(space),
             devices,

@@ -22,7 +22,14 @@ pub(crate) fn copy_into(uffd: &Userfaultfd, dst: u64, src: &[u8]) -> usm_kmod::R
     // the destination belongs to the mm behind `uffd`, where the kernel only fills
     // missing ptes of registered ranges (never memory of this process, never present
     // pages), so no Rust object of ours is written.
-    unsafe { uffd.copy(dst, src.as_ptr() as u64, src.len() as u64, CopyMode::empty()) }
+    unsafe {
+        uffd.copy(
+            dst,
+            src.as_ptr() as u64,
+            src.len() as u64,
+            CopyMode::empty(),
+        )
+    }
 }
 
 /// Marks `dst` (one page) poisoned: the program gets SIGBUS there instead of zeros, for a
