@@ -28,7 +28,7 @@
 //!    only records (address, write) and parks the uThread in its worker's PFQ with
 //!    `usm_localmanager::signal::park_current_on_fault`. A thread that is not a uThread
 //!    posts the fault to the runtime and waits on a futex.
-//! 3. The worker's driver ([`driver`]) — normal context, every scheduling round — hands
+//! 3. The worker's driver (module `driver`) — normal context, every scheduling round — hands
 //!    each fault to the memory core ([`crate::mm::WorkerMm::handle_fault`]): the region's
 //!    allocation policy runs, pre-zeroed frames are installed with `UFFDIO_MOVE`, or the
 //!    uThread stays in PFQ while its io_uring swap-in runs and the worker runs others.

@@ -5,7 +5,7 @@
 //!   ([`PageState`]: Resident / Copied / Staging / Swapped / SwapIn / Poisoned), managed
 //!   ranges with a per-range generation (fencing address reuse), a [`usm_policies::HintMap`],
 //!   pins, counters.
-//! - [`MmCore`] ([`core`](self::core)): shared by all workers — the frame pool, the
+//! - [`MmCore`] (module `core`): shared by all workers — the frame pool, the
 //!   [`Installer`], the policy registry, the swap devices and slot map, the eviction and
 //!   OOM policies and every [`Space`], under one lock.
 //! - [`WorkerMm`]: one per worker thread — its lArena, its io_uring engine (`!Send`) and
