@@ -4,8 +4,8 @@ use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::Arc;
 
+use usm_kmod::PAGE_SIZE;
 use usm_kmod::sys::mem::{Advice, Mapping, Protection};
-use usm_kmod::{PAGE_SIZE, RegisterMode};
 
 use crate::embedded::EmbeddedError;
 use crate::embedded::runtime::Shared;
@@ -71,7 +71,7 @@ impl Region {
         }
         if let Err(e) = shared
             .uffd
-            .register(start, len as u64, RegisterMode::MISSING)
+            .register(start, len as u64, shared.register_mode)
         {
             sigbus::remove_region(start);
             let _ = shared.core.remove_range(shared.pid, start);

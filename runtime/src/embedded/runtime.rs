@@ -14,7 +14,7 @@ use usm_swap::{DeviceId, SwapDevice};
 
 use crate::embedded::driver::FaultDriver;
 use crate::embedded::{EmbeddedError, Region, RuntimeStats};
-use crate::mm::{MmConfig, MmCore, SameMmInstaller, WorkerMm};
+use crate::mm::{MmConfig, MmCore, SameMmInstaller, TrackingInstaller, WorkerMm};
 use crate::sys::sigbus;
 
 /// State shared by the runtime, its drivers and its regions.
@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     pub(crate) woken: Arc<Vec<std::sync::atomic::AtomicBool>>,
     pub(crate) next_region: AtomicU32,
     pub(crate) default_alloc: String,
+    /// How regions are registered (`MISSING`, plus `WP` when writes are tracked).
+    pub(crate) register_mode: usm_kmod::RegisterMode,
 }
 
 impl Drop for Shared {
@@ -59,6 +61,7 @@ pub struct Builder {
     watermarks: Option<Watermarks>,
     pin: bool,
     stack_size: Option<usize>,
+    clean_eviction: bool,
 }
 
 impl Default for Builder {
@@ -83,6 +86,7 @@ impl Builder {
             watermarks: None,
             pin: false,
             stack_size: None,
+            clean_eviction: true,
         }
     }
 
@@ -147,6 +151,13 @@ impl Builder {
         self
     }
 
+    /// Evict pages swapped in and not written since without I/O (default on when the
+    /// kernel offers `UFFD_FEATURE_WP_ASYNC`; regions are then registered `MISSING|WP`).
+    pub fn clean_eviction(mut self, on: bool) -> Self {
+        self.clean_eviction = on;
+        self
+    }
+
     /// uThread stack size.
     pub fn stack_size(mut self, bytes: usize) -> Self {
         self.stack_size = Some(bytes);
@@ -170,10 +181,16 @@ impl Builder {
             cloexec: true,
             user_mode_only: true,
         })?;
+        let requested = if self.clean_eviction {
+            Features::WP_ASYNC
+        } else {
+            Features::empty()
+        };
         let uffd = Arc::new(raw.negotiate(
-            Features::empty(),
+            requested,
             Features::SIGBUS | Features::MOVE | Features::POISON,
         )?);
+        let tracking = self.clean_eviction && uffd.features().contains(Features::WP_ASYNC);
         let pool = FramePool::new(
             PoolConfig {
                 frames: self.pool_frames,
@@ -197,12 +214,22 @@ impl Builder {
             config.watermarks = wm;
         }
         config.evict = self.evict.clone();
+        config.clean_eviction = tracking;
         config.oom = self.oom.clone();
         // Surface engine set-up errors here rather than on a worker thread.
         drop(usm_swap::Engine::new(&config.engine, &devices)?);
         let core = MmCore::new(
             pool.clone(),
-            Box::new(SameMmInstaller),
+            if tracking {
+                Box::new(TrackingInstaller::new(uffd.clone()).map_err(|e| {
+                    EmbeddedError::Kmod(usm_kmod::Error::Sys {
+                        what: "open /proc/self/pagemap",
+                        source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                    })
+                })?) as Box<dyn crate::mm::Installer>
+            } else {
+                Box::new(SameMmInstaller)
+            },
             Arc::new(registry),
             devices,
             config,
@@ -249,6 +276,11 @@ impl Builder {
             woken,
             next_region: AtomicU32::new(1),
             default_alloc: self.alloc.clone(),
+            register_mode: if tracking {
+                usm_kmod::RegisterMode::MISSING | usm_kmod::RegisterMode::WP
+            } else {
+                usm_kmod::RegisterMode::MISSING
+            },
         });
         let zeroer = pool.spawn_zeroer(64);
         let factory_shared = shared.clone();

@@ -48,6 +48,9 @@ pub struct MmConfig {
     pub mode: RunMode,
     /// Most victims staged per eviction round (bounded by the engine's free depth).
     pub eviction_batch: usize,
+    /// Evict swapped-in pages that were not written since without I/O (needs an
+    /// installer that tracks writes, see [`Installer::track_clean`]).
+    pub clean_eviction: bool,
 }
 
 impl MmConfig {
@@ -68,6 +71,7 @@ impl MmConfig {
             },
             mode: RunMode::Embedded,
             eviction_batch: 128,
+            clean_eviction: true,
         }
     }
 }
@@ -364,6 +368,10 @@ impl MmCore {
         let mut rel = RangeRelease::default();
         for addr in addrs {
             space.pins.remove(&addr);
+            if let Some((e, _)) = space.clean.remove(&addr) {
+                let _ = st.mem.swap.free(e);
+                rel.slots += 1;
+            }
             match space.clear(addr) {
                 Some(PageState::Resident(f)) => {
                     st.evict.on_free(f);
@@ -1215,6 +1223,9 @@ impl<'a> WorkerCx<'a> {
             }
             return false;
         }
+        if let Some(done) = self.evict_clean(v) {
+            return done;
+        }
         let entry = match self.mem.swap.alloc() {
             Ok(e) => e,
             Err(_) => {
@@ -1239,6 +1250,13 @@ impl<'a> WorkerCx<'a> {
                 return false;
             }
         }
+        self.queue_writeback(v, entry)
+    }
+
+    /// Queues the write-back of victim `v`, already in staging, to `entry`.
+    fn queue_writeback(&mut self, v: MappedPage, entry: SwapEntry) -> bool {
+        let core = self.core;
+        let c = &core.stats.counters;
         let ticket = match crate::sys::io::write_from_slot(
             &mut self.io.engine,
             &core.pool,
@@ -1290,6 +1308,69 @@ impl<'a> WorkerCx<'a> {
         }
         MmStats::bump(&c.evicted);
         true
+    }
+
+    /// A swapped-in page whose copy in swap is still valid: if the installer says it was
+    /// not written since, take it out and recycle its frame with no I/O (the entry is
+    /// recorded first). `None`: not such a page (or written: its copy is dropped), use
+    /// the write-back path. `Some(staged)` otherwise.
+    fn evict_clean(&mut self, v: MappedPage) -> Option<bool> {
+        let core = self.core;
+        let (entry, hash) = self.mem.spaces.get_mut(&v.pid)?.clean.remove(&v.addr)?;
+        // Cheap pre-filter: written since the swap-in (WP_ASYNC + PAGEMAP_SCAN).
+        if !matches!(core.installer.is_written(v.addr), Ok(false)) {
+            let _ = self.mem.swap.free(entry);
+            return None;
+        }
+        match core.installer.stage(&core.pool, v.frame) {
+            Ok(true) => {}
+            _ => {
+                MmStats::bump(&core.stats.counters.evict_pinned);
+                if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
+                    space.clean.insert(v.addr, (entry, hash));
+                }
+                let mut view = MemView {
+                    pool: &core.pool,
+                    mem: self.mem,
+                };
+                self.evict.on_map(v, &mut view);
+                return Some(false);
+            }
+        }
+        // The page is out of the address space now, so nobody can write it. A write that
+        // raced between the scan and the move shows in the content: compare it with the
+        // hash taken when the page was read back. Equal: the swap copy is valid.
+        if crate::sys::io::hash_slot(&core.pool, v.frame).ok() == Some(hash) {
+            if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
+                space.set(v.addr, PageState::Swapped(entry));
+            }
+            if let Err(e) = core.pool.release(v.frame) {
+                tracing::error!(error = %e, frame = %v.frame, "releasing a clean frame failed");
+            }
+            MmStats::bump(&core.stats.counters.evicted);
+            MmStats::bump(&core.stats.counters.clean_evictions);
+            return Some(true);
+        }
+        // Written in the window: an ordinary write-back to the same slot.
+        Some(self.queue_writeback(v, entry))
+    }
+
+    /// After a swap-in: keep `entry` as the page's valid copy when the installer tracks
+    /// writes to it, else free the slot.
+    fn keep_or_free_copy(&mut self, pid: u32, addr: u64, entry: SwapEntry, hash: Option<u128>) {
+        let resident = matches!(
+            self.mem.spaces.get(&pid).and_then(|s| s.pages.get(&addr)),
+            Some(PageState::Resident(_))
+        );
+        if let Some(hash) = hash
+            && resident
+            && matches!(self.core.installer.track_clean(addr), Ok(true))
+            && let Some(space) = self.mem.spaces.get_mut(&pid)
+        {
+            space.clean.insert(addr, (entry, hash));
+            return;
+        }
+        let _ = self.mem.swap.free(entry);
     }
 
     fn range_key(&self, pid: u32, addr: u64) -> Option<RangeKey> {
@@ -1511,6 +1592,15 @@ impl<'a> WorkerCx<'a> {
                 };
                 match result {
                     Ok(()) => {
+                        // Hash the content read back (while we still own the slot): a
+                        // later eviction compares against it to skip the write.
+                        let hash = if self.mem.spaces.contains_key(&key.pid)
+                            && core.config.clean_eviction
+                        {
+                            crate::sys::io::hash_slot(&core.pool, frame).ok()
+                        } else {
+                            None
+                        };
                         if let Some(space) = self.mem.spaces.get_mut(&key.pid) {
                             space.clear(addr);
                         }
@@ -1530,7 +1620,7 @@ impl<'a> WorkerCx<'a> {
                             },
                             false,
                         );
-                        let _ = self.mem.swap.free(entry);
+                        self.keep_or_free_copy(key.pid, addr, entry, hash);
                         MmStats::bump(&c.swap_ins_done);
                     }
                     Err(e) if e.is_retryable() => {

@@ -64,9 +64,26 @@ pub trait Installer: Send + Sync {
     /// range the core manages.
     fn poison(&self, pool: &FramePool, addr: u64) -> Result<(), MmError>;
 
+    /// Starts tracking writes to the present page `addr` (embedded: asynchronous
+    /// write-protection, `UFFD_FEATURE_WP_ASYNC`). `Ok(true)`: tracking is on, so
+    /// [`Installer::is_written`] can later tell whether the page changed. The default
+    /// tracks nothing.
+    fn track_clean(&self, addr: u64) -> Result<bool, MmError> {
+        let _ = addr;
+        Ok(false)
+    }
+
+    /// Whether the present page `addr` was written since [`Installer::track_clean`]
+    /// (embedded: `PAGEMAP_SCAN` for `PAGE_IS_WRITTEN`). The default says `true` (always
+    /// write the page back).
+    fn is_written(&self, addr: u64) -> Result<bool, MmError> {
+        let _ = addr;
+        Ok(true)
+    }
+
     /// Drops a Mapped frame's page from a range that is going away; the frame goes to the
     /// zeroing queue. `Ok(false)`: the page was pinned and stays (the frame stays Mapped).
     fn reclaim(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError>;
 }
 
-pub use crate::sys::install::SameMmInstaller;
+pub use crate::sys::install::{SameMmInstaller, TrackingInstaller};

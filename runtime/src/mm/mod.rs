@@ -60,10 +60,18 @@
 //! [`MmCore::pin`] / [`MmCore::unpin`] count pins per page; a pinned page is never chosen
 //! or staged. The embedded I/O helpers pin, then pre-fault, then run the syscall.
 //!
+//! # Clean pages (no write-back when the swap copy is still valid)
+//! With an installer that tracks writes ([`TrackingInstaller`]: `WP_ASYNC`), a page read
+//! back from swap keeps its slot and a 128-bit hash of the content read; the page is
+//! write-protected asynchronously. At eviction, `PAGEMAP_SCAN` says whether it was written
+//! (written: the slot is freed, normal write-back); if not, the page is moved out and the
+//! staged content hashed — a write racing between the scan and the move changes the hash
+//! and falls back to a write-back to the same slot — then `Swapped(entry)` is recorded and
+//! the frame recycled with no I/O.
+//!
 //! # What is not here (yet)
 //! Access information for eviction (`EvictCx::access` reports no information, so `clock`
-//! degrades to FIFO), and clean-page eviction without I/O (`WP_ASYNC` + `PAGEMAP_SCAN`):
-//! a swapped-in page frees its slot and is written again when evicted.
+//! degrades to FIFO).
 //!
 //! # API stability
 //! Extend, don't break: the daemon builds on these types. Changes are noted here.
@@ -78,6 +86,6 @@ pub use self::core::{
     FaultClock, FaultResult, MemState, MmConfig, MmCore, RangeRelease, Waker, WorkerMm,
 };
 pub use error::MmError;
-pub use installer::{InstallReport, Installer, SameMmInstaller};
+pub use installer::{InstallReport, Installer, SameMmInstaller, TrackingInstaller};
 pub use space::{ManagedRange, PageState, RangeKey, Space, SpaceCounters};
 pub use stats::{FaultPath, Latency, MmStats, StatsSnapshot};

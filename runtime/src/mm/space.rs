@@ -150,6 +150,10 @@ pub struct Space {
     pub hints: HintMap,
     /// Page address → pin count.
     pub pins: HashMap<u64, u32>,
+    /// Resident pages whose swap copy is still valid (swapped in, write-tracked by the
+    /// installer): if not written since, eviction needs no I/O.
+    /// (entry, 128-bit hash of the content read back).
+    pub clean: HashMap<u64, (SwapEntry, u128)>,
     /// Counters.
     pub counters: SpaceCounters,
 }

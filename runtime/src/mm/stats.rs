@@ -43,6 +43,8 @@ pub struct Counters {
     pub evicted: AtomicU64,
     /// Write-backs completed (entry recorded).
     pub writebacks_done: AtomicU64,
+    /// Clean pages evicted without I/O (their swap copy was still valid).
+    pub clean_evictions: AtomicU64,
     /// Write-backs that failed (page kept in memory).
     pub writeback_errors: AtomicU64,
     /// Victims that could not be staged (pinned by I/O).
@@ -148,6 +150,7 @@ impl MmStats {
             poisoned: l(&c.poisoned),
             evicted: l(&c.evicted),
             writebacks_done: l(&c.writebacks_done),
+            clean_evictions: l(&c.clean_evictions),
             writeback_errors: l(&c.writeback_errors),
             evict_pinned: l(&c.evict_pinned),
             copy_fallbacks: l(&c.copy_fallbacks),
@@ -208,6 +211,7 @@ pub struct StatsSnapshot {
     pub poisoned: u64,
     pub evicted: u64,
     pub writebacks_done: u64,
+    pub clean_evictions: u64,
     pub writeback_errors: u64,
     pub evict_pinned: u64,
     pub copy_fallbacks: u64,

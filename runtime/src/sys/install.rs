@@ -107,3 +107,122 @@ fn page_pairs(start: u64, frames: &[FrameNo]) -> impl Iterator<Item = (u64, Fram
         .enumerate()
         .map(move |(i, &f)| (start + i as u64 * PAGE, f))
 }
+
+/// [`SameMmInstaller`] plus clean-page tracking: pages swapped in are write-protected
+/// asynchronously (`UFFD_FEATURE_WP_ASYNC`: the kernel resolves the write itself and
+/// clears the page's uffd-wp bit), and `PAGEMAP_SCAN` tells whether one was written since.
+/// Regions must be registered with `MISSING | WP`.
+#[derive(Debug)]
+pub struct TrackingInstaller {
+    uffd: std::sync::Arc<usm_kmod::Userfaultfd>,
+    pagemap: std::fs::File,
+}
+
+impl TrackingInstaller {
+    /// Tracks through `uffd` (negotiated with `WP_ASYNC`) and `/proc/self/pagemap`.
+    pub fn new(uffd: std::sync::Arc<usm_kmod::Userfaultfd>) -> std::io::Result<TrackingInstaller> {
+        Ok(TrackingInstaller {
+            uffd,
+            pagemap: std::fs::File::open("/proc/self/pagemap")?,
+        })
+    }
+}
+
+/// `struct pm_scan_arg` (linux/fs.h, Linux 6.7).
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region`.
+#[repr(C)]
+#[derive(Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: u64 =
+    (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | ((b'f' as u64) << 8) | 16;
+
+impl Installer for TrackingInstaller {
+    fn install(
+        &self,
+        pool: &FramePool,
+        frames: &[FrameNo],
+        start: u64,
+        owner: FrameOwner,
+    ) -> Result<InstallReport, MmError> {
+        SameMmInstaller.install(pool, frames, start, owner)
+    }
+    fn stage(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError> {
+        SameMmInstaller.stage(pool, frame)
+    }
+    fn unstage(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError> {
+        SameMmInstaller.unstage(pool, frame)
+    }
+    fn poison(&self, pool: &FramePool, addr: u64) -> Result<(), MmError> {
+        SameMmInstaller.poison(pool, addr)
+    }
+    fn reclaim(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError> {
+        SameMmInstaller.reclaim(pool, frame)
+    }
+
+    fn track_clean(&self, addr: u64) -> Result<bool, MmError> {
+        // SAFETY: `addr` is a present page of a WP-registered region the core manages;
+        // with WP_ASYNC a write to it is resolved by the kernel (no thread blocks).
+        let r = unsafe {
+            self.uffd
+                .writeprotect(addr, PAGE, usm_kmod::WriteProtect::Set)?
+        };
+        Ok(r.is_done())
+    }
+
+    fn is_written(&self, addr: u64) -> Result<bool, MmError> {
+        let mut out = PageRegion::default();
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: 0,
+            start: addr,
+            end: addr + PAGE,
+            walk_end: 0,
+            vec: (&mut out as *mut PageRegion) as u64,
+            vec_len: 1,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: 0,
+            category_anyof_mask: PAGE_IS_WRITTEN,
+            return_mask: PAGE_IS_WRITTEN,
+        };
+        // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len` (1) page_region
+        // into `out`, both live locals; it only reads the page tables of `addr`.
+        let ret = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&self.pagemap),
+                PAGEMAP_SCAN as _,
+                &mut arg as *mut PmScanArg,
+            )
+        };
+        if ret < 0 {
+            return Err(MmError::Kmod(usm_kmod::Error::Sys {
+                what: "ioctl(PAGEMAP_SCAN)",
+                source: nix::errno::Errno::last(),
+            }));
+        }
+        Ok(ret > 0 && out.categories & PAGE_IS_WRITTEN != 0)
+    }
+}

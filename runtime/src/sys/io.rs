@@ -80,3 +80,26 @@ pub(crate) fn copy_slot(pool: &FramePool, from: FrameNo, to: FrameNo) -> Result<
     unsafe { std::ptr::copy_nonoverlapping(src, dst, PAGE_SIZE) };
     Ok(())
 }
+
+/// A 128-bit content hash of `frame`'s slot (Taken: freshly read from swap; Staging: just
+/// moved out of its region). Two independent 64-bit mixes, so an accidental match is
+/// about 2^-128.
+pub(crate) fn hash_slot(pool: &FramePool, frame: FrameNo) -> Result<u128, MmError> {
+    let state = pool.desc(frame)?.state();
+    if state != FrameState::Taken && state != FrameState::Staging {
+        return Err(MmError::Protocol {
+            frame,
+            what: "hashing a slot that holds no page of ours",
+        });
+    }
+    let src = pool.slot_addr(frame) as *const u64;
+    let (mut a, mut b) = (0xcbf2_9ce4_8422_2325u64, 0x9e37_79b9_7f4a_7c15u64);
+    for i in 0..PAGE_SIZE / 8 {
+        // SAFETY: the slot is a present page of the pool mapping owned by the core under
+        // its lock (Taken or Staging, see above); reads only, aligned u64s.
+        let w = unsafe { src.add(i).read() };
+        a = (a ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+        b = (b ^ w.rotate_left(29)).wrapping_mul(0xff51_afd7_ed55_8ccd) ^ (b >> 31);
+    }
+    Ok((u128::from(a) << 64) | u128::from(b))
+}
