@@ -36,6 +36,8 @@ const PAGE: usize = 4096;
 const WORDS: usize = PAGE / 8;
 /// Compute rounds of one CPU-task operation.
 const CPU_OP_ROUNDS: u32 = 1 << 14;
+/// Compute rounds between two yields of a CPU task.
+const CPU_SLICE_ROUNDS: u32 = 1 << 10;
 
 /// Options of `usm demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -411,15 +413,19 @@ fn memory_task(mut region: Region, id: usize, write_percent: u32, shared: Arc<Sh
 fn cpu_task(id: usize, shared: Arc<Shared>) {
     let mut x = 0x0c0f_fee0_u64 ^ id as u64;
     while !shared.stop.load(Ordering::Relaxed) {
-        for _ in 0..CPU_OP_ROUNDS {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            x ^= x >> 29;
+        // Yield every slice: a worker serves new faults and swap-in completions between
+        // rounds of uThread runs, so long slices would delay the memory tasks' faults.
+        for _ in 0..CPU_OP_ROUNDS / CPU_SLICE_ROUNDS {
+            for _ in 0..CPU_SLICE_ROUNDS {
+                x = x
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                x ^= x >> 29;
+            }
+            std::hint::black_box(x);
+            usm_localmanager::yield_now();
         }
-        std::hint::black_box(x);
         shared.cpu_ops.fetch_add(1, Ordering::Relaxed);
-        usm_localmanager::yield_now();
     }
 }
 
@@ -680,5 +686,26 @@ fn report_from(
         errors: 0,
         swap_slots_after_drop: c.swap_slots_after_drop,
         total_s: c.total_s,
+    }
+}
+
+/// What `usm demo` does: runs the demo, prints the final table (or the error, loudly, on
+/// stderr) and returns the process exit code (0 only when every page verified).
+pub fn run_cli(args: &DemoArgs) -> std::process::ExitCode {
+    match run(args) {
+        Ok(report) => {
+            print!("{}", report.table());
+            if let Some(path) = &args.json {
+                println!("report written to {}", path.display());
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("usm demo FAILED: {e}");
+            if e.is_data_loss() {
+                eprintln!("usm demo: data read back differs from what was written");
+            }
+            std::process::ExitCode::FAILURE
+        }
     }
 }

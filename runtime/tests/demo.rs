@@ -53,3 +53,21 @@ fn invalid_arguments_fail_before_creating_a_swap_file() {
     assert!(!err.is_data_loss());
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+/// The full demo on its defaults (64 MiB pool, 256 MiB working set, 20 s storm).
+/// `cargo test --release -p usm-runtime --test demo -- --ignored` (about 40 s).
+#[test]
+#[ignore = "full-size demo; run with --ignored (release build recommended)"]
+fn full_demo_on_defaults() {
+    let args = DemoArgs {
+        no_progress: true,
+        ..DemoArgs::default()
+    };
+    let report = demo::run(&args).unwrap_or_else(|e| panic!("demo failed: {e}"));
+    println!("{}", report.table());
+    assert_eq!(report.errors, 0);
+    assert_eq!(report.working_set_mib, 4 * report.pool_mib);
+    assert!(report.pages_verified >= report.working_set_mib * 256);
+    assert!(report.swap_ins > 0 && report.evictions > 0, "{report:?}");
+    assert_eq!(report.swap_slots_after_drop, 0);
+}
