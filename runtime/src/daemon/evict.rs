@@ -117,15 +117,16 @@ pub(crate) fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> nix::Result<us
 /// The page did not leave the program: it is the program's (and charged) again.
 fn revert(proc: &Proc, agent: &mut Agent, v: Victim) {
     let mut m = proc.lock_map();
-    if matches!(m.pages.get(&v.page), Some(PageState::Out(c)) if Arc::ptr_eq(c, &v.cell)) {
-        m.set_resident(v.page, Charge::Now);
+    if v.cell.is_in(&m) {
+        let addr = v.cell.addr.load(Ordering::Acquire);
+        m.set_resident(addr, Charge::Now);
     }
     agent.free_slots.push(v.slot);
 }
 
 /// The page is in staging but the daemon cannot read it: ask the agent to put it back.
-fn return_from_staging(proc: &Proc, agent: &mut Agent, v: Victim) {
-    let Some(seq) = submit(agent, AgentOp::ReturnFromStaging, v.slot, v.page) else {
+fn return_from_staging(proc: &Proc, agent: &mut Agent, v: Victim, to: u64) {
+    let Some(seq) = submit(agent, AgentOp::ReturnFromStaging, v.slot, to) else {
         *v.cell.data.lock().unwrap_or_else(|p| p.into_inner()) = CellData::Lost;
         return;
     };
@@ -136,10 +137,7 @@ fn return_from_staging(proc: &Proc, agent: &mut Agent, v: Victim) {
         revert(proc, agent, v);
         return;
     }
-    let ours = matches!(
-        proc.lock_map().pages.get(&v.page),
-        Some(PageState::Out(c)) if Arc::ptr_eq(c, &v.cell)
-    );
+    let ours = v.cell.is_in(&proc.lock_map());
     if ours {
         // The slot keeps the only copy: it stays occupied, and a fault reads it there.
         *v.cell.data.lock().unwrap_or_else(|p| p.into_inner()) = CellData::Lost;
@@ -233,7 +231,7 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
                 m.fifo.push_front(page);
                 break;
             };
-            let cell = SwapCell::new(sh.swap.clone(), agent.client.staging_addr(slot));
+            let cell = SwapCell::new(sh.swap.clone(), agent.client.staging_addr(slot), page);
             m.set_out(page, cell.clone());
             victims.push(Victim { page, cell, slot });
         }
@@ -289,14 +287,23 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
                 revert(proc, agent, v);
                 continue;
             }
-            let still_ours = matches!(
-                proc.lock_map().pages.get(&v.page),
-                Some(PageState::Out(cell)) if Arc::ptr_eq(cell, &v.cell)
-            );
-            if !still_ours {
-                // Freed and touched again while the request was queued: what the agent
-                // moved is the page's new content. Put it back where it belongs.
-                return_from_staging(proc, agent, v);
+            let (ours, retouched) = {
+                let m = proc.lock_map();
+                (
+                    v.cell.is_in(&m),
+                    matches!(m.pages.get(&v.page), Some(PageState::Resident { .. })),
+                )
+            };
+            if !ours {
+                if retouched {
+                    // Freed and touched again while the request was queued: what the
+                    // agent moved is the page's new content. Put it back.
+                    let to = v.page;
+                    return_from_staging(proc, agent, v, to);
+                } else {
+                    // Freed (unmapped, DONTNEED): the content is garbage; drop the slot.
+                    agent.undropped.push(v.slot);
+                }
                 continue;
             }
             let mut buf = PageBuf::page();
@@ -315,7 +322,8 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
                 proc.pid,
                 v.slot
             );
-            return_from_staging(proc, agent, v);
+            let to = v.cell.addr.load(Ordering::Acquire);
+            return_from_staging(proc, agent, v, to);
         }
     }
     // 4. Write to swap.

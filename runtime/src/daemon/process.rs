@@ -51,6 +51,10 @@ pub(crate) const REQUIRED: Features = Features::EVENT_FORK
 pub(crate) const AGENT_STAGING_PAGES: u32 = 256;
 const AGENT_RING_ENTRIES: u32 = 256;
 
+/// The user address space, for a wake-all (`UFFDIO_WAKE` only checks the bounds).
+const WAKE_ALL_START: u64 = 0x10000;
+const WAKE_ALL_END: u64 = 0x7fff_ffff_f000;
+
 /// How long a fault waits for a frame before it is served anyway (over the pool).
 const FRAME_WAIT: Duration = Duration::from_millis(250);
 
@@ -323,6 +327,13 @@ fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>) {
                 break;
             }
             idle += 1;
+            // Safety net: a quiet userfaultfd with a thread still waiting means a wake-up
+            // was lost somewhere (seen rarely under eviction, not root-caused yet). Waking
+            // every waiter is harmless — a thread whose page is still missing faults again
+            // and its fault is read anew — and bounds such a stall to one poll period.
+            let _ = proc
+                .uffd
+                .wake(WAKE_ALL_START, WAKE_ALL_END - WAKE_ALL_START);
             if pidfd.is_none() && idle % 5 == 0 && !sys::mm_alive(&proc.uffd) {
                 break;
             }

@@ -52,16 +52,25 @@ pub(crate) struct SwapCell {
     /// be read from there before the agent's completion arrives — the agent's own
     /// thread may be the one faulting.
     pub(crate) staging: u64,
+    /// The page's address now (a `mremap` moves it while it is out).
+    pub(crate) addr: AtomicU64,
     store: Arc<SwapStore>,
 }
 
 impl SwapCell {
-    pub(crate) fn new(store: Arc<SwapStore>, staging: u64) -> Arc<SwapCell> {
+    pub(crate) fn new(store: Arc<SwapStore>, staging: u64, addr: u64) -> Arc<SwapCell> {
         Arc::new(SwapCell {
             data: Mutex::new(CellData::Evicting),
             staging,
+            addr: AtomicU64::new(addr),
             store,
         })
+    }
+
+    /// Is this cell what `map` holds for its page (wherever a `mremap` put it)?
+    pub(crate) fn is_in(self: &Arc<Self>, map: &PageMap) -> bool {
+        let a = self.addr.load(Ordering::Acquire);
+        matches!(map.pages.get(&a), Some(PageState::Out(c)) if Arc::ptr_eq(c, self))
     }
 }
 
@@ -234,8 +243,10 @@ impl PageMap {
             .collect();
         for (a, s) in moved {
             let b = a - from + to;
-            if matches!(s, PageState::Resident { inherited: false }) {
-                self.fifo.push_back(b);
+            match &s {
+                PageState::Resident { inherited: false } => self.fifo.push_back(b),
+                PageState::Out(c) => c.addr.store(b, Ordering::Release),
+                PageState::Resident { inherited: true } => {}
             }
             self.pages.insert(b, s);
         }
