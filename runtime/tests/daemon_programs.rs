@@ -526,9 +526,9 @@ fn redis_data_survives_swap_and_metrics_match_stat() {
         assert!(Instant::now() < deadline, "redis did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // ~64 MiB of values through a 16 MiB pool.
+    // ~48 MiB of values through a 16 MiB pool.
     assert_eq!(
-        redis_cmd(port, &["DEBUG", "POPULATE", "200000", "key", "300"]),
+        redis_cmd(port, &["DEBUG", "POPULATE", "150000", "key", "300"]),
         "OK"
     );
     let digest = redis_cmd(port, &["DEBUG", "DIGEST"]);
