@@ -1,5 +1,5 @@
 //! The `usm` command: `usm run` (the InstanceUSM daemon), `usm exec` (tag and run one
-//! program under a private daemon), `usm stat`, `usm mkswap`, `usm doctor` and
+//! program under a private daemon), `usm stat`, `usm mkswap`, `usm demo`, `usm doctor` and
 //! `usm check-config`.
 
 mod cli;
@@ -54,6 +54,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The swap-storm demo on the embedded runtime: memory-hungry and CPU uThreads share
+    /// the workers while the pool is a fraction of the data.
+    Demo(usm_runtime::demo::DemoArgs),
     /// Format a file or block device as USM swap (creates the file with --size).
     Mkswap {
         /// File or block device.
@@ -114,5 +117,6 @@ fn main() -> ExitCode {
             json,
         } => cli::stat(&socket, watch, json),
         Command::Mkswap { path, size, force } => cli::mkswap(&path, size.as_deref(), force),
+        Command::Demo(args) => usm_runtime::demo::run_cli(&args),
     }
 }
