@@ -48,6 +48,13 @@ use crate::SchedError;
 use crate::bitfield::{AtomicBitfield, CHUNK_BITS, MAX_CAPACITY, MAX_CHUNKS};
 use crate::counters::{Counters, bump_owned};
 use crate::driver::{Driver, DriverContext};
+
+/// Within a round, the driver is polled at most this often (after a fault, or while it
+/// has work in flight).
+const DRIVER_POLL_INTERVAL: Duration = Duration::from_micros(100);
+/// Without a fault, whether the driver is due is checked every this many runs (it reads
+/// the clock).
+const DRIVER_CHECK_EVERY: usize = 4;
 use crate::park::ParkState;
 use crate::runtime::{Phase, RuntimeShared, WakerMode};
 use crate::signal::{FaultKey, FaultedUThread};
@@ -273,6 +280,8 @@ pub(crate) struct LocalManager<'a> {
     config: ManagerConfig,
     steal_cursor: usize,
     last_sibling_wake: Instant,
+    /// When the driver was last polled from within a round (`run_ready`).
+    last_driver_poll: Instant,
 }
 
 impl<'a> LocalManager<'a> {
@@ -296,6 +305,7 @@ impl<'a> LocalManager<'a> {
             config,
             steal_cursor: local.index + 1,
             last_sibling_wake: Instant::now(),
+            last_driver_poll: Instant::now(),
         }
     }
 
@@ -494,23 +504,44 @@ impl<'a> LocalManager<'a> {
                 break;
             };
             self.cursor = slot + 1;
-            self.run_slot(slot);
+            let faulted = self.run_slot(slot);
             ran += 1;
+            // A fault is served within the round, not after it: the driver maps the page
+            // (the uThread is ready again this round) or queues its swap-in, so the I/O
+            // starts while the other uThreads run; while the driver has work in flight it is
+            // polled between runs too. Both at most every `DRIVER_POLL_INTERVAL`, so a burst
+            // of faults is still served in one batch (one io_uring enter). Measured in the
+            // swap storm: with CPU uThreads that run 50 µs between yields, polling only
+            // between rounds delayed swap-ins by ~10 ms and starved the memory uThreads.
+            if (faulted || ran % DRIVER_CHECK_EVERY == 0) && self.driver_due(faulted) {
+                self.last_driver_poll = Instant::now();
+                self.poll_driver();
+            }
             self.admit_local_spawns();
         }
         ran
     }
 
-    /// Runs one claimed uThread until it suspends or finishes.
-    fn run_slot(&mut self, slot: usize) {
+    /// The driver should be polled within the round: it has work (a fresh fault, or I/O in
+    /// flight) and was not polled in the last `DRIVER_POLL_INTERVAL`.
+    fn driver_due(&self, faulted: bool) -> bool {
+        let Some(driver) = self.driver.as_ref() else {
+            return false;
+        };
+        (faulted || driver.has_pending()) && self.last_driver_poll.elapsed() >= DRIVER_POLL_INTERVAL
+    }
+
+    /// Runs one claimed uThread until it suspends or finishes. Returns true when it
+    /// suspended on a page fault (it is in PFQ now).
+    fn run_slot(&mut self, slot: usize) -> bool {
         let Some(meta) = self.shared.slots.get(slot) else {
-            return;
+            return false;
         };
         let Some(mut entry) = meta.entry.take() else {
             // Not possible for the owner (it puts entries back before looking again), but be
             // conservative: leave the bit set for whoever holds it.
             self.shared.idq.set(slot);
-            return;
+            return false;
         };
         if entry.task.claim_running() && entry.fiber.is_some() {
             // Made ready by an unpark or a PFQ resume (counted here, by the owner, so
@@ -520,7 +551,7 @@ impl<'a> LocalManager<'a> {
         if entry.fiber.is_none() {
             let Some(body) = entry.body.take() else {
                 self.finish(slot, entry, false);
-                return;
+                return false;
             };
             match Fiber::new(&mut self.pool, body) {
                 Ok(fiber) => entry.fiber = Some(fiber),
@@ -529,12 +560,12 @@ impl<'a> LocalManager<'a> {
                     // reports Cancelled.
                     tracing::error!(%error, "cannot create a uThread stack");
                     self.finish(slot, entry, false);
-                    return;
+                    return false;
                 }
             }
         }
         let Some(fiber) = entry.fiber.as_mut() else {
-            return;
+            return false;
         };
         let was_in_handler = fiber.last_suspend().is_some_and(Suspend::in_signal_handler);
         self.local.current_task.set(Arc::as_ptr(&entry.task));
@@ -565,6 +596,7 @@ impl<'a> LocalManager<'a> {
                 // PFQ bit and payload were recorded by the handler before it switched.
                 self.shared.in_handler.fetch_add(1, Ordering::Relaxed);
                 meta.entry.put(entry);
+                return true;
             }
             Outcome::Suspended(Suspend::Preempted) => {
                 self.shared.in_handler.fetch_add(1, Ordering::Relaxed);
@@ -578,6 +610,7 @@ impl<'a> LocalManager<'a> {
                 self.finish(slot, entry, true);
             }
         }
+        false
     }
 
     fn finish(&mut self, slot: usize, mut entry: Box<Entry>, completed: bool) {
