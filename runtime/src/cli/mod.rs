@@ -325,6 +325,13 @@ pub(crate) fn exec(a: &ExecArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("usm: cannot run {}: {e}", program.display());
+            if let Some(d) = daemon {
+                let dir = d.socket().parent().map(Path::to_path_buf);
+                d.shutdown();
+                if let Some(dir) = dir {
+                    let _ = std::fs::remove_dir(dir);
+                }
+            }
             return ExitCode::from(127);
         }
     };
@@ -362,7 +369,11 @@ pub(crate) fn exec(a: &ExecArgs) -> ExitCode {
         }
         let stat = d.stat();
         report(a.report, &stat, pid, code, wall);
+        let dir = d.socket().parent().map(Path::to_path_buf);
         d.shutdown();
+        if let Some(dir) = dir {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
