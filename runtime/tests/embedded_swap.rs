@@ -450,9 +450,11 @@ fn uthreads_holding_a_uthread_mutex_across_faulting_accesses_all_finish() {
 #[test]
 fn an_unreadable_swap_entry_kills_with_sigbus_not_zeros() {
     use std::os::unix::process::ExitStatusExt;
-    if std::env::var_os("USM_POISON_CHILD").is_some() {
-        return poisoned_child();
+    if let Some(dir) = std::env::var_os("USM_POISON_CHILD") {
+        return poisoned_child(std::path::Path::new(&dir));
     }
+    // The parent owns the swap directory: the child dies by SIGBUS and could not remove it.
+    let dir = swap_dir();
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
         .args([
@@ -461,7 +463,7 @@ fn an_unreadable_swap_entry_kills_with_sigbus_not_zeros() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("USM_POISON_CHILD", "1")
+        .env("USM_POISON_CHILD", dir.path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -481,13 +483,12 @@ fn an_unreadable_swap_entry_kills_with_sigbus_not_zeros() {
     );
 }
 
-fn poisoned_child() {
+fn poisoned_child(dir: &std::path::Path) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("usm_runtime=debug,usm_swap=debug")
         .with_writer(std::io::stderr)
         .try_init();
-    let dir = swap_dir();
-    let path = dir.path().join("swap0");
+    let path = dir.join("swap0");
     let rt = Runtime::builder()
         .workers(1)
         .pool_frames(256)
