@@ -12,7 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const USM: &str = env!("CARGO_BIN_EXE_usm");
+mod common;
+
+use common::daemon::{RunDaemon, USM};
 
 /// The programs here each fill a pool several times over: run them one at a time (the
 /// CI machine has 2 vCPUs), so a slow neighbour never reads as a failure.
@@ -216,105 +218,15 @@ fn stressapptest_passes_with_memory_four_times_the_pool() {
     );
 }
 
-/// A `usm run` daemon on a config in a temp dir.
-struct RunDaemon {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl RunDaemon {
-    fn start(config_body: &str) -> RunDaemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("usm.sock");
-        let cfg = dir.path().join("usm.cfg");
-        std::fs::write(
-            &cfg,
-            format!("{config_body}\nsocket {}\n", socket.display()),
-        )
-        .unwrap();
-        let child = Command::new(USM)
-            .arg("run")
-            .arg(&cfg)
-            .env("USM_SWAP_DIR", dir.path())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let d = RunDaemon {
-            child,
-            socket,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while d.stat().is_none() {
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn stat(&self) -> Option<serde_json::Value> {
-        let out = Command::new(USM)
-            .args(["stat", "--json", "--socket"])
-            .arg(&self.socket)
-            .output()
-            .ok()?;
-        serde_json::from_slice(&out.stdout).ok()
-    }
-
-    fn tagged(&self, cmd: &mut Command) -> Child {
-        cmd.env("LD_PRELOAD", tagger())
-            .env("USM_SOCKET", &self.socket)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    }
-
-    fn wait_for(
-        &self,
-        what: &str,
-        limit: Duration,
-        f: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.stat() {
-                if f(&s) {
-                    return s;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "timed out waiting for {what}: {s}"
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM; returns the exit status and stderr.
-    fn stop(mut self) -> (i32, String) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "daemon did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let mut err = String::new();
-        let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
-        (self.child.wait().unwrap().code().unwrap_or(-1), err)
-    }
-}
-
-impl Drop for RunDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Runs `cmd` tagged for daemon `d` (LD_PRELOAD of the tagger, its socket), all pipes.
+fn tagged(d: &RunDaemon, cmd: &mut Command) -> Child {
+    cmd.env("LD_PRELOAD", tagger())
+        .env("USM_SOCKET", &d.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn read_line_until(out: &mut impl BufRead, want: &str, limit: Duration) -> String {
@@ -341,7 +253,7 @@ fn sigkilled_program_leaves_frames_and_slots_idle() {
         return;
     };
     let d = RunDaemon::start("memory 2048\nworkers 2\nprocess daemon_workload first-fit");
-    let mut c = d.tagged(Command::new(&prog).args(["storm", "32", "30"]));
+    let mut c = tagged(&d, Command::new(&prog).args(["storm", "32", "30"]));
     let mut out = BufReader::new(c.stdout.take().unwrap());
     read_line_until(&mut out, "STARTED", Duration::from_secs(20));
     // Mid-storm: some pages out, some in.
@@ -368,7 +280,7 @@ fn sigkilled_daemon_never_lets_a_program_read_zeros() {
         return;
     };
     let mut d = RunDaemon::start("memory 2048\nworkers 2\nprocess daemon_workload first-fit");
-    let mut c = d.tagged(Command::new(&prog).args(["storm", "32", "4"]));
+    let mut c = tagged(&d, Command::new(&prog).args(["storm", "32", "4"]));
     let mut out = BufReader::new(c.stdout.take().unwrap());
     read_line_until(&mut out, "STARTED", Duration::from_secs(20));
     d.wait_for("pages in swap", Duration::from_secs(20), |s| {
@@ -411,7 +323,7 @@ fn madv_free_gives_frames_back() {
         return;
     };
     let d = RunDaemon::start("memory 16384\nworkers 2\nprocess daemon_workload first-fit");
-    let mut c = d.tagged(Command::new(&prog).args(["free", "16"]));
+    let mut c = tagged(&d, Command::new(&prog).args(["free", "16"]));
     let mut out = BufReader::new(c.stdout.take().unwrap());
     let mut input = c.stdin.take().unwrap();
     read_line_until(&mut out, "TOUCHED", Duration::from_secs(20));
@@ -444,7 +356,7 @@ fn unconfigured_programs_run_untouched_and_shutdown_is_graceful() {
         return;
     };
     let d = RunDaemon::start("memory 1024\nworkers 1\nprocess somebody-else first-fit");
-    let mut c = d.tagged(Command::new(&prog).args(["mixed", "8", "nofork"]));
+    let mut c = tagged(&d, Command::new(&prog).args(["mixed", "8", "nofork"]));
     let st = c.wait().unwrap();
     let mut out = String::new();
     c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
@@ -457,7 +369,7 @@ fn unconfigured_programs_run_untouched_and_shutdown_is_graceful() {
     assert!(s["processes"].as_array().unwrap().is_empty());
     // A managed program survives a daemon SIGTERM with its data: pages come back first.
     let d2 = RunDaemon::start("memory 2048\nworkers 2\nprocess daemon_workload first-fit");
-    let mut c = d2.tagged(Command::new(&prog).args(["storm", "32", "5"]));
+    let mut c = tagged(&d2, Command::new(&prog).args(["storm", "32", "5"]));
     let mut out = BufReader::new(c.stdout.take().unwrap());
     read_line_until(&mut out, "STARTED", Duration::from_secs(20));
     d2.wait_for("pages in swap", Duration::from_secs(20), |s| {
@@ -502,7 +414,8 @@ fn redis_data_survives_swap_and_metrics_match_stat() {
         "memory 4096\nworkers 2\nprocess redis-server first-fit\nmetrics 127.0.0.1:{mport}"
     ));
     let dir = tempfile::tempdir().unwrap();
-    let mut r = d.tagged(
+    let mut r = tagged(
+        &d,
         Command::new("redis-server")
             .args([
                 "--port",

@@ -3,12 +3,14 @@
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use usm_proto::{Channel, Message};
 
-const USM: &str = env!("CARGO_BIN_EXE_usm");
+mod common;
+
+use common::daemon::{RunDaemon, USM};
 
 fn write_cfg(dir: &Path, body: &str) -> PathBuf {
     let p = dir.join("usm.cfg");
@@ -52,57 +54,6 @@ fn bad_configs_are_refused_naming_the_line() {
     assert!(err.contains("first-fit"), "lists the known policies: {err}");
 }
 
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start(body: &str) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("usm.sock");
-        let cfg = write_cfg(
-            dir.path(),
-            &format!("{body}\nsocket {}\n", socket.display()),
-        );
-        let child = Command::new(USM)
-            .arg("run")
-            .arg(&cfg)
-            .env("USM_SWAP_DIR", dir.path())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let d = Daemon {
-            child,
-            socket,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while d.stat().is_none() {
-            assert!(Instant::now() < deadline, "daemon did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn stat(&self) -> Option<serde_json::Value> {
-        let out = Command::new(USM)
-            .args(["stat", "--json", "--socket"])
-            .arg(&self.socket)
-            .output()
-            .ok()?;
-        serde_json::from_slice(&out.stdout).ok()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn userfaultfd() -> std::os::fd::OwnedFd {
     usm_kmod::RawUserfaultfd::open(usm_kmod::OpenFlags::default())
         .expect("open a userfaultfd")
@@ -111,7 +62,10 @@ fn userfaultfd() -> std::os::fd::OwnedFd {
 
 #[test]
 fn malformed_messages_are_refused_and_the_daemon_keeps_serving() {
-    let d = Daemon::start("memory 1024\nworkers 1\nprocess daemon_protocol first-fit");
+    let d = RunDaemon::start_with(
+        "memory 1024\nworkers 1\nprocess daemon_protocol first-fit",
+        Stdio::null(),
+    );
     // Garbage instead of a Hello: refused with a reason.
     let ch = Channel::connect(&d.socket).unwrap();
     ch.send_bytes(b"this is not a USM message", None, 0)
@@ -173,8 +127,8 @@ fn malformed_messages_are_refused_and_the_daemon_keeps_serving() {
 
 #[test]
 fn two_daemons_run_side_by_side() {
-    let a = Daemon::start("memory 512\nworkers 1\nprocess a first-fit");
-    let b = Daemon::start("memory 1024\nworkers 1\nprocess b first-fit");
+    let a = RunDaemon::start_with("memory 512\nworkers 1\nprocess a first-fit", Stdio::null());
+    let b = RunDaemon::start_with("memory 1024\nworkers 1\nprocess b first-fit", Stdio::null());
     let (sa, sb) = (a.stat().unwrap(), b.stat().unwrap());
     assert_eq!(sa["pool_pages"], 512);
     assert_eq!(sb["pool_pages"], 1024);
