@@ -401,7 +401,7 @@ fn eviction_agent_moves_pages_out_and_back() {
         eprintln!("SKIP: {why}");
         return;
     }
-    use usm_proto::agent::{AgentClient, AgentOp, AgentRequest};
+    use usm_proto::agent::{AgentOp, AgentRequest};
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();
     let bin = compile(work.path(), "workload", &[]);
@@ -415,29 +415,7 @@ fn eviction_agent_moves_pages_out_and_back() {
     let pages: u64 = words.next().unwrap().parse().unwrap();
     assert_eq!(pages, 64);
 
-    served
-        .stream
-        .send(&Message::StartAgent {
-            staging_pages: 64,
-            ring_entries: 64,
-        })
-        .unwrap();
-    let (ready, fds) = served.wait_for_with_fds("AgentReady", |m| {
-        matches!(
-            m,
-            Message::AgentReady { .. } | Message::AgentUnavailable { .. }
-        )
-    });
-    let Message::AgentReady {
-        staging_start,
-        staging_pages,
-        ring_entries,
-    } = ready
-    else {
-        panic!("agent unavailable: {ready:?}")
-    };
-    let mut agent =
-        AgentClient::from_ready(staging_start, staging_pages, ring_entries, fds).unwrap();
+    let mut agent = served.start_agent(64, 64);
 
     // Round 1: evict every page, keep its content "in swap", drop the staging slots,
     // then let the program fault everything back.
@@ -456,7 +434,8 @@ fn eviction_agent_moves_pages_out_and_back() {
     let done = collect(&mut agent, pages as usize);
     assert!(done.iter().all(|c| c.result == 4096), "evictions: {done:?}");
     let staged =
-        support::sys::read_remote(served.pid, staging_start, (pages * 4096) as usize).unwrap();
+        support::sys::read_remote(served.pid, agent.staging_addr(0), (pages * 4096) as usize)
+            .unwrap();
     assert_eq!(staged.len() as u64, pages * 4096);
     for (i, word) in staged.chunks_exact(8).enumerate() {
         let word = u64::from_le_bytes(word.try_into().unwrap());
@@ -551,7 +530,7 @@ fn forked_child_with_inherited_holes_is_killed_when_the_daemon_dies() {
         eprintln!("SKIP: {why}");
         return;
     }
-    use usm_proto::agent::{AgentClient, AgentOp, AgentRequest};
+    use usm_proto::agent::{AgentOp, AgentRequest};
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();
     let bin = compile(work.path(), "workload", &[]);
@@ -561,29 +540,7 @@ fn forked_child_with_inherited_holes_is_killed_when_the_daemon_dies() {
     let lines = program.read_until("PEAK");
     let buf_line = lines.iter().find(|l| l.starts_with("BUF ")).unwrap();
     let buf = u64::from_str_radix(buf_line.split_whitespace().nth(1).unwrap(), 16).unwrap();
-    served
-        .stream
-        .send(&Message::StartAgent {
-            staging_pages: 4,
-            ring_entries: 4,
-        })
-        .unwrap();
-    let (ready, fds) = served.wait_for_with_fds("AgentReady", |m| {
-        matches!(
-            m,
-            Message::AgentReady { .. } | Message::AgentUnavailable { .. }
-        )
-    });
-    let Message::AgentReady {
-        staging_start,
-        staging_pages,
-        ring_entries,
-    } = ready
-    else {
-        panic!("agent unavailable: {ready:?}")
-    };
-    let mut agent =
-        AgentClient::from_ready(staging_start, staging_pages, ring_entries, fds).unwrap();
+    let mut agent = served.start_agent(4, 4);
     agent
         .submit(AgentRequest {
             op: AgentOp::EvictToStaging,

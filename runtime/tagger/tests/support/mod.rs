@@ -406,6 +406,37 @@ impl Served {
         }
     }
 
+    /// Asks the tagger to start its eviction agent and returns a client of its ring;
+    /// panics if the tagger answers `AgentUnavailable`.
+    pub fn start_agent(
+        &self,
+        staging_pages: u32,
+        ring_entries: u32,
+    ) -> usm_proto::agent::AgentClient {
+        self.stream
+            .send(&Message::StartAgent {
+                staging_pages,
+                ring_entries,
+            })
+            .unwrap();
+        let (ready, fds) = self.wait_for_with_fds("AgentReady", |m| {
+            matches!(
+                m,
+                Message::AgentReady { .. } | Message::AgentUnavailable { .. }
+            )
+        });
+        let Message::AgentReady {
+            staging_start,
+            staging_pages,
+            ring_entries,
+        } = ready
+        else {
+            panic!("agent unavailable: {ready:?}")
+        };
+        usm_proto::agent::AgentClient::from_ready(staging_start, staging_pages, ring_entries, fds)
+            .unwrap()
+    }
+
     /// Every message received so far.
     pub fn drain(&self) -> Vec<Message> {
         self.inbox.try_iter().map(|(m, _)| m).collect()
