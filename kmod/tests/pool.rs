@@ -1,12 +1,19 @@
 //! The frame pool on the real kernel: concurrent take/give from both cores conserves
 //! frames, handed-out frames are really zero, frames move between pool and region with
-//! `UFFDIO_MOVE` under the lock-state rules, holes are refilled.
+//! `UFFDIO_MOVE` under the lock-state rules, holes are refilled; fragmented frames merge
+//! back into naturally aligned runs, a run moves as one flexible huge page, the pool
+//! populates its reserve chunk by chunk with the census adding up at every step.
 
 mod common;
 
 use common::{PAGE, require_root, sys};
+use std::collections::HashSet;
 use std::sync::Arc;
-use usm_kmod::pool::{FrameOwner, FramePool, FrameState, LockMode, PoolConfig};
+use usm_kmod::FrameNo;
+use usm_kmod::pool::arena::SharedArena;
+use usm_kmod::pool::{
+    Census, FrameOwner, FramePool, FrameState, LockMode, MAX_ORDER, POPULATE_CHUNK, PoolConfig,
+};
 use usm_kmod::{Features, MoveMode, RegisterMode, Resolved};
 
 fn pin_to(cpu: usize) {
@@ -399,4 +406,186 @@ fn dropping_a_pool_on_an_unmap_tracking_userfaultfd_does_not_wait_for_an_event()
         "dropping the pool waited for an UNMAP event to be read"
     );
     assert!(events.is_empty(), "no event for the pool: {events:?}");
+}
+
+#[test]
+fn the_shared_arena_merges_fragments_back_into_aligned_runs() {
+    let n = 2048u32;
+    let shared = SharedArena::with_frames((0..n).rev().map(FrameNo));
+    let top = MAX_ORDER as usize;
+    assert_eq!(
+        shared.blocks_by_order()[top],
+        4,
+        "2048 frames = four 2 MiB blocks"
+    );
+    // Batches come out consecutive and ascending when popped from the end.
+    let mut all = Vec::new();
+    assert_eq!(shared.pop_batch(&mut all, 64), 64);
+    let popped: Vec<u32> = all.iter().rev().map(|f| f.0).collect();
+    assert!(popped.windows(2).all(|w| w[1] == w[0] + 1), "{popped:?}");
+    while shared.pop_batch(&mut all, 64) > 0 {}
+    assert_eq!(all.len(), 2048);
+    assert!(shared.is_empty());
+    // Give back every odd frame: single frames everywhere, no run of two.
+    let (odd, mut even): (Vec<FrameNo>, Vec<FrameNo>) = all.iter().partition(|f| f.0 % 2 == 1);
+    for &f in &odd {
+        shared.push(f);
+    }
+    assert_eq!(shared.len(), 1024);
+    assert_eq!(shared.blocks_by_order()[0], 1024);
+    assert_eq!(shared.pop_run(1), None, "no two free frames are buddies");
+    // The even ones come back: every pair merges, all the way up to 2 MiB blocks.
+    let k = even.len();
+    shared.push_batch(&mut even, k);
+    let counts = shared.blocks_by_order();
+    assert_eq!(counts[top], 4, "{counts:?}");
+    assert_eq!(counts.iter().sum::<usize>(), 4, "{counts:?}");
+    // Runs of every order come out naturally aligned and disjoint; the rest adds up.
+    let mut seen = HashSet::new();
+    for order in [4u32, 2, 9, 0, 4, 3, 9] {
+        let f = shared.pop_run(order).unwrap();
+        assert_eq!(f.0 % (1 << order), 0, "order-{order} run at {f} is aligned");
+        for i in 0..1u32 << order {
+            assert!(seen.insert(f.0 + i), "frame {} handed out twice", f.0 + i);
+        }
+    }
+    assert_eq!(shared.len() + seen.len(), 2048);
+    assert_eq!(shared.pop_run(MAX_ORDER + 1), None);
+    let mut rest = shared.snapshot();
+    rest.sort_unstable();
+    assert!(rest.iter().all(|f| !seen.contains(&f.0)));
+    assert_eq!(rest.len() + seen.len(), 2048);
+}
+
+fn census_ok(pool: &FramePool) -> Census {
+    let c = pool.check_conservation().unwrap();
+    assert_eq!(c.total, pool.len());
+    assert_eq!(
+        c.free + c.taken + c.mapped + c.staging + c.zeroing,
+        c.total,
+        "{c}"
+    );
+    c
+}
+
+#[test]
+fn runs_survive_fragmentation_and_the_reserve_is_populated_on_demand() {
+    if !require_root("runs_survive_fragmentation_and_the_reserve_is_populated_on_demand") {
+        return;
+    }
+    let uffd = Arc::new(common::uffd(Features::MOVE));
+    let chunk = POPULATE_CHUNK;
+    let pool = FramePool::new(
+        PoolConfig {
+            frames: 2 * chunk,
+            lock: LockMode::Unlocked,
+        },
+        Some(Arc::clone(&uffd)),
+    )
+    .unwrap();
+    // Only the first chunk is populated; the second is the sArena's reserve, free.
+    let c = census_ok(&pool);
+    assert_eq!((c.free, c.unpopulated), (2 * chunk, chunk), "{c}");
+    // Single frames: the whole first chunk, no population needed.
+    let mut local = pool.local_arena();
+    let singles: Vec<FrameNo> = (0..chunk)
+        .map(|_| pool.take(&mut local).unwrap().unwrap())
+        .collect();
+    assert!(singles.iter().all(|f| f.index() < chunk));
+    assert_eq!(pool.unpopulated(), chunk);
+    assert_eq!(census_ok(&pool).taken, chunk);
+    // Fragment it: every other frame written and released, zeroed back.
+    for f in singles.iter().step_by(2) {
+        pool.memory()
+            .store_u64(f.index() * 4096 + 64, 0xF00D)
+            .unwrap();
+        pool.release(*f).unwrap();
+    }
+    while pool.zero_some(256).unwrap() > 0 {}
+    let c = census_ok(&pool);
+    assert_eq!(
+        (c.free, c.taken, c.zeroing),
+        (chunk + chunk / 2, chunk / 2, 0),
+        "{c}"
+    );
+    assert_eq!(
+        pool.shared_arena().pop_run(1),
+        None,
+        "chunk 0 is all single frames"
+    );
+    // A 64 KiB run: none in the populated part, so the pool populates the next chunk.
+    let run = pool.take_run(&mut local, 4).unwrap().unwrap();
+    assert_eq!(run.0 % 16, 0, "aligned");
+    assert!(
+        run.index() >= chunk,
+        "from the newly populated chunk: {run}"
+    );
+    assert_eq!(pool.unpopulated(), 0);
+    for i in 0..16 {
+        let f = FrameNo(run.0 + i);
+        assert_eq!(pool.desc(f).unwrap().state(), FrameState::Taken);
+        assert!(pool.memory().is_zero(f.index() * 4096, 4096).unwrap());
+    }
+    // The rest of chunk 1 holds three 2 MiB runs; a fourth does not exist.
+    let big: Vec<FrameNo> = (0..3)
+        .map(|_| pool.take_run(&mut local, MAX_ORDER).unwrap().unwrap())
+        .collect();
+    assert_eq!(pool.take_run(&mut local, MAX_ORDER).unwrap(), None);
+    assert_eq!(census_ok(&pool).taken, chunk / 2 + 16 + 3 * 512);
+    // A 2 MiB run moves into a region with one UFFDIO_MOVE (consecutive slots).
+    let len = 512 * PAGE;
+    let region = sys::mmap_anon_dontfork(len as usize);
+    assert_eq!(sys::madvise(region, len as usize, libc::MADV_NOHUGEPAGE), 0);
+    uffd.register(region, len, RegisterMode::MISSING).unwrap();
+    let frames: Vec<FrameNo> = (0..512).map(|i| FrameNo(big[0].0 + i)).collect();
+    let owner = FrameOwner { pid: 1, region: 9 };
+    let r = sys::move_pages(
+        &uffd,
+        region,
+        pool.slot_addr(big[0]),
+        len,
+        MoveMode::empty(),
+    )
+    .unwrap();
+    assert_eq!(r, Resolved::Done(len), "one ioctl moved the whole run");
+    // Move them back to their slots (as a staging MOVE would) and install the run through
+    // the pool, which records the frames as Mapped.
+    let back = sys::move_pages(
+        &uffd,
+        pool.slot_addr(big[0]),
+        region,
+        len,
+        MoveMode::empty(),
+    )
+    .unwrap();
+    assert!(back.is_done());
+    let r = sys::install_many(&pool, &frames, region, owner, MoveMode::empty()).unwrap();
+    assert_eq!(r, Resolved::Done(len));
+    assert!((0..512).all(|i| sys::page_is(region + i * PAGE, 0)));
+    sys::fill_page(region + 7 * PAGE, 0xBEEF);
+    assert_eq!(census_ok(&pool).mapped, 512);
+    // Everything comes back: the region is unmapped (holes), the rest released.
+    assert_eq!(sys::munmap(region, len as usize), 0);
+    for &f in &frames {
+        pool.release(f).unwrap();
+    }
+    for f in singles.iter().skip(1).step_by(2) {
+        pool.release(*f).unwrap();
+    }
+    for i in 0..16 {
+        pool.return_unused(&mut local, FrameNo(run.0 + i)).unwrap();
+    }
+    for r in &big[1..] {
+        for i in 0..512 {
+            pool.release(FrameNo(r.0 + i)).unwrap();
+        }
+    }
+    while pool.zero_some(512).unwrap() > 0 {}
+    drop(local);
+    let c = census_ok(&pool);
+    assert_eq!((c.free, c.free_shared), (2 * chunk, 2 * chunk), "{c}");
+    // Runs came back whole: the pool is eight 2 MiB blocks again, all zero.
+    let counts = pool.shared_arena().blocks_by_order();
+    assert_eq!(counts[MAX_ORDER as usize], 2 * chunk / 512, "{counts:?}");
+    assert!(pool.memory().is_zero(0, 2 * chunk * 4096).unwrap());
 }

@@ -5,8 +5,14 @@
 //! # Memory rules
 //! The pool mapping is `MADV_DONTFORK | MADV_NOHUGEPAGE`, optionally
 //! `mlock2(MLOCK_ONFAULT)` ([`LockMode`]; regions and staging must then be locked the same
-//! way, or MOVE fails with `EINVAL`), populated and zeroed at creation, then registered
-//! (MISSING) on the pool's userfaultfd so pages can be moved *into* slots. A slot whose
+//! way, or MOVE fails with `EINVAL`). It is populated (and so zeroed by the kernel) in
+//! chunks of [`POPULATE_CHUNK`] frames with `MADV_POPULATE_WRITE`, each chunk then
+//! registered (MISSING) on the pool's userfaultfd so pages can be moved *into* its slots:
+//! the first chunk at creation, the others by the background zeroer
+//! ([`FramePool::spawn_zeroer`], on another core) or, when a worker runs dry first, by
+//! that worker ([`FramePool::populate_next`]). Until then they are the sArena's *reserve*:
+//! free, counted, handed out by nobody. So a large pool costs its population time on
+//! another core, not before the first fault. A slot whose
 //! page moved out is a *hole*; a hole is never touched directly (on a registered range
 //! that would fault to our own handler) but refilled with `UFFDIO_COPY` from a read-only
 //! zero source before the frame is handed out again.
@@ -28,12 +34,18 @@
 //!                                 DONTNEED, exit): slot = hole   to swap)
 //! ```
 //!
-//! - Free frames live in the sArena or an lArena ([`arena`]); only they are in arenas.
-//! - [`FramePool::take`] is the only way out of an arena; it marks the frame Taken.
+//! - Free frames live in the sArena (as aligned buddy blocks, or in its reserve while
+//!   unpopulated) or an lArena ([`arena`]); only they are in arenas.
+//! - [`FramePool::take`] (one frame, O(1) from the lArena) and [`FramePool::take_run`] (a
+//!   naturally aligned run of `2^k` consecutive frames from the sArena, for a flexible
+//!   huge page moved with one `UFFDIO_MOVE`) are the only ways out of an arena; they mark
+//!   the frames Taken.
 //! - Freed frames go through the zeroing queue: [`FramePool::zero_some`] (called by an
 //!   idle worker) or the background zeroer ([`FramePool::spawn_zeroer`]) refills holes /
 //!   clears stale data and pushes them to the sArena, so frames are handed out pre-zeroed
-//!   and zeroing stays off the fault path.
+//!   and zeroing stays off the fault path. Runs come back whole: a zeroing batch is
+//!   sorted, cleaned one run of consecutive slots per call, and the freed frames merge
+//!   with their buddies in the sArena.
 //! - **Conservation**: `free (arenas) + taken + mapped + staging + zeroing == len()`.
 //!   [`FramePool::check_conservation`] verifies it against the arenas' published lengths
 //!   and the zeroing queue (call it when no worker is mid-operation); every transition is
@@ -55,7 +67,11 @@ use std::vec::Vec;
 use usm_sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use usm_sync::{Arc, Mutex};
 
-pub use arena::ARENA_BATCH;
+pub use arena::{ARENA_BATCH, MAX_ORDER};
+
+/// Frames populated per step (8 MiB; a multiple of `2^MAX_ORDER`, so no aligned run
+/// straddles two chunks, i.e. two registrations).
+pub const POPULATE_CHUNK: usize = 2048;
 
 /// Pages in the read-only zero source used to refill holes with `UFFDIO_COPY`.
 const ZERO_SOURCE_PAGES: usize = 64;
@@ -212,6 +228,8 @@ pub struct Census {
     pub free_shared: usize,
     /// Of which in lArenas (published lengths).
     pub free_local: usize,
+    /// Of the sArena's, frames not populated yet (its reserve).
+    pub unpopulated: usize,
     /// Taken.
     pub taken: usize,
     /// Mapped.
@@ -228,10 +246,11 @@ impl core::fmt::Display for Census {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
-            "total {} = free {} (sArena {} + lArenas {}) + taken {} + mapped {} + staging {} + zeroing {} (queued {})",
+            "total {} = free {} (sArena {} [unpopulated {}] + lArenas {}) + taken {} + mapped {} + staging {} + zeroing {} (queued {})",
             self.total,
             self.free,
             self.free_shared,
+            self.unpopulated,
             self.free_local,
             self.taken,
             self.mapped,
@@ -254,16 +273,19 @@ pub struct FramePool {
     zeroing: Mutex<Vec<FrameNo>>,
     zeroing_len: AtomicUsize,
     locals: Mutex<Vec<Arc<AtomicUsize>>>,
+    /// Chunks not populated yet, highest index first (popped from the end).
+    unpopulated_chunks: Mutex<Vec<usize>>,
     config: PoolConfig,
     #[cfg(not(loom))]
     zeroer_signal: (Mutex<()>, usm_sync::Condvar),
 }
 
 impl FramePool {
-    /// Maps, advises, (optionally) locks, populates and — when `uffd` is given —
-    /// registers the pool (MISSING) on it. Every frame starts Free and zeroed in the
-    /// sArena. Without a userfaultfd the pool cannot move pages (tests of policies,
-    /// or bookkeeping-only users).
+    /// Maps, advises, (optionally) locks the pool, populates its first
+    /// [`POPULATE_CHUNK`] frames and — when `uffd` is given — registers them (MISSING) on
+    /// it. Every frame starts Free in the sArena: zeroed in a block, or in its reserve
+    /// until populated. Without a userfaultfd the pool cannot move pages (tests of
+    /// policies, or bookkeeping-only users).
     pub fn new(config: PoolConfig, uffd: Option<Arc<Userfaultfd>>) -> Result<Arc<FramePool>> {
         if config.frames == 0 || config.frames > u32::MAX as usize {
             return Err(Error::InvalidArgument(
@@ -287,15 +309,13 @@ impl FramePool {
         if config.lock == LockMode::OnFault {
             mem.mlock_onfault()?;
         }
-        mem.advise(0, len, Advice::PopulateWrite)?;
-        if let Some(u) = &uffd {
-            u.register(mem.addr(), len as u64, RegisterMode::MISSING)?;
-        }
+        let first = config.frames.min(POPULATE_CHUNK);
+        Self::populate_range(&mem, uffd.as_deref(), 0, first)?;
         let zero_source = Mapping::anonymous(ZERO_SOURCE_PAGES * PAGE_SIZE, Protection::Read)?;
         let descs = (0..config.frames).map(|_| FrameDesc::new()).collect();
-        let shared = Arc::new(SharedArena::with_frames(
-            (0..config.frames as u32).rev().map(FrameNo),
-        ));
+        let shared = Arc::new(SharedArena::with_reserve(config.frames, first));
+        let chunks = config.frames.div_ceil(POPULATE_CHUNK);
+        let unpopulated_chunks = Mutex::new((1..chunks).rev().collect());
         Ok(Arc::new(FramePool {
             mem,
             zero_source,
@@ -305,10 +325,75 @@ impl FramePool {
             zeroing: Mutex::new(Vec::new()),
             zeroing_len: AtomicUsize::new(0),
             locals: Mutex::new(Vec::new()),
+            unpopulated_chunks,
             config,
             #[cfg(not(loom))]
             zeroer_signal: (Mutex::new(()), usm_sync::Condvar::new()),
         }))
+    }
+
+    /// Populates frames `first .. first + n` of `mem` (the kernel zeroes them) and
+    /// registers them (MISSING) on `uffd`.
+    fn populate_range(
+        mem: &Mapping,
+        uffd: Option<&Userfaultfd>,
+        first: usize,
+        n: usize,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let (offset, len) = (first * PAGE_SIZE, n * PAGE_SIZE);
+        mem.advise(offset, len, Advice::PopulateWrite)?;
+        if let Some(u) = uffd {
+            u.register(
+                mem.addr() + offset as u64,
+                len as u64,
+                RegisterMode::MISSING,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Populates and registers the next unpopulated chunk of the pool and moves its
+    /// frames from the sArena's reserve into its free blocks. Returns how many frames
+    /// came (0: the whole pool is populated). Safe to call from several threads: each
+    /// call claims a different chunk. On an error the chunk stays unpopulated (retried by
+    /// a later call).
+    pub fn populate_next(&self) -> Result<usize> {
+        let chunk = {
+            let mut q = self
+                .unpopulated_chunks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match q.pop() {
+                Some(c) => c,
+                None => return Ok(0),
+            }
+        };
+        let first = chunk * POPULATE_CHUNK;
+        let n = POPULATE_CHUNK.min(self.descs.len() - first);
+        if let Err(e) = Self::populate_range(&self.mem, self.uffd.as_deref(), first, n) {
+            self.unpopulated_chunks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(chunk);
+            return Err(e);
+        }
+        self.shared.add_populated(FrameNo(first as u32), n);
+        Ok(n)
+    }
+
+    /// Populates the whole pool now (callers that want no population later, e.g. before
+    /// a latency measurement).
+    pub fn populate_all(&self) -> Result<()> {
+        while self.populate_next()? > 0 {}
+        Ok(())
+    }
+
+    /// Frames not populated yet.
+    pub fn unpopulated(&self) -> usize {
+        self.shared.reserve()
     }
 
     /// Number of frames.
@@ -385,13 +470,14 @@ impl FramePool {
     }
 
     /// Takes a pre-zeroed frame from the worker's lArena (refilling from the sArena; when
-    /// both are empty, zeroing one batch inline first). The frame is Taken: the caller
-    /// installs it, fills it (swap-in) or gives it back. `None`: the pool is exhausted.
+    /// both are empty, zeroing one batch inline first, else populating the next chunk).
+    /// The frame is Taken: the caller installs it, fills it (swap-in) or gives it back.
+    /// `None`: the pool is exhausted.
     pub fn take(&self, local: &mut LocalArena) -> Result<Option<FrameNo>> {
         let frame = match local.pop() {
             Some(f) => f,
             None => {
-                if self.zero_some(local.batch())? == 0 {
+                if self.zero_some(local.batch())? == 0 && self.populate_next()? == 0 {
                     return Ok(None);
                 }
                 match local.pop() {
@@ -407,6 +493,54 @@ impl FramePool {
         );
         transitioned?;
         Ok(Some(frame))
+    }
+
+    /// Takes a naturally aligned run of `2^order` consecutive pre-zeroed frames
+    /// (`order <=` [`MAX_ORDER`]; slots `first .. first + 2^order`, `first` a multiple of
+    /// `2^order`) straight from the sArena, for a flexible huge page that then moves with
+    /// one `UFFDIO_MOVE`. All frames are Taken. When no block is that large it serves the
+    /// zeroing queue, then populates the next chunk, then gives the worker's lArena back
+    /// to the sArena (its frames may complete a block), retrying after each step.
+    /// `None`: no such run exists now (take single frames instead).
+    pub fn take_run(&self, local: &mut LocalArena, order: u32) -> Result<Option<FrameNo>> {
+        if order > MAX_ORDER {
+            return Err(Error::InvalidArgument("run order above MAX_ORDER"));
+        }
+        let pages = 1usize << order;
+        let mut step = 0;
+        let first = loop {
+            if let Some(f) = self.shared.pop_run(order) {
+                break f;
+            }
+            let progressed = match step {
+                0 => self.zero_some(pages.max(local.batch()))? > 0,
+                1 => self.populate_next()? > 0,
+                2 => {
+                    let had = local.len();
+                    local.drain();
+                    had > 0
+                }
+                _ => return Ok(None),
+            };
+            if !progressed {
+                step += 1;
+            }
+        };
+        for i in 0..pages as u32 {
+            let frame = FrameNo(first.0 + i);
+            if let Err(e) = self.transition(frame, FrameState::Free, FrameState::Taken) {
+                debug_assert!(false, "sArena held a non-free frame: {e}");
+                // Undo: the frames before it go back to Free, the run back to the arena
+                // (the odd frame is left as it is and reported).
+                for j in 0..i {
+                    let _ =
+                        self.transition(FrameNo(first.0 + j), FrameState::Taken, FrameState::Free);
+                }
+                self.shared.push_run(first, order);
+                return Err(e);
+            }
+        }
+        Ok(Some(first))
     }
 
     /// Gives back a Taken frame whose slot was *not* written (still zeroed) straight to the
@@ -504,6 +638,7 @@ impl FramePool {
             }
         }
         c.free_shared = self.shared.len();
+        c.unpopulated = self.shared.reserve();
         c.free_local = self
             .locals
             .lock()
@@ -561,14 +696,22 @@ mod zeroer {
     }
 
     impl FramePool {
-        /// Starts a thread that serves the zeroing queue `budget` frames at a time,
-        /// sleeping while it is empty. Errors are logged and retried after a pause.
+        /// Starts a thread that serves the zeroing queue `budget` frames at a time and,
+        /// while the queue is empty, populates the rest of the pool a chunk at a time
+        /// ([`FramePool::populate_next`]); it sleeps when there is neither. Errors are
+        /// logged and retried after a pause.
         pub fn spawn_zeroer(self: &Arc<Self>, budget: usize) -> ZeroerHandle {
             let stop = Arc::new(AtomicBool::new(false));
             let (pool, flag) = (Arc::clone(self), Arc::clone(&stop));
             let thread = usm_sync::thread::spawn(move || {
                 while !flag.load(Ordering::Acquire) {
-                    match pool.zero_some(budget) {
+                    // Zeroing first (it feeds faults now), then populating the rest of
+                    // the pool a chunk at a time.
+                    let work = match pool.zero_some(budget) {
+                        Ok(0) => pool.populate_next(),
+                        other => other,
+                    };
+                    match work {
                         Ok(0) => {
                             let (lock, cv) = &pool.zeroer_signal;
                             let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
