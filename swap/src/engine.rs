@@ -14,9 +14,16 @@
 //!  reap(|Completion|)   ◀── ticket, entry, result, buffer back
 //! ```
 //!
-//! * **One engine per thread.** The ring is created `SINGLE_ISSUER` on the calling thread,
-//!   so an `Engine` is neither `Send` nor `Sync`: each worker builds its own with
-//!   [`Engine::new`] on its own thread, and a thread that is not a worker builds another.
+//! * **Which thread may call what.** The ring is created `SINGLE_ISSUER` on the thread
+//!   that calls [`Engine::new`]; the kernel then refuses submissions from any other thread
+//!   (`EEXIST`), and under `DEFER_TASKRUN` only that thread can make completions visible.
+//!   So an `Engine` is neither `Send` nor `Sync`: **every method is called by the thread
+//!   that built it** — queueing (`read`/`write`/`queue_*`/`*_staged`/`*_raw`), `submit`,
+//!   `enter_for_completions`, `wait*`, `reap`, `ready_to_sleep`, `clear_eventfd`. Each
+//!   worker builds its own engine on its own thread. Threads that cannot own one (fault
+//!   threads, an evictor, uThreads that migrate) hand their requests to a
+//!   [`SwapIoThread`](crate::SwapIoThread), which owns an engine on a thread of its own and
+//!   runs a callback per completion.
 //!   ```compile_fail
 //!   fn needs_send<T: Send>() {}
 //!   needs_send::<usm_swap::Engine>();
@@ -32,12 +39,39 @@
 //!     submit measured here), no entry needed, but the thread pays the interruptions.
 //!
 //!   `bench/benches/swap_io.rs` measures the three.
+//! * **How a sleeping thread learns of completions.** The owner sleeps either *in the
+//!   ring* ([`Engine::wait`]/[`Engine::wait_timeout`]: one `io_uring_enter` that submits,
+//!   runs completion work and blocks until `min` CQEs are posted — always safe), or *on
+//!   the [`Engine::eventfd`]* together with other fds. For the eventfd, this order and no
+//!   other:
+//!   ```text
+//!   loop {
+//!       engine.clear_eventfd();              // 1. consume old signals first
+//!       engine.enter_for_completions()?;     // 2. submit + run ALL completion work
+//!       engine.reap(|c| ...);                // 3.
+//!       if !engine.ready_to_sleep() { continue; }   // 4. CQE visible / work flagged
+//!       poll(engine.eventfd(), ...);         // 5. new completion work signals it
+//!   }
+//!   ```
+//!   The kernel signals the eventfd when its completion-work list goes from empty to
+//!   non-empty and when it posts CQEs — *not* for work it left over from an earlier entry
+//!   (next point). Work left over is visible only as `IORING_SQ_TASKRUN`, which
+//!   [`Engine::ready_to_sleep`] checks.
+//! * **Lost wake-ups (found and fixed; `tests/stress.rs`).** Under `DEFER_TASKRUN` one
+//!   `io_uring_enter(GETEVENTS, min_complete = 0)` runs at most 20 completion items
+//!   (`IO_LOCAL_TW_DEFAULT_MAX`); the rest wait on the ring's retry list, flagged
+//!   `IORING_SQ_TASKRUN` but with no eventfd signal. Measured: 64 finished reads needed
+//!   four entries (20 + 20 + 20 + 4). The engine used to enter once per
+//!   `enter_for_completions`, so a thread that reaped, cleared its eventfd and slept
+//!   never heard of the remaining completions unless new I/O happened to finish — a
+//!   swap-in waited forever. `enter_for_completions` now enters again while the flag is
+//!   set (bounded), and `ready_to_sleep` refuses to let a thread sleep on flagged work.
 //! * **Back-pressure.** At most [`Engine::depth`] requests are queued or in flight; beyond
 //!   that a request is refused with [`SwapError::QueueFull`] and its buffer handed back
 //!   ([`Rejected`]); [`Engine::reap_until_capacity`] blocks until a slot is free.
-//! * **Sleeping.** A worker with nothing to run may block in [`Engine::wait`], or poll the
-//!   [`Engine::eventfd`] (signalled when completion work arrives, also under
-//!   `DEFER_TASKRUN`) alongside other fds, then call `enter_for_completions` and `reap`.
+//! * **Depth 1.** A caller that is going to wait anyway uses [`Engine::queue_read`] /
+//!   [`Engine::queue_write`] (never auto-submitted) and then [`Engine::wait`]`(1)`: submit
+//!   and wait in one `io_uring_enter`, instead of a submit and a `GETEVENTS` entry.
 //! * **Buffers.** Owned [`PageBuf`]s move into the engine and come back in the
 //!   [`Completion`]; the engine's own staging pages are the only memory registered as
 //!   fixed buffers ([`Engine::read_staged`], [`Engine::write_staged`]); caller memory goes
@@ -269,7 +303,7 @@ impl Engine {
     /// belongs to the engine until the completion hands it back.
     pub fn read(&mut self, entry: SwapEntry, buf: PageBuf) -> Result<Ticket, Rejected> {
         let len = buf.len();
-        self.queue(entry, IoOp::Read, IoBuf::Owned(buf), len)
+        self.queue(entry, IoOp::Read, IoBuf::Owned(buf), len, true)
             .map_err(Self::rejected)
     }
 
@@ -277,7 +311,27 @@ impl Engine {
     /// back in the completion — on a failed write it still holds the page.
     pub fn write(&mut self, entry: SwapEntry, buf: PageBuf) -> Result<Ticket, Rejected> {
         let len = buf.len();
-        self.queue(entry, IoOp::Write, IoBuf::Owned(buf), len)
+        self.queue(entry, IoOp::Write, IoBuf::Owned(buf), len, true)
+            .map_err(Self::rejected)
+    }
+
+    /// Like [`read`](Self::read) but never submits by itself, whatever
+    /// [`EngineConfig::submit_batch`] says: the request goes to the kernel with the next
+    /// [`wait`](Self::wait) (then submit and wait are **one** `io_uring_enter`),
+    /// [`enter_for_completions`](Self::enter_for_completions) or [`submit`](Self::submit).
+    /// For a caller that is going to wait anyway — a swap-in at depth 1 — this saves one
+    /// kernel entry per I/O (see `bench/results/swap.md`).
+    pub fn queue_read(&mut self, entry: SwapEntry, buf: PageBuf) -> Result<Ticket, Rejected> {
+        let len = buf.len();
+        self.queue(entry, IoOp::Read, IoBuf::Owned(buf), len, false)
+            .map_err(Self::rejected)
+    }
+
+    /// Like [`write`](Self::write) but never submits by itself; see
+    /// [`queue_read`](Self::queue_read).
+    pub fn queue_write(&mut self, entry: SwapEntry, buf: PageBuf) -> Result<Ticket, Rejected> {
+        let len = buf.len();
+        self.queue(entry, IoOp::Write, IoBuf::Owned(buf), len, false)
             .map_err(Self::rejected)
     }
 
@@ -303,7 +357,7 @@ impl Engine {
             .ok_or(SwapError::StagingExhausted(u32::from(
                 self.ring.staging_pages(),
             )))?;
-        self.queue(entry, IoOp::Read, IoBuf::Staged(page), PAGE_SIZE)
+        self.queue(entry, IoOp::Read, IoBuf::Staged(page), PAGE_SIZE, true)
             .map_err(|(e, buf)| {
                 if let IoBuf::Staged(p) = buf {
                     self.ring.release_staging(p);
@@ -334,7 +388,7 @@ impl Engine {
         if let Some(dst) = self.ring.staged_mut(&mut page) {
             dst.copy_from_slice(src);
         }
-        self.queue(entry, IoOp::Write, IoBuf::Staged(page), PAGE_SIZE)
+        self.queue(entry, IoOp::Write, IoBuf::Staged(page), PAGE_SIZE, true)
             .map_err(|(e, buf)| {
                 if let IoBuf::Staged(p) = buf {
                     self.ring.release_staging(p);
@@ -362,6 +416,7 @@ impl Engine {
         op: IoOp,
         buf: IoBuf,
         len: usize,
+        auto_submit: bool,
     ) -> std::result::Result<Ticket, (SwapError, IoBuf)> {
         if len == 0 || len % PAGE_SIZE != 0 || len > u32::MAX as usize {
             return Err((SwapError::BadBufferLength(len), buf));
@@ -413,7 +468,10 @@ impl Engine {
         self.next_ticket += 1;
         self.stats.in_flight += 1;
         self.stats.max_in_flight = self.stats.max_in_flight.max(self.stats.in_flight);
-        if self.submit_batch > 0 && self.ring.unsubmitted() >= self.submit_batch as usize {
+        if auto_submit
+            && self.submit_batch > 0
+            && self.ring.unsubmitted() >= self.submit_batch as usize
+        {
             // The request is queued either way: a failed submit leaves it in the SQ for
             // the next submit / wait / enter_for_completions, which report the error.
             if let Err(e) = self.submit() {
@@ -439,7 +497,10 @@ impl Engine {
     /// It enters (`io_uring_enter` with `GETEVENTS`) only when that can help: requests are
     /// queued, or under `COOP_TASKRUN`/`DEFER_TASKRUN` the kernel has flagged completion
     /// work (`IORING_SQ_TASKRUN`, a load from the shared ring, no system call). In the
-    /// `Default` mode completions are posted without our help.
+    /// `Default` mode completions are posted without our help. It enters again while the
+    /// kernel still flags work: one `DEFER_TASKRUN` entry runs at most 20 completions
+    /// (module docs, "Lost wake-ups"), so after this returns every completion that had
+    /// finished in the device when it was called is visible to `reap`.
     pub fn enter_for_completions(&mut self) -> Result<bool> {
         let queued = self.ring.unsubmitted() > 0;
         let needed = queued
@@ -449,8 +510,9 @@ impl Engine {
         if !needed {
             return Ok(false);
         }
-        self.stats.enters += 1;
-        self.ring.enter_getevents().map(|()| true)
+        let entries = self.ring.run_task_work()?;
+        self.stats.enters += u64::from(entries);
+        Ok(true)
     }
 
     /// Like [`enter_for_completions`](Self::enter_for_completions) but always enters the
@@ -459,12 +521,33 @@ impl Engine {
         if self.ring.unsubmitted() == 0 && self.ring.pending() == 0 {
             return Ok(false);
         }
-        self.stats.enters += 1;
-        self.ring.enter_getevents().map(|()| true)
+        let entries = self.ring.run_task_work()?;
+        self.stats.enters += u64::from(entries);
+        Ok(true)
+    }
+
+    /// Whether the owner thread may go to sleep on the [`eventfd`](Self::eventfd) now
+    /// without missing a completion: nothing is queued unsubmitted, no completion is
+    /// visible in the CQ, and the kernel flags no pending completion work
+    /// (`IORING_SQ_TASKRUN`). Three loads from the shared ring, no system call.
+    ///
+    /// Only meaningful after [`clear_eventfd`](Self::clear_eventfd): the eventfd is
+    /// signalled for completion work that arrives *after* this check, not for work the
+    /// kernel left flagged earlier (module docs, "How a sleeping thread learns of
+    /// completions").
+    pub fn ready_to_sleep(&mut self) -> bool {
+        if self.ring.unsubmitted() > 0 || self.ring.cq_ready() {
+            return false;
+        }
+        self.ring.mode() == CompletionMode::Default
+            || self.ring.pending() == 0
+            || !self.ring.taskrun_flagged()
     }
 
     /// Submits and blocks until at least `min` completions (capped at the requests in
-    /// flight) are visible. `wait(1)` is how a worker with nothing else to do sleeps.
+    /// flight) are visible — one `io_uring_enter(to_submit, min, GETEVENTS)`. `wait(1)` is
+    /// how a worker with nothing else to do sleeps; after [`queue_read`](Self::queue_read)
+    /// it is the whole depth-1 swap-in in one kernel entry.
     pub fn wait(&mut self, min: u32) -> Result<()> {
         let want = (min as usize).min(self.ring.pending());
         if want == 0 {
@@ -472,6 +555,17 @@ impl Engine {
         }
         self.stats.enters += 1;
         self.ring.submit_and_wait(want)
+    }
+
+    /// Like [`wait`](Self::wait) but gives up after `timeout`. Returns false when it timed
+    /// out with fewer than `min` completions visible (some may be: [`reap`](Self::reap)).
+    pub fn wait_timeout(&mut self, min: u32, timeout: std::time::Duration) -> Result<bool> {
+        let want = (min as usize).min(self.ring.pending());
+        if want == 0 {
+            return self.submit().map(|_| true);
+        }
+        self.stats.enters += 1;
+        self.ring.submit_and_wait_timeout(want, timeout)
     }
 
     /// Hands every visible completion to `on_completion`, without entering the kernel.

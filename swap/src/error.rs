@@ -158,6 +158,10 @@ pub enum SwapError {
     /// A raw buffer address that is not aligned to 4096 bytes (`O_DIRECT` needs it).
     #[error("buffer address {0:#x} is not aligned to 4096 bytes")]
     Misaligned(usize),
+    /// The [`SwapIoThread`](crate::SwapIoThread) has stopped (shut down, or its engine
+    /// failed); the request was not accepted.
+    #[error("the swap I/O thread has stopped")]
+    Stopped,
     /// An io_uring system call (setup, register, enter) failed.
     #[error("io_uring {op}: {source}")]
     Ring {

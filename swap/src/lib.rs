@@ -53,6 +53,7 @@ pub mod engine;
 pub mod entry;
 pub mod error;
 pub mod header;
+pub mod io_thread;
 pub mod slots;
 pub mod stats;
 pub mod sys;
@@ -63,6 +64,7 @@ pub use engine::{Completion, CompletionMode, Engine, EngineConfig, IoOp, Rejecte
 pub use entry::{DeviceId, SwapEntry, Ticket};
 pub use error::{Result, SwapError};
 pub use header::{PAGE_SIZE, SwapHeader};
+pub use io_thread::{OnComplete, SwapIoThread};
 pub use slots::{SlotMap, SlotRun, SwapSpace};
 pub use stats::{EngineStats, LatencySummary, StatsSnapshot};
 pub use sys::buf::PageBuf;

@@ -34,7 +34,8 @@ impl Engine {
             addr: addr as usize,
             len,
         });
-        self.queue(entry, IoOp::Read, buf, len).map_err(|(e, _)| e)
+        self.queue(entry, IoOp::Read, buf, len, true)
+            .map_err(|(e, _)| e)
     }
 
     /// Queues a write of `len` bytes (a multiple of 4096) from `addr` to the slots `entry`,
@@ -56,7 +57,8 @@ impl Engine {
             addr: addr as usize,
             len,
         });
-        self.queue(entry, IoOp::Write, buf, len).map_err(|(e, _)| e)
+        self.queue(entry, IoOp::Write, buf, len, true)
+            .map_err(|(e, _)| e)
     }
 }
 
