@@ -8,8 +8,9 @@
 //! | piece | module | owner |
 //! |---|---|---|
 //! | [`SwapDevice`]: an `O_DIRECT` fd with a validated USM header, and its *bad* map | [`device`] | shared (`Arc`) by the allocator and all engines |
-//! | [`SwapSpace`] / [`SlotMap`]: free/used bitfields and reference counts, priorities | [`slots`] | one owner at a time (the runtime's lock) |
+//! | [`SwapSpace`]: every device's [`SlotMap`] (free/used bitfield, reference counts) behind a per-device lock, priorities | [`slots`] | shared (`Arc`, `Sync`): any thread allocates and frees |
 //! | [`Engine`]: one io_uring, the buffers of its requests in flight, statistics | [`engine`] | one worker thread (`!Send`) |
+//! | [`SwapIoThread`]: an `Engine` on its own thread; any thread queues I/O, a callback per completion | [`io_thread`] | shared (`Sync`) |
 //! | [`Zram`]: a `/dev/zramN` configured as a RAM swap device, reset on drop | [`zram`] | whoever configured it |
 //!
 //! # A swap-out and a swap-in

@@ -22,9 +22,13 @@
 //!   Reading a page back does **not** free its slot: a clean page swapped back in keeps
 //!   its entry, so evicting it again needs no write (the caller frees the slot when the
 //!   page is written to, or freed).
-//! * Both structures are owned by one thread at a time (the runtime wraps the
-//!   `SwapSpace` in its own lock or gives each worker a share of the devices); only the
-//!   device's *bad* map is shared between threads (atomics, set by any engine).
+//! * A [`SlotMap`] is owned by one thread at a time. A [`SwapSpace`] is `Sync`: each
+//!   device's map sits behind its own lock, held for one allocation, `dup` or `free`
+//!   (O(1) amortised, as above), so the daemon and every worker allocate and free from
+//!   their own threads with `&SwapSpace` (an `Arc<SwapSpace>`), and threads working on
+//!   different devices never contend. Only [`SwapSpace::add`] needs `&mut` (set-up). The
+//!   device's *bad* map is atomics, set by any engine.
+//! * Lock order: one device lock at a time, never nested; no other lock is taken under it.
 //!
 //! # Devices and priorities
 //! Like `swapon -p`: the highest priority group is tried first; within a group the
@@ -36,6 +40,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use bitvec::prelude::{BitVec, Lsb0};
+use usm_sync::atomic::{AtomicUsize, Ordering};
+use usm_sync::{Mutex, MutexGuard};
 
 use crate::device::SwapDevice;
 use crate::entry::{DeviceId, MAX_SLOT, SwapEntry};
@@ -210,18 +216,32 @@ impl SlotRun {
 #[derive(Debug)]
 struct Member {
     device: Arc<SwapDevice>,
-    map: SlotMap,
+    map: Mutex<SlotMap>,
     priority: i32,
+}
+
+impl Member {
+    /// The device's slot map, locked. A panic while it was held cannot leave the map
+    /// half-updated (its methods check before they write), so a poisoned lock is entered.
+    fn map(&self) -> MutexGuard<'_, SlotMap> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 #[derive(Debug)]
 struct Group {
     priority: i32,
     members: Vec<usize>,
-    next: usize,
+    /// Round-robin turn among equal priorities (a hint: a race only changes which device
+    /// of the group is tried first).
+    next: AtomicUsize,
 }
 
-/// Every swap device of a runtime with its slot map, allocating by priority.
+/// Every swap device of a runtime with its slot map, allocating by priority. `Sync`:
+/// share it (`Arc<SwapSpace>`) between the threads that allocate and free slots; see the
+/// module docs.
 #[derive(Debug, Default)]
 pub struct SwapSpace {
     members: Vec<Member>,
@@ -242,7 +262,7 @@ impl SwapSpace {
         }
         let idx = self.members.len();
         self.members.push(Member {
-            map: SlotMap::new(id, device.slots()),
+            map: Mutex::new(SlotMap::new(id, device.slots())),
             device,
             priority,
         });
@@ -252,7 +272,7 @@ impl SwapSpace {
                 self.groups.push(Group {
                     priority,
                     members: vec![idx],
-                    next: 0,
+                    next: AtomicUsize::new(0),
                 });
                 self.groups.sort_by_key(|g| std::cmp::Reverse(g.priority));
             }
@@ -279,31 +299,29 @@ impl SwapSpace {
         self.members.iter().find(|m| m.device.id() == id)
     }
 
-    fn member_mut(&mut self, id: DeviceId) -> Result<&mut Member> {
-        self.members
-            .iter_mut()
-            .find(|m| m.device.id() == id)
-            .ok_or(SwapError::UnknownDevice(id))
+    fn member_or_err(&self, id: DeviceId) -> Result<&Member> {
+        self.member(id).ok_or(SwapError::UnknownDevice(id))
     }
 
     /// Allocates one slot on the best device with space.
-    pub fn alloc(&mut self) -> Result<SwapEntry> {
+    pub fn alloc(&self) -> Result<SwapEntry> {
         self.alloc_run(1).map(|r| r.first)
     }
 
     /// Allocates a run of 1..=`max` contiguous slots on the highest-priority device with a
     /// free slot (round-robin among equal priorities). [`SwapError::NoSpace`] when every
     /// device is full.
-    pub fn alloc_run(&mut self, max: u32) -> Result<SlotRun> {
-        for g in 0..self.groups.len() {
-            let count = self.groups[g].members.len();
+    pub fn alloc_run(&self, max: u32) -> Result<SlotRun> {
+        for g in &self.groups {
+            let count = g.members.len();
+            let first = g.next.load(Ordering::Relaxed);
             for k in 0..count {
-                let turn = (self.groups[g].next + k) % count;
-                let idx = self.groups[g].members[turn];
-                if let Some(run) = self.members[idx].map.alloc_run(max) {
-                    self.groups[g].next = (turn + 1) % count;
-                    let id = self.members[idx].device.id();
-                    return Self::to_run(id, run);
+                let turn = (first + k) % count;
+                let m = &self.members[g.members[turn]];
+                let run = m.map().alloc_run(max);
+                if let Some(run) = run {
+                    g.next.store((turn + 1) % count, Ordering::Relaxed);
+                    return Self::to_run(m.device.id(), run);
                 }
             }
         }
@@ -311,9 +329,9 @@ impl SwapSpace {
     }
 
     /// Allocates a run on device `id` only.
-    pub fn alloc_run_on(&mut self, id: DeviceId, max: u32) -> Result<SlotRun> {
-        let m = self.member_mut(id)?;
-        match m.map.alloc_run(max) {
+    pub fn alloc_run_on(&self, id: DeviceId, max: u32) -> Result<SlotRun> {
+        let run = self.member_or_err(id)?.map().alloc_run(max);
+        match run {
             Some(run) => Self::to_run(id, run),
             None => Err(SwapError::NoSpace { device: Some(id) }),
         }
@@ -328,37 +346,37 @@ impl SwapSpace {
     }
 
     /// Adds an owner to `entry` (fork). Returns the new count.
-    pub fn dup(&mut self, entry: SwapEntry) -> Result<u16> {
-        self.member_mut(entry.device())?.map.dup(entry.slot())
+    pub fn dup(&self, entry: SwapEntry) -> Result<u16> {
+        self.member_or_err(entry.device())?.map().dup(entry.slot())
     }
 
     /// Drops an owner of `entry`; the last owner frees the slot (or retires it if the
     /// device marked it bad). Returns whether the slot lost its last owner.
-    pub fn free(&mut self, entry: SwapEntry) -> Result<bool> {
-        let m = self.member_mut(entry.device())?;
+    pub fn free(&self, entry: SwapEntry) -> Result<bool> {
+        let m = self.member_or_err(entry.device())?;
         let bad = m.device.is_bad(entry.slot());
-        m.map.release(entry.slot(), bad)
+        m.map().release(entry.slot(), bad)
     }
 
     /// Owners of `entry` (0 when free, retired or unknown).
     pub fn refcount(&self, entry: SwapEntry) -> u16 {
         self.member(entry.device())
-            .map_or(0, |m| m.map.refcount(entry.slot()))
+            .map_or(0, |m| m.map().refcount(entry.slot()))
     }
 
-    /// Free slots on all devices.
+    /// Free slots on all devices (a sum of per-device snapshots).
     pub fn free_slots(&self) -> u64 {
-        self.members.iter().map(|m| m.map.free_slots()).sum()
+        self.members.iter().map(|m| m.map().free_slots()).sum()
     }
 
     /// Free slots on device `id`.
     pub fn free_slots_on(&self, id: DeviceId) -> Option<u64> {
-        self.member(id).map(|m| m.map.free_slots())
+        self.member(id).map(|m| m.map().free_slots())
     }
 
     /// Slots on all devices.
     pub fn total_slots(&self) -> u64 {
-        self.members.iter().map(|m| m.map.capacity()).sum()
+        self.members.iter().map(|m| m.map().capacity()).sum()
     }
 }
 

@@ -362,3 +362,123 @@ fn swap_io_thread_reports_refused_requests_through_the_callback() {
     assert_eq!(ok.result.unwrap() as usize, PAGE_SIZE);
     drop(io);
 }
+
+/// [`usm_swap::SwapSpace`] shared by threads: they allocate (single slots and runs, on
+/// three devices with two priorities), share (`dup`) and free concurrently. A per-slot
+/// owner mark, set with compare-and-swap right after allocation and cleared just before
+/// the last free, proves no slot is ever handed out twice; at the end the space is empty
+/// again, and a concurrent fill stops at exactly the number of slots.
+#[test]
+fn swap_space_shared_by_threads_never_hands_out_a_slot_twice() {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use usm_swap::{SwapError, SwapSpace};
+
+    fn assert_sync<T: Send + Sync>() {}
+    assert_sync::<SwapSpace>();
+
+    let dir = disk_tempdir();
+    let mut space = SwapSpace::new();
+    for (id, prio) in [(0u8, 5), (1, 5), (2, 1)] {
+        let p = dir.path().join(format!("swap{id}"));
+        create_swap_file(&p, 1 << 20).unwrap();
+        space
+            .add(Arc::new(SwapDevice::open(DeviceId(id), &p).unwrap()), prio)
+            .unwrap();
+    }
+    let space = Arc::new(space);
+    let total = space.total_slots();
+    let per_dev = space.device(DeviceId(0)).unwrap().slots() as usize;
+    let marks: Arc<Vec<AtomicU8>> = Arc::new((0..3 * per_dev).map(|_| AtomicU8::new(0)).collect());
+    let mark_of = move |e: SwapEntry| usize::from(e.device().0) * per_dev + e.slot() as usize;
+
+    let threads: Vec<_> = (0..2u8)
+        .map(|t| {
+            let (space, marks) = (space.clone(), marks.clone());
+            std::thread::spawn(move || {
+                let me = t + 1;
+                let mut rng = Rng(0xA5A5 + u64::from(t));
+                let mut held: Vec<(SwapEntry, u16)> = Vec::new();
+                let (mut allocs, mut full) = (0u64, 0u64);
+                for _ in 0..20_000 {
+                    match rng.below(8) {
+                        0..=3 => match space.alloc_run(1 + rng.below(8) as u32) {
+                            Ok(run) => {
+                                for e in run.entries() {
+                                    let prev = marks[mark_of(e)].compare_exchange(
+                                        0,
+                                        me,
+                                        Ordering::AcqRel,
+                                        Ordering::Acquire,
+                                    );
+                                    assert_eq!(prev, Ok(0), "{e} handed out twice");
+                                    assert_eq!(space.refcount(e), 1);
+                                    held.push((e, 1));
+                                    allocs += 1;
+                                }
+                            }
+                            Err(SwapError::NoSpace { .. }) => full += 1,
+                            Err(e) => panic!("{e}"),
+                        },
+                        4 if !held.is_empty() => {
+                            let i = rng.below(held.len() as u64) as usize;
+                            let (e, refs) = &mut held[i];
+                            *refs = space.dup(*e).unwrap();
+                        }
+                        _ if !held.is_empty() => {
+                            let i = rng.below(held.len() as u64) as usize;
+                            let (e, refs) = held[i];
+                            if refs == 1 {
+                                held.swap_remove(i);
+                                assert_eq!(marks[mark_of(e)].swap(0, Ordering::AcqRel), me);
+                                assert!(space.free(e).unwrap(), "{e}: last owner");
+                            } else {
+                                assert!(!space.free(e).unwrap());
+                                held[i].1 -= 1;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                for (e, refs) in held {
+                    assert_eq!(marks[mark_of(e)].swap(0, Ordering::AcqRel), me);
+                    for r in (1..=refs).rev() {
+                        assert_eq!(space.free(e).unwrap(), r == 1);
+                    }
+                }
+                (allocs, full)
+            })
+        })
+        .collect();
+    let mut allocs = 0;
+    for h in threads {
+        allocs += h.join().unwrap().0;
+    }
+    assert!(allocs > 10_000, "{allocs} allocations");
+    assert_eq!(space.free_slots(), total, "the space is empty again");
+
+    // Both threads fill the space at once: exactly `total` slots, no duplicate.
+    let fills: Vec<_> = (0..2)
+        .map(|_| {
+            let space = space.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                loop {
+                    match space.alloc_run(3) {
+                        Ok(run) => got.extend(run.entries()),
+                        Err(SwapError::NoSpace { .. }) => return got,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut all: Vec<SwapEntry> = fills.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    assert_eq!(all.len() as u64, total);
+    all.sort_by_key(|e| e.to_raw());
+    all.dedup();
+    assert_eq!(all.len() as u64, total, "a slot was handed out twice");
+    for e in all {
+        assert!(space.free(e).unwrap());
+    }
+    assert_eq!(space.free_slots(), total);
+}
