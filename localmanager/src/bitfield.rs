@@ -14,7 +14,10 @@
 //! # Protocol (any thread may set or clear; leaves are the truth, summaries are hints)
 //! - **set(i)**: `leaf |= bit`; if the leaf was empty, `summary |= leaf bit`; if the summary
 //!   was empty, `top |= chunk bit`. Whoever makes a word go from empty to non-empty owns the
-//!   summary bit above it.
+//!   summary bit above it. A setter that found the word non-empty also *helps*: if the
+//!   summary (or top) bit is not visible yet — its owner may be an OS thread descheduled
+//!   between its two RMWs — it sets it, so its own bit never waits on another thread's
+//!   progress to become findable.
 //! - **clear(i)** (a *claim*: exactly one of several concurrent clearers of a set bit gets
 //!   `true`): `leaf &= !bit`; if that emptied the leaf, `summary &= !leaf bit` and then
 //!   **re-check the leaf**: a concurrent `set` may have refilled it and set the summary bit
@@ -25,7 +28,9 @@
 //! - Between a clear of a summary and its re-check a concurrent search can miss a set bit
 //!   (a transient false negative); [`AtomicBitfield::clear_reporting`] tells the clearer it
 //!   restored a summary so it can wake the owner. A summary bit may also be set over an
-//!   empty leaf (a stale hint); searches skip those.
+//!   empty leaf (a stale hint: a set whose leaf bit was claimed before it published the
+//!   summary bit); searches skip those, and the owner removes them before it parks
+//!   ([`AtomicBitfield::scrub_stale_hints`]) because they make `is_empty` report work.
 //! - **find_next(from)**: rotating find-first-set starting at `from`, wrapping around:
 //!   O(1) in the capacity (three word loads in the common case), used for fair round-robin.
 //! - Chunks are only added by the owner ([`AtomicBitfield::grow_to`]) before any index in
@@ -139,12 +144,35 @@ impl AtomicBitfield {
         let prev = chunk.leaves[l].fetch_or(bit, Ordering::AcqRel);
         if prev == 0 {
             self.set_summary(chunk, c, l);
+        } else {
+            // Help: the setter that made the leaf non-empty may not have published the
+            // summary (or top) bit yet — it may be an OS thread descheduled between its two
+            // RMWs. Without this our bit would stay invisible to searches through the
+            // summaries until that thread runs again. A load suffices when the bit is set.
+            self.ensure_summary(chunk, c, l);
         }
         prev & bit == 0
     }
 
     fn set_summary(&self, chunk: &Chunk, c: usize, l: usize) {
         if chunk.summary.fetch_or(1 << l, Ordering::AcqRel) == 0 {
+            self.top.fetch_or(1 << c, Ordering::AcqRel);
+        } else {
+            self.ensure_top(c);
+        }
+    }
+
+    /// `set_summary` unless the summary and top bits are both visible already.
+    fn ensure_summary(&self, chunk: &Chunk, c: usize, l: usize) {
+        if chunk.summary.load(Ordering::Acquire) & (1 << l) == 0 {
+            self.set_summary(chunk, c, l);
+        } else {
+            self.ensure_top(c);
+        }
+    }
+
+    fn ensure_top(&self, c: usize) {
+        if self.top.load(Ordering::Acquire) & (1 << c) == 0 {
             self.top.fetch_or(1 << c, Ordering::AcqRel);
         }
     }
@@ -189,6 +217,45 @@ impl AtomicBitfield {
             }
         }
         false
+    }
+
+    /// Clears summary and top bits left over an empty word (stale hints: a set racing a
+    /// claim can leave one behind), each with the same re-check as a claim, so a concurrent
+    /// set is never hidden. Stale hints cost nothing in searches, but they make
+    /// [`AtomicBitfield::is_empty`] report work that is not there, which would keep an idle
+    /// worker from ever blocking. Called by the owner before it parks. Returns the number
+    /// of hints cleared.
+    pub fn scrub_stale_hints(&self) -> usize {
+        let mut cleared = 0;
+        let mut top = self.top.load(Ordering::Acquire);
+        while top != 0 {
+            let c = top.trailing_zeros() as usize;
+            top &= top - 1;
+            let Some(chunk) = self.chunk(c) else { continue };
+            let mut summary = chunk.summary.load(Ordering::Acquire);
+            while summary != 0 {
+                let l = summary.trailing_zeros() as usize;
+                summary &= summary - 1;
+                if chunk.leaves[l].load(Ordering::Acquire) != 0 {
+                    continue;
+                }
+                chunk.summary.fetch_and(!(1 << l), Ordering::AcqRel);
+                if chunk.leaves[l].load(Ordering::Acquire) != 0 {
+                    self.set_summary(chunk, c, l);
+                } else {
+                    cleared += 1;
+                }
+            }
+            if chunk.summary.load(Ordering::Acquire) == 0 {
+                self.top.fetch_and(!(1 << c), Ordering::AcqRel);
+                if chunk.summary.load(Ordering::Acquire) != 0 {
+                    self.top.fetch_or(1 << c, Ordering::AcqRel);
+                } else {
+                    cleared += 1;
+                }
+            }
+        }
+        cleared
     }
 
     /// True when bit `index` is set (a snapshot).

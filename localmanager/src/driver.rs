@@ -15,6 +15,8 @@
 use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
+use usm_sync::atomic::Ordering;
+
 use crate::signal::{FaultKey, FaultedUThread};
 
 /// Per-worker I/O / fault driver (see the module docs).
@@ -69,11 +71,24 @@ impl DriverContext<'_> {
         self.manager.faulted(out);
     }
 
-    /// Moves a faulted uThread of this worker from PFQ to IDQ; `false` if it was not in PFQ.
+    /// Moves the uThread parked on a fault in `slot` of this worker from PFQ to IDQ, whatever
+    /// fault it is parked on now; `false` if it is not in PFQ. The driver runs on the
+    /// worker, so the slot cannot change hands between its [`DriverContext::faulted`] and
+    /// this call within one `poll`; across polls use [`DriverContext::resume_fault`].
     pub fn resume_faulted(&self, slot: u32) -> bool {
+        let Some(meta) = self.manager.slots.get(slot as usize) else {
+            return false;
+        };
         self.rt.resume_faulted(FaultKey {
             worker: self.worker,
             slot,
+            generation: meta.fault_seq.load(Ordering::Acquire),
         })
+    }
+
+    /// Resumes exactly the fault `key` names (PFQ → IDQ); `false` if that fault was resumed
+    /// already (its slot may be parked on a newer fault, which stays parked).
+    pub fn resume_fault(&self, key: FaultKey) -> bool {
+        self.rt.resume_faulted(key)
     }
 }

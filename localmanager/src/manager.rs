@@ -65,6 +65,33 @@ use crate::task::{DONE, Entry, Task};
 pub(crate) struct SlotMeta {
     pub(crate) entry: AtomicBox<Entry>,
     pub(crate) payload: AtomicU64,
+    /// Fault generation of the slot: odd while its uThread is parked in PFQ (the value is
+    /// the [`FaultKey::generation`] of that fault), even otherwise. Only ever incremented
+    /// (never reset when the slot is reused), so a key of an earlier fault or an earlier
+    /// occupant never matches again. See [`crate::signal`].
+    pub(crate) fault_seq: AtomicU64,
+}
+
+impl SlotMeta {
+    /// The key of the fault this slot is parked on now, with the payload recorded for it;
+    /// `None` when it is not parked (or is between its PFQ bit and its generation being
+    /// published: listed again on the next look).
+    pub(crate) fn parked_fault(&self, worker: usize, slot: usize) -> Option<FaultedUThread> {
+        let generation = self.fault_seq.load(Ordering::Acquire);
+        if generation & 1 == 0 {
+            return None;
+        }
+        let payload = self.payload.load(Ordering::Acquire);
+        // The payload belongs to this fault only if no resume + new fault came in between.
+        (self.fault_seq.load(Ordering::Acquire) == generation).then_some(FaultedUThread {
+            key: FaultKey {
+                worker,
+                slot: slot as u32,
+                generation,
+            },
+            payload,
+        })
+    }
 }
 
 /// Slot storage growing chunk by chunk like the bitfields.
@@ -86,6 +113,7 @@ impl SlotTable {
                     .map(|_| SlotMeta {
                         entry: AtomicBox::empty(),
                         payload: AtomicU64::new(0),
+                        fault_seq: AtomicU64::new(0),
                     })
                     .collect()
             });
@@ -183,14 +211,12 @@ impl ManagerShared {
         let mut slots = Vec::new();
         self.pfq.collect_into(&mut slots);
         for slot in slots {
-            if let Some(meta) = self.slots.get(slot) {
-                out.push(FaultedUThread {
-                    key: FaultKey {
-                        worker: self.index,
-                        slot: slot as u32,
-                    },
-                    payload: meta.payload.load(Ordering::Acquire),
-                });
+            if let Some(fault) = self
+                .slots
+                .get(slot)
+                .and_then(|meta| meta.parked_fault(self.index, slot))
+            {
+                out.push(fault);
             }
         }
     }
@@ -700,6 +726,11 @@ impl<'a> LocalManager<'a> {
     }
 
     fn idle(&mut self) {
+        if !self.shared.idq.is_empty() && self.shared.idq.find_next(0).is_none() {
+            // Nothing found but the top word says otherwise: stale hints (see `bitfield`)
+            // would keep `has_work` true and this worker from ever blocking.
+            self.shared.idq.scrub_stale_hints();
+        }
         let pending_driver = self.driver.as_ref().is_some_and(|d| d.has_pending());
         let quiescent = self.local.timers.borrow().is_empty() && !pending_driver;
         self.shared.quiescent.store(quiescent, Ordering::Release);
@@ -832,6 +863,7 @@ impl<'a> LocalManager<'a> {
                     key: FaultKey {
                         worker: self.local.index,
                         slot: slot as u32,
+                        generation: meta.fault_seq.load(Ordering::Acquire),
                     },
                     payload: meta.payload.load(Ordering::Acquire),
                 });

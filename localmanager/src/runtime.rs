@@ -125,13 +125,35 @@ impl RuntimeShared {
         }
     }
 
-    /// PFQ → IDQ for `key`; `false` if that slot was not in PFQ. Any thread.
+    /// PFQ → IDQ for `key`; `false` if that fault is not parked (any more). Any thread.
+    ///
+    /// The claim is the generation CAS (odd → even): exactly one resumer of a fault wins, and
+    /// a stale key (an earlier fault of the slot, or of its earlier occupant) never matches.
+    /// The handler sets the PFQ bit before it publishes the odd generation, so the winner
+    /// always finds the bit set.
     pub(crate) fn resume_faulted(&self, key: FaultKey) -> bool {
         let Some(manager) = self.managers.get(key.worker) else {
             return false;
         };
-        if !manager.pfq.clear(key.slot as usize) {
+        let Some(meta) = manager.slots.get(key.slot as usize) else {
             return false;
+        };
+        if key.generation & 1 == 0
+            || meta
+                .fault_seq
+                .compare_exchange(
+                    key.generation,
+                    key.generation.wrapping_add(1),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+        {
+            return false;
+        }
+        if !manager.pfq.clear(key.slot as usize) {
+            // Ruled out by the order above; never leave a uThread parked for it.
+            tracing::error!(?key, "resumed fault had no PFQ bit");
         }
         manager
             .counters

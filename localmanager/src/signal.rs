@@ -13,7 +13,8 @@
 //!    then `slots[slot].payload.store(payload)` (one atomic store);
 //! 3. `task.in_handler.store(true)` — from now on no thief takes it, shutdown never drops it;
 //! 4. CAS loop `task.state: RUNNING → FAULTED` (keeps a pending unpark token);
-//! 5. `counters.faults += 1`, `pfq.set(slot)` (lock-free RMWs on the worker's PFQ);
+//! 5. `counters.faults += 1`, `pfq.set(slot)` (lock-free RMWs on the worker's PFQ), then
+//!    `slots[slot].fault_seq += 1` (even → odd): this publishes the fault's key;
 //! 6. `usm_fibers::suspend_current(Suspend::Fault)`: corosensei's register switch back into
 //!    the LocalManager, which puts the entry back in its slot and schedules others;
 //! 7. when resumed — always on the same worker thread, after someone moved it PFQ → IDQ with
@@ -28,19 +29,29 @@
 //! # Resuming
 //! The runtime lists PFQ with [`crate::Handle::faulted`] (or the driver context), each entry
 //! a [`FaultedUThread`] with its payload, and calls `resume_faulted(key)` from any thread
-//! once the page is in place. At most one resumer per fault: `resume_faulted` claims the PFQ
-//! bit, so a second call returns `false`.
+//! once the page is in place. At most one resumer per fault: `resume_faulted` claims the
+//! fault with a CAS of the slot's generation (odd → even), then clears the PFQ bit, so a
+//! second call returns `false`.
+//!
+//! # Generations
+//! A [`FaultKey`] names one fault, not just a slot: slots are reused (after the uThread
+//! finishes, or when it is stolen away while ready) and a uThread faults many times. The
+//! slot's generation only ever grows, so a key kept by a slow resumer — listed twice, or
+//! resumed late by an I/O completion — can never resume a later fault of the same slot
+//! (whose page is not there yet) or another uThread that now lives in the slot.
 
 use serde::Serialize;
 
-/// Identifies a uThread parked on a fault: its worker and its slot there. Valid until it is
-/// resumed.
+/// Identifies one fault a uThread is parked on: its worker, its slot there and the fault's
+/// generation. Valid until that fault is resumed; afterwards it matches nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct FaultKey {
     /// Worker (LocalManager) index.
     pub worker: usize,
     /// Slot in that worker's IDQ/PFQ.
     pub slot: u32,
+    /// Generation of the fault in that slot (odd; see the module docs).
+    pub generation: u64,
 }
 
 /// A PFQ entry: who, and the payload recorded by the handler (fault address + write bit).

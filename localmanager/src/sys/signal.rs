@@ -24,6 +24,8 @@ pub fn park_current_on_fault(payload: u64) -> bool {
         task.mark_faulted();
         manager.counters.faults.fetch_add(1, Ordering::Relaxed);
         manager.pfq.set(slot as usize);
+        // Publish the fault's key (odd generation) last: from here a resumer can claim it.
+        meta.fault_seq.fetch_add(1, Ordering::AcqRel);
         let switched = usm_fibers::suspend_current(Suspend::Fault);
         task.in_handler.store(false, Ordering::Release);
         task.no_preempt.fetch_sub(1, Ordering::Relaxed);
@@ -32,11 +34,19 @@ pub fn park_current_on_fault(payload: u64) -> bool {
     .unwrap_or(false)
 }
 
-/// The PFQ key the running uThread would get if it faulted now (`None` off a uThread).
-/// Async-signal-safe.
+/// The PFQ key the running uThread would get if it faulted now, generation included
+/// (`None` off a uThread). Async-signal-safe.
 pub fn current_fault_key() -> Option<FaultKey> {
-    with_current_task(|local, _, slot| FaultKey {
-        worker: local.index,
-        slot,
+    with_current_task(|local, _, slot| {
+        let generation = local
+            .manager()
+            .slots
+            .get(slot as usize)
+            .map_or(1, |meta| meta.fault_seq.load(Ordering::Acquire) + 1);
+        FaultKey {
+            worker: local.index,
+            slot,
+            generation,
+        }
     })
 }
