@@ -11,6 +11,14 @@
 //!    Re-evaluating instead of remembering means no wake-up can be lost: a page installed
 //!    by another worker is simply found present at the next round.
 //!
+//! # Synchronous swap-in ([`SwapInMode::Sync`], the kernel-like baseline inside USM)
+//! Step 3 does not leave a uThread in PFQ when its page is not there yet: the driver
+//! blocks the worker in `io_uring_enter` (or sleeps 20 µs at a time when the read is on
+//! another worker's ring, or frames are still being written back) until the page is
+//! installed, then resumes it — the core runs no other uThread meanwhile, as a kernel
+//! fault would block it. Counted in `worker_blocked`. After 5 s of waiting the driver gives
+//! up for this round and the uThread stays parked (a shutdown is never held forever).
+//!
 //! A uThread is resumed only by the worker it is parked on (the scheduler guarantees it
 //! runs there again), and never dropped while parked (shutdown waits for it).
 
@@ -18,14 +26,15 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::EventFd;
 use usm_localmanager::signal::FaultedUThread;
 use usm_localmanager::{Driver, DriverContext};
 
+use crate::embedded::SwapInMode;
 use crate::embedded::runtime::Shared;
-use crate::mm::{FaultClock, FaultPath, FaultResult, WorkerMm};
+use crate::mm::{FaultClock, FaultPath, FaultResult, MmStats, WorkerMm};
 use crate::sys::sigbus;
 
 struct Waiting {
@@ -92,6 +101,27 @@ impl FaultDriver {
             FaultResult::NeedMemory => {
                 waiting.needs_memory = true;
                 false
+            }
+        }
+    }
+
+    /// [`SwapInMode::Sync`]: blocks this worker until the fault is served (see the module
+    /// docs). `true` when it was.
+    fn block_until_served(&mut self, payload: u64, waiting: &mut Waiting) -> bool {
+        MmStats::bump(&self.wm.core().stats().counters.worker_blocked);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.wm.in_flight() > 0 {
+                self.wm.wait_io();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            self.wm.poll();
+            if self.evaluate(payload, waiting) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
             }
         }
     }
@@ -162,7 +192,11 @@ impl Driver for FaultDriver {
                 waited_io: false,
                 needs_memory: false,
             });
-            if self.evaluate(f.payload, &mut w) {
+            let mut served = self.evaluate(f.payload, &mut w);
+            if !served && self.shared.swap_in == SwapInMode::Sync {
+                served = self.block_until_served(f.payload, &mut w);
+            }
+            if served {
                 if cx.resume_faulted(f.key.slot) {
                     n += 1;
                 }

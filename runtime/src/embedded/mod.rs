@@ -65,7 +65,7 @@ mod runtime;
 
 pub use error::EmbeddedError;
 pub use region::{PinGuard, Pod, Region, RegionVec};
-pub use runtime::{Builder, Runtime};
+pub use runtime::{Builder, Runtime, SwapInMode};
 pub use usm_localmanager::{JoinError, JoinHandle, ShutdownReport, WakerMode};
 
 /// A snapshot of the embedded runtime's state (serialisable for the demo and benches).

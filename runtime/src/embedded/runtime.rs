@@ -31,6 +31,21 @@ pub(crate) struct Shared {
     pub(crate) default_alloc: String,
     /// How regions are registered (`MISSING`, plus `WP` when writes are tracked).
     pub(crate) register_mode: usm_kmod::RegisterMode,
+    /// What a worker does while a uThread's page is read back.
+    pub(crate) swap_in: SwapInMode,
+}
+
+/// What a worker does while the page a uThread faulted on is read back from swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SwapInMode {
+    /// The uThread stays parked in PFQ and the worker runs other uThreads while io_uring
+    /// reads the page (USM's mode; the default).
+    #[default]
+    Yield,
+    /// The worker waits for the page itself, running nothing else (blocked in
+    /// `io_uring_enter`), as a kernel swap fault blocks a Shenango/Junction worker: the
+    /// kernel-like baseline inside USM, benchmark mode (b).
+    Sync,
 }
 
 impl Drop for Shared {
@@ -62,6 +77,9 @@ pub struct Builder {
     pin: bool,
     stack_size: Option<usize>,
     clean_eviction: bool,
+    swap_in: SwapInMode,
+    round_budget: Option<usize>,
+    access_sampling: Option<bool>,
 }
 
 impl Default for Builder {
@@ -87,6 +105,9 @@ impl Builder {
             pin: false,
             stack_size: None,
             clean_eviction: true,
+            swap_in: SwapInMode::Yield,
+            round_budget: None,
+            access_sampling: None,
         }
     }
 
@@ -158,6 +179,31 @@ impl Builder {
         self
     }
 
+    /// Re-fault access sampling for the eviction policy (default on): when the policy's
+    /// hand first reaches a resident page, the page is moved out to its own pool slot (no
+    /// I/O) and spared; an access faults, moves it back at once and reports it accessed;
+    /// a page still out when the hand comes back is evicted (already out: no MOVE). Off:
+    /// the policy sees no access information (`clock` behaves as FIFO).
+    pub fn access_sampling(mut self, on: bool) -> Self {
+        self.access_sampling = Some(on);
+        self
+    }
+
+    /// What a worker does during a uThread's swap-in ([`SwapInMode::Yield`] by default).
+    pub fn swap_in_mode(mut self, mode: SwapInMode) -> Self {
+        self.swap_in = mode;
+        self
+    }
+
+    /// uThread runs per scheduling round between two regular driver polls (the
+    /// scheduler's default, 64, when unset). The driver is also polled within a round
+    /// right after a fault and while swap I/O is in flight, at most every 100 µs (a
+    /// constant of `usm_localmanager`, not a knob).
+    pub fn round_budget(mut self, runs: usize) -> Self {
+        self.round_budget = Some(runs);
+        self
+    }
+
     /// uThread stack size.
     pub fn stack_size(mut self, bytes: usize) -> Self {
         self.stack_size = Some(bytes);
@@ -215,6 +261,9 @@ impl Builder {
         }
         config.evict = self.evict.clone();
         config.clean_eviction = tracking;
+        if let Some(n) = self.access_sampling {
+            config.access_sampling = n;
+        }
         config.oom = self.oom.clone();
         // Surface engine set-up errors here rather than on a worker thread.
         drop(usm_swap::Engine::new(&config.engine, &devices)?);
@@ -281,6 +330,7 @@ impl Builder {
             } else {
                 usm_kmod::RegisterMode::MISSING
             },
+            swap_in: self.swap_in,
         });
         let zeroer = pool.spawn_zeroer(64);
         let factory_shared = shared.clone();
@@ -302,6 +352,9 @@ impl Builder {
             .driver(factory);
         if let Some(s) = self.stack_size {
             sched = sched.stack_size(s);
+        }
+        if let Some(r) = self.round_budget {
+            sched = sched.round_budget(r);
         }
         let sched = sched.build()?;
         Ok(Runtime {

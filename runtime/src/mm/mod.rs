@@ -2,7 +2,7 @@
 //!
 //! # Pieces
 //! - [`Space`] ([`space`]): one address space — page states keyed by page address
-//!   ([`PageState`]: Resident / Copied / Staging / Swapped / SwapIn / Poisoned), managed
+//!   ([`PageState`]: Resident / Sampled / Copied / Staging / Swapped / SwapIn / Poisoned), managed
 //!   ranges with a per-range generation (fencing address reuse), a [`usm_policies::HintMap`],
 //!   pins, counters.
 //! - [`MmCore`] (module `core`): shared by all workers — the frame pool, the
@@ -69,9 +69,26 @@
 //! and falls back to a write-back to the same slot — then `Swapped(entry)` is recorded and
 //! the frame recycled with no I/O.
 //!
-//! # What is not here (yet)
-//! Access information for eviction (`EvictCx::access` reports no information, so `clock`
-//! degrades to FIFO).
+//! # Access information for eviction: re-fault sampling
+//! `/sys/kernel/mm/page_idle` is not available to us and `WP_ASYNC` sees writes only, so
+//! the eviction policy learns about accesses by *sampling* (on by default,
+//! [`MmConfig::access_sampling`]). During a victim search, `EvictCx::access(frame)` on a
+//! `Resident` page moves it out to its own pool slot (`UFFDIO_MOVE`, no I/O; the page is
+//! now [`PageState::Sampled`], still counted resident, still tracked by the policy) and
+//! answers *accessed*, so `clock` spares it for one revolution of its hand. Then either:
+//! - the program touches the page: the fault finds it `Sampled`, moves it back at once
+//!   (`FaultPath::SampleRefault`, no policy call, no I/O) and reports
+//!   `EvictPolicy::on_access(accessed)`; the next time the hand comes it is sampled again;
+//! - or the hand comes back while it is still out: `access` answers *not accessed*, the
+//!   page becomes a victim, and since it is already in its slot its write-back is queued
+//!   without another MOVE (`sampled_evictions`).
+//!
+//! So a page leaves memory only after a full revolution without an access, reads included
+//! (a written-bit scan would miss reads). Cost: one MOVE per page per revolution and one
+//! cheap re-fault per *used* page per revolution. At most 4096 pages are sampled per search
+//! (the first search under pressure finds every page unsampled). A swapped-in page whose
+//! clean copy is kept loses its write-protection in the MOVE back; a read re-fault re-arms
+//! it, a write re-fault drops the copy.
 //!
 //! # API stability
 //! Extend, don't break: the daemon builds on these types. Changes are noted here.

@@ -17,6 +17,12 @@
 //!     └── range dropped ─ Poisoned (the program gets SIGBUS there, never zeros)
 //! ```
 //!
+//! Access sampling adds one state beside `Resident`: `Resident(frame)` ⇄ `Sampled(frame)`.
+//! A sampled page was moved out to its frame's own slot (`UFFDIO_MOVE`, no I/O) so that the
+//! next access faults; that fault moves it back at once and tells the eviction policy the
+//! page was accessed. A sampled page chosen as a victim is already out: its write-back is
+//! queued straight from the slot (`Sampled → Staging`).
+//!
 //! A page absent from the map is *vacant*: no content anywhere, a zeroed frame may back it.
 //!
 //! # Ranges and generations
@@ -43,6 +49,10 @@ use usm_swap::{SwapEntry, Ticket};
 pub enum PageState {
     /// Mapped, backed by a pool frame.
     Resident(FrameNo),
+    /// Resident, but moved out to its frame's slot for access sampling: the next access
+    /// faults and moves it back (see the module docs). Still tracked by the eviction
+    /// policy; counts as resident.
+    Sampled(FrameNo),
     /// Mapped by `UFFDIO_COPY` (MOVE refused): resident but owns no pool frame, so it is
     /// never evicted; its memory goes with the range.
     Copied,
@@ -83,7 +93,10 @@ impl PageState {
     pub fn is_resident(&self) -> bool {
         matches!(
             self,
-            PageState::Resident(_) | PageState::Copied | PageState::SwapIn { .. }
+            PageState::Resident(_)
+                | PageState::Sampled(_)
+                | PageState::Copied
+                | PageState::SwapIn { .. }
         )
     }
 }
@@ -211,9 +224,10 @@ impl Space {
     fn count(&mut self, state: &PageState, delta: isize) {
         let c = &mut self.counters;
         let slot = match state {
-            PageState::Resident(_) | PageState::Copied | PageState::SwapIn { .. } => {
-                &mut c.resident
-            }
+            PageState::Resident(_)
+            | PageState::Sampled(_)
+            | PageState::Copied
+            | PageState::SwapIn { .. } => &mut c.resident,
             PageState::Staging { .. } | PageState::Swapped(_) => &mut c.swapped,
             PageState::Poisoned => &mut c.poisoned,
         };

@@ -18,6 +18,8 @@ pub enum FaultPath {
     SwapIn,
     /// A fault from a thread that is not a uThread, served while it waited on a futex.
     SyncWait,
+    /// An access to a page moved out for access sampling: moved back at once.
+    SampleRefault,
 }
 
 /// Event counters (monotonic).
@@ -61,6 +63,14 @@ pub struct Counters {
     pub memory_waits: AtomicU64,
     /// Async operations dropped because their range went away or changed generation.
     pub fenced: AtomicU64,
+    /// Faults a worker waited for itself, blocking its core (synchronous swap-in mode).
+    pub worker_blocked: AtomicU64,
+    /// Resident pages taken out for access sampling (moved to their slot, still resident).
+    pub samples_taken: AtomicU64,
+    /// Sampled pages accessed again (moved back by a cheap fault; reported as accessed).
+    pub sample_refaults: AtomicU64,
+    /// Victims that were already out for sampling (no MOVE needed to evict them).
+    pub sampled_evictions: AtomicU64,
 }
 
 /// Latency histograms (nanoseconds) per [`FaultPath`].
@@ -70,6 +80,7 @@ pub struct Histograms {
     swap_cache_hit: Histogram<u64>,
     swap_in: Histogram<u64>,
     sync_wait: Histogram<u64>,
+    sample_refault: Histogram<u64>,
 }
 
 impl Histograms {
@@ -83,6 +94,7 @@ impl Histograms {
             swap_cache_hit: h(),
             swap_in: h(),
             sync_wait: h(),
+            sample_refault: h(),
         }
     }
 
@@ -92,6 +104,7 @@ impl Histograms {
             FaultPath::SwapCacheHit => &mut self.swap_cache_hit,
             FaultPath::SwapIn => &mut self.swap_in,
             FaultPath::SyncWait => &mut self.sync_wait,
+            FaultPath::SampleRefault => &mut self.sample_refault,
         }
     }
 }
@@ -159,10 +172,15 @@ impl MmStats {
             oom_failures: l(&c.oom_failures),
             memory_waits: l(&c.memory_waits),
             fenced: l(&c.fenced),
+            worker_blocked: l(&c.worker_blocked),
+            samples_taken: l(&c.samples_taken),
+            sample_refaults: l(&c.sample_refaults),
+            sampled_evictions: l(&c.sampled_evictions),
             fast_map: Latency::of(&h.fast_map),
             swap_cache_hit: Latency::of(&h.swap_cache_hit),
             swap_in: Latency::of(&h.swap_in),
             sync_wait: Latency::of(&h.sync_wait),
+            sample_refault: Latency::of(&h.sample_refault),
         }
     }
 }
@@ -220,6 +238,10 @@ pub struct StatsSnapshot {
     pub oom_failures: u64,
     pub memory_waits: u64,
     pub fenced: u64,
+    pub worker_blocked: u64,
+    pub samples_taken: u64,
+    pub sample_refaults: u64,
+    pub sampled_evictions: u64,
     /// Latency of faults served from the pool.
     pub fast_map: Latency,
     /// Latency of swap-cache hits.
@@ -228,4 +250,6 @@ pub struct StatsSnapshot {
     pub swap_in: Latency,
     /// Latency of faults from plain threads (posted → futex released).
     pub sync_wait: Latency,
+    /// Latency of accesses to pages out for access sampling.
+    pub sample_refault: Latency,
 }
