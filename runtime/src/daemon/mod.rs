@@ -35,6 +35,7 @@ mod control;
 mod evict;
 mod metrics;
 mod nap;
+mod policy;
 mod pool;
 mod process;
 mod space;
@@ -123,7 +124,13 @@ pub struct DaemonOptions {
     pub temp_swap_bytes: u64,
     /// What serves faults (see [`FaultRunner`]).
     pub runner: FaultRunner,
+    /// Registers extra policies (beyond the built-ins) before the config's policy names
+    /// are checked: how an embedder — or a test — brings its own policy to the daemon.
+    pub register: Option<RegisterPolicies>,
 }
+
+/// A function adding policies to the daemon's registry (see [`DaemonOptions::register`]).
+pub type RegisterPolicies = fn(&mut Registry) -> Result<(), usm_policies::PolicyError>;
 
 impl Default for DaemonOptions {
     fn default() -> Self {
@@ -132,6 +139,7 @@ impl Default for DaemonOptions {
                 .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from),
             temp_swap_bytes: 0,
             runner: FaultRunner::from_env(),
+            register: None,
         }
     }
 }
@@ -160,6 +168,9 @@ pub(crate) struct Shared {
     pub(crate) in_flight: AtomicU64,
     /// Process name → allocation policy name.
     assignments: HashMap<String, String>,
+    /// Every policy the daemon knows, with the config's defaults and assignments: each
+    /// managed process gets its own instances from here.
+    pub(crate) registry: Arc<Registry>,
     /// Policy name → pages per flexible huge page.
     fhp: HashMap<String, u64>,
 }
@@ -276,40 +287,63 @@ pub struct ShutdownSummary {
     pub pages_lost: u64,
 }
 
-/// Checks the config's policy names against the registry; returns name → policy and
-/// policy → fhp pages.
-/// Process name → policy spec, and policy spec → pages per flexible huge page.
-type Assignments = (HashMap<String, String>, HashMap<String, u64>);
+/// Process name → policy spec, policy spec → pages per flexible huge page, and the
+/// registry holding the config's defaults and assignments.
+type Assignments = (HashMap<String, String>, HashMap<String, u64>, Registry);
 
-fn assignments(cfg: &Config) -> Result<Assignments, DaemonError> {
+/// A bare `fhp` names the config's `fhp SIZE` (the registry wants `fhp:SIZE`).
+fn with_fhp_size(spec: &str, fhp_bytes: Option<u64>) -> String {
+    match (spec.trim(), fhp_bytes) {
+        ("fhp", Some(b)) => format!("fhp:{}K", b / 1024),
+        (s, _) => s.to_owned(),
+    }
+}
+
+/// Builds the daemon's registry from the config (built-ins, then `register`, then the
+/// config's `policy`, `evict`, `oom` defaults — the first `policy` line wins — and its
+/// `process` assignments), each error naming its line.
+fn assignments(
+    cfg: &Config,
+    register: Option<RegisterPolicies>,
+) -> Result<Assignments, DaemonError> {
     let mut reg = Registry::with_builtins();
-    for p in &cfg.policies {
-        reg.validate(&p.value)
+    if let Some(register) = register {
+        register(&mut reg).map_err(|source| DaemonError::Policy { line: 0, source })?;
+    }
+    for p in cfg.policies.iter().rev() {
+        reg.set_default(&with_fhp_size(&p.value, cfg.fhp_bytes))
             .map_err(|source| DaemonError::Policy {
                 line: p.line,
+                source,
+            })?;
+    }
+    for d in [&cfg.evict, &cfg.oom].into_iter().flatten() {
+        reg.set_default(&d.value)
+            .map_err(|source| DaemonError::Policy {
+                line: d.line,
                 source,
             })?;
     }
     let mut out = HashMap::new();
     let mut fhp = HashMap::new();
     for r in &cfg.processes {
-        reg.assign_process(&r.name, &r.policy.value)
+        let spec = with_fhp_size(&r.policy.value, cfg.fhp_bytes);
+        reg.assign_process(&r.name, &spec)
             .map_err(|source| DaemonError::Policy {
                 line: r.policy.line,
                 source,
             })?;
-        let spec = r.policy.value.clone();
         let pages = fhp_pages(&reg, &spec, cfg.fhp_bytes);
         fhp.insert(spec.clone(), pages);
         out.insert(r.name.clone(), spec);
     }
-    Ok((out, fhp))
+    Ok((out, fhp, reg))
 }
 
 /// Checks a config as [`Daemon::start`] will: policy names against the registry, each
 /// error naming its line.
 pub fn validate(cfg: &Config) -> Result<(), DaemonError> {
-    assignments(cfg).map(|_| ())
+    assignments(cfg, None).map(|_| ())
 }
 
 /// Pages per flexible huge page for an allocation policy spec (`fhp:64K`, `fhp`).
@@ -331,7 +365,7 @@ fn fhp_pages(reg: &Registry, spec: &str, default_bytes: Option<u64>) -> u64 {
 impl Daemon {
     /// Starts a daemon: workers, swap, socket, evictor, stat socket, metrics.
     pub fn start(cfg: &Config, opts: &DaemonOptions) -> Result<Daemon, DaemonError> {
-        let (assignments, fhp) = assignments(cfg)?;
+        let (assignments, fhp, registry) = assignments(cfg, opts.register)?;
         let workers = cfg.workers.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
@@ -379,6 +413,7 @@ impl Daemon {
             in_flight: AtomicU64::new(0),
             assignments,
             fhp,
+            registry: Arc::new(registry),
         });
         let stop_accept = Arc::new(AtomicBool::new(false));
         let stop_aux = Arc::new(AtomicBool::new(false));

@@ -9,8 +9,12 @@
 //!   is current before any later fault is read). It ends when the process exits (pidfd,
 //!   or `ESRCH` for a fork child) and gives back every frame and slot.
 //! - **workee** (a uThread, one per fault): decides and installs with `UFFDIO_COPY`. A
-//!   swap-in parks it on its I/O ([`super::swapio`]), so the worker serves other faults
-//!   meanwhile, and one thread's swap-in never delays another thread's fault.
+//!   fault on a vacant page is decided by the process's allocation policy
+//!   ([`super::policy`]; a panic is caught and the policy replaced by the default, and
+//!   an `Oom` answer waits for the evictor, then asks the OOM policy); a page with
+//!   content is restored from its cell. A swap-in parks it on its I/O
+//!   ([`super::swapio`]), so the worker serves other faults meanwhile, and one thread's
+//!   swap-in never delays another thread's fault.
 //! - **control** (`usm-ctl-PID`): the tagger's socket: hints, coverage, range notices,
 //!   the agent's setup. A malformed message is logged and refused; the session goes on.
 
@@ -21,13 +25,18 @@ use std::time::{Duration, Instant};
 use usm_sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use usm_sync::{Arc, Mutex, MutexGuard};
 
+use usm_kmod::event::{Fault, Origin};
 use usm_kmod::{Features, RawUserfaultfd, Resolved, UffdEvent, Userfaultfd};
+use usm_policies::{
+    AllocPolicy, Decision, OomAction, OomSituation, ProcessCounters, RunMode, Watermarks, guarded,
+};
 use usm_proto::agent::AgentClient;
 use usm_proto::server::TaggedPeer;
 use usm_proto::{Channel, Message, ProtoError, RefusalReason};
 use usm_swap::PageBuf;
 
 use super::Shared;
+use super::policy::{FaultCx, log_panic};
 use super::space::{CellData, Charge, PageMap, PageState, SwapCell, try_reserve, unreserve};
 use super::stats::{ProcCounters, ProcessStat, bump};
 use super::sys::{self, PAGE};
@@ -104,9 +113,16 @@ impl Proc {
     }
 
     pub(crate) fn stat(&self) -> ProcessStat {
-        let (resident, swapped) = {
+        let (resident, swapped, policy, evict_policy, oom_policy, evict_panics) = {
             let m = self.lock_map();
-            (m.charged, m.out)
+            (
+                m.charged,
+                m.out,
+                m.policy.alloc.name().to_owned(),
+                m.fifo.policy_name().to_owned(),
+                m.policy.oom.name().to_owned(),
+                m.fifo.panics,
+            )
         };
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -115,7 +131,9 @@ impl Proc {
             pid: self.pid,
             name: self.name.clone(),
             parent: self.parent,
-            policy: self.policy.clone(),
+            policy,
+            evict_policy,
+            oom_policy,
             resident_pages: resident,
             swapped_pages: swapped,
             faults: l(&c.faults),
@@ -125,7 +143,7 @@ impl Proc {
             evictions: l(&c.evictions),
             evict_skipped: l(&c.evict_skipped),
             poisoned: l(&c.poisoned),
-            policy_panics: l(&c.policy_panics),
+            policy_panics: l(&c.policy_panics) + evict_panics,
             forks: l(&c.forks),
             remaps: l(&c.remaps),
             removes: l(&c.removes),
@@ -163,12 +181,13 @@ impl Proc {
         }
     }
 
-    /// Is `[start, start+len)` inside one range the tagger registered?
-    fn in_registered(&self, start: u64, len: u64) -> bool {
+    /// The range the tagger registered around `addr`, if it announced one.
+    fn registered_range(&self, addr: u64) -> Option<std::ops::Range<u64>> {
         let r = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
-        r.range(..=start)
+        r.range(..=addr)
             .next_back()
-            .is_some_and(|(_, &end)| start + len <= end)
+            .filter(|(_, end)| addr < **end)
+            .map(|(&start, &end)| start..end)
     }
 }
 
@@ -223,8 +242,22 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer) {
         tracing::warn!("pid {pid} ({name}): cannot send Ack: {e}");
         return;
     }
+    let policies = match super::policy::build(&sh.registry, &name, pid) {
+        Ok(p) => p,
+        Err(e) => {
+            // The config was checked at start-up: only a registry bug gets here.
+            bump(&sh.refused);
+            tracing::error!("pid {pid} ({name}): cannot build its policies: {e}");
+            return;
+        }
+    };
     bump(&sh.admitted);
-    tracing::info!("pid {pid} ({name}): managed by policy {policy}");
+    tracing::info!(
+        "pid {pid} ({name}): managed by policy {policy} (alloc {}, evict {}, oom {})",
+        policies.0.alloc.name(),
+        policies.1.policy_name(),
+        policies.0.oom.name()
+    );
     let proc = Arc::new(Proc {
         pid,
         name,
@@ -232,7 +265,7 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer) {
         fhp_pages: sh.fhp_pages_for(&policy),
         policy,
         uffd,
-        map: Mutex::new(PageMap::new(sh.frames_used.clone())),
+        map: Mutex::new(PageMap::new(sh.frames_used.clone(), policies)),
         counters: ProcCounters::default(),
         agent: Mutex::new(None),
         channel: Some(stream),
@@ -349,19 +382,29 @@ fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>) {
 
 fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
     match ev {
-        UffdEvent::Pagefault { addr, tid, .. } => {
+        UffdEvent::Pagefault {
+            addr, tid, write, ..
+        } => {
             bump(&proc.counters.faults);
             let t0 = Instant::now();
             let urgent = tid != 0 && tid == proc.agent_tid.load(Ordering::Acquire);
+            let fault = Fault {
+                addr: addr & !(PAGE - 1),
+                write,
+                wp: false,
+                minor: false,
+                len_hint: PAGE,
+                origin: Origin { pid: proc.pid, tid },
+            };
             let (s, p) = (sh.clone(), proc.clone());
-            let job = move || serve_fault(&s, &p, addr & !(PAGE - 1), urgent, t0);
+            let job = move || serve_fault(&s, &p, &fault, urgent, t0);
             match sh.runner {
                 super::FaultRunner::Threads => sh.fault_threads.submit(Box::new(job)),
                 super::FaultRunner::UThreads => {
                     if let Err(e) = sh.handle.spawn(job) {
                         // No runtime (shutting down): serve here rather than leave it.
                         tracing::debug!("spawn failed ({e}); serving the fault on the reader");
-                        serve_fault(sh, proc, addr & !(PAGE - 1), urgent, t0);
+                        serve_fault(sh, proc, &fault, urgent, t0);
                     }
                 }
             }
@@ -476,19 +519,24 @@ fn zeros(len: usize) -> &'static [u8] {
     &ZEROS[..len.min(ZEROS.len())]
 }
 
-/// Serves one fault of `proc` at `page`. Runs on a workee.
-pub(crate) fn serve_fault(sh: &Shared, proc: &Proc, page: u64, urgent: bool, t0: Instant) {
+/// Serves one fault of `proc`. Runs on a workee.
+pub(crate) fn serve_fault(sh: &Shared, proc: &Proc, fault: &Fault, urgent: bool, t0: Instant) {
     sh.in_flight.fetch_add(1, Ordering::AcqRel);
-    serve_fault_inner(sh, proc, page, urgent, t0);
+    serve_fault_inner(sh, proc, fault, urgent, t0);
     sh.in_flight.fetch_sub(1, Ordering::AcqRel);
 }
 
-fn serve_fault_inner(sh: &Shared, proc: &Proc, page: u64, urgent: bool, t0: Instant) {
+fn serve_fault_inner(sh: &Shared, proc: &Proc, fault: &Fault, urgent: bool, t0: Instant) {
+    let page = fault.addr;
+    let mut oom = OomWait::default();
     for attempt in 0..100_000u32 {
         if proc.gone.load(Ordering::Acquire) {
             return;
         }
-        let state = proc.lock_map().pages.get(&page).cloned();
+        let (state, generation) = {
+            let m = proc.lock_map();
+            (m.pages.get(&page).cloned(), m.generation_at(page))
+        };
         if attempt == 2000 {
             let what = match &state {
                 None => "absent".to_owned(),
@@ -513,12 +561,14 @@ fn serve_fault_inner(sh: &Shared, proc: &Proc, page: u64, urgent: bool, t0: Inst
         let done = match state {
             Some(PageState::Resident { .. }) => {
                 // Someone (another workee, a revert) mapped it: just wake the waiters.
+                // The program touched the page again: access information for eviction.
                 tracing::trace!("pid {}: fault on resident page {page:#x}", proc.pid);
+                proc.lock_map().fifo.touch(page);
                 let _ = proc.uffd.wake(page, PAGE);
                 true
             }
-            None => fill_fresh(sh, proc, page, urgent),
-            Some(PageState::Out(cell)) => swap_in(sh, proc, page, &cell, urgent),
+            None => fill_by_policy(sh, proc, fault, urgent, &mut oom),
+            Some(PageState::Out(cell)) => swap_in(sh, proc, page, &cell, generation, urgent),
         };
         if done {
             proc.counters.record_latency(t0.elapsed());
@@ -531,6 +581,372 @@ fn serve_fault_inner(sh: &Shared, proc: &Proc, page: u64, urgent: bool, t0: Inst
         "pid {}: gave up on the fault at {page:#x} after 100000 attempts",
         proc.pid
     );
+}
+
+/// How long an `Oom` answer waits for the evictor while something is evictable, before
+/// the OOM policy is asked.
+const OOM_PATIENCE: Duration = Duration::from_secs(10);
+
+/// One fault's out-of-memory history.
+#[derive(Default)]
+struct OomWait {
+    /// When the current wait for frames began.
+    since: Option<Instant>,
+    /// OOM policy calls so far for this fault.
+    attempt: u32,
+}
+
+/// The process's policies over its locked map: the context for one policy call.
+fn fault_cx<'a>(
+    sh: &'a Shared,
+    m: &'a mut PageMap,
+    region: Option<std::ops::Range<u64>>,
+    faults: u64,
+) -> (&'a mut super::policy::AllocSide, FaultCx<'a>) {
+    let counters = ProcessCounters {
+        resident: m.charged as usize,
+        swapped: m.out as usize,
+        faults,
+    };
+    let marks = Watermarks {
+        low: sh.low as usize,
+        high: sh.high as usize,
+    };
+    let PageMap {
+        pages,
+        policy,
+        fifo,
+        ..
+    } = m;
+    let cx = FaultCx::new(
+        pages,
+        fifo,
+        &sh.frames_used,
+        sh.pool_pages,
+        marks,
+        region,
+        counters,
+    );
+    (policy, cx)
+}
+
+/// Calls a notification of the allocation policy (hint, new process, exit), guarded.
+fn notify_alloc(
+    sh: &Shared,
+    proc: &Proc,
+    region: Option<std::ops::Range<u64>>,
+    call: impl FnOnce(&mut dyn AllocPolicy, &mut FaultCx<'_>),
+) {
+    let faults = proc.counters.faults.load(Ordering::Relaxed);
+    let mut m = proc.lock_map();
+    let (policy, mut cx) = fault_cx(sh, &mut m, region, faults);
+    let name = policy.alloc.name().to_owned();
+    let alloc = &mut policy.alloc;
+    let r = guarded(&name, || call(alloc.as_mut(), &mut cx));
+    cx.reclaim_all();
+    drop(cx);
+    if let Err(e) = r {
+        bump(&proc.counters.policy_panics);
+        let new = policy.replace_alloc();
+        log_panic(proc.pid, &e, &new);
+    }
+}
+
+/// A vacant page: the allocation policy decides, the daemon installs zeros with
+/// `UFFDIO_COPY` (one page, or the run the policy chose). Returns true when done.
+fn fill_by_policy(
+    sh: &Shared,
+    proc: &Proc,
+    fault: &Fault,
+    urgent: bool,
+    oom: &mut OomWait,
+) -> bool {
+    let page = fault.addr;
+    let region = proc.registered_range(page);
+    let faults = proc.counters.faults.load(Ordering::Relaxed);
+    let mut m = proc.lock_map();
+    if proc.gone.load(Ordering::Acquire) {
+        return true;
+    }
+    if m.pages.contains_key(&page) {
+        return false; // changed since the caller looked: look again
+    }
+    let (policy, mut cx) = fault_cx(sh, &mut m, region.clone(), faults);
+    // The policy, guarded; after a panic, its replacement serves the fault.
+    let mut decision = None;
+    for _ in 0..3 {
+        let name = policy.alloc.name().to_owned();
+        let alloc = &mut policy.alloc;
+        match guarded(&name, || alloc.alloc(fault, &mut cx)) {
+            Ok(d) => {
+                decision = Some(d);
+                break;
+            }
+            Err(e) => {
+                cx.reclaim_all();
+                bump(&proc.counters.policy_panics);
+                let new = policy.replace_alloc();
+                log_panic(proc.pid, &e, &new);
+            }
+        }
+    }
+    let requested = std::mem::take(&mut cx.victims.requested);
+    let mapping = match decision {
+        Some(Decision::Map(mapping)) if !cx.misused => {
+            let pages_ok = mapping.contains(page)
+                && mapping.pages().all(|(a, _)| {
+                    !cx.pages.contains_key(&a)
+                        && region.as_ref().map_or(a == page, |r| r.contains(&a))
+                });
+            let mut frames = mapping.frames().to_vec();
+            frames.sort_unstable();
+            frames.dedup();
+            if pages_ok && frames.len() == mapping.len() && cx.claim(mapping.frames()) {
+                let leaked = cx.reclaim_all();
+                if leaked > 0 {
+                    tracing::debug!(
+                        "pid {}: policy `{}` kept {leaked} frame(s) it did not map; reclaimed",
+                        proc.pid,
+                        policy.alloc.name()
+                    );
+                }
+                Some(mapping)
+            } else {
+                tracing::warn!(
+                    "pid {}: policy `{}` mapped {:#x}..{:#x} for a fault at {page:#x} (outside \
+                     the range, over a page with content, or frames not its own): served one page instead",
+                    proc.pid,
+                    policy.alloc.name(),
+                    mapping.start(),
+                    mapping.end()
+                );
+                // Only the tokens this context handed out are reserved units.
+                cx.reclaim_all();
+                None
+            }
+        }
+        Some(Decision::Oom) => {
+            cx.reclaim_all();
+            drop(cx);
+            drop(m);
+            return on_oom(sh, proc, fault, urgent, requested, oom);
+        }
+        Some(other) => {
+            tracing::warn!(
+                "pid {}: policy `{}` answered {other:?} for a vacant page: served one page instead",
+                proc.pid,
+                policy.alloc.name()
+            );
+            cx.reclaim_all();
+            None
+        }
+        None => {
+            cx.reclaim_all();
+            None
+        }
+    };
+    drop(cx);
+    let Some(mapping) = mapping else {
+        drop(m);
+        return fill_fresh(sh, proc, page, urgent);
+    };
+    oom.since = None;
+    let n = mapping.len() as u64;
+    let start = mapping.start();
+    let (installed, fault_page) = install_zeros(proc, &mut m, start, n);
+    drop(m);
+    unreserve(&sh.frames_used, n - installed);
+    if installed > 0 {
+        bump(&proc.counters.zero_fills);
+        proc.counters
+            .fhp_pages
+            .fetch_add(installed - 1, Ordering::Relaxed);
+    }
+    if sh.free_frames() < sh.low {
+        sh.kick_evictor();
+    }
+    match fault_page {
+        Install::Done => true,
+        Install::Retry => false,
+        Install::Gone => true,
+    }
+}
+
+/// Installs zeros at the `n` pages from `start` (their frames reserved by the caller)
+/// and records each installed page resident. A page already present (unknown to the
+/// daemon: `MADV_FREE` kept it) is skipped. Returns how many pages were installed and
+/// what happened at the faulting page (`Done` also when it was present already: its
+/// waiters are woken).
+fn install_zeros(proc: &Proc, m: &mut PageMap, start: u64, n: u64) -> (u64, Install) {
+    const CHUNK: u64 = 512;
+    let (mut i, mut installed) = (0u64, 0u64);
+    let mut outcome = Install::Retry;
+    while i < n {
+        let chunk = (n - i).min(CHUNK);
+        let at = start + i * PAGE;
+        match sys::copy_into(&proc.uffd, at, zeros((chunk * PAGE) as usize)) {
+            Ok(Resolved::Done(b) | Resolved::Partial(b)) if b >= PAGE => {
+                let k = (b / PAGE).min(chunk);
+                for j in 0..k {
+                    m.set_resident(at + j * PAGE, Charge::Reserved);
+                }
+                installed += k;
+                i += k;
+                outcome = Install::Done;
+            }
+            Ok(Resolved::AlreadyMapped) => {
+                // Present but unknown to us: leave it, wake whoever waits on it.
+                let _ = proc.uffd.wake(at, PAGE);
+                i += 1;
+                outcome = Install::Done;
+            }
+            other => {
+                outcome = classify(other);
+                break;
+            }
+        }
+    }
+    if installed > 0 {
+        tracing::trace!(
+            "pid {}: zero fill {start:#x} ({installed} of {n} pages)",
+            proc.pid
+        );
+    }
+    // The faulting page is in [start, start + n*PAGE): done if the loop got past it.
+    (installed, if i == n { Install::Done } else { outcome })
+}
+
+/// The allocation policy answered `Oom`. Evicts what the policy asked of its own
+/// process, else waits for the evictor (as long as something is evictable, up to
+/// [`OOM_PATIENCE`]), then asks the OOM policy. Returns true when the fault is done
+/// (failed by the OOM policy, or served over the pool for the agent's own thread).
+fn on_oom(
+    sh: &Shared,
+    proc: &Proc,
+    fault: &Fault,
+    urgent: bool,
+    requested: usize,
+    oom: &mut OomWait,
+) -> bool {
+    if urgent || sh.stopping.load(Ordering::Acquire) {
+        // The agent's thread never waits (the evictor may be waiting for it).
+        return fill_fresh(sh, proc, fault.addr, true);
+    }
+    if requested > 0 {
+        let charged = proc.lock_map().charged as usize;
+        let want = requested.max(16).min(charged.max(1));
+        if super::evict::evict_batch(sh, proc, want) > 0 {
+            return false;
+        }
+    }
+    let since = *oom.since.get_or_insert_with(Instant::now);
+    let mut last_check = Instant::now();
+    let mut evictable = true;
+    loop {
+        sh.kick_evictor();
+        if sh.free_frames() > 0 && requested == 0 {
+            return false; // try the policy again
+        }
+        if proc.gone.load(Ordering::Acquire) {
+            return true;
+        }
+        let waited = since.elapsed();
+        if waited >= FRAME_WAIT && last_check.elapsed() >= Duration::from_millis(100) {
+            evictable = sh.largest_evictable().is_some();
+            last_check = Instant::now();
+        }
+        if waited < FRAME_WAIT || (evictable && waited < OOM_PATIENCE) {
+            super::nap::nap(Duration::from_micros(200));
+            if requested > 0 && sh.free_frames() > 0 && waited >= FRAME_WAIT {
+                return false;
+            }
+            continue;
+        }
+        break;
+    }
+    // Ask the OOM policy.
+    let situation = OomSituation {
+        fault: *fault,
+        attempt: oom.attempt,
+        mode: RunMode::Daemon,
+        last_scan: usm_policies::VictimScan::default(),
+        free_frames: sh.free_frames() as usize,
+    };
+    oom.attempt += 1;
+    oom.since = None;
+    let action = {
+        let faults = proc.counters.faults.load(Ordering::Relaxed);
+        let region = proc.registered_range(fault.addr);
+        let mut m = proc.lock_map();
+        let (policy, mut cx) = fault_cx(sh, &mut m, region, faults);
+        let name = policy.oom.name().to_owned();
+        let oom_policy = &mut policy.oom;
+        let r = guarded(&name, || oom_policy.on_oom(&situation, &mut cx));
+        cx.reclaim_all();
+        drop(cx);
+        match r {
+            Ok(a) => a,
+            Err(e) => {
+                bump(&proc.counters.policy_panics);
+                let new = policy.replace_oom();
+                log_panic(proc.pid, &e, &new);
+                return false;
+            }
+        }
+    };
+    match action {
+        OomAction::EvictHarder(n) => {
+            for p in sh.procs() {
+                p.lock_map().fifo.hard += n;
+            }
+            sh.kick_evictor();
+            false
+        }
+        OomAction::KillLargestProcess => {
+            let largest = sh
+                .procs()
+                .into_iter()
+                .filter(|p| p.pid != 0 && !p.gone.load(Ordering::Acquire))
+                .max_by_key(|p| p.lock_map().charged);
+            if let Some(p) = largest {
+                tracing::error!(
+                    "out of memory serving pid {} at {:#x}: the OOM policy kills the largest \
+                     managed process, pid {} ({})",
+                    proc.pid,
+                    fault.addr,
+                    p.pid,
+                    p.name
+                );
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p.pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            false
+        }
+        OomAction::FailAccess(reason) => fail_access(proc, fault.addr, &reason.to_string()),
+        OomAction::KillLargestTask => fail_access(
+            proc,
+            fault.addr,
+            "the OOM policy asked to kill a task (embedded only)",
+        ),
+    }
+}
+
+/// The faulting access fails: `UFFDIO_POISON` (the program gets SIGBUS there, never
+/// zeros). Returns true when done.
+fn fail_access(proc: &Proc, page: u64, why: &str) -> bool {
+    tracing::error!(
+        "pid {} ({}): out of memory at {page:#x}: {why}; the access fails (SIGBUS)",
+        proc.pid,
+        proc.name
+    );
+    let m = proc.lock_map();
+    if m.pages.contains_key(&page) {
+        return false;
+    }
+    bump(&proc.counters.poisoned);
+    !matches!(classify(sys::poison(&proc.uffd, page)), Install::Retry)
 }
 
 /// What an install attempt came to.
@@ -559,11 +975,10 @@ fn classify(r: usm_kmod::Result<Resolved>) -> Install {
     }
 }
 
-/// First touch: zeros, possibly a whole flexible huge page. Returns true when done.
+/// One page of zeros, without the policy: its fallback (the policy panicked every time,
+/// or answered something it may not), and the agent's own faults (served over the pool
+/// rather than wait). Returns true when done.
 fn fill_fresh(sh: &Shared, proc: &Proc, page: u64, urgent: bool) -> bool {
-    if proc.fhp_pages > 1 && fill_fhp(sh, proc, page) {
-        return true;
-    }
     reserve_frames(sh, 1, urgent);
     let mut m = proc.lock_map();
     if proc.gone.load(Ordering::Acquire) || m.pages.contains_key(&page) {
@@ -595,42 +1010,16 @@ fn fill_fresh(sh: &Shared, proc: &Proc, page: u64, urgent: bool) -> bool {
     }
 }
 
-/// A flexible huge page: the aligned block around `page`, when it is wholly inside one
-/// registered range, untouched, and frames are free now. Returns true when mapped.
-fn fill_fhp(sh: &Shared, proc: &Proc, page: u64) -> bool {
-    let n = proc.fhp_pages;
-    let block = page & !(n * PAGE - 1);
-    if !proc.in_registered(block, n * PAGE) || !try_reserve(&sh.frames_used, n, sh.pool_pages) {
-        return false;
-    }
-    let mut m = proc.lock_map();
-    let vacant = (0..n).all(|i| !m.pages.contains_key(&(block + i * PAGE)));
-    if proc.gone.load(Ordering::Acquire) || !vacant {
-        drop(m);
-        unreserve(&sh.frames_used, n);
-        return false;
-    }
-    let r = sys::copy_into(&proc.uffd, block, zeros((n * PAGE) as usize));
-    let mapped = match r {
-        Ok(Resolved::Done(b) | Resolved::Partial(b)) => b / PAGE,
-        _ => 0,
-    };
-    for i in 0..mapped {
-        m.set_resident(block + i * PAGE, Charge::Reserved);
-    }
-    drop(m);
-    unreserve(&sh.frames_used, n - mapped);
-    if mapped > 0 {
-        bump(&proc.counters.zero_fills);
-        proc.counters
-            .fhp_pages
-            .fetch_add(mapped - 1, Ordering::Relaxed);
-    }
-    (block..block + mapped * PAGE).contains(&page)
-}
-
-/// Swap-in of `page` from `cell`. Returns true when done.
-fn swap_in(sh: &Shared, proc: &Proc, page: u64, cell: &Arc<SwapCell>, urgent: bool) -> bool {
+/// Swap-in of `page` from `cell`, decided when the page's generation was `generation`.
+/// Returns true when done.
+fn swap_in(
+    sh: &Shared,
+    proc: &Proc,
+    page: u64,
+    cell: &Arc<SwapCell>,
+    generation: u64,
+    urgent: bool,
+) -> bool {
     // Where is the data?
     let data: Result<PageBuf, String> = {
         let d = cell.data.lock().unwrap_or_else(|p| p.into_inner());
@@ -662,7 +1051,8 @@ fn swap_in(sh: &Shared, proc: &Proc, page: u64, cell: &Arc<SwapCell>, urgent: bo
     };
     reserve_frames(sh, 1, urgent);
     let mut m = proc.lock_map();
-    let same = matches!(m.pages.get(&page), Some(PageState::Out(c)) if Arc::ptr_eq(c, cell));
+    let same = matches!(m.pages.get(&page), Some(PageState::Out(c)) if Arc::ptr_eq(c, cell))
+        && m.generation_at(page) == generation;
     if proc.gone.load(Ordering::Acquire) || !same {
         drop(m);
         unreserve(&sh.frames_used, 1);
@@ -751,7 +1141,10 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
         Message::Hint { addr, len, text } => {
             bump(&proc.counters.hints);
             match usm_policies::Hint::parse(&text) {
-                Ok(_) => tracing::debug!("pid {}: hint {text:?} on {addr:#x}+{len}", proc.pid),
+                Ok(hint) => {
+                    tracing::debug!("pid {}: hint {text:?} on {addr:#x}+{len}", proc.pid);
+                    apply_hint(sh, proc, addr, len, &hint);
+                }
                 Err(e) => tracing::warn!("pid {}: hint {text:?} refused: {e}", proc.pid),
             }
         }
@@ -803,6 +1196,21 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
             );
         }
     }
+}
+
+/// Records a hint in the process's hint map (what the policies read) and tells its
+/// eviction and allocation policies.
+fn apply_hint(sh: &Shared, proc: &Proc, addr: u64, len: u64, hint: &usm_policies::Hint) {
+    let range = addr..addr.saturating_add(len);
+    proc.lock_map().fifo.on_hint(range.clone(), hint);
+    let origin = Origin {
+        pid: proc.pid,
+        tid: 0,
+    };
+    let region = proc.registered_range(addr);
+    notify_alloc(sh, proc, region, |alloc, cx| {
+        alloc.hint(origin, range, hint, cx)
+    });
 }
 
 /// The tid of `pid`'s thread named `comm` (0 if none).

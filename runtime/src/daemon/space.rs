@@ -16,18 +16,29 @@
 //! - After `fork`, parent and child share cells (`Arc`): the slot is freed when the last
 //!   sharer lets go, which is the slot's reference count.
 //!
-//! # Fencing address reuse
-//! Every change of the map by an event (UNMAP, REMOVE, REMAP, fork) bumps `generation`.
-//! A workee that let go of the lock (to read swap) installs only if the entry is still
-//! the very cell it read (`Arc::ptr_eq`): a page freed and re-mapped meanwhile holds
-//! another state, so a stale swap-in is dropped instead of landing in new memory.
+//! # Policies
+//! The map owns its process's configured policies ([`super::policy`]): the allocation and
+//! OOM policies in `policy`, the eviction policy with the hints in `fifo`. Every page that
+//! becomes resident and charged is announced to the eviction policy (`on_map`), every one
+//! that leaves is forgotten (`on_gone`); the evictor takes victims with `fifo.pop_front()`.
+//!
+//! # Fencing address reuse (per-range generations)
+//! Every change of the map by an event (UNMAP, REMOVE, REMAP, fork) bumps `generation`
+//! and stamps the affected range with it in `range_gens` ([`RangeGens`]). A workee that
+//! lets go of the lock (to read swap) notes [`PageMap::generation_at`] of its page first
+//! and installs only if the page's generation is unchanged *and* the entry is still the
+//! very cell it read (`Arc::ptr_eq`): a page freed and re-mapped meanwhile has a newer
+//! generation, so a stale swap-in is dropped instead of landing in new memory. A fault on
+//! a vacant page decides and installs under one hold of the lock, and the kernel refuses
+//! the install (`EAGAIN`) while an UNMAP/REMOVE/REMAP event is unread.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use usm_sync::atomic::{AtomicU64, Ordering};
 use usm_sync::{Arc, Mutex};
 
 use usm_swap::{PageBuf, SwapEntry};
 
+use super::policy::{AllocSide, Victims};
 use super::swapio::SwapStore;
 use super::sys::PAGE;
 
@@ -112,11 +123,16 @@ pub(crate) struct PageMap {
     /// Daemon-wide frames in use (shared by every map).
     frames_used: Arc<AtomicU64>,
     pub(crate) pages: HashMap<u64, PageState>,
-    /// Resident pages in mapping order, for FIFO eviction (entries may be stale: check
-    /// the map when popping).
-    pub(crate) fifo: VecDeque<u64>,
+    /// The allocation and OOM policies.
+    pub(crate) policy: AllocSide,
+    /// The eviction policy (victims in its order: `pop_front`), the hints, and the frame
+    /// numbers of resident pages. (Named for the queue it replaced: the evictor's calls
+    /// `pop_front` / `push_front` are unchanged.)
+    pub(crate) fifo: Victims,
     /// Bumped by every event that changes the map.
     pub(crate) generation: u64,
+    /// The generation of each range an event touched.
+    pub(crate) range_gens: RangeGens,
     /// Pages charged to the pool.
     pub(crate) charged: u64,
     /// Pages whose data is only outside the program (`Out`).
@@ -148,13 +164,15 @@ pub(crate) fn unreserve(frames_used: &AtomicU64, n: u64) {
 }
 
 impl PageMap {
-    /// An empty map charging `frames_used`.
-    pub(crate) fn new(frames_used: Arc<AtomicU64>) -> PageMap {
+    /// An empty map charging `frames_used`, served by `policies`.
+    pub(crate) fn new(frames_used: Arc<AtomicU64>, policies: (AllocSide, Victims)) -> PageMap {
         PageMap {
             frames_used,
             pages: HashMap::new(),
-            fifo: VecDeque::new(),
+            policy: policies.0,
+            fifo: policies.1,
             generation: 0,
+            range_gens: RangeGens::default(),
             charged: 0,
             out: 0,
         }
@@ -168,28 +186,40 @@ impl PageMap {
                 inherited: charge == Charge::Inherited,
             },
         );
-        self.account_removed(old.as_ref());
+        self.account_removed(page, old.as_ref());
         if charge != Charge::Inherited {
             if charge == Charge::Now {
                 self.frames_used.fetch_add(1, Ordering::AcqRel);
             }
             self.charged += 1;
-            self.fifo.push_back(page);
+            self.fifo.on_map(page);
         }
+    }
+
+    /// The generation of the last event that touched `page` (0: none).
+    pub(crate) fn generation_at(&self, page: u64) -> u64 {
+        self.range_gens.at(page)
+    }
+
+    /// Stamps `[start, end)` with a new generation.
+    fn bump(&mut self, start: u64, end: u64) {
+        self.generation += 1;
+        self.range_gens.stamp(start, end, self.generation);
     }
 
     /// Marks a resident page as going out. Returns whether it was charged.
     pub(crate) fn set_out(&mut self, page: u64, cell: Arc<SwapCell>) -> bool {
         let old = self.pages.insert(page, PageState::Out(cell));
         let was_charged = matches!(old, Some(PageState::Resident { inherited: false }));
-        self.account_removed(old.as_ref());
+        self.account_removed(page, old.as_ref());
         self.out += 1;
         was_charged
     }
 
-    fn account_removed(&mut self, old: Option<&PageState>) {
+    fn account_removed(&mut self, page: u64, old: Option<&PageState>) {
         match old {
             Some(PageState::Resident { inherited: false }) => {
+                self.fifo.on_gone(page);
                 self.charged -= 1;
                 self.frames_used.fetch_sub(1, Ordering::AcqRel);
             }
@@ -200,7 +230,7 @@ impl PageMap {
 
     /// Drops everything in `[start, end)` (UNMAP, REMOVE, exit).
     pub(crate) fn remove_range(&mut self, start: u64, end: u64) -> Released {
-        self.generation += 1;
+        self.bump(start, end);
         let mut rel = Released::default();
         let npages = end.saturating_sub(start) / PAGE;
         let keys: Vec<u64> = if npages as usize > self.pages.len() {
@@ -218,6 +248,7 @@ impl PageMap {
         for k in keys {
             match self.pages.remove(&k) {
                 Some(PageState::Resident { inherited: false }) => {
+                    self.fifo.on_gone(k);
                     self.charged -= 1;
                     self.frames_used.fetch_sub(1, Ordering::AcqRel);
                     rel.frames += 1;
@@ -234,17 +265,24 @@ impl PageMap {
 
     /// Moves `[from, from+len)` to `to` (mremap).
     pub(crate) fn remap(&mut self, from: u64, to: u64, len: u64) {
-        self.generation += 1;
+        self.bump(from, from.saturating_add(len));
+        self.bump(to, to.saturating_add(len));
+        self.fifo.move_hints(from, to, len);
         let moved: Vec<(u64, PageState)> = (0..len / PAGE)
             .filter_map(|i| {
                 let a = from + i * PAGE;
                 self.pages.remove(&a).map(|s| (a, s))
             })
             .collect();
+        for (a, s) in &moved {
+            if matches!(s, PageState::Resident { inherited: false }) {
+                self.fifo.on_gone(*a);
+            }
+        }
         for (a, s) in moved {
             let b = a - from + to;
             match &s {
-                PageState::Resident { inherited: false } => self.fifo.push_back(b),
+                PageState::Resident { inherited: false } => self.fifo.on_map(b),
                 PageState::Out(c) => c.addr.store(b, Ordering::Release),
                 PageState::Resident { inherited: true } => {}
             }
@@ -256,7 +294,8 @@ impl PageMap {
     /// copy-on-write and not charged again, evicted ones share the parent's cells.
     pub(crate) fn fork_child(&mut self) -> PageMap {
         self.generation += 1;
-        let mut child = PageMap::new(self.frames_used.clone());
+        let policies = self.fifo.for_child(&self.policy);
+        let mut child = PageMap::new(self.frames_used.clone(), policies);
         for (&a, s) in &self.pages {
             match s {
                 PageState::Resident { .. } => {
@@ -275,7 +314,7 @@ impl PageMap {
 
     /// Drops everything (exit). Returns what was released.
     pub(crate) fn clear(&mut self) -> Released {
-        self.generation += 1;
+        self.bump(0, u64::MAX);
         let rel = Released {
             frames: self.charged,
             out: self.out,
@@ -286,5 +325,60 @@ impl PageMap {
         self.charged = 0;
         self.out = 0;
         rel
+    }
+}
+
+/// Generations of address ranges: every page of a range an event touched carries that
+/// event's generation (non-overlapping `[start, end)` → generation; pages never touched
+/// are generation 0).
+#[derive(Debug, Default)]
+pub(crate) struct RangeGens {
+    ranges: BTreeMap<u64, (u64, u64)>,
+}
+
+impl RangeGens {
+    /// Most ranges kept; beyond it the oldest are forgotten. Forgetting is safe: a fence
+    /// then sees a *different* generation (0) and the workee retries from the start.
+    const MAX_RANGES: usize = 4096;
+
+    /// The generation of `page` (0 when no event touched it).
+    pub(crate) fn at(&self, page: u64) -> u64 {
+        match self.ranges.range(..=page).next_back() {
+            Some((_, &(end, generation))) if page < end => generation,
+            _ => 0,
+        }
+    }
+
+    /// Stamps `[start, end)` with `generation`, replacing whatever it overlaps.
+    pub(crate) fn stamp(&mut self, start: u64, end: u64, generation: u64) {
+        if start >= end {
+            return;
+        }
+        // Cut the range that straddles `start`, and the one that straddles `end`.
+        if let Some((&s, &(e, g))) = self.ranges.range(..start).next_back() {
+            if e > start {
+                self.ranges.insert(s, (start, g));
+                if e > end {
+                    self.ranges.insert(end, (e, g));
+                }
+            }
+        }
+        if let Some((&s, &(e, g))) = self.ranges.range(start..end).next_back() {
+            if e > end {
+                self.ranges.remove(&s);
+                self.ranges.insert(end, (e, g));
+            }
+        }
+        let inside: Vec<u64> = self.ranges.range(start..end).map(|(&s, _)| s).collect();
+        for s in inside {
+            self.ranges.remove(&s);
+        }
+        self.ranges.insert(start, (end, generation));
+        if self.ranges.len() > Self::MAX_RANGES {
+            let oldest = self.ranges.iter().min_by_key(|(_, v)| v.1).map(|(&s, _)| s);
+            if let Some(s) = oldest {
+                self.ranges.remove(&s);
+            }
+        }
     }
 }

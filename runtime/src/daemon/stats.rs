@@ -116,8 +116,15 @@ pub struct ProcessStat {
     pub name: String,
     /// Pid of the process it was forked from, if it is a fork child.
     pub parent: Option<u32>,
-    /// Allocation policy.
+    /// Allocation policy serving the process now (its configured one, or the default
+    /// that replaced it after a panic).
     pub policy: String,
+    /// Eviction policy.
+    #[serde(default)]
+    pub evict_policy: String,
+    /// Out-of-memory policy.
+    #[serde(default)]
+    pub oom_policy: String,
     /// Pages the daemon mapped that are resident now (charged to the pool).
     pub resident_pages: u64,
     /// Pages whose data is out of the program (in swap or on the way).
