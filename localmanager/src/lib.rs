@@ -22,13 +22,14 @@
 //! keep OS thread-local references across a yield/park (use `usm_fibers::with_local`).
 //!
 //! # Under `--cfg loom`
-//! Only [`bitfield`], [`mod@park`] and the injector hand-off protocol ([`handoff`]) are built, on
-//! loom's atomics, for the models in `loom-tests/tests/sched.rs`.
+//! Only [`bitfield`], [`mod@park`], [`task_state`] and the injector hand-off protocol
+//! ([`handoff`]) are built, on loom's atomics, for the models in `loom-tests/tests/sched.rs`.
 
 pub mod bitfield;
 pub mod handoff;
 pub mod park;
 mod sys;
+pub mod task_state;
 
 #[cfg(not(loom))]
 mod counters;

@@ -59,7 +59,7 @@ use crate::park::ParkState;
 use crate::runtime::{Phase, RuntimeShared, WakerMode};
 use crate::signal::{FaultKey, FaultedUThread};
 use crate::sys::{AtomicBox, OnceBox, current};
-use crate::task::{DONE, Entry, Task};
+use crate::task::{Entry, Task};
 
 /// Per-slot shared data.
 pub(crate) struct SlotMeta {
@@ -640,7 +640,7 @@ impl<'a> LocalManager<'a> {
     }
 
     fn finish(&mut self, slot: usize, mut entry: Box<Entry>, completed: bool) {
-        entry.task.state.store(DONE, Ordering::Release);
+        entry.task.state.set_done();
         if let Some(fiber) = entry.fiber.take() {
             fiber.recycle(&mut self.pool);
         }

@@ -616,7 +616,7 @@ impl Handle {
         }
         let (body, handle) = new_join(f);
         let task = Arc::new(Task {
-            state: usm_sync::atomic::AtomicU32::new(QUEUED),
+            state: crate::task_state::TaskState::new(QUEUED),
             owner: AtomicUsize::new(0),
             slot: usm_sync::atomic::AtomicU32::new(0),
             in_handler: usm_sync::atomic::AtomicBool::new(false),

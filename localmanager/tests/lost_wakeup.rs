@@ -32,7 +32,7 @@ mod sys {
         _: *mut libc::c_void,
     ) {
         // Payload: any value (the resumers go by key).
-        let _ = usm_localmanager::signal::park_current_on_fault(0x5a5a_000);
+        let _ = usm_localmanager::signal::park_current_on_fault(0x5a5a_0000);
     }
 
     pub(crate) fn install() {

@@ -1,5 +1,5 @@
 //! Loom models of the scheduler's concurrent protocols, on the real code of
-//! `usm_localmanager::{bitfield, park, handoff}` built over loom's atomics.
+//! `usm_localmanager::{bitfield, park, handoff, task_state}` built over loom's atomics.
 //!
 //! Run: `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p usm-loom-tests --release --test sched`
 
@@ -11,6 +11,7 @@ use loom::thread;
 use usm_localmanager::bitfield::{AtomicBitfield, CHUNK_BITS};
 use usm_localmanager::handoff::{idle_step, notify_for_injected};
 use usm_localmanager::park::ParkState;
+use usm_localmanager::task_state::{RUNNING, STATE_MASK, TaskState};
 
 /// Asserts `index` is the only set bit and that a search from the start of every leaf finds
 /// it — including searches that must go through the summaries and the top word.
@@ -245,5 +246,105 @@ fn injector_handoff_reaches_a_worker() {
             w.join().unwrap();
         }
         assert_eq!(taken.load(Ordering::Acquire), 1);
+    });
+}
+
+/// What the worker does when a round found nothing (mirrors `LocalManager::idle` in eventfd
+/// mode): drop stale summary hints, then the real `idle_step` with `has_work` reading the IDQ
+/// top word, blocking in `thread::park` (the eventfd).
+fn worker_idle(idq: &AtomicBitfield, park: &ParkState) {
+    if !idq.is_empty() && idq.find_next(0).is_none() {
+        idq.scrub_stale_hints();
+    }
+    idle_step(park, || !idq.is_empty(), thread::park);
+}
+
+/// The daemon's shape: a uThread parks on its worker while a plain OS thread (not a worker)
+/// publishes its condition and unparks it; meanwhile a thief on the other core claims
+/// another ready uThread of the same worker (its claim empties a leaf, the chunk summary and
+/// the top word, and may have to restore them) and the worker runs out of work and goes to
+/// sleep. Real code throughout: `TaskState` (park token), `AtomicBitfield` (IDQ),
+/// `ParkState` + `idle_step` (worker sleep), `clear_reporting` (thief's restore → wake).
+/// The unpark may land before the park completed (`RUNNING` → token), between it and the
+/// worker's idle check, or while the worker sleeps; the uThread must run again every time.
+#[test]
+fn unpark_from_outside_reaches_a_sleeping_worker() {
+    loom::model(|| {
+        const SLOT: usize = 5;
+        const OTHER: usize = 64 + 1;
+        let idq = Arc::new(AtomicBitfield::with_capacity(2 * CHUNK_BITS));
+        let park = Arc::new(ParkState::new());
+        let state = Arc::new(TaskState::new(RUNNING));
+        let condition = Arc::new(AtomicBool::new(false));
+        idq.set(OTHER);
+        let worker = {
+            let (idq, park, state, condition) =
+                (idq.clone(), park.clone(), state.clone(), condition.clone());
+            thread::spawn(move || {
+                // The uThread in SLOT checked its condition (false) and parked: the worker
+                // completes the park.
+                if state.finish_park() {
+                    idq.set(SLOT);
+                }
+                loop {
+                    match idq.take_next(0) {
+                        Some(SLOT) => {
+                            // Resumed: it was made ready only because the condition holds.
+                            state.claim_running();
+                            assert_eq!(state.load() & STATE_MASK, RUNNING);
+                            assert!(condition.load(Ordering::Acquire));
+                            return;
+                        }
+                        Some(other) => assert_eq!(other, OTHER),
+                        None => worker_idle(&idq, &park),
+                    }
+                }
+            })
+        };
+        let thief = {
+            let (idq, park) = (idq.clone(), park.clone());
+            let worker = worker.thread().clone();
+            thread::spawn(move || {
+                let cleared = idq.clear_reporting(OTHER);
+                if cleared.restored_summary && park.notify() {
+                    worker.unpark();
+                }
+            })
+        };
+        // The OS thread: publish the condition, unpark (`Task::unpark` + `make_ready`).
+        condition.store(true, Ordering::Release);
+        if state.unpark() {
+            idq.set(SLOT);
+            if park.notify() {
+                worker.thread().unpark();
+            }
+        }
+        // A lost wake-up leaves the worker parked forever: loom reports a deadlock.
+        thief.join().unwrap();
+        worker.join().unwrap();
+        assert!(idq.is_empty() || idq.find_next(0).is_none());
+    });
+}
+
+/// A setter descheduled between its leaf RMW and its summary RMW must not hide a second
+/// setter's bit in the same leaf from a search through the summaries (the second one helps
+/// publish the summary bit).
+#[test]
+fn second_setter_does_not_wait_for_the_first() {
+    loom::model(|| {
+        let idq = Arc::new(AtomicBitfield::with_capacity(2 * CHUNK_BITS));
+        let first = {
+            let idq = idq.clone();
+            thread::spawn(move || {
+                idq.set(64 + 3);
+            })
+        };
+        idq.set(64 + 9);
+        // Our set returned: our bit is findable from anywhere, whatever the first setter's
+        // progress (it may not have published anything yet).
+        let found = idq.find_next(0).expect("a set bit is findable");
+        assert!(found == 64 + 3 || found == 64 + 9);
+        assert!(!idq.is_empty());
+        first.join().unwrap();
     });
 }
