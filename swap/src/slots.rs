@@ -18,7 +18,7 @@
 //!   are contiguous: eviction gets *clustered runs* ([`SwapSpace::alloc_run`]) that it
 //!   writes with one request per run.
 //! * `refs` counts owners. A forked child that inherits a swapped page calls
-//!   [`SwapSpace::dup`]; each owner calls [`SwapSpace::free`] when its page is freed.
+//!   [`SwapSpace::dup`]; each owner calls [`SwapSpace::release`] (or `free`) when its page is freed.
 //!   Reading a page back does **not** free its slot: a clean page swapped back in keeps
 //!   its entry, so evicting it again needs no write (the caller frees the slot when the
 //!   page is written to, or freed).
@@ -351,11 +351,18 @@ impl SwapSpace {
     }
 
     /// Drops an owner of `entry`; the last owner frees the slot (or retires it if the
-    /// device marked it bad). Returns whether the slot lost its last owner.
-    pub fn free(&self, entry: SwapEntry) -> Result<bool> {
+    /// device marked it bad). Returns whether the slot lost its last owner. Callable from
+    /// any thread through `&SwapSpace`.
+    pub fn release(&self, entry: SwapEntry) -> Result<bool> {
         let m = self.member_or_err(entry.device())?;
         let bad = m.device.is_bad(entry.slot());
         m.map().release(entry.slot(), bad)
+    }
+
+    /// [`release`](Self::release) for a caller that holds the space exclusively (kept
+    /// with `&mut self` for the callers written before the space was shared).
+    pub fn free(&mut self, entry: SwapEntry) -> Result<bool> {
+        self.release(entry)
     }
 
     /// Owners of `entry` (0 when free, retired or unknown).

@@ -430,9 +430,9 @@ fn swap_space_shared_by_threads_never_hands_out_a_slot_twice() {
                             if refs == 1 {
                                 held.swap_remove(i);
                                 assert_eq!(marks[mark_of(e)].swap(0, Ordering::AcqRel), me);
-                                assert!(space.free(e).unwrap(), "{e}: last owner");
+                                assert!(space.release(e).unwrap(), "{e}: last owner");
                             } else {
-                                assert!(!space.free(e).unwrap());
+                                assert!(!space.release(e).unwrap());
                                 held[i].1 -= 1;
                             }
                         }
@@ -442,7 +442,7 @@ fn swap_space_shared_by_threads_never_hands_out_a_slot_twice() {
                 for (e, refs) in held {
                     assert_eq!(marks[mark_of(e)].swap(0, Ordering::AcqRel), me);
                     for r in (1..=refs).rev() {
-                        assert_eq!(space.free(e).unwrap(), r == 1);
+                        assert_eq!(space.release(e).unwrap(), r == 1);
                     }
                 }
                 (allocs, full)
@@ -478,7 +478,7 @@ fn swap_space_shared_by_threads_never_hands_out_a_slot_twice() {
     all.dedup();
     assert_eq!(all.len() as u64, total, "a slot was handed out twice");
     for e in all {
-        assert!(space.free(e).unwrap());
+        assert!(space.release(e).unwrap());
     }
     assert_eq!(space.free_slots(), total);
 }
