@@ -230,10 +230,7 @@ impl Shared {
     pub(crate) fn largest_evictable(&self) -> Option<Arc<Proc>> {
         self.procs()
             .into_iter()
-            .filter(|p| {
-                !p.gone.load(Ordering::Acquire)
-                    && p.agent.lock().map(|a| a.is_some()).unwrap_or(false)
-            })
+            .filter(|p| !p.gone.load(Ordering::Acquire) && p.has_agent())
             .map(|p| {
                 let charged = p.lock_map().charged;
                 (charged, p)

@@ -150,7 +150,7 @@ impl Proc {
             unmaps: l(&c.unmaps),
             released_frames: l(&c.released_frames),
             hints: l(&c.hints),
-            agent: self.agent.lock().map(|a| a.is_some()).unwrap_or(false),
+            agent: self.has_agent(),
             managed_anon_bytes: managed,
             anon_bytes: anon,
             latency: c.latency(),
@@ -178,6 +178,16 @@ impl Proc {
                 self.told_swapped.store(u64::MAX, Ordering::Release);
                 false
             }
+        }
+    }
+
+    /// The tagger's eviction agent is set up. Never waits: an agent locked by the evictor
+    /// (a batch in flight) is one.
+    pub(crate) fn has_agent(&self) -> bool {
+        match self.agent.try_lock() {
+            Ok(a) => a.is_some(),
+            Err(std::sync::TryLockError::WouldBlock) => true,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().is_some(),
         }
     }
 
@@ -483,7 +493,10 @@ fn finish(sh: &Arc<Shared>, proc: &Arc<Proc>) {
                 .fetch_add(rel.frames, Ordering::Relaxed);
         }
     }
-    if let Ok(mut a) = proc.agent.lock() {
+    // Drop the agent's end now, unless the evictor holds it (a batch for this process,
+    // which gives up on a gone process): then it goes with the last reference. Never
+    // wait for it, so the process's end is recorded at once.
+    if let Ok(mut a) = proc.agent.try_lock() {
         a.take();
     }
     if let Some(ch) = &proc.channel {
