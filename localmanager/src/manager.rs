@@ -24,7 +24,9 @@
 //!
 //! # Running one uThread ([`LocalManager::run_slot`])
 //! claim IDQ bit → take entry → state `RUNNING` → resume → put entry back → by reason:
-//! `Yield` sets the IDQ bit; `Park` moves to `IDLE` (or re-queues on a token); `Fault`
+//! `Yield` requeues it (IDQ bit set and the next ready uThread claimed in one CAS when they
+//! share a leaf: [`crate::bitfield::AtomicBitfield::requeue_and_take_next`]; with nobody
+//! else ready it simply runs again); `Park` moves to `IDLE` (or re-queues on a token); `Fault`
 //! leaves it in PFQ (set by the handler); `Preempted` sets the IDQ bit; `Finished` frees the
 //! slot and recycles the stack. The entry always goes back *before* the uThread can be seen
 //! ready, so a thief that claims the bit finds it (or, in the fault path's window, finds the
@@ -293,6 +295,17 @@ pub(crate) struct ManagerConfig {
     pub(crate) spin_before_park: Duration,
 }
 
+/// How [`LocalManager::run_slot`] left the uThread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ran {
+    /// Yielded: still claimed by the worker, to be requeued.
+    Yielded,
+    /// Suspended on a page fault (it is in PFQ now).
+    Faulted,
+    /// Parked, preempted, finished, or not run.
+    Other,
+}
+
 /// The worker-owned scheduler.
 pub(crate) struct LocalManager<'a> {
     local: &'a WorkerLocal,
@@ -525,12 +538,18 @@ impl<'a> LocalManager<'a> {
 
     fn run_ready(&mut self) -> usize {
         let mut ran = 0;
+        // The next slot, already claimed by the previous uThread's yield.
+        let mut claimed = None;
         while ran < self.config.round_budget {
-            let Some(slot) = self.shared.idq.take_next(self.cursor) else {
+            let Some(slot) = claimed
+                .take()
+                .or_else(|| self.shared.idq.take_next(self.cursor))
+            else {
                 break;
             };
             self.cursor = slot + 1;
-            let faulted = self.run_slot(slot);
+            let suspended = self.run_slot(slot);
+            let faulted = suspended == Ran::Faulted;
             ran += 1;
             // A fault is served within the round, not after it: the driver maps the page
             // (the uThread is ready again this round) or queues its swap-in, so the I/O
@@ -544,6 +563,15 @@ impl<'a> LocalManager<'a> {
                 self.poll_driver();
             }
             self.admit_local_spawns();
+            if suspended == Ran::Yielded {
+                // Back to the ready set and the next one claimed in one step (one CAS when
+                // both share a leaf; nothing written at all when it is the only one ready).
+                if ran < self.config.round_budget {
+                    claimed = self.shared.idq.requeue_and_take_next(slot);
+                } else {
+                    self.shared.idq.set(slot);
+                }
+            }
         }
         ran
     }
@@ -557,17 +585,18 @@ impl<'a> LocalManager<'a> {
         (faulted || driver.has_pending()) && self.last_driver_poll.elapsed() >= DRIVER_POLL_INTERVAL
     }
 
-    /// Runs one claimed uThread until it suspends or finishes. Returns true when it
-    /// suspended on a page fault (it is in PFQ now).
-    fn run_slot(&mut self, slot: usize) -> bool {
+    /// Runs one claimed uThread until it suspends or finishes. After [`Ran::Yielded`] the
+    /// caller still holds the claim: the uThread's entry is back in its slot but its IDQ bit
+    /// is not set yet (the caller requeues it).
+    fn run_slot(&mut self, slot: usize) -> Ran {
         let Some(meta) = self.shared.slots.get(slot) else {
-            return false;
+            return Ran::Other;
         };
         let Some(mut entry) = meta.entry.take() else {
             // Not possible for the owner (it puts entries back before looking again), but be
             // conservative: leave the bit set for whoever holds it.
             self.shared.idq.set(slot);
-            return false;
+            return Ran::Other;
         };
         if entry.task.claim_running() && entry.fiber.is_some() {
             // Made ready by an unpark or a PFQ resume (counted here, by the owner, so
@@ -577,7 +606,7 @@ impl<'a> LocalManager<'a> {
         if entry.fiber.is_none() {
             let Some(body) = entry.body.take() else {
                 self.finish(slot, entry, false);
-                return false;
+                return Ran::Other;
             };
             match Fiber::new(&mut self.pool, body) {
                 Ok(fiber) => entry.fiber = Some(fiber),
@@ -586,12 +615,12 @@ impl<'a> LocalManager<'a> {
                     // reports Cancelled.
                     tracing::error!(%error, "cannot create a uThread stack");
                     self.finish(slot, entry, false);
-                    return false;
+                    return Ran::Other;
                 }
             }
         }
         let Some(fiber) = entry.fiber.as_mut() else {
-            return false;
+            return Ran::Other;
         };
         let was_in_handler = fiber.last_suspend().is_some_and(Suspend::in_signal_handler);
         self.local.current_task.set(Arc::as_ptr(&entry.task));
@@ -608,7 +637,7 @@ impl<'a> LocalManager<'a> {
         match outcome {
             Outcome::Suspended(Suspend::Yield) => {
                 meta.entry.put(entry);
-                self.shared.idq.set(slot);
+                return Ran::Yielded;
             }
             Outcome::Suspended(Suspend::Park) => {
                 let task = entry.task.clone();
@@ -622,7 +651,7 @@ impl<'a> LocalManager<'a> {
                 // PFQ bit and payload were recorded by the handler before it switched.
                 self.shared.in_handler.fetch_add(1, Ordering::Relaxed);
                 meta.entry.put(entry);
-                return true;
+                return Ran::Faulted;
             }
             Outcome::Suspended(Suspend::Preempted) => {
                 self.shared.in_handler.fetch_add(1, Ordering::Relaxed);
@@ -636,7 +665,7 @@ impl<'a> LocalManager<'a> {
                 self.finish(slot, entry, true);
             }
         }
-        false
+        Ran::Other
     }
 
     fn finish(&mut self, slot: usize, mut entry: Box<Entry>, completed: bool) {

@@ -348,3 +348,37 @@ fn second_setter_does_not_wait_for_the_first() {
         first.join().unwrap();
     });
 }
+
+/// The owner's fused yield (`requeue_and_take_next`) racing a thief's claim and a waker's
+/// set: every ready uThread ends up claimed exactly once or still findable — none lost,
+/// none run twice.
+#[test]
+fn yield_requeue_races_thief_and_waker() {
+    loom::model(|| {
+        const RUNNING_ONE: usize = 1;
+        const READY: usize = 9;
+        const WOKEN: usize = 12;
+        let idq = Arc::new(AtomicBitfield::with_capacity(CHUNK_BITS));
+        idq.set(READY);
+        let thief = {
+            let idq = idq.clone();
+            thread::spawn(move || idq.take_next(0))
+        };
+        let waker = {
+            let idq = idq.clone();
+            thread::spawn(move || {
+                idq.set(WOKEN);
+            })
+        };
+        let owner = idq.requeue_and_take_next(RUNNING_ONE);
+        let stolen = thief.join().unwrap();
+        waker.join().unwrap();
+        let mut claimed: Vec<usize> = owner.into_iter().chain(stolen).collect();
+        while let Some(i) = idq.take_next(0) {
+            claimed.push(i);
+        }
+        claimed.sort_unstable();
+        assert_eq!(claimed, vec![RUNNING_ONE, READY, WOKEN]);
+        assert!(idq.is_empty());
+    });
+}
