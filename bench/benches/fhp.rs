@@ -12,7 +12,10 @@
 //!   and zeroed; no swap), a region with the side's policy is created, and one uThread
 //!   writes one byte per 4 KiB page in the order; the clock stops when the uThread
 //!   returns. Wall time and the **whole process's** CPU time (workers, zeroer, the
-//!   measuring thread) cover all of that. Faults are the faults USM's memory core served
+//!   measuring thread) cover all of that. The pool populates its first 8 MiB at build
+//!   time and the rest in 8 MiB chunks on the zeroer thread (other core) or, when the
+//!   worker runs dry first, on the worker: population is inside the clock either way.
+//!   `build s` is the runtime build plus region creation; `touch s` the touch alone. Faults are the faults USM's memory core served
 //!   (one per SIGBUS; a fault under `fhp:N` maps N bytes). `touch s` is the touch alone.
 //! - PM-QoS is held at 0 µs for every side; median of `--runs` after one warm-up.
 //! - Goal with `fhp:64K`: ≥ 16× fewer faults and ≥ 2× the GiB/s of kernel-4K, and at
@@ -30,6 +33,8 @@ use usm_bench::{Error, PmQos, Result};
 use usm_runtime::embedded::Runtime;
 
 const PAGE: usize = 4096;
+/// Pool frames beyond the region (32 MiB).
+const SLACK_FRAMES: usize = (32 << 20) / PAGE;
 const USM_POLICIES: [&str; 4] = ["first-fit", "fhp:16K", "fhp:64K", "fhp:2M"];
 
 #[derive(Parser, Debug)]
@@ -50,6 +55,22 @@ struct Cli {
     /// Do not hold /dev/cpu_dma_latency at 0.
     #[arg(long)]
     no_pmqos: bool,
+    /// Run only the sides whose label contains one of these (e.g. `--only fhp:64K --only
+    /// mTHP-64K`); the goal line needs kernel-4K, kernel-mTHP-64K and usm-fhp:64K.
+    #[arg(long)]
+    only: Vec<String>,
+    /// Touch orders to run: `seq`, `rand` (default both).
+    #[arg(long)]
+    order: Vec<String>,
+}
+
+impl Cli {
+    fn wants(&self, side: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| side.contains(o.as_str()))
+    }
+    fn wants_order(&self, order: TouchOrder) -> bool {
+        self.order.is_empty() || self.order.iter().any(|o| o == order.label())
+    }
 }
 
 fn main() {
@@ -67,6 +88,7 @@ struct UsmRun {
     wall_s: f64,
     cpu_s: f64,
     touch_s: f64,
+    build_s: f64,
     faults: u64,
     steal_s: f64,
 }
@@ -82,11 +104,16 @@ fn usm_once(policy: &str, bytes: u64, order: &[u32]) -> Result<UsmRun> {
     let rt = Runtime::builder()
         .workers(1)
         .pin_workers(true)
-        .pool_frames(pages + (32 << 20) / PAGE)
+        .pool_frames(pages + SLACK_FRAMES)
+        // No swap device: nothing can be evicted, so the watermarks only need to stay
+        // inside the slack (the default, 1/16 of the pool, would make the policy shrink
+        // its windows over the last 64 MiB of a 1 GiB region).
+        .watermarks(SLACK_FRAMES / 4, SLACK_FRAMES / 2)
         .alloc_policy(policy)
         .build()
         .map_err(emb)?;
     let mut region = rt.region_with_policy(pages * PAGE, policy).map_err(emb)?;
+    let build_s = t0.elapsed().as_secs_f64();
     let faults0 = rt.stats().mm.faults;
     let (region, touch_s) = rt
         .block_on(move || {
@@ -110,12 +137,13 @@ fn usm_once(policy: &str, bytes: u64, order: &[u32]) -> Result<UsmRun> {
         wall_s,
         cpu_s: cpu1 - cpu0,
         touch_s,
+        build_s,
         faults,
         steal_s,
     })
 }
 
-fn usm_side(policy: &str, spec: &FirstTouchSpec) -> Result<(FirstTouchResult, f64)> {
+fn usm_side(policy: &str, spec: &FirstTouchSpec) -> Result<(FirstTouchResult, f64, f64)> {
     let pages = (spec.bytes as usize).div_ceil(PAGE);
     let order: Vec<u32> = match spec.order {
         TouchOrder::Sequential => (0..pages as u32).collect(),
@@ -131,6 +159,7 @@ fn usm_side(policy: &str, spec: &FirstTouchSpec) -> Result<(FirstTouchResult, f6
     let steals: Vec<f64> = runs.iter().map(|r| r.steal_s).collect();
     let faults: Vec<f64> = runs.iter().map(|r| r.faults as f64).collect();
     let touch: Vec<f64> = runs.iter().map(|r| r.touch_s).collect();
+    let build: Vec<f64> = runs.iter().map(|r| r.build_s).collect();
     Ok((
         FirstTouchResult {
             side: format!("usm-{policy}"),
@@ -144,6 +173,7 @@ fn usm_side(policy: &str, spec: &FirstTouchSpec) -> Result<(FirstTouchResult, f6
             steal_s: RunSummary::of(&steals),
         },
         median(&touch),
+        median(&build),
     ))
 }
 
@@ -166,6 +196,9 @@ fn run(cli: &Cli) -> Result<()> {
     let mut touch_only = Vec::new();
     let mut skipped = Vec::new();
     for order in [TouchOrder::Sequential, TouchOrder::Random] {
+        if !cli.wants_order(order) {
+            continue;
+        }
         let spec = FirstTouchSpec {
             bytes: mib << 20,
             order,
@@ -174,6 +207,9 @@ fn run(cli: &Cli) -> Result<()> {
             seed: 0x000f_1757,
         };
         for side in fault::available_kernel_sides() {
+            if !cli.wants(&side.label()) {
+                continue;
+            }
             match fault::kernel_first_touch(side, &spec) {
                 Ok(r) => results.push(r),
                 Err(e) if e.is_unavailable() => skipped.push(format!("{}: {e}", side.label())),
@@ -181,8 +217,12 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         for policy in USM_POLICIES {
-            let (r, t) = usm_side(policy, &spec)?;
-            touch_only.push(json!({"side": r.side, "order": r.order, "touch_s": t}));
+            if !cli.wants(&format!("usm-{policy}")) {
+                continue;
+            }
+            let (r, t, b) = usm_side(policy, &spec)?;
+            touch_only
+                .push(json!({"side": r.side, "order": r.order, "touch_s": t, "build_s": b}));
             results.push(r);
         }
     }
@@ -195,6 +235,7 @@ fn run(cli: &Cli) -> Result<()> {
         "wall s",
         "cpu s",
         "touch s",
+        "build s",
         "GiB/s vs 4K",
         "faults vs 4K",
     ]);
@@ -202,10 +243,11 @@ fn run(cli: &Cli) -> Result<()> {
         let ratio = ratios
             .iter()
             .find(|x| x.side == r.side && x.order == r.order);
-        let touch = touch_only
+        let usm = touch_only
             .iter()
-            .find(|v| v["side"] == r.side.as_str() && v["order"] == r.order.as_str())
-            .and_then(|v| v["touch_s"].as_f64());
+            .find(|v| v["side"] == r.side.as_str() && v["order"] == r.order.as_str());
+        let touch = usm.and_then(|v| v["touch_s"].as_f64());
+        let build = usm.and_then(|v| v["build_s"].as_f64());
         t.row(vec![
             r.side.clone(),
             r.order.clone(),
@@ -214,6 +256,7 @@ fn run(cli: &Cli) -> Result<()> {
             fmt_f(Some(r.wall_s.median), 3),
             fmt_f(Some(r.cpu_s.median), 3),
             fmt_f(touch, 3),
+            fmt_f(build, 3),
             fmt_f(ratio.and_then(|x| x.gib_per_s_vs_kernel), 2),
             fmt_f(ratio.and_then(|x| x.faults_vs_kernel), 4),
         ]);

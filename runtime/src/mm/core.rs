@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use usm_kmod::event::{Fault, Origin};
 use usm_kmod::pool::arena::LocalArena;
-use usm_kmod::pool::{FrameOwner, FramePool, FrameState};
+use usm_kmod::pool::{FrameOwner, FramePool, FrameState, MAX_ORDER};
 use usm_kmod::{FrameNo, PAGE_SIZE};
 use usm_policies::{
     Access, Cx, Decision, EvictCx, EvictPolicy, Hint, MappedPage, OomAction, OomPolicy,
@@ -1898,9 +1898,30 @@ impl Cx for WorkerCx<'_> {
         }
     }
 
+    /// `n` frames for consecutive pages. Each power-of-two piece of `n` (largest first,
+    /// at most `2^MAX_ORDER`) is asked of the pool as one naturally aligned run of
+    /// consecutive slots ([`FramePool::take_run`]), so installing it is one `UFFDIO_MOVE`;
+    /// what no run can serve comes one frame at a time from the lArena.
     fn take_frames(&mut self, n: usize, out: &mut Vec<FrameNo>) -> bool {
         let mark = out.len();
-        for _ in 0..n {
+        let mut rest = n;
+        while rest > 1 {
+            let order = (usize::BITS - 1 - rest.leading_zeros()).min(MAX_ORDER);
+            match self.core.pool.take_run(&mut self.io.arena, order) {
+                Ok(Some(first)) => {
+                    let run = (first.0..first.0 + (1 << order)).map(FrameNo);
+                    self.taken.extend(run.clone());
+                    out.extend(run);
+                    rest -= 1 << order;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, order, "taking a run of frames failed");
+                    break;
+                }
+            }
+        }
+        for _ in 0..rest {
             match self.take_frame() {
                 Some(f) => out.push(f),
                 None => {
