@@ -221,8 +221,7 @@ fn run(cli: &Cli) -> Result<()> {
                 continue;
             }
             let (r, t, b) = usm_side(policy, &spec)?;
-            touch_only
-                .push(json!({"side": r.side, "order": r.order, "touch_s": t, "build_s": b}));
+            touch_only.push(json!({"side": r.side, "order": r.order, "touch_s": t, "build_s": b}));
             results.push(r);
         }
     }
