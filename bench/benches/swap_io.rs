@@ -3,7 +3,9 @@
 //! For each medium (a swap file on the project disk, `/dev/zram0`), each operation (4 KiB
 //! random read, random write) and each queue depth (1, 8, 32), it runs the engine's closed
 //! loop (keep `depth` requests in flight, submit, `wait(1)`, reap — what fio's io_uring
-//! engine does) and `fio --ioengine=io_uring --direct=1` on the same file, alternating
+//! engine does; the last request of a round is queued with `Engine::queue_read`/
+//! `queue_write` so `wait(1)` submits it and waits in one `io_uring_enter`, `--two-enters`
+//! restores submit-then-wait) and `fio --ioengine=io_uring --direct=1` on the same file, alternating
 //! which goes first, `--runs` times, and reports medians: IOPS, median and p99 latency
 //! (queue → reap for the engine, fio's total `lat`), CPU per I/O from `getrusage` (whole
 //! process, so io-wq kernel threads — which run every zram I/O — are counted on both
@@ -82,6 +84,12 @@ struct Args {
     /// measured too (`usm_alt_batch`).
     #[arg(long, default_value_t = 1)]
     submit_batch: u32,
+    /// The engine side submits every request at once and then waits in a second kernel
+    /// entry (the behaviour before `Engine::queue_read`). By default the last request of
+    /// each round is queued with `queue_read`/`queue_write` so that `wait(1)` submits it
+    /// and waits in one `io_uring_enter` (at depth 1: one entry per I/O).
+    #[arg(long)]
+    two_enters: bool,
     /// Skip the completion-mode measurement.
     #[arg(long)]
     no_modes: bool,
@@ -118,6 +126,9 @@ struct Sample {
     p50_us: f64,
     p99_us: f64,
     cpu_us_per_io: f64,
+    /// `io_uring_enter` calls per I/O (engine side only; 0 for fio, not measured).
+    #[serde(default)]
+    enters_per_io: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -135,6 +146,7 @@ fn median_sample(s: &[Sample]) -> Sample {
         p50_us: median(s.iter().map(|x| x.p50_us).collect()),
         p99_us: median(s.iter().map(|x| x.p99_us).collect()),
         cpu_us_per_io: median(s.iter().map(|x| x.cpu_us_per_io).collect()),
+        enters_per_io: median(s.iter().map(|x| x.enters_per_io).collect()),
     }
 }
 
@@ -194,6 +206,9 @@ struct Report {
     engine_mode: String,
     /// Whether the engine side spun (`--spin`) instead of sleeping in `wait(1)`.
     engine_spin: bool,
+    /// Whether the engine side submitted every request at once and waited in a second
+    /// entry (`--two-enters`); otherwise the last request of a round rides with `wait(1)`.
+    engine_two_enters: bool,
     engine_submit_batch: u32,
     fio_args_example: String,
     rows: Vec<Row>,
@@ -316,6 +331,7 @@ struct UsmRun {
     mode: Option<CompletionMode>,
     spin: bool,
     submit_batch: u32,
+    two_enters: bool,
 }
 
 /// The engine's closed loop at `depth` for `secs`.
@@ -328,7 +344,11 @@ fn run_usm(dev: &Arc<SwapDevice>, run: &UsmRun) -> Sample {
         mode,
         spin,
         submit_batch,
+        two_enters,
     } = *run;
+    // The last request of a round goes with the wait (one kernel entry) unless asked not
+    // to, or when spinning (no wait to ride on).
+    let last_with_wait = !spin && !two_enters;
     let mut eng = engine_for(dev, depth, mode, submit_batch);
     let slots = dev.slots();
     let mut rng = Rng(seed | 1);
@@ -337,12 +357,17 @@ fn run_usm(dev: &Arc<SwapDevice>, run: &UsmRun) -> Sample {
         fill_pattern(b, &mut rng);
     }
     let issue = |eng: &mut Engine, bufs: &mut Vec<PageBuf>, rng: &mut Rng| {
-        while eng.has_capacity() {
+        let room = (eng.depth() - eng.in_flight()) as usize;
+        let n = room.min(bufs.len());
+        for i in 0..n {
             let Some(buf) = bufs.pop() else { break };
             let e = SwapEntry::new(dev.id(), rng.next() % slots).unwrap_or_else(|| panic!());
-            let r = match op {
-                Op::RandRead => eng.read(e, buf),
-                Op::RandWrite => eng.write(e, buf),
+            let with_wait = last_with_wait && i + 1 == n;
+            let r = match (op, with_wait) {
+                (Op::RandRead, false) => eng.read(e, buf),
+                (Op::RandWrite, false) => eng.write(e, buf),
+                (Op::RandRead, true) => eng.queue_read(e, buf),
+                (Op::RandWrite, true) => eng.queue_write(e, buf),
             };
             r.unwrap_or_else(|r| panic!("{r}"));
         }
@@ -378,6 +403,7 @@ fn run_usm(dev: &Arc<SwapDevice>, run: &UsmRun) -> Sample {
     let done = loop_for(&mut eng, Duration::from_secs_f64(secs), &mut bufs);
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = (cpu_time(UsageWho::RUSAGE_SELF) - cpu0).as_secs_f64();
+    let enters = eng.stats().enters;
     // Drain what is still in flight (not counted).
     while eng.in_flight() > 0 {
         eng.wait(1).unwrap_or_else(|e| panic!("{e}"));
@@ -392,6 +418,7 @@ fn run_usm(dev: &Arc<SwapDevice>, run: &UsmRun) -> Sample {
         p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,
         p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
         cpu_us_per_io: cpu * 1e6 / done.max(1) as f64,
+        enters_per_io: enters as f64 / done.max(1) as f64,
     }
 }
 
@@ -421,6 +448,9 @@ fn run_usm_child(
         .arg(&args.mode);
     if args.spin {
         cmd.arg("--spin");
+    }
+    if args.two_enters {
+        cmd.arg("--two-enters");
     }
     cmd.arg("--submit-batch").arg(submit_batch.to_string());
     let out = cmd
@@ -464,6 +494,7 @@ fn child_main(args: &Args, spec: &str) {
             mode: parse_mode(&args.mode),
             spin: args.spin,
             submit_batch,
+            two_enters: args.two_enters,
         },
     );
     println!(
@@ -523,6 +554,7 @@ fn run_fio(path: &Path, bytes: u64, op: Op, depth: u32, secs: f64) -> Sample {
         p99_us: pct("99.000000"),
         // Includes fio's start-up and ramp time: a slight over-estimate for fio.
         cpu_us_per_io: cpu * 1e6 / ios.max(1.0),
+        enters_per_io: 0.0,
     }
 }
 
@@ -584,12 +616,13 @@ fn bench_medium(args: &Args, medium: &str, path: &Path, bytes: u64, rows: &mut V
                 );
             }
             eprintln!(
-                "{medium:5} {:9} qd{depth:<3} usm {:>8.0} IOPS p50 {:>7.1} µs p99 {:>7.1} µs cpu {:>5.1} µs/io | fio {:>8.0} IOPS p50 {:>7.1} µs p99 {:>7.1} µs cpu {:>5.1} µs/io | iops×{:.3} p50×{:.3}",
+                "{medium:5} {:9} qd{depth:<3} usm {:>8.0} IOPS p50 {:>7.1} µs p99 {:>7.1} µs cpu {:>5.1} µs/io enters/io {:.2} | fio {:>8.0} IOPS p50 {:>7.1} µs p99 {:>7.1} µs cpu {:>5.1} µs/io | iops×{:.3} p50×{:.3}",
                 op.fio_name(),
                 u.iops,
                 u.p50_us,
                 u.p99_us,
                 u.cpu_us_per_io,
+                u.enters_per_io,
                 f.iops,
                 f.p50_us,
                 f.p99_us,
@@ -878,6 +911,7 @@ fn main() {
         runs: args.runs,
         engine_mode: args.mode.clone(),
         engine_spin: args.spin,
+        engine_two_enters: args.two_enters,
         engine_submit_batch: args.submit_batch,
         fio_args_example: fio_args(Path::new("FILE"), 1 << 30, Op::RandRead, 32, args.seconds)
             .join(" "),
