@@ -3,7 +3,8 @@
 //! ```text
 //! cargo bench -p usm-bench --bench swap_storm -- [--quick] [--json PATH] [--svg PATH]
 //!     [--medium file|zram|both] [--intensities 1,0.25,0.05] [--duration-ms N]
-//!     [--overhead-mib N] [--no-prewarm] [--no-pmqos]
+//!     [--overhead-mib N] [--no-prewarm] [--no-pmqos] [--repeat N] [--no-access-sampling]
+//!     [--round-budget N]
 //! ```
 //!
 //! # Modes (DESIGN.md, "Benchmarks, defined fairly")
@@ -19,8 +20,9 @@
 //!   blocks the worker, as in Shenango or Junction. This is the denominator of
 //!   `…_vs_kernel`.
 //! - **(a′) `a'-kernel-threads`**: the kernel-baseline mode (one OS thread per task).
-//! - **(b) USM with synchronous swap-in**: not measured — the embedded runtime has no knob
-//!   that makes a worker wait for its own swap-in (every uThread fault yields).
+//! - **(b) `b-usm-sync`**: (c)'s setup with `SwapInMode::Sync`: a worker whose uThread
+//!   faults on a swapped page waits for that swap-in itself (blocked in `io_uring_enter`)
+//!   and runs no other uThread meanwhile — the kernel-like behaviour inside USM.
 //! - **(c) `c-usm-yield`**: the same tasks as uThreads on the embedded runtime, one managed
 //!   region per memory task, pool = budget, USM swap on the same medium (a USM swap file in
 //!   the same directory, or `/dev/zram0` formatted for USM), no kernel swap. Its cgroup
@@ -28,12 +30,14 @@
 //!   512 MiB measures the peak beyond the pool (heap, stacks, page tables, checksum tables);
 //!   that plus 25% and 8 MiB is the allowance (`--overhead-mib` sets it instead).
 //!
-//! uThreads are cooperative, in (a) and (c) alike: a memory task yields after every page
-//! access, a CPU task every `--cpu-slice-rounds` (1024 rounds, ~1.5 µs; an op is 32 768).
-//! The slice matters: a worker polls its driver (new faults, io_uring completions) only
-//! between rounds of up to 64 uThread runs (`usm_localmanager`'s `round_budget`, which the
-//! embedded `Builder` does not expose), so a CPU task that ran a whole 50 µs op per turn
-//! would delay every fault and swap-in completion by up to ~3 ms.
+//! uThreads are cooperative, in (a), (b) and (c) alike: a memory task yields after every
+//! page access, a CPU task every `--cpu-slice-rounds` (1024 rounds, ~1.5 µs; an op is
+//! 32 768). The scheduler polls a worker's driver between rounds of up to `round_budget`
+//! uThread runs (64; `--round-budget` sets it for (b)/(c)) and within a round right after
+//! a fault and while I/O is in flight (at most every 100 µs).
+//!
+//! `--repeat N` runs every sweep N times (modes interleaved within each) and reports the
+//! median of each figure and of each per-run ratio, besides every run's own figures.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -52,7 +56,7 @@ use usm_bench::storm::{
 use usm_bench::sys::{Advice, AnonMemory};
 use usm_bench::{Error, PmQos, Result};
 use usm_localmanager::{Handle, JoinHandle, WakerMode};
-use usm_runtime::embedded::{Region, Runtime};
+use usm_runtime::embedded::{Region, Runtime, SwapInMode};
 use usm_sync::Arc;
 use usm_sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -102,6 +106,18 @@ struct Cli {
     /// Do not hold /dev/cpu_dma_latency at 0.
     #[arg(long)]
     no_pmqos: bool,
+    /// Runs of every sweep (medians reported).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Turn USM's re-fault access sampling off in (b) and (c) (`clock` then acts as FIFO).
+    #[arg(long)]
+    no_access_sampling: bool,
+    /// uThread runs per scheduling round in (b) and (c) (default: the scheduler's 64).
+    #[arg(long)]
+    round_budget: Option<usize>,
+    /// Skip mode (b).
+    #[arg(long)]
+    no_sync: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -385,10 +401,18 @@ impl StormMode for KernelUThreadsMode {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum UsmSwap {
-    /// Create a USM swap file of this many bytes here (removed by the parent).
-    CreateFile(PathBuf, u64),
-    /// A device already formatted for USM.
+    /// A device (or a written-out swap file, see `storm::create_written_usm_swap_file`)
+    /// already formatted for USM.
     Device(PathBuf),
+}
+
+/// How (b) and (c) configure the embedded runtime.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct UsmKnobs {
+    /// (b): synchronous swap-in.
+    sync: bool,
+    access_sampling: bool,
+    round_budget: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -397,6 +421,7 @@ struct UsmPayload {
     intensity: f64,
     cpu_slice_rounds: u32,
     swap: UsmSwap,
+    knobs: UsmKnobs,
 }
 
 /// Fault-path statistics of one (c) point.
@@ -412,6 +437,18 @@ struct UsmPathStats {
     fast_map_p50_us: f64,
     fast_map_p99_us: f64,
     faults_parked: u64,
+    #[serde(default)]
+    worker_blocked: u64,
+    #[serde(default)]
+    samples_taken: u64,
+    #[serde(default)]
+    sample_refaults: u64,
+    #[serde(default)]
+    writebacks_done: u64,
+    #[serde(default)]
+    clean_evictions: u64,
+    #[serde(default)]
+    memory_waits: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -428,9 +465,17 @@ fn usm_child(payload: Value) -> Result<Value> {
         .workers(p.spec.workers)
         .pin_workers(true)
         .waker(WakerMode::EventFd)
-        .pool_frames(p.spec.budget_bytes as usize / PAGE);
+        .pool_frames(p.spec.budget_bytes as usize / PAGE)
+        .access_sampling(p.knobs.access_sampling)
+        .swap_in_mode(if p.knobs.sync {
+            SwapInMode::Sync
+        } else {
+            SwapInMode::Yield
+        });
+    if let Some(r) = p.knobs.round_budget {
+        b = b.round_budget(r);
+    }
     b = match &p.swap {
-        UsmSwap::CreateFile(path, bytes) => b.create_swap_file(path, *bytes),
         UsmSwap::Device(path) => b.swap_device(path),
     };
     let rt = b.build().map_err(emb)?;
@@ -456,6 +501,12 @@ fn usm_child(payload: Value) -> Result<Value> {
         fast_map_p50_us: st.mm.fast_map.p50_ns as f64 / 1e3,
         fast_map_p99_us: st.mm.fast_map.p99_ns as f64 / 1e3,
         faults_parked: parked1 - parked0,
+        worker_blocked: st.mm.worker_blocked - before.mm.worker_blocked,
+        samples_taken: st.mm.samples_taken - before.mm.samples_taken,
+        sample_refaults: st.mm.sample_refaults - before.mm.sample_refaults,
+        writebacks_done: st.mm.writebacks_done - before.mm.writebacks_done,
+        clean_evictions: st.mm.clean_evictions - before.mm.clean_evictions,
+        memory_waits: st.mm.memory_waits - before.mm.memory_waits,
     };
     if st.mm.poisoned > 0 {
         return Err(Error::Corruption(format!(
@@ -544,16 +595,18 @@ impl Drop for UsmZram {
     }
 }
 
-/// (c): USM, faults yield.
-type PathLog = std::rc::Rc<std::cell::RefCell<Vec<(f64, String, UsmPathStats)>>>;
+/// Path statistics per point: (intensity, medium, mode label, stats).
+type PathLog = std::rc::Rc<std::cell::RefCell<Vec<(f64, String, String, UsmPathStats)>>>;
 
+/// (c): USM, faults yield; or (b) with `knobs.sync`.
 struct UsmYieldMode {
     /// cgroup allowance beyond the budget.
     overhead_bytes: u64,
     /// Compute rounds between two yields of a CPU task.
     cpu_slice_rounds: u32,
-    /// Path statistics per point (intensity, medium, stats), shared with the caller.
+    /// Path statistics per point, shared with the caller.
     paths: PathLog,
+    knobs: UsmKnobs,
 }
 
 impl UsmYieldMode {
@@ -573,7 +626,8 @@ impl UsmYieldMode {
                     .swap_dir
                     .join(format!("usm-storm-{}.swap", std::process::id()));
                 file = Some(RemoveOnDrop(path.clone()));
-                UsmSwap::CreateFile(path, swap_bytes)
+                storm::create_written_usm_swap_file(&path, swap_bytes)?;
+                UsmSwap::Device(path)
             }
             SwapMedium::Zram => {
                 let z = UsmZram::take(swap_bytes, ctx.zram_wait)?;
@@ -588,6 +642,7 @@ impl UsmYieldMode {
             intensity,
             cpu_slice_rounds: self.cpu_slice_rounds,
             swap,
+            knobs: self.knobs,
         };
         let value = ctx.launcher.run(USM_CHILD, &payload, Some(&cgroup));
         drop(file);
@@ -606,7 +661,11 @@ impl Drop for RemoveOnDrop {
 
 impl StormMode for UsmYieldMode {
     fn label(&self) -> String {
-        "c-usm-yield".into()
+        if self.knobs.sync {
+            "b-usm-sync".into()
+        } else {
+            "c-usm-yield".into()
+        }
     }
 
     fn run_point(&mut self, ctx: &StormContext, intensity: f64) -> Result<StormPoint> {
@@ -621,17 +680,23 @@ impl StormMode for UsmYieldMode {
         point.cgroup = Some(cgroup.stats()?);
         self.paths
             .borrow_mut()
-            .push((intensity, ctx.medium.label().into(), out.usm));
+            .push((intensity, ctx.medium.label().into(), self.label(), out.usm));
         Ok(point)
     }
 }
 
 /// Measures USM's memory beyond the pool: a short (c) run in a cgroup of budget + 512 MiB.
-fn measure_overhead(ctx: &StormContext, intensity: f64, slice: u32) -> Result<(u64, u64)> {
+fn measure_overhead(
+    ctx: &StormContext,
+    intensity: f64,
+    slice: u32,
+    knobs: UsmKnobs,
+) -> Result<(u64, u64)> {
     let probe = UsmYieldMode {
         overhead_bytes: 0,
         cpu_slice_rounds: slice,
         paths: PathLog::default(),
+        knobs,
     };
     let mut spec = ctx.spec.clone();
     spec.duration_ms = spec.duration_ms.min(1000);
@@ -688,10 +753,15 @@ fn run(cli: &Cli) -> Result<()> {
     report.insert("busy_poll", false)?;
     report.insert("waker", "eventfd")?;
     report.insert("cpu_slice_rounds", cli.cpu_slice_rounds)?;
-    report.insert(
-        "mode_b",
-        "not measured: the embedded runtime has no synchronous swap-in knob",
-    )?;
+    let knobs = UsmKnobs {
+        sync: false,
+        access_sampling: !cli.no_access_sampling,
+        round_budget: cli.round_budget,
+    };
+    report.insert("usm_access_sampling", knobs.access_sampling)?;
+    report.insert("usm_round_budget", cli.round_budget)?;
+    report.insert("repeat", cli.repeat.max(1))?;
+    report.insert("load_average_at_start", load_average())?;
     let swaps_start = guard::active_swaps()?;
     report.insert("swaps_at_start", &swaps_start)?;
     let launcher = ChildLauncher::current_exe()?;
@@ -709,7 +779,7 @@ fn run(cli: &Cli) -> Result<()> {
         };
         let overhead_bytes = match cli.overhead_mib {
             Some(m) => m << 20,
-            None => match measure_overhead(&ctx, intensities[0], cli.cpu_slice_rounds) {
+            None => match measure_overhead(&ctx, intensities[0], cli.cpu_slice_rounds, knobs) {
                 Ok((peak, allowance)) => {
                     println!(
                         "USM on {}: probe peak {} MiB with a {} MiB pool -> cgroup allowance {} MiB",
@@ -738,18 +808,44 @@ fn run(cli: &Cli) -> Result<()> {
                 cpu_slice_rounds: cli.cpu_slice_rounds,
             }),
             Box::new(KernelThreadsMode),
-            Box::new(UsmYieldMode {
+        ];
+        if !cli.no_sync {
+            modes.push(Box::new(UsmYieldMode {
                 overhead_bytes,
                 cpu_slice_rounds: cli.cpu_slice_rounds,
                 paths: paths.clone(),
-            }),
-        ];
-        let sweep = storm::run_sweep(&mut modes, &ctx, &intensities)?;
-        paths_all.extend(paths.borrow_mut().drain(..));
-        print_sweep(&sweep, &paths_all);
-        sweeps.push(sweep);
+                knobs: UsmKnobs {
+                    sync: true,
+                    ..knobs
+                },
+            }));
+        }
+        modes.push(Box::new(UsmYieldMode {
+            overhead_bytes,
+            cpu_slice_rounds: cli.cpu_slice_rounds,
+            paths: paths.clone(),
+            knobs,
+        }));
+        for run in 0..cli.repeat.max(1) {
+            println!(
+                "-- {} run {}/{} (load average {})",
+                medium.label(),
+                run + 1,
+                cli.repeat.max(1),
+                load_average()
+            );
+            let sweep = storm::run_sweep(&mut modes, &ctx, &intensities)?;
+            let mine: Vec<_> = paths.borrow_mut().drain(..).collect();
+            print_sweep(&sweep, &mine);
+            paths_all.extend(mine.into_iter().map(|p| (run, p)));
+            sweeps.push(sweep);
+        }
     }
-    print_goal(&sweeps);
+    let medians = median_table(&sweeps);
+    print_medians(&medians, cli.repeat.max(1));
+    print_goal(&medians);
+    report.insert("medians", &medians)?;
+    report.insert("load_average_at_end", load_average())?;
     let svg = cli.svg.clone().unwrap_or_else(|| {
         PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results/storm.svg"))
     });
@@ -760,7 +856,9 @@ fn run(cli: &Cli) -> Result<()> {
         "usm_fault_paths",
         paths_all
             .iter()
-            .map(|(i, m, s)| json!({"intensity": i, "medium": m, "stats": s}))
+            .map(|(run, (i, m, mode, s))| {
+                json!({"run": run, "intensity": i, "medium": m, "mode": mode, "stats": s})
+            })
             .collect::<Vec<_>>(),
     )?;
     let swaps_end = guard::active_swaps()?;
@@ -777,7 +875,7 @@ fn run(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn print_sweep(sweep: &storm::StormSweep, paths: &[(f64, String, UsmPathStats)]) {
+fn print_sweep(sweep: &storm::StormSweep, paths: &[(f64, String, String, UsmPathStats)]) {
     let mut t = Table::new(&[
         "mode",
         "intensity",
@@ -799,7 +897,7 @@ fn print_sweep(sweep: &storm::StormSweep, paths: &[(f64, String, UsmPathStats)])
             .find(|r| r.mode == p.mode && r.intensity == p.intensity);
         let usm = paths
             .iter()
-            .find(|(i, m, _)| *i == p.intensity && *m == p.medium && p.mode.starts_with("c-"));
+            .find(|(i, m, mode, _)| *i == p.intensity && *m == p.medium && *mode == p.mode);
         t.row(vec![
             p.mode.clone(),
             p.intensity.to_string(),
@@ -811,7 +909,7 @@ fn print_sweep(sweep: &storm::StormSweep, paths: &[(f64, String, UsmPathStats)])
             fmt_f(r.and_then(|r| r.memory_throughput_vs_kernel_threads), 2),
             fmt_f(Some(p.access_latency.p50_ns as f64 / 1e3), 1),
             fmt_f(Some(p.access_latency.p99_ns as f64 / 1e3), 0),
-            usm.map_or("-".into(), |(_, _, s)| {
+            usm.map_or("-".into(), |(_, _, _, s)| {
                 format!("{:.0}/{:.0}", s.swap_in_p50_us, s.swap_in_p99_us)
             }),
             p.cgroup
@@ -835,34 +933,170 @@ fn print_sweep(sweep: &storm::StormSweep, paths: &[(f64, String, UsmPathStats)])
     }
 }
 
-fn print_goal(sweeps: &[storm::StormSweep]) {
-    let Some(file) = sweeps.iter().find(|s| s.medium == "swapfile") else {
-        return;
-    };
-    let Some(first) = file.points.first().map(|p| p.intensity) else {
-        return;
-    };
-    if let Some(r) = file
-        .ratios
+/// The median over runs of one (medium, mode, intensity).
+#[derive(Debug, Clone, Serialize)]
+struct MedianPoint {
+    medium: String,
+    mode: String,
+    intensity: f64,
+    runs: usize,
+    cpu_ops_per_s: f64,
+    memory_ops_per_s: f64,
+    /// Medians of the per-run ratios (each run's own denominator).
+    cpu_throughput_vs_kernel: Option<f64>,
+    memory_throughput_vs_kernel: Option<f64>,
+    cpu_throughput_vs_kernel_threads: Option<f64>,
+    memory_throughput_vs_kernel_threads: Option<f64>,
+    /// Per-run (CPU, memory) ratios against (a), to show the spread.
+    runs_vs_kernel: Vec<(Option<f64>, Option<f64>)>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn median_table(sweeps: &[storm::StormSweep]) -> Vec<MedianPoint> {
+    let mut keys: Vec<(String, String, f64)> = Vec::new();
+    for s in sweeps {
+        for p in &s.points {
+            let k = (p.medium.clone(), p.mode.clone(), p.intensity);
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+    }
+    keys.into_iter()
+        .map(|(medium, mode, intensity)| {
+            let pts: Vec<&StormPoint> = sweeps
+                .iter()
+                .flat_map(|s| s.points.iter())
+                .filter(|p| p.medium == medium && p.mode == mode && p.intensity == intensity)
+                .collect();
+            let rs: Vec<&storm::StormRatio> = sweeps
+                .iter()
+                .flat_map(|s| s.ratios.iter())
+                .filter(|r| r.medium == medium && r.mode == mode && r.intensity == intensity)
+                .collect();
+            let m = |f: fn(&storm::StormRatio) -> Option<f64>| {
+                median(rs.iter().filter_map(|r| f(r)).collect())
+            };
+            MedianPoint {
+                runs: pts.len(),
+                cpu_ops_per_s: median(pts.iter().map(|p| p.cpu_ops_per_s).collect())
+                    .unwrap_or(f64::NAN),
+                memory_ops_per_s: median(pts.iter().map(|p| p.memory_ops_per_s).collect())
+                    .unwrap_or(f64::NAN),
+                cpu_throughput_vs_kernel: m(|r| r.cpu_throughput_vs_kernel),
+                memory_throughput_vs_kernel: m(|r| r.memory_throughput_vs_kernel),
+                cpu_throughput_vs_kernel_threads: m(|r| r.cpu_throughput_vs_kernel_threads),
+                memory_throughput_vs_kernel_threads: m(|r| r.memory_throughput_vs_kernel_threads),
+                runs_vs_kernel: rs
+                    .iter()
+                    .map(|r| (r.cpu_throughput_vs_kernel, r.memory_throughput_vs_kernel))
+                    .collect(),
+                medium,
+                mode,
+                intensity,
+            }
+        })
+        .collect()
+}
+
+fn print_medians(medians: &[MedianPoint], runs: usize) {
+    let mut t = Table::new(&[
+        "medium",
+        "mode",
+        "intensity",
+        "cpu ops/s",
+        "mem ops/s",
+        "cpu vs (a)",
+        "mem vs (a)",
+        "cpu vs (a')",
+        "mem vs (a')",
+        "per run vs (a): cpu/mem",
+    ]);
+    for m in medians {
+        t.row(vec![
+            m.medium.clone(),
+            m.mode.clone(),
+            m.intensity.to_string(),
+            fmt_f(Some(m.cpu_ops_per_s), 0),
+            fmt_f(Some(m.memory_ops_per_s), 0),
+            fmt_f(m.cpu_throughput_vs_kernel, 2),
+            fmt_f(m.memory_throughput_vs_kernel, 2),
+            fmt_f(m.cpu_throughput_vs_kernel_threads, 2),
+            fmt_f(m.memory_throughput_vs_kernel_threads, 2),
+            m.runs_vs_kernel
+                .iter()
+                .map(|(c, mm)| format!("{}/{}", fmt_f(*c, 2), fmt_f(*mm, 2)))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ]);
+    }
+    println!("\n== medians over {runs} run(s)\n{}", t.render());
+}
+
+fn print_goal(medians: &[MedianPoint]) {
+    let Some(first) = medians
         .iter()
-        .find(|r| r.mode == "c-usm-yield" && r.intensity == first)
+        .find(|m| m.medium == "swapfile")
+        .map(|m| m.intensity)
+    else {
+        return;
+    };
+    if let Some(m) = medians
+        .iter()
+        .find(|m| m.medium == "swapfile" && m.mode == "c-usm-yield" && m.intensity == first)
     {
-        let cpu = r.cpu_throughput_vs_kernel.unwrap_or(f64::NAN);
-        let mem = r.memory_throughput_vs_kernel.unwrap_or(f64::NAN);
+        let cpu = m.cpu_throughput_vs_kernel.unwrap_or(f64::NAN);
+        let mem = m.memory_throughput_vs_kernel.unwrap_or(f64::NAN);
         let met = cpu >= 2.26 && mem >= 1.0;
+        let runs_met = m
+            .runs_vs_kernel
+            .iter()
+            .filter(|(c, mm)| c.is_some_and(|c| c >= 2.26) && mm.is_some_and(|mm| mm >= 1.0))
+            .count();
         println!(
-            "GOAL (swap file, intensity {first}): (c)/(a) CPU-task {cpu:.2}x (>= 2.26), memory-task {mem:.2}x (>= 1.0): {}",
-            if met { "MET" } else { "NOT MET" }
+            "GOAL (swap file, intensity {first}, median of {} run(s)): (c)/(a) CPU-task {cpu:.2}x (>= 2.26), memory-task {mem:.2}x (>= 1.0): {} ({runs_met}/{} runs met it)",
+            m.runs,
+            if met { "MET" } else { "NOT MET" },
+            m.runs_vs_kernel.len()
         );
     }
 }
 
+/// `/proc/loadavg`'s first three fields.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 fn write_plots(sweeps: &[storm::StormSweep], svg: &Path) -> Result<()> {
-    let points: Vec<&StormPoint> = sweeps
+    // The first run of each (mode, intensity): repeats would only stack identical lines.
+    let mut points: Vec<&StormPoint> = Vec::new();
+    for p in sweeps
         .iter()
         .filter(|s| s.medium == "swapfile")
         .flat_map(|s| s.points.iter())
-        .collect();
+    {
+        if !points
+            .iter()
+            .any(|q| q.mode == p.mode && q.intensity == p.intensity)
+        {
+            points.push(p);
+        }
+    }
     if points.is_empty() {
         return Ok(());
     }
