@@ -63,12 +63,17 @@ fn have(tool: &str) -> bool {
 }
 
 fn workload(dir: &Path) -> Option<PathBuf> {
+    program(dir, "daemon_workload")
+}
+
+/// Builds `tests/programs/NAME.c` into `dir` (None, with a reason, without gcc).
+fn program(dir: &Path, name: &str) -> Option<PathBuf> {
     if !have("gcc") {
         eprintln!("skipped: gcc is not installed");
         return None;
     }
-    let out = dir.join("daemon_workload");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/daemon_workload.c");
+    let out = dir.join(name);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/programs/{name}.c"));
     let st = Command::new("gcc")
         .args(["-O1", "-Wall", "-pthread", "-o"])
         .arg(&out)
@@ -177,6 +182,40 @@ fn fork_children_inherit_managed_memory() {
     assert!(r.stdout.contains("OK"));
     assert!(n(&r.report, "forks") >= 1, "{}", r.report);
     assert_eq!(n(&r.report, "frames_used_at_exit"), 0, "{}", r.report);
+}
+
+/// Forks again and again while eviction runs: the working set is four times the pool,
+/// two threads keep faulting and being evicted at every fork, and each child verifies
+/// the parent's data as of its fork (much of it in swap) and writes its own copy.
+/// Used to hang: after a fork every page of the parent was shared copy-on-write, the
+/// agent's moves all failed (`EBUSY`), and the child's swap-ins filled the pool with
+/// pages nobody could evict, so every fault waited for a frame.
+#[test]
+fn repeated_forks_under_eviction_finish_with_correct_data() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(prog) = program(dir.path(), "fork_storm") else {
+        return;
+    };
+    // 16 MiB of data + 2 × 8 MiB rewritten by threads, through an 8 MiB pool.
+    let r = usm_exec(
+        &["--pool", "8M"],
+        &[prog.to_str().unwrap(), "16", "4"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code, 0, "stdout: {}", r.stdout);
+    assert!(!r.stdout.contains("BAD"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("FORK 3") && r.stdout.contains("OK"),
+        "{}",
+        r.stdout
+    );
+    assert!(n(&r.report, "forks") >= 4, "{}", r.report);
+    assert!(n(&r.report, "evictions") > 4096, "{}", r.report);
+    assert!(n(&r.report, "swapins") > 4096, "{}", r.report);
+    assert_eq!(n(&r.report, "poisoned"), 0, "{}", r.report);
+    assert_eq!(n(&r.report, "frames_used_at_exit"), 0, "{}", r.report);
+    assert_eq!(n(&r.report, "slots_used_at_exit"), 0, "{}", r.report);
 }
 
 #[test]
@@ -470,4 +509,126 @@ fn redis_data_survives_swap_and_metrics_match_stat() {
     let _ = redis_cmd(port, &["SHUTDOWN", "NOSAVE"]);
     let _ = r.wait();
     drop(d);
+}
+
+/// `INFO persistence` field `key` of the redis at `port`.
+fn redis_info(port: u16, key: &str) -> Option<String> {
+    let info = redis_cmd(port, &["INFO", "persistence"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.trim().to_owned())
+}
+
+fn wait_for_ping(port: u16, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while redis_cmd(port, &["PING"]) != "PONG" {
+        assert!(Instant::now() < deadline, "redis on {port} did not answer");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The BGSAVE test: most of a managed redis-server's dataset is in swap when
+/// it forks its RDB child; the child inherits those pages through the daemon's
+/// reference-counted slots and writes an RDB that a plain redis-server (no USM) loads
+/// to the very same digest.
+#[test]
+fn redis_bgsave_with_the_dataset_in_swap_writes_a_correct_rdb() {
+    let _serial = serial();
+    if !have("redis-server") || !have("redis-cli") {
+        eprintln!("skipped: redis-server / redis-cli are not installed");
+        return;
+    }
+    let port = free_port();
+    let d = RunDaemon::start("memory 4096\nworkers 2\nprocess redis-server first-fit");
+    let dir = tempfile::tempdir().unwrap();
+    let server_args = |port: u16| {
+        let mut args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "yes",
+            "--dbfilename",
+            "bgsave.rdb",
+            "--dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(dir.path().to_str().unwrap().to_owned());
+        args
+    };
+    let mut r = tagged(&d, Command::new("redis-server").args(server_args(port)));
+    wait_for_ping(port, Duration::from_secs(10));
+    // ~48 MiB of values through a 16 MiB pool.
+    assert_eq!(
+        redis_cmd(port, &["DEBUG", "POPULATE", "150000", "key", "300"]),
+        "OK"
+    );
+    let digest = redis_cmd(port, &["DEBUG", "DIGEST"]);
+    assert_eq!(digest.len(), 40, "{digest}");
+    // Most of the dataset in swap before the fork.
+    let s = d.wait_for("most of redis in swap", Duration::from_secs(20), |s| {
+        let p = &s["processes"][0];
+        let out = p["swapped_pages"].as_u64().unwrap_or(0);
+        out > 4096 && out > p["resident_pages"].as_u64().unwrap_or(u64::MAX)
+    });
+    let before = &s["processes"][0];
+    let t0 = Instant::now();
+    assert!(redis_cmd(port, &["BGSAVE"]).contains("Background saving started"));
+    let deadline = t0 + Duration::from_secs(60);
+    loop {
+        if redis_info(port, "rdb_bgsave_in_progress").as_deref() == Some("0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "BGSAVE did not finish in 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        redis_info(port, "rdb_last_bgsave_status").as_deref(),
+        Some("ok")
+    );
+    eprintln!(
+        "BGSAVE of a dataset with {} of {} pages in swap: {:?}",
+        before["swapped_pages"],
+        before["swapped_pages"].as_u64().unwrap() + before["resident_pages"].as_u64().unwrap(),
+        t0.elapsed()
+    );
+    let s = d.stat().unwrap();
+    let forks: u64 = s["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(s["ended"].as_array().unwrap())
+        .map(|p| p["forks"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(forks >= 1, "the daemon saw no fork: {s}");
+    // The parent's data is intact too.
+    assert_eq!(redis_cmd(port, &["DEBUG", "DIGEST"]), digest);
+    let _ = redis_cmd(port, &["SHUTDOWN", "NOSAVE"]);
+    let _ = r.wait();
+    drop(d);
+    // A plain redis-server loads the RDB to the same digest.
+    let plain_port = free_port();
+    let mut plain = Command::new("redis-server")
+        .args(server_args(plain_port))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_ping(plain_port, Duration::from_secs(30));
+    let loaded = redis_cmd(plain_port, &["DBSIZE"]);
+    let plain_digest = redis_cmd(plain_port, &["DEBUG", "DIGEST"]);
+    let _ = redis_cmd(plain_port, &["SHUTDOWN", "NOSAVE"]);
+    let _ = plain.wait();
+    assert_eq!(loaded, "150000");
+    assert_eq!(
+        plain_digest, digest,
+        "the RDB does not load to the same data"
+    );
 }

@@ -19,6 +19,20 @@
 //! 5. Tell the tagger how many pages are out (`SwapState`) — before the staging copies
 //!    are dropped, so a daemon death after this point kills the program rather than let
 //!    it read zeros — then `DropSlots` and reuse the slots.
+//!
+//! # fork
+//! - Right after a `fork`, every page of the parent is shared copy-on-write with the
+//!   child and `UFFDIO_MOVE` refuses it (`EBUSY`): the agent breaks the sharing without
+//!   writing (`MADV_POPULATE_WRITE`) and moves the parent's now private copy.
+//! - While a `fork` (or `munmap`, `mremap`, `madvise`) waits for the reader, the
+//!   agent's moves fail with `EAGAIN` at once: those victims are reverted and retried
+//!   in a later batch. Nothing here waits for the reader while holding what it needs
+//!   (it takes only the map lock, briefly).
+//! - A fork child's inherited memory lives on a userfaultfd context only the daemon
+//!   holds, so no agent can ever move its pages: what it swaps in (a `BGSAVE` child
+//!   reading the whole dataset) is not held against the pool ([`release_fork_children`]),
+//!   else the pool would fill with pages nobody can evict and every fault of every
+//!   process would wait for a frame. Those pages go when the child exits.
 
 use std::collections::HashMap;
 use std::io::IoSliceMut;
@@ -47,6 +61,7 @@ pub(crate) fn run(sh: &Arc<Shared>) {
         if sh.free_frames() >= sh.low {
             continue;
         }
+        release_fork_children(sh);
         let mut stalls = 0;
         while sh.free_frames() < sh.high && !sh.stopping.load(Ordering::Acquire) {
             let Some(victim) = sh.largest_evictable() else {
@@ -67,6 +82,37 @@ pub(crate) fn run(sh: &Arc<Shared>) {
     }
 }
 
+/// Stops charging the pool for the resident pages of fork children (see the module
+/// doc): they become `Resident { inherited: true }`, like the pages the child inherited
+/// at `fork`. Returns how many frames were given back to the pool.
+fn release_fork_children(sh: &Shared) -> u64 {
+    let mut released = 0;
+    for p in sh.procs() {
+        if p.channel.is_some() || p.parent.is_none() || p.gone.load(Ordering::Acquire) {
+            continue;
+        }
+        let mut m = p.lock_map();
+        if m.charged == 0 {
+            continue;
+        }
+        let charged: Vec<u64> = m
+            .pages
+            .iter()
+            .filter(|(_, s)| matches!(s, PageState::Resident { inherited: false }))
+            .map(|(&a, _)| a)
+            .collect();
+        for page in charged {
+            m.set_resident(page, Charge::Inherited);
+            released += 1;
+        }
+        m.fifo.clear();
+    }
+    if released > 0 {
+        tracing::debug!("{released} frame(s) of fork children no longer held against the pool");
+    }
+    released
+}
+
 /// Drops the staging copies of pages that are safe in the daemon, once the tagger knows
 /// how many pages are out; if it cannot be told now, they stay in staging (the tagger
 /// restores those itself if the daemon dies) and this is retried with the next batch.
@@ -74,10 +120,14 @@ fn flush_undropped(proc: &Proc, agent: &mut Agent) {
     if agent.undropped.is_empty() || !proc.tell_swapped(true) {
         return;
     }
-    let slots = std::mem::take(&mut agent.undropped);
+    let mut slots = std::mem::take(&mut agent.undropped);
+    // One `madvise` per run of consecutive slots: each raises a REMOVE event (the
+    // staging area is registered), which holds every UFFDIO_COPY of the process at
+    // `EAGAIN` until the reader has read it.
+    slots.sort_unstable();
     let mut last = None;
-    for &slot in &slots {
-        if let Some(s) = submit(agent, AgentOp::DropSlots, slot, 0) {
+    for (first, pages) in slot_runs(&slots) {
+        if let Some(s) = submit_pages(agent, AgentOp::DropSlots, first, 0, pages) {
             last = Some(s);
         }
     }
@@ -181,6 +231,22 @@ fn collect(agent: &mut Agent, done: &mut HashMap<u64, i64>, seq: u64, timeout: D
 }
 
 fn submit(agent: &mut Agent, op: AgentOp, slot: u32, addr: u64) -> Option<u64> {
+    submit_pages(agent, op, slot, addr, 1)
+}
+
+/// Runs of consecutive slots in `sorted` (ascending, no duplicates): `(first, pages)`.
+fn slot_runs(sorted: &[u32]) -> Vec<(u32, u64)> {
+    let mut runs: Vec<(u32, u64)> = Vec::new();
+    for &slot in sorted {
+        match runs.last_mut() {
+            Some((first, pages)) if u64::from(*first) + *pages == u64::from(slot) => *pages += 1,
+            _ => runs.push((slot, 1)),
+        }
+    }
+    runs
+}
+
+fn submit_pages(agent: &mut Agent, op: AgentOp, slot: u32, addr: u64, pages: u64) -> Option<u64> {
     agent.seq += 1;
     let seq = agent.seq;
     agent
@@ -189,7 +255,7 @@ fn submit(agent: &mut Agent, op: AgentOp, slot: u32, addr: u64) -> Option<u64> {
             op,
             slot,
             addr,
-            pages: 1,
+            pages,
             seq,
         })
         .ok()
@@ -355,4 +421,16 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
     drop(moved);
     flush_undropped(proc, agent);
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slot_runs;
+
+    #[test]
+    fn consecutive_slots_are_dropped_together() {
+        assert_eq!(slot_runs(&[]), vec![]);
+        assert_eq!(slot_runs(&[3]), vec![(3, 1)]);
+        assert_eq!(slot_runs(&[0, 1, 2, 5, 6, 9]), vec![(0, 3), (5, 2), (9, 1)]);
+    }
 }

@@ -8,17 +8,37 @@
 //!        └──────────ReturnFromStaging────────┘   (or the daemon UFFDIO_COPYs it back)
 //! ```
 //! The agent remembers which application page each occupied slot came from
-//! (`slot_owner`). If the daemon disappears, pages still in staging are moved back by
-//! the tagger itself before it detaches: only pages the daemon *dropped* from staging
-//! (reported by `SwapState`) are beyond its reach, and those make it kill the process.
+//! (`slot_owner`, in memory of its own outside the managed heap, so the agent never
+//! faults on its own bookkeeping). If the daemon disappears, pages still in staging are
+//! moved back by the tagger itself before it detaches: only pages the daemon *dropped*
+//! from staging (reported by `SwapState`) are beyond its reach, and those make it kill
+//! the process.
+//!
+//! # Never blocking the program
+//! The agent only issues non-blocking requests on the program's behalf:
+//! - `EAGAIN` from `UFFDIO_MOVE` (the address space is changing: a `fork`, `munmap`,
+//!   `mremap` or `madvise` event is waiting for the daemon's reader) is answered at
+//!   once, never retried here: the forking thread waits for the reader, and the
+//!   daemon retries the page in a later batch.
+//! - `EBUSY` (the page is shared copy-on-write with a fork child) is resolved by
+//!   breaking the sharing without writing (`MADV_POPULATE_WRITE`: the program keeps a
+//!   private copy with the same content, the child keeps the original), then one more
+//!   `UFFDIO_MOVE`. Without it, after a `fork` every page of the parent is shared, no
+//!   eviction succeeds, and every fault waits for a frame that never comes.
+//!
+//! # fork
+//! The agent thread does not exist in a forked child and the staging area is
+//! `MADV_DONTFORK`: the child forgets the agent ([`forget_in_child`]) and can start its
+//! own when its own session asks.
 
 use std::os::fd::BorrowedFd;
-use std::sync::OnceLock;
+// The bookkeeping words live in raw memory (see `sys::unmanaged_words`): std's type.
+use std::sync::atomic::AtomicU64;
 
 use usm_proto::agent::{AgentCompletion, AgentOp, AgentRequest, AgentServer};
 use usm_proto::{Message, ProtoError};
 use usm_sync::Mutex;
-use usm_sync::atomic::{AtomicU64, Ordering};
+use usm_sync::atomic::Ordering;
 
 use crate::state::{self, Mode};
 use crate::sys::{self, PAGE_SIZE};
@@ -31,12 +51,15 @@ struct Agent {
     staging: usize,
     pages: u32,
     /// Application address whose page sits in each slot (0 = empty).
-    slot_owner: Vec<AtomicU64>,
+    slot_owner: &'static [AtomicU64],
     /// Held while a batch of requests runs, and while pages are restored.
     busy: Mutex<()>,
 }
 
-static AGENT: OnceLock<Agent> = OnceLock::new();
+static AGENT: sys::LeakedRef<Agent> = sys::LeakedRef::new();
+
+/// `EBUSY`: `UFFDIO_MOVE` met a page shared with a fork child (or pinned).
+const EBUSY: i32 = libc::EBUSY;
 
 /// Handles `StartAgent`: builds staging + ring, answers `AgentReady` (or
 /// `AgentUnavailable`) on `channel`, and starts the agent thread.
@@ -95,17 +118,31 @@ fn setup(staging_pages: u32, ring_entries: u32) -> Result<&'static Agent, String
         let _ = sys::munmap_raw(staging, len);
         return Err(format!("staging area setup failed (errno {e})"));
     }
+    let slot_owner = match sys::unmanaged_words(staging_pages as usize) {
+        Ok(words) => words,
+        Err(e) => {
+            let _ = sys::munmap_raw(staging, len);
+            return Err(format!("agent bookkeeping mmap failed (errno {e})"));
+        }
+    };
     let agent = Agent {
         server,
         staging,
         pages: staging_pages,
-        slot_owner: (0..staging_pages).map(|_| AtomicU64::new(0)).collect(),
+        slot_owner,
         busy: Mutex::new(()),
     };
     AGENT
         .set(agent)
-        .map_err(|_| "an agent is already running".to_owned())?;
-    AGENT.get().ok_or_else(|| "agent vanished".to_owned())
+        .ok_or_else(|| "an agent is already running".to_owned())
+}
+
+/// In a forked child (from the `pthread_atfork` child handler; does not allocate): the
+/// parent's agent thread does not exist here and its staging area was not inherited.
+/// Forget it, so this process's own session can start an agent. Call after
+/// [`staged_pages`] was read.
+pub(crate) fn forget_in_child() {
+    AGENT.forget();
 }
 
 fn run(agent: &'static Agent) {
@@ -146,13 +183,14 @@ impl Agent {
             None => Err(libc::ENOTCONN),
             Some(uffd) => match req.op {
                 AgentOp::EvictToStaging => {
-                    sys::uffd_move(uffd, self.slot_addr(slot), req.addr as usize, len, true)
-                        .inspect(|moved| {
+                    evict_move(uffd, self.slot_addr(slot), req.addr as usize, len).inspect(
+                        |moved| {
                             for i in 0..(*moved / PAGE_SIZE) as u64 {
                                 self.slot_owner[(slot + i) as usize]
                                     .store(req.addr + i * PAGE_SIZE as u64, Ordering::Release);
                             }
-                        })
+                        },
+                    )
                 }
                 AgentOp::ReturnFromStaging => {
                     sys::uffd_move(uffd, req.addr as usize, self.slot_addr(slot), len, true)
@@ -182,6 +220,20 @@ impl Agent {
             },
             seq: req.seq,
         }
+    }
+}
+
+/// `UFFDIO_MOVE` application → staging. A page shared copy-on-write with a fork child
+/// (`EBUSY`) is made the program's own first (see the module doc), then moved; every
+/// other outcome, `EAGAIN` included, is the daemon's to handle.
+fn evict_move(uffd: i32, slot: usize, addr: usize, len: usize) -> Result<usize, i32> {
+    match sys::uffd_move(uffd, slot, addr, len, true) {
+        Err(EBUSY) => {
+            // ENOMEM/EFAULT: the range went away meanwhile; the daemon hears of it.
+            sys::break_cow(addr, len)?;
+            sys::uffd_move(uffd, slot, addr, len, true)
+        }
+        other => other,
     }
 }
 
@@ -229,7 +281,7 @@ pub(crate) fn restore_staged() -> u64 {
 pub(crate) fn wake_restored() {
     let Some(agent) = AGENT.get() else { return };
     let uffd = state::uffd_number();
-    for owner_slot in &agent.slot_owner {
+    for owner_slot in agent.slot_owner {
         let owner = owner_slot.load(Ordering::Acquire);
         if owner & RESTORED != 0 {
             sys::uffd_wake(uffd, (owner & !RESTORED) as usize, PAGE_SIZE);

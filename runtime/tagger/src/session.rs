@@ -163,6 +163,7 @@ fn install(channel: Channel, uffd: OwnedFd, features: u64) -> Result<Channel, St
     let reader = channel
         .try_clone()
         .map_err(|e| format!("cannot clone the daemon socket ({e})"))?;
+    state::set_watcher_fd(reader.as_raw_fd());
     state::set_mode(Mode::Managed);
     crate::sys::heap::adopt_pending();
     Ok(reader)
@@ -176,8 +177,19 @@ fn into_raw(fd: OwnedFd) -> i32 {
     std::os::fd::IntoRawFd::into_raw_fd(fd)
 }
 
+/// Forgets the watcher's socket number before the watcher's `Channel` closes it (locals
+/// drop before parameters), so a later fork child never closes a reused number.
+struct ForgetWatcherFd;
+
+impl Drop for ForgetWatcherFd {
+    fn drop(&mut self) {
+        state::take_watcher_fd();
+    }
+}
+
 /// The watcher: reads the daemon's messages until the session ends.
 fn watch(reader: Channel) {
+    let _forget = ForgetWatcherFd;
     loop {
         match reader.recv() {
             Ok(Message::SwapState { swapped_pages }) => state::set_swapped_pages(swapped_pages),
@@ -338,6 +350,13 @@ pub(crate) fn after_fork_in_child() {
         return;
     }
     let inherited = state::swapped_pages() + crate::agent::staged_pages();
+    crate::agent::forget_in_child();
+    // The watcher thread (and its `Channel`) does not exist here; its socket would keep
+    // the parent's session open for as long as this process lives.
+    let watcher = state::take_watcher_fd();
+    if watcher >= 0 {
+        sys::close_raw(watcher);
+    }
     state::set_swapped_pages(0);
     state::set_inherited_swapped(inherited);
     state::set_mode(Mode::Starting);

@@ -6,6 +6,7 @@
 //! | `UFFD`      | constructor (after Ack), never changed after; its *number* stays valid forever (replaced by `/dev/null` on detach) | range registration |
 //! | `CHANNEL`   | constructor (set once, lives until exit)     | notifications, hints   |
 //! | `SWAPPED`   | watcher (`SwapState`)                        | watcher on daemon loss       |
+//! | `WATCHER_FD`| `session::install` (the watcher's clone of the socket) | fork child (closes it) |
 
 use std::sync::OnceLock;
 use usm_proto::Channel;
@@ -33,6 +34,7 @@ static SWAPPED: AtomicU64 = AtomicU64::new(0);
 static DEVNULL: AtomicI32 = AtomicI32::new(-1);
 static FEATURES: AtomicU64 = AtomicU64::new(0);
 static INHERITED_SWAPPED: AtomicU64 = AtomicU64::new(0);
+static WATCHER_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// Bytes registered on the userfaultfd so far (cumulative, for diagnostics).
 pub(crate) static REGISTERED_BYTES: AtomicU64 = AtomicU64::new(0);
@@ -111,4 +113,16 @@ pub(crate) fn features() -> u64 {
 
 pub(crate) fn set_features(features: u64) {
     FEATURES.store(features, Ordering::Release);
+}
+
+/// Remembers the number of the watcher thread's clone of the session socket.
+pub(crate) fn set_watcher_fd(fd: i32) {
+    WATCHER_FD.store(fd, Ordering::Release);
+}
+
+/// Takes the watcher's socket number (-1 if none): in a forked child, whose watcher
+/// thread does not exist, it is closed so the child does not keep the parent's session
+/// open.
+pub(crate) fn take_watcher_fd() -> i32 {
+    WATCHER_FD.swap(-1, Ordering::AcqRel)
 }

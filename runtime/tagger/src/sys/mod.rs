@@ -353,3 +353,121 @@ pub(crate) fn dup_cloexec(fd: RawFd) -> Option<std::os::fd::OwnedFd> {
     let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     (dup >= 0).then(|| own_fd(dup))
 }
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14): write-fault every page of the range without
+/// changing its content — breaks copy-on-write sharing with a fork child.
+const MADV_POPULATE_WRITE: i32 = 23;
+
+/// Makes the present page at `addr` this process's own (breaks copy-on-write sharing
+/// with a fork child) without writing to it: `madvise(MADV_POPULATE_WRITE)`. Fails with
+/// `ENOMEM`/`EFAULT` instead of faulting if the range is gone meanwhile.
+pub(crate) fn break_cow(addr: usize, len: usize) -> Result<(), i32> {
+    madvise_raw(addr, len, MADV_POPULATE_WRITE)
+}
+
+/// A zeroed array of `n` atomic words in memory of its own, outside the managed heap
+/// (a private anonymous mapping the tagger never registers), never freed. Used for the
+/// agent's bookkeeping: an evicted heap page under it would make the agent fault on its
+/// own data in the middle of an eviction.
+pub(crate) fn unmanaged_words(n: usize) -> Result<&'static [std::sync::atomic::AtomicU64], i32> {
+    let len = (n.max(1) * 8).next_multiple_of(PAGE_SIZE);
+    let addr = mmap_raw(
+        0,
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    )?;
+    // SAFETY: `addr` is a fresh, page-aligned, zero-filled private mapping of at least
+    // `8 * n` bytes that nothing else refers to and that is never unmapped, so it is
+    // valid for `'static`; `AtomicU64` has the size and alignment of `u64`, and all-zero
+    // bytes are a valid value.
+    Ok(unsafe { std::slice::from_raw_parts(addr as *const std::sync::atomic::AtomicU64, n) })
+}
+
+/// Moves `value` into memory of its own outside the managed heap (a private anonymous
+/// mapping the tagger never registers, never unmapped) and returns a reference to it
+/// for the rest of the process. Gives the value back with the errno if `mmap` fails.
+pub(crate) fn leak_unmanaged<T: Sync + 'static>(value: T) -> Result<&'static T, (T, i32)> {
+    const { assert!(std::mem::align_of::<T>() <= PAGE_SIZE) };
+    let len = std::mem::size_of::<T>().max(1).next_multiple_of(PAGE_SIZE);
+    let addr = match mmap_raw(
+        0,
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    ) {
+        Ok(addr) => addr,
+        Err(e) => return Err((value, e)),
+    };
+    let p = addr as *mut T;
+    // SAFETY: `p` is a fresh, page-aligned (so aligned for `T`, checked above) writable
+    // mapping of at least `size_of::<T>()` bytes that nothing else refers to; after the
+    // write it holds a valid `T` that is never moved, dropped or unmapped, so a shared
+    // reference to it is valid for `'static` (`T: Sync` for sharing across threads).
+    unsafe {
+        p.write(value);
+        Ok(&*p)
+    }
+}
+
+/// A process-wide reference to a leaked value that can be set, and *forgotten* in a
+/// forked child (whose copy describes the parent's threads), then set again.
+///
+/// Values live outside the managed heap ([`leak_unmanaged`]) and are never freed, so a
+/// reference handed out stays valid for the rest of the process even after
+/// [`LeakedRef::forget`].
+pub(crate) struct LeakedRef<T: 'static> {
+    ptr: std::sync::atomic::AtomicPtr<T>,
+}
+
+impl<T: 'static> LeakedRef<T> {
+    /// Empty.
+    pub(crate) const fn new() -> LeakedRef<T> {
+        LeakedRef {
+            ptr: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
+        }
+    }
+
+    /// The current value, if any.
+    pub(crate) fn get(&self) -> Option<&'static T> {
+        let p = self.ptr.load(std::sync::atomic::Ordering::Acquire);
+        // SAFETY: `p` is null or came from `leak_unmanaged` in `set` and is never freed
+        // (nothing can free it), so it is valid and immutably shared for `'static`; it is
+        // only ever read through shared references.
+        unsafe { p.as_ref() }
+    }
+
+    /// Sets the value if none is set (`None`, and `value` dropped, otherwise, or if no
+    /// memory could be mapped for it).
+    pub(crate) fn set(&self, value: T) -> Option<&'static T>
+    where
+        T: Sync,
+    {
+        if self.get().is_some() {
+            return None;
+        }
+        let leaked: &'static T = leak_unmanaged(value).ok()?;
+        let p = std::ptr::from_ref(leaked).cast_mut();
+        self.ptr
+            .compare_exchange(
+                std::ptr::null_mut(),
+                p,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            )
+            // Lost a race (only the watcher thread sets it): this value stays leaked.
+            .ok()
+            .map(|_| leaked)
+    }
+
+    /// Forgets the value (it stays allocated). Does not allocate: safe in a
+    /// `pthread_atfork` child handler.
+    pub(crate) fn forget(&self) {
+        self.ptr
+            .store(std::ptr::null_mut(), std::sync::atomic::Ordering::Release);
+    }
+}
