@@ -7,6 +7,7 @@
 //! | accept loop: Hello, `SO_PEERCRED`, policy by name, `UFFDIO_API`, Ack/Refused | `usm-accept` | [`process`] (`admit`) |
 //! | one reader per userfaultfd (fork children get their own) | `usm-rd-PID` | [`process`] |
 //! | fault service: one job per fault, on a pool of OS threads or as workees on the LocalManager workers ([`FaultRunner`]) | `usm-fault-N` / `usm-localmanager` workers | [`process`], [`pool`] |
+//! | the configured policies of each process (allocation per fault, eviction victims, OOM; hints), guarded against panics | whoever holds the process's map lock | [`policy`], [`space`] |
 //! | swap I/O: io_uring engine, parks/unparks workees | `usm-swap-io` | [`swapio`] |
 //! | eviction through the tagger's agent | `usm-evict` | [`evict`] |
 //! | `usm stat` socket (`SOCKET.stat`, JSON lines) | `usm-stat` | [`control`] |

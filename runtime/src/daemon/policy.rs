@@ -68,6 +68,8 @@ pub(crate) struct AllocSide {
     /// The process name the policies were assigned by (a fork child keeps its parent's).
     pub(crate) assigned_to: String,
     pub(crate) alloc: Box<dyn AllocPolicy>,
+    /// `alloc.name()`, kept so a guarded call needs no allocation.
+    pub(crate) alloc_name: String,
     pub(crate) oom: Box<dyn OomPolicy>,
 }
 
@@ -92,7 +94,8 @@ impl AllocSide {
         self.alloc = fallback_spec(&self.registry, PolicyKind::Alloc, &failed)
             .and_then(|s| self.registry.build_alloc(&s).ok())
             .unwrap_or_else(|| Box::new(FirstFit));
-        self.alloc.name().to_owned()
+        self.alloc_name = self.alloc.name().to_owned();
+        self.alloc_name.clone()
     }
 
     /// Replaces the OOM policy after a panic; returns the new policy's name.
@@ -120,6 +123,7 @@ pub(crate) fn build(
         AllocSide {
             registry: registry.clone(),
             assigned_to: name.to_owned(),
+            alloc_name: set.alloc.name().to_owned(),
             alloc: set.alloc,
             oom: set.oom,
         },
@@ -134,6 +138,8 @@ pub(crate) fn build(
 pub(crate) struct Victims {
     registry: Arc<Registry>,
     policy: Box<dyn EvictPolicy>,
+    /// `policy.name()`, kept so a guarded call needs no allocation.
+    name: String,
     /// Hints from `usm_hint` (what `EvictCx::hint` reads).
     pub(crate) hints: HintMap,
     pid: u32,
@@ -177,6 +183,7 @@ impl Victims {
     fn new(registry: Arc<Registry>, policy: Box<dyn EvictPolicy>, pid: u32) -> Victims {
         Victims {
             registry,
+            name: policy.name().to_owned(),
             policy,
             hints: HintMap::new(),
             pid,
@@ -201,6 +208,7 @@ impl Victims {
                     AllocSide {
                         registry: self.registry.clone(),
                         assigned_to: alloc.assigned_to.clone(),
+                        alloc_name: FirstFit::NAME.to_owned(),
                         alloc: Box::new(FirstFit),
                         oom: Box::new(FailOom),
                     },
@@ -214,7 +222,7 @@ impl Victims {
 
     /// The eviction policy's name.
     pub(crate) fn policy_name(&self) -> &str {
-        self.policy.name()
+        &self.name
     }
 
     fn replace_after_panic(&mut self, e: &PolicyPanic) {
@@ -223,7 +231,8 @@ impl Victims {
         self.policy = fallback_spec(&self.registry, PolicyKind::Evict, &failed)
             .and_then(|s| self.registry.build_evict(&s).ok())
             .unwrap_or_else(|| Box::new(Fifo::new()));
-        log_panic(self.pid, e, self.policy.name());
+        self.name = self.policy.name().to_owned();
+        log_panic(self.pid, e, &self.name);
         // The new instance tracks nothing yet: announce every resident page.
         let pages: Vec<(u32, u64)> = self.page_of.iter().map(|(&f, &a)| (f, a)).collect();
         for (frame, addr) in pages {
@@ -268,8 +277,7 @@ impl Victims {
             touched: &mut self.touched,
         };
         let policy = &mut self.policy;
-        let name = policy.name().to_owned();
-        if let Err(e) = guarded(&name, || policy.on_map(page, &mut view)) {
+        if let Err(e) = guarded(&self.name, || policy.on_map(page, &mut view)) {
             self.replace_after_panic(&e);
         }
     }
@@ -283,8 +291,7 @@ impl Victims {
         self.touched.remove(&id);
         self.free_ids.push(id);
         let policy = &mut self.policy;
-        let name = policy.name().to_owned();
-        if let Err(e) = guarded(&name, || policy.on_free(FrameNo(id))) {
+        if let Err(e) = guarded(&self.name, || policy.on_free(FrameNo(id))) {
             self.replace_after_panic(&e);
         }
     }
@@ -294,12 +301,11 @@ impl Victims {
         if let Some(&id) = self.frame_of.get(&addr) {
             self.touched.insert(id);
             let policy = &mut self.policy;
-            let name = policy.name().to_owned();
             let access = Access {
                 accessed: true,
                 written: true,
             };
-            if let Err(e) = guarded(&name, || policy.on_access(FrameNo(id), access)) {
+            if let Err(e) = guarded(&self.name, || policy.on_access(FrameNo(id), access)) {
                 self.replace_after_panic(&e);
             }
         }
@@ -314,8 +320,7 @@ impl Victims {
             touched: &mut self.touched,
         };
         let (policy, pid) = (&mut self.policy, self.pid);
-        let name = policy.name().to_owned();
-        if let Err(e) = guarded(&name, || policy.on_hint(pid, range, hint, &mut view)) {
+        if let Err(e) = guarded(&self.name, || policy.on_hint(pid, range, hint, &mut view)) {
             self.replace_after_panic(&e);
         }
     }
@@ -359,8 +364,7 @@ impl Victims {
                 touched: &mut self.touched,
             };
             let policy = &mut self.policy;
-            let name = policy.name().to_owned();
-            match guarded(&name, || policy.victims(req, &mut view, &mut out)) {
+            match guarded(&self.name, || policy.victims(req, &mut view, &mut out)) {
                 Ok(_) => {
                     for v in out {
                         if self.page_of.get(&v.frame.0) == Some(&v.addr) {

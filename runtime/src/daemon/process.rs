@@ -288,6 +288,10 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer) {
         threads: Mutex::new(Vec::new()),
     });
     sh.add_proc(proc.clone());
+    let origin = Origin { pid, tid: 0 };
+    notify_alloc(sh, &proc, None, |alloc, cx| {
+        alloc.new_process(origin, &proc.name, None, cx)
+    });
     start_threads(sh, &proc, Some(pidfd));
     if features.contains(Features::MOVE) {
         if let Some(ch) = &proc.channel {
@@ -493,6 +497,11 @@ fn finish(sh: &Arc<Shared>, proc: &Arc<Proc>) {
                 .fetch_add(rel.frames, Ordering::Relaxed);
         }
     }
+    let origin = Origin {
+        pid: proc.pid,
+        tid: 0,
+    };
+    notify_alloc(sh, proc, None, |alloc, cx| alloc.exit(origin, cx));
     // Drop the agent's end now, unless the evictor holds it (a batch for this process,
     // which gives up on a gone process): then it goes with the last reference. Never
     // wait for it, so the process's end is recorded at once.
@@ -653,9 +662,8 @@ fn notify_alloc(
     let faults = proc.counters.faults.load(Ordering::Relaxed);
     let mut m = proc.lock_map();
     let (policy, mut cx) = fault_cx(sh, &mut m, region, faults);
-    let name = policy.alloc.name().to_owned();
     let alloc = &mut policy.alloc;
-    let r = guarded(&name, || call(alloc.as_mut(), &mut cx));
+    let r = guarded(&policy.alloc_name, || call(alloc.as_mut(), &mut cx));
     cx.reclaim_all();
     drop(cx);
     if let Err(e) = r {
@@ -688,9 +696,8 @@ fn fill_by_policy(
     // The policy, guarded; after a panic, its replacement serves the fault.
     let mut decision = None;
     for _ in 0..3 {
-        let name = policy.alloc.name().to_owned();
         let alloc = &mut policy.alloc;
-        match guarded(&name, || alloc.alloc(fault, &mut cx)) {
+        match guarded(&policy.alloc_name, || alloc.alloc(fault, &mut cx)) {
             Ok(d) => {
                 decision = Some(d);
                 break;
@@ -766,7 +773,7 @@ fn fill_by_policy(
     oom.since = None;
     let n = mapping.len() as u64;
     let start = mapping.start();
-    let (installed, fault_page) = install_zeros(proc, &mut m, start, n);
+    let (installed, fault_page) = install_zeros(proc, &mut m, start, n, page);
     drop(m);
     unreserve(&sh.frames_used, n - installed);
     if installed > 0 {
@@ -781,19 +788,23 @@ fn fill_by_policy(
     match fault_page {
         Install::Done => true,
         Install::Retry => false,
-        Install::Gone => true,
+        // The run stopped before the faulting page (part of it is no longer registered:
+        // a stale range): serve the page alone.
+        Install::Gone => fill_fresh(sh, proc, page, urgent),
     }
 }
 
 /// Installs zeros at the `n` pages from `start` (their frames reserved by the caller)
 /// and records each installed page resident. A page already present (unknown to the
 /// daemon: `MADV_FREE` kept it) is skipped. Returns how many pages were installed and
-/// what happened at the faulting page (`Done` also when it was present already: its
-/// waiters are woken).
-fn install_zeros(proc: &Proc, m: &mut PageMap, start: u64, n: u64) -> (u64, Install) {
+/// what happened at the faulting page `page`: `Done` (installed, or present already:
+/// its waiters are woken), `Retry` (the address space is changing), `Gone` (the run
+/// stopped before it for another reason).
+fn install_zeros(proc: &Proc, m: &mut PageMap, start: u64, n: u64, page: u64) -> (u64, Install) {
     const CHUNK: u64 = 512;
     let (mut i, mut installed) = (0u64, 0u64);
-    let mut outcome = Install::Retry;
+    // Why the loop stopped early, if it did.
+    let mut stopped = Install::Done;
     while i < n {
         let chunk = (n - i).min(CHUNK);
         let at = start + i * PAGE;
@@ -805,16 +816,14 @@ fn install_zeros(proc: &Proc, m: &mut PageMap, start: u64, n: u64) -> (u64, Inst
                 }
                 installed += k;
                 i += k;
-                outcome = Install::Done;
             }
             Ok(Resolved::AlreadyMapped) => {
                 // Present but unknown to us: leave it, wake whoever waits on it.
                 let _ = proc.uffd.wake(at, PAGE);
                 i += 1;
-                outcome = Install::Done;
             }
             other => {
-                outcome = classify(other);
+                stopped = classify(other);
                 break;
             }
         }
@@ -826,7 +835,13 @@ fn install_zeros(proc: &Proc, m: &mut PageMap, start: u64, n: u64) -> (u64, Inst
         );
     }
     // The faulting page is in [start, start + n*PAGE): done if the loop got past it.
-    (installed, if i == n { Install::Done } else { outcome })
+    let passed = i > (page - start) / PAGE;
+    let outcome = match stopped {
+        _ if passed => Install::Done,
+        Install::Retry => Install::Retry,
+        _ => Install::Gone,
+    };
+    (installed, outcome)
 }
 
 /// The allocation policy answered `Oom`. Evicts what the policy asked of its own
