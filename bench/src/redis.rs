@@ -181,16 +181,62 @@ pub fn ensure_redis_installed() -> Result<()> {
     Ok(())
 }
 
-/// A server child killed on drop.
+/// A server child stopped on drop: `SHUTDOWN NOSAVE` first (the server exits by itself, so
+/// a wrapper such as `usm exec` sees it end and writes its summary), then SIGTERM, then
+/// SIGKILL, each after [`SERVER_STOP_GRACE`].
 struct ServerProcess {
     child: Child,
     dir: PathBuf,
+    port: u16,
+}
+
+/// How long a stopping server (and its wrapper) gets between SIGTERM and SIGKILL.
+const SERVER_STOP_GRACE: Duration = Duration::from_secs(10);
+
+impl ServerProcess {
+    /// Stops the server (idempotent); see the type's docs.
+    fn stop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+            let mut buf = Vec::new();
+            RespClient::encode(&mut buf, &[b"SHUTDOWN", b"NOSAVE"]);
+            let _ = stream.write_all(&buf);
+            if self.wait_exit(SERVER_STOP_GRACE) {
+                return;
+            }
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        if self.wait_exit(SERVER_STOP_GRACE) {
+            return;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `grace` for the child to exit; true when it did.
+    fn wait_exit(&mut self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// The server's (and its wrapper's) stdout + stderr so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
 }
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -380,6 +426,17 @@ pub fn run_redis_side(
     spec: &RedisSpec,
     ctx: &RedisContext,
 ) -> Result<RedisResult> {
+    run_redis_side_logged(side, spec, ctx).map(|(result, _log)| result)
+}
+
+/// Runs one side like [`run_redis_side`] and also returns what the server and its wrapper
+/// wrote to stdout/stderr, read after the server stopped (SIGTERM, so a wrapper such as
+/// `usm exec --report json` has printed its exit summary).
+pub fn run_redis_side_logged(
+    side: &RedisSide,
+    spec: &RedisSpec,
+    ctx: &RedisContext,
+) -> Result<(RedisResult, String)> {
     ensure_redis_installed()?;
     let dataset = spec.dataset_bytes();
     if ctx.prewarm {
@@ -434,7 +491,7 @@ pub fn run_redis_side(
         cg.place_before_exec(&mut cmd);
     }
     let child = cmd.spawn().map_err(|e| Error::io("spawn", &argv[0], e))?;
-    let server = ServerProcess { child, dir };
+    let mut server = ServerProcess { child, dir, port };
     let mut client = RespClient::connect(port, Duration::from_secs(15))?;
     let t0 = Instant::now();
     client.populate(spec.keys, spec.value_bytes)?;
@@ -484,10 +541,12 @@ pub fn run_redis_side(
         None => None,
     };
     drop(client);
+    server.stop();
+    let log = server.log();
     drop(server);
     drop(cgroup);
     drop(swap);
-    Ok(RedisResult {
+    let result = RedisResult {
         label: side.label.clone(),
         set_ops_per_s: set.rps,
         get_ops_per_s: get.rps,
@@ -499,5 +558,6 @@ pub fn run_redis_side(
         dbsize,
         swap_used_bytes,
         cgroup: cgroup_stats,
-    })
+    };
+    Ok((result, log))
 }
