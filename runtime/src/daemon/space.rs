@@ -382,3 +382,126 @@ impl RangeGens {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use usm_policies::{Param, PolicyError, Registry};
+
+    #[test]
+    fn range_generations_split_and_replace() {
+        let mut g = RangeGens::default();
+        assert_eq!(g.at(0x5000), 0);
+        g.stamp(0x1000, 0x9000, 1);
+        g.stamp(0x3000, 0x5000, 2); // splits the first range in three
+        assert_eq!(
+            [0x1000, 0x2fff, 0x3000, 0x4fff, 0x5000, 0x8fff, 0x9000].map(|a| g.at(a)),
+            [1, 1, 2, 2, 1, 1, 0]
+        );
+        g.stamp(0x2000, 0x6000, 3); // covers one whole range, cuts two
+        assert_eq!(
+            [0x1fff, 0x2000, 0x3000, 0x5fff, 0x6000].map(|a| g.at(a)),
+            [1, 3, 3, 3, 1]
+        );
+        g.stamp(0, u64::MAX, 4);
+        assert_eq!(g.at(0x8000), 4);
+        assert_eq!(g.ranges.len(), 1);
+    }
+
+    fn map_with(reg: Registry, process: &str) -> PageMap {
+        let reg = Arc::new(reg);
+        let policies = super::super::policy::build(&reg, process, 7).unwrap();
+        PageMap::new(Arc::new(AtomicU64::new(0)), policies)
+    }
+
+    #[test]
+    fn victims_follow_the_eviction_policy_and_its_hints() {
+        let mut reg = Registry::with_builtins();
+        reg.assign_process("p", "hints").unwrap();
+        let mut m = map_with(reg, "p");
+        for i in 0..4u64 {
+            m.set_resident(0x10000 + i * PAGE, Charge::Now);
+        }
+        assert_eq!(m.fifo.policy_name(), "hints");
+        // Pages 0 and 1 may not be evicted; page 3 goes first.
+        let deny = usm_policies::Hint::parse("EVICTION=DENY").unwrap();
+        m.fifo.on_hint(0x10000..0x12000, &deny);
+        let low = usm_policies::Hint::parse("PRIORITY=LOW").unwrap();
+        m.fifo.on_hint(0x13000..0x14000, &low);
+        assert_eq!(m.fifo.pop_front(), Some(0x13000));
+        assert_eq!(m.fifo.pop_front(), Some(0x12000));
+        assert_eq!(m.fifo.pop_front(), None, "DENY pages are refused");
+        // Hard urgency (an OOM policy's EvictHarder) takes them.
+        m.fifo.hard = 1;
+        assert!(matches!(m.fifo.pop_front(), Some(0x10000 | 0x11000)));
+        // A page the evictor could not take is tracked again.
+        m.fifo.push_front(0x12000);
+        assert_eq!(m.fifo.pop_front(), Some(0x12000));
+        // Freed pages are forgotten.
+        m.remove_range(0x10000, 0x14000);
+        m.fifo.hard = 4;
+        assert_eq!(m.fifo.pop_front(), None);
+        assert_eq!(m.charged, 0);
+    }
+
+    struct PanicsOnVictims;
+
+    impl usm_policies::EvictPolicy for PanicsOnVictims {
+        fn name(&self) -> &str {
+            "boom"
+        }
+        fn on_map(&mut self, _: usm_policies::MappedPage, _: &mut dyn usm_policies::EvictCx) {}
+        fn on_free(&mut self, _: usm_kmod::FrameNo) {}
+        fn victims(
+            &mut self,
+            _: usm_policies::VictimRequest,
+            _: &mut dyn usm_policies::EvictCx,
+            _: &mut Vec<usm_policies::MappedPage>,
+        ) -> usm_policies::VictimScan {
+            panic!("boom")
+        }
+        fn tracked(&self) -> usize {
+            0
+        }
+    }
+
+    #[test]
+    fn a_panicking_eviction_policy_is_replaced_and_told_every_page() -> Result<(), PolicyError> {
+        let mut reg = Registry::with_builtins();
+        reg.register_evict("boom", Param::None, |_| Ok(Box::new(PanicsOnVictims)))?;
+        reg.set_default("boom")?; // the default itself panics: the built-in fifo replaces it
+        reg.assign_process("p", "first-fit")?;
+        let mut m = map_with(reg, "p");
+        m.set_resident(0x20000, Charge::Now);
+        m.set_resident(0x21000, Charge::Now);
+        let first = m.fifo.pop_front();
+        assert_eq!(m.fifo.panics, 1);
+        assert_eq!(m.fifo.policy_name(), "fifo");
+        assert!(matches!(first, Some(0x20000 | 0x21000)), "{first:?}");
+        assert!(m.fifo.pop_front().is_some());
+        assert_eq!(m.fifo.pop_front(), None);
+        Ok(())
+    }
+
+    #[test]
+    fn a_fork_child_gets_fresh_policies_and_the_hints() {
+        let mut reg = Registry::with_builtins();
+        reg.assign_process("p", "fhp:64K").unwrap();
+        reg.assign_process("p", "hints").unwrap();
+        let mut m = map_with(reg, "p");
+        let h = usm_policies::Hint::parse("HUGE=4K").unwrap();
+        m.fifo.on_hint(0x40000..0x50000, &h);
+        m.set_resident(0x40000, Charge::Now);
+        let child = m.fork_child();
+        assert_eq!(child.policy.alloc_name, "fhp:64K");
+        assert_eq!(child.fifo.policy_name(), "hints");
+        assert_eq!(child.fifo.hints.hint_at(0x48000).huge, Some(4096));
+        assert!(m.generation_at(0x40000) == 0 && m.generation > 0);
+        drop(child);
+        m.remap(0x40000, 0x80000, 0x10000);
+        assert_eq!(m.fifo.hints.hint_at(0x88000).huge, Some(4096));
+        assert!(m.fifo.hints.hint_at(0x48000).is_empty());
+        assert!(m.generation_at(0x40000) > 0 && m.generation_at(0x80000) > 0);
+        assert_eq!(m.fifo.pop_front(), Some(0x80000));
+    }
+}
