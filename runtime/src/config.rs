@@ -17,12 +17,12 @@
 //! |---|---|
 //! | `memory N` | pool size: `N` pages of 4 KiB, or a size with a unit (`512M`, `2G`) |
 //! | `workers N` | worker threads (one LocalManager each); `auto` = one per core |
-//! | `policy NAME` | declare an allocation policy; the first one declared is the default |
-//! | `process NAME POLICY` | programs whose name is `NAME` are managed by `POLICY` |
+//! | `policy NAME` | declare a policy; the first one declared of each kind is that kind's default (the daemon also falls back to it when a process's policy panics) |
+//! | `process NAME POLICY` | programs whose name is `NAME` are managed by `POLICY` (its kind's slot; the other kinds get the defaults) |
 //! | `swap PATH [priority P]` | a USM swap device (see `usm mkswap`); higher `P` is used first |
-//! | `fhp SIZE` | flexible huge page size used by `fhp` policies without a size |
-//! | `evict NAME` | eviction policy (`fifo`, `clock`, `hints`) |
-//! | `oom NAME` | out-of-memory policy (`fail`, `evict-harder`, `kill-largest`) |
+//! | `fhp SIZE` | flexible huge page size used by `fhp` policies without a size (`process redis fhp`) |
+//! | `evict NAME` | default eviction policy of every managed process (`fifo`, `clock`, `hints`) |
+//! | `oom NAME` | default out-of-memory policy of every managed process (`fail`, `evict-harder`, `kill-largest`) |
 //! | `watermarks LOW HIGH` | evict when free frames fall below `LOW` until `HIGH` are free (pages, or sizes, or `%` of the pool) |
 //! | `metrics ADDR:PORT` | Prometheus text exposition on this (localhost) address |
 //! | `waker MODE` | idle workers wait by `eventfd`, `eventfd+pmqos` (holds `/dev/cpu_dma_latency` at 0) or `spin` |
@@ -129,7 +129,7 @@ pub struct Config {
     pub memory_pages: u64,
     /// Worker threads; `None` = one per core.
     pub workers: Option<usize>,
-    /// Declared allocation policies, in order; the first is the default.
+    /// Declared policies, in order; the first of each kind is that kind's default.
     pub policies: Vec<Spanned<String>>,
     /// Which programs are managed, and by which policy.
     pub processes: Vec<ProcessRule>,
@@ -137,9 +137,9 @@ pub struct Config {
     pub swap: Vec<SwapSpec>,
     /// Default flexible huge page size in bytes.
     pub fhp_bytes: Option<u64>,
-    /// Eviction policy name.
+    /// Default eviction policy name.
     pub evict: Option<Spanned<String>>,
-    /// OOM policy name.
+    /// Default OOM policy name.
     pub oom: Option<Spanned<String>>,
     /// (low, high) free-frame watermarks.
     pub watermarks: (Watermark, Watermark),
