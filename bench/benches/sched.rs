@@ -5,7 +5,8 @@
 //! - `corosensei_resume_suspend`: raw corosensei resume + suspend round trip (the floor);
 //! - `fiber_resume_suspend`: the same through `usm_fibers::Fiber` (thread-local bookkeeping);
 //! - `yield`: one uThread yielding to the next ready uThread on the same worker (two
-//!   uThreads ping-ponging through the LocalManager: IDQ claim, entry take/put, switch);
+//!   uThreads ping-ponging through the LocalManager: requeue + claim of the next one in one
+//!   CAS, entry take/put, switch);
 //! - `spawn_join`: a uThread spawns a child and joins it (pooled stacks);
 //! - `mutex_pingpong`: two uThreads on one worker alternate through a uThread `Mutex` +
 //!   `Condvar` (park, unpark, switch per hand-off), one-way time;
@@ -14,7 +15,10 @@
 //! - `unpark_cross_core_<mode>`: a uThread on worker 0 unparks one on worker 1 and parks
 //!   until unparked back; one-way latency = round trip / 2, median and p99 over all round
 //!   trips, for each waker mode: eventfd, eventfd with `/dev/cpu_dma_latency` held at 0,
-//!   busy-poll, and eventfd after spinning 50 µs (`spin_before_park`). The OS-thread
+//!   busy-poll, eventfd with a 50 µs spin before parking, and eventfd with
+//!   `/dev/cpu_dma_latency` held and the builder's default adaptive spin
+//!   (`DEFAULT_SPIN_BEFORE_PARK`; the plain eventfd sides set the spin to zero, so they
+//!   measure the kernel wake-up itself). The OS-thread
 //!   cross-core baseline is measured both without and with the
 //!   PM-QoS request held, so every mode has a baseline under the same setting.
 //!
@@ -507,6 +511,12 @@ fn main() {
                 true,
                 no_spin,
             ),
+            (
+                "unpark_cross_core_eventfd_dma_default_spin",
+                WakerMode::EventFd,
+                true,
+                usm_localmanager::DEFAULT_SPIN_BEFORE_PARK,
+            ),
         ] {
             if !want(name) {
                 continue;
@@ -518,6 +528,8 @@ fn main() {
                     let held = rt.handle().holds_cpu_dma_latency();
                     let waker = if spin.is_zero() {
                         format!("{mode:?}")
+                    } else if spin == usm_localmanager::DEFAULT_SPIN_BEFORE_PARK {
+                        format!("{mode:?}+adaptive-spin<={}us", spin.as_micros())
                     } else {
                         format!("{mode:?}+spin{}us", spin.as_micros())
                     };
@@ -525,7 +537,7 @@ fn main() {
                         name.to_string(),
                         latency(&hist, Some(waker), held, unpark_iterations),
                     );
-                    if dma {
+                    if dma && !sides.contains_key("os_condvar_cross_core_dma") {
                         // Baseline under the same PM-QoS setting (the runtime holds it now).
                         let hist = os_condvar_pingpong(os_iterations, (0, 1));
                         sides.insert(
@@ -590,6 +602,11 @@ fn main() {
         get("unpark_cross_core_eventfd_dma"),
         get("os_condvar_cross_core_dma"),
     );
+    ratio(
+        "unpark_eventfd_dma_default_spin_vs_os_cross_core_dma",
+        get("unpark_cross_core_eventfd_dma_default_spin"),
+        get("os_condvar_cross_core_dma"),
+    );
 
     let mut targets = BTreeMap::new();
     for (name, side, limit) in [
@@ -603,6 +620,11 @@ fn main() {
         (
             "unpark_eventfd_dma_le_5us",
             "unpark_cross_core_eventfd_dma",
+            5000.0,
+        ),
+        (
+            "unpark_eventfd_dma_default_spin_le_5us",
+            "unpark_cross_core_eventfd_dma_default_spin",
             5000.0,
         ),
     ] {

@@ -367,7 +367,12 @@ impl AtomicBitfield {
                     continue;
                 }
                 if leaf
-                    .compare_exchange(word, (word | bit) & !nbit, Ordering::AcqRel, Ordering::Acquire)
+                    .compare_exchange(
+                        word,
+                        (word | bit) & !nbit,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
                     .is_ok()
                 {
                     self.ensure_summary(chunk, c, l);

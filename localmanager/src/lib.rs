@@ -64,7 +64,9 @@ mod api {
     pub use crate::driver::{Driver, DriverContext, DriverFactory};
     pub use crate::error::SchedError;
     pub use crate::join::{JoinError, JoinHandle};
-    pub use crate::runtime::{Builder, Handle, Runtime, ShutdownReport, WakerMode};
+    pub use crate::runtime::{
+        Builder, DEFAULT_SPIN_BEFORE_PARK, Handle, Runtime, ShutdownReport, WakerMode,
+    };
     use crate::sys::current;
     use crate::task::Task;
 

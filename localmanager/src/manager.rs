@@ -321,6 +321,57 @@ pub(crate) struct LocalManager<'a> {
     last_sibling_wake: Instant,
     /// When the driver was last polled from within a round (`run_ready`).
     last_driver_poll: Instant,
+    /// How long to spin before blocking, adapted to recent wake-ups.
+    spin: AdaptiveSpin,
+}
+
+/// The spin-before-park budget of an idle worker in eventfd mode (the idea of the
+/// guest-side `haltpoll` cpuidle driver and of Shenango/Caladan's spinning cores): spin up to
+/// `max` looking for work before blocking, because a wake-up that finds the worker still
+/// running costs a cache-line transfer (< 1 µs) while one that finds it blocked costs a
+/// kernel wake-up and, on a loaded machine, a wait for the CPU (tens of µs measured here).
+/// Each spin that found work (a *hit*) doubles the budget up to `max`; each spin that ran
+/// out (a *miss*: the wait was longer, the spin was wasted) halves it, and at `max / 16`
+/// spinning stops; every [`AdaptiveSpin::PROBE_EVERY`]-th park then probes again with
+/// `max / 4`. So a worker whose wake-ups come in bursts spins, and one that sleeps for long
+/// stretches soon stops burning its core.
+#[derive(Debug)]
+struct AdaptiveSpin {
+    current: Duration,
+    parks_since_spin: u32,
+}
+
+impl AdaptiveSpin {
+    const PROBE_EVERY: u32 = 16;
+
+    fn new(max: Duration) -> Self {
+        Self {
+            current: max,
+            parks_since_spin: 0,
+        }
+    }
+
+    fn budget(&mut self, max: Duration) -> Duration {
+        if self.current.is_zero() && !max.is_zero() {
+            self.parks_since_spin += 1;
+            if self.parks_since_spin >= Self::PROBE_EVERY {
+                self.parks_since_spin = 0;
+                self.current = max / 4;
+            }
+        }
+        self.current.min(max)
+    }
+
+    fn hit(&mut self, max: Duration) {
+        self.current = (self.current * 2).min(max);
+    }
+
+    fn miss(&mut self, max: Duration) {
+        self.current /= 2;
+        if self.current <= max / 16 {
+            self.current = Duration::ZERO;
+        }
+    }
 }
 
 impl<'a> LocalManager<'a> {
@@ -345,6 +396,7 @@ impl<'a> LocalManager<'a> {
             steal_cursor: local.index + 1,
             last_sibling_wake: Instant::now(),
             last_driver_poll: Instant::now(),
+            spin: AdaptiveSpin::new(config.spin_before_park),
         }
     }
 
@@ -785,14 +837,20 @@ impl<'a> LocalManager<'a> {
     }
 
     fn park_worker(&mut self) {
-        if !self.config.spin_before_park.is_zero() {
-            let until = Instant::now() + self.config.spin_before_park;
-            while Instant::now() < until {
+        let spin = self.spin.budget(self.config.spin_before_park);
+        if !spin.is_zero() {
+            let until = Instant::now() + spin;
+            loop {
                 if self.has_work() {
+                    self.spin.hit(self.config.spin_before_park);
                     return;
+                }
+                if Instant::now() >= until {
+                    break;
                 }
                 usm_sync::hint::spin_loop();
             }
+            self.spin.miss(self.config.spin_before_park);
         }
         let mut timeout = self
             .next_timer()
@@ -929,4 +987,35 @@ pub(crate) fn worker_main(
     manager.run();
     drop(manager);
     drop(_guard);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spin_budget_shrinks_on_misses_grows_on_hits_and_probes_again() {
+        let max = Duration::from_micros(32);
+        let mut spin = AdaptiveSpin::new(max);
+        assert_eq!(spin.budget(max), max);
+        // Long idle periods: every spin runs out.
+        for expected in [16, 8, 4] {
+            spin.miss(max);
+            assert_eq!(spin.budget(max), Duration::from_micros(expected));
+        }
+        spin.miss(max); // 2 µs = max / 16: stop spinning
+        let blocked_at_once = (0..AdaptiveSpin::PROBE_EVERY - 1)
+            .map(|_| spin.budget(max))
+            .all(|b| b.is_zero());
+        assert!(blocked_at_once);
+        // Then a probe, and hits grow it back to the maximum.
+        assert_eq!(spin.budget(max), max / 4);
+        spin.hit(max);
+        spin.hit(max);
+        spin.hit(max);
+        assert_eq!(spin.budget(max), max);
+        // Zero maximum: never spins.
+        let mut off = AdaptiveSpin::new(Duration::ZERO);
+        assert!((0..40).all(|_| off.budget(Duration::ZERO).is_zero()));
+    }
 }

@@ -115,6 +115,8 @@ struct Config {
     mode: WakerMode,
     workers: usize,
     pin: bool,
+    /// Spin before parking (eventfd mode): zero makes every idle period a real sleep.
+    spin: Duration,
     uthreads: usize,
     iterations: usize,
     unparkers: usize,
@@ -201,6 +203,7 @@ fn stress(config: Config) {
     let rt: Runtime = Builder::new()
         .workers(config.workers)
         .pin(config.pin)
+        .spin_before_park(config.spin)
         .waker(config.mode)
         .build()
         .unwrap();
@@ -307,6 +310,7 @@ fn unparks_from_os_threads_are_never_lost_eventfd() {
         mode: WakerMode::EventFd,
         workers: 2,
         pin: true,
+        spin: Duration::ZERO,
         uthreads: 64,
         iterations: 150,
         unparkers: 3,
@@ -321,6 +325,7 @@ fn unparks_from_os_threads_are_never_lost_busy_poll() {
         mode: WakerMode::BusyPoll,
         workers: 2,
         pin: true,
+        spin: Duration::ZERO,
         uthreads: 64,
         iterations: 100,
         unparkers: 3,
@@ -330,13 +335,14 @@ fn unparks_from_os_threads_are_never_lost_busy_poll() {
 }
 
 /// The daemon's configuration: workers not pinned, more workers than cores (so a worker
-/// can be descheduled anywhere in its sleep protocol).
+/// can be descheduled anywhere in its sleep protocol), default adaptive spin before parking.
 #[test]
 fn unparks_from_os_threads_are_never_lost_unpinned_oversubscribed() {
     stress(Config {
         mode: WakerMode::EventFd,
         workers: 4,
         pin: false,
+        spin: usm_localmanager::DEFAULT_SPIN_BEFORE_PARK,
         uthreads: 64,
         iterations: 100,
         unparkers: 4,
