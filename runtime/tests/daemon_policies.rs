@@ -201,12 +201,25 @@ fn daemon(
 
 struct Run {
     stdout: String,
+    status: std::process::ExitStatus,
     stat: ProcessStat,
 }
 
 /// Runs the probe tagged for `d`, waits for it (bounded) and for the daemon to record
-/// its end; returns its output and its final per-process stat.
+/// its end; asserts it succeeded; returns its output and its final per-process stat.
 fn run(d: &Daemon, prog: &Path, args: &[&str]) -> Run {
+    let r = run_any(d, prog, args);
+    assert!(
+        r.status.success(),
+        "probe {args:?} failed ({:?}): {}",
+        r.status,
+        r.stdout
+    );
+    r
+}
+
+/// [`run`] without the success check.
+fn run_any(d: &Daemon, prog: &Path, args: &[&str]) -> Run {
     let (tagger, _) = libraries();
     let mut child = Command::new(prog)
         .args(args)
@@ -228,11 +241,7 @@ fn run(d: &Daemon, prog: &Path, args: &[&str]) -> Run {
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "probe {args:?} failed ({:?}): {stdout}\n{stderr}",
-        out.status
-    );
+    let stdout = format!("{stdout}\n(stderr) {stderr}");
     let exited = Instant::now();
     let deadline = exited + Duration::from_secs(30);
     loop {
@@ -246,6 +255,7 @@ fn run(d: &Daemon, prog: &Path, args: &[&str]) -> Run {
             }
             return Run {
                 stdout,
+                status: out.status,
                 stat: p.clone(),
             };
         }
@@ -465,4 +475,59 @@ fn an_eviction_deny_hint_keeps_its_range_resident_under_the_hints_policy() {
     assert_eq!(present(&denied.stdout), 512, "{}", denied.stdout);
     assert!(present(&fifo.stdout) < 256, "{}", fifo.stdout);
     assert!(fifo.stat.evictions > 0, "{:?}", fifo.stat);
+}
+
+#[test]
+fn quota_evicts_the_process_own_pages_at_its_cap() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(prog) = probe(dir.path()) else {
+        return;
+    };
+    // The pool (64 MiB) never runs low: every eviction is the quota's own (Cx::evict).
+    let d = daemon(dir.path(), "memory 64M\nprocess polprobe quota:1024", None);
+    let r = run(&d, &prog, &["touch", "12"]);
+    d.shutdown();
+    eprintln!(
+        "quota:1024, 3072 pages touched: {} evictions, {} swap-ins",
+        r.stat.evictions, r.stat.swapins
+    );
+    assert!(r.stdout.contains("OK"), "{}", r.stdout);
+    assert_eq!(r.stat.policy, "quota:1024");
+    assert!(r.stat.evictions >= 1500, "{:?}", r.stat);
+    assert!(
+        r.stat.swapins >= 1500,
+        "the check reads them back: {:?}",
+        r.stat
+    );
+}
+
+#[test]
+fn the_oom_policy_fails_the_access_when_nothing_can_be_evicted() {
+    use std::os::unix::process::ExitStatusExt;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(prog) = probe(dir.path()) else {
+        return;
+    };
+    // 8 MiB, all EVICTION=DENY, through a 4 MiB pool: the evictor can take nothing, so
+    // the OOM policy (`fail`) fails the access: SIGBUS, never zeros.
+    let d = daemon(
+        dir.path(),
+        "memory 4M\nevict hints\noom fail\nprocess polprobe first-fit",
+        None,
+    );
+    let r = run_any(&d, &prog, &["deny", "8", "1", "EVICTION=DENY"]);
+    eprintln!(
+        "all pages denied: status {:?}, {} poisoned, {} evictions",
+        r.status, r.stat.poisoned, r.stat.evictions
+    );
+    assert_eq!(r.status.signal(), Some(libc::SIGBUS), "{}", r.stdout);
+    assert!(r.stat.poisoned >= 1, "{:?}", r.stat);
+    assert_eq!(r.stat.oom_policy, "fail");
+    // The daemon keeps serving, and got every frame back.
+    let ok = run(&d, &prog, &["touch", "2"]);
+    assert!(ok.stdout.contains("OK"));
+    assert_eq!(d.stat().frames_used, 0);
+    d.shutdown();
 }

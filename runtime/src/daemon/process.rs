@@ -605,14 +605,14 @@ fn serve_fault_inner(sh: &Shared, proc: &Proc, fault: &Fault, urgent: bool, t0: 
     );
 }
 
-/// How long an `Oom` answer waits for the evictor while something is evictable, before
-/// the OOM policy is asked.
-const OOM_PATIENCE: Duration = Duration::from_secs(10);
+/// How long an `Oom` answer waits with no eviction completing anywhere (and no frame
+/// freed) before the OOM policy is asked.
+const OOM_PATIENCE: Duration = Duration::from_secs(1);
 
 /// One fault's out-of-memory history.
 #[derive(Default)]
 struct OomWait {
-    /// When the current wait for frames began.
+    /// When the evictor last made progress (or the wait began).
     since: Option<Instant>,
     /// OOM policy calls so far for this fault.
     attempt: u32,
@@ -845,8 +845,8 @@ fn install_zeros(proc: &Proc, m: &mut PageMap, start: u64, n: u64, page: u64) ->
 }
 
 /// The allocation policy answered `Oom`. Evicts what the policy asked of its own
-/// process, else waits for the evictor (as long as something is evictable, up to
-/// [`OOM_PATIENCE`]), then asks the OOM policy. Returns true when the fault is done
+/// process, else waits for the evictor (as long as it makes progress: no eviction for
+/// [`OOM_PATIENCE`] ends the wait), then asks the OOM policy. Returns true when the fault is done
 /// (failed by the OOM policy, or served over the pool for the agent's own thread).
 fn on_oom(
     sh: &Shared,
@@ -861,37 +861,45 @@ fn on_oom(
         return fill_fresh(sh, proc, fault.addr, true);
     }
     if requested > 0 {
+        // The policy asked to evict its own pages (`quota` at its cap): do it here, off
+        // the map lock, through the process's agent.
         let charged = proc.lock_map().charged as usize;
         let want = requested.max(16).min(charged.max(1));
         if super::evict::evict_batch(sh, proc, want) > 0 {
+            oom.since = None;
             return false;
         }
     }
-    let since = *oom.since.get_or_insert_with(Instant::now);
-    let mut last_check = Instant::now();
-    let mut evictable = true;
-    loop {
-        sh.kick_evictor();
-        if sh.free_frames() > 0 && requested == 0 {
-            return false; // try the policy again
-        }
-        if proc.gone.load(Ordering::Acquire) {
-            return true;
-        }
-        let waited = since.elapsed();
-        if waited >= FRAME_WAIT && last_check.elapsed() >= Duration::from_millis(100) {
-            evictable = sh.largest_evictable().is_some();
-            last_check = Instant::now();
-        }
-        if waited < FRAME_WAIT || (evictable && waited < OOM_PATIENCE) {
-            super::nap::nap(Duration::from_micros(200));
-            if requested > 0 && sh.free_frames() > 0 && waited >= FRAME_WAIT {
-                return false;
+    if requested == 0 {
+        // Wait for the evictor as long as it makes progress.
+        let mut since = *oom.since.get_or_insert_with(Instant::now);
+        let mut progress = evictions_so_far(sh);
+        let mut last_check = Instant::now();
+        loop {
+            sh.kick_evictor();
+            if sh.free_frames() > 0 {
+                oom.since = Some(since);
+                return false; // try the policy again
             }
-            continue;
+            if proc.gone.load(Ordering::Acquire) {
+                return true;
+            }
+            if last_check.elapsed() >= Duration::from_millis(50) {
+                last_check = Instant::now();
+                let now = evictions_so_far(sh);
+                if now != progress {
+                    progress = now;
+                    since = Instant::now();
+                }
+            }
+            if since.elapsed() >= OOM_PATIENCE {
+                break;
+            }
+            super::nap::nap(Duration::from_micros(200));
         }
-        break;
     }
+    // No frame, and the evictor made no progress for OOM_PATIENCE (or the policy asked
+    // to evict its own pages and none could leave):
     // Ask the OOM policy.
     let situation = OomSituation {
         fault: *fault,
@@ -959,6 +967,14 @@ fn on_oom(
             "the OOM policy asked to kill a task (embedded only)",
         ),
     }
+}
+
+/// Evictions completed so far by every managed process (a changing value is progress).
+fn evictions_so_far(sh: &Shared) -> u64 {
+    sh.procs()
+        .iter()
+        .map(|p| p.counters.evictions.load(Ordering::Relaxed))
+        .sum()
 }
 
 /// The faulting access fails: `UFFDIO_POISON` (the program gets SIGBUS there, never
