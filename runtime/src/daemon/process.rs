@@ -85,7 +85,8 @@ pub(crate) struct Proc {
     pub(crate) name: String,
     pub(crate) parent: Option<u32>,
     pub(crate) policy: String,
-    /// Pages per flexible huge page (1: off).
+    /// Pages per flexible huge page of the configured spec (1: off). Informational: the
+    /// allocation policy in the map decides (a `HUGE=` hint changes it per range).
     pub(crate) fhp_pages: u64,
     pub(crate) uffd: Userfaultfd,
     pub(crate) map: Mutex<PageMap>,
