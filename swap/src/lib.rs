@@ -48,6 +48,28 @@
 //! space.free(entry)?;                                    // page written to or freed
 //! # let _ = t_in; Ok(()) }
 //! ```
+//!
+//! # Many threads, one engine: [`SwapIoThread`]
+//!
+//! ```no_run
+//! use std::sync::{Arc, mpsc};
+//! use usm_swap::{EngineConfig, PageBuf, SwapIoThread, SwapSpace};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let space: Arc<SwapSpace> = Arc::new(SwapSpace::new());
+//! // Once, at start-up: the engine lives on the thread this spawns.
+//! let io = Arc::new(SwapIoThread::spawn("usm-swap-io", &EngineConfig::default(), &space.devices())?);
+//! // From any thread: allocate a slot, queue the write, wait however suits the caller
+//! // (a condvar, a uThread unpark, a channel). The callback runs on the I/O thread.
+//! let entry = space.alloc()?;
+//! let (tx, rx) = mpsc::channel();
+//! io.write(entry, PageBuf::page(), move |c| { let _ = tx.send(c); })
+//!     .map_err(|(e, _buf)| e)?;
+//! let done = rx.recv()?;
+//! done.result?;
+//! space.release(entry)?;                                  // any thread, `&SwapSpace`
+//! # Ok(()) }
+//! ```
 
 pub mod device;
 pub mod engine;
