@@ -68,7 +68,11 @@
 //!   set (bounded), and `ready_to_sleep` refuses to let a thread sleep on flagged work.
 //! * **Back-pressure.** At most [`Engine::depth`] requests are queued or in flight; beyond
 //!   that a request is refused with [`SwapError::QueueFull`] and its buffer handed back
-//!   ([`Rejected`]); [`Engine::reap_until_capacity`] blocks until a slot is free.
+//!   ([`Rejected`]); [`Engine::reap_until_capacity`] blocks until a slot is free. A
+//!   refused request never got a ticket, so nothing is left waiting for it. The CQ has
+//!   twice the depth's entries, so it cannot overflow (no `IORING_SQ_CQ_OVERFLOW` path
+//!   to handle). A failed submit (`EAGAIN`/`EBUSY`, [`SwapError::is_retryable`]) leaves
+//!   the requests in the SQ; the next `submit`/`enter_for_completions`/`wait` sends them.
 //! * **Depth 1.** A caller that is going to wait anyway uses [`Engine::queue_read`] /
 //!   [`Engine::queue_write`] (never auto-submitted) and then [`Engine::wait`]`(1)`: submit
 //!   and wait in one `io_uring_enter`, instead of a submit and a `GETEVENTS` entry.
