@@ -372,8 +372,12 @@ fn madv_free_gives_frames_back() {
     let resident_before = before["processes"][0]["resident_pages"].as_u64().unwrap();
     writeln!(input).unwrap();
     read_line_until(&mut out, "FREED", Duration::from_secs(20));
+    // The REMOVE event is read before madvise returns, but handled just after: wait for
+    // its effect rather than for the counter alone.
     let after = d.wait_for("MADV_FREE accounted", Duration::from_secs(5), |s| {
-        s["processes"][0]["removes"].as_u64().unwrap_or(0) >= 1
+        let p = &s["processes"][0];
+        p["removes"].as_u64().unwrap_or(0) >= 1
+            && p["resident_pages"].as_u64().unwrap_or(u64::MAX) + 4096 <= resident_before
     });
     let p = &after["processes"][0];
     assert!(

@@ -28,6 +28,9 @@
 //!   agent's moves fail with `EAGAIN` at once: those victims are reverted and retried
 //!   in a later batch. Nothing here waits for the reader while holding what it needs
 //!   (it takes only the map lock, briefly).
+//! - A page moved to staging just before a `fork` is a hole in the child too, which
+//!   shares the cell: if the parent frees the page before the move's completion is
+//!   handled, the staged content is still read into the cell (the child's only copy).
 //! - A fork child's inherited memory lives on a userfaultfd context only the daemon
 //!   holds, so no agent can ever move its pages: what it swaps in (a `BGSAVE` child
 //!   reading the whole dataset) is not held against the pool ([`release_fork_children`]),
@@ -361,6 +364,17 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
                 )
             };
             if !ours {
+                // A fork child that forked after the move has a hole there and shares
+                // this cell: it needs the staged content whatever the parent did since.
+                // (Arc count: this victim, plus every map still holding the cell.)
+                if Arc::strong_count(&v.cell) > 1 {
+                    let mut buf = PageBuf::page();
+                    let staged = agent.client.staging_addr(v.slot);
+                    if read_remote(proc.pid, staged, &mut buf) == Ok(PAGE as usize) {
+                        *v.cell.data.lock().unwrap_or_else(|p| p.into_inner()) =
+                            CellData::Cached(buf);
+                    }
+                }
                 if retouched {
                     // Freed and touched again while the request was queued: what the
                     // agent moved is the page's new content. Put it back.
