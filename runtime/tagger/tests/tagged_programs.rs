@@ -524,6 +524,70 @@ fn eviction_agent_moves_pages_out_and_back() {
     );
 }
 
+/// After `fork`, the parent's pages are shared copy-on-write with the child and
+/// `UFFDIO_MOVE` refuses them (`EBUSY`): the agent makes each the parent's own first
+/// (without writing to it) and moves it. The staged content is the data; the child keeps
+/// its copy; the parent gets its pages back intact.
+#[test]
+fn eviction_agent_moves_pages_shared_with_a_fork_child() {
+    if let Some(why) = support::sys::userfaultfd_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    use usm_proto::agent::{AgentOp, AgentRequest};
+    let tagger = tagger_so();
+    let work = tempfile::tempdir().unwrap();
+    let bin = compile(work.path(), "workload", &[]);
+    let daemon = TestDaemon::new();
+    let mut program = Program::spawn(&bin, &["evict-shared"], &tagger, &daemon.socket());
+    let served = daemon.accept_and_serve();
+    let lines = program.read_until("CHILD");
+    let buf_line = lines.iter().find(|l| l.starts_with("BUF ")).unwrap();
+    let mut words = buf_line.split_whitespace().skip(1);
+    let buf = u64::from_str_radix(words.next().unwrap(), 16).unwrap();
+    let pages: u64 = words.next().unwrap().parse().unwrap();
+    let mut agent = served.start_agent(16, 16);
+    for i in 0..pages {
+        agent
+            .submit(AgentRequest {
+                op: AgentOp::EvictToStaging,
+                slot: i as u32,
+                addr: buf + i * 4096,
+                pages: 1,
+                seq: i,
+            })
+            .unwrap();
+    }
+    agent.kick().unwrap();
+    let done = collect(&mut agent, pages as usize);
+    assert!(
+        done.iter().all(|c| c.result == 4096),
+        "shared pages were not evicted: {done:?}"
+    );
+    let staged =
+        support::sys::read_remote(served.pid, agent.staging_addr(0), (pages * 4096) as usize)
+            .unwrap();
+    for (i, word) in staged.chunks_exact(8).enumerate() {
+        let word = u64::from_le_bytes(word.try_into().unwrap());
+        assert_eq!(word, pattern_word(5, i as u64), "staged word {i}");
+    }
+    agent
+        .submit(AgentRequest {
+            op: AgentOp::ReturnFromStaging,
+            slot: 0,
+            addr: buf,
+            pages,
+            seq: 100,
+        })
+        .unwrap();
+    agent.kick().unwrap();
+    assert_eq!(collect(&mut agent, 1)[0].result, (pages * 4096) as i64);
+    program.resume();
+    let (status, out, err) = program.finish();
+    assert!(status.success(), "{status:?}\n{out}\n{err}");
+    assert!(out.contains("OK"), "{out}");
+}
+
 #[test]
 fn forked_child_with_inherited_holes_is_killed_when_the_daemon_dies() {
     if let Some(why) = support::sys::userfaultfd_unavailable() {

@@ -11,6 +11,9 @@
  *   workload churn          4 threads malloc/free large blocks for 2 s.
  *   workload evict          a 64-page buffer the test evicts through the agent between
  *                           two pauses (PEAK, PEAK2), verified after each.
+ *   workload evict-shared   a 16-page buffer shared copy-on-write with a fork child
+ *                           while the test evicts it (CHILD, then a line); the child
+ *                           then verifies its copy, the parent its own.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -390,6 +393,38 @@ static int fork_at_risk(void) {
     return 0;
 }
 
+/* ---- pages the test evicts while a fork child shares them copy-on-write ---- */
+static int evict_shared(void) {
+    size_t pages = 16;
+    char *buf = memalign(PAGE, pages * PAGE);
+    CHECK(buf, "memalign");
+    fill(buf, pages * PAGE, 5);
+    int go[2];
+    CHECK(pipe(go) == 0, "pipe");
+    printf("BUF %lx %zu\n", (unsigned long)buf, pages);
+    fflush(stdout);
+    pid_t child = fork();
+    CHECK(child >= 0, "fork");
+    if (child == 0) {
+        char c;
+        close(go[1]);
+        if (read(go[0], &c, 1) != 1) _exit(4);
+        /* Its copy is the original page, whatever the parent's agent did meanwhile. */
+        _exit(verify(buf, pages * PAGE, 5) ? 0 : 3);
+    }
+    close(go[0]);
+    printf("CHILD\n");
+    fflush(stdout);
+    wait_line(); /* the test evicts every page of buf, then puts it back */
+    CHECK(write(go[1], "g", 1) == 1, "write");
+    int status = 0;
+    CHECK(waitpid(child, &status, 0) == child, "waitpid");
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %#x", status);
+    CHECK(verify(buf, pages * PAGE, 5), "parent data after the shared pages were evicted");
+    printf("OK\n");
+    return 0;
+}
+
 static int small_only(void) {
     char *s = strdup("hello");
     void *b = malloc(1 * MiB);
@@ -411,5 +446,6 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "evict")) return evict();
     if (!strcmp(argv[1], "churn")) return churn_mode();
     if (!strcmp(argv[1], "fork-at-risk")) return fork_at_risk();
+    if (!strcmp(argv[1], "evict-shared")) return evict_shared();
     return 2;
 }
