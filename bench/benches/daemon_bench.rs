@@ -99,9 +99,14 @@ struct Cli {
     /// Skip the fault-latency pressure variant.
     #[arg(long)]
     no_pressure: bool,
-    /// redis: requests per test (default 20000).
+    /// redis: requests per test of the no-pressure pair, kernel-plain and usm-exec
+    /// (default 50000; 20000 with --quick).
     #[arg(long)]
     redis_requests: Option<u64>,
+    /// redis: requests per test of the budget pair, kernel-cgroup-swapfile and
+    /// usm-exec-budget (default 10000; 5000 with --quick).
+    #[arg(long)]
+    redis_budget_requests: Option<u64>,
     /// redis: keys populated (default 98304).
     #[arg(long)]
     redis_keys: Option<u64>,
@@ -443,6 +448,9 @@ struct FaultRun {
     /// Peak of memory+swap minus peak of memory in the side's cgroup: what the kernel
     /// swapped (0 on the USM sides, whose swap is USM's own).
     kernel_swapped_bytes: u64,
+    /// Kernel swaps active during the run (the side's own at priority 1000; others are
+    /// another job's on this shared machine).
+    active_swaps: Vec<guard::ActiveSwap>,
 }
 
 struct FaultPlan {
@@ -576,9 +584,10 @@ fn fault_once(
     }
     let load = load_avg();
     let swap = match side {
-        FaultSide::KernelBudget => Some(SwapFile::create(&cli.swap_dir, swap_bytes, 10)?),
+        FaultSide::KernelBudget => Some(SwapFile::create(&cli.swap_dir, swap_bytes, 1000)?),
         _ => None,
     };
+    let active_swaps = guard::active_swaps()?;
     let limit = match side {
         FaultSide::KernelBudget => plan.budget_pages() * PAGE + plan.probe_overhead_bytes,
         _ => UNLIMITED_GROUP,
@@ -667,6 +676,7 @@ fn fault_once(
         usm,
         cgroup,
         kernel_swapped_bytes,
+        active_swaps,
     })
 }
 
@@ -845,6 +855,9 @@ struct RedisRun {
     result: RedisResult,
     /// `usm exec --report json` (USM sides).
     usm: Option<Value>,
+    /// Kernel swaps active when the side started (another job's, on this shared machine;
+    /// the kernel side's own swap file comes on after this and takes priority 1000).
+    active_swaps_before: Vec<guard::ActiveSwap>,
 }
 
 fn redis_part(cli: &Cli, tools: &Tools) -> Result<Value> {
@@ -853,9 +866,6 @@ fn redis_part(cli: &Cli, tools: &Tools) -> Result<Value> {
     } else {
         RedisSpec::default_run()
     };
-    if let Some(v) = cli.redis_requests {
-        spec.requests = v;
-    }
     if let Some(v) = cli.redis_keys {
         spec.keys = v;
     }
@@ -872,6 +882,21 @@ fn redis_part(cli: &Cli, tools: &Tools) -> Result<Value> {
         swap_dir: cli.swap_dir.clone(),
         zram_wait: Duration::from_secs(20),
         prewarm: !cli.no_prewarm,
+    };
+    // Each compared pair shares one spec; the budget pair runs fewer requests (≈ 1-2 k/s).
+    let mut budget_spec = spec.clone();
+    spec.requests = cli
+        .redis_requests
+        .unwrap_or(if cli.quick { 20_000 } else { 50_000 });
+    budget_spec.requests =
+        cli.redis_budget_requests
+            .unwrap_or(if cli.quick { 5_000 } else { 10_000 });
+    let spec_of = |side: &RedisSide| {
+        if side.label.contains("budget") || side.kernel_swap.is_some() {
+            &budget_spec
+        } else {
+            &spec
+        }
     };
     let dataset = spec.dataset_bytes();
     // The kernel side's swap file is 2 × dataset + 64 MiB (usm_bench::redis); USM's too.
@@ -900,7 +925,8 @@ fn redis_part(cli: &Cli, tools: &Tools) -> Result<Value> {
         order.rotate_left(i % sides.len());
         for side in order {
             let load = load_avg();
-            let (result, log) = redis::run_redis_side_logged(side, &spec, &ctx)?;
+            let active_swaps_before = guard::active_swaps()?;
+            let (result, log) = redis::run_redis_side_logged(side, spec_of(side), &ctx)?;
             let usm = if side.wrapper.is_empty() {
                 None
             } else {
@@ -932,6 +958,7 @@ fn redis_part(cli: &Cli, tools: &Tools) -> Result<Value> {
                     load_avg_1m: load,
                     result,
                     usm,
+                    active_swaps_before,
                 });
             }
         }
@@ -1019,8 +1046,9 @@ fn redis_part(cli: &Cli, tools: &Tools) -> Result<Value> {
         ]);
     }
     println!(
-        "\n== redis-benchmark -t set,get -n {} -r {} -d {} -c {} (dataset {} MiB, budget {} MiB; median of {} runs; base = kernel-plain / kernel-cgroup-swapfile)\n{}",
+        "\n== redis-benchmark -t set,get -n {}/{} -r {} -d {} -c {} (dataset {} MiB, budget {} MiB; median of {} runs; base = kernel-plain / kernel-cgroup-swapfile)\n{}",
         spec.requests,
+        budget_spec.requests,
         spec.keys,
         spec.value_bytes,
         spec.clients,
@@ -1031,6 +1059,7 @@ fn redis_part(cli: &Cli, tools: &Tools) -> Result<Value> {
     );
     Ok(json!({
         "spec": spec,
+        "budget_requests": budget_spec.requests,
         "usm_pool_pages_no_pressure": big_pool,
         "usm_pool_pages_budget": budget_pool,
         "swap_file_bytes": swap_bytes,
@@ -1167,7 +1196,9 @@ fn markdown(r: &Value) -> String {
          fault runner `{}`; `usm` = {} ({}). Sides are interleaved (each run executes every \
          side once, the order rotating), host backing pre-warmed before each side; figures \
          are medians over runs. Swap for the kernel sides is a fresh swap file in `{}`, \
-         USM's private swap file is in the same directory (same disk).\n",
+         USM's private swap file is in the same directory (same disk); the kernel sides' swap \
+         file has priority 1000, above any swap another job on this machine may turn on \
+         meanwhile (those are listed per run in the JSON: `active_swaps`).\n",
         meta["kernel"].as_str().unwrap_or("?"),
         meta["cpus"],
         meta["mem_total_bytes"].as_u64().unwrap_or(0) >> 30,
@@ -1281,11 +1312,12 @@ fn markdown(r: &Value) -> String {
         let _ = writeln!(s, "## redis-benchmark GET/SET\n");
         let _ = writeln!(
             s,
-            "`redis-benchmark -t set,get -n {} -r {} -d {} -c {} -P {} --csv` against \
+            "`redis-benchmark -t set,get -n {} -r {} -d {} -c {} -P {} --csv` (`-n {}` for the \
+             two budget sides) against \
              `redis-server --save \"\" --appendonly no` after populating {} keys × {} B \
              ({} MiB of values). `kernel-plain`: no pressure. `usm-exec`: `usm exec --pool {}` \
-             pages (no pressure). `kernel-cgroup-swapfile`: memory cgroup of {} MiB + kernel \
-             swap on a swap file. `usm-exec-budget`: `usm exec --pool {}` pages ({} MiB) + \
+             (pages; no pressure). `kernel-cgroup-swapfile`: memory cgroup of {} MiB + kernel \
+             swap on a swap file. `usm-exec-budget`: `usm exec --pool {}` ({} MiB) + \
              USM swap file on the same disk. The `usm` sides run in a cgroup without a real \
              limit (only to kill every process of the side on exit); its peak is USM's whole \
              footprint (pool + daemon + the unmanaged part of redis).\n",
@@ -1294,6 +1326,7 @@ fn markdown(r: &Value) -> String {
             sp["value_bytes"],
             sp["clients"],
             sp["pipeline"],
+            rd["budget_requests"],
             sp["keys"],
             sp["value_bytes"],
             (sp["keys"].as_u64().unwrap_or(0) * sp["value_bytes"].as_u64().unwrap_or(0)) >> 20,
@@ -1305,9 +1338,9 @@ fn markdown(r: &Value) -> String {
         let ra = &rd["ratios"];
         let _ = writeln!(
             s,
-            "| side | GET ops/s | SET ops/s | GET vs base | SET vs base | GET p50 / p99 ms | SET p50 / p99 ms | cgroup peak | USM evictions / swap-ins | coverage |"
+            "| side | GET ops/s | SET ops/s | GET vs base | SET vs base | GET p50 / p99 ms | SET p50 / p99 ms | populate s | cgroup peak | USM evictions / swap-ins | coverage |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         if let Some(meds) = rd["medians"].as_object() {
             let order = [
                 "kernel-plain",
@@ -1327,7 +1360,7 @@ fn markdown(r: &Value) -> String {
                 let peak = m["cgroup_peak_bytes"].as_f64().filter(|x| x.is_finite());
                 let _ = writeln!(
                     s,
-                    "| {side} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} / {} | {} |",
+                    "| {side} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} / {} | {} |",
                     f(&m["get_ops_per_s"], 0),
                     f(&m["set_ops_per_s"], 0),
                     f(g, 2),
@@ -1336,6 +1369,7 @@ fn markdown(r: &Value) -> String {
                     f(&m["get_p99_ms"], 3),
                     f(&m["set_p50_ms"], 3),
                     f(&m["set_p99_ms"], 3),
+                    f(&m["populate_s"], 1),
                     peak.map_or("–".into(), |p| format!("{} MiB", (p as u64) >> 20)),
                     f(&m["usm_evictions"], 0),
                     f(&m["usm_swapins"], 0),

@@ -404,6 +404,11 @@ pub fn parse_benchmark_csv(csv: &str, test: &str) -> Result<BenchmarkRow> {
     })
 }
 
+/// Priority of a side's kernel swap: above the default of swaps someone else may turn on
+/// meanwhile on this shared machine (the kernel fills higher priorities first), so the
+/// side swaps to the medium it names.
+const SIDE_SWAP_PRIORITY: i16 = 1000;
+
 enum SideSwap {
     None,
     File(SwapFile),
@@ -445,8 +450,16 @@ pub fn run_redis_side_logged(
     let swap_bytes = dataset * 2 + (64 << 20);
     let swap = match side.kernel_swap {
         None => SideSwap::None,
-        Some(SwapMedium::File) => SideSwap::File(SwapFile::create(&ctx.swap_dir, swap_bytes, 10)?),
-        Some(SwapMedium::Zram) => SideSwap::Zram(ZramSwap::create(swap_bytes, 10, ctx.zram_wait)?),
+        Some(SwapMedium::File) => SideSwap::File(SwapFile::create(
+            &ctx.swap_dir,
+            swap_bytes,
+            SIDE_SWAP_PRIORITY,
+        )?),
+        Some(SwapMedium::Zram) => SideSwap::Zram(ZramSwap::create(
+            swap_bytes,
+            SIDE_SWAP_PRIORITY,
+            ctx.zram_wait,
+        )?),
     };
     let cgroup = match side.cgroup_limit {
         Some(limit) => Some(MemCgroup::create(&format!("redis-{}", side.label), limit)?),
