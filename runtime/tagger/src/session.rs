@@ -23,7 +23,11 @@
 //!   context, so the child points it (and the parent's socket) at `/dev/null`, goes
 //!   back to *Starting* and attaches on its own from a thread (see
 //!   `after_fork_in_child`). Pages that were out of the parent at `fork` count as the
-//!   child's swapped pages: the daemon's death kills the child with a message.
+//!   child's swapped pages: the daemon's death kills the child with a message. The
+//!   child also forgets the parent's eviction agent (its thread and staging area were
+//!   not inherited; the child's own session may start one) and closes the watcher's
+//!   clone of the parent's socket (else the parent's session stays open as long as the
+//!   child lives).
 
 use std::fmt::Write as _;
 use std::io::Read;
