@@ -200,6 +200,19 @@ fn return_from_staging(proc: &Proc, agent: &mut Agent, v: Victim, to: u64) {
     }
 }
 
+/// The evicting process died with these pages in flight: their staged copies went with
+/// it. A fork child that shares a cell (it forked after the move) gets `Lost` — its
+/// fault is poisoned, a clear `SIGBUS` — rather than waiting forever for `Evicting` to
+/// end.
+fn abandon(victims: impl Iterator<Item = Victim>) {
+    for v in victims {
+        let mut d = v.cell.data.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*d, CellData::Evicting) {
+            *d = CellData::Lost;
+        }
+    }
+}
+
 struct Victim {
     page: u64,
     cell: Arc<SwapCell>,
@@ -327,7 +340,9 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
         let done = take_completions(agent);
         if done.is_empty() {
             if proc.gone.load(Ordering::Acquire) {
-                return 0; // the cells stay Evicting: the map is gone with the process
+                // The map is gone with the process; a fork child may share the cells.
+                abandon(pending.into_values());
+                return 0;
             }
             if waited.elapsed() > Duration::from_secs(10) {
                 tracing::warn!(
@@ -395,7 +410,10 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
                 continue;
             }
             if read == Err(nix::errno::Errno::ESRCH) {
-                return 0; // the process is gone, and its map with it
+                // The process is gone, and its map with it; a fork child may share the
+                // cells.
+                abandon(std::iter::once(v).chain(pending.into_values()));
+                return 0;
             }
             tracing::warn!(
                 "pid {}: cannot read staging slot {} ({read:?}); returning the page",
