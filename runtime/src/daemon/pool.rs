@@ -2,12 +2,17 @@
 //! pool of OS threads.
 //!
 //! The design runs each fault as a workee on a LocalManager, parked on its swap-in while
-//! the worker serves other faults. Under load here, the scheduler at this commit can
-//! leave a uThread spawned or unparked from a foreign thread (the reader, the swap I/O
-//! thread) unscheduled while its worker idles — a fault then waits forever. Until that is
-//! fixed, the default is [`FaultRunner::Threads`]: a pool of OS threads, each fault
-//! blocking only its own thread (so one thread's swap-in still never delays another
-//! thread's fault while threads remain). `USM_FAULT_RUNNER=uthreads` selects workees.
+//! the worker serves other faults: that is the default ([`FaultRunner::UThreads`]).
+//! Waits inside a workee (`nap`, a frame, staging) yield the worker instead of parking
+//! on a timer, because an unpark from a foreign thread was once seen lost under load.
+//! Measured before the switch (2026-11-22, machine load ~14 on 2 vCPUs): the daemon's
+//! program tests passed 3 runs out of 3 with workees (daemon_programs 517–692 s) and
+//! with OS threads (309 s in the same conditions); workees are slower under such load
+//! because waiting workees yield-spin.
+//!
+//! [`FaultRunner::Threads`] (`USM_FAULT_RUNNER=threads`) is a pool of OS threads, each
+//! fault blocking only its own thread (so one thread's swap-in still never delays
+//! another thread's fault while threads remain).
 
 use std::collections::VecDeque;
 use std::thread::JoinHandle;
@@ -21,18 +26,18 @@ pub(crate) type Job = Box<dyn FnOnce() + Send + 'static>;
 /// Which runner serves faults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultRunner {
-    /// A pool of OS threads (default).
+    /// A pool of OS threads.
     Threads,
-    /// Workees on the LocalManager runtime.
+    /// Workees on the LocalManager runtime (default).
     UThreads,
 }
 
 impl FaultRunner {
-    /// From `USM_FAULT_RUNNER` (`threads` or `uthreads`), default threads.
+    /// From `USM_FAULT_RUNNER` (`threads` or `uthreads`), default uthreads (workees).
     pub fn from_env() -> FaultRunner {
         match std::env::var("USM_FAULT_RUNNER").as_deref() {
-            Ok("uthreads" | "workees") => FaultRunner::UThreads,
-            _ => FaultRunner::Threads,
+            Ok("threads" | "os-threads") => FaultRunner::Threads,
+            _ => FaultRunner::UThreads,
         }
     }
 }
