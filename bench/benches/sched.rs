@@ -7,6 +7,9 @@
 //! - `yield`: one uThread yielding to the next ready uThread on the same worker (two
 //!   uThreads ping-ponging through the LocalManager: requeue + claim of the next one in one
 //!   CAS, entry take/put, switch);
+//! - `yield_thread_cpu`: the same, timed with the worker thread's CPU clock — on a machine
+//!   shared with other jobs the wall-clock side also counts the time the worker was
+//!   descheduled; this one shows what the path itself costs;
 //! - `spawn_join`: a uThread spawns a child and joins it (pooled stacks);
 //! - `mutex_pingpong`: two uThreads on one worker alternate through a uThread `Mutex` +
 //!   `Condvar` (park, unpark, switch per hand-off), one-way time;
@@ -268,7 +271,28 @@ fn hold_cpu_dma_latency() -> Result<File, String> {
 
 // --- uThread sides ----------------------------------------------------------------------
 
-fn yield_run(rt: &Runtime, iterations: u64) -> f64 {
+/// Which clock a same-worker side is timed with.
+#[derive(Clone, Copy)]
+enum Clock {
+    /// Elapsed time (includes time the worker thread was descheduled by other jobs).
+    Wall,
+    /// The worker thread's CPU time (`getrusage(RUSAGE_THREAD)`): excludes the time other
+    /// jobs on a shared machine held the CPU, so it shows the cost of the path itself.
+    ThreadCpu,
+}
+
+/// CPU time (user + system) of the calling thread so far (`getrusage(RUSAGE_THREAD)`).
+fn thread_cpu_now() -> Duration {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_THREAD).map_or(Duration::ZERO, |usage| {
+        let (user, system) = (usage.user_time(), usage.system_time());
+        let micros =
+            |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64;
+        Duration::from_micros(micros(user) + micros(system))
+    })
+}
+
+fn yield_run(rt: &Runtime, iterations: u64, clock: Clock) -> f64 {
     let started = Arc::new(AtomicUsize::new(0));
     let handles: Vec<_> = (0..2)
         .map(|_| {
@@ -278,11 +302,15 @@ fn yield_run(rt: &Runtime, iterations: u64) -> f64 {
                 while started.load(Ordering::SeqCst) < 2 {
                     usm_localmanager::yield_now();
                 }
-                let start = Instant::now();
+                // Both uThreads run on worker 0: the thread CPU clock is that worker's.
+                let (start, cpu_start) = (Instant::now(), thread_cpu_now());
                 for _ in 0..iterations {
                     usm_localmanager::yield_now();
                 }
-                start.elapsed()
+                match clock {
+                    Clock::Wall => start.elapsed(),
+                    Clock::ThreadCpu => thread_cpu_now().saturating_sub(cpu_start),
+                }
             })
             .expect("spawn")
         })
@@ -437,7 +465,15 @@ fn main() {
                 sides.insert(
                     "yield".to_string(),
                     throughput(runs, 1_000_000 / scale, Some(WakerMode::EventFd), |n| {
-                        yield_run(&rt, n)
+                        yield_run(&rt, n, Clock::Wall)
+                    }),
+                );
+            }
+            if want("yield_thread_cpu") {
+                sides.insert(
+                    "yield_thread_cpu".to_string(),
+                    throughput(runs, 1_000_000 / scale, Some(WakerMode::EventFd), |n| {
+                        yield_run(&rt, n, Clock::ThreadCpu)
                     }),
                 );
             }
@@ -611,6 +647,7 @@ fn main() {
     let mut targets = BTreeMap::new();
     for (name, side, limit) in [
         ("yield_le_50ns", "yield", 50.0),
+        ("yield_thread_cpu_le_50ns", "yield_thread_cpu", 50.0),
         ("spawn_join_le_1us", "spawn_join", 1000.0),
         (
             "unpark_busy_poll_le_1us",

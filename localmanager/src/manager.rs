@@ -20,7 +20,9 @@
 //!    the cursor just past the last one run (fair: a ready uThread waits at most one full
 //!    rotation of the IDQ).
 //! 3. Nothing ran: try to steal from a busy worker; otherwise go idle (spin in busy-poll
-//!    mode, or park on the eventfd + driver fds until the next timer).
+//!    mode; in eventfd mode spin up to the adaptive spin budget, then park on the eventfd +
+//!    driver fds until the next timer, through the `handoff::idle_step` protocol). Before
+//!    that, stale IDQ summary hints are scrubbed so `has_work` cannot report phantom work.
 //!
 //! # Running one uThread ([`LocalManager::run_slot`])
 //! claim IDQ bit → take entry → state `RUNNING` → resume → put entry back → by reason:
