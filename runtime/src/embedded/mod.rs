@@ -37,6 +37,14 @@
 //! 5. Content that cannot be read back is installed with `UFFDIO_POISON`: SIGBUS at that
 //!    page (the handler chains it: default action), never zeros.
 //!
+//! # Knobs that change the fault path
+//! - [`Builder::swap_in_mode`]: [`SwapInMode::Yield`] (default) runs other uThreads while a
+//!   swap-in is in flight; [`SwapInMode::Sync`] makes the worker wait for it (blocked in
+//!   `io_uring_enter`), the kernel-like baseline inside USM (benchmark mode (b)).
+//! - [`Builder::access_sampling`] (default on): re-fault sampling gives the eviction
+//!   policy access information (reads included) — see the `crate::mm` module docs.
+//! - [`Builder::round_budget`]: uThread runs between two regular driver polls.
+//!
 //! # What an application must not do around region accesses
 //! - **Do not hold an OS-level lock** (`std::sync::Mutex`, `RwLock`, a spin lock, a lock
 //!   inside `println!`'s stdout) while touching region memory from a uThread. The access

@@ -130,7 +130,11 @@ impl Builder {
     }
 
     /// Creates a swap file of `bytes` at `path` (must not exist) and uses it. Put it on a
-    /// disk (`O_DIRECT`), not tmpfs.
+    /// disk (`O_DIRECT`), not tmpfs. The file is written out (zeros) before it is
+    /// formatted: a `fallocate`d file has unwritten extents, and every first `O_DIRECT`
+    /// write into one costs an ext4 extent conversion at completion — in a swap storm,
+    /// where most slots are written for the first time, that throttled write-back (and
+    /// with it every swap-in waiting for a frame) several times over.
     pub fn create_swap_file(mut self, path: impl Into<PathBuf>, bytes: u64) -> Self {
         self.swap.push(SwapSource::Create(path.into(), bytes));
         self
@@ -249,7 +253,7 @@ impl Builder {
             let path = match src {
                 SwapSource::Path(p) => p.clone(),
                 SwapSource::Create(p, bytes) => {
-                    usm_swap::create_swap_file(p, *bytes)?;
+                    create_written_swap_file(p, *bytes)?;
                     p.clone()
                 }
             };
@@ -363,6 +367,50 @@ impl Builder {
             _zeroer: Some(zeroer),
         })
     }
+}
+
+/// Creates `path` (must not exist) with `bytes` (rounded down to 1 MiB) of zeros written
+/// with `O_DIRECT` and synced, then formats it for USM. See [`Builder::create_swap_file`].
+fn create_written_swap_file(path: &std::path::Path, bytes: u64) -> Result<(), EmbeddedError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    const CHUNK: usize = 1 << 20;
+    let err = |op: &'static str| {
+        move |source: std::io::Error| {
+            EmbeddedError::Swap(usm_swap::SwapError::Device {
+                op,
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let bytes = bytes / CHUNK as u64 * CHUNK as u64;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(err("create"))?;
+    // O_DIRECT wants a page-aligned buffer: take an aligned window of a larger one.
+    let raw = vec![0u8; CHUNK + 4096];
+    let off = raw.as_ptr().align_offset(4096);
+    let zeros = &raw[off..off + CHUNK];
+    let written = (|| -> std::io::Result<()> {
+        for _ in 0..bytes / CHUNK as u64 {
+            file.write_all(zeros)?;
+        }
+        file.sync_all()
+    })();
+    drop(file);
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(path);
+        return Err(err("write zeros to")(e));
+    }
+    if let Err(e) = usm_swap::format(path, &usm_swap::FormatOptions::default()) {
+        let _ = std::fs::remove_file(path);
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 struct NoDriver;
