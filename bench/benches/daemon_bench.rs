@@ -193,7 +193,21 @@ fn load_avg() -> f64 {
 struct WorkDir(PathBuf);
 
 impl WorkDir {
+    /// Creates `TMP/usm-daemon-bench-<pid>`, removing those of dead pids (a run ended by a
+    /// signal re-raises it and skips drops).
     fn create() -> Result<Self> {
+        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let dead = name
+                    .strip_prefix("usm-daemon-bench-")
+                    .and_then(|p| p.parse::<u32>().ok())
+                    .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+                if dead {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let dir = std::env::temp_dir().join(format!("usm-daemon-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| io_err("mkdir", &dir, e))?;
         Ok(Self(dir))
