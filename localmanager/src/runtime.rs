@@ -677,7 +677,9 @@ impl Handle {
     }
 
     /// Moves the faulted uThread `key` from PFQ to IDQ (it resumes on its own worker and
-    /// returns from the signal handler). Any thread. `false` if it was not in PFQ.
+    /// returns from the signal handler). Any thread. `false` if that fault is not parked
+    /// (any more): already resumed, or a key of an earlier fault of the slot or of its
+    /// earlier occupant (keys carry the fault's generation, see [`crate::signal`]).
     pub fn resume_faulted(&self, key: FaultKey) -> bool {
         self.rt.resume_faulted(key)
     }
