@@ -607,8 +607,10 @@ fn serve_fault_inner(sh: &Shared, proc: &Proc, fault: &Fault, urgent: bool, t0: 
 }
 
 /// How long an `Oom` answer waits with no eviction completing anywhere (and no frame
-/// freed) before the OOM policy is asked.
-const OOM_PATIENCE: Duration = Duration::from_secs(1);
+/// freed) before the OOM policy is asked. Generous: on a
+/// loaded machine the agent thread of a program can wait long for a CPU, and failing an
+/// access (the default OOM policy) is not to be done lightly.
+const OOM_PATIENCE: Duration = Duration::from_secs(5);
 
 /// One fault's out-of-memory history.
 #[derive(Default)]
@@ -846,9 +848,10 @@ fn install_zeros(proc: &Proc, m: &mut PageMap, start: u64, n: u64, page: u64) ->
 }
 
 /// The allocation policy answered `Oom`. Evicts what the policy asked of its own
-/// process, else waits for the evictor (as long as it makes progress: no eviction for
-/// [`OOM_PATIENCE`] ends the wait), then asks the OOM policy. Returns true when the fault is done
-/// (failed by the OOM policy, or served over the pool for the agent's own thread).
+/// process, else waits for the evictor (as long as it makes progress: no eviction
+/// completed for [`OOM_PATIENCE`] ends the wait), then asks the OOM policy. Returns
+/// true when the fault is done (failed by the OOM policy, or served over the pool for
+/// the agent's own thread).
 fn on_oom(
     sh: &Shared,
     proc: &Proc,
