@@ -114,6 +114,10 @@ pub struct MemState {
     orphans: HashSet<FrameNo>,
     /// Write-backs in flight on all workers.
     writebacks: usize,
+    /// Bit `w`: worker `w` has a fault waiting for a frame behind write-backs
+    /// ([`FaultResult::NeedMemory`]); the next write-back to complete, on any worker,
+    /// wakes it (its own ring's completions would wake it anyway, another worker's not).
+    memory_waiters: u64,
 }
 
 impl std::fmt::Debug for MemState {
@@ -220,6 +224,7 @@ impl MmCore {
                     swap,
                     orphans: HashSet::new(),
                     writebacks: 0,
+                    memory_waiters: 0,
                 },
                 evict,
                 oom,
@@ -999,6 +1004,7 @@ impl<'a> WorkerCx<'a> {
                     self.restore_taken();
                     if self.mem.writebacks > 0 {
                         MmStats::bump(&self.core.stats.counters.memory_waits);
+                        self.mem.memory_waiters |= 1 << self.worker;
                         return FaultResult::NeedMemory;
                     }
                     if !evicted_once {
@@ -1710,6 +1716,11 @@ impl<'a> WorkerCx<'a> {
                 entry,
             } => {
                 self.mem.writebacks = self.mem.writebacks.saturating_sub(1);
+                // A frame (or at least progress) for faults waiting on memory elsewhere.
+                let waiting = std::mem::take(&mut self.mem.memory_waiters);
+                if waiting != 0 {
+                    core.wake_mask(waiting, self.worker);
+                }
                 let _span = tracing::trace_span!("writeback_done", addr, %entry).entered();
                 let ours = self.still_owned(key, addr)
                     && matches!(self.mem.spaces.get(&key.pid).and_then(|s| s.pages.get(&addr)),
