@@ -16,3 +16,4 @@ pub mod mm;
 mod sys;
 
 pub use config::{Config, ConfigError};
+pub use sys::spawn::unblock_termination_signals;

@@ -638,3 +638,52 @@ fn redis_bgsave_with_the_dataset_in_swap_writes_a_correct_rdb() {
         "the RDB does not load to the same data"
     );
 }
+
+/// `usm exec` blocks SIGINT/SIGTERM for its signalfd; the program must not inherit that
+/// mask, or the SIGTERM usm forwards (and Ctrl-C) never reaches it.
+#[test]
+fn usm_exec_forwards_sigterm_to_the_program() {
+    let _serial = serial();
+    let mut child = Command::new(USM)
+        .args(["exec", "--report", "json", "--", "sleep", "60"])
+        .env("USM_TAGGER", tagger())
+        .env("USM_SWAP_DIR", std::env::temp_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run usm exec");
+    // Wait until usm has started the program (a `sleep` whose parent is usm).
+    let usm_pid = child.id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sleep_pid = loop {
+        let ps = Command::new("pgrep")
+            .args(["-P", &usm_pid, "sleep"])
+            .output()
+            .expect("pgrep");
+        if ps.status.success() {
+            break String::from_utf8_lossy(&ps.stdout).trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "usm exec never started sleep");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = Command::new("kill").args(["-9", &sleep_pid]).status();
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the program did not die of the forwarded SIGTERM within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The exit code is the program's: killed by SIGTERM = 128 + 15.
+    assert_eq!(status.code(), Some(143), "usm exit status {status:?}");
+}

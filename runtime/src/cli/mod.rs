@@ -316,12 +316,12 @@ pub(crate) fn exec(a: &ExecArgs) -> ExitCode {
         _ => tagger.clone().into_os_string(),
     };
     let started = Instant::now();
-    let mut child = match Command::new(&program)
-        .args(&a.command[1..])
+    let mut cmd = Command::new(&program);
+    cmd.args(&a.command[1..])
         .env("LD_PRELOAD", preload)
-        .env(usm_proto::SOCKET_ENV, &socket)
-        .spawn()
-    {
+        .env(usm_proto::SOCKET_ENV, &socket);
+    usm_runtime::unblock_termination_signals(&mut cmd);
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("usm: cannot run {}: {e}", program.display());

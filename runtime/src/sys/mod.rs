@@ -4,4 +4,5 @@
 pub(crate) mod install;
 pub(crate) mod io;
 pub(crate) mod sigbus;
+pub(crate) mod spawn;
 pub(crate) mod view;
