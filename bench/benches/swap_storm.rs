@@ -25,7 +25,10 @@
 //!   and runs no other uThread meanwhile — the kernel-like behaviour inside USM.
 //! - **(c) `c-usm-yield`**: the same tasks as uThreads on the embedded runtime, one managed
 //!   region per memory task, pool = budget, USM swap on the same medium (a USM swap file in
-//!   the same directory, or `/dev/zram0` formatted for USM), no kernel swap. Its cgroup
+//!   the same directory, written out with zeros before the run so ext4 has no unwritten
+//!   extents to convert on first write — kernel swap maps a `fallocate`d file's blocks
+//!   once at swapon and never pays that; or `/dev/zram0` formatted for USM), no kernel
+//!   swap. Its cgroup
 //!   limit is budget + its measured overhead: a probe run of (c) in a cgroup of budget +
 //!   512 MiB measures the peak beyond the pool (heap, stacks, page tables, checksum tables);
 //!   that plus 25% and 8 MiB is the allowance (`--overhead-mib` sets it instead).

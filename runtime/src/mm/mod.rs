@@ -35,9 +35,10 @@
 //!    `Yield(ticket)`: `Cx::swap_in` queued `O_DIRECT` read straight into the Taken
 //!    frame's slot; the page is `SwapIn` → [`FaultResult::Wait`]. With `PREFETCH=N` on the
 //!    page, up to N following swapped pages are read too.
-//!    `Oom`: wait for write-backs in flight ([`FaultResult::NeedMemory`]), else evict to
-//!    the high watermark, else ask the OOM policy (`EvictHarder` / `FailAccess` / kill →
-//!    the page is poisoned and the access fails with SIGBUS, logged).
+//!    `Oom`: wait for write-backs in flight ([`FaultResult::NeedMemory`]; the next
+//!    write-back to complete on any worker wakes the waiting worker), else evict to the
+//!    high watermark, else ask the OOM policy (`EvictHarder` / `FailAccess` / kill → the
+//!    page is poisoned and the access fails with SIGBUS, logged).
 //! 4. [`WorkerMm::poll`] (every scheduling round) reaps the worker's io_uring:
 //!    - write-back done: the page becomes `Swapped(entry)` **before** its staging frame is
 //!      released to the zeroing queue (zeroing happens off the fault path, in kmod's
