@@ -181,7 +181,7 @@ fn probe(dir: &Path) -> Option<PathBuf> {
 }
 
 /// A daemon in this process on `config` (a socket line is added), with a private swap
-/// file in `dir`.
+/// file in `dir`; a fault waits 2 s for a frame before the OOM policy is asked.
 fn daemon(
     dir: &Path,
     config: &str,
@@ -194,6 +194,7 @@ fn daemon(
         temp_swap_dir: dir.to_path_buf(),
         temp_swap_bytes: 128 << 20,
         register,
+        oom_wait: Duration::from_secs(2),
         ..DaemonOptions::default()
     };
     Daemon::start(&cfg, &opts).expect("daemon starts")

@@ -125,6 +125,11 @@ pub struct DaemonOptions {
     pub temp_swap_bytes: u64,
     /// What serves faults (see [`FaultRunner`]).
     pub runner: FaultRunner,
+    /// How long one fault waits in all for a frame (the allocation policy answering
+    /// `Oom` while the evictor works) before the process's OOM policy is asked. The
+    /// default, 10 s, only fails accesses when eviction is truly stuck (nothing
+    /// evictable: every page `EVICTION=DENY`, or no agent).
+    pub oom_wait: Duration,
     /// Registers extra policies (beyond the built-ins) before the config's policy names
     /// are checked: how an embedder — or a test — brings its own policy to the daemon.
     pub register: Option<RegisterPolicies>,
@@ -140,6 +145,7 @@ impl Default for DaemonOptions {
                 .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from),
             temp_swap_bytes: 0,
             runner: FaultRunner::from_env(),
+            oom_wait: Duration::from_secs(10),
             register: None,
         }
     }
@@ -174,6 +180,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     /// Policy name → pages per flexible huge page.
     fhp: HashMap<String, u64>,
+    /// See [`DaemonOptions::oom_wait`].
+    pub(crate) oom_wait: Duration,
 }
 
 impl Shared {
@@ -412,6 +420,7 @@ impl Daemon {
             assignments,
             fhp,
             registry: Arc::new(registry),
+            oom_wait: opts.oom_wait,
         });
         let stop_accept = Arc::new(AtomicBool::new(false));
         let stop_aux = Arc::new(AtomicBool::new(false));

@@ -606,16 +606,10 @@ fn serve_fault_inner(sh: &Shared, proc: &Proc, fault: &Fault, urgent: bool, t0: 
     );
 }
 
-/// How long an `Oom` answer waits with no eviction completing anywhere (and no frame
-/// freed) before the OOM policy is asked. Generous: on a
-/// loaded machine the agent thread of a program can wait long for a CPU, and failing an
-/// access (the default OOM policy) is not to be done lightly.
-const OOM_PATIENCE: Duration = Duration::from_secs(5);
-
 /// One fault's out-of-memory history.
 #[derive(Default)]
 struct OomWait {
-    /// When the evictor last made progress (or the wait began).
+    /// When this fault first found no frame (reset when a decision is installed).
     since: Option<Instant>,
     /// OOM policy calls so far for this fault.
     attempt: u32,
@@ -848,8 +842,9 @@ fn install_zeros(proc: &Proc, m: &mut PageMap, start: u64, n: u64, page: u64) ->
 }
 
 /// The allocation policy answered `Oom`. Evicts what the policy asked of its own
-/// process, else waits for the evictor (as long as it makes progress: no eviction
-/// completed for [`OOM_PATIENCE`] ends the wait), then asks the OOM policy. Returns
+/// process, else waits for the evictor (this fault waits at most
+/// [`DaemonOptions::oom_wait`](super::DaemonOptions::oom_wait) for a frame in all), then
+/// asks the OOM policy. Returns
 /// true when the fault is done (failed by the OOM policy, or served over the pool for
 /// the agent's own thread).
 fn on_oom(
@@ -875,35 +870,24 @@ fn on_oom(
         }
     }
     if requested == 0 {
-        // Wait for the evictor as long as it makes progress.
-        let mut since = *oom.since.get_or_insert_with(Instant::now);
-        let mut progress = evictions_so_far(sh);
-        let mut last_check = Instant::now();
+        // Wait for the evictor, up to the daemon's `oom_wait` for this fault in all.
+        let since = *oom.since.get_or_insert_with(Instant::now);
         loop {
             sh.kick_evictor();
             if sh.free_frames() > 0 {
-                oom.since = Some(since);
                 return false; // try the policy again
             }
             if proc.gone.load(Ordering::Acquire) {
                 return true;
             }
-            if last_check.elapsed() >= Duration::from_millis(50) {
-                last_check = Instant::now();
-                let now = evictions_so_far(sh);
-                if now != progress {
-                    progress = now;
-                    since = Instant::now();
-                }
-            }
-            if since.elapsed() >= OOM_PATIENCE {
+            if since.elapsed() >= sh.oom_wait {
                 break;
             }
             super::nap::nap(Duration::from_micros(200));
         }
     }
-    // No frame, and the evictor made no progress for OOM_PATIENCE (or the policy asked
-    // to evict its own pages and none could leave):
+    // Still no frame after `oom_wait` (or the policy asked to evict its own pages and
+    // none could leave):
     // Ask the OOM policy.
     let situation = OomSituation {
         fault: *fault,
@@ -971,14 +955,6 @@ fn on_oom(
             "the OOM policy asked to kill a task (embedded only)",
         ),
     }
-}
-
-/// Evictions completed so far by every managed process (a changing value is progress).
-fn evictions_so_far(sh: &Shared) -> u64 {
-    sh.procs()
-        .iter()
-        .map(|p| p.counters.evictions.load(Ordering::Relaxed))
-        .sum()
 }
 
 /// The faulting access fails: `UFFDIO_POISON` (the program gets SIGBUS there, never
