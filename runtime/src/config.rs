@@ -702,6 +702,28 @@ mod tests {
 
         let e = err("memory 0\n");
         assert!(e.to_string().contains("empty"), "{e}");
+
+        let e = err("memory 100\nwaker turbo\n");
+        assert_eq!(e.line, 2);
+        assert!(e.to_string().contains("`turbo`"), "{e}");
+    }
+
+    #[test]
+    fn waker_keywords_parse() {
+        for (word, mode) in [
+            ("eventfd", WakerMode::Eventfd),
+            ("eventfd+pmqos", WakerMode::EventfdPmQos),
+            ("pmqos", WakerMode::EventfdPmQos),
+            ("spin", WakerMode::Spin),
+            ("busy-poll", WakerMode::Spin),
+        ] {
+            let c = Config::parse(&format!("memory 100\nwaker {word}\n")).unwrap();
+            assert_eq!(c.waker, mode, "{word}");
+        }
+        assert_eq!(
+            Config::parse("memory 100\n").unwrap().waker,
+            WakerMode::Eventfd
+        );
     }
 
     #[test]

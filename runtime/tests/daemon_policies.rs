@@ -479,6 +479,33 @@ fn an_eviction_deny_hint_keeps_its_range_resident_under_the_hints_policy() {
 }
 
 #[test]
+fn a_busy_poll_waker_serves_a_program_and_stat_reports_it() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(prog) = probe(dir.path()) else {
+        return;
+    };
+    let d = daemon(
+        dir.path(),
+        "memory 64M\nwaker busy-poll\nprocess polprobe first-fit",
+        None,
+    );
+    let s = d.stat();
+    assert_eq!(s.waker, "spin", "{s:?}");
+    assert!(
+        ["threads", "uthreads"].contains(&s.fault_runner.as_str()),
+        "{s:?}"
+    );
+    // What `usm stat` prints is this struct as JSON: the fields are there by name.
+    let json = serde_json::to_value(&s).unwrap();
+    assert_eq!(json["waker"], "spin");
+    let r = run(&d, &prog, &["touch", "4"]);
+    d.shutdown();
+    assert!(r.stdout.contains("OK"), "{}", r.stdout);
+    assert!(r.stat.faults >= 1024, "{:?}", r.stat);
+}
+
+#[test]
 fn quota_evicts_the_process_own_pages_at_its_cap() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();

@@ -127,11 +127,17 @@ fn malformed_messages_are_refused_and_the_daemon_keeps_serving() {
 
 #[test]
 fn two_daemons_run_side_by_side() {
-    let a = RunDaemon::start_with("memory 512\nworkers 1\nprocess a first-fit", Stdio::null());
+    let a = RunDaemon::start_with(
+        "memory 512\nworkers 1\nwaker busy-poll\nprocess a first-fit",
+        Stdio::null(),
+    );
     let b = RunDaemon::start_with("memory 1024\nworkers 1\nprocess b first-fit", Stdio::null());
     let (sa, sb) = (a.stat().unwrap(), b.stat().unwrap());
     assert_eq!(sa["pool_pages"], 512);
     assert_eq!(sb["pool_pages"], 1024);
+    // `usm stat` reports each daemon's waker (the config's, default eventfd).
+    assert_eq!(sa["waker"], "spin", "{sa}");
+    assert_eq!(sb["waker"], "eventfd", "{sb}");
     assert_ne!(sa["pid"], sb["pid"]);
     // A second daemon on a live socket is refused.
     let dir = tempfile::tempdir().unwrap();

@@ -54,7 +54,7 @@ use usm_sync::{Arc, Condvar, Mutex};
 use usm_policies::Registry;
 use usm_proto::server::{self, Listener};
 
-use crate::config::Config;
+use crate::config::{Config, WakerMode};
 pub use control::{query_stat, stat_socket_path};
 pub use pool::FaultRunner;
 pub use stats::{DaemonStat, Latency, ProcessStat};
@@ -160,6 +160,8 @@ pub(crate) struct Shared {
     pub(crate) swap: Arc<SwapStore>,
     pub(crate) handle: usm_localmanager::Handle,
     pub(crate) workers: usize,
+    /// How idle workers wait (the config's `waker`).
+    pub(crate) waker: WakerMode,
     pub(crate) runner: FaultRunner,
     pub(crate) fault_threads: pool::ThreadPool,
     procs: Mutex<Vec<Arc<Proc>>>,
@@ -258,6 +260,8 @@ impl Shared {
             slots_used: self.swap.used(),
             slots_total: self.swap.total(),
             workers: self.workers,
+            waker: self.waker.as_str().to_owned(),
+            fault_runner: self.runner.as_str().to_owned(),
             admitted: self.admitted.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
             bad_messages: self.bad_messages.load(Ordering::Relaxed),
@@ -377,9 +381,16 @@ impl Daemon {
                 .map_or(1, |n| n.get())
                 .min(4)
         });
+        let (lm_waker, hold_pm_qos) = match cfg.waker {
+            WakerMode::Eventfd => (usm_localmanager::WakerMode::EventFd, false),
+            WakerMode::EventfdPmQos => (usm_localmanager::WakerMode::EventFd, true),
+            WakerMode::Spin => (usm_localmanager::WakerMode::BusyPoll, false),
+        };
         let runtime = usm_localmanager::Runtime::builder()
             .workers(workers)
             .pin(false)
+            .waker(lm_waker)
+            .hold_cpu_dma_latency(hold_pm_qos)
             .build()?;
         let pool = cfg.memory_pages;
         let temp_bytes = if opts.temp_swap_bytes > 0 {
@@ -400,6 +411,7 @@ impl Daemon {
             swap,
             handle: runtime.handle(),
             workers,
+            waker: cfg.waker,
             runner: opts.runner,
             fault_threads: pool::ThreadPool::new((workers * 4).max(8)).map_err(|e| {
                 DaemonError::Setup {
@@ -462,7 +474,9 @@ impl Daemon {
             )?);
         }
         tracing::info!(
-            "usm daemon: pool {pool} pages, {workers} workers, socket {}",
+            "usm daemon: pool {pool} pages, {workers} workers (waker {}, faults on {}), socket {}",
+            cfg.waker.as_str(),
+            opts.runner.as_str(),
             socket.display()
         );
         Ok(Daemon {

@@ -40,6 +40,14 @@ impl FaultRunner {
             _ => FaultRunner::UThreads,
         }
     }
+
+    /// The `USM_FAULT_RUNNER` spelling (`threads`, `uthreads`), as `usm stat` reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultRunner::Threads => "threads",
+            FaultRunner::UThreads => "uthreads",
+        }
+    }
 }
 
 struct Queue {

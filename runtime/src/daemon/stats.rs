@@ -182,6 +182,12 @@ pub struct DaemonStat {
     pub slots_total: u64,
     /// Workers (LocalManagers).
     pub workers: usize,
+    /// How idle workers wait: the config's `waker` (`eventfd`, `eventfd+pmqos`, `spin`).
+    #[serde(default)]
+    pub waker: String,
+    /// What serves faults: `uthreads` (workees on the workers) or `threads` (OS threads).
+    #[serde(default)]
+    pub fault_runner: String,
     /// Processes admitted since start.
     pub admitted: u64,
     /// Processes refused since start (unconfigured, bad Hello, ...).
