@@ -137,9 +137,25 @@ fn flush_undropped(proc: &Proc, agent: &mut Agent) {
     let _ = agent.client.kick();
     let mut d = HashMap::new();
     if let Some(last) = last {
-        collect(agent, &mut d, last, Duration::from_secs(10));
+        if !collect(proc, agent, &mut d, last, Duration::from_secs(10))
+            && forget_if_gone(proc, agent)
+        {
+            // The staging area went with the process: nothing is left to drop or reuse.
+            return;
+        }
     }
     agent.free_slots.extend(slots);
+}
+
+/// If `proc` is gone, forgets the agent's batch state (completions set aside, staging
+/// copies not yet dropped: they went with its address space) and says so.
+fn forget_if_gone(proc: &Proc, agent: &mut Agent) -> bool {
+    if !proc.gone.load(Ordering::Acquire) {
+        return false;
+    }
+    agent.stash.clear();
+    agent.undropped.clear();
+    true
 }
 
 /// Is the page at `addr` of process `pid` present (`/proc/PID/pagemap` bit 63)? Reading
@@ -185,7 +201,12 @@ fn return_from_staging(proc: &Proc, agent: &mut Agent, v: Victim, to: u64) {
     };
     let _ = agent.client.kick();
     let mut d = HashMap::new();
-    collect(agent, &mut d, seq, Duration::from_secs(10));
+    if !collect(proc, agent, &mut d, seq, Duration::from_secs(10)) && forget_if_gone(proc, agent) {
+        // The staged copy went with the process; a fork child sharing the cell gets
+        // `Lost` (a clear SIGBUS) unless it was read already.
+        abandon(std::iter::once(v));
+        return;
+    }
     if d.get(&seq).copied() == Some(PAGE as i64) {
         revert(proc, agent, v);
         return;
@@ -226,11 +247,26 @@ fn take_completions(agent: &mut Agent) -> Vec<AgentCompletion> {
     out
 }
 
-/// Waits until `seq` is answered (or `timeout`); other completions are set aside for
-/// their own waiter.
-fn collect(agent: &mut Agent, done: &mut HashMap<u64, i64>, seq: u64, timeout: Duration) {
+/// Waits until `seq` is answered, `timeout` passes, or `proc` is gone (its agent will
+/// never answer: stop at once rather than stall the evictor for the whole timeout);
+/// other completions are set aside for their own waiter. Returns whether `seq` was
+/// answered.
+fn collect(
+    proc: &Proc,
+    agent: &mut Agent,
+    done: &mut HashMap<u64, i64>,
+    seq: u64,
+    timeout: Duration,
+) -> bool {
     let deadline = Instant::now() + timeout;
     while !done.contains_key(&seq) && Instant::now() < deadline {
+        if proc.gone.load(Ordering::Acquire) {
+            // One last look: the answer may have come just before the end.
+            for c in take_completions(agent) {
+                done.insert(c.seq, c.result);
+            }
+            break;
+        }
         let mut others = Vec::new();
         for c in take_completions(agent) {
             if c.seq == seq {
@@ -244,6 +280,7 @@ fn collect(agent: &mut Agent, done: &mut HashMap<u64, i64>, seq: u64, timeout: D
             let _ = agent.client.wait_done(20);
         }
     }
+    done.contains_key(&seq)
 }
 
 fn submit(agent: &mut Agent, op: AgentOp, slot: u32, addr: u64) -> Option<u64> {
@@ -342,6 +379,7 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
             if proc.gone.load(Ordering::Acquire) {
                 // The map is gone with the process; a fork child may share the cells.
                 abandon(pending.into_values());
+                forget_if_gone(proc, agent);
                 return 0;
             }
             if waited.elapsed() > Duration::from_secs(10) {
@@ -413,6 +451,7 @@ pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
                 // The process is gone, and its map with it; a fork child may share the
                 // cells.
                 abandon(std::iter::once(v).chain(pending.into_values()));
+                forget_if_gone(proc, agent);
                 return 0;
             }
             tracing::warn!(
