@@ -552,6 +552,7 @@ pub(crate) fn serve_fault(sh: &Shared, proc: &Proc, fault: &Fault, urgent: bool,
 fn serve_fault_inner(sh: &Shared, proc: &Proc, fault: &Fault, urgent: bool, t0: Instant) {
     let page = fault.addr;
     let mut oom = OomWait::default();
+    let mut read_back = None;
     for attempt in 0..100_000u32 {
         if proc.gone.load(Ordering::Acquire) {
             return;
@@ -591,7 +592,9 @@ fn serve_fault_inner(sh: &Shared, proc: &Proc, fault: &Fault, urgent: bool, t0: 
                 true
             }
             None => fill_by_policy(sh, proc, fault, urgent, &mut oom),
-            Some(PageState::Out(cell)) => swap_in(sh, proc, page, &cell, generation, urgent),
+            Some(PageState::Out(cell)) => {
+                swap_in(sh, proc, page, &cell, generation, urgent, &mut read_back)
+            }
         };
         if done {
             proc.counters.record_latency(t0.elapsed());
@@ -1036,6 +1039,17 @@ fn fill_fresh(sh: &Shared, proc: &Proc, page: u64, urgent: bool) -> bool {
 
 /// Swap-in of `page` from `cell`, decided when the page's generation was `generation`.
 /// Returns true when done.
+/// A page's content read back for a swap-in whose `UFFDIO_COPY` must be retried
+/// (`EAGAIN` while an mmap change is pending): the next attempt copies it again without
+/// reading swap again. It belongs to `cell` — one eviction of the page, whose content
+/// never changes while it is out — and is used only for that same cell.
+pub(crate) struct ReadBack {
+    cell: Arc<SwapCell>,
+    buf: PageBuf,
+}
+
+/// Swaps `page` back in from `cell`; `read_back` carries the content read by an earlier
+/// attempt of the same fault (see [`ReadBack`]). Returns whether the fault is resolved.
 fn swap_in(
     sh: &Shared,
     proc: &Proc,
@@ -1043,9 +1057,16 @@ fn swap_in(
     cell: &Arc<SwapCell>,
     generation: u64,
     urgent: bool,
+    read_back: &mut Option<ReadBack>,
 ) -> bool {
-    // Where is the data?
-    let data: Result<PageBuf, String> = {
+    // Where is the data? Already here from an earlier attempt, or in the cell.
+    let earlier = read_back
+        .take()
+        .filter(|rb| Arc::ptr_eq(&rb.cell, cell))
+        .map(|rb| rb.buf);
+    let data: Result<PageBuf, String> = if let Some(buf) = earlier {
+        Ok(buf)
+    } else {
         let d = cell.data.lock().unwrap_or_else(|p| p.into_inner());
         match &*d {
             CellData::Evicting => {
@@ -1102,6 +1123,11 @@ fn swap_in(
             Install::Retry => {
                 drop(m);
                 unreserve(&sh.frames_used, 1);
+                // Keep what was read: the retry only repeats the copy.
+                *read_back = Some(ReadBack {
+                    cell: cell.clone(),
+                    buf,
+                });
                 false
             }
             Install::Gone => {
