@@ -404,7 +404,7 @@ impl StormMode for KernelUThreadsMode {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum UsmSwap {
-    /// A device (or a written-out swap file, see `storm::create_written_usm_swap_file`)
+    /// A device (or a swap file, written out by `usm_swap::create_swap_file`)
     /// already formatted for USM.
     Device(PathBuf),
 }
@@ -629,7 +629,9 @@ impl UsmYieldMode {
                     .swap_dir
                     .join(format!("usm-storm-{}.swap", std::process::id()));
                 file = Some(RemoveOnDrop(path.clone()));
-                storm::create_written_usm_swap_file(&path, swap_bytes)?;
+                usm_swap::create_swap_file(&path, swap_bytes).map_err(|e| {
+                    usm_bench::Error::Invalid(format!("USM swap file {}: {e}", path.display()))
+                })?;
                 UsmSwap::Device(path)
             }
             SwapMedium::Zram => {

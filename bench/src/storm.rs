@@ -819,37 +819,3 @@ pub fn throughput_plot(points: &[&StormPoint], metric: PlotMetric, title: &str) 
         series,
     }
 }
-
-/// Creates a swap file of `bytes` at `path` for USM with every block *written* (zeros,
-/// `O_DIRECT`, then `fsync`), then formats it for USM.
-///
-/// A `fallocate`d file has unwritten extents: every first `O_DIRECT` write into one makes
-/// ext4 convert the extent in a journal transaction at completion, which throttles USM's
-/// write-back in a storm (most slots are written for the first time). Kernel swap on a
-/// `fallocate`d file does not pay this (swapon maps the blocks once and writes to the
-/// device directly), so the fair setup writes the file out first. Not timed.
-pub fn create_written_usm_swap_file(path: &std::path::Path, bytes: u64) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    const CHUNK: usize = 1 << 20;
-    let bytes = bytes / CHUNK as u64 * CHUNK as u64;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .map_err(|e| Error::io("create", path, e))?;
-    // Page-aligned, zero-filled (O_DIRECT needs an aligned buffer).
-    let buf = AnonMemory::new(CHUNK)?;
-    let mut written = 0u64;
-    while written < bytes {
-        file.write_all(buf.as_slice())
-            .map_err(|e| Error::io("write", path, e))?;
-        written += CHUNK as u64;
-    }
-    file.sync_all().map_err(|e| Error::io("fsync", path, e))?;
-    drop(file);
-    usm_swap::format(path, &usm_swap::FormatOptions::default())
-        .map_err(|e| Error::Invalid(format!("format {} for USM: {e}", path.display())))?;
-    Ok(())
-}

@@ -253,7 +253,7 @@ impl Builder {
             let path = match src {
                 SwapSource::Path(p) => p.clone(),
                 SwapSource::Create(p, bytes) => {
-                    create_written_swap_file(p, *bytes)?;
+                    usm_swap::create_swap_file(p, *bytes)?;
                     p.clone()
                 }
             };
@@ -367,50 +367,6 @@ impl Builder {
             _zeroer: Some(zeroer),
         })
     }
-}
-
-/// Creates `path` (must not exist) with `bytes` (rounded down to 1 MiB) of zeros written
-/// with `O_DIRECT` and synced, then formats it for USM. See [`Builder::create_swap_file`].
-fn create_written_swap_file(path: &std::path::Path, bytes: u64) -> Result<(), EmbeddedError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    const CHUNK: usize = 1 << 20;
-    let err = |op: &'static str| {
-        move |source: std::io::Error| {
-            EmbeddedError::Swap(usm_swap::SwapError::Device {
-                op,
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    let bytes = bytes / CHUNK as u64 * CHUNK as u64;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(err("create"))?;
-    // O_DIRECT wants a page-aligned buffer: take an aligned window of a larger one.
-    let raw = vec![0u8; CHUNK + 4096];
-    let off = raw.as_ptr().align_offset(4096);
-    let zeros = &raw[off..off + CHUNK];
-    let written = (|| -> std::io::Result<()> {
-        for _ in 0..bytes / CHUNK as u64 {
-            file.write_all(zeros)?;
-        }
-        file.sync_all()
-    })();
-    drop(file);
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(path);
-        return Err(err("write zeros to")(e));
-    }
-    if let Err(e) = usm_swap::format(path, &usm_swap::FormatOptions::default()) {
-        let _ = std::fs::remove_file(path);
-        return Err(e.into());
-    }
-    Ok(())
 }
 
 struct NoDriver;
