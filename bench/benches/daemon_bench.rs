@@ -1111,7 +1111,12 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
     };
-    let fault_runner = std::env::var("USM_FAULT_RUNNER").unwrap_or_else(|_| "threads".into());
+    // The daemons started below inherit this environment, so they pick the runner the
+    // same way (`usm stat` reports it as `fault_runner`): workees unless
+    // `USM_FAULT_RUNNER=threads`.
+    let fault_runner = usm_runtime::daemon::FaultRunner::from_env()
+        .as_str()
+        .to_owned();
     let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let swaps_start = guard::active_swaps()?;
     let t0 = Instant::now();
