@@ -295,9 +295,27 @@ impl Config {
         Ok(cfg)
     }
 
-    /// The default allocation policy: the first declared, if any.
+    /// The default allocation policy: the first `policy` line naming an allocation policy
+    /// of the built-in registry, if any (`policy` lines may also name eviction and OOM
+    /// policies, which are never an allocation default). See [`Config::default_policy_in`]
+    /// for a registry with more policies.
     pub fn default_policy(&self) -> Option<&str> {
-        self.policies.first().map(|p| p.value.as_str())
+        self.default_policy_in(&usm_policies::Registry::with_builtins())
+    }
+
+    /// [`Config::default_policy`] against `registry`: the first `policy` line whose name
+    /// `registry` knows as an allocation policy (unknown names are skipped here; the
+    /// daemon refuses them, naming the line).
+    pub fn default_policy_in(&self, registry: &usm_policies::Registry) -> Option<&str> {
+        self.policies
+            .iter()
+            .find(|p| {
+                matches!(
+                    registry.kind_of(&p.value),
+                    Ok(usm_policies::PolicyKind::Alloc)
+                )
+            })
+            .map(|p| p.value.as_str())
     }
 
     /// The policy assigned to a process name, if the config names it.
@@ -706,6 +724,20 @@ mod tests {
         let e = err("memory 100\nwaker turbo\n");
         assert_eq!(e.line, 2);
         assert!(e.to_string().contains("`turbo`"), "{e}");
+    }
+
+    #[test]
+    fn the_default_policy_is_the_first_allocation_policy() {
+        // An eviction (or OOM) policy named first is not the allocation default.
+        let c = Config::parse(
+            "memory 100\npolicy clock\npolicy kill-largest\npolicy fhp\npolicy first-fit\n",
+        )
+        .unwrap();
+        assert_eq!(c.default_policy(), Some("fhp"));
+        let c = Config::parse("memory 100\npolicy clock\n").unwrap();
+        assert_eq!(c.default_policy(), None);
+        let c = Config::parse("memory 100\npolicy quota:64\npolicy clock\n").unwrap();
+        assert_eq!(c.default_policy(), Some("quota:64"));
     }
 
     #[test]
