@@ -62,6 +62,15 @@ struct Cli {
     /// Touch orders to run: `seq`, `rand` (default both).
     #[arg(long)]
     order: Vec<String>,
+    /// Also run each USM side with the whole pool populated right after the build (by
+    /// the measuring thread, inside the clock) instead of on the zeroer thread during the
+    /// touch: labels end in `/eager`.
+    #[arg(long)]
+    eager: bool,
+    /// Do not pin USM's worker to CPU 0 (the kernel sides' thread is not pinned; on this
+    /// shared machine neither choice was consistently faster).
+    #[arg(long)]
+    no_pin: bool,
 }
 
 impl Cli {
@@ -93,7 +102,7 @@ struct UsmRun {
     steal_s: f64,
 }
 
-fn usm_once(policy: &str, bytes: u64, order: &[u32]) -> Result<UsmRun> {
+fn usm_once(policy: &str, eager: bool, pin: bool, bytes: u64, order: &[u32]) -> Result<UsmRun> {
     let emb = |e: usm_runtime::embedded::EmbeddedError| Error::Invalid(format!("embedded: {e}"));
     usm_bench::prewarm::prewarm_host(2 * bytes + (64 << 20))?;
     let order = order.to_vec();
@@ -103,7 +112,7 @@ fn usm_once(policy: &str, bytes: u64, order: &[u32]) -> Result<UsmRun> {
     let t0 = Instant::now();
     let rt = Runtime::builder()
         .workers(1)
-        .pin_workers(true)
+        .pin_workers(pin)
         .pool_frames(pages + SLACK_FRAMES)
         // No swap device: nothing can be evicted, so the watermarks only need to stay
         // inside the slack (the default, 1/16 of the pool, would make the policy shrink
@@ -112,6 +121,12 @@ fn usm_once(policy: &str, bytes: u64, order: &[u32]) -> Result<UsmRun> {
         .alloc_policy(policy)
         .build()
         .map_err(emb)?;
+    if eager {
+        rt.mm()
+            .pool()
+            .populate_all()
+            .map_err(|e| Error::Invalid(format!("populating the pool: {e}")))?;
+    }
     let mut region = rt.region_with_policy(pages * PAGE, policy).map_err(emb)?;
     let build_s = t0.elapsed().as_secs_f64();
     let faults0 = rt.stats().mm.faults;
@@ -143,14 +158,19 @@ fn usm_once(policy: &str, bytes: u64, order: &[u32]) -> Result<UsmRun> {
     })
 }
 
-fn usm_side(policy: &str, spec: &FirstTouchSpec) -> Result<(FirstTouchResult, f64, f64)> {
+fn usm_side(
+    policy: &str,
+    eager: bool,
+    pin: bool,
+    spec: &FirstTouchSpec,
+) -> Result<(FirstTouchResult, f64, f64)> {
     let pages = (spec.bytes as usize).div_ceil(PAGE);
     let order: Vec<u32> = match spec.order {
         TouchOrder::Sequential => (0..pages as u32).collect(),
         TouchOrder::Random => fault::permutation(pages, spec.seed),
     };
     let runs = warmup_then_runs(spec.warmup, spec.runs, |_| {
-        usm_once(policy, spec.bytes, &order)
+        usm_once(policy, eager, pin, spec.bytes, &order)
     })?;
     let gib = spec.bytes as f64 / (1u64 << 30) as f64;
     let walls: Vec<f64> = runs.iter().map(|r| r.wall_s).collect();
@@ -162,7 +182,7 @@ fn usm_side(policy: &str, spec: &FirstTouchSpec) -> Result<(FirstTouchResult, f6
     let build: Vec<f64> = runs.iter().map(|r| r.build_s).collect();
     Ok((
         FirstTouchResult {
-            side: format!("usm-{policy}"),
+            side: format!("usm-{policy}{}", if eager { "/eager" } else { "" }),
             order: spec.order.label().into(),
             bytes: spec.bytes,
             faults: median(&faults),
@@ -179,6 +199,7 @@ fn usm_side(policy: &str, spec: &FirstTouchSpec) -> Result<(FirstTouchResult, f6
 
 fn run(cli: &Cli) -> Result<()> {
     let started = Instant::now();
+    let load_before = fault::load_average();
     let qos = if cli.no_pmqos {
         None
     } else {
@@ -216,11 +237,20 @@ fn run(cli: &Cli) -> Result<()> {
                 Err(e) => return Err(e),
             }
         }
-        for policy in USM_POLICIES {
-            if !cli.wants(&format!("usm-{policy}")) {
+        let eager = if cli.eager {
+            &[false, true][..]
+        } else {
+            &[false][..]
+        };
+        for (policy, &eager) in USM_POLICIES
+            .iter()
+            .flat_map(|p| eager.iter().map(move |e| (p, e)))
+        {
+            let label = format!("usm-{policy}{}", if eager { "/eager" } else { "" });
+            if !cli.wants(&label) {
                 continue;
             }
-            let (r, t, b) = usm_side(policy, &spec)?;
+            let (r, t, b) = usm_side(policy, eager, !cli.no_pin, &spec)?;
             touch_only.push(json!({"side": r.side, "order": r.order, "touch_s": t, "build_s": b}));
             results.push(r);
         }
@@ -306,10 +336,17 @@ fn run(cli: &Cli) -> Result<()> {
     report.insert("goal_fhp64k", &goals)?;
     report.insert("skipped", &skipped)?;
     report.insert("wall_s", started.elapsed().as_secs_f64())?;
+    report.insert("loadavg_before", load_before)?;
+    report.insert("loadavg_after", fault::load_average())?;
     if let Some(path) = &cli.json {
         report.write(path)?;
         println!("wrote {}", path.display());
     }
-    println!("total {:.0} s", started.elapsed().as_secs_f64());
+    println!(
+        "load average before {:?}, after {:?}; total {:.0} s",
+        load_before,
+        fault::load_average(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -7,7 +7,8 @@
 //!
 //! - Kernel side: `usm_bench::fault::kernel_fault_latency` (4 KiB pages, THP off, host
 //!   backing pre-warmed, one volatile write per page, each timed).
-//! - USM sides (pool pre-populated and zeroed at build, no swap, 1 pinned worker):
+//! - USM sides (pool populated in full right after the build, before the clock; no swap,
+//!   1 pinned worker):
 //!   `uthread` — one uThread writes one word per page of a fresh region, each access timed
 //!   (SIGBUS → park in PFQ → driver runs `first-fit`, `UFFDIO_MOVE` → resume → retry);
 //!   `plain-thread` — the same from an OS thread that is not a uThread (the fault is
@@ -70,6 +71,13 @@ fn usm_once(side: Side, pages: usize) -> Result<(LatencySummary, u64)> {
         .pool_frames(pages + 4096)
         .build()
         .map_err(emb)?;
+    // The pool populates lazily (8 MiB chunks); populate it all now so no fault below
+    // waits for population and the zeroer thread is idle (not running on the other core,
+    // where it would receive the MOVEs' TLB-flush IPIs).
+    rt.mm()
+        .pool()
+        .populate_all()
+        .map_err(|e| Error::Invalid(format!("populating the pool: {e}")))?;
     let region = std::sync::Arc::new(rt.region(pages * PAGE).map_err(emb)?);
     let r = region.clone();
     let touch = move || -> Result<LatencySummary> {
@@ -114,6 +122,7 @@ fn summarize(runs: &[LatencySummary]) -> serde_json::Value {
 
 fn run(cli: &Cli) -> Result<()> {
     let runs = cli.runs.max(1);
+    let load_before = fault::load_average();
     let mut kernel = Vec::new();
     let mut uthread = Vec::new();
     let mut plain = Vec::new();
@@ -158,11 +167,17 @@ fn run(cli: &Cli) -> Result<()> {
         "of the uThread fault, the worker's driver (policy + MOVE + resume) takes p50 {service_p50:.0} ns; \
          the rest is signal delivery, the switch to the LocalManager and back, and sigreturn"
     );
+    println!(
+        "load average before {load_before:?}, after {:?}",
+        fault::load_average()
+    );
     if let Some(path) = &cli.json {
         let mut report = JsonReport::new("usm_fault");
         report.insert("pages", cli.pages)?;
         report.insert("runs", runs)?;
         report.insert("timer_overhead_ns", timer_ns)?;
+        report.insert("loadavg_before", load_before)?;
+        report.insert("loadavg_after", fault::load_average())?;
         report.insert("uthread_driver_service_p50_ns", service_p50)?;
         report.insert("kernel", &k)?;
         report.insert("usm_uthread", &u)?;

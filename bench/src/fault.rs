@@ -335,3 +335,11 @@ pub fn first_touch_ratios(results: &[FirstTouchResult]) -> Vec<FirstTouchRatio> 
         })
         .collect()
 }
+
+/// The 1-, 5- and 15-minute load averages from `/proc/loadavg` (recorded with the
+/// figures: this machine is shared, and a loaded run says so).
+pub fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = text.split_whitespace().map(|w| w.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
