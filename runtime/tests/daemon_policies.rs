@@ -25,6 +25,8 @@ use usm_runtime::daemon::{Daemon, DaemonOptions, ProcessStat};
 /// The probe program: maps memory, optionally hints it with `usm_hint`, touches and
 /// verifies every page.
 ///
+/// - `free MB`: maps and touches `MB` MiB, unmaps its first half and `MADV_DONTNEED`s
+///   the second, then maps, touches and verifies another `MB` MiB.
 /// - `touch MB [HINT]`: one mapping of `MB` MiB; `HINT` (if given) on its first half.
 /// - `deny AMB BMB [HINT]`: mapping A (`AMB` MiB, `HINT` on all of it if given) touched
 ///   first, then mapping B (`BMB` MiB) written twice; prints how many pages of A are
@@ -102,7 +104,22 @@ int main(int argc, char **argv) {
         printf("OK\n");
         return 0;
     }
-    fprintf(stderr, "usage: polprobe touch MB [HINT] | deny AMB BMB [HINT]\n");
+    if (argc >= 3 && !strcmp(argv[1], "free")) {
+        size_t len = strtoul(argv[2], NULL, 10) << 20;
+        char *p = map(len);
+        usleep(300000);
+        fill(p, len, 0xf);
+        if (check(p, len, 0xf, "free")) return 1;
+        if (munmap(p, len / 2)) { perror("munmap"); return 3; }
+        if (madvise(p + len / 2, len / 2, MADV_DONTNEED)) { perror("madvise"); return 3; }
+        char *q = map(len);
+        usleep(300000);
+        fill(q, len, 0xf2);
+        if (check(q, len, 0xf2, "again")) return 1;
+        printf("OK\n");
+        return 0;
+    }
+    fprintf(stderr, "usage: polprobe touch MB [HINT] | deny AMB BMB [HINT] | free MB\n");
     return 2;
 }
 "#;
@@ -503,6 +520,76 @@ fn a_busy_poll_waker_serves_a_program_and_stat_reports_it() {
     d.shutdown();
     assert!(r.stdout.contains("OK"), "{}", r.stdout);
     assert!(r.stat.faults >= 1024, "{:?}", r.stat);
+}
+
+/// Bytes the `counted-quota` policy was told were freed, per pid.
+static FREED: std::sync::Mutex<Vec<(u32, u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// `quota:1024` that records every [`AllocPolicy::free`] it hears.
+struct CountedQuota(Box<dyn AllocPolicy>);
+
+impl AllocPolicy for CountedQuota {
+    fn name(&self) -> &str {
+        "counted-quota"
+    }
+
+    fn alloc(&mut self, fault: &Fault, cx: &mut dyn Cx) -> Decision {
+        self.0.alloc(fault, cx)
+    }
+
+    fn free(
+        &mut self,
+        origin: usm_kmod::event::Origin,
+        range: std::ops::Range<u64>,
+        cx: &mut dyn Cx,
+    ) {
+        FREED
+            .lock()
+            .unwrap()
+            .push((origin.pid, range.end - range.start));
+        self.0.free(origin, range, cx);
+    }
+}
+
+fn register_counted_quota(reg: &mut Registry) -> Result<(), PolicyError> {
+    reg.register_alloc("counted-quota", Param::None, |_| {
+        Ok(Box::new(CountedQuota(
+            Registry::with_builtins().build_alloc("quota:1024")?,
+        )))
+    })
+}
+
+#[test]
+fn unmap_and_remove_reach_the_allocation_policy_free() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(prog) = probe(dir.path()) else {
+        return;
+    };
+    let d = daemon(
+        dir.path(),
+        "memory 64M\nprocess polprobe counted-quota",
+        Some(register_counted_quota),
+    );
+    // 3 MiB = 768 pages, given back (munmap half, DONTNEED half) before 768 more are
+    // touched: at quota 1024 nothing needs evicting once the frees are counted.
+    let r = run(&d, &prog, &["free", "3"]);
+    d.shutdown();
+    assert!(r.stdout.contains("OK"), "{}", r.stdout);
+    let freed: u64 = FREED
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(pid, _)| *pid == r.stat.pid)
+        .map(|(_, bytes)| bytes)
+        .sum();
+    eprintln!(
+        "counted-quota: {freed} bytes freed, {} unmaps, {} removes, {} evictions",
+        r.stat.unmaps, r.stat.removes, r.stat.evictions
+    );
+    assert!(r.stat.unmaps >= 1 && r.stat.removes >= 1, "{:?}", r.stat);
+    assert!(freed >= 3 << 20, "the policy heard of {freed} bytes freed");
+    assert_eq!(r.stat.evictions, 0, "{:?}", r.stat);
 }
 
 #[test]

@@ -475,6 +475,7 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
             proc.counters
                 .released_frames
                 .fetch_add(rel.frames, Ordering::Relaxed);
+            tell_alloc_freed(sh, proc, start..end);
         }
         UffdEvent::Unmap { start, end } => {
             bump(&proc.counters.unmaps);
@@ -482,6 +483,7 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
             proc.counters
                 .released_frames
                 .fetch_add(rel.frames, Ordering::Relaxed);
+            tell_alloc_freed(sh, proc, start..end);
         }
     }
 }
@@ -671,6 +673,17 @@ fn notify_alloc(
         let new = policy.replace_alloc();
         log_panic(proc.pid, &e, &new);
     }
+}
+
+/// `range` was given back (UNMAP, REMOVE; its frames and slots are reclaimed already):
+/// the allocation policy hears of it ([`AllocPolicy::free`]), so a policy with state of
+/// its own sees frees. A panic there replaces the policy, as on a fault.
+fn tell_alloc_freed(sh: &Shared, proc: &Proc, range: std::ops::Range<u64>) {
+    let origin = Origin {
+        pid: proc.pid,
+        tid: 0,
+    };
+    notify_alloc(sh, proc, None, |alloc, cx| alloc.free(origin, range, cx));
 }
 
 /// A vacant page: the allocation policy decides, the daemon installs zeros with
