@@ -1100,17 +1100,7 @@ fn run(cli: &Cli) -> Result<()> {
         eprintln!("cleanup of a previous run: {cleaned:?}");
     }
     let tools = Tools::prepare(cli)?;
-    let qos = if cli.no_pmqos {
-        None
-    } else {
-        match PmQos::hold(0) {
-            Ok(q) => Some(q),
-            Err(e) => {
-                eprintln!("PM-QoS not held: {e}");
-                None
-            }
-        }
-    };
+    let qos = PmQos::hold_zero_unless(cli.no_pmqos);
     // The daemons started below inherit this environment, so they pick the runner the
     // same way (`usm stat` reports it as `fault_runner`): workees unless
     // `USM_FAULT_RUNNER=threads`.

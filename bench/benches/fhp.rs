@@ -200,17 +200,7 @@ fn usm_side(
 fn run(cli: &Cli) -> Result<()> {
     let started = Instant::now();
     let load_before = fault::load_average();
-    let qos = if cli.no_pmqos {
-        None
-    } else {
-        match PmQos::hold(0) {
-            Ok(q) => Some(q),
-            Err(e) => {
-                eprintln!("PM-QoS not held: {e}");
-                None
-            }
-        }
-    };
+    let qos = PmQos::hold_zero_unless(cli.no_pmqos);
     let mib = cli.mib.unwrap_or(if cli.quick { 256 } else { 1024 });
     let runs = cli.runs.unwrap_or(if cli.quick { 2 } else { 3 });
     let mut results = Vec::new();

@@ -145,17 +145,7 @@ fn run(cli: &Cli) -> Result<()> {
         }
         return Ok(());
     }
-    let _qos = if cli.no_pmqos {
-        None
-    } else {
-        match PmQos::hold(0) {
-            Ok(q) => Some(q),
-            Err(e) => {
-                eprintln!("PM-QoS not held: {e}");
-                None
-            }
-        }
-    };
+    let _qos = PmQos::hold_zero_unless(cli.no_pmqos);
     let mut report = JsonReport::new("kernel_baseline");
     report.insert("quick", cli.quick)?;
     report.insert(

@@ -720,17 +720,7 @@ fn run(cli: &Cli) -> Result<()> {
     if !cleaned.is_clean() {
         eprintln!("cleanup of a previous run: {cleaned:?}");
     }
-    let qos = if cli.no_pmqos {
-        None
-    } else {
-        match PmQos::hold(0) {
-            Ok(q) => Some(q),
-            Err(e) => {
-                eprintln!("PM-QoS not held: {e}");
-                None
-            }
-        }
-    };
+    let qos = PmQos::hold_zero_unless(cli.no_pmqos);
     let mut spec = if cli.quick {
         StormSpec::quick()
     } else {

@@ -41,6 +41,18 @@ impl PmQos {
         })
     }
 
+    /// The benchmarks' setting: hold 0 µs unless `disabled` (`--no-pmqos`); a machine
+    /// without `/dev/cpu_dma_latency` (or without the right to open it) runs without it,
+    /// with one line on stderr, and the report records `None`.
+    pub fn hold_zero_unless(disabled: bool) -> Option<Self> {
+        if disabled {
+            return None;
+        }
+        Self::hold(0)
+            .map_err(|e| eprintln!("PM-QoS not held: {e}"))
+            .ok()
+    }
+
     /// The requested latency in µs.
     pub fn target_us(&self) -> i32 {
         self.target_us
