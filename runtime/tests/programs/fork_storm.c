@@ -18,33 +18,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "check.h"
+
 #define MiB (1024UL * 1024UL)
 #define STRIPES 8
-
-#define CHECK(cond, ...)                                                                 \
-    do {                                                                                 \
-        if (!(cond)) {                                                                   \
-            printf("BAD line %d: ", __LINE__);                                           \
-            printf(__VA_ARGS__);                                                         \
-            printf("\n");                                                                \
-            fflush(stdout);                                                              \
-            exit(3);                                                                     \
-        }                                                                                \
-    } while (0)
-
-static uint64_t val(uint64_t seed, size_t i) { return seed * 0x9E3779B97F4A7C15ULL + i; }
-
-static void fill(void *p, size_t len, uint64_t seed) {
-    uint64_t *w = p;
-    for (size_t i = 0; i < len / 8; i++) w[i] = val(seed, i);
-}
-
-static long verify(const void *p, size_t len, uint64_t seed) {
-    const uint64_t *w = p;
-    for (size_t i = 0; i < len / 8; i++)
-        if (w[i] != val(seed, i)) return (long)i;
-    return -1;
-}
 
 struct churn {
     char *buf;
