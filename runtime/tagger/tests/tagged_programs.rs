@@ -395,44 +395,72 @@ fn collect(
     done
 }
 
-#[test]
-fn eviction_agent_moves_pages_out_and_back() {
-    if let Some(why) = support::sys::userfaultfd_unavailable() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
-    use usm_proto::agent::{AgentOp, AgentRequest};
-    let tagger = tagger_so();
-    let work = tempfile::tempdir().unwrap();
-    let bin = compile(work.path(), "workload", &[]);
-    let daemon = TestDaemon::new();
-    let mut program = Program::spawn(&bin, &["evict"], &tagger, &daemon.socket());
-    let served = daemon.accept_and_serve();
-    let lines = program.read_until("PEAK");
-    let buf_line = lines.iter().find(|l| l.starts_with("BUF ")).unwrap();
-    let mut words = buf_line.split_whitespace().skip(1);
+/// The `BUF <hex addr> <pages>` line the workload prints before it stops.
+fn buffer_of(lines: &[String]) -> (u64, u64) {
+    let line = lines
+        .iter()
+        .find(|l| l.starts_with("BUF "))
+        .expect("a BUF line");
+    let mut words = line.split_whitespace().skip(1);
     let buf = u64::from_str_radix(words.next().unwrap(), 16).unwrap();
-    let pages: u64 = words.next().unwrap().parse().unwrap();
-    assert_eq!(pages, 64);
+    let pages = words.next().map_or(0, |w| w.parse().unwrap());
+    (buf, pages)
+}
 
-    let mut agent = served.start_agent(64, 64);
+/// One agent request, kicked; returns its result.
+fn agent_op(
+    agent: &mut usm_proto::agent::AgentClient,
+    op: usm_proto::agent::AgentOp,
+    slot: u32,
+    addr: u64,
+    pages: u64,
+    seq: u64,
+) -> i64 {
+    agent
+        .submit(usm_proto::agent::AgentRequest {
+            op,
+            slot,
+            addr,
+            pages,
+            seq,
+        })
+        .unwrap();
+    agent.kick().unwrap();
+    collect(agent, 1)[0].result
+}
 
-    // Round 1: evict every page, keep its content "in swap", drop the staging slots,
-    // then let the program fault everything back.
+/// Evicts pages `0..pages` of `buf` one by one into staging slots `0..pages`; asserts
+/// every move succeeded (`why` names the case).
+fn evict_each(
+    agent: &mut usm_proto::agent::AgentClient,
+    buf: u64,
+    pages: u64,
+    seq0: u64,
+    why: &str,
+) {
     for i in 0..pages {
         agent
-            .submit(AgentRequest {
-                op: AgentOp::EvictToStaging,
+            .submit(usm_proto::agent::AgentRequest {
+                op: usm_proto::agent::AgentOp::EvictToStaging,
                 slot: i as u32,
                 addr: buf + i * 4096,
                 pages: 1,
-                seq: i,
+                seq: seq0 + i,
             })
             .unwrap();
     }
     agent.kick().unwrap();
-    let done = collect(&mut agent, pages as usize);
-    assert!(done.iter().all(|c| c.result == 4096), "evictions: {done:?}");
+    let done = collect(agent, pages as usize);
+    assert!(done.iter().all(|c| c.result == 4096), "{why}: {done:?}");
+}
+
+/// Reads `pages` staging slots from the program and checks them against `fill(seed)`.
+fn staged_content(
+    served: &Served,
+    agent: &usm_proto::agent::AgentClient,
+    pages: u64,
+    seed: u64,
+) -> Vec<u8> {
     let staged =
         support::sys::read_remote(served.pid, agent.staging_addr(0), (pages * 4096) as usize)
             .unwrap();
@@ -441,10 +469,35 @@ fn eviction_agent_moves_pages_out_and_back() {
         let word = u64::from_le_bytes(word.try_into().unwrap());
         assert_eq!(
             word,
-            pattern_word(7, i as u64),
+            pattern_word(seed, i as u64),
             "staged word {i} differs from the program's data"
         );
     }
+    staged
+}
+
+#[test]
+fn eviction_agent_moves_pages_out_and_back() {
+    if let Some(why) = support::sys::userfaultfd_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    use usm_proto::agent::AgentOp;
+    let tagger = tagger_so();
+    let work = tempfile::tempdir().unwrap();
+    let bin = compile(work.path(), "workload", &[]);
+    let daemon = TestDaemon::new();
+    let mut program = Program::spawn(&bin, &["evict"], &tagger, &daemon.socket());
+    let served = daemon.accept_and_serve();
+    let (buf, pages) = buffer_of(&program.read_until("PEAK"));
+    assert_eq!(pages, 64);
+
+    let mut agent = served.start_agent(64, 64);
+
+    // Round 1: evict every page, keep its content "in swap", drop the staging slots,
+    // then let the program fault everything back.
+    evict_each(&mut agent, buf, pages, 0, "evictions");
+    let staged = staged_content(&served, &agent, pages, 7);
     {
         let mut swapped = served.faults.swapped.lock().unwrap();
         for (i, page) in staged.chunks_exact(4096).enumerate() {
@@ -454,18 +507,10 @@ fn eviction_agent_moves_pages_out_and_back() {
         }
     }
     served.send_swap_state(pages);
-    agent
-        .submit(AgentRequest {
-            op: AgentOp::DropSlots,
-            slot: 0,
-            addr: 0,
-            pages,
-            seq: 1000,
-        })
-        .unwrap();
-    agent.kick().unwrap();
-    let dropped = collect(&mut agent, 1);
-    assert_eq!(dropped[0].result, 0, "{dropped:?}");
+    assert_eq!(
+        agent_op(&mut agent, AgentOp::DropSlots, 0, 0, pages, 1000),
+        0
+    );
     program.resume();
     program.read_until("PEAK2");
     // The program verified every page; the fault server counts a swap-in just after the
@@ -486,31 +531,11 @@ fn eviction_agent_moves_pages_out_and_back() {
 
     // Round 2: evict 8 pages; 4 come back through the agent, 4 stay staged when the
     // daemon dies. The tagger puts those back itself, so the program continues correctly.
-    for i in 0..8u64 {
-        agent
-            .submit(AgentRequest {
-                op: AgentOp::EvictToStaging,
-                slot: i as u32,
-                addr: buf + i * 4096,
-                pages: 1,
-                seq: 2000 + i,
-            })
-            .unwrap();
-    }
-    agent.kick().unwrap();
-    assert!(collect(&mut agent, 8).iter().all(|c| c.result == 4096));
-    agent
-        .submit(AgentRequest {
-            op: AgentOp::ReturnFromStaging,
-            slot: 0,
-            addr: buf,
-            pages: 4,
-            seq: 3000,
-        })
-        .unwrap();
-    agent.kick().unwrap();
-    let back = collect(&mut agent, 1);
-    assert_eq!(back[0].result, 4 * 4096, "{back:?}");
+    evict_each(&mut agent, buf, 8, 2000, "round 2 evictions");
+    assert_eq!(
+        agent_op(&mut agent, AgentOp::ReturnFromStaging, 0, buf, 4, 3000),
+        4 * 4096
+    );
     let swapins_before = served.faults.stats.swapins.load(Ordering::Relaxed);
     served.die();
     program.resume();
@@ -534,54 +559,21 @@ fn eviction_agent_moves_pages_shared_with_a_fork_child() {
         eprintln!("SKIP: {why}");
         return;
     }
-    use usm_proto::agent::{AgentOp, AgentRequest};
+    use usm_proto::agent::AgentOp;
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();
     let bin = compile(work.path(), "workload", &[]);
     let daemon = TestDaemon::new();
     let mut program = Program::spawn(&bin, &["evict-shared"], &tagger, &daemon.socket());
     let served = daemon.accept_and_serve();
-    let lines = program.read_until("CHILD");
-    let buf_line = lines.iter().find(|l| l.starts_with("BUF ")).unwrap();
-    let mut words = buf_line.split_whitespace().skip(1);
-    let buf = u64::from_str_radix(words.next().unwrap(), 16).unwrap();
-    let pages: u64 = words.next().unwrap().parse().unwrap();
+    let (buf, pages) = buffer_of(&program.read_until("CHILD"));
     let mut agent = served.start_agent(16, 16);
-    for i in 0..pages {
-        agent
-            .submit(AgentRequest {
-                op: AgentOp::EvictToStaging,
-                slot: i as u32,
-                addr: buf + i * 4096,
-                pages: 1,
-                seq: i,
-            })
-            .unwrap();
-    }
-    agent.kick().unwrap();
-    let done = collect(&mut agent, pages as usize);
-    assert!(
-        done.iter().all(|c| c.result == 4096),
-        "shared pages were not evicted: {done:?}"
+    evict_each(&mut agent, buf, pages, 0, "shared pages were not evicted");
+    staged_content(&served, &agent, pages, 5);
+    assert_eq!(
+        agent_op(&mut agent, AgentOp::ReturnFromStaging, 0, buf, pages, 100),
+        (pages * 4096) as i64
     );
-    let staged =
-        support::sys::read_remote(served.pid, agent.staging_addr(0), (pages * 4096) as usize)
-            .unwrap();
-    for (i, word) in staged.chunks_exact(8).enumerate() {
-        let word = u64::from_le_bytes(word.try_into().unwrap());
-        assert_eq!(word, pattern_word(5, i as u64), "staged word {i}");
-    }
-    agent
-        .submit(AgentRequest {
-            op: AgentOp::ReturnFromStaging,
-            slot: 0,
-            addr: buf,
-            pages,
-            seq: 100,
-        })
-        .unwrap();
-    agent.kick().unwrap();
-    assert_eq!(collect(&mut agent, 1)[0].result, (pages * 4096) as i64);
     program.resume();
     let (status, out, err) = program.finish();
     assert!(status.success(), "{status:?}\n{out}\n{err}");
@@ -594,28 +586,15 @@ fn forked_child_with_inherited_holes_is_killed_when_the_daemon_dies() {
         eprintln!("SKIP: {why}");
         return;
     }
-    use usm_proto::agent::{AgentOp, AgentRequest};
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();
     let bin = compile(work.path(), "workload", &[]);
     let daemon = TestDaemon::new();
     let mut program = Program::spawn(&bin, &["fork-at-risk"], &tagger, &daemon.socket());
     let served = daemon.accept_and_serve();
-    let lines = program.read_until("PEAK");
-    let buf_line = lines.iter().find(|l| l.starts_with("BUF ")).unwrap();
-    let buf = u64::from_str_radix(buf_line.split_whitespace().nth(1).unwrap(), 16).unwrap();
+    let (buf, _) = buffer_of(&program.read_until("PEAK"));
     let mut agent = served.start_agent(4, 4);
-    agent
-        .submit(AgentRequest {
-            op: AgentOp::EvictToStaging,
-            slot: 0,
-            addr: buf,
-            pages: 1,
-            seq: 1,
-        })
-        .unwrap();
-    agent.kick().unwrap();
-    assert_eq!(collect(&mut agent, 1)[0].result, 4096);
+    evict_each(&mut agent, buf, 1, 1, "page 0");
     // The parent forks while its page 0 is in staging: the child inherits a hole.
     program.resume();
     program.read_until("CHILD");
