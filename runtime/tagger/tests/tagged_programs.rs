@@ -19,18 +19,37 @@ fn warning_lines(stderr: &str) -> Vec<&str> {
         .collect()
 }
 
-#[test]
-fn tagged_program_is_managed_and_keeps_its_data() {
+/// What must outlive a managed workload's test: its daemon and the directory of its binary.
+struct Keep {
+    _daemon: TestDaemon,
+    _work: tempfile::TempDir,
+}
+
+/// The workload running with `args` under a fresh test daemon that admitted and serves it;
+/// `None` (the reason printed) where this machine has no userfaultfd.
+fn managed_workload(args: &[&str]) -> Option<(Program, Served, Keep)> {
     if let Some(why) = support::sys::userfaultfd_unavailable() {
         eprintln!("SKIP: {why}");
-        return;
+        return None;
     }
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();
     let bin = compile(work.path(), "workload", &[]);
     let daemon = TestDaemon::new();
-    let mut program = Program::spawn(&bin, &["full", "pause"], &tagger, &daemon.socket());
+    let program = Program::spawn(&bin, args, &tagger, &daemon.socket());
     let served = daemon.accept_and_serve();
+    let keep = Keep {
+        _daemon: daemon,
+        _work: work,
+    };
+    Some((program, served, keep))
+}
+
+#[test]
+fn tagged_program_is_managed_and_keeps_its_data() {
+    let Some((mut program, served, _keep)) = managed_workload(&["full", "pause"]) else {
+        return;
+    };
     assert_eq!(served.pid, program.child.id());
     assert_eq!(served.name, "workload");
 
@@ -217,16 +236,9 @@ fn refused_program_runs_unmanaged_with_one_warning() {
 
 #[test]
 fn daemon_death_with_swapped_pages_kills_the_program() {
-    if let Some(why) = support::sys::userfaultfd_unavailable() {
-        eprintln!("SKIP: {why}");
+    let Some((mut program, served, _keep)) = managed_workload(&["full", "pause"]) else {
         return;
-    }
-    let tagger = tagger_so();
-    let work = tempfile::tempdir().unwrap();
-    let bin = compile(work.path(), "workload", &[]);
-    let daemon = TestDaemon::new();
-    let mut program = Program::spawn(&bin, &["full", "pause"], &tagger, &daemon.socket());
-    let served = daemon.accept_and_serve();
+    };
     program.read_until("PEAK");
     served
         .stream
@@ -255,16 +267,9 @@ fn daemon_death_with_swapped_pages_kills_the_program() {
 
 #[test]
 fn daemon_death_with_nothing_swapped_continues_unmanaged() {
-    if let Some(why) = support::sys::userfaultfd_unavailable() {
-        eprintln!("SKIP: {why}");
+    let Some((mut program, served, _keep)) = managed_workload(&["full", "pause"]) else {
         return;
-    }
-    let tagger = tagger_so();
-    let work = tempfile::tempdir().unwrap();
-    let bin = compile(work.path(), "workload", &[]);
-    let daemon = TestDaemon::new();
-    let mut program = Program::spawn(&bin, &["full", "pause"], &tagger, &daemon.socket());
-    let served = daemon.accept_and_serve();
+    };
     program.read_until("PEAK");
     served
         .stream
@@ -317,16 +322,9 @@ fn daemon_death_while_threads_wait_inside_malloc() {
 
 #[test]
 fn program_with_its_own_userfaultfd_still_works() {
-    if let Some(why) = support::sys::userfaultfd_unavailable() {
-        eprintln!("SKIP: {why}");
+    let Some((program, served, _keep)) = managed_workload(&["own-uffd"]) else {
         return;
-    }
-    let tagger = tagger_so();
-    let work = tempfile::tempdir().unwrap();
-    let bin = compile(work.path(), "workload", &[]);
-    let daemon = TestDaemon::new();
-    let program = Program::spawn(&bin, &["own-uffd"], &tagger, &daemon.socket());
-    let served = daemon.accept_and_serve();
+    };
     let (status, out, err) = program.finish();
     assert!(status.success(), "{status:?}\n{out}\n{err}");
     assert!(out.contains("OK"), "{out}");
@@ -478,17 +476,10 @@ fn staged_content(
 
 #[test]
 fn eviction_agent_moves_pages_out_and_back() {
-    if let Some(why) = support::sys::userfaultfd_unavailable() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
     use usm_proto::agent::AgentOp;
-    let tagger = tagger_so();
-    let work = tempfile::tempdir().unwrap();
-    let bin = compile(work.path(), "workload", &[]);
-    let daemon = TestDaemon::new();
-    let mut program = Program::spawn(&bin, &["evict"], &tagger, &daemon.socket());
-    let served = daemon.accept_and_serve();
+    let Some((mut program, served, _keep)) = managed_workload(&["evict"]) else {
+        return;
+    };
     let (buf, pages) = buffer_of(&program.read_until("PEAK"));
     assert_eq!(pages, 64);
 
@@ -555,17 +546,10 @@ fn eviction_agent_moves_pages_out_and_back() {
 /// its copy; the parent gets its pages back intact.
 #[test]
 fn eviction_agent_moves_pages_shared_with_a_fork_child() {
-    if let Some(why) = support::sys::userfaultfd_unavailable() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
     use usm_proto::agent::AgentOp;
-    let tagger = tagger_so();
-    let work = tempfile::tempdir().unwrap();
-    let bin = compile(work.path(), "workload", &[]);
-    let daemon = TestDaemon::new();
-    let mut program = Program::spawn(&bin, &["evict-shared"], &tagger, &daemon.socket());
-    let served = daemon.accept_and_serve();
+    let Some((mut program, served, _keep)) = managed_workload(&["evict-shared"]) else {
+        return;
+    };
     let (buf, pages) = buffer_of(&program.read_until("CHILD"));
     let mut agent = served.start_agent(16, 16);
     evict_each(&mut agent, buf, pages, 0, "shared pages were not evicted");
@@ -582,16 +566,9 @@ fn eviction_agent_moves_pages_shared_with_a_fork_child() {
 
 #[test]
 fn forked_child_with_inherited_holes_is_killed_when_the_daemon_dies() {
-    if let Some(why) = support::sys::userfaultfd_unavailable() {
-        eprintln!("SKIP: {why}");
+    let Some((mut program, served, _keep)) = managed_workload(&["fork-at-risk"]) else {
         return;
-    }
-    let tagger = tagger_so();
-    let work = tempfile::tempdir().unwrap();
-    let bin = compile(work.path(), "workload", &[]);
-    let daemon = TestDaemon::new();
-    let mut program = Program::spawn(&bin, &["fork-at-risk"], &tagger, &daemon.socket());
-    let served = daemon.accept_and_serve();
+    };
     let (buf, _) = buffer_of(&program.read_until("PEAK"));
     let mut agent = served.start_agent(4, 4);
     evict_each(&mut agent, buf, 1, 1, "page 0");
