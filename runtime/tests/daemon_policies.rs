@@ -168,6 +168,23 @@ fn libraries() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// One test's probe program, in a directory of its own, built under the serial lock.
+struct Probe {
+    dir: tempfile::TempDir,
+    prog: PathBuf,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Probe {
+    /// `None` (the reason printed) where gcc is missing.
+    fn build() -> Option<Probe> {
+        let _serial = serial();
+        let dir = tempfile::tempdir().unwrap();
+        let prog = probe(dir.path())?;
+        Some(Probe { dir, prog, _serial })
+    }
+}
+
 /// Compiles the probe (linked with `libusm.so`), or `None` without gcc.
 fn probe(dir: &Path) -> Option<PathBuf> {
     let have_gcc = Command::new("sh")
@@ -336,9 +353,7 @@ fn register_panicky(reg: &mut Registry) -> Result<(), PolicyError> {
 
 #[test]
 fn a_panicking_allocation_policy_is_replaced_and_the_program_completes() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = probe(dir.path()) else {
+    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
         return;
     };
     let d = daemon(
@@ -369,9 +384,7 @@ fn a_panicking_allocation_policy_is_replaced_and_the_program_completes() {
 
 #[test]
 fn a_panicking_eviction_policy_is_replaced_and_eviction_goes_on() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = probe(dir.path()) else {
+    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
         return;
     };
     // 16 MiB of data through an 8 MiB pool: eviction must run.
@@ -394,9 +407,7 @@ fn a_panicking_eviction_policy_is_replaced_and_eviction_goes_on() {
 
 #[test]
 fn fhp_maps_a_window_per_fault_where_first_fit_maps_a_page() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = probe(dir.path()) else {
+    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
         return;
     };
     let d = daemon(dir.path(), "memory 64M\nprocess polprobe fhp:64K", None);
@@ -419,9 +430,7 @@ fn fhp_maps_a_window_per_fault_where_first_fit_maps_a_page() {
 
 #[test]
 fn a_huge_hint_from_usm_hint_changes_the_fhp_window() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = probe(dir.path()) else {
+    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
         return;
     };
     let d = daemon(dir.path(), "memory 64M\nprocess polprobe fhp:64K", None);
@@ -452,9 +461,7 @@ fn a_huge_hint_from_usm_hint_changes_the_fhp_window() {
 
 #[test]
 fn an_eviction_deny_hint_keeps_its_range_resident_under_the_hints_policy() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = probe(dir.path()) else {
+    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
         return;
     };
     let present = |out: &str| -> u64 {
@@ -497,9 +504,7 @@ fn an_eviction_deny_hint_keeps_its_range_resident_under_the_hints_policy() {
 
 #[test]
 fn a_busy_poll_waker_serves_a_program_and_stat_reports_it() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = probe(dir.path()) else {
+    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
         return;
     };
     let d = daemon(
@@ -561,9 +566,7 @@ fn register_counted_quota(reg: &mut Registry) -> Result<(), PolicyError> {
 
 #[test]
 fn unmap_and_remove_reach_the_allocation_policy_free() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = probe(dir.path()) else {
+    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
         return;
     };
     let d = daemon(
@@ -594,9 +597,7 @@ fn unmap_and_remove_reach_the_allocation_policy_free() {
 
 #[test]
 fn quota_evicts_the_process_own_pages_at_its_cap() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = probe(dir.path()) else {
+    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
         return;
     };
     // The pool (64 MiB) never runs low: every eviction is the quota's own (Cx::evict).
@@ -620,9 +621,7 @@ fn quota_evicts_the_process_own_pages_at_its_cap() {
 #[test]
 fn the_oom_policy_fails_the_access_when_nothing_can_be_evicted() {
     use std::os::unix::process::ExitStatusExt;
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = probe(dir.path()) else {
+    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
         return;
     };
     // 8 MiB, all EVICTION=DENY, through a 4 MiB pool: the evictor can take nothing, so
