@@ -148,12 +148,7 @@ impl SwapIoThread {
         buf: PageBuf,
         done: impl FnOnce(Completion) + Send + 'static,
     ) -> Result<(), (SwapError, PageBuf)> {
-        self.push(Request {
-            entry,
-            op: IoOp::Read,
-            buf,
-            done: Box::new(done),
-        })
+        self.request(IoOp::Read, entry, buf, Box::new(done))
     }
 
     /// Queues a write of `buf` to `entry..entry + buf.pages()`; `done` gets the completion
@@ -164,15 +159,22 @@ impl SwapIoThread {
         buf: PageBuf,
         done: impl FnOnce(Completion) + Send + 'static,
     ) -> Result<(), (SwapError, PageBuf)> {
-        self.push(Request {
-            entry,
-            op: IoOp::Write,
-            buf,
-            done: Box::new(done),
-        })
+        self.request(IoOp::Write, entry, buf, Box::new(done))
     }
 
-    fn push(&self, req: Request) -> Result<(), (SwapError, PageBuf)> {
+    fn request(
+        &self,
+        op: IoOp,
+        entry: SwapEntry,
+        buf: PageBuf,
+        done: OnComplete,
+    ) -> Result<(), (SwapError, PageBuf)> {
+        let req = Request {
+            entry,
+            op,
+            buf,
+            done,
+        };
         {
             let Ok(mut inbox) = self.shared.inbox.lock() else {
                 return Err((SwapError::Stopped, req.buf));
