@@ -39,8 +39,9 @@
 
 use std::collections::HashMap;
 use std::io::IoSliceMut;
+use std::sync::TryLockError;
 use std::time::{Duration, Instant};
-use usm_sync::Arc;
+use usm_sync::{Arc, MutexGuard};
 use usm_sync::atomic::Ordering;
 
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
@@ -315,9 +316,31 @@ fn submit_pages(agent: &mut Agent, op: AgentOp, slot: u32, addr: u64, pages: u64
         .map(|()| seq)
 }
 
+/// Locks `proc`'s agent without ever blocking a worker.
+///
+/// A workee holds this lock for a whole batch, across yields (it waits for its swap
+/// writes by yielding). If a second workee on the same worker blocked the worker's OS
+/// thread on the lock, the holder could never be resumed: a deadlock (seen with `quota`,
+/// whose faults evict the process's own pages from workees). On a uThread the lock is
+/// therefore only *tried*, yielding between tries; an OS thread (the evictor) blocks.
+fn lock_agent(proc: &Proc) -> MutexGuard<'_, Option<Agent>> {
+    if !usm_localmanager::in_uthread() {
+        return proc.agent.lock().unwrap_or_else(|p| p.into_inner());
+    }
+    loop {
+        match proc.agent.try_lock() {
+            Ok(guard) => return guard,
+            Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                usm_localmanager::yield_now();
+            }
+        }
+    }
+}
+
 /// Evicts up to `want` pages of `proc`. Returns how many left the program.
 pub(crate) fn evict_batch(sh: &Shared, proc: &Proc, want: usize) -> usize {
-    let mut guard = proc.agent.lock().unwrap_or_else(|p| p.into_inner());
+    let mut guard = lock_agent(proc);
     let Some(agent) = guard.as_mut() else {
         return 0;
     };
