@@ -236,20 +236,31 @@ impl Victims {
         // The new instance tracks nothing yet: announce every resident page.
         let pages: Vec<(u32, u64)> = self.page_of.iter().map(|(&f, &a)| (f, a)).collect();
         for (frame, addr) in pages {
-            let page = MappedPage {
-                frame: FrameNo(frame),
-                pid: self.pid,
-                addr,
-            };
-            let mut view = EvictView {
-                hints: &self.hints,
-                touched: &mut self.touched,
-            };
-            let policy = &mut self.policy;
-            if guarded("replacement", || policy.on_map(page, &mut view)).is_err() {
+            if self.announce(frame, addr, true).is_err() {
                 break; // the built-in fallback panicking too: give up announcing
             }
         }
+    }
+
+    /// Tells the eviction policy that page `addr` is resident as frame `frame` (during a
+    /// `replacement`, the new instance learning the resident set).
+    fn announce(&mut self, frame: u32, addr: u64, replacement: bool) -> Result<(), PolicyPanic> {
+        let page = MappedPage {
+            frame: FrameNo(frame),
+            pid: self.pid,
+            addr,
+        };
+        let mut view = EvictView {
+            hints: &self.hints,
+            touched: &mut self.touched,
+        };
+        let name = if replacement {
+            "replacement"
+        } else {
+            &self.name
+        };
+        let policy = &mut self.policy;
+        guarded(name, || policy.on_map(page, &mut view))
     }
 
     /// A resident, charged page was installed (fault, swap-in, reverted eviction).
@@ -267,17 +278,7 @@ impl Victims {
             }
         };
         self.touched.insert(id);
-        let page = MappedPage {
-            frame: FrameNo(id),
-            pid: self.pid,
-            addr,
-        };
-        let mut view = EvictView {
-            hints: &self.hints,
-            touched: &mut self.touched,
-        };
-        let policy = &mut self.policy;
-        if let Err(e) = guarded(&self.name, || policy.on_map(page, &mut view)) {
+        if let Err(e) = self.announce(id, addr, false) {
             self.replace_after_panic(&e);
         }
     }
