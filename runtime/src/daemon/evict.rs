@@ -41,8 +41,8 @@ use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::sync::TryLockError;
 use std::time::{Duration, Instant};
-use usm_sync::{Arc, MutexGuard};
 use usm_sync::atomic::Ordering;
+use usm_sync::{Arc, MutexGuard};
 
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use nix::unistd::Pid;
