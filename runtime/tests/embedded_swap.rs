@@ -102,6 +102,24 @@ fn many_uthreads_on_both_workers_keep_every_page_intact_under_heavy_swap() {
     assert_eq!(census.free, frames, "{census}");
 }
 
+/// A region of `pages` pages whose first word of page `p` is `mark(p)`, written from a
+/// uThread (so every page was faulted in through the pool).
+fn marked_region(rt: &Runtime, pages: usize, mark: fn(u64) -> u64) -> Region {
+    let mut data = rt.region(pages * PAGE).unwrap();
+    rt.block_on(move || {
+        for (p, w) in data
+            .as_mut_slice::<u64>()
+            .iter_mut()
+            .step_by(WORDS)
+            .enumerate()
+        {
+            *w = mark(p as u64);
+        }
+        data
+    })
+    .unwrap()
+}
+
 /// Evicts everything of `region` by touching a second region of twice the pool.
 fn push_out(rt: &Runtime, filler: &mut Option<Region>) {
     let frames = rt.mm().pool().len();
@@ -254,20 +272,7 @@ fn a_panicking_policy_is_replaced_by_the_default_and_the_access_completes() {
 fn shutdown_waits_for_uthreads_parked_in_pfq() {
     let dir = swap_dir();
     let rt = build(256, 2, &dir);
-    let mut data = rt.region(64 * PAGE).unwrap();
-    let data = rt
-        .block_on(move || {
-            for (p, w) in data
-                .as_mut_slice::<u64>()
-                .iter_mut()
-                .step_by(WORDS)
-                .enumerate()
-            {
-                *w = p as u64 + 100;
-            }
-            data
-        })
-        .unwrap();
+    let data = marked_region(&rt, 64, |p| p + 100);
     let mut filler = None;
     push_out(&rt, &mut filler);
     let data = Arc::new(data);
@@ -531,20 +536,7 @@ fn poisoned_child(dir: &std::path::Path) {
 fn a_prefetch_hint_reads_neighbours_back_with_the_faulting_page() {
     let dir = swap_dir();
     let rt = build(256, 1, &dir);
-    let mut data = rt.region(32 * PAGE).unwrap();
-    let data = rt
-        .block_on(move || {
-            for (p, w) in data
-                .as_mut_slice::<u64>()
-                .iter_mut()
-                .step_by(WORDS)
-                .enumerate()
-            {
-                *w = p as u64 * 3 + 1;
-            }
-            data
-        })
-        .unwrap();
+    let data = marked_region(&rt, 32, |p| p * 3 + 1);
     let mut filler = None;
     push_out(&rt, &mut filler);
     assert!(rt.quiesce(Duration::from_secs(10)));
@@ -579,20 +571,7 @@ fn a_prefetch_hint_reads_neighbours_back_with_the_faulting_page() {
 fn clean_pages_are_evicted_without_io_and_written_ones_are_written_back() {
     let dir = swap_dir();
     let rt = build(256, 1, &dir);
-    let mut data = rt.region(64 * PAGE).unwrap();
-    let data = rt
-        .block_on(move || {
-            for (p, w) in data
-                .as_mut_slice::<u64>()
-                .iter_mut()
-                .step_by(WORDS)
-                .enumerate()
-            {
-                *w = p as u64 + 5000;
-            }
-            data
-        })
-        .unwrap();
+    let data = marked_region(&rt, 64, |p| p + 5000);
     let mut filler = None;
     push_out(&rt, &mut filler);
     drop(filler);
