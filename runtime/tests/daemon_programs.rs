@@ -62,25 +62,19 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// One test's C program, built in a directory of its own under the serial lock.
-struct Built {
+/// What a test keeps while its program runs: the serial lock and the program's directory.
+struct Keep {
     _dir: tempfile::TempDir,
-    prog: PathBuf,
     _serial: std::sync::MutexGuard<'static, ()>,
 }
 
-impl Built {
-    /// Builds `tests/programs/NAME.c`; `None` (the reason printed) without gcc.
-    fn program(name: &str) -> Option<Built> {
-        let _serial = serial();
-        let dir = tempfile::tempdir().unwrap();
-        let prog = program(dir.path(), name)?;
-        Some(Built {
-            _dir: dir,
-            prog,
-            _serial,
-        })
-    }
+/// Builds `tests/programs/NAME.c` in a directory of its own under the serial lock;
+/// `None` (the reason printed) without gcc.
+fn built(name: &str) -> Option<(PathBuf, Keep)> {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let prog = program(dir.path(), name)?;
+    Some((prog, Keep { _dir: dir, _serial }))
 }
 
 /// Builds `tests/programs/NAME.c` into `dir` (None, with a reason, without gcc).
@@ -154,12 +148,7 @@ fn n(v: &serde_json::Value, k: &str) -> u64 {
 
 #[test]
 fn mixed_workload_keeps_its_data_with_a_pool_a_sixth_of_its_working_set() {
-    let Some(Built {
-        prog,
-        _dir,
-        _serial,
-    }) = Built::program("daemon_workload")
-    else {
+    let Some((prog, _keep)) = built("daemon_workload") else {
         return;
     };
     let p = prog.to_str().unwrap();
@@ -187,12 +176,7 @@ fn mixed_workload_keeps_its_data_with_a_pool_a_sixth_of_its_working_set() {
 
 #[test]
 fn fork_children_inherit_managed_memory() {
-    let Some(Built {
-        prog,
-        _dir,
-        _serial,
-    }) = Built::program("daemon_workload")
-    else {
+    let Some((prog, _keep)) = built("daemon_workload") else {
         return;
     };
     let p = prog.to_str().unwrap();
@@ -215,12 +199,7 @@ fn fork_children_inherit_managed_memory() {
 /// pages nobody could evict, so every fault waited for a frame.
 #[test]
 fn repeated_forks_under_eviction_finish_with_correct_data() {
-    let Some(Built {
-        prog,
-        _dir,
-        _serial,
-    }) = Built::program("fork_storm")
-    else {
+    let Some((prog, _keep)) = built("fork_storm") else {
         return;
     };
     // 16 MiB of data + 2 × 8 MiB rewritten by threads, through an 8 MiB pool.
@@ -246,12 +225,7 @@ fn repeated_forks_under_eviction_finish_with_correct_data() {
 
 #[test]
 fn own_userfaultfd_and_shared_memory_still_work() {
-    let Some(Built {
-        prog,
-        _dir,
-        _serial,
-    }) = Built::program("daemon_workload")
-    else {
+    let Some((prog, _keep)) = built("daemon_workload") else {
         return;
     };
     let r = usm_exec(
@@ -315,12 +289,7 @@ fn read_line_until(out: &mut impl BufRead, want: &str, limit: Duration) -> Strin
 
 #[test]
 fn sigkilled_program_leaves_frames_and_slots_idle() {
-    let Some(Built {
-        prog,
-        _dir,
-        _serial,
-    }) = Built::program("daemon_workload")
-    else {
+    let Some((prog, _keep)) = built("daemon_workload") else {
         return;
     };
     let d = RunDaemon::start("memory 2048\nworkers 2\nprocess daemon_workload first-fit");
@@ -345,12 +314,7 @@ fn sigkilled_program_leaves_frames_and_slots_idle() {
 
 #[test]
 fn sigkilled_daemon_never_lets_a_program_read_zeros() {
-    let Some(Built {
-        prog,
-        _dir,
-        _serial,
-    }) = Built::program("daemon_workload")
-    else {
+    let Some((prog, _keep)) = built("daemon_workload") else {
         return;
     };
     let mut d = RunDaemon::start("memory 2048\nworkers 2\nprocess daemon_workload first-fit");
@@ -391,12 +355,7 @@ fn sigkilled_daemon_never_lets_a_program_read_zeros() {
 
 #[test]
 fn madv_free_gives_frames_back() {
-    let Some(Built {
-        prog,
-        _dir,
-        _serial,
-    }) = Built::program("daemon_workload")
-    else {
+    let Some((prog, _keep)) = built("daemon_workload") else {
         return;
     };
     let d = RunDaemon::start("memory 16384\nworkers 2\nprocess daemon_workload first-fit");
@@ -431,12 +390,7 @@ fn madv_free_gives_frames_back() {
 
 #[test]
 fn unconfigured_programs_run_untouched_and_shutdown_is_graceful() {
-    let Some(Built {
-        prog,
-        _dir,
-        _serial,
-    }) = Built::program("daemon_workload")
-    else {
+    let Some((prog, _keep)) = built("daemon_workload") else {
         return;
     };
     let d = RunDaemon::start("memory 1024\nworkers 1\nprocess somebody-else first-fit");
