@@ -59,7 +59,7 @@ use usm_bench::storm::{
 use usm_bench::sys::{Advice, AnonMemory};
 use usm_bench::{Error, PmQos, Result};
 use usm_localmanager::{Handle, JoinHandle, WakerMode};
-use usm_runtime::embedded::{Region, Runtime, SwapInMode};
+use usm_runtime::embedded::{InstallMode, Region, Runtime, SwapInMode};
 use usm_sync::Arc;
 use usm_sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -121,6 +121,16 @@ struct Cli {
     /// Skip mode (b).
     #[arg(long)]
     no_sync: bool,
+    /// How (b) and (c) install frames (`move` / `copy`; default: the runtime's default,
+    /// see `usm_runtime::mm::InstallMode`).
+    #[arg(long, value_enum)]
+    install: Option<InstallArg>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq, Serialize, Deserialize)]
+enum InstallArg {
+    Move,
+    Copy,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -416,6 +426,8 @@ struct UsmKnobs {
     sync: bool,
     access_sampling: bool,
     round_budget: Option<usize>,
+    #[serde(default)]
+    install: Option<InstallArg>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -452,6 +464,11 @@ struct UsmPathStats {
     clean_evictions: u64,
     #[serde(default)]
     memory_waits: u64,
+    /// COPY install mode: batched slot drops (`process_madvise` calls) and slots dropped.
+    #[serde(default)]
+    slot_drop_batches: u64,
+    #[serde(default)]
+    slots_dropped: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -478,6 +495,11 @@ fn usm_child(payload: Value) -> Result<Value> {
     if let Some(r) = p.knobs.round_budget {
         b = b.round_budget(r);
     }
+    match p.knobs.install {
+        Some(InstallArg::Move) => b = b.install_mode(InstallMode::Move),
+        Some(InstallArg::Copy) => b = b.install_mode(InstallMode::Copy),
+        None => {}
+    }
     b = match &p.swap {
         UsmSwap::Device(path) => b.swap_device(path),
     };
@@ -487,6 +509,7 @@ fn usm_child(payload: Value) -> Result<Value> {
         shards.push(rt.region(pages_per_task(&p.spec) * PAGE).map_err(emb)?);
     }
     let before = rt.stats();
+    let drops_before = rt.mm().pool().drop_stats();
     let handle = rt.handle().map_err(emb)?;
     let (point, shards) =
         run_uthread_storm(&handle, &p.spec, p.intensity, p.cpu_slice_rounds, shards)?;
@@ -510,6 +533,8 @@ fn usm_child(payload: Value) -> Result<Value> {
         writebacks_done: st.mm.writebacks_done - before.mm.writebacks_done,
         clean_evictions: st.mm.clean_evictions - before.mm.clean_evictions,
         memory_waits: st.mm.memory_waits - before.mm.memory_waits,
+        slot_drop_batches: rt.mm().pool().drop_stats().0 - drops_before.0,
+        slots_dropped: rt.mm().pool().drop_stats().1 - drops_before.1,
     };
     if st.mm.poisoned > 0 {
         return Err(Error::Corruption(format!(
@@ -752,7 +777,9 @@ fn run(cli: &Cli) -> Result<()> {
         sync: false,
         access_sampling: !cli.no_access_sampling,
         round_budget: cli.round_budget,
+        install: cli.install,
     };
+    report.insert("usm_install", cli.install.map(|m| format!("{m:?}")))?;
     report.insert("usm_access_sampling", knobs.access_sampling)?;
     report.insert("usm_round_budget", cli.round_budget)?;
     report.insert("repeat", cli.repeat.max(1))?;

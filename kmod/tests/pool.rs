@@ -589,3 +589,140 @@ fn runs_survive_fragmentation_and_the_reserve_is_populated_on_demand() {
     assert_eq!(counts[MAX_ORDER as usize], 2 * chunk / 512, "{counts:?}");
     assert!(pool.memory().is_zero(0, 2 * chunk * 4096).unwrap());
 }
+
+/// Resident pages of the pool mapping (`mincore`): the slots that still hold a page.
+fn resident_slots(pool: &FramePool) -> usize {
+    let pages = pool.len();
+    let mut vec = vec![0u8; pages];
+    // SAFETY: mincore reads the page tables of our own mapping and writes `pages` bytes
+    // into a live buffer of that size.
+    let ret = unsafe {
+        libc::mincore(
+            pool.base() as *mut libc::c_void,
+            pages * PAGE as usize,
+            vec.as_mut_ptr(),
+        )
+    };
+    assert_eq!(ret, 0);
+    vec.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+#[test]
+fn copy_installs_drop_their_slots_in_batches_and_a_stage_flushes_them_first() {
+    if !require_root("copy_installs_drop_their_slots_in_batches_and_a_stage_flushes_them_first") {
+        return;
+    }
+    use usm_kmod::pool::{CopyFrom, DROP_BATCH};
+    let uffd = Arc::new(common::uffd(Features::MOVE));
+    let frames = 4 * DROP_BATCH;
+    let pool = FramePool::new(
+        PoolConfig {
+            frames,
+            lock: LockMode::Unlocked,
+        },
+        Some(Arc::clone(&uffd)),
+    )
+    .unwrap();
+    let pages = 2 * DROP_BATCH;
+    let len = pages as u64 * PAGE;
+    let region = sys::mmap_anon(len as usize);
+    assert_eq!(sys::madvise(region, len as usize, libc::MADV_NOHUGEPAGE), 0);
+    uffd.register(region, len, RegisterMode::MISSING).unwrap();
+    let owner = FrameOwner {
+        pid: std::process::id(),
+        region: 1,
+    };
+    let mut local = pool.local_arena();
+    let resident_before = resident_slots(&pool);
+    assert_eq!(resident_before, frames, "the pool starts populated");
+    // A "swapped-in" page: the slot holds data; COPY installs it, the slot stays (pending).
+    let f = pool.take(&mut local).unwrap().unwrap();
+    pool.memory().store_u64(f.index() * 4096, 0xC0FFEE).unwrap();
+    let r = sys::install_many_copy(&pool, &[f], region, owner, CopyFrom::Slots).unwrap();
+    assert_eq!(r, Resolved::Done(PAGE));
+    assert_eq!(pool.desc(f).unwrap().state(), FrameState::Mapped);
+    assert_eq!(
+        sys::load(region),
+        0xC0FFEE,
+        "the copy carries the slot's data"
+    );
+    assert_eq!(pool.pending_drops(), 1);
+    // Write after the install: the region page is the program's own now.
+    sys::store(region, 0xBEEF);
+    // Eviction of a frame whose slot is still pending: the stage drops the pending batch
+    // first (MOVE needs a hole), and the staged page is the written one, not the copy.
+    let r = sys::stage(&pool, f, MoveMode::DONTWAKE).unwrap();
+    assert_eq!(r, Resolved::Done(PAGE));
+    assert_eq!(
+        pool.pending_drops(),
+        0,
+        "the batch was dropped before the MOVE"
+    );
+    assert_eq!(pool.drop_stats(), (1, 1));
+    assert_eq!(pool.memory().load_u64(f.index() * 4096).unwrap(), 0xBEEF);
+    // Swap-cache hit by COPY: back in the region, the slot pending again.
+    assert!(sys::unstage_copy(&pool, f).unwrap().is_done());
+    assert_eq!(sys::load(region), 0xBEEF);
+    assert_eq!(pool.pending_drops(), 1);
+    // First-touch installs of the rest from the zero source, in one call: a full batch
+    // is dropped by the install itself, the remainder stays pending.
+    let mut zeroed = Vec::new();
+    for _ in 1..pages {
+        zeroed.push(pool.take(&mut local).unwrap().unwrap());
+    }
+    let r = sys::install_many_copy(&pool, &zeroed, region + PAGE, owner, CopyFrom::Zero).unwrap();
+    assert_eq!(r, Resolved::Done((pages as u64 - 1) * PAGE));
+    for i in 1..pages as u64 {
+        assert!(sys::page_is(region + i * PAGE, 0), "page {i} is zero");
+    }
+    assert_eq!(pool.pending_drops(), pages % DROP_BATCH);
+    assert_eq!(
+        pool.drop_stats().1 as usize,
+        1 + DROP_BATCH * (pages / DROP_BATCH)
+    );
+    // A present page stops a COPY like a MOVE: nothing installed, frame still Taken.
+    let g = pool.take(&mut local).unwrap().unwrap();
+    let r = sys::install_many_copy(&pool, &[g], region, owner, CopyFrom::Slots).unwrap();
+    assert_eq!(r, Resolved::AlreadyMapped);
+    assert_eq!(pool.desc(g).unwrap().state(), FrameState::Taken);
+    pool.return_unused(&mut local, g).unwrap();
+    // Flushing leaves every Mapped frame's slot a hole: the pool's memory is its size.
+    pool.flush_drops().unwrap();
+    assert_eq!(pool.pending_drops(), 0);
+    assert_eq!(
+        resident_slots(&pool),
+        frames - pages,
+        "only the free frames' slots hold pages"
+    );
+    // The region goes away: a frame released while its slot is pending is cleared by the
+    // zeroer (no drop), the others (holes) are refilled; everything comes back zeroed.
+    let h = pool.take(&mut local).unwrap().unwrap();
+    let extra = sys::mmap_anon(PAGE as usize);
+    uffd.register(extra, PAGE, RegisterMode::MISSING).unwrap();
+    assert!(
+        sys::install_many_copy(&pool, &[h], extra, owner, CopyFrom::Zero)
+            .unwrap()
+            .is_done()
+    );
+    assert_eq!(pool.pending_drops(), 1);
+    uffd.unregister(extra, PAGE).unwrap();
+    assert_eq!(sys::munmap(extra, PAGE as usize), 0);
+    pool.release(h).unwrap();
+    assert_eq!(pool.pending_drops(), 0, "released off the batch");
+    for i in 0..pages as u64 {
+        let fr = if i == 0 { f } else { zeroed[i as usize - 1] };
+        assert!(sys::reclaim(&pool, fr).unwrap().is_done(), "page {i}");
+    }
+    drop(local);
+    while pool.zeroing_len() > 0 {
+        pool.zero_some(64).unwrap();
+    }
+    let c = census_ok(&pool);
+    assert_eq!(c.free, frames, "{c}");
+    assert_eq!(resident_slots(&pool), frames, "every slot refilled");
+    for i in 0..frames {
+        assert!(pool.memory().is_zero(i * 4096, 4096).unwrap(), "slot {i}");
+    }
+    uffd.unregister(region, len).unwrap();
+    sys::munmap(region, len as usize);
+}

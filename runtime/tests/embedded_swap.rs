@@ -10,7 +10,7 @@ use usm_kmod::event::Fault;
 use usm_policies::{
     AllocPolicy, Cx, Decision, Mapping, Param, Registry, page_floor, swap_in_if_swapped,
 };
-use usm_runtime::embedded::{Region, Runtime, SwapInMode};
+use usm_runtime::embedded::{InstallMode, Region, Runtime, SwapInMode};
 use usm_runtime::mm::{PageState, WorkerMm};
 
 const PAGE: usize = 4096;
@@ -24,9 +24,19 @@ fn swap_dir() -> tempfile::TempDir {
 }
 
 fn build(frames: usize, workers: usize, dir: &tempfile::TempDir) -> Runtime {
+    build_with(frames, workers, dir, InstallMode::default())
+}
+
+fn build_with(
+    frames: usize,
+    workers: usize,
+    dir: &tempfile::TempDir,
+    mode: InstallMode,
+) -> Runtime {
     Runtime::builder()
         .workers(workers)
         .pool_frames(frames)
+        .install_mode(mode)
         .create_swap_file(dir.path().join("swap0"), 64 << 20)
         .build()
         .unwrap()
@@ -38,9 +48,18 @@ fn word(p: usize, i: usize, g: u64) -> u64 {
 }
 
 #[test]
-fn many_uthreads_on_both_workers_keep_every_page_intact_under_heavy_swap() {
+fn many_uthreads_on_both_workers_keep_every_page_intact_under_heavy_swap_move_install() {
+    heavy_swap_keeps_every_page_intact(InstallMode::Move);
+}
+
+#[test]
+fn many_uthreads_on_both_workers_keep_every_page_intact_under_heavy_swap_copy_install() {
+    heavy_swap_keeps_every_page_intact(InstallMode::Copy);
+}
+
+fn heavy_swap_keeps_every_page_intact(mode: InstallMode) {
     let dir = swap_dir();
-    let rt = build(256, 2, &dir);
+    let rt = build_with(256, 2, &dir, mode);
     let frames = rt.mm().pool().len();
     let pages = 6 * frames; // working set 6x the pool
     let region = Arc::new(rt.region(pages * PAGE).unwrap());
@@ -95,9 +114,20 @@ fn many_uthreads_on_both_workers_keep_every_page_intact_under_heavy_swap() {
         stats.mm.worker_blocked, 0,
         "Yield mode never blocks a worker"
     );
+    let (batches, dropped) = rt.mm().pool().drop_stats();
+    match mode {
+        // Every swap-in and first touch was a COPY whose slot was dropped in batches.
+        InstallMode::Copy => assert!(
+            dropped > stats.mm.swap_ins_done && batches * 8 < dropped,
+            "{batches} drop batches for {dropped} slots, {} swap-ins",
+            stats.mm.swap_ins_done
+        ),
+        InstallMode::Move => assert_eq!(dropped, 0),
+    }
     drop(region);
     assert!(rt.quiesce(Duration::from_secs(10)));
     assert_eq!(rt.mm().swap_slots_used(), 0);
+    assert_eq!(rt.mm().pool().pending_drops(), 0);
     let census = rt.mm().pool().check_conservation().unwrap();
     assert_eq!(census.free, frames, "{census}");
 }
@@ -294,9 +324,18 @@ fn shutdown_waits_for_uthreads_parked_in_pfq() {
 }
 
 #[test]
-fn pages_faulted_back_during_write_back_come_from_the_swap_cache() {
+fn pages_faulted_back_during_write_back_come_from_the_swap_cache_move_install() {
+    swap_cache_hits_during_write_back(InstallMode::Move);
+}
+
+#[test]
+fn pages_faulted_back_during_write_back_come_from_the_swap_cache_copy_install() {
+    swap_cache_hits_during_write_back(InstallMode::Copy);
+}
+
+fn swap_cache_hits_during_write_back(mode: InstallMode) {
     let dir = swap_dir();
-    let rt = build(256, 1, &dir);
+    let rt = build_with(256, 1, &dir, mode);
     let frames = rt.mm().pool().len();
     let pid = std::process::id();
     let mut region = rt.region(64 * PAGE).unwrap();
@@ -568,9 +607,19 @@ fn a_prefetch_hint_reads_neighbours_back_with_the_faulting_page() {
 }
 
 #[test]
-fn clean_pages_are_evicted_without_io_and_written_ones_are_written_back() {
+fn clean_pages_are_evicted_without_io_and_written_ones_are_written_back_move_install() {
+    clean_pages_skip_the_write_back(InstallMode::Move);
+}
+
+#[test]
+fn clean_pages_are_evicted_without_io_and_written_ones_are_written_back_copy_install() {
+    // Copy mode maps swapped-in pages write-protected by the COPY itself.
+    clean_pages_skip_the_write_back(InstallMode::Copy);
+}
+
+fn clean_pages_skip_the_write_back(mode: InstallMode) {
     let dir = swap_dir();
-    let rt = build(256, 1, &dir);
+    let rt = build_with(256, 1, &dir, mode);
     let data = marked_region(&rt, 64, |p| p + 5000);
     let mut filler = None;
     push_out(&rt, &mut filler);

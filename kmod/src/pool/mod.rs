@@ -67,6 +67,7 @@ use std::vec::Vec;
 use usm_sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use usm_sync::{Arc, Mutex};
 
+pub use crate::sys::pool::CopyFrom;
 pub use arena::{ARENA_BATCH, MAX_ORDER};
 
 /// Frames populated per step (8 MiB; a multiple of `2^MAX_ORDER`, so no aligned run
@@ -74,7 +75,12 @@ pub use arena::{ARENA_BATCH, MAX_ORDER};
 pub const POPULATE_CHUNK: usize = 2048;
 
 /// Pages in the read-only zero source used to refill holes with `UFFDIO_COPY`.
-const ZERO_SOURCE_PAGES: usize = 64;
+pub(crate) const ZERO_SOURCE_PAGES: usize = 64;
+
+/// Slots of COPY-installed frames dropped per batch: when this many are pending, the
+/// installing thread drops them with one `process_madvise(MADV_DONTNEED)` (one TLB
+/// flush for the batch; see [`FramePool::flush_drops`]).
+pub const DROP_BATCH: usize = 64;
 
 /// Where a frame is in its life (see the module doc's diagram).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -120,6 +126,10 @@ pub(crate) enum SlotContent {
     Hole = 1,
     /// A page with stale data.
     Dirty = 2,
+    /// A Mapped frame installed by `UFFDIO_COPY`: the slot still holds the page that was
+    /// copied (now redundant), queued for a batched `MADV_DONTNEED` (see
+    /// [`FramePool::flush_drops`]); it becomes a [`SlotContent::Hole`] then.
+    PendingDrop = 3,
 }
 
 /// Who a mapped or staged frame belongs to.
@@ -185,6 +195,7 @@ impl FrameDesc {
         match self.slot.load(Ordering::Relaxed) {
             0 => SlotContent::Zeroed,
             1 => SlotContent::Hole,
+            3 => SlotContent::PendingDrop,
             _ => SlotContent::Dirty,
         }
     }
@@ -278,6 +289,16 @@ pub struct FramePool {
     config: PoolConfig,
     #[cfg(not(loom))]
     zeroer_signal: (Mutex<()>, usm_sync::Condvar),
+    /// Mapped frames whose slot is [`SlotContent::PendingDrop`] (pushed by COPY installs).
+    pub(crate) drops: Mutex<Vec<FrameNo>>,
+    pub(crate) drops_len: AtomicUsize,
+    /// Held by whoever drops a batch, for the whole `MADV_DONTNEED`: a frame taken out of
+    /// `drops` is a hole once this lock is free again (see [`FramePool::settle_slot`]).
+    pub(crate) flushing: Mutex<()>,
+    /// A pidfd of our own process for `process_madvise` (`None`: plain `madvise`).
+    pub(crate) self_pidfd: Option<crate::sys::mem::SelfPidfd>,
+    /// Batches dropped and slots dropped (statistics).
+    pub(crate) drop_counts: (AtomicU64, AtomicU64),
 }
 
 impl FramePool {
@@ -316,6 +337,11 @@ impl FramePool {
         let shared = Arc::new(SharedArena::with_reserve(config.frames, first));
         let chunks = config.frames.div_ceil(POPULATE_CHUNK);
         let unpopulated_chunks = Mutex::new((1..chunks).rev().collect());
+        // Without it, drops fall back to one madvise per run of slots.
+        let self_pidfd = match &uffd {
+            Some(_) => crate::sys::mem::SelfPidfd::open().ok(),
+            None => None,
+        };
         Ok(Arc::new(FramePool {
             mem,
             zero_source,
@@ -329,6 +355,11 @@ impl FramePool {
             config,
             #[cfg(not(loom))]
             zeroer_signal: (Mutex::new(()), usm_sync::Condvar::new()),
+            drops: Mutex::new(Vec::with_capacity(DROP_BATCH)),
+            drops_len: AtomicUsize::new(0),
+            flushing: Mutex::new(()),
+            self_pidfd,
+            drop_counts: (AtomicU64::new(0), AtomicU64::new(0)),
         }))
     }
 
@@ -560,6 +591,11 @@ impl FramePool {
         let state = desc.state();
         let slot = match state {
             FrameState::Taken | FrameState::Staging => SlotContent::Dirty,
+            // A slot still holding the copied page is cleared by the zeroer like any
+            // stale page (no drop needed).
+            FrameState::Mapped if self.settle_slot(frame, false)? == SlotContent::Dirty => {
+                SlotContent::Dirty
+            }
             FrameState::Mapped => SlotContent::Hole,
             other => {
                 return Err(Error::FrameState {
@@ -588,6 +624,107 @@ impl FramePool {
     /// Frames waiting to be zeroed.
     pub fn zeroing_len(&self) -> usize {
         self.zeroing_len.load(Ordering::Acquire)
+    }
+
+    /// Slots of COPY-installed frames waiting for their batched drop.
+    pub fn pending_drops(&self) -> usize {
+        self.drops_len.load(Ordering::Acquire)
+    }
+
+    /// `(batches, slots)` dropped so far by [`FramePool::flush_drops`].
+    pub fn drop_stats(&self) -> (u64, u64) {
+        (
+            self.drop_counts.0.load(Ordering::Relaxed),
+            self.drop_counts.1.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Queues the slots of frames just installed by COPY (now Mapped, slot
+    /// [`SlotContent::PendingDrop`]) for a batched drop; drops the batch at once when it
+    /// reaches [`DROP_BATCH`] and nobody else is dropping.
+    /// A failed drop is logged and the slots stay pending (retried by the next flush).
+    pub(crate) fn queue_drops(&self, frames: impl IntoIterator<Item = FrameNo>) {
+        let full = {
+            let mut q = self.drops.lock().unwrap_or_else(|p| p.into_inner());
+            q.extend(frames);
+            self.drops_len.store(q.len(), Ordering::Release);
+            q.len() >= DROP_BATCH
+        };
+        if full
+            && let Ok(guard) = self.flushing.try_lock()
+            && let Err(e) = self.flush_locked(&guard)
+        {
+            tracing::warn!(error = %e, "dropping copied slots failed; they stay pending");
+        }
+    }
+
+    /// Drops every pending slot of COPY-installed frames now (`MADV_DONTNEED`, one
+    /// `process_madvise` call and so one TLB flush per [`DROP_BATCH`]); their slots become
+    /// holes. Returns how many. Called when a batch fills, before a pending slot is
+    /// needed as a hole, by the background zeroer when idle, and by anyone who wants the
+    /// pool's memory back to its size (RSS ≈ pool) now.
+    pub fn flush_drops(&self) -> Result<usize> {
+        if self.pending_drops() == 0 {
+            return Ok(0);
+        }
+        let guard = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+        self.flush_locked(&guard)
+    }
+
+    fn flush_locked(&self, _flushing: &usm_sync::MutexGuard<'_, ()>) -> Result<usize> {
+        let batch = {
+            let mut q = self.drops.lock().unwrap_or_else(|p| p.into_inner());
+            let batch = std::mem::take(&mut *q);
+            self.drops_len.store(0, Ordering::Release);
+            batch
+        };
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = self.drop_slots(&batch) {
+            // Nothing dropped for sure: keep them pending (a later flush retries).
+            let mut q = self.drops.lock().unwrap_or_else(|p| p.into_inner());
+            q.extend(batch);
+            self.drops_len.store(q.len(), Ordering::Release);
+            return Err(e);
+        }
+        for &f in &batch {
+            self.desc(f)?.set_slot(SlotContent::Hole);
+        }
+        self.drop_counts.0.fetch_add(1, Ordering::Relaxed);
+        self.drop_counts
+            .1
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Ok(batch.len())
+    }
+
+    /// Settles the slot of a Mapped frame that is about to leave the Mapped state: if
+    /// its copied page is still pending a drop, either drop the whole pending batch now
+    /// (`need_hole`: the slot must be a hole, e.g. a MOVE into it follows) or take the
+    /// frame off the batch, leaving its slot [`SlotContent::Dirty`] (the zeroer clears it).
+    /// Holding `flushing` means no drop of this frame is in progress. Returns the slot
+    /// content afterwards.
+    pub(crate) fn settle_slot(&self, frame: FrameNo, need_hole: bool) -> Result<SlotContent> {
+        let desc = self.desc(frame)?;
+        if desc.slot() != SlotContent::PendingDrop {
+            return Ok(desc.slot());
+        }
+        let guard = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+        if desc.slot() != SlotContent::PendingDrop {
+            // Dropped by a flush that finished while we waited.
+            return Ok(desc.slot());
+        }
+        if need_hole {
+            self.flush_locked(&guard)?;
+        } else {
+            let mut q = self.drops.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = q.iter().position(|&f| f == frame) {
+                q.swap_remove(i);
+                self.drops_len.store(q.len(), Ordering::Release);
+            }
+            desc.set_slot(SlotContent::Dirty);
+        }
+        Ok(desc.slot())
     }
 
     /// Serves the zeroing queue: up to `budget` frames are cleaned (holes refilled with
@@ -704,13 +841,21 @@ mod zeroer {
             let stop = Arc::new(AtomicBool::new(false));
             let (pool, flag) = (Arc::clone(self), Arc::clone(&stop));
             let thread = usm_sync::thread::spawn(move || {
+                let mut idle = false;
                 while !flag.load(Ordering::Acquire) {
                     // Zeroing first (it feeds faults now), then populating the rest of
-                    // the pool a chunk at a time.
+                    // the pool a chunk at a time; once idle for a whole wait, dropping
+                    // the copied slots left pending below a full batch (RSS back to the
+                    // pool's size when the program goes quiet).
                     let work = match pool.zero_some(budget) {
                         Ok(0) => pool.populate_next(),
                         other => other,
                     };
+                    let work = match work {
+                        Ok(0) if idle && pool.pending_drops() > 0 => pool.flush_drops(),
+                        other => other,
+                    };
+                    idle = matches!(work, Ok(0));
                     match work {
                         Ok(0) => {
                             let (lock, cv) = &pool.zeroer_signal;

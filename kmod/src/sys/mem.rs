@@ -10,6 +10,7 @@
 use crate::error::{Error, Result};
 use crate::frame::PAGE_SIZE;
 use nix::errno::Errno;
+use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -62,6 +63,29 @@ impl Advice {
             Advice::PopulateRead => super::MADV_POPULATE_READ,
             Advice::DontNeed => libc::MADV_DONTNEED,
         }
+    }
+}
+
+/// A pidfd of the calling process (`pidfd_open(getpid())`), for `process_madvise` on
+/// our own mappings ([`Mapping::drop_pages`]).
+#[derive(Debug)]
+pub struct SelfPidfd(std::os::fd::OwnedFd, u32);
+
+impl SelfPidfd {
+    /// Opens it (Linux 5.3).
+    pub fn open() -> Result<SelfPidfd> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory
+        // is passed.
+        let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0u32) };
+        if ret < 0 {
+            return Err(Error::Sys {
+                what: "pidfd_open(self)",
+                source: Errno::last(),
+            });
+        }
+        // SAFETY: `ret` is a fresh fd owned by nobody else.
+        let fd = unsafe { std::os::fd::FromRawFd::from_raw_fd(ret as i32) };
+        Ok(SelfPidfd(fd, std::process::id()))
     }
 }
 
@@ -167,6 +191,83 @@ impl Mapping {
             what: "madvise",
             source,
         })
+    }
+
+    /// `MADV_DONTNEED` on the pages at `offsets` (page offsets into the mapping, sorted
+    /// or not; consecutive ones are merged into one range). With `pidfd` it is one
+    /// `process_madvise` per 1024 ranges: since Linux 6.16 the kernel gathers the whole
+    /// vector under one TLB flush, where one `madvise` per range would flush (and, with
+    /// the mm active on another CPU, send an IPI) per range. Without a pidfd, or when the
+    /// kernel refuses `process_madvise` for this advice, one `madvise` per range.
+    ///
+    /// On a userfaultfd-registered range the pages read as missing afterwards; the
+    /// userfaultfd must not have `EVENT_REMOVE` (the call would wait for the event to be
+    /// read). Like [`Mapping::advise`], this cannot invalidate a Rust reference (none
+    /// points into a `Mapping`); the caller decides the pages' content is not needed.
+    pub fn drop_pages(&self, offsets: &[usize], pidfd: Option<&SelfPidfd>) -> Result<()> {
+        let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(offsets.len());
+        let mut sorted = offsets.to_vec();
+        sorted.sort_unstable();
+        for &o in &sorted {
+            self.check(o, PAGE_SIZE)?;
+            match ranges.last_mut() {
+                Some((start, len)) if *start + *len == o => *len += PAGE_SIZE,
+                Some((start, len)) if *start + *len > o => {} // duplicate
+                _ => ranges.push((o, PAGE_SIZE)),
+            }
+        }
+        // A forked child must not advise its parent's pages through the parent's pidfd.
+        if let Some(fd) = pidfd.filter(|p| p.1 == std::process::id()) {
+            let iov: Vec<libc::iovec> = ranges
+                .iter()
+                .map(|&(o, len)| libc::iovec {
+                    // SAFETY: `o` was checked to lie inside this mapping.
+                    iov_base: unsafe { self.ptr.as_ptr().add(o) }.cast(),
+                    iov_len: len,
+                })
+                .collect();
+            let mut done = true;
+            for chunk in iov.chunks(1024) {
+                let want: usize = chunk.iter().map(|v| v.iov_len).sum();
+                // SAFETY: process_madvise reads `chunk.len()` iovecs from a live slice;
+                // the ranges lie inside this mapping and no Rust reference points into
+                // it (dropping pages cannot invalidate one).
+                let ret = unsafe {
+                    libc::syscall(
+                        libc::SYS_process_madvise,
+                        fd.0.as_raw_fd(),
+                        chunk.as_ptr(),
+                        chunk.len(),
+                        libc::MADV_DONTNEED,
+                        0u32,
+                    )
+                };
+                if ret < 0 {
+                    let e = Errno::last();
+                    if matches!(e, Errno::EINVAL | Errno::ENOSYS | Errno::EPERM) {
+                        // Not allowed here (older kernel): madvise below, for all ranges
+                        // (dropping twice is harmless).
+                        done = false;
+                        break;
+                    }
+                    return Err(Error::Sys {
+                        what: "process_madvise(MADV_DONTNEED)",
+                        source: e,
+                    });
+                }
+                if ret as usize != want {
+                    done = false;
+                    break;
+                }
+            }
+            if done {
+                return Ok(());
+            }
+        }
+        for (o, len) in ranges {
+            self.advise(o, len, Advice::DontNeed)?;
+        }
+        Ok(())
     }
 
     /// `mlock2(MLOCK_ONFAULT)` on the whole mapping: pages are locked as they are faulted

@@ -3,10 +3,20 @@
 
 use crate::error::{Error, Result};
 use crate::frame::{FrameNo, PAGE_SIZE};
-use crate::pool::{FrameOwner, FramePool, FrameState, SlotContent};
+use crate::pool::{FrameOwner, FramePool, FrameState, SlotContent, ZERO_SOURCE_PAGES};
 use crate::uffd::{CopyMode, MoveMode, Resolved};
 
 const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Where a COPY install reads the page content from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFrom {
+    /// The frames' own slots (a swapped-in page, a staged page).
+    Slots,
+    /// The pool's read-only zero source (first touch: the slots are zeroed anyway, and
+    /// the zero source is one cache-hot page).
+    Zero,
+}
 
 impl FramePool {
     fn uffd_or_err(&self) -> Result<&crate::Userfaultfd> {
@@ -109,6 +119,121 @@ impl FramePool {
         Ok(Resolved::Done(done as u64 * PAGE))
     }
 
+    /// Installs Taken frames at consecutive pages by `UFFDIO_COPY` instead of MOVE:
+    /// `frames[i]`'s content (its slot, or zeroes) at `dst + i * 4096`. COPY fills an
+    /// empty destination PTE and only *reads* the source, so unlike MOVE — which clears
+    /// the present source PTE and flushes the TLB for it, one cross-CPU IPI per page
+    /// while another thread of this mm runs elsewhere — it needs no TLB flush. Installed
+    /// frames are Mapped, with their slot [`SlotContent::PendingDrop`]: the slot's page
+    /// is now redundant and is dropped in a batch ([`FramePool::flush_drops`], one flush
+    /// per [`crate::pool::DROP_BATCH`] pages), or settled first when the frame leaves
+    /// Mapped. One COPY per run of consecutive frames ([`CopyFrom::Slots`]) or per 64
+    /// pages ([`CopyFrom::Zero`]). `mode` is passed on (`CopyMode::WP` maps the pages
+    /// write-protected, which a later `UFFDIO_WRITEPROTECT` would do with one TLB flush
+    /// per page).
+    ///
+    /// Returns like [`FramePool::install_many`]: [`Resolved::Done`], or
+    /// [`Resolved::Partial`] with the bytes installed before the first page that was not,
+    /// or that page's state when none was ([`Resolved::AlreadyMapped`],
+    /// [`Resolved::MmapChanging`]). Frames not installed stay Taken with their slot as it
+    /// was.
+    ///
+    /// # Safety
+    /// Same as [`FramePool::install`], for every page of `[dst, dst + frames.len() * 4096)`.
+    pub unsafe fn install_many_copy(
+        &self,
+        frames: &[FrameNo],
+        dst: u64,
+        owner: FrameOwner,
+        from: CopyFrom,
+        mode: CopyMode,
+    ) -> Result<Resolved> {
+        let uffd = self.uffd_or_err()?;
+        for &f in frames {
+            self.expect_state(f, FrameState::Taken)?;
+        }
+        let mut done = 0usize;
+        let mut result = Ok(Resolved::Done(0));
+        while done < frames.len() {
+            let run = match from {
+                CopyFrom::Slots => {
+                    let mut run = 1;
+                    while done + run < frames.len()
+                        && frames[done + run].0 == frames[done].0 + run as u32
+                    {
+                        run += 1;
+                    }
+                    run
+                }
+                CopyFrom::Zero => (frames.len() - done).min(ZERO_SOURCE_PAGES),
+            };
+            let src = match from {
+                CopyFrom::Slots => self.slot_addr(frames[done]),
+                CopyFrom::Zero => self.zero_source.addr(),
+            };
+            let at = dst + done as u64 * PAGE;
+            // SAFETY: the caller owns the destination pages (contract above); the source
+            // is the Taken frames' present slots (owned by the caller, consecutive) or our
+            // read-only never-written zero source, and COPY only reads it.
+            let r = match unsafe { uffd.copy(at, src, run as u64 * PAGE, mode) } {
+                Ok(r) => r,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            let copied = (r.bytes() / PAGE) as usize;
+            for (i, &f) in frames[done..done + copied].iter().enumerate() {
+                let desc = self.transition(f, FrameState::Taken, FrameState::Mapped)?;
+                desc.set_slot(SlotContent::PendingDrop);
+                desc.set_mapping(owner, at + i as u64 * PAGE);
+            }
+            done += copied;
+            if !r.is_done() {
+                result = Ok(if done > 0 {
+                    Resolved::Partial(done as u64 * PAGE)
+                } else {
+                    r
+                });
+                break;
+            }
+            result = Ok(Resolved::Done(done as u64 * PAGE));
+        }
+        // Installed frames are Mapped now whatever happened after them: queue their slots.
+        self.queue_drops(frames[..done].iter().copied());
+        result
+    }
+
+    /// Swap-cache hit by COPY: puts a copy of a Staging frame's page back at its address
+    /// (no TLB flush, and it works while an in-flight write-back reads the slot, where
+    /// MOVE says `EBUSY`). On [`Resolved::Done`] the frame is Mapped with its slot
+    /// [`SlotContent::PendingDrop`] (dropped in a batch; a write-back still reading it
+    /// keeps its own reference to the page, so it completes with the staged content).
+    ///
+    /// # Safety
+    /// Same as [`FramePool::unstage`], except that in-flight I/O may read the slot.
+    pub unsafe fn unstage_copy(&self, frame: FrameNo, mode: CopyMode) -> Result<Resolved> {
+        let uffd = self.uffd_or_err()?;
+        self.expect_state(frame, FrameState::Staging)?;
+        let vaddr = self.desc(frame)?.vaddr();
+        // SAFETY: the caller owns the destination page; the slot holds our staged page,
+        // which COPY only reads.
+        let r = unsafe { uffd.copy(vaddr, self.slot_addr(frame), PAGE, mode)? };
+        if r.is_done() {
+            let desc = self.transition(frame, FrameState::Staging, FrameState::Mapped)?;
+            desc.set_slot(SlotContent::PendingDrop);
+            self.queue_drops([frame]);
+        }
+        Ok(r)
+    }
+
+    /// Drops the slots of `frames` (`MADV_DONTNEED`, batched; see
+    /// [`crate::sys::mem::Mapping::drop_pages`]).
+    pub(crate) fn drop_slots(&self, frames: &[FrameNo]) -> Result<()> {
+        let offsets: Vec<usize> = frames.iter().map(|f| f.index() * PAGE_SIZE).collect();
+        self.mem.drop_pages(&offsets, self.self_pidfd.as_ref())
+    }
+
     /// Installs a copy of a Taken frame's slot at `dst` (`UFFDIO_COPY`), for when MOVE
     /// reported [`Resolved::UseCopy`]. The frame stays Taken (its page did not move):
     /// give it back with [`FramePool::return_unused`] if its slot was still zeroed, or
@@ -140,8 +265,10 @@ impl FramePool {
     pub unsafe fn stage(&self, frame: FrameNo, mode: MoveMode) -> Result<Resolved> {
         let uffd = self.uffd_or_err()?;
         self.expect_state(frame, FrameState::Mapped)?;
+        // A COPY-installed frame's slot may still hold the copied page: MOVE needs a hole.
+        self.settle_slot(frame, true)?;
         let vaddr = self.desc(frame)?.vaddr();
-        // SAFETY: the slot is a hole (Mapped) inside the pool, registered on this fd; the
+        // SAFETY: the slot is a hole (Mapped, settled) inside the pool, registered on this fd; the
         // caller owns the region page (contract above).
         let r = unsafe { uffd.move_pages(self.slot_addr(frame), vaddr, PAGE, mode)? };
         if r.is_done() {
@@ -211,7 +338,7 @@ impl FramePool {
             let (start, pages) = (self.slot_addr(first), (j - i) as u64);
             match content {
                 SlotContent::Hole => self.refill_holes(start, pages)?,
-                SlotContent::Dirty | SlotContent::Zeroed => {
+                SlotContent::Dirty | SlotContent::Zeroed | SlotContent::PendingDrop => {
                     let offset = first.index() * PAGE_SIZE;
                     // SAFETY: these frames are Zeroing and were handed to this call by the
                     // zeroing queue, which gives each frame to one cleaner only; their

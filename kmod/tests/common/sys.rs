@@ -423,3 +423,22 @@ pub fn install_many(
     // the pool's uffd; the test took the frames.
     unsafe { p.install_many(frames, dst, owner, mode) }
 }
+
+/// `FramePool::install_many_copy` into test-owned region pages.
+pub fn install_many_copy(
+    p: &FramePool,
+    frames: &[FrameNo],
+    dst: u64,
+    owner: FrameOwner,
+    from: usm_kmod::pool::CopyFrom,
+) -> usm_kmod::Result<Resolved> {
+    // SAFETY: the destination pages are missing pages of the test's region, registered on
+    // the pool's uffd; the test took the frames.
+    unsafe { p.install_many_copy(frames, dst, owner, from, usm_kmod::CopyMode::empty()) }
+}
+
+/// `FramePool::unstage_copy` back into a test-owned region page.
+pub fn unstage_copy(p: &FramePool, f: FrameNo) -> usm_kmod::Result<Resolved> {
+    // SAFETY: the region page is the test's and a hole again.
+    unsafe { p.unstage_copy(f, usm_kmod::CopyMode::empty()) }
+}

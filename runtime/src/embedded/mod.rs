@@ -71,6 +71,7 @@ mod error;
 mod region;
 mod runtime;
 
+pub use crate::mm::InstallMode;
 pub use error::EmbeddedError;
 pub use region::{PinGuard, Pod, Region, RegionVec};
 pub use runtime::{Builder, Runtime, SwapInMode};

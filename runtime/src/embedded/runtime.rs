@@ -14,7 +14,7 @@ use usm_swap::{DeviceId, SwapDevice};
 
 use crate::embedded::driver::FaultDriver;
 use crate::embedded::{EmbeddedError, Region, RuntimeStats};
-use crate::mm::{MmConfig, MmCore, SameMmInstaller, TrackingInstaller, WorkerMm};
+use crate::mm::{InstallMode, MmConfig, MmCore, SameMmInstaller, TrackingInstaller, WorkerMm};
 use crate::sys::sigbus;
 
 /// State shared by the runtime, its drivers and its regions.
@@ -80,6 +80,7 @@ pub struct Builder {
     swap_in: SwapInMode,
     round_budget: Option<usize>,
     access_sampling: Option<bool>,
+    install: InstallMode,
 }
 
 impl Default for Builder {
@@ -108,6 +109,7 @@ impl Builder {
             swap_in: SwapInMode::Yield,
             round_budget: None,
             access_sampling: None,
+            install: InstallMode::default(),
         }
     }
 
@@ -193,6 +195,13 @@ impl Builder {
         self
     }
 
+    /// How frames are installed into regions ([`InstallMode`]; see there for the
+    /// measured trade-off and the default).
+    pub fn install_mode(mut self, mode: InstallMode) -> Self {
+        self.install = mode;
+        self
+    }
+
     /// What a worker does during a uThread's swap-in ([`SwapInMode::Yield`] by default).
     pub fn swap_in_mode(mut self, mode: SwapInMode) -> Self {
         self.swap_in = mode;
@@ -274,14 +283,18 @@ impl Builder {
         let core = MmCore::new(
             pool.clone(),
             if tracking {
-                Box::new(TrackingInstaller::new(uffd.clone()).map_err(|e| {
-                    EmbeddedError::Kmod(usm_kmod::Error::Sys {
-                        what: "open /proc/self/pagemap",
-                        source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-                    })
-                })?) as Box<dyn crate::mm::Installer>
+                Box::new(
+                    TrackingInstaller::new(uffd.clone())
+                        .map_err(|e| {
+                            EmbeddedError::Kmod(usm_kmod::Error::Sys {
+                                what: "open /proc/self/pagemap",
+                                source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                            })
+                        })?
+                        .with_mode(self.install),
+                ) as Box<dyn crate::mm::Installer>
             } else {
-                Box::new(SameMmInstaller)
+                Box::new(SameMmInstaller::new(self.install))
             },
             Arc::new(registry),
             devices,
@@ -488,6 +501,10 @@ impl Runtime {
         loop {
             let core = &self.shared.core;
             if core.io_in_flight() == 0 && core.pool().zeroing_len() == 0 {
+                // Copied slots left below a full drop batch: memory back to the pool's size.
+                if let Err(e) = core.pool().flush_drops() {
+                    tracing::warn!(error = %e, "dropping copied slots failed");
+                }
                 return true;
             }
             if std::time::Instant::now() >= deadline {

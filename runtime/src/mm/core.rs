@@ -1166,11 +1166,13 @@ impl<'a> WorkerCx<'a> {
         owner: FrameOwner,
         zeroed: bool,
     ) {
-        let report = match self
-            .core
-            .installer
-            .install(&self.core.pool, frames, start, owner)
-        {
+        let installer = &self.core.installer;
+        let installed = if zeroed {
+            installer.install_zeroed(&self.core.pool, frames, start, owner)
+        } else {
+            installer.install(&self.core.pool, frames, start, owner)
+        };
+        let report = match installed {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, start, "install failed");
@@ -1722,9 +1724,12 @@ impl<'a> WorkerCx<'a> {
                     core.wake_mask(waiting, self.worker);
                 }
                 let _span = tracing::trace_span!("writeback_done", addr, %entry).entered();
+                // The same frame may be staging the same page again by now (taken back
+                // by a COPY swap-cache hit while this write ran, then evicted again):
+                // only the write the page state names is ours.
                 let ours = self.still_owned(key, addr)
                     && matches!(self.mem.spaces.get(&key.pid).and_then(|s| s.pages.get(&addr)),
-                        Some(PageState::Staging { frame: f, .. }) if *f == frame);
+                        Some(PageState::Staging { frame: f, write, .. }) if *f == frame && *write == ticket);
                 match (ours, result) {
                     (true, Ok(())) => {
                         // Record the entry first, then recycle the staging frame.

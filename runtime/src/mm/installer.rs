@@ -60,6 +60,19 @@ pub trait Installer: Send + Sync {
     /// write; the caller copies instead (see [`Installer::install`] with a fresh frame).
     fn unstage(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError>;
 
+    /// Installs Taken frames whose slots are still zeroed (first touch) at `start`, ...;
+    /// same contract as [`Installer::install`]. The default installs them like any other
+    /// (embedded COPY mode copies from the pool's zero source instead of the slots).
+    fn install_zeroed(
+        &self,
+        pool: &FramePool,
+        frames: &[FrameNo],
+        start: u64,
+        owner: FrameOwner,
+    ) -> Result<InstallReport, MmError> {
+        self.install(pool, frames, start, owner)
+    }
+
     /// Marks page `addr` poisoned: accesses raise SIGBUS. `addr` is a vacant page of a
     /// range the core manages.
     fn poison(&self, pool: &FramePool, addr: u64) -> Result<(), MmError>;
@@ -87,3 +100,20 @@ pub trait Installer: Send + Sync {
 }
 
 pub use crate::sys::install::{SameMmInstaller, TrackingInstaller};
+
+/// How the embedded installer puts a frame's page at its address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum InstallMode {
+    /// `UFFDIO_MOVE` slot → page (zero copy). MOVE clears the slot's *present* PTE, which
+    /// costs a TLB flush per page; while another thread of the process (the other
+    /// worker, the pool's zeroer) runs on another CPU that flush is an IPI, a VM exit on
+    /// both sides in a VM.
+    #[default]
+    Move,
+    /// `UFFDIO_COPY` slot (or the zero source, first touch) → page: fills an empty PTE
+    /// and only reads the source, so no flush; the frame is Mapped as with MOVE and its
+    /// slot's now redundant page is dropped in batches (`FramePool::flush_drops`: one
+    /// `process_madvise(MADV_DONTNEED)` and one flush per 64 pages), so memory stays at
+    /// the pool's size. Costs a 4 KiB copy and a page allocation per page.
+    Copy,
+}

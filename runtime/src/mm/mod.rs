@@ -104,6 +104,6 @@ pub use self::core::{
     FaultClock, FaultResult, MemState, MmConfig, MmCore, RangeRelease, Waker, WorkerMm,
 };
 pub use error::MmError;
-pub use installer::{InstallReport, Installer, SameMmInstaller, TrackingInstaller};
+pub use installer::{InstallMode, InstallReport, Installer, SameMmInstaller, TrackingInstaller};
 pub use space::{ManagedRange, PageState, RangeKey, Space, SpaceCounters};
 pub use stats::{FaultPath, Latency, MmStats, StatsSnapshot};

@@ -1,35 +1,63 @@
-//! The embedded [`Installer`]: same-mm `UFFDIO_MOVE` between the pool and regions.
+//! The embedded [`Installer`]: same-mm `UFFDIO_MOVE` / `UFFDIO_COPY` between the pool
+//! and regions (see [`InstallMode`] for which and why).
 
-use usm_kmod::pool::{FrameOwner, FramePool};
+use usm_kmod::pool::{CopyFrom, FrameOwner, FramePool};
 use usm_kmod::{CopyMode, FrameNo, MoveMode, PAGE_SIZE, PoisonMode, Resolved};
 
 use crate::mm::MmError;
-use crate::mm::installer::{InstallReport, Installer};
+use crate::mm::installer::{InstallMode, InstallReport, Installer};
 
 /// The embedded installer: everything happens in our own address space with
-/// `UFFDIO_MOVE` on the pool's userfaultfd (regions, pool and staging registered on it).
+/// `UFFDIO_MOVE` / `UFFDIO_COPY` on the pool's userfaultfd (regions, pool and staging
+/// registered on it), installing by [`InstallMode`].
 #[derive(Debug, Default, Clone, Copy)]
-pub struct SameMmInstaller;
+pub struct SameMmInstaller {
+    /// How frames are installed (eviction always MOVEs the page out).
+    pub mode: InstallMode,
+    /// COPY installs of content (swap-ins, swap-cache hits) map the page
+    /// write-protected (`UFFDIO_COPY_MODE_WP`; regions registered `MISSING | WP`), so
+    /// write tracking needs no `UFFDIO_WRITEPROTECT` (and no TLB flush) afterwards.
+    wp_content: bool,
+}
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
-impl Installer for SameMmInstaller {
-    fn install(
+impl SameMmInstaller {
+    /// An installer that installs by `mode`.
+    pub fn new(mode: InstallMode) -> SameMmInstaller {
+        SameMmInstaller {
+            mode,
+            wp_content: false,
+        }
+    }
+
+    fn install_from(
         &self,
         pool: &FramePool,
         frames: &[FrameNo],
         start: u64,
         owner: FrameOwner,
+        from: CopyFrom,
     ) -> Result<InstallReport, MmError> {
         let mut report = InstallReport::default();
         let mut i = 0;
         while i < frames.len() {
             let at = start + i as u64 * PAGE;
             let rest = &frames[i..];
-            // SAFETY: (contract of `install_many`) the core calls us with vacant pages of
-            // ranges it manages, registered on the pool's fd with the pool's protection
-            // and lock state, under its state lock; the frames are Taken by the caller.
-            let r = unsafe { pool.install_many(rest, at, owner, MoveMode::empty())? };
+            // SAFETY: (contract of `install_many` / `install_many_copy`) the core calls
+            // us with vacant pages of ranges it manages, registered on the pool's fd with
+            // the pool's protection and lock state, under its state lock; the frames are
+            // Taken by the caller.
+            let r = unsafe {
+                match self.mode {
+                    InstallMode::Move => pool.install_many(rest, at, owner, MoveMode::empty())?,
+                    InstallMode::Copy => {
+                        let wp = self.wp_content && from == CopyFrom::Slots;
+                        let mode = if wp { CopyMode::WP } else { CopyMode::empty() };
+                        pool.install_many_copy(rest, at, owner, from, mode)?
+                    }
+                }
+            };
             match r {
                 Resolved::Done(_) => {
                     report.moved.extend(page_pairs(at, rest));
@@ -62,6 +90,28 @@ impl Installer for SameMmInstaller {
         }
         Ok(report)
     }
+}
+
+impl Installer for SameMmInstaller {
+    fn install(
+        &self,
+        pool: &FramePool,
+        frames: &[FrameNo],
+        start: u64,
+        owner: FrameOwner,
+    ) -> Result<InstallReport, MmError> {
+        self.install_from(pool, frames, start, owner, CopyFrom::Slots)
+    }
+
+    fn install_zeroed(
+        &self,
+        pool: &FramePool,
+        frames: &[FrameNo],
+        start: u64,
+        owner: FrameOwner,
+    ) -> Result<InstallReport, MmError> {
+        self.install_from(pool, frames, start, owner, CopyFrom::Zero)
+    }
 
     fn stage(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError> {
         // SAFETY: the core stages only frames it mapped into ranges it manages, under its
@@ -73,7 +123,13 @@ impl Installer for SameMmInstaller {
     fn unstage(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError> {
         // SAFETY: the core unstages only into the frame's own page, which is a hole
         // (the page is in staging), under its state lock.
-        let r = unsafe { pool.unstage(frame, MoveMode::empty())? };
+        let r = unsafe {
+            match self.mode {
+                InstallMode::Move => pool.unstage(frame, MoveMode::empty())?,
+                InstallMode::Copy if self.wp_content => pool.unstage_copy(frame, CopyMode::WP)?,
+                InstallMode::Copy => pool.unstage_copy(frame, CopyMode::empty())?,
+            }
+        };
         Ok(r.is_done())
     }
 
@@ -114,17 +170,29 @@ fn page_pairs(start: u64, frames: &[FrameNo]) -> impl Iterator<Item = (u64, Fram
 /// Regions must be registered with `MISSING | WP`.
 #[derive(Debug)]
 pub struct TrackingInstaller {
+    inner: SameMmInstaller,
     uffd: std::sync::Arc<usm_kmod::Userfaultfd>,
     pagemap: std::fs::File,
 }
 
 impl TrackingInstaller {
-    /// Tracks through `uffd` (negotiated with `WP_ASYNC`) and `/proc/self/pagemap`.
+    /// Tracks through `uffd` (negotiated with `WP_ASYNC`) and `/proc/self/pagemap`;
+    /// installs by the default [`InstallMode`].
     pub fn new(uffd: std::sync::Arc<usm_kmod::Userfaultfd>) -> std::io::Result<TrackingInstaller> {
         Ok(TrackingInstaller {
+            inner: SameMmInstaller {
+                mode: InstallMode::default(),
+                wp_content: true,
+            },
             uffd,
             pagemap: std::fs::File::open("/proc/self/pagemap")?,
         })
+    }
+
+    /// Installs by `mode` instead.
+    pub fn with_mode(mut self, mode: InstallMode) -> TrackingInstaller {
+        self.inner.mode = mode;
+        self
     }
 }
 
@@ -167,22 +235,36 @@ impl Installer for TrackingInstaller {
         start: u64,
         owner: FrameOwner,
     ) -> Result<InstallReport, MmError> {
-        SameMmInstaller.install(pool, frames, start, owner)
+        self.inner.install(pool, frames, start, owner)
+    }
+    fn install_zeroed(
+        &self,
+        pool: &FramePool,
+        frames: &[FrameNo],
+        start: u64,
+        owner: FrameOwner,
+    ) -> Result<InstallReport, MmError> {
+        self.inner.install_zeroed(pool, frames, start, owner)
     }
     fn stage(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError> {
-        SameMmInstaller.stage(pool, frame)
+        self.inner.stage(pool, frame)
     }
     fn unstage(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError> {
-        SameMmInstaller.unstage(pool, frame)
+        self.inner.unstage(pool, frame)
     }
     fn poison(&self, pool: &FramePool, addr: u64) -> Result<(), MmError> {
-        SameMmInstaller.poison(pool, addr)
+        self.inner.poison(pool, addr)
     }
     fn reclaim(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError> {
-        SameMmInstaller.reclaim(pool, frame)
+        self.inner.reclaim(pool, frame)
     }
 
     fn track_clean(&self, addr: u64) -> Result<bool, MmError> {
+        if self.inner.mode == InstallMode::Copy {
+            // Content is COPY-installed write-protected already (see `wp_content`); the
+            // core asks right after such an install (swap-in, sampled re-fault on a read).
+            return Ok(true);
+        }
         // SAFETY: `addr` is a present page of a WP-registered region the core manages;
         // with WP_ASYNC a write to it is resolved by the kernel (no thread blocks).
         let r = unsafe {
