@@ -9,7 +9,10 @@
 //! which goes first, `--runs` times, and reports medians: IOPS, median and p99 latency
 //! (queue → reap for the engine, fio's total `lat`), CPU per I/O from `getrusage` (whole
 //! process, so io-wq kernel threads — which run every zram I/O — are counted on both
-//! sides), and the ratios `iops_vs_fio` and `p50_vs_fio`.
+//! sides), and the ratios `iops_vs_fio` and `p50_vs_fio`. On zram the engine performs a
+//! request made while nothing else is outstanding inline (`EngineConfig::inline_sync`, its
+//! default; `inline/io` in the output is the share of I/Os that did): at depth 1 that is
+//! every request. `--no-inline` measures the io_uring path instead.
 //!
 //! Then it measures the engine's completion modes (default, `COOP_TASKRUN`,
 //! `DEFER_TASKRUN`): depth-1 read latency when the thread calls `enter_for_completions`
@@ -90,6 +93,12 @@ struct Args {
     /// and waits in one `io_uring_enter` (at depth 1: one entry per I/O).
     #[arg(long)]
     two_enters: bool,
+    /// Turn the engine's inline path for synchronous devices off (`EngineConfig::
+    /// inline_sync = false`): every zram request then goes through io_uring (and io-wq),
+    /// as fio's do. By default a request made while nothing else is outstanding on zram is
+    /// read or written inline.
+    #[arg(long)]
+    no_inline: bool,
     /// Skip the completion-mode measurement.
     #[arg(long)]
     no_modes: bool,
@@ -129,6 +138,10 @@ struct Sample {
     /// `io_uring_enter` calls per I/O (engine side only; 0 for fio, not measured).
     #[serde(default)]
     enters_per_io: f64,
+    /// Share of the engine's I/Os performed inline on a synchronous device (zram, nothing
+    /// else outstanding), without io_uring; 0 for fio.
+    #[serde(default)]
+    inline_per_io: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -147,6 +160,7 @@ fn median_sample(s: &[Sample]) -> Sample {
         p99_us: median(s.iter().map(|x| x.p99_us).collect()),
         cpu_us_per_io: median(s.iter().map(|x| x.cpu_us_per_io).collect()),
         enters_per_io: median(s.iter().map(|x| x.enters_per_io).collect()),
+        inline_per_io: median(s.iter().map(|x| x.inline_per_io).collect()),
     }
 }
 
@@ -210,6 +224,8 @@ struct Report {
     /// entry (`--two-enters`); otherwise the last request of a round rides with `wait(1)`.
     engine_two_enters: bool,
     engine_submit_batch: u32,
+    /// The engine's inline path for synchronous devices (zram) was on (`--no-inline` off).
+    engine_inline_sync: bool,
     fio_args_example: String,
     rows: Vec<Row>,
     modes: Vec<ModeRow>,
@@ -268,6 +284,7 @@ fn engine_for(
     depth: u32,
     mode: Option<CompletionMode>,
     submit_batch: u32,
+    inline_sync: bool,
 ) -> Engine {
     Engine::new(
         &EngineConfig {
@@ -276,6 +293,7 @@ fn engine_for(
             staging_pages: 0,
             eventfd: false,
             submit_batch,
+            inline_sync,
         },
         std::slice::from_ref(dev),
     )
@@ -284,7 +302,7 @@ fn engine_for(
 
 /// Writes every slot once (so reads hit real data, not unwritten extents).
 fn fill_device(dev: &Arc<SwapDevice>) {
-    let mut eng = engine_for(dev, 32, None, 0);
+    let mut eng = engine_for(dev, 32, None, 0, true);
     let pages_per_io = 64u64;
     let mut rng = Rng(0x1234_5678);
     let mut next = 0u64;
@@ -332,6 +350,7 @@ struct UsmRun {
     spin: bool,
     submit_batch: u32,
     two_enters: bool,
+    inline_sync: bool,
 }
 
 /// The engine's closed loop at `depth` for `secs`.
@@ -345,11 +364,12 @@ fn run_usm(dev: &Arc<SwapDevice>, run: &UsmRun) -> Sample {
         spin,
         submit_batch,
         two_enters,
+        inline_sync,
     } = *run;
     // The last request of a round goes with the wait (one kernel entry) unless asked not
     // to, or when spinning (no wait to ride on).
     let last_with_wait = !spin && !two_enters;
-    let mut eng = engine_for(dev, depth, mode, submit_batch);
+    let mut eng = engine_for(dev, depth, mode, submit_batch, inline_sync);
     let slots = dev.slots();
     let mut rng = Rng(seed | 1);
     let mut bufs: Vec<PageBuf> = (0..depth).map(|_| PageBuf::page()).collect();
@@ -404,6 +424,7 @@ fn run_usm(dev: &Arc<SwapDevice>, run: &UsmRun) -> Sample {
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = (cpu_time(UsageWho::RUSAGE_SELF) - cpu0).as_secs_f64();
     let enters = eng.stats().enters;
+    let inline = eng.stats().inline_ios;
     // Drain what is still in flight (not counted).
     while eng.in_flight() > 0 {
         eng.wait(1).unwrap_or_else(|e| panic!("{e}"));
@@ -419,6 +440,7 @@ fn run_usm(dev: &Arc<SwapDevice>, run: &UsmRun) -> Sample {
         p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
         cpu_us_per_io: cpu * 1e6 / done.max(1) as f64,
         enters_per_io: enters as f64 / done.max(1) as f64,
+        inline_per_io: inline as f64 / done.max(1) as f64,
     }
 }
 
@@ -451,6 +473,9 @@ fn run_usm_child(
     }
     if args.two_enters {
         cmd.arg("--two-enters");
+    }
+    if args.no_inline {
+        cmd.arg("--no-inline");
     }
     cmd.arg("--submit-batch").arg(submit_batch.to_string());
     let out = cmd
@@ -495,6 +520,7 @@ fn child_main(args: &Args, spec: &str) {
             spin: args.spin,
             submit_batch,
             two_enters: args.two_enters,
+            inline_sync: !args.no_inline,
         },
     );
     println!(
@@ -555,6 +581,7 @@ fn run_fio(path: &Path, bytes: u64, op: Op, depth: u32, secs: f64) -> Sample {
         // Includes fio's start-up and ramp time: a slight over-estimate for fio.
         cpu_us_per_io: cpu * 1e6 / ios.max(1.0),
         enters_per_io: 0.0,
+        inline_per_io: 0.0,
     }
 }
 
@@ -616,13 +643,14 @@ fn bench_medium(args: &Args, medium: &str, path: &Path, bytes: u64, rows: &mut V
                 );
             }
             eprintln!(
-                "{medium:5} {:9} qd{depth:<3} usm {:>8.0} IOPS p50 {:>7.1} µs p99 {:>7.1} µs cpu {:>5.1} µs/io enters/io {:.2} | fio {:>8.0} IOPS p50 {:>7.1} µs p99 {:>7.1} µs cpu {:>5.1} µs/io | iops×{:.3} p50×{:.3}",
+                "{medium:5} {:9} qd{depth:<3} usm {:>8.0} IOPS p50 {:>7.1} µs p99 {:>7.1} µs cpu {:>5.1} µs/io enters/io {:.2} inline/io {:.2} | fio {:>8.0} IOPS p50 {:>7.1} µs p99 {:>7.1} µs cpu {:>5.1} µs/io | iops×{:.3} p50×{:.3}",
                 op.fio_name(),
                 u.iops,
                 u.p50_us,
                 u.p99_us,
                 u.cpu_us_per_io,
                 u.enters_per_io,
+                u.inline_per_io,
                 f.iops,
                 f.p50_us,
                 f.p99_us,
@@ -672,7 +700,7 @@ fn bench_modes(dev: &Arc<SwapDevice>, args: &Args) -> Vec<ModeRow> {
         CompletionMode::CoopTaskrun,
         CompletionMode::DeferTaskrun,
     ] {
-        let mut eng = engine_for(dev, 32, Some(mode), 0);
+        let mut eng = engine_for(dev, 32, Some(mode), 0, true);
         let mut rng = Rng(0xABCD ^ mode as u64);
         // (1) The scheduler loop: enter_for_completions + reap, spinning, depth 1.
         let mut lat = Vec::with_capacity(loop_ios);
@@ -745,7 +773,7 @@ fn bench_modes(dev: &Arc<SwapDevice>, args: &Args) -> Vec<ModeRow> {
             if args.quick { 0.5 } else { args.seconds },
             args.submit_batch,
         );
-        let eng = engine_for(dev, 1, Some(mode), 0);
+        let eng = engine_for(dev, 1, Some(mode), 0, true);
         let report = eng.setup_report().to_string();
         let row = ModeRow {
             mode,
@@ -778,7 +806,7 @@ fn bench_modes(dev: &Arc<SwapDevice>, args: &Args) -> Vec<ModeRow> {
 }
 
 fn run_mode_iops(dev: &Arc<SwapDevice>, mode: CompletionMode, secs: f64, submit_batch: u32) -> f64 {
-    let mut eng = engine_for(dev, 32, Some(mode), submit_batch);
+    let mut eng = engine_for(dev, 32, Some(mode), submit_batch, true);
     let slots = dev.slots();
     let mut rng = Rng(77);
     let mut bufs: Vec<PageBuf> = (0..32).map(|_| PageBuf::page()).collect();
@@ -913,6 +941,7 @@ fn main() {
         engine_spin: args.spin,
         engine_two_enters: args.two_enters,
         engine_submit_batch: args.submit_batch,
+        engine_inline_sync: !args.no_inline,
         fio_args_example: fio_args(Path::new("FILE"), 1 << 30, Op::RandRead, 32, args.seconds)
             .join(" "),
         rows,

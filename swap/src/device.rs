@@ -20,7 +20,12 @@
 //! **zram**: `O_DIRECT` reads and writes on `/dev/zram*` complete synchronously inside the
 //! block layer, so io_uring punts them to its io-wq kernel threads. That CPU time is not
 //! the caller's thread time: benchmarks must count it (it shows up in the process's
-//! `getrusage`, since io-wq workers belong to the thread group).
+//! `getrusage`, since io-wq workers belong to the thread group). Such a device is
+//! *synchronous* ([`SwapDevice::is_synchronous`]: zram without a writeback backing device,
+//! detected at open through `/sys/dev/block/MAJ:MIN`): a request costs a few µs of CPU and
+//! never waits for hardware, so the engine performs a lone request on it inline
+//! (see [`Engine`](crate::Engine), "Synchronous devices"), as the kernel's own swap-in does
+//! for `SWP_SYNCHRONOUS_IO` devices.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
@@ -212,8 +217,30 @@ pub struct SwapDevice {
     kind: DeviceKind,
     header: SwapHeader,
     read_only: bool,
+    synchronous: bool,
     bad: Box<[AtomicU64]>,
     bad_count: AtomicU64,
+}
+
+/// Whether the block device behind `fd` is zram without a writeback backing device (its
+/// I/O completes in the submitting context, in RAM). Any error reading sysfs means "no".
+fn detect_synchronous(fd: BorrowedFd<'_>) -> bool {
+    let Ok(stat) = nix::sys::stat::fstat(fd) else {
+        return false;
+    };
+    let rdev = stat.st_rdev;
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let Ok(sys) = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")) else {
+        return false;
+    };
+    let is_zram = sys
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("zram"));
+    // With a backing device, pages written back are read from it: not synchronous.
+    let backing = std::fs::read_to_string(sys.join("backing_dev")).unwrap_or_default();
+    let backing = backing.trim();
+    is_zram && (backing.is_empty() || backing == "none")
 }
 
 impl SwapDevice {
@@ -234,6 +261,7 @@ impl SwapDevice {
         let block = read_first_block(fd.as_fd(), path, bytes)?;
         let header = SwapHeader::decode(path, &block, bytes)?;
         let words = header.slots.div_ceil(64) as usize;
+        let synchronous = kind == DeviceKind::Block && detect_synchronous(fd.as_fd());
         Ok(Self {
             id,
             path: path.into(),
@@ -241,9 +269,16 @@ impl SwapDevice {
             kind,
             header,
             read_only: opts.read_only,
+            synchronous,
             bad: (0..words).map(|_| AtomicU64::new(0)).collect(),
             bad_count: AtomicU64::new(0),
         })
+    }
+
+    /// Whether the device is synchronous: zram without a writeback backing device, whose
+    /// reads and writes complete in the caller's context in a few µs (see the module docs).
+    pub fn is_synchronous(&self) -> bool {
+        self.synchronous
     }
 
     /// The device's id (the device field of its swap entries).

@@ -76,6 +76,20 @@
 //! * **Depth 1.** A caller that is going to wait anyway uses [`Engine::queue_read`] /
 //!   [`Engine::queue_write`] (never auto-submitted) and then [`Engine::wait`]`(1)`: submit
 //!   and wait in one `io_uring_enter`, instead of a submit and a `GETEVENTS` entry.
+//! * **Synchronous devices (zram).** A request on a [synchronous
+//!   device](SwapDevice::is_synchronous) made while the engine has **nothing else queued or
+//!   in flight** is performed inline, in the calling thread (`pread`/`pwrite`, no
+//!   io_uring), when [`EngineConfig::inline_sync`] is on (the default); its completion is
+//!   kept and handed out by the next [`reap`](Engine::reap) like any other (latency still
+//!   queue → reap, [`in_flight`](Engine::in_flight) counts it until reaped,
+//!   [`wait`](Engine::wait) returns at once, [`ready_to_sleep`](Engine::ready_to_sleep) is
+//!   false). Why: zram does not support `NOWAIT` I/O, so io_uring punts every request to
+//!   an io-wq kernel thread — a wake-up of that thread and one of ours per request, which
+//!   on the project VM costs 3.5 µs when both run on one vCPU and 50–90 µs when the other
+//!   vCPU is halted, against ~1.4 µs for the read itself (`bench/results/swap.md`). The
+//!   kernel's own swap-in does the same for `SWP_SYNCHRONOUS_IO` devices. With anything
+//!   outstanding, requests go through the ring as before, so a burst still runs in
+//!   parallel on io-wq threads, and an inline request can never overtake a queued one.
 //! * **Buffers.** Owned [`PageBuf`]s move into the engine and come back in the
 //!   [`Completion`]; the engine's own staging pages are the only memory registered as
 //!   fixed buffers ([`Engine::read_staged`], [`Engine::write_staged`]); caller memory goes
@@ -97,7 +111,7 @@ use crate::error::{Result, SwapError};
 use crate::header::PAGE_SIZE;
 use crate::stats::EngineStats;
 use crate::sys::buf::PageBuf;
-use crate::sys::ring::{IoBuf, Meta, Ring, RingSetup, Rw, StagedPage};
+use crate::sys::ring::{IoBuf, Meta, Pending, Ring, RingSetup, Rw, StagedPage};
 
 /// How completions become visible (io_uring setup flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -146,6 +160,9 @@ pub struct EngineConfig {
     /// request at once gave ~1.2-1.4× the depth-32 IOPS of one batch per round (see
     /// `bench/results/swap.md`), so 1 is the default.
     pub submit_batch: u32,
+    /// Perform a lone request on a synchronous device (zram) inline, in the calling
+    /// thread, instead of through io_uring (module docs, "Synchronous devices").
+    pub inline_sync: bool,
 }
 
 impl Default for EngineConfig {
@@ -156,6 +173,7 @@ impl Default for EngineConfig {
             staging_pages: 32,
             eventfd: true,
             submit_batch: 1,
+            inline_sync: true,
         }
     }
 }
@@ -208,6 +226,10 @@ pub struct Engine {
     ring: Ring,
     devices: Vec<Option<DeviceSlot>>,
     submit_batch: u32,
+    inline_sync: bool,
+    /// Requests performed inline and not reaped yet, with their results (at most one: a
+    /// request goes inline only when nothing else is outstanding).
+    inline_done: Vec<(Pending, i32)>,
     next_ticket: u64,
     stats: EngineStats,
     // !Send + !Sync: the ring is SINGLE_ISSUER, bound to the creating thread.
@@ -253,6 +275,8 @@ impl Engine {
             ring,
             devices: table,
             submit_batch: config.submit_batch,
+            inline_sync: config.inline_sync,
+            inline_done: Vec::with_capacity(1),
             next_ticket: 1,
             stats: EngineStats::new()?,
             _thread_bound: PhantomData,
@@ -274,14 +298,14 @@ impl Engine {
         self.ring.capacity() as u32
     }
 
-    /// Requests queued or in flight (not yet reaped).
+    /// Requests queued or in flight (not yet reaped), inline ones included.
     pub fn in_flight(&self) -> u32 {
-        self.ring.pending() as u32
+        (self.ring.pending() + self.inline_done.len()) as u32
     }
 
     /// Whether another request would be accepted.
     pub fn has_capacity(&self) -> bool {
-        self.ring.pending() < self.ring.capacity()
+        self.ring.pending() + self.inline_done.len() < self.ring.capacity()
     }
 
     /// Statistics so far.
@@ -435,6 +459,10 @@ impl Engine {
         };
         let pages = (len / PAGE_SIZE) as u64;
         let device = &slot.device;
+        let inline = self.inline_sync
+            && device.is_synchronous()
+            && self.ring.pending() == 0
+            && self.inline_done.is_empty();
         if entry.slot().saturating_add(pages) > device.slots() {
             return Err((
                 SwapError::OutOfRange {
@@ -455,6 +483,7 @@ impl Engine {
             file: slot.fixed,
             offset: device.slot_offset(entry.slot()),
         };
+        let fd = device.fd().as_raw_fd();
         let ticket = Ticket(self.next_ticket);
         let meta = Meta {
             ticket,
@@ -463,6 +492,25 @@ impl Engine {
             len: len as u32,
             started: Instant::now(),
         };
+        if inline {
+            let mut buf = buf;
+            let res = self.ring.rw_inline(fd, op, rw.offset, &mut buf, len as u32);
+            self.inline_done.push((Pending { meta, buf }, res));
+            self.next_ticket += 1;
+            self.stats.inline_ios += 1;
+            self.stats.in_flight += 1;
+            self.stats.max_in_flight = self.stats.max_in_flight.max(self.stats.in_flight);
+            return Ok(ticket);
+        }
+        if !self.has_capacity() {
+            self.stats.queue_full += 1;
+            return Err((
+                SwapError::QueueFull {
+                    depth: self.depth(),
+                },
+                buf,
+            ));
+        }
         if let Err((e, buf)) = self.ring.push(rw, meta, buf) {
             if matches!(e, SwapError::QueueFull { .. }) {
                 self.stats.queue_full += 1;
@@ -540,7 +588,7 @@ impl Engine {
     /// kernel left flagged earlier (module docs, "How a sleeping thread learns of
     /// completions").
     pub fn ready_to_sleep(&mut self) -> bool {
-        if self.ring.unsubmitted() > 0 || self.ring.cq_ready() {
+        if !self.inline_done.is_empty() || self.ring.unsubmitted() > 0 || self.ring.cq_ready() {
             return false;
         }
         self.ring.mode() == CompletionMode::Default
@@ -553,7 +601,10 @@ impl Engine {
     /// how a worker with nothing else to do sleeps; after [`queue_read`](Self::queue_read)
     /// it is the whole depth-1 swap-in in one kernel entry.
     pub fn wait(&mut self, min: u32) -> Result<()> {
-        let want = (min as usize).min(self.ring.pending());
+        // Inline completions are visible already.
+        let want = (min as usize)
+            .saturating_sub(self.inline_done.len())
+            .min(self.ring.pending());
         if want == 0 {
             return self.submit().map(|_| ());
         }
@@ -564,7 +615,9 @@ impl Engine {
     /// Like [`wait`](Self::wait) but gives up after `timeout`. Returns false when it timed
     /// out with fewer than `min` completions visible (some may be: [`reap`](Self::reap)).
     pub fn wait_timeout(&mut self, min: u32, timeout: std::time::Duration) -> Result<bool> {
-        let want = (min as usize).min(self.ring.pending());
+        let want = (min as usize)
+            .saturating_sub(self.inline_done.len())
+            .min(self.ring.pending());
         if want == 0 {
             return self.submit().map(|_| true);
         }
@@ -579,55 +632,87 @@ impl Engine {
             ring,
             devices,
             stats,
+            inline_done,
             ..
         } = self;
         let mut staged_done: Vec<StagedPage> = Vec::new();
-        let n = ring.drain(|pending, res| {
-            let meta = pending.meta;
-            let elapsed = meta.started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
-            stats.in_flight = stats.in_flight.saturating_sub(1);
-            let device = devices
-                .get(usize::from(meta.entry.device().0))
-                .and_then(Option::as_ref)
-                .map(|s| &s.device);
-            let result = Self::classify(&meta, res, device);
-            match meta.op {
-                IoOp::Read => {
-                    stats.reads += 1;
-                    EngineStats::record_latency(&mut stats.read_latency, elapsed);
-                    match &result {
-                        Ok(n) => stats.read_bytes += u64::from(*n),
-                        Err(_) => stats.read_errors += 1,
-                    }
-                }
-                IoOp::Write => {
-                    stats.writes += 1;
-                    EngineStats::record_latency(&mut stats.write_latency, elapsed);
-                    match &result {
-                        Ok(n) => stats.write_bytes += u64::from(*n),
-                        Err(_) => stats.write_errors += 1,
-                    }
-                }
-            }
-            let buf = match pending.buf {
-                IoBuf::Staged(p) if meta.op == IoOp::Write || result.is_err() => {
-                    staged_done.push(p);
-                    None
-                }
-                other => Some(other),
-            };
-            on_completion(Completion {
-                ticket: meta.ticket,
-                entry: meta.entry,
-                op: meta.op,
-                result,
-                buf,
-            });
+        let mut n = 0;
+        for (pending, res) in inline_done.drain(..) {
+            Self::complete(
+                devices,
+                stats,
+                &mut staged_done,
+                pending,
+                res,
+                &mut on_completion,
+            );
+            n += 1;
+        }
+        n += ring.drain(|pending, res| {
+            Self::complete(
+                devices,
+                stats,
+                &mut staged_done,
+                pending,
+                res,
+                &mut on_completion,
+            );
         });
         for p in staged_done {
             ring.release_staging(p);
         }
         n
+    }
+
+    /// One finished request: statistics, classification, buffer hand-back.
+    fn complete(
+        devices: &[Option<DeviceSlot>],
+        stats: &mut EngineStats,
+        staged_done: &mut Vec<StagedPage>,
+        pending: Pending,
+        res: i32,
+        on_completion: &mut impl FnMut(Completion),
+    ) {
+        let meta = pending.meta;
+        let elapsed = meta.started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        stats.in_flight = stats.in_flight.saturating_sub(1);
+        let device = devices
+            .get(usize::from(meta.entry.device().0))
+            .and_then(Option::as_ref)
+            .map(|s| &s.device);
+        let result = Self::classify(&meta, res, device);
+        match meta.op {
+            IoOp::Read => {
+                stats.reads += 1;
+                EngineStats::record_latency(&mut stats.read_latency, elapsed);
+                match &result {
+                    Ok(n) => stats.read_bytes += u64::from(*n),
+                    Err(_) => stats.read_errors += 1,
+                }
+            }
+            IoOp::Write => {
+                stats.writes += 1;
+                EngineStats::record_latency(&mut stats.write_latency, elapsed);
+                match &result {
+                    Ok(n) => stats.write_bytes += u64::from(*n),
+                    Err(_) => stats.write_errors += 1,
+                }
+            }
+        }
+        let buf = match pending.buf {
+            IoBuf::Staged(p) if meta.op == IoOp::Write || result.is_err() => {
+                staged_done.push(p);
+                None
+            }
+            other => Some(other),
+        };
+        on_completion(Completion {
+            ticket: meta.ticket,
+            entry: meta.entry,
+            op: meta.op,
+            result,
+            buf,
+        });
     }
 
     fn classify(meta: &Meta, res: i32, device: Option<&Arc<SwapDevice>>) -> Result<u32> {

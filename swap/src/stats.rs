@@ -27,6 +27,9 @@ pub struct EngineStats {
     pub queue_full: u64,
     /// Calls to `io_uring_enter` made by the engine.
     pub enters: u64,
+    /// Requests performed inline on a synchronous device, without io_uring (see
+    /// [`Engine`](crate::Engine), "Synchronous devices").
+    pub inline_ios: u64,
     /// Requests queued or in the kernel right now.
     pub in_flight: u32,
     /// The largest `in_flight` seen.
@@ -93,6 +96,8 @@ pub struct StatsSnapshot {
     pub queue_full: u64,
     /// See [`EngineStats::enters`].
     pub enters: u64,
+    /// See [`EngineStats::inline_ios`].
+    pub inline_ios: u64,
     /// See [`EngineStats::in_flight`].
     pub in_flight: u32,
     /// See [`EngineStats::max_in_flight`].
@@ -120,6 +125,7 @@ impl EngineStats {
             write_errors: 0,
             queue_full: 0,
             enters: 0,
+            inline_ios: 0,
             in_flight: 0,
             max_in_flight: 0,
             read_latency: histogram()?,
@@ -138,6 +144,7 @@ impl EngineStats {
             write_errors: self.write_errors,
             queue_full: self.queue_full,
             enters: self.enters,
+            inline_ios: self.inline_ios,
             in_flight: self.in_flight,
             max_in_flight: self.max_in_flight,
             read_latency: LatencySummary::of(&self.read_latency),
@@ -155,6 +162,7 @@ impl EngineStats {
         self.write_errors = 0;
         self.queue_full = 0;
         self.enters = 0;
+        self.inline_ios = 0;
         self.max_in_flight = self.in_flight;
         self.read_latency.reset();
         self.write_latency.reset();

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use common::{LoopDevice, disk_tempdir, pipeline};
 use usm_swap::{
-    DeviceId, DeviceKind, Engine, EngineConfig, FormatOptions, IoOp, PAGE_SIZE, SwapDevice,
-    SwapEntry, SwapError, SwapSpace, Zram, create_swap_file, format,
+    DeviceId, DeviceKind, Engine, EngineConfig, FormatOptions, IoBuf, IoOp, PAGE_SIZE, PageBuf,
+    SwapDevice, SwapEntry, SwapError, SwapSpace, Zram, create_swap_file, format,
 };
 
 fn file_device(dir: &Path, name: &str, id: u8, bytes: u64) -> Arc<SwapDevice> {
@@ -181,6 +181,7 @@ fn priorities_fill_the_highest_first_and_rotate_among_equals() {
 fn slot_exhaustion_and_fork_sharing_on_a_real_device() {
     let dir = disk_tempdir();
     let dev = file_device(dir.path(), "swap0", 7, 1 << 20);
+    assert!(!dev.is_synchronous(), "a file is not a synchronous device");
     let mut space = SwapSpace::new();
     space.add(dev.clone(), 0).unwrap();
     let mut got = Vec::new();
@@ -232,6 +233,7 @@ fn loop_device_over_a_file() {
     let h = format(&lo.path, &FormatOptions::default()).unwrap();
     assert_eq!(h.slots, (16 << 20) / PAGE_SIZE as u64 - 1);
     let dev = Arc::new(SwapDevice::open(DeviceId(0), &lo.path).unwrap());
+    assert!(!dev.is_synchronous(), "a loop device is not zram");
     assert_eq!(dev.kind(), DeviceKind::Block);
     // O_EXCL: a second exclusive open of the same block device is refused.
     let err = SwapDevice::open(DeviceId(1), &lo.path).unwrap_err();
@@ -264,6 +266,10 @@ fn zram_as_a_ram_swap_device() {
     format(zram.path(), &FormatOptions::default()).unwrap();
     let dev = Arc::new(SwapDevice::open(DeviceId(3), zram.path()).unwrap());
     assert_eq!(dev.kind(), DeviceKind::Block);
+    assert!(
+        dev.is_synchronous(),
+        "zram without a backing device is synchronous"
+    );
     assert_eq!(dev.slots(), (32 << 20) / PAGE_SIZE as u64 - 1);
     let mut space = SwapSpace::new();
     space.add(dev.clone(), 0).unwrap();
@@ -272,13 +278,75 @@ fn zram_as_a_ram_swap_device() {
     while entries.len() < 4000 {
         entries.extend(space.alloc_run(64).unwrap().entries());
     }
+
+    // A lone request runs inline: done before any wait, counted in flight until reaped,
+    // and no io_uring_enter at all.
+    let mut page = PageBuf::page();
+    page.fill(0x5a);
+    eng.write(entries[0], page).unwrap();
+    assert_eq!(eng.stats().inline_ios, 1);
+    assert_eq!(eng.in_flight(), 1);
+    assert!(eng.has_capacity());
+    assert!(
+        !eng.ready_to_sleep(),
+        "an unreaped inline completion must be reaped first"
+    );
+    eng.wait(1).unwrap();
+    assert_eq!(
+        eng.stats().enters,
+        0,
+        "no kernel entry for an inline request"
+    );
+    let mut done = Vec::new();
+    assert_eq!(eng.reap(|c| done.push(c)), 1);
+    assert_eq!(done[0].entry, entries[0]);
+    assert_eq!(*done[0].result.as_ref().unwrap(), PAGE_SIZE as u32);
+    assert_eq!(eng.in_flight(), 0);
+    // A burst: only the first request (nothing else outstanding) goes inline, the others
+    // through the ring; the data written inline reads back through either path.
+    let mut tickets = Vec::new();
+    for &e in [entries[0], entries[1], entries[0], entries[2]].iter() {
+        tickets.push(eng.read(e, PageBuf::page()).unwrap());
+    }
+    assert_eq!(eng.stats().inline_ios, 2);
+    assert!(
+        eng.stats().enters > 0,
+        "the rest of the burst went through the ring"
+    );
+    let mut reads = Vec::new();
+    while reads.len() < 4 {
+        eng.wait(1).unwrap();
+        eng.reap(|c| reads.push(c));
+    }
+    for c in reads.iter().filter(|c| c.entry == entries[0]) {
+        let Some(IoBuf::Owned(b)) = &c.buf else {
+            panic!("owned buffer not returned")
+        };
+        assert!(b.iter().all(|&x| x == 0x5a), "inline write read back");
+    }
+
     for depth in [1u32, 32] {
         let writes: Vec<_> = entries.iter().map(|&e| (IoOp::Write, e)).collect();
         pipeline(&mut eng, &writes, u64::from(depth), depth);
         let reads: Vec<_> = entries.iter().rev().map(|&e| (IoOp::Read, e)).collect();
         pipeline(&mut eng, &reads, u64::from(depth), depth);
     }
+    assert!(eng.stats().inline_ios >= 8000, "depth 1 ran inline");
     drop(eng);
+    // Turned off: every request goes through io_uring.
+    let mut ring_only = Engine::new(
+        &EngineConfig {
+            inline_sync: false,
+            ..EngineConfig::default()
+        },
+        &space.devices(),
+    )
+    .unwrap();
+    let reads: Vec<_> = entries[..64].iter().map(|&e| (IoOp::Read, e)).collect();
+    pipeline(&mut ring_only, &reads, 32, 1);
+    assert_eq!(ring_only.stats().inline_ios, 0);
+    assert!(ring_only.stats().enters >= 64);
+    drop(ring_only);
     drop(space);
     drop(dev);
     zram.reset().unwrap();

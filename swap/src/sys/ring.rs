@@ -351,6 +351,55 @@ impl Ring {
         Some(&mut self.staging[r])
     }
 
+    /// Performs one read or write at once, in the calling thread (`pread`/`pwrite` on
+    /// `fd`, no io_uring): the engine's inline path for a lone request on a synchronous
+    /// device (see the engine's module docs). `len` bytes of `buf`, which the engine checked
+    /// against the buffer's size, at byte `offset`. Returns what a CQE would: the byte
+    /// count or `-errno`.
+    pub(crate) fn rw_inline(
+        &mut self,
+        fd: RawFd,
+        op: IoOp,
+        offset: u64,
+        buf: &mut IoBuf,
+        len: u32,
+    ) -> i32 {
+        let addr: *mut u8 = match buf {
+            IoBuf::Owned(b) => b.as_mut_ptr(),
+            IoBuf::Staged(p) => match self.staging_range(p) {
+                Some(r) => self.staging[r].as_mut_ptr(),
+                None => return -libc::EINVAL,
+            },
+            IoBuf::Raw(r) => r.addr as *mut u8,
+        };
+        let Ok(offset) = libc::off_t::try_from(offset) else {
+            return -libc::EINVAL;
+        };
+        loop {
+            // SAFETY: `addr..addr+len` is the request's buffer — an owned `PageBuf` of at
+            // least `len` bytes, a staging page of this ring (`len` = one page), or caller
+            // memory promised valid by the unsafe raw API until the completion is reaped —
+            // and `&mut IoBuf` gives us exclusive use of it; the call is synchronous, so the
+            // kernel is done with the memory when it returns. `fd` is the device's
+            // descriptor, kept open by the engine's `Arc<SwapDevice>`.
+            let n = unsafe {
+                match op {
+                    IoOp::Read => libc::pread(fd, addr.cast(), len as usize, offset),
+                    IoOp::Write => libc::pwrite(fd, addr.cast_const().cast(), len as usize, offset),
+                }
+            };
+            if n >= 0 {
+                return i32::try_from(n).unwrap_or(i32::MAX);
+            }
+            let errno = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if errno != libc::EINTR {
+                return -errno;
+            }
+        }
+    }
+
     /// Queues one request in the submission queue (no system call). On refusal the buffer
     /// comes back with the error.
     pub(crate) fn push(
