@@ -30,12 +30,19 @@ use usm_bench::fault::{self, FirstTouchResult, FirstTouchSpec, TouchOrder};
 use usm_bench::report::{JsonReport, Table, fmt_f};
 use usm_bench::stats::{RunSummary, median, rusage, system_steal_s, warmup_then_runs};
 use usm_bench::{Error, PmQos, Result};
-use usm_runtime::embedded::Runtime;
+use usm_runtime::embedded::{InstallMode, Runtime};
 
 const PAGE: usize = 4096;
 /// Pool frames beyond the region (32 MiB).
 const SLACK_FRAMES: usize = (32 << 20) / PAGE;
 const USM_POLICIES: [&str; 4] = ["first-fit", "fhp:16K", "fhp:64K", "fhp:2M"];
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq)]
+enum InstallArg {
+    Move,
+    Copy,
+    Both,
+}
 
 #[derive(Parser, Debug)]
 #[command(about = "First touch: kernel page sizes vs USM flexible huge pages")]
@@ -55,6 +62,11 @@ struct Cli {
     /// Do not hold /dev/cpu_dma_latency at 0.
     #[arg(long)]
     no_pmqos: bool,
+    /// How the USM sides install frames (`move` / `copy`; default: the runtime's
+    /// default, `usm_runtime::mm::InstallMode`). With `both`, every USM side runs in both
+    /// modes (labels end in `/move`, `/copy`).
+    #[arg(long, value_enum)]
+    install: Option<InstallArg>,
     /// Run only the sides whose label contains one of these (e.g. `--only fhp:64K --only
     /// mTHP-64K`); the goal line needs kernel-4K, kernel-mTHP-64K and usm-fhp:64K.
     #[arg(long)]
@@ -102,7 +114,14 @@ struct UsmRun {
     steal_s: f64,
 }
 
-fn usm_once(policy: &str, eager: bool, pin: bool, bytes: u64, order: &[u32]) -> Result<UsmRun> {
+fn usm_once(
+    policy: &str,
+    eager: bool,
+    pin: bool,
+    install: Option<InstallMode>,
+    bytes: u64,
+    order: &[u32],
+) -> Result<UsmRun> {
     let emb = |e: usm_runtime::embedded::EmbeddedError| Error::Invalid(format!("embedded: {e}"));
     usm_bench::prewarm::prewarm_host(2 * bytes + (64 << 20))?;
     let order = order.to_vec();
@@ -110,7 +129,11 @@ fn usm_once(policy: &str, eager: bool, pin: bool, bytes: u64, order: &[u32]) -> 
     let (cpu0, _, _) = rusage(true)?;
     let steal0 = system_steal_s();
     let t0 = Instant::now();
-    let rt = Runtime::builder()
+    let mut b = Runtime::builder();
+    if let Some(m) = install {
+        b = b.install_mode(m);
+    }
+    let rt = b
         .workers(1)
         .pin_workers(pin)
         .pool_frames(pages + SLACK_FRAMES)
@@ -162,6 +185,8 @@ fn usm_side(
     policy: &str,
     eager: bool,
     pin: bool,
+    install: Option<InstallMode>,
+    suffix: &str,
     spec: &FirstTouchSpec,
 ) -> Result<(FirstTouchResult, f64, f64)> {
     let pages = (spec.bytes as usize).div_ceil(PAGE);
@@ -170,7 +195,7 @@ fn usm_side(
         TouchOrder::Random => fault::permutation(pages, spec.seed),
     };
     let runs = warmup_then_runs(spec.warmup, spec.runs, |_| {
-        usm_once(policy, eager, pin, spec.bytes, &order)
+        usm_once(policy, eager, pin, install, spec.bytes, &order)
     })?;
     let gib = spec.bytes as f64 / (1u64 << 30) as f64;
     let walls: Vec<f64> = runs.iter().map(|r| r.wall_s).collect();
@@ -182,7 +207,7 @@ fn usm_side(
     let build: Vec<f64> = runs.iter().map(|r| r.build_s).collect();
     Ok((
         FirstTouchResult {
-            side: format!("usm-{policy}{}", if eager { "/eager" } else { "" }),
+            side: format!("usm-{policy}{}{suffix}", if eager { "/eager" } else { "" }),
             order: spec.order.label().into(),
             bytes: spec.bytes,
             faults: median(&faults),
@@ -240,9 +265,21 @@ fn run(cli: &Cli) -> Result<()> {
             if !cli.wants(&label) {
                 continue;
             }
-            let (r, t, b) = usm_side(policy, eager, !cli.no_pin, &spec)?;
-            touch_only.push(json!({"side": r.side, "order": r.order, "touch_s": t, "build_s": b}));
-            results.push(r);
+            let installs: Vec<(Option<InstallMode>, &str)> = match cli.install {
+                None => vec![(None, "")],
+                Some(InstallArg::Move) => vec![(Some(InstallMode::Move), "")],
+                Some(InstallArg::Copy) => vec![(Some(InstallMode::Copy), "")],
+                Some(InstallArg::Both) => vec![
+                    (Some(InstallMode::Move), "/move"),
+                    (Some(InstallMode::Copy), "/copy"),
+                ],
+            };
+            for (install, suffix) in installs {
+                let (r, t, b) = usm_side(policy, eager, !cli.no_pin, install, suffix, &spec)?;
+                touch_only
+                    .push(json!({"side": r.side, "order": r.order, "touch_s": t, "build_s": b}));
+                results.push(r);
+            }
         }
     }
     let ratios = fault::first_touch_ratios(&results);
@@ -316,6 +353,7 @@ fn run(cli: &Cli) -> Result<()> {
     report.insert("quick", cli.quick)?;
     report.insert("mib", mib)?;
     report.insert("runs", runs)?;
+    report.insert("install", cli.install.map(|m| format!("{m:?}")))?;
     report.insert(
         "pm_qos_us",
         if qos.is_some() { json!(0) } else { Value::Null },

@@ -726,3 +726,94 @@ fn copy_installs_drop_their_slots_in_batches_and_a_stage_flushes_them_first() {
     uffd.unregister(region, len).unwrap();
     sys::munmap(region, len as usize);
 }
+
+#[test]
+fn a_lazy_pool_populates_nothing_and_fills_a_slot_only_when_asked() {
+    if !require_root("a_lazy_pool_populates_nothing_and_fills_a_slot_only_when_asked") {
+        return;
+    }
+    use usm_kmod::pool::CopyFrom;
+    let uffd = Arc::new(common::uffd(Features::MOVE));
+    let frames = 64;
+    let pool = FramePool::new_lazy(
+        PoolConfig {
+            frames,
+            lock: LockMode::Unlocked,
+        },
+        Arc::clone(&uffd),
+    )
+    .unwrap();
+    assert!(pool.is_lazy());
+    assert_eq!(resident_slots(&pool), 0, "nothing populated");
+    assert_eq!(census_ok(&pool).free, frames);
+    let len = 8 * PAGE;
+    let region = sys::mmap_anon(len as usize);
+    assert_eq!(sys::madvise(region, len as usize, libc::MADV_NOHUGEPAGE), 0);
+    uffd.register(region, len, RegisterMode::MISSING).unwrap();
+    let owner = FrameOwner::default();
+    let mut local = pool.local_arena();
+    // First touch: COPY from the zero source; the slots stay holes, nothing to drop.
+    let run: Vec<FrameNo> = (0..4)
+        .map(|_| pool.take(&mut local).unwrap().unwrap())
+        .collect();
+    let r = sys::install_many_copy(&pool, &run, region, owner, CopyFrom::Zero).unwrap();
+    assert_eq!(r, Resolved::Done(4 * PAGE));
+    assert_eq!(pool.pending_drops(), 0);
+    assert_eq!(resident_slots(&pool), 0);
+    sys::fill_page(region, 0x77);
+    // A "swap-in": the slot is filled on demand, then COPY-installed (slot pending).
+    let f = pool.take(&mut local).unwrap().unwrap();
+    pool.ensure_slot(f).unwrap();
+    assert!(pool.memory().is_zero(f.index() * 4096, 4096).unwrap());
+    pool.memory().store_u64(f.index() * 4096, 0x5157).unwrap();
+    let r = sys::install_many_copy(&pool, &[f], region + 4 * PAGE, owner, CopyFrom::Slots);
+    assert!(r.unwrap().is_done());
+    assert_eq!(sys::load(region + 4 * PAGE), 0x5157);
+    assert_eq!(pool.pending_drops(), 1);
+    // A MOVE install out of a hole slot is refilled first (Move mode on a lazy pool).
+    let g = pool.take(&mut local).unwrap().unwrap();
+    assert!(
+        sys::install(&pool, g, region + 5 * PAGE, owner, MoveMode::empty())
+            .unwrap()
+            .is_done()
+    );
+    assert!(sys::page_is(region + 5 * PAGE, 0));
+    // Eviction into the (hole) slot and back.
+    assert!(
+        sys::stage(&pool, run[0], MoveMode::DONTWAKE)
+            .unwrap()
+            .is_done()
+    );
+    assert_eq!(pool.memory().load_u64(run[0].index() * 4096).unwrap(), 0x77);
+    assert!(sys::unstage_copy(&pool, run[0]).unwrap().is_done());
+    assert!(sys::page_is(region, 0x77));
+    // Everything back: staged/dirty slots are cleared, holes stay holes.
+    for &fr in run.iter().chain([f, g].iter()) {
+        assert!(sys::reclaim(&pool, fr).unwrap().is_done());
+    }
+    drop(local);
+    while pool.zeroing_len() > 0 {
+        pool.zero_some(64).unwrap();
+    }
+    assert_eq!(pool.pending_drops(), 0);
+    let c = census_ok(&pool);
+    assert_eq!(c.free, frames, "{c}");
+    // Every slot that holds a page is zero; a frame taken again works either way.
+    for i in 0..frames {
+        let mut v = [0u8; 1];
+        // SAFETY: mincore on one page of our own pool mapping into a 1-byte buffer.
+        let ret = unsafe {
+            libc::mincore(
+                (pool.base() + i as u64 * PAGE) as *mut libc::c_void,
+                PAGE as usize,
+                v.as_mut_ptr(),
+            )
+        };
+        assert_eq!(ret, 0);
+        if v[0] & 1 != 0 {
+            assert!(pool.memory().is_zero(i * 4096, 4096).unwrap(), "slot {i}");
+        }
+    }
+    uffd.unregister(region, len).unwrap();
+    sys::munmap(region, len as usize);
+}

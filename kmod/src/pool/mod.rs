@@ -299,6 +299,8 @@ pub struct FramePool {
     pub(crate) self_pidfd: Option<crate::sys::mem::SelfPidfd>,
     /// Batches dropped and slots dropped (statistics).
     pub(crate) drop_counts: (AtomicU64, AtomicU64),
+    /// Lazy slots ([`FramePool::new_lazy`]): a Free frame's slot may be a hole.
+    pub(crate) lazy: bool,
 }
 
 impl FramePool {
@@ -308,6 +310,31 @@ impl FramePool {
     /// until populated. Without a userfaultfd the pool cannot move pages (tests of
     /// policies, or bookkeeping-only users).
     pub fn new(config: PoolConfig, uffd: Option<Arc<Userfaultfd>>) -> Result<Arc<FramePool>> {
+        Self::build(config, uffd, false)
+    }
+
+    /// A pool with *lazy slots*, for installing by `UFFDIO_COPY`: the whole mapping is
+    /// registered at once and nothing is populated; every frame starts Free with a hole
+    /// for a slot, and a freed frame's hole is not refilled. A first-touch install copies
+    /// from the zero source and never needs the slot; whoever needs a real page in a
+    /// Taken frame's slot (a swap-in read, a copy into it, a MOVE out of it) calls
+    /// [`FramePool::ensure_slot`] first (one `UFFDIO_COPY` from the zero source, no TLB
+    /// flush). So the pool costs no population time and its memory is only what was
+    /// used. Needs a userfaultfd.
+    pub fn new_lazy(config: PoolConfig, uffd: Arc<Userfaultfd>) -> Result<Arc<FramePool>> {
+        Self::build(config, Some(uffd), true)
+    }
+
+    /// Whether slots are lazy ([`FramePool::new_lazy`]).
+    pub fn is_lazy(&self) -> bool {
+        self.lazy
+    }
+
+    fn build(
+        config: PoolConfig,
+        uffd: Option<Arc<Userfaultfd>>,
+        lazy: bool,
+    ) -> Result<Arc<FramePool>> {
         if config.frames == 0 || config.frames > u32::MAX as usize {
             return Err(Error::InvalidArgument(
                 "pool size must be 1..=u32::MAX frames",
@@ -330,13 +357,30 @@ impl FramePool {
         if config.lock == LockMode::OnFault {
             mem.mlock_onfault()?;
         }
-        let first = config.frames.min(POPULATE_CHUNK);
-        Self::populate_range(&mem, uffd.as_deref(), 0, first)?;
+        let first = if lazy {
+            if let Some(u) = &uffd {
+                u.register(mem.addr(), len as u64, RegisterMode::MISSING)?;
+            }
+            config.frames
+        } else {
+            let first = config.frames.min(POPULATE_CHUNK);
+            Self::populate_range(&mem, uffd.as_deref(), 0, first)?;
+            first
+        };
         let zero_source = Mapping::anonymous(ZERO_SOURCE_PAGES * PAGE_SIZE, Protection::Read)?;
-        let descs = (0..config.frames).map(|_| FrameDesc::new()).collect();
+        let descs: Vec<FrameDesc> = (0..config.frames).map(|_| FrameDesc::new()).collect();
+        if lazy {
+            for d in &descs {
+                d.set_slot(SlotContent::Hole);
+            }
+        }
         let shared = Arc::new(SharedArena::with_reserve(config.frames, first));
         let chunks = config.frames.div_ceil(POPULATE_CHUNK);
-        let unpopulated_chunks = Mutex::new((1..chunks).rev().collect());
+        let unpopulated_chunks = Mutex::new(if lazy {
+            Vec::new()
+        } else {
+            (1..chunks).rev().collect()
+        });
         // Without it, drops fall back to one madvise per run of slots.
         let self_pidfd = match &uffd {
             Some(_) => crate::sys::mem::SelfPidfd::open().ok(),
@@ -360,6 +404,7 @@ impl FramePool {
             flushing: Mutex::new(()),
             self_pidfd,
             drop_counts: (AtomicU64::new(0), AtomicU64::new(0)),
+            lazy,
         }))
     }
 
@@ -578,7 +623,9 @@ impl FramePool {
     /// worker's lArena.
     pub fn return_unused(&self, local: &mut LocalArena, frame: FrameNo) -> Result<()> {
         let desc = self.transition(frame, FrameState::Taken, FrameState::Free)?;
-        desc.set_slot(SlotContent::Zeroed);
+        if desc.slot() != SlotContent::Hole {
+            desc.set_slot(SlotContent::Zeroed);
+        }
         local.push(frame);
         Ok(())
     }
@@ -590,6 +637,8 @@ impl FramePool {
         let desc = self.desc(frame)?;
         let state = desc.state();
         let slot = match state {
+            // A lazy slot nobody filled stays a hole.
+            FrameState::Taken if desc.slot() == SlotContent::Hole => SlotContent::Hole,
             FrameState::Taken | FrameState::Staging => SlotContent::Dirty,
             // A slot still holding the copied page is cleared by the zeroer like any
             // stale page (no drop needed).
@@ -752,7 +801,9 @@ impl FramePool {
         }
         for &f in &batch {
             let desc = self.transition(f, FrameState::Zeroing, FrameState::Free)?;
-            desc.set_slot(SlotContent::Zeroed);
+            if !(self.lazy && desc.slot() == SlotContent::Hole) {
+                desc.set_slot(SlotContent::Zeroed);
+            }
         }
         let n = batch.len();
         self.shared.push_batch(&mut batch, n);

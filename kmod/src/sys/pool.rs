@@ -54,6 +54,7 @@ impl FramePool {
     ) -> Result<Resolved> {
         let uffd = self.uffd_or_err()?;
         self.expect_state(frame, FrameState::Taken)?;
+        self.ensure_slot(frame)?;
         // SAFETY: the caller owns `dst` (missing page of its region) and the Taken frame's
         // slot (contract above).
         let r = unsafe { uffd.move_pages(dst, self.slot_addr(frame), PAGE, mode)? };
@@ -88,6 +89,7 @@ impl FramePool {
         let uffd = self.uffd_or_err()?;
         for &f in frames {
             self.expect_state(f, FrameState::Taken)?;
+            self.ensure_slot(f)?;
         }
         let mut done = 0usize;
         while done < frames.len() {
@@ -151,6 +153,9 @@ impl FramePool {
         let uffd = self.uffd_or_err()?;
         for &f in frames {
             self.expect_state(f, FrameState::Taken)?;
+            if from == CopyFrom::Slots {
+                self.ensure_slot(f)?;
+            }
         }
         let mut done = 0usize;
         let mut result = Ok(Resolved::Done(0));
@@ -185,7 +190,9 @@ impl FramePool {
             let copied = (r.bytes() / PAGE) as usize;
             for (i, &f) in frames[done..done + copied].iter().enumerate() {
                 let desc = self.transition(f, FrameState::Taken, FrameState::Mapped)?;
-                desc.set_slot(SlotContent::PendingDrop);
+                if desc.slot() != SlotContent::Hole {
+                    desc.set_slot(SlotContent::PendingDrop);
+                }
                 desc.set_mapping(owner, at + i as u64 * PAGE);
             }
             done += copied;
@@ -199,8 +206,12 @@ impl FramePool {
             }
             result = Ok(Resolved::Done(done as u64 * PAGE));
         }
-        // Installed frames are Mapped now whatever happened after them: queue their slots.
-        self.queue_drops(frames[..done].iter().copied());
+        // Installed frames are Mapped now whatever happened after them: queue the slots
+        // that hold a page (a lazy slot may be a hole already).
+        self.queue_drops(frames[..done].iter().copied().filter(|&f| {
+            self.desc(f)
+                .is_ok_and(|d| d.slot() == SlotContent::PendingDrop)
+        }));
         result
     }
 
@@ -225,6 +236,20 @@ impl FramePool {
             self.queue_drops([frame]);
         }
         Ok(r)
+    }
+
+    /// Makes sure a Taken frame's slot holds a page (lazy pools: a hole is refilled with
+    /// a zeroed page by `UFFDIO_COPY` from the zero source, no TLB flush). Call before
+    /// writing the slot (a swap-in read, a copy into it) or moving its page out.
+    pub fn ensure_slot(&self, frame: FrameNo) -> Result<()> {
+        let desc = self.desc(frame)?;
+        if desc.slot() != SlotContent::Hole {
+            return Ok(());
+        }
+        self.expect_state(frame, FrameState::Taken)?;
+        self.refill_holes(self.slot_addr(frame), 1)?;
+        desc.set_slot(SlotContent::Zeroed);
+        Ok(())
     }
 
     /// Drops the slots of `frames` (`MADV_DONTNEED`, batched; see
@@ -337,6 +362,8 @@ impl FramePool {
             }
             let (start, pages) = (self.slot_addr(first), (j - i) as u64);
             match content {
+                // Lazy slots stay holes until someone needs a page there.
+                SlotContent::Hole if self.lazy => {}
                 SlotContent::Hole => self.refill_holes(start, pages)?,
                 SlotContent::Dirty | SlotContent::Zeroed | SlotContent::PendingDrop => {
                     let offset = first.index() * PAGE_SIZE;

@@ -250,13 +250,15 @@ impl Builder {
             Features::SIGBUS | Features::MOVE | Features::POISON,
         )?);
         let tracking = self.clean_eviction && uffd.features().contains(Features::WP_ASYNC);
-        let pool = FramePool::new(
-            PoolConfig {
-                frames: self.pool_frames,
-                lock: LockMode::Unlocked,
-            },
-            Some(uffd.clone()),
-        )?;
+        let pool_config = PoolConfig {
+            frames: self.pool_frames,
+            lock: LockMode::Unlocked,
+        };
+        // COPY installs never need a first-touch frame's slot: lazy slots, no population.
+        let pool = match self.install {
+            InstallMode::Copy => FramePool::new_lazy(pool_config, uffd.clone())?,
+            InstallMode::Move => FramePool::new(pool_config, Some(uffd.clone()))?,
+        };
         let mut devices = Vec::new();
         for (i, src) in self.swap.iter().enumerate() {
             let path = match src {

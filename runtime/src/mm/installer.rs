@@ -108,12 +108,16 @@ pub enum InstallMode {
     /// costs a TLB flush per page; while another thread of the process (the other
     /// worker, the pool's zeroer) runs on another CPU that flush is an IPI, a VM exit on
     /// both sides in a VM.
-    #[default]
     Move,
     /// `UFFDIO_COPY` slot (or the zero source, first touch) → page: fills an empty PTE
     /// and only reads the source, so no flush; the frame is Mapped as with MOVE and its
     /// slot's now redundant page is dropped in batches (`FramePool::flush_drops`: one
     /// `process_madvise(MADV_DONTNEED)` and one flush per 64 pages), so memory stays at
-    /// the pool's size. Costs a 4 KiB copy and a page allocation per page.
+    /// the pool's size. Costs a 4 KiB copy and a page allocation per page. The embedded
+    /// runtime then builds its pool with lazy slots (`FramePool::new_lazy`: nothing
+    /// populated; a first touch copies from the zero source and needs no slot). The
+    /// default: measured faster in the swap storm and in `fhp` (bench/results/storm.md,
+    /// fhp.md, 2026-11-22 "COPY install" sections).
+    #[default]
     Copy,
 }

@@ -26,9 +26,11 @@ pub(crate) fn read_into_slot(
             what: "swap-in into a frame that is not Taken",
         });
     }
+    // A lazy pool's slot may be a hole: O_DIRECT into it would fault (EFAULT).
+    pool.ensure_slot(frame)?;
     let addr = pool.slot_addr(frame) as *mut u8;
     // SAFETY: the slot is a present, page-aligned page of the pool mapping (a Taken frame's
-    // slot holds a zeroed page), which lives as long as the pool, and the pool outlives
+    // slot holds a zeroed page: `ensure_slot`), which lives as long as the pool, and the pool outlives
     // every engine (the core holds both and drops engines first). The core owns the
     // Taken frame and does not touch its slot until the completion is reaped. Pool memory
     // is never an io_uring fixed buffer.
@@ -39,7 +41,10 @@ pub(crate) fn read_into_slot(
 ///
 /// The slot must stay Staging (not released, not refilled) until the completion is
 /// reaped; a swap-cache hit meanwhile may MOVE the page back only if the kernel agrees
-/// (the in-flight write pins it: `EBUSY` → the core copies instead).
+/// (the in-flight write pins it: `EBUSY` → the core copies instead), or — COPY install
+/// mode — copy it back, after which the slot's page is dropped in a batch: the write
+/// holds its own reference to the page, and the completion (whose ticket no longer
+/// matches the page state) only frees its swap slot.
 pub(crate) fn write_from_slot(
     engine: &mut Engine,
     pool: &FramePool,
@@ -71,6 +76,7 @@ pub(crate) fn copy_slot(pool: &FramePool, from: FrameNo, to: FrameNo) -> Result<
             what: "slot copy needs a Staging source and a Taken destination",
         });
     }
+    pool.ensure_slot(to)?;
     let src = pool.slot_addr(from) as *const u8;
     let dst = pool.slot_addr(to) as *mut u8;
     // SAFETY: both slots are present pages of the pool mapping (Staging holds the evicted
