@@ -27,7 +27,7 @@ use usm_bench::fault;
 use usm_bench::report::{JsonReport, Table, fmt_f};
 use usm_bench::stats::{LatencyHistogram, LatencySummary, median, ratio_vs_kernel};
 use usm_bench::{Error, Result};
-use usm_runtime::embedded::Runtime;
+use usm_runtime::embedded::{InstallMode, Runtime};
 
 const PAGE: usize = 4096;
 
@@ -43,6 +43,15 @@ struct Cli {
     /// Write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Install mode of the USM sides (`move` / `copy`; default: the runtime's default).
+    #[arg(long, value_enum)]
+    install: Option<InstallArg>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq)]
+enum InstallArg {
+    Move,
+    Copy,
 }
 
 fn main() {
@@ -62,10 +71,20 @@ enum Side {
 
 /// One USM run: the latency seen by the faulting code, and the part spent in the worker's
 /// driver (fault seen → page installed, from the runtime's own `fast_map` histogram).
-fn usm_once(side: Side, pages: usize) -> Result<(LatencySummary, u64)> {
+fn usm_once(
+    side: Side,
+    pages: usize,
+    install: Option<InstallArg>,
+) -> Result<(LatencySummary, u64)> {
     let emb = |e: usm_runtime::embedded::EmbeddedError| Error::Invalid(format!("embedded: {e}"));
     usm_bench::prewarm::prewarm_host((2 * pages * PAGE) as u64 + (64 << 20))?;
-    let rt = Runtime::builder()
+    let mut b = Runtime::builder();
+    match install {
+        Some(InstallArg::Move) => b = b.install_mode(InstallMode::Move),
+        Some(InstallArg::Copy) => b = b.install_mode(InstallMode::Copy),
+        None => {}
+    }
+    let rt = b
         .workers(1)
         .pin_workers(true)
         .pool_frames(pages + 4096)
@@ -73,7 +92,8 @@ fn usm_once(side: Side, pages: usize) -> Result<(LatencySummary, u64)> {
         .map_err(emb)?;
     // The pool populates lazily (8 MiB chunks); populate it all now so no fault below
     // waits for population and the zeroer thread is idle (not running on the other core,
-    // where it would receive the MOVEs' TLB-flush IPIs).
+    // where it would receive the MOVEs' TLB-flush IPIs). A COPY-mode pool has lazy slots:
+    // nothing to populate.
     rt.mm()
         .pool()
         .populate_all()
@@ -132,8 +152,8 @@ fn run(cli: &Cli) -> Result<()> {
     for i in 0..=runs {
         let k = fault::kernel_fault_latency(cli.pages, 1000)?;
         timer_ns = k.timer_overhead_ns;
-        let u = usm_once(Side::UThread, cli.pages)?;
-        let t = usm_once(Side::PlainThread, cli.pages)?;
+        let u = usm_once(Side::UThread, cli.pages, cli.install)?;
+        let t = usm_once(Side::PlainThread, cli.pages, cli.install)?;
         if i > 0 {
             kernel.push(k.latency);
             uthread.push(u.0);
@@ -146,7 +166,7 @@ fn run(cli: &Cli) -> Result<()> {
     let mut table = Table::new(&["side", "p50 ns", "p99 ns", "p50 vs kernel", "p99 vs kernel"]);
     for (name, v) in [
         ("kernel-4K first touch", &k),
-        ("usm uThread (pool, MOVE)", &u),
+        ("usm uThread (pool)", &u),
         ("usm plain thread (futex)", &t),
     ] {
         table.row(vec![
@@ -164,7 +184,7 @@ fn run(cli: &Cli) -> Result<()> {
     println!("{}", table.render());
     let service_p50 = median(&service);
     println!(
-        "of the uThread fault, the worker's driver (policy + MOVE + resume) takes p50 {service_p50:.0} ns; \
+        "of the uThread fault, the worker's driver (policy + install + resume) takes p50 {service_p50:.0} ns; \
          the rest is signal delivery, the switch to the LocalManager and back, and sigreturn"
     );
     println!(
@@ -175,6 +195,7 @@ fn run(cli: &Cli) -> Result<()> {
         let mut report = JsonReport::new("usm_fault");
         report.insert("pages", cli.pages)?;
         report.insert("runs", runs)?;
+        report.insert("install", cli.install.map(|m| format!("{m:?}")))?;
         report.insert("timer_overhead_ns", timer_ns)?;
         report.insert("loadavg_before", load_before)?;
         report.insert("loadavg_after", fault::load_average())?;

@@ -22,8 +22,9 @@
 //! ```text
 //!            take()                     install() (MOVE slot -> region)
 //!   Free ─────────────► Taken ─────────────────────────────────► Mapped
-//!   (arena; slot =      (caller; slot =                         (region at vaddr;
-//!    zeroed page)        zeroed or filled                         slot = hole)
+//!   (arena; slot =      (caller; slot =      install_many_copy() (region at vaddr;
+//!    zeroed page, or     zeroed or filled     (COPY; slot pending  slot = hole, or
+//!    hole if lazy)       by the caller)        a batched drop)     PendingDrop)
 //!     ▲                  by the caller)                           │   ▲
 //!     │ zero_some()        │ return_unused() ──► Free              │   │ unstage()
 //!     │                    │ release()                     stage() │   │ (MOVE back)
@@ -52,9 +53,37 @@
 //!   a compare-and-swap on the descriptor state, checked with `debug_assert!` / a typed
 //!   [`Error::FrameState`].
 //!
+//! # Installing by COPY, dropping slots in batches
+//! MOVE clears the slot's present PTE: one TLB flush per page, an IPI whenever the process
+//! also runs on another CPU (a VM exit on both sides in a VM). `install_many_copy` /
+//! `unstage_copy` install with `UFFDIO_COPY` instead (fills an empty PTE, reads the source:
+//! no flush). The frame becomes Mapped as with MOVE, but its slot still holds the copied
+//! page: `PendingDrop`, queued in `drops`. [`FramePool::flush_drops`] drops
+//! the queue with one `process_madvise(MADV_DONTNEED)` (one flush for the batch), then
+//! the slots are holes; it runs when [`DROP_BATCH`] are pending (on the installing
+//! thread), from the zeroer when idle, and on demand. Rules that keep it honest:
+//! - A MOVE into a slot needs a hole: `stage` (and so `reclaim`) settles a pending slot
+//!   first by dropping the whole batch (`settle_slot`).
+//! - A Mapped frame released while pending is taken off the batch; its slot is Dirty
+//!   (the zeroer clears it like any stale page), so a later drop never hits a slot that
+//!   was handed out again. `flushing` is held across each drop, so a frame that left
+//!   the queue is a hole once the lock is free.
+//! - The pool's userfaultfd must not have `EVENT_REMOVE` (the drop would wait for the
+//!   event to be read).
+//!
+//! So with COPY installs, `mapped` frames still hold no memory in the pool once dropped;
+//! RSS exceeds the pool by at most the pending batch (64 pages).
+//!
+//! # Lazy slots
+//! [`FramePool::new_lazy`] registers the whole pool and populates nothing: Free frames may
+//! have a hole for a slot (the invariant "Free ⇒ slot zeroed" becomes "zeroed or hole"),
+//! and freed holes are not refilled. A COPY install from the zero source never reads the
+//! slot; whoever needs a page in a Taken frame's slot (a swap-in read, a copy, a MOVE out
+//! of it) calls [`FramePool::ensure_slot`] (one COPY from the zero source, no flush).
+//!
 //! The memory-touching half (`install`, `install_many` for a run of pages, `install_copy`,
-//! `stage`, `unstage`, `reclaim`, slot refill) is implemented
-//! in `sys::pool`, where the crate's `unsafe` lives.
+//! `install_many_copy`, `stage`, `unstage`, `unstage_copy`, `reclaim`, slot refill and
+//! drops) is implemented in `sys::pool`, where the crate's `unsafe` lives.
 
 pub mod arena;
 
@@ -86,11 +115,12 @@ pub const DROP_BATCH: usize = 64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[repr(u8)]
 pub enum FrameState {
-    /// In an arena, slot holds a zeroed page.
+    /// In an arena, slot holds a zeroed page (or, in a lazy pool, is a hole).
     Free = 0,
     /// Handed out by [`FramePool::take`]; the taker owns it and its slot.
     Taken = 1,
-    /// Its page is mapped in a region at [`FrameDesc::vaddr`]; the slot is a hole.
+    /// Its page is mapped in a region at [`FrameDesc::vaddr`]; the slot is a hole (after
+    /// a COPY install: until its batched drop, the copied page).
     Mapped = 2,
     /// Its page was moved back out of a region and sits in the slot (eviction / swap cache).
     Staging = 3,
@@ -128,7 +158,7 @@ pub(crate) enum SlotContent {
     Dirty = 2,
     /// A Mapped frame installed by `UFFDIO_COPY`: the slot still holds the page that was
     /// copied (now redundant), queued for a batched `MADV_DONTNEED` (see
-    /// [`FramePool::flush_drops`]); it becomes a [`SlotContent::Hole`] then.
+    /// [`FramePool::flush_drops`]); it becomes a hole then.
     PendingDrop = 3,
 }
 
@@ -289,7 +319,7 @@ pub struct FramePool {
     config: PoolConfig,
     #[cfg(not(loom))]
     zeroer_signal: (Mutex<()>, usm_sync::Condvar),
-    /// Mapped frames whose slot is [`SlotContent::PendingDrop`] (pushed by COPY installs).
+    /// Mapped frames whose slot is `PendingDrop` (pushed by COPY installs).
     pub(crate) drops: Mutex<Vec<FrameNo>>,
     pub(crate) drops_len: AtomicUsize,
     /// Held by whoever drops a batch, for the whole `MADV_DONTNEED`: a frame taken out of
@@ -689,7 +719,7 @@ impl FramePool {
     }
 
     /// Queues the slots of frames just installed by COPY (now Mapped, slot
-    /// [`SlotContent::PendingDrop`]) for a batched drop; drops the batch at once when it
+    /// `PendingDrop`) for a batched drop; drops the batch at once when it
     /// reaches [`DROP_BATCH`] and nobody else is dropping.
     /// A failed drop is logged and the slots stay pending (retried by the next flush).
     pub(crate) fn queue_drops(&self, frames: impl IntoIterator<Item = FrameNo>) {
@@ -750,7 +780,7 @@ impl FramePool {
     /// Settles the slot of a Mapped frame that is about to leave the Mapped state: if
     /// its copied page is still pending a drop, either drop the whole pending batch now
     /// (`need_hole`: the slot must be a hole, e.g. a MOVE into it follows) or take the
-    /// frame off the batch, leaving its slot [`SlotContent::Dirty`] (the zeroer clears it).
+    /// frame off the batch, leaving its slot `Dirty` (the zeroer clears it).
     /// Holding `flushing` means no drop of this frame is in progress. Returns the slot
     /// content afterwards.
     pub(crate) fn settle_slot(&self, frame: FrameNo, need_hole: bool) -> Result<SlotContent> {

@@ -126,7 +126,7 @@ impl FramePool {
     /// empty destination PTE and only *reads* the source, so unlike MOVE — which clears
     /// the present source PTE and flushes the TLB for it, one cross-CPU IPI per page
     /// while another thread of this mm runs elsewhere — it needs no TLB flush. Installed
-    /// frames are Mapped, with their slot [`SlotContent::PendingDrop`]: the slot's page
+    /// frames are Mapped, with their slot `PendingDrop`: the slot's page
     /// is now redundant and is dropped in a batch ([`FramePool::flush_drops`], one flush
     /// per [`crate::pool::DROP_BATCH`] pages), or settled first when the frame leaves
     /// Mapped. One COPY per run of consecutive frames ([`CopyFrom::Slots`]) or per 64
@@ -218,7 +218,7 @@ impl FramePool {
     /// Swap-cache hit by COPY: puts a copy of a Staging frame's page back at its address
     /// (no TLB flush, and it works while an in-flight write-back reads the slot, where
     /// MOVE says `EBUSY`). On [`Resolved::Done`] the frame is Mapped with its slot
-    /// [`SlotContent::PendingDrop`] (dropped in a batch; a write-back still reading it
+    /// `PendingDrop` (dropped in a batch; a write-back still reading it
     /// keeps its own reference to the page, so it completes with the staged content).
     ///
     /// # Safety

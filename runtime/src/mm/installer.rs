@@ -3,12 +3,23 @@
 //! The core decides *what* happens to a page; an installer carries it out in a given
 //! address space:
 //!
-//! | | embedded ([`SameMmInstaller`]) | daemon (implemented by the daemon) |
-//! |---|---|---|
-//! | install a frame | `UFFDIO_MOVE` pool slot → page (zero copy); `UFFDIO_COPY` when MOVE says `EBUSY` | `UFFDIO_COPY` from the daemon's slot into the tagged process (cross-mm) |
-//! | take a page out (evict) | `UFFDIO_MOVE` page → staging slot, same mm | the tagger's agent thread does the same-mm MOVE to its staging area |
-//! | swap-cache hit | MOVE the staging slot back (COPY while the write-back still pins it) | COPY from staging |
-//! | lost content | `UFFDIO_POISON` | `UFFDIO_POISON` on the tagged process's fd |
+//! | | embedded, [`InstallMode::Copy`] (default) | embedded, [`InstallMode::Move`] | daemon (implemented by the daemon) |
+//! |---|---|---|---|
+//! | install a frame (swap-in) | `UFFDIO_COPY` slot → page, mapped write-protected when writes are tracked; the slot's page is dropped in a batch | `UFFDIO_MOVE` pool slot → page (zero copy); `UFFDIO_COPY` when MOVE says `EBUSY` | `UFFDIO_COPY` from the daemon's slot into the tagged process (cross-mm) |
+//! | first touch | `UFFDIO_COPY` from the pool's zero source (the lazy pool's slot is not even populated) | MOVE the pre-zeroed slot | COPY |
+//! | take a page out (evict, sample) | `UFFDIO_MOVE` page → staging slot, same mm (a pending slot drop is flushed first) | the same | the tagger's agent thread does the same-mm MOVE to its staging area |
+//! | swap-cache hit, sampled re-fault | COPY the staging slot back (works while the write-back reads it) | MOVE it back (COPY into a fresh frame while the write-back pins it) | COPY from staging |
+//! | lost content | `UFFDIO_POISON` | `UFFDIO_POISON` | `UFFDIO_POISON` on the tagged process's fd |
+//!
+//! Why COPY: MOVE clears the slot's *present* PTE, one TLB flush per page (even in a
+//! multi-page MOVE); with the process running on both CPUs (two workers, the zeroer) each
+//! flush is an IPI, a VM exit on both sides here. `perf record -a` of the swap storm
+//! (2026-11-22, file swap, intensity 1): `flush_tlb_mm_range` under `move_pages` was 33%
+//! of USM's CPU samples in the lead's quiet run with MOVE installs (16.8% in our loaded
+//! re-run); with COPY installs the install side is gone (12.1% left, all from eviction
+//! and sampling MOVEs out, which must clear the app's PTE) and the batched drops cost
+//! 0.2%. COPY into an empty PTE needs no flush; `process_madvise(MADV_DONTNEED)` over 64
+//! slots flushes once (Linux 6.16+ gathers the whole vector).
 //!
 //! Every method is called with the core's state lock held, on a worker, in normal
 //! context. An installer never blocks on the address space it manages.

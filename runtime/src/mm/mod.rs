@@ -13,7 +13,8 @@
 //!   (a private `WorkerCx` over the locked state, with memory state and eviction policy
 //!   in separate fields so `Cx::evict` can run the eviction policy mid-allocation).
 //! - [`Installer`] ([`installer`]): *how* frames get into and out of an address space
-//!   (embedded: [`SameMmInstaller`], same-mm `UFFDIO_MOVE`; the daemon brings its own).
+//!   (embedded: [`SameMmInstaller`], same-mm `UFFDIO_COPY` in / `UFFDIO_MOVE` out, see
+//!   [`InstallMode`]; the daemon brings its own).
 //! - [`MmStats`] ([`stats`]): counters and latency histograms per [`FaultPath`];
 //!   [`StatsSnapshot`] is `serde::Serialize`.
 //!
@@ -26,12 +27,16 @@
 //!    panic restores every frame the call took — fresh ones to the lArena, staged ones to
 //!    staging — logs, and replaces the policy by the registry's default allocation
 //!    policy, then retries).
-//! 3. `Map`: fresh frames are installed (one `UFFDIO_MOVE` per run of consecutive pages;
-//!    `Partial` results re-issued from the stop point and classified page by page;
+//! 3. `Map`: fresh frames are installed (one `UFFDIO_COPY` from the zero source — or, in
+//!    [`InstallMode::Move`], one `UFFDIO_MOVE` — per run of consecutive pages; `Partial`
+//!    results re-issued from the stop point and classified page by page; MOVE's
 //!    `UseCopy` → `UFFDIO_COPY`, page recorded `Copied` and the frame given back); staged
-//!    frames (swap-cache hits) are moved back, or — while their write-back pins the slot —
-//!    copied into a fresh frame that is moved in (the staging frame becomes an *orphan*,
-//!    released when its write completes). → [`FaultResult::Resolved`].
+//!    frames (swap-cache hits) are copied back (Move mode: moved back, or — while their
+//!    write-back pins the slot — copied into a fresh frame that is moved in, the staging
+//!    frame becoming an *orphan*, released when its write completes).
+//!    → [`FaultResult::Resolved`]. A write-back whose page was taken back by a copy
+//!    completes against a page state that no longer names its ticket: it only frees its
+//!    swap slot.
 //!    `Yield(ticket)`: `Cx::swap_in` queued `O_DIRECT` read straight into the Taken
 //!    frame's slot; the page is `SwapIn` → [`FaultResult::Wait`]. With `PREFETCH=N` on the
 //!    page, up to N following swapped pages are read too.
@@ -44,7 +49,9 @@
 //!      released to the zeroing queue (zeroing happens off the fault path, in kmod's
 //!      zeroer); if a fault took the page back meanwhile, the slot is freed instead; a
 //!      failed write moves the page back (nothing lost);
-//!    - swap-in done: the frame is moved into the page, the slot freed, and every worker
+//!    - swap-in done: the frame is installed at the page (COPY: the slot's page is
+//!      queued for a batched drop; Move mode: MOVE), the swap slot freed (or kept as
+//!      the clean copy), and every worker
 //!      in the page's waiter mask woken ([`MmCore::set_waker`]); a read that lost data
 //!      (`must_poison`) makes the page `Poisoned` with `UFFDIO_POISON` — never zeros.
 //!
@@ -56,6 +63,21 @@
 //!    `UFFDIO_MOVE` into its staging slot *before* its write is queued (`O_DIRECT`
 //!    straight from the slot), so no write of the application can be lost; writes are
 //!    submitted in one batch per round.
+//!
+//! # Install by COPY, drop slots in batches (no TLB flush per installed page)
+//! [`InstallMode::Copy`] (the embedded default) installs with `UFFDIO_COPY`, which fills
+//! an empty PTE and only reads the source: no TLB flush. `UFFDIO_MOVE` clears the
+//! source's present PTE and flushes per page; with the process active on the other CPU
+//! that is an IPI and, in a VM, an exit on both sides (~10–15 µs per MOVE under load). The
+//! frame is Mapped as with MOVE; its slot still holds the copied page
+//! (`SlotContent::PendingDrop` in kmod), dropped in batches of 64 with one
+//! `process_madvise(MADV_DONTNEED)` (one flush per batch) so memory stays ≈ the pool.
+//! Invariant: a MOVE into a slot (stage, sampling) needs a hole, so the pool drops the
+//! pending batch first; a frame released while pending is just taken off the batch. Its
+//! pool has lazy slots (`FramePool::new_lazy`): nothing populated, a first touch copies
+//! from the zero source, a swap-in read fills its slot on demand. Eviction and sampling
+//! still MOVE the page out (the app's PTE must be cleared atomically so no write is lost):
+//! one flush per victim or sample. Measured: see [`installer`] and bench/results/storm.md.
 //!
 //! # Pins
 //! [`MmCore::pin`] / [`MmCore::unpin`] count pins per page; a pinned page is never chosen
@@ -77,8 +99,8 @@
 //! `Resident` page moves it out to its own pool slot (`UFFDIO_MOVE`, no I/O; the page is
 //! now [`PageState::Sampled`], still counted resident, still tracked by the policy) and
 //! answers *accessed*, so `clock` spares it for one revolution of its hand. Then either:
-//! - the program touches the page: the fault finds it `Sampled`, moves it back at once
-//!   (`FaultPath::SampleRefault`, no policy call, no I/O) and reports
+//! - the program touches the page: the fault finds it `Sampled`, copies it back at once
+//!   (Move mode: moves; `FaultPath::SampleRefault`, no policy call, no I/O) and reports
 //!   `EvictPolicy::on_access(accessed)`; the next time the hand comes it is sampled again;
 //! - or the hand comes back while it is still out: `access` answers *not accessed*, the
 //!   page becomes a victim, and since it is already in its slot its write-back is queued
@@ -87,12 +109,17 @@
 //! So a page leaves memory only after a full revolution without an access, reads included
 //! (a written-bit scan would miss reads). Cost: one MOVE per page per revolution and one
 //! cheap re-fault per *used* page per revolution. At most 4096 pages are sampled per search
-//! (the first search under pressure finds every page unsampled). A swapped-in page whose
-//! clean copy is kept loses its write-protection in the MOVE back; a read re-fault re-arms
-//! it, a write re-fault drops the copy.
+//! (the first search under pressure finds every page unsampled). COPY mode: one MOVE
+//! (flush) per sample, the copy back is flush-free and its slot dropped in a batch; Move
+//! mode: two flushes. A swapped-in page whose clean copy is kept is copied back
+//! write-protected (Move mode: loses its write-protection in the MOVE back; a read
+//! re-fault re-arms it); a write re-fault drops the copy.
 //!
 //! # API stability
 //! Extend, don't break: the daemon builds on these types. Changes are noted here.
+//! - 2026-11-22: [`InstallMode`]; [`Installer::install_zeroed`] (default: `install`);
+//!   [`SameMmInstaller`] is a struct with a `mode` field (was a unit struct: use
+//!   `SameMmInstaller::default()` / `::new(mode)`).
 
 mod core;
 mod error;
