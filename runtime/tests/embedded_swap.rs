@@ -124,12 +124,49 @@ fn heavy_swap_keeps_every_page_intact(mode: InstallMode) {
         ),
         InstallMode::Move => assert_eq!(dropped, 0),
     }
+    // Memory stays at the pool's size: a page is either in the region or in its frame's
+    // slot, never both for long (COPY installs: copied slots dropped in batches, at most
+    // one batch pending, and none once quiet).
+    assert!(rt.quiesce(Duration::from_secs(10)));
+    assert_eq!(rt.mm().pool().pending_drops(), 0);
+    let rss = mapping_rss(region.addr()) + mapping_rss(rt.mm().pool().base());
+    assert!(
+        rss <= (frames * PAGE) as u64,
+        "region + pool RSS {} KiB > pool {} KiB",
+        rss >> 10,
+        frames * PAGE >> 10
+    );
     drop(region);
     assert!(rt.quiesce(Duration::from_secs(10)));
     assert_eq!(rt.mm().swap_slots_used(), 0);
     assert_eq!(rt.mm().pool().pending_drops(), 0);
     let census = rt.mm().pool().check_conservation().unwrap();
     assert_eq!(census.free, frames, "{census}");
+}
+
+/// `Rss` of the mapping starting at `start`, from `/proc/self/smaps`.
+fn mapping_rss(start: u64) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-')
+            && let (Ok(lo), Ok(_)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16))
+        {
+            inside = lo == start;
+            continue;
+        }
+        if inside && let Some(kb) = line.strip_prefix("Rss:") {
+            return kb
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+                * 1024;
+        }
+    }
+    panic!("no mapping at {start:#x}");
 }
 
 /// A region of `pages` pages whose first word of page `p` is `mark(p)`, written from a

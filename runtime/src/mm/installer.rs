@@ -107,6 +107,8 @@ pub trait Installer: Send + Sync {
 
     /// Drops a Mapped frame's page from a range that is going away; the frame goes to the
     /// zeroing queue. `Ok(false)`: the page was pinned and stays (the frame stays Mapped).
+    /// The embedded installer in [`InstallMode::Copy`] just releases the frame and leaves
+    /// the page to the caller's `munmap` of the range (no MOVE back, no TLB flush).
     fn reclaim(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError>;
 }
 
