@@ -134,7 +134,7 @@ fn heavy_swap_keeps_every_page_intact(mode: InstallMode) {
         rss <= (frames * PAGE) as u64,
         "region + pool RSS {} KiB > pool {} KiB",
         rss >> 10,
-        frames * PAGE >> 10
+        (frames * PAGE) >> 10
     );
     drop(region);
     assert!(rt.quiesce(Duration::from_secs(10)));
