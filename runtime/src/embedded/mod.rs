@@ -30,7 +30,8 @@
 //!    posts the fault to the runtime and waits on a futex.
 //! 3. The worker's driver (module `driver`) — normal context, every scheduling round — hands
 //!    each fault to the memory core ([`crate::mm::WorkerMm::handle_fault`]): the region's
-//!    allocation policy runs, pre-zeroed frames are installed with `UFFDIO_MOVE`, or the
+//!    allocation policy runs, zero pages are installed with `UFFDIO_COPY` from the pool's
+//!    zero source (or pre-zeroed frames with `UFFDIO_MOVE`, [`InstallMode::Move`]), or the
 //!    uThread stays in PFQ while its io_uring swap-in runs and the worker runs others.
 //! 4. Completions are reaped every round; the page is installed; the uThread moves to IDQ,
 //!    resumes *on the same worker*, returns from the handler and retries the access.
@@ -38,6 +39,10 @@
 //!    page (the handler chains it: default action), never zeros.
 //!
 //! # Knobs that change the fault path
+//! - [`Builder::install_mode`]: [`InstallMode::Copy`] (default) installs by `UFFDIO_COPY`
+//!   (no TLB flush per page; the copied pool slots are dropped in batches; the pool has
+//!   lazy slots, nothing populated), [`InstallMode::Move`] by `UFFDIO_MOVE` (zero copy, one
+//!   TLB flush — with two workers an IPI — per page). See `crate::mm::InstallMode`.
 //! - [`Builder::swap_in_mode`]: [`SwapInMode::Yield`] (default) runs other uThreads while a
 //!   swap-in is in flight; [`SwapInMode::Sync`] makes the worker wait for it (blocked in
 //!   `io_uring_enter`), the kernel-like baseline inside USM (benchmark mode (b)).
