@@ -590,21 +590,12 @@ fn runs_survive_fragmentation_and_the_reserve_is_populated_on_demand() {
     assert!(pool.memory().is_zero(0, 2 * chunk * 4096).unwrap());
 }
 
-/// Resident pages of the pool mapping (`mincore`): the slots that still hold a page.
+/// Resident pages of the pool mapping: the slots that still hold a page.
 fn resident_slots(pool: &FramePool) -> usize {
-    let pages = pool.len();
-    let mut vec = vec![0u8; pages];
-    // SAFETY: mincore reads the page tables of our own mapping and writes `pages` bytes
-    // into a live buffer of that size.
-    let ret = unsafe {
-        libc::mincore(
-            pool.base() as *mut libc::c_void,
-            pages * PAGE as usize,
-            vec.as_mut_ptr(),
-        )
-    };
-    assert_eq!(ret, 0);
-    vec.iter().filter(|&&b| b & 1 != 0).count()
+    sys::resident(pool.base(), pool.len())
+        .into_iter()
+        .filter(|&r| r)
+        .count()
 }
 
 #[test]
@@ -799,18 +790,8 @@ fn a_lazy_pool_populates_nothing_and_fills_a_slot_only_when_asked() {
     let c = census_ok(&pool);
     assert_eq!(c.free, frames, "{c}");
     // Every slot that holds a page is zero; a frame taken again works either way.
-    for i in 0..frames {
-        let mut v = [0u8; 1];
-        // SAFETY: mincore on one page of our own pool mapping into a 1-byte buffer.
-        let ret = unsafe {
-            libc::mincore(
-                (pool.base() + i as u64 * PAGE) as *mut libc::c_void,
-                PAGE as usize,
-                v.as_mut_ptr(),
-            )
-        };
-        assert_eq!(ret, 0);
-        if v[0] & 1 != 0 {
+    for (i, resident) in sys::resident(pool.base(), frames).into_iter().enumerate() {
+        if resident {
             assert!(pool.memory().is_zero(i * 4096, 4096).unwrap(), "slot {i}");
         }
     }

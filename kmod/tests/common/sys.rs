@@ -442,3 +442,13 @@ pub fn unstage_copy(p: &FramePool, f: FrameNo) -> usm_kmod::Result<Resolved> {
     // SAFETY: the region page is the test's and a hole again.
     unsafe { p.unstage_copy(f, usm_kmod::CopyMode::empty()) }
 }
+
+/// Which of the `pages` pages from `addr` are resident (`mincore`).
+pub fn resident(addr: u64, pages: usize) -> Vec<bool> {
+    let mut vec = vec![0u8; pages];
+    // SAFETY: mincore only reads the page tables of `[addr, addr + pages * 4096)` (a
+    // mapping of ours) and writes `pages` bytes into a live buffer of that size.
+    let ret = unsafe { libc::mincore(addr as *mut libc::c_void, pages * 4096, vec.as_mut_ptr()) };
+    assert_eq!(ret, 0, "mincore");
+    vec.iter().map(|&b| b & 1 != 0).collect()
+}
