@@ -7,7 +7,9 @@
 //! device; the `O_EXCL` open makes a kernel `swapon` on it fail while USM holds it.
 //!
 //! `O_DIRECT` I/O on zram is synchronous in the block layer, so io_uring runs it on io-wq
-//! kernel threads: count their CPU when measuring.
+//! kernel threads: count their CPU when measuring. A lone request (nothing else
+//! outstanding) skips io_uring altogether: the engine performs it inline
+//! ([`Engine`](crate::Engine), "Synchronous devices").
 
 use std::path::{Path, PathBuf};
 
