@@ -798,3 +798,33 @@ fn a_lazy_pool_populates_nothing_and_fills_a_slot_only_when_asked() {
     uffd.unregister(region, len).unwrap();
     sys::munmap(region, len as usize);
 }
+
+#[test]
+fn copy_installs_are_refused_on_a_remove_tracking_userfaultfd() {
+    if !require_root("copy_installs_are_refused_on_a_remove_tracking_userfaultfd") {
+        return;
+    }
+    use usm_kmod::pool::CopyFrom;
+    // Dropping a copied slot (MADV_DONTNEED) would send a REMOVE event and wait for it.
+    let uffd = Arc::new(common::uffd(Features::MOVE | Features::EVENT_REMOVE));
+    let pool = FramePool::new(
+        PoolConfig {
+            frames: 8,
+            lock: LockMode::Unlocked,
+        },
+        Some(Arc::clone(&uffd)),
+    )
+    .unwrap();
+    let region = sys::mmap_anon(PAGE as usize);
+    uffd.register(region, PAGE, RegisterMode::MISSING).unwrap();
+    let mut local = pool.local_arena();
+    let f = pool.take(&mut local).unwrap().unwrap();
+    let err = sys::install_many_copy(&pool, &[f], region, FrameOwner::default(), CopyFrom::Zero)
+        .unwrap_err();
+    assert!(err.to_string().contains("EVENT_REMOVE"), "{err}");
+    assert_eq!(pool.desc(f).unwrap().state(), FrameState::Taken);
+    assert_eq!(pool.pending_drops(), 0);
+    pool.return_unused(&mut local, f).unwrap();
+    uffd.unregister(region, PAGE).unwrap();
+    sys::munmap(region, PAGE as usize);
+}

@@ -23,6 +23,18 @@ impl FramePool {
         self.uffd.as_deref().ok_or(Error::NoUserfaultfd)
     }
 
+    /// COPY installs leave slot pages to drop with `MADV_DONTNEED`, which on a
+    /// userfaultfd with `EVENT_REMOVE` would wait until the event is read.
+    fn uffd_for_copy_install(&self) -> Result<&crate::Userfaultfd> {
+        let uffd = self.uffd_or_err()?;
+        if uffd.features().contains(crate::Features::EVENT_REMOVE) {
+            return Err(Error::InvalidArgument(
+                "COPY installs need a userfaultfd without EVENT_REMOVE",
+            ));
+        }
+        Ok(uffd)
+    }
+
     fn expect_state(&self, frame: FrameNo, expected: FrameState) -> Result<()> {
         let actual = self.desc(frame)?.state();
         if actual != expected {
@@ -150,7 +162,7 @@ impl FramePool {
         from: CopyFrom,
         mode: CopyMode,
     ) -> Result<Resolved> {
-        let uffd = self.uffd_or_err()?;
+        let uffd = self.uffd_for_copy_install()?;
         for &f in frames {
             self.expect_state(f, FrameState::Taken)?;
             if from == CopyFrom::Slots {
@@ -224,7 +236,7 @@ impl FramePool {
     /// # Safety
     /// Same as [`FramePool::unstage`], except that in-flight I/O may read the slot.
     pub unsafe fn unstage_copy(&self, frame: FrameNo, mode: CopyMode) -> Result<Resolved> {
-        let uffd = self.uffd_or_err()?;
+        let uffd = self.uffd_for_copy_install()?;
         self.expect_state(frame, FrameState::Staging)?;
         let vaddr = self.desc(frame)?.vaddr();
         // SAFETY: the caller owns the destination page; the slot holds our staged page,
@@ -272,7 +284,7 @@ impl FramePool {
         dst: u64,
         mode: CopyMode,
     ) -> Result<Resolved> {
-        let uffd = self.uffd_or_err()?;
+        let uffd = self.uffd_for_copy_install()?;
         self.expect_state(frame, FrameState::Taken)?;
         // SAFETY: the caller owns `dst`; the slot is a present page the caller owns, read only.
         unsafe { uffd.copy(dst, self.slot_addr(frame), PAGE, mode) }
