@@ -129,8 +129,10 @@ pub enum InstallMode {
     /// the pool's size. Costs a 4 KiB copy and a page allocation per page. The embedded
     /// runtime then builds its pool with lazy slots (`FramePool::new_lazy`: nothing
     /// populated; a first touch copies from the zero source and needs no slot). The
-    /// default: measured faster in the swap storm and in `fhp` (bench/results/storm.md,
-    /// fhp.md, 2026-11-22 "COPY install" sections).
+    /// default, measured on this 2-vCPU VM (2026-11-22, bench/results/storm.md and
+    /// fhp.md, "COPY installs" sections): swap storm (file, intensity 1, quiet, 7 runs
+    /// each) USM memory throughput 49.4 k vs 27.2 k ops/s, (c)/(a) 1.12× vs 0.59×; `fhp:64K`
+    /// first touch of 1 GiB 2.02 vs 1.69 GiB/s (same run); single fault p50 4.9 vs 7.5 µs.
     #[default]
     Copy,
 }
