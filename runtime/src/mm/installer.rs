@@ -14,12 +14,11 @@
 //! Why COPY: MOVE clears the slot's *present* PTE, one TLB flush per page (even in a
 //! multi-page MOVE); with the process running on both CPUs (two workers, the zeroer) each
 //! flush is an IPI, a VM exit on both sides here. `perf record -a` of the swap storm
-//! (2026-11-22, file swap, intensity 1): `flush_tlb_mm_range` under `move_pages` was 33%
-//! of USM's CPU samples in the lead's quiet run with MOVE installs (16.8% in our loaded
-//! re-run); with COPY installs the install side is gone (12.1% left, all from eviction
-//! and sampling MOVEs out, which must clear the app's PTE) and the batched drops cost
-//! 0.2%. COPY into an empty PTE needs no flush; `process_madvise(MADV_DONTNEED)` over 64
-//! slots flushes once (Linux 6.16+ gathers the whole vector).
+//! (2026-11-22, file swap, intensity 1, quiet machine): TLB flushes were 35.9% of USM's
+//! CPU samples with MOVE installs, 1.6% with COPY installs (what is left: the eviction and
+//! sampling MOVEs out, which must clear the app's PTE, and the batched drops, 0.4%). COPY
+//! into an empty PTE needs no flush; `process_madvise(MADV_DONTNEED)` over 64 slots
+//! flushes once (Linux 6.16+ gathers the whole vector).
 //!
 //! Every method is called with the core's state lock held, on a worker, in normal
 //! context. An installer never blocks on the address space it manages.
