@@ -591,6 +591,14 @@ fn runs_survive_fragmentation_and_the_reserve_is_populated_on_demand() {
 }
 
 /// Resident pages of the pool mapping: the slots that still hold a page.
+/// Zeroes everything in the zeroing queue, then checks conservation.
+fn settled_census(pool: &FramePool) -> Census {
+    while pool.zeroing_len() > 0 {
+        pool.zero_some(64).unwrap();
+    }
+    census_ok(pool)
+}
+
 fn resident_slots(pool: &FramePool) -> usize {
     sys::resident(pool.base(), pool.len())
         .into_iter()
@@ -705,10 +713,7 @@ fn copy_installs_drop_their_slots_in_batches_and_a_stage_flushes_them_first() {
         assert!(sys::reclaim(&pool, fr).unwrap().is_done(), "page {i}");
     }
     drop(local);
-    while pool.zeroing_len() > 0 {
-        pool.zero_some(64).unwrap();
-    }
-    let c = census_ok(&pool);
+    let c = settled_census(&pool);
     assert_eq!(c.free, frames, "{c}");
     assert_eq!(resident_slots(&pool), frames, "every slot refilled");
     for i in 0..frames {
@@ -783,11 +788,8 @@ fn a_lazy_pool_populates_nothing_and_fills_a_slot_only_when_asked() {
         assert!(sys::reclaim(&pool, fr).unwrap().is_done());
     }
     drop(local);
-    while pool.zeroing_len() > 0 {
-        pool.zero_some(64).unwrap();
-    }
+    let c = settled_census(&pool);
     assert_eq!(pool.pending_drops(), 0);
-    let c = census_ok(&pool);
     assert_eq!(c.free, frames, "{c}");
     // Every slot that holds a page is zero; a frame taken again works either way.
     for (i, resident) in sys::resident(pool.base(), frames).into_iter().enumerate() {

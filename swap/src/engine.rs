@@ -636,28 +636,22 @@ impl Engine {
             ..
         } = self;
         let mut staged_done: Vec<StagedPage> = Vec::new();
-        let mut n = 0;
+        let mut complete = |pending: Pending, res: i32| {
+            Self::complete(
+                devices,
+                stats,
+                &mut staged_done,
+                pending,
+                res,
+                &mut on_completion,
+            )
+        };
+        // Inline completions first: they were requested before anything now in the ring.
+        let mut n = inline_done.len();
         for (pending, res) in inline_done.drain(..) {
-            Self::complete(
-                devices,
-                stats,
-                &mut staged_done,
-                pending,
-                res,
-                &mut on_completion,
-            );
-            n += 1;
+            complete(pending, res);
         }
-        n += ring.drain(|pending, res| {
-            Self::complete(
-                devices,
-                stats,
-                &mut staged_done,
-                pending,
-                res,
-                &mut on_completion,
-            );
-        });
+        n += ring.drain(&mut complete);
         for p in staged_done {
             ring.release_staging(p);
         }
