@@ -131,11 +131,41 @@ impl ChildLauncher {
                     .rev()
                     .collect::<Vec<_>>()
                     .join(" | ");
-                Err(Error::Child {
-                    what: kind.into(),
-                    detail: format!("{} ; stderr: {tail}", out.status),
-                })
+                match std::os::unix::process::ExitStatusExt::signal(&out.status) {
+                    Some(signal) => Err(Error::ChildSignalled {
+                        what: kind.into(),
+                        signal,
+                        detail: format!("stderr: {tail}"),
+                    }),
+                    None => Err(Error::Child {
+                        what: kind.into(),
+                        detail: format!("{} ; stderr: {tail}", out.status),
+                    }),
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell(script: &str) -> ChildLauncher {
+        ChildLauncher {
+            program: PathBuf::from("/bin/sh"),
+            args: vec!["-c".into(), script.into()],
+        }
+    }
+
+    #[test]
+    fn a_sigkilled_child_is_told_apart_from_one_that_failed() {
+        let killed = shell("kill -9 $$").run("sh", &(), None).unwrap_err();
+        assert!(killed.is_child_killed(), "{killed}");
+        let failed = shell("echo oops >&2; exit 3")
+            .run("sh", &(), None)
+            .unwrap_err();
+        assert!(!failed.is_child_killed(), "{failed}");
+        assert!(failed.to_string().contains("oops"), "{failed}");
     }
 }

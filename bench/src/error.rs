@@ -55,6 +55,17 @@ pub enum Error {
         /// Exit status and the tail of its stderr.
         detail: String,
     },
+    /// A child process was killed by a signal (SIGKILL: most often the memory cgroup's OOM
+    /// killer, see `dmesg`).
+    #[error("child {what}: killed by signal {signal}; {detail}")]
+    ChildSignalled {
+        /// Which child.
+        what: String,
+        /// The signal number.
+        signal: i32,
+        /// The tail of its stderr.
+        detail: String,
+    },
     /// Output of the kernel or of a tool could not be parsed.
     #[error("cannot parse {what}: {detail}")]
     Parse {
@@ -98,6 +109,13 @@ impl Error {
     /// True when a shared facility is held by someone else; retrying later may work.
     pub fn is_busy(&self) -> bool {
         matches!(self, Error::Busy { .. })
+    }
+
+    /// True when a child was SIGKILLed: in a benchmark that places children in a memory
+    /// cgroup, the cgroup's OOM killer (a kernel-side failure of that run, not of the
+    /// harness), so running the point again is reasonable.
+    pub fn is_child_killed(&self) -> bool {
+        matches!(self, Error::ChildSignalled { signal, .. } if *signal == libc::SIGKILL)
     }
 
     /// The errno behind this error, when there is one.

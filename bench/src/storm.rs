@@ -731,7 +731,16 @@ pub fn run_sweep(
     for &i in intensities {
         let mut here: Vec<(Option<KernelReference>, StormPoint)> = Vec::new();
         for mode in modes.iter_mut() {
-            match mode.run_point(ctx, i) {
+            let mut result = mode.run_point(ctx, i);
+            if let Err(e) = &result
+                && e.is_child_killed()
+            {
+                // Seen once with kernel swap on zram (memcg v1 OOM kill in (a)): a failure
+                // of that run, so the point is measured again rather than the sweep lost.
+                println!("{} at {i}: {e}; running the point again", mode.label());
+                result = mode.run_point(ctx, i);
+            }
+            match result {
                 Ok(p) => here.push((mode.kernel_reference(), p)),
                 Err(e) if e.is_unavailable() || e.is_busy() => {
                     skipped.push(format!("{} at {i}: {e}", mode.label()))
