@@ -444,7 +444,7 @@ fn a_multi_page_move_that_meets_a_present_page_is_classified_page_by_page() {
         .install_frames(std::process::id(), region.addr(), &frames)
         .unwrap();
     let moved: Vec<u64> = report
-        .moved
+        .mapped
         .iter()
         .map(|m| (m.0 - region.addr()) / PAGE as u64)
         .collect();

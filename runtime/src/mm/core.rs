@@ -568,7 +568,7 @@ impl MmCore {
         if !report.present.is_empty() || !report.copied.is_empty() {
             MmStats::bump(&self.stats.counters.partial_moves);
         }
-        for &(a, f) in &report.moved {
+        for &(a, f) in &report.mapped {
             space.set(a, PageState::Resident(f));
         }
         for &(a, _) in report.copied.iter().chain(report.present.iter()) {
@@ -578,7 +578,7 @@ impl MmCore {
             pool: &self.pool,
             mem: &st.mem,
         };
-        for &(a, f) in &report.moved {
+        for &(a, f) in &report.mapped {
             st.evict.on_map(
                 MappedPage {
                     frame: f,
@@ -1183,13 +1183,13 @@ impl<'a> WorkerCx<'a> {
             }
         };
         let c = &self.core.stats.counters;
-        if report.moved.len() != frames.len() {
+        if report.mapped.len() != frames.len() {
             MmStats::bump(&c.partial_moves);
         }
         c.pages_mapped
-            .fetch_add(report.moved.len() as u64, Ordering::Relaxed);
+            .fetch_add(report.mapped.len() as u64, Ordering::Relaxed);
         if let Some(space) = self.mem.spaces.get_mut(&pid) {
-            for &(a, f) in &report.moved {
+            for &(a, f) in &report.mapped {
                 space.set(a, PageState::Resident(f));
             }
             for &(a, _) in report.copied.iter().chain(report.present.iter()) {
@@ -1203,7 +1203,7 @@ impl<'a> WorkerCx<'a> {
         for &(_, f) in report.present.iter().chain(report.retry.iter()) {
             self.return_frame(f, zeroed);
         }
-        for &(a, f) in &report.moved {
+        for &(a, f) in &report.mapped {
             let mut view = MemView {
                 pool: &self.core.pool,
                 mem: self.mem,

@@ -31,10 +31,11 @@ use crate::mm::MmError;
 /// The result of installing a run of frames at consecutive pages.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InstallReport {
-    /// Pages installed by MOVE: their frames are Mapped.
-    pub moved: Vec<(u64, FrameNo)>,
-    /// Pages installed by COPY (the frame's slot was pinned or shared): the frames stay
-    /// Taken; the caller gives them back.
+    /// Pages installed with their frame, which is now Mapped: moved (`InstallMode::Move`)
+    /// or copied with the slot's page left for a batched drop (`InstallMode::Copy`).
+    pub mapped: Vec<(u64, FrameNo)>,
+    /// Pages installed by a fallback COPY when MOVE said `EBUSY` (the frame's slot was
+    /// pinned or shared): the frames stay Taken; the caller gives them back.
     pub copied: Vec<(u64, FrameNo)>,
     /// Pages that were already present (`EEXIST`): nothing installed; frames stay Taken.
     pub present: Vec<(u64, FrameNo)>,

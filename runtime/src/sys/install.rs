@@ -31,6 +31,16 @@ impl SameMmInstaller {
         }
     }
 
+    /// The COPY mode for installing page *content* (not zeroes): write-protected when
+    /// clean-page tracking wants it (`wp_content`).
+    fn content_copy_mode(&self) -> CopyMode {
+        if self.wp_content {
+            CopyMode::WP
+        } else {
+            CopyMode::empty()
+        }
+    }
+
     fn install_from(
         &self,
         pool: &FramePool,
@@ -52,20 +62,22 @@ impl SameMmInstaller {
                 match self.mode {
                     InstallMode::Move => pool.install_many(rest, at, owner, MoveMode::empty())?,
                     InstallMode::Copy => {
-                        let wp = self.wp_content && from == CopyFrom::Slots;
-                        let mode = if wp { CopyMode::WP } else { CopyMode::empty() };
+                        let mode = match from {
+                            CopyFrom::Slots => self.content_copy_mode(),
+                            CopyFrom::Zero => CopyMode::empty(),
+                        };
                         pool.install_many_copy(rest, at, owner, from, mode)?
                     }
                 }
             };
             match r {
                 Resolved::Done(_) => {
-                    report.moved.extend(page_pairs(at, rest));
+                    report.mapped.extend(page_pairs(at, rest));
                     break;
                 }
                 Resolved::Partial(bytes) => {
                     let n = (bytes / PAGE) as usize;
-                    report.moved.extend(page_pairs(at, &rest[..n]));
+                    report.mapped.extend(page_pairs(at, &rest[..n]));
                     // Re-issue from the stop point: the next round classifies that page.
                     i += n;
                 }
@@ -126,8 +138,7 @@ impl Installer for SameMmInstaller {
         let r = unsafe {
             match self.mode {
                 InstallMode::Move => pool.unstage(frame, MoveMode::empty())?,
-                InstallMode::Copy if self.wp_content => pool.unstage_copy(frame, CopyMode::WP)?,
-                InstallMode::Copy => pool.unstage_copy(frame, CopyMode::empty())?,
+                InstallMode::Copy => pool.unstage_copy(frame, self.content_copy_mode())?,
             }
         };
         Ok(r.is_done())
