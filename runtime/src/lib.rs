@@ -12,7 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod embedded;
-pub mod mm;
+pub use usm_mm as mm;
 mod sys;
 
 pub use config::{Config, ConfigError};

@@ -1,5 +1,5 @@
 //! [`MmCore`] (shared by all workers) and [`WorkerMm`] (one per worker): fault service,
-//! swap-in completion, eviction. See the [`crate::mm`] module docs for the protocol.
+//! swap-in completion, eviction. See the [crate] docs for the protocol.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -21,10 +21,10 @@ use usm_swap::{
 use usm_sync::Mutex;
 use usm_sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use crate::mm::MmError;
-use crate::mm::installer::Installer;
-use crate::mm::space::{ManagedRange, PageState, RangeKey, Space};
-use crate::mm::stats::{FaultPath, MmStats, StatsSnapshot};
+use crate::MmError;
+use crate::installer::Installer;
+use crate::space::{ManagedRange, PageState, RangeKey, Space};
+use crate::stats::{FaultPath, MmStats, StatsSnapshot};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Tickets of requests the engine refused at once (their completion is synthesised).
@@ -486,7 +486,7 @@ impl MmCore {
     }
 
     /// Counters of `pid`'s space.
-    pub fn space_counters(&self, pid: u32) -> Option<crate::mm::SpaceCounters> {
+    pub fn space_counters(&self, pid: u32) -> Option<crate::SpaceCounters> {
         self.lock().mem.spaces.get(&pid).map(|s| s.counters)
     }
 
@@ -527,7 +527,7 @@ impl MmCore {
         pid: u32,
         start: u64,
         frames: &[FrameNo],
-    ) -> Result<crate::mm::InstallReport, MmError> {
+    ) -> Result<crate::InstallReport, MmError> {
         let mut guard = self.lock();
         let st = &mut *guard;
         let space = st

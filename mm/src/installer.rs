@@ -26,7 +26,7 @@
 use usm_kmod::FrameNo;
 use usm_kmod::pool::{FrameOwner, FramePool};
 
-use crate::mm::MmError;
+use crate::MmError;
 
 /// The result of installing a run of frames at consecutive pages.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -111,8 +111,6 @@ pub trait Installer: Send + Sync {
     /// the page to the caller's `munmap` of the range (no MOVE back, no TLB flush).
     fn reclaim(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError>;
 }
-
-pub use crate::sys::install::{SameMmInstaller, TrackingInstaller};
 
 /// How the embedded installer puts a frame's page at its address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
