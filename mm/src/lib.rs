@@ -132,6 +132,6 @@ pub use self::core::{
     FaultClock, FaultResult, MemState, MmConfig, MmCore, RangeRelease, Waker, WorkerMm,
 };
 pub use error::MmError;
-pub use installer::{InstallMode, InstallReport, Installer};
-pub use space::{ManagedRange, PageState, RangeKey, Space, SpaceCounters};
+pub use installer::{InstallMode, InstallReport, Installer, StageOutcome};
+pub use space::{ManagedRange, PageState, RangeKey, Space, SpaceCounters, SpacePolicy};
 pub use stats::{FaultPath, Latency, MmStats, StatsSnapshot};
