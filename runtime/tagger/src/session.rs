@@ -45,12 +45,13 @@
 //! - warnings are formatted on the stack (`warn_fmt`), never with `format!`, and no
 //!   error is displayed through `io::Error` (whose `Display` allocates).
 //!
-//! Known exceptions: `StartAgent` runs `agent::start`, which allocates (thread spawn)
-//! once per session; a daemon that attaches descriptors to a message makes the receive
-//! path allocate their list (the daemon never does). Setup before the Ack (the
-//! constructor, a fork child's attach thread) allocates freely: nothing is managed
-//! by this session yet, and a fork child's inherited pages are served by the daemon
-//! through `EVENT_FORK` without this thread.
+//! What the message thread (and a fork child's attach thread) does allocate comes from
+//! the tagger's own arena (`sys::arena`: unmanaged memory, its own lock), never from
+//! the managed heap: `StartAgent` runs `agent::start`, which spawns the agent thread
+//! (its name, handles, closure, glibc's thread bookkeeping), and a daemon that attaches
+//! descriptors to a message makes the receive path allocate their list (the daemon
+//! never does). Setup in the constructor allocates on the managed heap before the
+//! program runs.
 
 use std::fmt::Write as _;
 use std::io::Read;
@@ -136,7 +137,11 @@ fn attach(path: &std::path::Path) -> Result<String, String> {
     let reader = install(channel, uffd, admission.features)?;
     std::thread::Builder::new()
         .name("usm-tagger".into())
-        .spawn(move || watch(reader))
+        .spawn(move || {
+            sys::arena::enter();
+            watch(reader);
+            sys::arena::leave();
+        })
         .map_err(|e| {
             detach();
             format!("cannot start the watcher thread ({e})")
@@ -497,7 +502,11 @@ pub(crate) fn after_fork_in_child() {
     };
     let spawned = std::thread::Builder::new()
         .name("usm-tagger".into())
-        .spawn(move || attach_child(path, parent_sock));
+        .spawn(move || {
+            sys::arena::enter();
+            attach_child(path, parent_sock);
+            sys::arena::leave();
+        });
     if spawned.is_err() {
         state::set_mode(Mode::Unmanaged);
         warn("cannot start the watcher thread in this forked process; running unmanaged");

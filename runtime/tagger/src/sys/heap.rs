@@ -18,8 +18,10 @@
 //! dlmalloc keeps its bookkeeping (chunk headers, free-list links) inside the managed
 //! segments, so a thread holding the lock can fault on a page the daemon evicted, and
 //! hold the lock until the daemon serves it. That only delays other *program* threads:
-//! no thread of the tagger itself (message thread, eviction agent) takes this lock or
-//! allocates once the session runs (see `session`), so the daemon never waits for a
+//! no thread of the tagger itself (message thread, eviction agent) takes this lock once
+//! the session runs: the message loop does not allocate (see `session`), and what the
+//! tagger's threads do allocate comes from an arena of their own in unmanaged memory
+//! (`arena`; frees are routed there by address), so the daemon never waits for a
 //! thread that waits for this lock. What touches many pages is kept outside it:
 //! - zeroing (`calloc`, and `malloc`/`memalign` with zero-on-malloc) happens after the
 //!   lock is released: the chunk is the caller's alone by then;
@@ -40,7 +42,7 @@ use std::cell::UnsafeCell;
 use dlmalloc::{Allocator, Dlmalloc};
 use usm_sync::atomic::{AtomicBool, Ordering};
 
-use super::{PAGE_SIZE, mmap_raw, mremap_raw, munmap_raw};
+use super::{PAGE_SIZE, arena, mmap_raw, mremap_raw, munmap_raw};
 use crate::ranges;
 use usm_proto::RangeKind;
 
@@ -271,8 +273,22 @@ fn zeroed(size: usize, align: usize) -> *mut u8 {
     ptr
 }
 
+/// A block from the tagger's own arena if the caller is a tagger thread (`arena`),
+/// else (or if the arena is full) null.
+fn for_tagger_thread(size: usize, align: usize) -> *mut u8 {
+    if arena::in_tagger_thread() {
+        arena::alloc_zeroed(size, align)
+    } else {
+        std::ptr::null_mut()
+    }
+}
+
 /// `malloc`.
 pub(crate) fn malloc(size: usize) -> *mut u8 {
+    let own = for_tagger_thread(size, MIN_ALIGN);
+    if !own.is_null() {
+        return own;
+    }
     if size >= LARGE_THRESHOLD {
         return large_alloc(size, MIN_ALIGN);
     }
@@ -291,6 +307,11 @@ pub(crate) unsafe fn free(ptr: *mut u8) {
     if ptr.is_null() {
         return;
     }
+    if arena::owns(ptr) {
+        // SAFETY: guaranteed by the caller (a live block, of the arena).
+        unsafe { arena::free(ptr) };
+        return;
+    }
     // SAFETY: guaranteed by the caller.
     if let Some(large) = unsafe { LargeHeader::of(ptr) } {
         large.release();
@@ -302,6 +323,10 @@ pub(crate) unsafe fn free(ptr: *mut u8) {
 
 /// `calloc` of `size` bytes (the caller checked the multiplication).
 pub(crate) fn calloc(size: usize) -> *mut u8 {
+    let own = for_tagger_thread(size, MIN_ALIGN);
+    if !own.is_null() {
+        return own;
+    }
     if size >= LARGE_THRESHOLD {
         return large_alloc(size, MIN_ALIGN);
     }
@@ -313,6 +338,10 @@ pub(crate) fn calloc(size: usize) -> *mut u8 {
 /// # Safety
 /// - `ptr` is a live allocation of this heap.
 pub(crate) unsafe fn realloc(ptr: *mut u8, size: usize) -> *mut u8 {
+    if arena::owns(ptr) {
+        // SAFETY: guaranteed by the caller (a live block, of the arena).
+        return unsafe { arena::realloc(ptr, size) };
+    }
     // SAFETY: guaranteed by the caller.
     if let Some(large) = unsafe { LargeHeader::of(ptr) } {
         if size >= LARGE_THRESHOLD && large.ptr == large.base + PAGE_SIZE {
@@ -354,6 +383,10 @@ pub(crate) unsafe fn realloc(ptr: *mut u8, size: usize) -> *mut u8 {
 /// `memalign` with a power-of-two `align`.
 pub(crate) fn memalign(align: usize, size: usize) -> *mut u8 {
     debug_assert!(align.is_power_of_two());
+    let own = for_tagger_thread(size, align);
+    if !own.is_null() {
+        return own;
+    }
     if size >= LARGE_THRESHOLD {
         return large_alloc(size, align);
     }

@@ -4,6 +4,7 @@
 //! tagger exports `mmap`, `munmap`, `mremap` and `ioctl`, so calling the libc names from
 //! inside would re-enter its own wrappers.
 
+pub(crate) mod arena;
 pub(crate) mod exports;
 pub(crate) mod heap;
 mod init;
