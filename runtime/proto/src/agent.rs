@@ -36,6 +36,18 @@
 //!
 //! Each side validates what the other wrote (slots in range, ops known): a confused or
 //! hostile peer gets `-EINVAL` completions, never an out-of-bounds access.
+//!
+//! # What the daemon checks before it maps anything (the tagger is untrusted)
+//! - The ring is a memfd sealed `F_SEAL_SHRINK | F_SEAL_GROW` (the tagger creates it
+//!   `MFD_ALLOW_SEALING` and adds `F_SEAL_SEAL` too) whose size is exactly
+//!   [`ring_len`]: nobody can truncate it under the daemon's mapping, so no access of
+//!   the daemon's can raise `SIGBUS`.
+//! - Every ring access is an atomic word at an offset computed from the *daemon's*
+//!   `entries` (index modulo `entries`), bounds-checked against the mapping length;
+//!   heads and tails the peer writes only choose which entry, never where.
+//! - `kick` and `done` are eventfds (checked through `/proc/self/fd`), set
+//!   `O_NONBLOCK`: a kick into a full counter is "already kicked", a read of a count
+//!   the peer took first is "nothing yet". No write to them can block the evictor.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -214,10 +226,30 @@ impl AgentClient {
         let kick = fds.remove(1);
         let memfd = fds.remove(0);
         let len = ring_len(ring_entries);
-        if sys::fd_size(memfd.as_fd())? < len as u64 {
+        // Sealed before mapped: an unsealed ring could be truncated under the mapping,
+        // and the daemon's next access would be a SIGBUS that kills every session.
+        let seals = sys::seals(memfd.as_fd()).map_err(|_| ProtoError::BadAgentSetup {
+            why: "ring is not a sealable memfd (F_GET_SEALS failed)",
+        })?;
+        if seals & sys::RING_SEALS != sys::RING_SEALS {
             return Err(ProtoError::BadAgentSetup {
-                why: "ring memfd is smaller than its entries need",
+                why: "ring memfd is not sealed F_SEAL_SHRINK|F_SEAL_GROW",
             });
+        }
+        if sys::fd_size(memfd.as_fd())? != len as u64 {
+            return Err(ProtoError::BadAgentSetup {
+                why: "ring memfd size does not match its entries",
+            });
+        }
+        // The daemon writes `kick` and reads `done`: they must be eventfds (a pipe can
+        // fill and block the writer), and non-blocking (the peer shares them).
+        for fd in [&kick, &done] {
+            if !sys::is_eventfd(fd.as_fd()) {
+                return Err(ProtoError::BadAgentSetup {
+                    why: "kick and done descriptors must be eventfds",
+                });
+            }
+            sys::set_nonblocking(fd.as_fd())?;
         }
         let ring = Ring {
             map: SharedMap::map(memfd.as_fd(), len)?,
@@ -260,7 +292,8 @@ impl AgentClient {
         Ok(())
     }
 
-    /// Wakes the agent.
+    /// Wakes the agent. Never blocks: the eventfd is non-blocking, and a full counter
+    /// means the agent is kicked already.
     pub fn kick(&self) -> Result<(), ProtoError> {
         sys::eventfd_signal(self.kick.as_fd())
     }
@@ -320,7 +353,7 @@ impl AgentServer {
             });
         }
         let len = ring_len(entries);
-        let memfd = sys::memfd(c"usm-agent-ring", len)?;
+        let memfd = sys::memfd_sealed(c"usm-agent-ring", len)?;
         let ring = Ring {
             map: SharedMap::map(memfd.as_fd(), len)?,
             entries,
@@ -527,6 +560,76 @@ mod tests {
             assert_eq!(c.result, -i64::from(libc::EINVAL));
         }
         assert!(server.next_request().is_none());
+    }
+
+    fn fds_of(server: &AgentServer) -> Vec<OwnedFd> {
+        server
+            .fds_for_daemon()
+            .iter()
+            .map(|fd| fd.try_clone_to_owned().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_tagger_ring_is_sealed_against_truncation() {
+        let server = AgentServer::create(8, 4).unwrap();
+        let memfd = server.fds_for_daemon()[0];
+        assert_eq!(
+            sys::hostile::try_truncate(memfd, 0),
+            libc::EPERM,
+            "F_SEAL_SHRINK refuses a truncation"
+        );
+        assert_eq!(
+            sys::hostile::try_truncate(memfd, ring_len(8) * 2),
+            libc::EPERM
+        );
+    }
+
+    #[test]
+    fn an_unsealed_or_resized_ring_is_refused_before_mapping() {
+        let server = AgentServer::create(8, 4).unwrap();
+        // An unsealed memfd of the right size (the peer could truncate it later).
+        let mut fds = fds_of(&server);
+        fds[0] = sys::hostile::unsealed_memfd(ring_len(8));
+        let err = AgentClient::from_ready(0, 4, 8, fds).unwrap_err();
+        assert!(err.to_string().contains("sealed"), "{err}");
+        // Not a memfd at all (a pipe).
+        let mut fds = fds_of(&server);
+        fds[0] = sys::hostile::pipe().0;
+        let err = AgentClient::from_ready(0, 4, 8, fds).unwrap_err();
+        assert!(err.to_string().contains("sealable memfd"), "{err}");
+        // Sealed, but the size does not match the entries announced.
+        let big = AgentServer::create(16, 4).unwrap();
+        let mut fds = fds_of(&server);
+        fds[0] = fds_of(&big).remove(0);
+        assert!(matches!(
+            AgentClient::from_ready(0, 4, 8, fds),
+            Err(ProtoError::BadAgentSetup { .. })
+        ));
+    }
+
+    #[test]
+    fn kick_and_done_must_be_eventfds() {
+        let server = AgentServer::create(8, 4).unwrap();
+        for which in [1, 2] {
+            let mut fds = fds_of(&server);
+            let (r, w) = sys::hostile::pipe();
+            fds[which] = if which == 1 { w } else { r };
+            let err = AgentClient::from_ready(0, 4, 8, fds).unwrap_err();
+            assert!(err.to_string().contains("eventfds"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_kick_into_a_full_eventfd_does_not_block() {
+        let (server, client) = pair(8, 4);
+        sys::hostile::fill_eventfd(server.fds_for_daemon()[1]);
+        // Blocking, this write would wait until the agent reads; non-blocking it is
+        // "already kicked".
+        client.kick().unwrap();
+        client.kick().unwrap();
+        // The agent still sees its kick.
+        assert!(server.wait_kick(0).unwrap());
     }
 
     #[test]

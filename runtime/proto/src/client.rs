@@ -37,11 +37,22 @@ pub struct Admission {
     pub policy: String,
 }
 
-/// Connects to the daemon at `path`.
+/// Connects to the daemon at `path` and checks who listens there (`SO_PEERCRED` of the
+/// connected socket, taken by the kernel when the daemon called `listen`): the daemon
+/// must run as this program's effective uid or as root, otherwise
+/// [`ProtoError::UntrustedDaemon`] — whoever swapped a socket into the path would
+/// otherwise receive the userfaultfd and write this program's memory.
 pub fn connect(path: &Path) -> Result<Session, ProtoError> {
-    Ok(Session {
-        channel: Channel::connect(path)?,
-    })
+    let channel = Channel::connect(path)?;
+    let daemon = channel.peer_credentials()?;
+    let own_uid = crate::sys::effective_uid();
+    if daemon.uid != own_uid && daemon.uid != 0 {
+        return Err(ProtoError::UntrustedDaemon {
+            daemon_uid: daemon.uid,
+            own_uid,
+        });
+    }
+    Ok(Session { channel })
 }
 
 impl Session {

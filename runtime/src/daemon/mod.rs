@@ -4,7 +4,7 @@
 //! # Pieces
 //! | piece | thread(s) | module |
 //! |---|---|---|
-//! | accept loop: Hello, `SO_PEERCRED`, policy by name, `UFFDIO_API`, Ack/Refused | `usm-accept` | [`process`] (`admit`) |
+//! | accept loop: `SO_PEERCRED` against the [`PeerRule`], session limits, then (one bounded admission thread per connection) Hello, policy by name, `UFFDIO_API`, Ack/Refused | `usm-accept`, `usm-admit` | [`sessions`], [`process`] (`admit`) |
 //! | one reader per userfaultfd (fork children get their own) | `usm-rd-PID` | [`process`] |
 //! | fault service: one job per fault, on a pool of OS threads or as workees on the LocalManager workers ([`FaultRunner`]) | `usm-fault-N` / `usm-localmanager` workers | [`process`], [`pool`] |
 //! | the configured policies of each process (allocation per fault, eviction victims, OOM; hints), guarded against panics | whoever holds the process's map lock | [`policy`], [`space`] |
@@ -30,15 +30,29 @@
 //!    from swap or the swap cache), tell the tagger `SwapState 0`, send `Bye`, stop its
 //!    reader; closing the daemon's userfaultfd lets the kernel unregister its ranges,
 //!    and the program continues unmanaged with all its data.
-//! 4. Stop the workers, the swap I/O thread, delete a private swap file and the sockets.
+//! 4. Stop the workers, the swap I/O thread, delete a private swap file and the socket
+//!    files this daemon created (only if they are still the inodes it bound, see
+//!    [`sockfile`]). Stat and metrics clients are never waited for: each is served on a
+//!    thread of its own with deadlines ([`control`], [`metrics`]).
+//!
+//! # Who may connect
+//! The taggers' socket file gets mode `0600` (`0666` when the [`PeerRule`] admits
+//! other users: then the rule filters), set explicitly; the stat socket `0600`. Every
+//! connection's `SO_PEERCRED` is checked against the rule before anything is read from
+//! it; admitted sessions are counted per uid and per process ([`SessionLimits`]). A
+//! private daemon (`usm exec`) lives in a fresh `0700` directory
+//! ([`private_socket_dir`]) and accepts only its own user and root.
 
 mod control;
 mod evict;
+mod leftovers;
 mod metrics;
 mod nap;
 mod policy;
 mod pool;
 mod process;
+mod sessions;
+mod sockfile;
 mod space;
 pub mod stats;
 mod swapio;
@@ -56,8 +70,11 @@ use usm_proto::server::{self, Listener};
 
 use crate::config::{Config, WakerMode};
 pub use control::{query_stat, stat_socket_path};
+pub use leftovers::private_socket_dir;
 pub use pool::FaultRunner;
+pub use sessions::SessionLimits;
 pub use stats::{DaemonStat, Latency, ProcessStat};
+pub use usm_proto::server::PeerRule;
 
 use process::Proc;
 use stats::ProcCounters;
@@ -91,6 +108,14 @@ pub enum DaemonError {
         /// Why.
         #[source]
         source: usm_proto::ProtoError,
+    },
+    /// Something else than a stale socket of ours is at a socket path; it is left alone.
+    #[error("socket {path}: {why}")]
+    SocketPath {
+        /// The path (`socket PATH`, or `PATH.stat`).
+        path: PathBuf,
+        /// What is there and why it is not used.
+        why: String,
     },
     /// A swap device.
     #[error("swap: {0}")]
@@ -133,6 +158,12 @@ pub struct DaemonOptions {
     /// Registers extra policies (beyond the built-ins) before the config's policy names
     /// are checked: how an embedder — or a test — brings its own policy to the daemon.
     pub register: Option<RegisterPolicies>,
+    /// Whose programs may attach (checked on `SO_PEERCRED`). Default: the daemon's own
+    /// uid and root, or `USM_ALLOW_UIDS` (`1000,1001`, or `*` for every user) for a
+    /// system daemon serving other users. `usm exec` always uses the default.
+    pub peers: PeerRule,
+    /// Sessions per uid and per process, admissions in progress.
+    pub limits: SessionLimits,
 }
 
 /// A function adding policies to the daemon's registry (see [`DaemonOptions::register`]).
@@ -147,7 +178,21 @@ impl Default for DaemonOptions {
             runner: FaultRunner::from_env(),
             oom_wait: Duration::from_secs(10),
             register: None,
+            peers: peer_rule_from_env(),
+            limits: SessionLimits::from_env(),
         }
+    }
+}
+
+/// `USM_ALLOW_UIDS`, or the default rule; a value that does not parse keeps the
+/// default (the stricter rule) with a warning.
+fn peer_rule_from_env() -> PeerRule {
+    match std::env::var("USM_ALLOW_UIDS") {
+        Ok(v) => PeerRule::parse(&v).unwrap_or_else(|e| {
+            tracing::warn!("USM_ALLOW_UIDS: {e}; accepting only this user and root");
+            PeerRule::same_user()
+        }),
+        Err(_) => PeerRule::same_user(),
     }
 }
 
@@ -280,7 +325,8 @@ pub struct Daemon {
     runtime: Option<usm_localmanager::Runtime>,
     threads: Vec<JoinHandle<()>>,
     socket: PathBuf,
-    stat_socket: PathBuf,
+    /// The socket files this daemon bound (removed at shutdown if still theirs).
+    socket_files: Vec<sockfile::SocketFile>,
     stop_accept: Arc<AtomicBool>,
     stop_aux: Arc<AtomicBool>,
     metrics_addr: Option<std::net::SocketAddr>,
@@ -400,7 +446,22 @@ impl Daemon {
         };
         let swap = SwapStore::open(&cfg.swap, &opts.temp_swap_dir, temp_bytes)?;
         let socket = cfg.socket.clone();
-        let listener = bind(&socket)?;
+        let stat_socket = stat_socket_path(&socket);
+        // Both paths are checked before either is bound: a bad `PATH.stat` must not
+        // leave `PATH` bound behind a failed start.
+        sockfile::clear_stale(&socket, |p| usm_proto::Channel::connect(p).is_ok())?;
+        sockfile::clear_stale(&stat_socket, |p| {
+            std::os::unix::net::UnixStream::connect(p).is_ok()
+        })?;
+        let (listener, socket_file) = bind(&socket, opts.peers.socket_mode())?;
+        let (stat_listener, stat_file) = match control::bind(&stat_socket) {
+            Ok(l) => l,
+            Err(e) => {
+                socket_file.remove();
+                return Err(e);
+            }
+        };
+        let socket_files = vec![socket_file, stat_file];
         let low = cfg.watermarks.0.pages(pool).max(1);
         let high = cfg.watermarks.1.pages(pool).max(low + 1).min(pool);
         let shared = Arc::new(Shared {
@@ -447,14 +508,17 @@ impl Daemon {
                 })
         };
         let (sh, stop) = (shared.clone(), stop_accept.clone());
+        let gate = Gate {
+            peers: opts.peers.clone(),
+            sessions: sessions::Sessions::new(opts.limits),
+            daemon_uid: nix::unistd::geteuid().as_raw(),
+        };
         threads.push(spawn(
             "usm-accept",
-            Box::new(move || accept_loop(&sh, &listener, &stop)),
+            Box::new(move || accept_loop(&sh, &listener, &stop, &gate)),
         )?);
         let sh = shared.clone();
         threads.push(spawn("usm-evict", Box::new(move || evict::run(&sh)))?);
-        let stat_socket = stat_socket_path(&socket);
-        let stat_listener = control::bind(&stat_socket)?;
         let (sh, stop) = (shared.clone(), stop_aux.clone());
         threads.push(spawn(
             "usm-stat",
@@ -484,7 +548,7 @@ impl Daemon {
             runtime: Some(runtime),
             threads,
             socket,
-            stat_socket,
+            socket_files,
             stop_accept,
             stop_aux,
             metrics_addr,
@@ -560,8 +624,9 @@ impl Daemon {
             rt.shutdown(Duration::from_secs(2));
         }
         sh.swap.shutdown();
-        let _ = std::fs::remove_file(&self.socket);
-        let _ = std::fs::remove_file(&self.stat_socket);
+        for f in self.socket_files.drain(..) {
+            f.remove();
+        }
         tracing::info!(
             "usm daemon stopped: {} process(es) released, {} page(s) returned, {} lost",
             summary.processes,
@@ -578,63 +643,111 @@ impl Drop for Daemon {
     }
 }
 
-/// Binds the taggers' socket, creating its directory and replacing a stale socket (one
-/// nobody answers on); a live daemon's socket is an error.
-fn bind(path: &Path) -> Result<Listener, DaemonError> {
+/// Binds the taggers' socket (its path checked by [`sockfile::clear_stale`] already),
+/// creating its directory (mode `0755`) if missing, with the socket file's mode set to
+/// `mode` before it listens.
+fn bind(path: &Path, mode: u32) -> Result<(Listener, sockfile::SocketFile), DaemonError> {
+    use std::os::unix::fs::DirBuilderExt;
     if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).map_err(|e| DaemonError::Setup {
-                what: format!("create {}", dir.display()),
-                source: e,
-            })?;
-        }
-    }
-    match Listener::bind(path) {
-        Ok(l) => Ok(l),
-        Err(e) if e.errno() == Some(libc::EADDRINUSE) => {
-            if usm_proto::Channel::connect(path).is_ok() {
-                return Err(DaemonError::Socket {
-                    path: path.into(),
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .map_err(|e| DaemonError::Setup {
+                    what: format!("create {}", dir.display()),
                     source: e,
-                });
-            }
-            let _ = std::fs::remove_file(path);
-            Listener::bind(path).map_err(|source| DaemonError::Socket {
-                path: path.into(),
-                source,
-            })
+                })?;
         }
-        Err(source) => Err(DaemonError::Socket {
-            path: path.into(),
-            source,
-        }),
     }
+    let listener = Listener::bind_mode(path, mode).map_err(|source| DaemonError::Socket {
+        path: path.into(),
+        source,
+    })?;
+    let file = sockfile::SocketFile::record(path)?;
+    Ok((listener, file))
 }
 
-fn accept_loop(sh: &Arc<Shared>, listener: &Listener, stop: &AtomicBool) {
+/// What the accept loop checks before it spends a thread on a connection.
+struct Gate {
+    peers: PeerRule,
+    sessions: Arc<sessions::Sessions>,
+    daemon_uid: u32,
+}
+
+/// Tells a peer why it is turned away, without waiting (the accept loop never blocks
+/// on a peer), and counts it.
+fn turn_away(sh: &Shared, ch: &usm_proto::Channel, reason: usm_proto::RefusalReason, text: &str) {
+    bump_refused(sh);
+    let _ = ch.send_nowait(&usm_proto::Message::Refused {
+        reason,
+        text: text.to_owned(),
+    });
+}
+
+fn bump_refused(sh: &Shared) {
+    sh.refused.fetch_add(1, Ordering::Relaxed);
+}
+
+fn accept_loop(sh: &Arc<Shared>, listener: &Listener, stop: &AtomicBool, gate: &Gate) {
+    use usm_proto::RefusalReason;
     let _ = listener.set_accept_timeout(Some(Duration::from_millis(200)));
     while !stop.load(Ordering::Acquire) {
-        match listener.accept_channel() {
-            Ok(ch) => {
-                // Admission reads the Hello with a timeout: do it off the accept loop so
-                // a silent peer cannot hold others up.
-                let sh2 = sh.clone();
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("usm-admit".into())
-                        .spawn(move || match server::admit(ch) {
-                            Ok(peer) => process::admit(&sh2, peer),
-                            Err(e) => process::log_refused(&sh2, &e),
-                        });
-                if let Err(e) = spawned {
-                    tracing::error!("cannot start admission: {e}");
-                }
-            }
-            Err(usm_proto::ProtoError::Timeout { .. }) => {}
+        let ch = match listener.accept_channel() {
+            Ok(ch) => ch,
+            Err(usm_proto::ProtoError::Timeout { .. }) => continue,
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
                 std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
+        };
+        // Credentials first: the kernel's, no byte from the peer needed.
+        let cred = match ch.peer_credentials() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("refused a tagger: {e}");
+                bump_refused(sh);
+                continue;
+            }
+        };
+        if !gate.peers.allows(cred.uid, gate.daemon_uid) {
+            tracing::warn!(
+                "refused pid {} of uid {}: this daemon (uid {}) does not accept that user",
+                cred.pid,
+                cred.uid,
+                gate.daemon_uid
+            );
+            let text = format!(
+                "uid {} may not attach to this daemon (uid {})",
+                cred.uid, gate.daemon_uid
+            );
+            turn_away(sh, &ch, RefusalReason::Credentials, &text);
+            continue;
+        }
+        let (session, slot) = match sessions::open(&gate.sessions, cred.uid, cred.pid) {
+            Ok(s) => s,
+            Err(limit) => {
+                tracing::warn!("refused pid {} of uid {}: {limit}", cred.pid, cred.uid);
+                turn_away(sh, &ch, RefusalReason::Busy, &limit.to_string());
+                continue;
+            }
+        };
+        // Admission reads the Hello with a timeout: do it off the accept loop so a
+        // silent peer cannot hold others up. The slot bounds these threads.
+        let sh2 = sh.clone();
+        let peers = gate.peers.clone();
+        let spawned = std::thread::Builder::new()
+            .name("usm-admit".into())
+            .spawn(move || {
+                let _slot = slot;
+                match server::admit_with(ch, &peers) {
+                    Ok(peer) => process::admit(&sh2, peer, session),
+                    Err(e) => process::log_refused(&sh2, &e),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start admission: {e}");
         }
     }
 }

@@ -106,6 +106,9 @@ pub(crate) struct Proc {
     /// frame: the evictor may be waiting for it.
     pub(crate) agent_tid: AtomicU32,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Counts this tagger's session against its uid and pid until the `Proc` is dropped
+    /// (`None` for a fork child known by its parent's FORK event). See `sessions`.
+    pub(crate) _session: Option<super::sessions::SessionGuard>,
 }
 
 impl Proc {
@@ -204,7 +207,7 @@ impl Proc {
 
 /// Admits a tagger: policy by name, `UFFDIO_API`, Ack, then the reader and control
 /// threads. Unmatched names, failed negotiation or a stopping daemon get `Refused`.
-pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer) {
+pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer, session: super::sessions::SessionGuard) {
     let pid = peer.pid;
     let name = peer.name.clone();
     let Some(policy) = sh.policy_for(&name) else {
@@ -287,6 +290,7 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer) {
         told_swapped: AtomicU64::new(0),
         agent_tid: AtomicU32::new(0),
         threads: Mutex::new(Vec::new()),
+        _session: Some(session),
     });
     sh.add_proc(proc.clone());
     let origin = Origin { pid, tid: 0 };
@@ -456,6 +460,7 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
                         told_swapped: AtomicU64::new(0),
                         agent_tid: AtomicU32::new(0),
                         threads: Mutex::new(Vec::new()),
+                        _session: None,
                     });
                     sh.add_proc(child.clone());
                     start_threads(sh, &child, None);

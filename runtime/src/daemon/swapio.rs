@@ -128,8 +128,8 @@ impl SwapStore {
                 what: format!("create {}", temp_dir.display()),
                 source: e,
             })?;
-            let path = temp_dir.join(format!("usm-swap-{}.img", std::process::id()));
-            let _ = std::fs::remove_file(&path);
+            super::leftovers::sweep_swap_files(temp_dir);
+            let path = super::leftovers::swap_file_path(temp_dir);
             usm_swap::create_swap_file(&path, temp_bytes.max(16 << 20))?;
             let dev = SwapDevice::open(DeviceId(0), &path).inspect_err(|_| {
                 let _ = std::fs::remove_file(&path);
