@@ -105,7 +105,7 @@ pub(crate) fn spawn_client(
 }
 
 /// Clients served at once (stat and metrics each).
-pub(crate) const MAX_CLIENTS: usize = 8;
+pub(crate) const MAX_CLIENTS: usize = 32;
 
 /// Everything one client gets: reading its request and writing the answer, each I/O
 /// also bounded by this.
