@@ -650,6 +650,39 @@ fn silent_stat_clients_hold_up_neither_other_clients_nor_shutdown() {
     drop(silent);
 }
 
+#[test]
+fn silent_metrics_scrapers_hold_up_neither_other_scrapers_nor_shutdown() {
+    let d = Run::start("memory 256\nworkers 1\nmetrics 127.0.0.1:0", &[]);
+    let addr = d
+        .log()
+        .lines()
+        .find_map(|l| {
+            l.split("metrics on http://")
+                .nth(1)
+                .and_then(|r| r.strip_suffix("/metrics"))
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| panic!("no metrics address in the log: {}", d.log()));
+    let silent: Vec<_> = (0..6)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let t0 = Instant::now();
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    let _ = c.read_to_string(&mut body);
+    let waited = t0.elapsed();
+    assert!(body.contains("usm_pool_pages 256"), "{body}");
+    assert!(
+        waited < Duration::from_millis(1900),
+        "the scrape waited {waited:?} behind silent scrapers"
+    );
+    let (st, log) = d.stop_within(Duration::from_secs(5));
+    assert!(st.is_some_and(|s| s.success()), "shutdown waited: {log}");
+    drop(silent);
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. The socket path.
 
