@@ -24,7 +24,7 @@ use usm_runtime::daemon::{DaemonStat, query_stat, stat_socket_path};
 mod common;
 
 use common::daemon::USM;
-use common::harden::{ThrowawayUser, tagger};
+use common::harden::{KillOnDrop, RemoveOnDrop, ThrowawayUser, tagger};
 
 /// The name the test process says Hello with (named in every config here).
 const NAME: &str = "harden";
@@ -293,6 +293,7 @@ fn a_second_user_cannot_take_over_a_root_programs_private_daemon() {
     // The attacker's own runtime directory, which an unlucky root might inherit.
     let atk_xdg = PathBuf::from(format!("/tmp/usmh-xdg-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&atk_xdg);
+    let _clean = RemoveOnDrop(atk_xdg.clone());
     assert!(
         atk.command("mkdir")
             .args(["-m", "0700"])
@@ -303,6 +304,7 @@ fn a_second_user_cannot_take_over_a_root_programs_private_daemon() {
     );
     for xdg in [None, Some(atk_xdg.as_path())] {
         let mut planted = Vec::new();
+        let mut planted_tmp = None;
         let (sock, child, pid) = gated_exec(xdg, swap_dir.path(), |pid| {
             // The attacker guesses the directory names usm exec would use.
             for base in [Path::new("/tmp"), atk_xdg.as_path()] {
@@ -314,6 +316,9 @@ fn a_second_user_cannot_take_over_a_root_programs_private_daemon() {
                     .status()
                     .unwrap();
                 assert!(ok.success());
+                if base == Path::new("/tmp") {
+                    planted_tmp = Some(RemoveOnDrop(d.clone()));
+                }
                 planted.push(d);
             }
             // It cannot plant anything where root's private directory goes.
@@ -363,13 +368,10 @@ fn a_second_user_cannot_take_over_a_root_programs_private_daemon() {
             assert!(lines.contains(&want), "{op}: {lines:?}");
         }
         let report = finish_exec(child);
+        drop(planted_tmp);
         assert_eq!(report["managed"], true, "{report}");
         assert!(!dir.exists(), "the private directory is removed at exit");
-        for d in planted {
-            let _ = std::fs::remove_dir(d);
-        }
     }
-    let _ = std::fs::remove_dir_all(&atk_xdg);
 }
 
 /// The second user's tagger-side view of a socket: connect, wait for a message.
@@ -461,18 +463,20 @@ fn a_root_program_never_hands_its_memory_to_another_users_socket() {
     let dir = PathBuf::from(format!("/tmp/usmh-fake-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).unwrap();
+    let _clean = RemoveOnDrop(dir.clone());
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let fake = dir.join("usm.sock");
-    let mut listener = atk
-        .command("/usr/bin/python3")
-        .arg("-c")
-        .arg(FAKE_DAEMON)
-        .arg(&fake)
-        .arg("4")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(listener.stdout.take().unwrap());
+    let mut listener = KillOnDrop(
+        atk.command("/usr/bin/python3")
+            .arg("-c")
+            .arg(FAKE_DAEMON)
+            .arg(&fake)
+            .arg("4")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(listener.0.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
@@ -497,9 +501,8 @@ fn a_root_program_never_hands_its_memory_to_another_users_socket() {
     assert!(st.success());
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
-    let _ = listener.wait();
+    let _ = listener.0.wait();
     assert_eq!(rest.trim(), "fds=0", "the fake daemon received descriptors");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -669,7 +672,8 @@ fn silent_metrics_scrapers_hold_up_neither_other_scrapers_nor_shutdown() {
     let t0 = Instant::now();
     let mut c = std::net::TcpStream::connect(&addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut body = String::new();
     let _ = c.read_to_string(&mut body);
     let waited = t0.elapsed();

@@ -71,12 +71,35 @@ impl ThrowawayUser {
 
 impl Drop for ThrowawayUser {
     fn drop(&mut self) {
-        // The user and its group (the tests wait for or kill, by pid, every process
-        // they started as this user before this runs).
-        let out = Command::new("userdel").arg(&self.name).output();
-        if !out.is_ok_and(|o| o.status.success()) {
-            eprintln!("warning: could not remove the test user {}", self.name);
+        // The user and its group. The tests wait for or kill (by pid) every process they
+        // started as this user; a step still ending makes userdel fail: retry a while.
+        for _ in 0..50 {
+            let out = Command::new("userdel").arg(&self.name).output();
+            if out.is_ok_and(|o| o.status.success()) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        eprintln!("warning: could not remove the test user {}", self.name);
+    }
+}
+
+/// Kills (by pid) and reaps a child on drop: a failing test leaves no process behind.
+pub(crate) struct KillOnDrop(pub(crate) std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Removes a directory tree on drop (directories a test made outside a `TempDir`).
+pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
