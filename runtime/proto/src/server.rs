@@ -32,7 +32,7 @@
 //! # }
 //! ```
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 pub use crate::sys::{Listener, PeerCredentials, set_socket_file_mode};
@@ -244,6 +244,9 @@ fn admit_inner(
         });
     }
     let uffd = fds.remove(0);
+    // The daemon's reader must never block in `read`: a tagger could read its own copy
+    // between the daemon's poll and read. (O_NONBLOCK is on the shared description.)
+    crate::sys::set_nonblocking(uffd.as_fd())?;
     Ok((cred, sanitize_name(&name), uffd))
 }
 
@@ -259,6 +262,26 @@ mod tests {
         );
         assert_eq!(sanitize_name("stressapptest"), "stressapptest");
         assert_eq!(sanitize_name("été"), "été");
+    }
+
+    #[test]
+    fn admission_makes_the_handed_fd_non_blocking_and_the_name_printable() {
+        let (daemon, tagger) = Channel::pair().unwrap();
+        let (r, _w) = crate::sys::hostile::pipe();
+        assert!(!crate::sys::hostile::is_nonblocking(r.as_fd()));
+        tagger
+            .send_with_fd(
+                &Message::Hello {
+                    version: crate::PROTOCOL_VERSION,
+                    pid: std::process::id(),
+                    name: "a\nb".into(),
+                },
+                r.as_fd(),
+            )
+            .unwrap();
+        let peer = admit(daemon).unwrap();
+        assert_eq!(peer.name, "a?b");
+        assert!(crate::sys::hostile::is_nonblocking(peer.uffd.as_fd()));
     }
 
     #[test]

@@ -748,6 +748,13 @@ pub(crate) mod hostile {
         assert_eq!(rc, 8);
     }
 
+    /// Is `O_NONBLOCK` set on `fd`?
+    pub(crate) fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
+        // SAFETY: fcntl(F_GETFL) takes no pointer argument.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        flags >= 0 && flags & libc::O_NONBLOCK != 0
+    }
+
     /// Tries to shrink a memfd; returns the errno (0 = it shrank).
     pub(crate) fn try_truncate(fd: BorrowedFd<'_>, len: usize) -> i32 {
         // SAFETY: ftruncate takes integers only.
