@@ -829,6 +829,28 @@ fn refusal_text(v: Result<Admission, ProtoError>) -> Option<(RefusalReason, Stri
     }
 }
 
+/// Opens argv[2] connections to the socket argv[1] and says nothing; on a line on
+/// stdin, prints how many were answered (refused) meanwhile.
+const SILENT_PEERS: &str = r#"
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sys.argv[1])
+    socks.append(s)
+print("connected", flush=True)
+sys.stdin.readline()
+told = 0
+for s in socks:
+    s.setblocking(False)
+    try:
+        if len(s.recv(4096)) > 0:
+            told += 1
+    except BlockingIOError:
+        pass
+print(told, flush=True)
+"#;
+
 #[test]
 fn sessions_are_bounded_per_process_and_admissions_never_pile_up_threads() {
     let d = Run::start(
@@ -861,37 +883,52 @@ fn sessions_are_bounded_per_process_and_admissions_never_pile_up_threads() {
         "{grown} new daemon threads for 4 sessions"
     );
 
-    // 100 connections that never say Hello: admissions are bounded too.
+    drop(kept);
+    drop(d);
+
+    // 100 connections that never say Hello (a daemon allowing 1000 sessions per
+    // process): admissions are bounded too — 8 per uid wait for their Hello, the rest
+    // are told at once.
+    let d = Run::start(
+        &format!("memory 256\nworkers 1\nprocess {NAME} first-fit"),
+        &[("USM_MAX_SESSIONS_PER_PROCESS", "1000".to_owned())],
+    );
     let before = d.threads();
-    let silent: Vec<_> = (0..100)
-        .map(|_| usm_proto::Channel::connect(&d.socket).unwrap())
-        .collect();
+    let mut silent = KillOnDrop(
+        Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(SILENT_PEERS)
+            .arg(&d.socket)
+            .arg("100")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(silent.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
     std::thread::sleep(Duration::from_millis(500));
     let grown = d.threads().saturating_sub(before);
+    silent
+        .0
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"count\n")
+        .unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let turned_away: usize = line.trim().parse().unwrap();
     assert!(
         grown <= 8 + 2,
         "{grown} admission threads for 100 silent peers"
     );
-    let turned_away = silent
-        .iter()
-        .filter(|c| {
-            c.set_recv_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
-            matches!(
-                c.recv(),
-                Ok(Message::Refused {
-                    reason: RefusalReason::Busy,
-                    ..
-                })
-            )
-        })
-        .count();
-    assert!(
-        turned_away >= 90,
-        "only {turned_away} told they were over the limit"
+    assert_eq!(
+        turned_away, 92,
+        "all but 8 are told at once they are over the limit"
     );
-    drop(silent);
-    drop(kept);
 }
 
 #[test]
