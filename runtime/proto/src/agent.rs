@@ -49,6 +49,7 @@
 //!   `O_NONBLOCK`: a kick into a full counter is "already kicked", a read of a count
 //!   the peer took first is "nothing yet". No write to them can block the evictor.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::error::ProtoError;
@@ -202,7 +203,13 @@ pub struct AgentClient {
     pub staging_start: u64,
     /// Number of 4 KiB staging slots.
     pub staging_pages: u32,
+    /// Requests submitted and not answered yet: `seq` → how many (a completion whose
+    /// `seq` is not here is the agent's invention and is dropped).
+    in_flight: HashMap<u64, u32>,
+    /// Number of requests in `in_flight`.
     outstanding: u64,
+    /// Completions dropped because no request of theirs was in flight.
+    pub bogus_completions: u64,
 }
 
 impl AgentClient {
@@ -266,7 +273,9 @@ impl AgentClient {
             done,
             staging_start,
             staging_pages,
+            in_flight: HashMap::new(),
             outstanding: 0,
+            bogus_completions: 0,
         })
     }
 
@@ -288,6 +297,7 @@ impl AgentClient {
             [pack(req.op as u32, req.slot), req.addr, req.pages, req.seq],
         );
         self.ring.store(REQ_HEAD, head.wrapping_add(1));
+        *self.in_flight.entry(req.seq).or_default() += 1;
         self.outstanding += 1;
         Ok(())
     }
@@ -298,7 +308,10 @@ impl AgentClient {
         sys::eventfd_signal(self.kick.as_fd())
     }
 
-    /// Takes every completion published so far.
+    /// Takes every completion published so far that answers a request in flight (at
+    /// most one per request: invented or repeated ones are dropped and counted in
+    /// [`AgentClient::bogus_completions`], so a hostile agent can neither make the
+    /// daemon believe a request was answered twice nor grow its memory).
     pub fn completions(&mut self) -> Vec<AgentCompletion> {
         let mut out = Vec::new();
         let head = self.ring.load(CMP_HEAD);
@@ -307,15 +320,28 @@ impl AgentClient {
         let mut budget = self.ring.entries;
         while tail != head && budget > 0 {
             let w = self.ring.read_entry(true, tail);
+            tail = tail.wrapping_add(1);
+            budget -= 1;
+            let seq = w[3];
+            match self.in_flight.get_mut(&seq) {
+                Some(n) => {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.in_flight.remove(&seq);
+                    }
+                }
+                None => {
+                    self.bogus_completions += 1;
+                    continue;
+                }
+            }
             out.push(AgentCompletion {
                 op: AgentOp::from_wire(w[0] as u32).ok_or(w[0] as u32),
                 slot: (w[0] >> 32) as u32,
                 addr: w[1],
                 result: w[2] as i64,
-                seq: w[3],
+                seq,
             });
-            tail = tail.wrapping_add(1);
-            budget -= 1;
         }
         self.ring.store(CMP_TAIL, tail);
         self.outstanding = self.outstanding.saturating_sub(out.len() as u64);
@@ -630,6 +656,56 @@ mod tests {
         client.kick().unwrap();
         // The agent still sees its kick.
         assert!(server.wait_kick(0).unwrap());
+    }
+
+    #[test]
+    fn invented_and_repeated_completions_are_dropped() {
+        let (server, mut client) = pair(4, 16);
+        client
+            .submit(AgentRequest {
+                op: AgentOp::DropSlots,
+                slot: 0,
+                addr: 0,
+                pages: 1,
+                seq: 7,
+            })
+            .unwrap();
+        let answer = |seq| AgentCompletion {
+            op: Ok(AgentOp::DropSlots),
+            slot: 0,
+            addr: 0,
+            result: 0,
+            seq,
+        };
+        // The agent answers seq 7 twice and invents seq 8.
+        for seq in [8, 7, 7] {
+            server.complete(answer(seq));
+        }
+        let got = client.completions();
+        assert_eq!(got.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![7]);
+        assert_eq!(client.bogus_completions, 2);
+        // Room for exactly `entries` requests again, not more.
+        for seq in 0..4 {
+            client
+                .submit(AgentRequest {
+                    op: AgentOp::DropSlots,
+                    slot: 0,
+                    addr: 0,
+                    pages: 1,
+                    seq,
+                })
+                .unwrap();
+        }
+        assert!(matches!(
+            client.submit(AgentRequest {
+                op: AgentOp::DropSlots,
+                slot: 0,
+                addr: 0,
+                pages: 1,
+                seq: 9
+            }),
+            Err(ProtoError::AgentRingFull)
+        ));
     }
 
     #[test]
