@@ -1034,12 +1034,15 @@ fn a_killed_private_daemons_swap_file_and_sockets_go_at_the_next_start() {
 fn root_running_a_set_user_id_root_program_is_not_warned_wrongly() {
     must_be_root();
     let dir = tempfile::tempdir().unwrap();
-    let prog = dir.path().join("suid-true");
-    std::fs::copy("/bin/true", &prog).unwrap();
+    // A program that lives a moment: `usm exec` reports a program that exits within
+    // microseconds of its Ack as unmanaged (the daemon adds it to its list after the Ack).
+    let prog = dir.path().join("suid-sleep");
+    std::fs::copy("/bin/sleep", &prog).unwrap();
     std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o4755)).unwrap();
     let out = Command::new(USM)
         .args(["exec", "--report", "json", "--swap-size", "16M", "--"])
         .arg(&prog)
+        .arg("0.2")
         .env("USM_TAGGER", tagger())
         .env("USM_SWAP_DIR", dir.path())
         .output()
@@ -1049,5 +1052,5 @@ fn root_running_a_set_user_id_root_program_is_not_warned_wrongly() {
     assert!(!err.contains("set-user-ID"), "a wrong warning: {err}");
     let json = err.lines().find(|l| l.starts_with('{')).expect("report");
     let report: serde_json::Value = serde_json::from_str(json).unwrap();
-    assert_eq!(report["managed"], true, "LD_PRELOAD did reach it: {report}");
+    assert_eq!(report["managed"], true, "LD_PRELOAD did reach it: {err}");
 }
