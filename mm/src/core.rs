@@ -122,6 +122,8 @@ pub struct MemState {
     writebacks: usize,
     /// Asynchronous stages in flight ([`PageState::Leaving`], fenced ones included).
     leaving: usize,
+    /// Swap had no free slot at the last eviction attempt (reported once per episode).
+    swap_full: bool,
     /// Bit `w`: worker `w` has a fault waiting for a frame behind write-backs
     /// ([`FaultResult::NeedMemory`]); the next write-back to complete, on any worker,
     /// wakes it (its own ring's completions would wake it anyway, another worker's not).
@@ -236,6 +238,7 @@ impl MmCore {
                     orphans: HashSet::new(),
                     writebacks: 0,
                     leaving: 0,
+                    swap_full: false,
                     memory_waiters: 0,
                 },
                 evict,
@@ -1123,7 +1126,18 @@ impl<'a> WorkerCx<'a> {
 
     /// Poisons `addr` so the access fails with SIGBUS, logs why.
     fn fail(&mut self, addr: u64, pid: u32, reason: String) -> FaultResult {
-        tracing::error!(addr, pid, %reason, "access failed: page poisoned (SIGBUS on access)");
+        tracing::error!(
+            addr,
+            pid,
+            %reason,
+            free_frames = self.free_total(),
+            frames = self.core.pool.len(),
+            free_slots = self.mem.swap.free_slots(),
+            slots = self.mem.swap.total_slots(),
+            writebacks = self.mem.writebacks,
+            leaving = self.mem.leaving,
+            "access failed: page poisoned (SIGBUS on access)"
+        );
         MmStats::bump(&self.core.stats.counters.oom_failures);
         if let Err(e) = self
             .core
@@ -1375,10 +1389,21 @@ impl<'a> WorkerCx<'a> {
             .saturating_sub(self.io.engine.in_flight() as usize)
             .saturating_sub(self.mem.leaving);
         let want = req.want.min(room).min(self.core.config.eviction_batch);
-        if want == 0
-            || self.mem.swap.free_slots() == 0
-            || !self.core.eviction.load(Ordering::Acquire)
-        {
+        let full = self.mem.swap.free_slots() == 0 && !self.core.devices.is_empty();
+        if full != self.mem.swap_full {
+            // Said once per episode: pages stay in memory while swap has no room.
+            self.mem.swap_full = full;
+            if full {
+                tracing::warn!(
+                    slots = self.mem.swap.total_slots(),
+                    "swap is full: no page can be evicted until slots come free; pages stay in memory and faults wait (the OOM policy decides when frames run out too)"
+                );
+                MmStats::bump(&self.core.stats.counters.swap_full);
+            } else {
+                tracing::info!("swap has free slots again; eviction resumes");
+            }
+        }
+        if want == 0 || full || !self.core.eviction.load(Ordering::Acquire) {
             return VictimScan::default();
         }
         let mut out = Vec::with_capacity(want);

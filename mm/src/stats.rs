@@ -59,6 +59,8 @@ pub struct Counters {
     pub policy_panics: AtomicU64,
     /// Accesses failed by the OOM policy.
     pub oom_failures: AtomicU64,
+    /// Times eviction found swap full (each episode once).
+    pub swap_full: AtomicU64,
     /// Faults that had to wait for memory (eviction in flight).
     pub memory_waits: AtomicU64,
     /// Async operations dropped because their range went away or changed generation.
@@ -170,6 +172,7 @@ impl MmStats {
             partial_moves: l(&c.partial_moves),
             policy_panics: l(&c.policy_panics),
             oom_failures: l(&c.oom_failures),
+            swap_full: l(&c.swap_full),
             memory_waits: l(&c.memory_waits),
             fenced: l(&c.fenced),
             worker_blocked: l(&c.worker_blocked),
@@ -236,6 +239,7 @@ pub struct StatsSnapshot {
     pub partial_moves: u64,
     pub policy_panics: u64,
     pub oom_failures: u64,
+    pub swap_full: u64,
     pub memory_waits: u64,
     pub fenced: u64,
     pub worker_blocked: u64,

@@ -228,6 +228,7 @@ fn daemon(
         temp_swap_dir: dir.to_path_buf(),
         temp_swap_bytes: 128 << 20,
         register,
+        ..DaemonOptions::default()
     };
     Daemon::start(&cfg, &opts).expect("daemon starts")
 }

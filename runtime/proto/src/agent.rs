@@ -36,7 +36,20 @@
 //!
 //! Each side validates what the other wrote (slots in range, ops known): a confused or
 //! hostile peer gets `-EINVAL` completions, never an out-of-bounds access.
+//!
+//! # What the daemon checks before it maps anything (the tagger is untrusted)
+//! - The ring is a memfd sealed `F_SEAL_SHRINK | F_SEAL_GROW` (the tagger creates it
+//!   `MFD_ALLOW_SEALING` and adds `F_SEAL_SEAL` too) whose size is exactly
+//!   [`ring_len`]: nobody can truncate it under the daemon's mapping, so no access of
+//!   the daemon's can raise `SIGBUS`.
+//! - Every ring access is an atomic word at an offset computed from the *daemon's*
+//!   `entries` (index modulo `entries`), bounds-checked against the mapping length;
+//!   heads and tails the peer writes only choose which entry, never where.
+//! - `kick` and `done` are eventfds (checked through `/proc/self/fd`), set
+//!   `O_NONBLOCK`: a kick into a full counter is "already kicked", a read of a count
+//!   the peer took first is "nothing yet". No write to them can block the evictor.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::error::ProtoError;
@@ -190,7 +203,13 @@ pub struct AgentClient {
     pub staging_start: u64,
     /// Number of 4 KiB staging slots.
     pub staging_pages: u32,
+    /// Requests submitted and not answered yet: `seq` → how many (a completion whose
+    /// `seq` is not here is the agent's invention and is dropped).
+    in_flight: HashMap<u64, u32>,
+    /// Number of requests in `in_flight`.
     outstanding: u64,
+    /// Completions dropped because no request of theirs was in flight.
+    pub bogus_completions: u64,
 }
 
 impl AgentClient {
@@ -214,10 +233,30 @@ impl AgentClient {
         let kick = fds.remove(1);
         let memfd = fds.remove(0);
         let len = ring_len(ring_entries);
-        if sys::fd_size(memfd.as_fd())? < len as u64 {
+        // Sealed before mapped: an unsealed ring could be truncated under the mapping,
+        // and the daemon's next access would be a SIGBUS that kills every session.
+        let seals = sys::seals(memfd.as_fd()).map_err(|_| ProtoError::BadAgentSetup {
+            why: "ring is not a sealable memfd (F_GET_SEALS failed)",
+        })?;
+        if seals & sys::RING_SEALS != sys::RING_SEALS {
             return Err(ProtoError::BadAgentSetup {
-                why: "ring memfd is smaller than its entries need",
+                why: "ring memfd is not sealed F_SEAL_SHRINK|F_SEAL_GROW",
             });
+        }
+        if sys::fd_size(memfd.as_fd())? != len as u64 {
+            return Err(ProtoError::BadAgentSetup {
+                why: "ring memfd size does not match its entries",
+            });
+        }
+        // The daemon writes `kick` and reads `done`: they must be eventfds (a pipe can
+        // fill and block the writer), and non-blocking (the peer shares them).
+        for fd in [&kick, &done] {
+            if !sys::is_eventfd(fd.as_fd()) {
+                return Err(ProtoError::BadAgentSetup {
+                    why: "kick and done descriptors must be eventfds",
+                });
+            }
+            sys::set_nonblocking(fd.as_fd())?;
         }
         let ring = Ring {
             map: SharedMap::map(memfd.as_fd(), len)?,
@@ -234,7 +273,9 @@ impl AgentClient {
             done,
             staging_start,
             staging_pages,
+            in_flight: HashMap::new(),
             outstanding: 0,
+            bogus_completions: 0,
         })
     }
 
@@ -256,16 +297,21 @@ impl AgentClient {
             [pack(req.op as u32, req.slot), req.addr, req.pages, req.seq],
         );
         self.ring.store(REQ_HEAD, head.wrapping_add(1));
+        *self.in_flight.entry(req.seq).or_default() += 1;
         self.outstanding += 1;
         Ok(())
     }
 
-    /// Wakes the agent.
+    /// Wakes the agent. Never blocks: the eventfd is non-blocking, and a full counter
+    /// means the agent is kicked already.
     pub fn kick(&self) -> Result<(), ProtoError> {
         sys::eventfd_signal(self.kick.as_fd())
     }
 
-    /// Takes every completion published so far.
+    /// Takes every completion published so far that answers a request in flight (at
+    /// most one per request: invented or repeated ones are dropped and counted in
+    /// [`AgentClient::bogus_completions`], so a hostile agent can neither make the
+    /// daemon believe a request was answered twice nor grow its memory).
     pub fn completions(&mut self) -> Vec<AgentCompletion> {
         let mut out = Vec::new();
         let head = self.ring.load(CMP_HEAD);
@@ -274,15 +320,28 @@ impl AgentClient {
         let mut budget = self.ring.entries;
         while tail != head && budget > 0 {
             let w = self.ring.read_entry(true, tail);
+            tail = tail.wrapping_add(1);
+            budget -= 1;
+            let seq = w[3];
+            match self.in_flight.get_mut(&seq) {
+                Some(n) => {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.in_flight.remove(&seq);
+                    }
+                }
+                None => {
+                    self.bogus_completions += 1;
+                    continue;
+                }
+            }
             out.push(AgentCompletion {
                 op: AgentOp::from_wire(w[0] as u32).ok_or(w[0] as u32),
                 slot: (w[0] >> 32) as u32,
                 addr: w[1],
                 result: w[2] as i64,
-                seq: w[3],
+                seq,
             });
-            tail = tail.wrapping_add(1);
-            budget -= 1;
         }
         self.ring.store(CMP_TAIL, tail);
         self.outstanding = self.outstanding.saturating_sub(out.len() as u64);
@@ -320,7 +379,7 @@ impl AgentServer {
             });
         }
         let len = ring_len(entries);
-        let memfd = sys::memfd(c"usm-agent-ring", len)?;
+        let memfd = sys::memfd_sealed(c"usm-agent-ring", len)?;
         let ring = Ring {
             map: SharedMap::map(memfd.as_fd(), len)?,
             entries,
@@ -527,6 +586,126 @@ mod tests {
             assert_eq!(c.result, -i64::from(libc::EINVAL));
         }
         assert!(server.next_request().is_none());
+    }
+
+    fn fds_of(server: &AgentServer) -> Vec<OwnedFd> {
+        server
+            .fds_for_daemon()
+            .iter()
+            .map(|fd| fd.try_clone_to_owned().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_tagger_ring_is_sealed_against_truncation() {
+        let server = AgentServer::create(8, 4).unwrap();
+        let memfd = server.fds_for_daemon()[0];
+        assert_eq!(
+            sys::hostile::try_truncate(memfd, 0),
+            libc::EPERM,
+            "F_SEAL_SHRINK refuses a truncation"
+        );
+        assert_eq!(
+            sys::hostile::try_truncate(memfd, ring_len(8) * 2),
+            libc::EPERM
+        );
+    }
+
+    #[test]
+    fn an_unsealed_or_resized_ring_is_refused_before_mapping() {
+        let server = AgentServer::create(8, 4).unwrap();
+        // An unsealed memfd of the right size (the peer could truncate it later).
+        let mut fds = fds_of(&server);
+        fds[0] = sys::hostile::unsealed_memfd(ring_len(8));
+        let err = AgentClient::from_ready(0, 4, 8, fds).unwrap_err();
+        assert!(err.to_string().contains("sealed"), "{err}");
+        // Not a memfd at all (a pipe).
+        let mut fds = fds_of(&server);
+        fds[0] = sys::hostile::pipe().0;
+        let err = AgentClient::from_ready(0, 4, 8, fds).unwrap_err();
+        assert!(err.to_string().contains("sealable memfd"), "{err}");
+        // Sealed, but the size does not match the entries announced.
+        let big = AgentServer::create(16, 4).unwrap();
+        let mut fds = fds_of(&server);
+        fds[0] = fds_of(&big).remove(0);
+        assert!(matches!(
+            AgentClient::from_ready(0, 4, 8, fds),
+            Err(ProtoError::BadAgentSetup { .. })
+        ));
+    }
+
+    #[test]
+    fn kick_and_done_must_be_eventfds() {
+        let server = AgentServer::create(8, 4).unwrap();
+        for which in [1, 2] {
+            let mut fds = fds_of(&server);
+            let (r, w) = sys::hostile::pipe();
+            fds[which] = if which == 1 { w } else { r };
+            let err = AgentClient::from_ready(0, 4, 8, fds).unwrap_err();
+            assert!(err.to_string().contains("eventfds"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_kick_into_a_full_eventfd_does_not_block() {
+        let (server, client) = pair(8, 4);
+        sys::hostile::fill_eventfd(server.fds_for_daemon()[1]);
+        // Blocking, this write would wait until the agent reads; non-blocking it is
+        // "already kicked".
+        client.kick().unwrap();
+        client.kick().unwrap();
+        // The agent still sees its kick.
+        assert!(server.wait_kick(0).unwrap());
+    }
+
+    #[test]
+    fn invented_and_repeated_completions_are_dropped() {
+        let (server, mut client) = pair(4, 16);
+        client
+            .submit(AgentRequest {
+                op: AgentOp::DropSlots,
+                slot: 0,
+                addr: 0,
+                pages: 1,
+                seq: 7,
+            })
+            .unwrap();
+        let answer = |seq| AgentCompletion {
+            op: Ok(AgentOp::DropSlots),
+            slot: 0,
+            addr: 0,
+            result: 0,
+            seq,
+        };
+        // The agent answers seq 7 twice and invents seq 8.
+        for seq in [8, 7, 7] {
+            server.complete(answer(seq));
+        }
+        let got = client.completions();
+        assert_eq!(got.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![7]);
+        assert_eq!(client.bogus_completions, 2);
+        // Room for exactly `entries` requests again, not more.
+        for seq in 0..4 {
+            client
+                .submit(AgentRequest {
+                    op: AgentOp::DropSlots,
+                    slot: 0,
+                    addr: 0,
+                    pages: 1,
+                    seq,
+                })
+                .unwrap();
+        }
+        assert!(matches!(
+            client.submit(AgentRequest {
+                op: AgentOp::DropSlots,
+                slot: 0,
+                addr: 0,
+                pages: 1,
+                seq: 9
+            }),
+            Err(ProtoError::AgentRingFull)
+        ));
     }
 
     #[test]

@@ -37,11 +37,22 @@ pub struct Admission {
     pub policy: String,
 }
 
-/// Connects to the daemon at `path`.
+/// Connects to the daemon at `path` and checks who listens there (`SO_PEERCRED` of the
+/// connected socket, taken by the kernel when the daemon called `listen`): the daemon
+/// must run as this program's effective uid or as root, otherwise
+/// [`ProtoError::UntrustedDaemon`] — whoever swapped a socket into the path would
+/// otherwise receive the userfaultfd and write this program's memory.
 pub fn connect(path: &Path) -> Result<Session, ProtoError> {
-    Ok(Session {
-        channel: Channel::connect(path)?,
-    })
+    let channel = Channel::connect(path)?;
+    let daemon = channel.peer_credentials()?;
+    let own_uid = crate::sys::effective_uid();
+    if daemon.uid != own_uid && daemon.uid != 0 {
+        return Err(ProtoError::UntrustedDaemon {
+            daemon_uid: daemon.uid,
+            own_uid,
+        });
+    }
+    Ok(Session { channel })
 }
 
 impl Session {
@@ -58,9 +69,18 @@ impl Session {
             pid,
             name: name.to_owned(),
         };
-        self.channel.send_with_fd(&hello, uffd)?;
+        if let Err(e) = self.channel.send_with_fd(&hello, uffd) {
+            return Err(if e.is_peer_gone() {
+                self.queued_refusal().unwrap_or(e)
+            } else {
+                e
+            });
+        }
         self.channel.set_recv_timeout(Some(VERDICT_TIMEOUT))?;
-        let verdict = self.channel.recv();
+        let verdict = match self.channel.recv() {
+            Err(e) if e.is_peer_gone() => Err(self.queued_refusal().unwrap_or(e)),
+            other => other,
+        };
         self.channel.set_recv_timeout(None)?;
         match verdict.map_err(|e| match e {
             ProtoError::Timeout { .. } => ProtoError::Timeout {
@@ -75,6 +95,24 @@ impl Session {
                 got: other.name(),
             }),
         }
+    }
+
+    /// A daemon may turn a peer away on its credentials alone (a foreign uid, a
+    /// session limit) before reading its Hello: its `Refused` is queued, then it closes.
+    /// The close may be reported first (`EPIPE` on the send, `ECONNRESET` once on a
+    /// receive, because the Hello was left unread): read past it for the reason.
+    fn queued_refusal(&self) -> Option<ProtoError> {
+        self.channel.set_recv_timeout(Some(VERDICT_TIMEOUT)).ok()?;
+        for _ in 0..2 {
+            match self.channel.recv() {
+                Ok(Message::Refused { reason, text }) => {
+                    return Some(ProtoError::Refused { reason, text });
+                }
+                Err(e) if e.errno() == Some(libc::ECONNRESET) => continue,
+                _ => return None,
+            }
+        }
+        None
     }
 
     /// The underlying channel (send notifications, receive daemon messages).

@@ -70,6 +70,19 @@ pub enum ProtoError {
         /// The daemon's effective uid.
         daemon_uid: u32,
     },
+    /// The process listening on the socket runs as another user than this program (and
+    /// is not root): handing it the userfaultfd would let that user read and write this
+    /// program's memory.
+    #[error(
+        "the daemon at the socket runs as uid {daemon_uid}, neither this program's uid \
+         {own_uid} nor root: not handing it this program's memory"
+    )]
+    UntrustedDaemon {
+        /// The listener's uid (SO_PEERCRED of the connected socket).
+        daemon_uid: u32,
+        /// This program's effective uid.
+        own_uid: u32,
+    },
     /// Hello's pid is not the socket peer's pid.
     #[error("Hello claims pid {claimed} but the socket peer is pid {actual}")]
     PidMismatch {

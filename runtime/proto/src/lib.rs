@@ -11,13 +11,16 @@
 //! exactly one whole message. Messages larger than [`wire::MAX_MESSAGE_LEN`] do not exist.
 //!
 //! # Session, step by step (who owns what)
-//! 1. **Connect.** The tagger connects ([`client::connect`]).
+//! 1. **Connect.** The tagger connects ([`client::connect`]) and checks who listens
+//!    (`SO_PEERCRED`): a daemon running as another user than the program (and not as
+//!    root) never receives anything.
 //! 2. **Hello + fd.** The tagger opens a userfaultfd (`/dev/userfaultfd`, falling back to
 //!    the syscall), *does not* negotiate it, and sends [`Message::Hello`] with that fd
 //!    attached as `SCM_RIGHTS`. From here the same open file description is shared: the
 //!    tagger keeps its copy, the daemon owns its copy.
-//! 3. **Verdict.** The daemon ([`server::accept`]) checks `SO_PEERCRED` (same uid, or the
-//!    daemon is root; the pid in Hello equals the credential's pid), runs `UFFDIO_API` on
+//! 3. **Verdict.** The daemon ([`server::accept`]) checks `SO_PEERCRED` against its
+//!    [`server::PeerRule`] (default: its own uid and root; the pid in Hello equals the
+//!    credential's pid) and sanitises the name ([`server::sanitize_name`]), runs `UFFDIO_API` on
 //!    its copy with its own privileges (handler mode, `EVENT_FORK | EVENT_REMAP |
 //!    EVENT_REMOVE | EVENT_UNMAP | THREAD_ID`, never `UFFD_USER_MODE_ONLY`), and answers
 //!    [`Message::Ack`] (features negotiated, policy name) or [`Message::Refused`].

@@ -2,11 +2,13 @@
 //!
 //! The dynamic loader ignores `LD_PRELOAD` for a statically linked executable (there is
 //! no loader: no `PT_INTERP` program header) and, for a set-user-ID or set-group-ID
-//! executable, drops it unless the library sits in a trusted directory and is itself
-//! set-user-ID. Such a program would run untagged; the caller should say so clearly.
+//! executable that changes the caller's ids (secure mode, `AT_SECURE`), drops it unless
+//! the library sits in a trusted directory and is itself set-user-ID. Such a program
+//! would run untagged; the caller should say so clearly. A set-ID bit that changes
+//! nothing (root running a set-user-ID-root program) is no obstacle.
 
 use std::io::{self, Read};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 /// Why `LD_PRELOAD` will not reach a program.
@@ -31,12 +33,22 @@ impl std::fmt::Display for PreloadObstacle {
 
 const PT_INTERP: u32 = 3;
 
+/// Does executing a file with `mode`, owned by `owner`:`group`, change the ids of a
+/// process whose real ids are `uid`:`gid`? Only then is the loader in secure mode
+/// (`AT_SECURE`: the new effective id differs from the real one). A set-user-ID file
+/// owned by the user running it (root running a set-user-ID-root program) changes
+/// nothing, and `LD_PRELOAD` works.
+fn set_id_changes_ids(mode: u32, owner: u32, group: u32, uid: u32, gid: u32) -> bool {
+    (mode & 0o4000 != 0 && owner != uid) || (mode & 0o2000 != 0 && group != gid)
+}
+
 /// Checks the executable at `path` (follow `PATH` lookup before calling). `Ok(None)`
 /// when the tagger will be loaded; files that are not 64-bit little-endian ELF (for
 /// example `#!` scripts, whose interpreter is what runs) are reported as fine.
 pub fn preload_obstacle(path: &Path) -> io::Result<Option<PreloadObstacle>> {
     let meta = std::fs::metadata(path)?;
-    if meta.permissions().mode() & 0o6000 != 0 {
+    let (uid, gid) = crate::sys::real_ids();
+    if set_id_changes_ids(meta.permissions().mode(), meta.uid(), meta.gid(), uid, gid) {
         return Ok(Some(PreloadObstacle::SetId));
     }
     let mut file = std::fs::File::open(path)?;
@@ -93,11 +105,27 @@ mod tests {
         }
         assert_eq!(preload_obstacle(&dynamic).unwrap(), None);
 
+        // Set-user-ID and owned by the user running it: no id changes, no secure mode.
         let setuid = dir.path().join("suid");
         std::fs::copy(&dynamic, &setuid).unwrap();
         std::fs::set_permissions(&setuid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        assert_eq!(preload_obstacle(&setuid).unwrap(), None);
+        // Owned by someone else: the loader runs in secure mode. (chown needs root.)
+        let (uid, gid) = crate::sys::real_ids();
+        assert_eq!(uid, 0, "this test needs root (chown to another user)");
+        std::os::unix::fs::chown(&setuid, Some(65534), None).unwrap();
+        std::fs::set_permissions(&setuid, std::fs::Permissions::from_mode(0o4755)).unwrap();
         assert_eq!(
             preload_obstacle(&setuid).unwrap(),
+            Some(PreloadObstacle::SetId)
+        );
+        // Set-group-ID of another group.
+        let setgid = dir.path().join("sgid");
+        std::fs::copy(&dynamic, &setgid).unwrap();
+        std::os::unix::fs::chown(&setgid, None, Some(gid.wrapping_add(4242))).unwrap();
+        std::fs::set_permissions(&setgid, std::fs::Permissions::from_mode(0o2755)).unwrap();
+        assert_eq!(
+            preload_obstacle(&setgid).unwrap(),
             Some(PreloadObstacle::SetId)
         );
 

@@ -32,10 +32,10 @@
 //! # }
 //! ```
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
-pub use crate::sys::{Listener, PeerCredentials};
+pub use crate::sys::{Listener, PeerCredentials, set_socket_file_mode};
 
 use crate::error::ProtoError;
 use crate::sys::{Channel, effective_uid};
@@ -51,7 +51,8 @@ pub struct TaggedPeer {
     pub pid: u32,
     /// Its effective uid.
     pub uid: u32,
-    /// Its name (`comm`), used to choose a policy.
+    /// Its name (`comm`), used to choose a policy; control characters replaced
+    /// ([`sanitize_name`]), so it is safe in a log line.
     pub name: String,
     /// Its userfaultfd, not negotiated yet: the daemon runs `UFFDIO_API` on it.
     pub uffd: OwnedFd,
@@ -99,8 +100,70 @@ pub fn uid_allowed(peer_uid: u32, daemon_uid: u32) -> bool {
     daemon_uid == 0 || peer_uid == daemon_uid
 }
 
+/// Which users' programs a daemon accepts (checked on `SO_PEERCRED` before anything
+/// else is read from the peer). The default — [`PeerRule::same_user`] — is the daemon's
+/// own uid and root; a system daemon may add uids, or accept every user.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerRule {
+    /// Every uid is accepted.
+    pub any_user: bool,
+    /// Uids accepted besides the daemon's own and root.
+    pub extra_uids: Vec<u32>,
+}
+
+impl PeerRule {
+    /// The daemon's own uid and root only.
+    pub fn same_user() -> PeerRule {
+        PeerRule::default()
+    }
+
+    /// Parses a list of uids (`1000,1001`) or `*` (any user); empty = same user.
+    pub fn parse(list: &str) -> Result<PeerRule, String> {
+        let mut rule = PeerRule::default();
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if item == "*" {
+                rule.any_user = true;
+            } else {
+                let uid = item
+                    .parse::<u32>()
+                    .map_err(|_| format!("`{item}` is not a uid (expected numbers or `*`)"))?;
+                rule.extra_uids.push(uid);
+            }
+        }
+        Ok(rule)
+    }
+
+    /// May a peer running as `peer_uid` attach to a daemon running as `daemon_uid`?
+    pub fn allows(&self, peer_uid: u32, daemon_uid: u32) -> bool {
+        self.any_user
+            || peer_uid == daemon_uid
+            || peer_uid == 0
+            || self.extra_uids.contains(&peer_uid)
+    }
+
+    /// Only the daemon's own uid (and root, who ignores file modes) can pass: the
+    /// socket file may be `0600`. Otherwise it must be `0666` and this rule filters.
+    pub fn socket_mode(&self) -> u32 {
+        if self.any_user || !self.extra_uids.is_empty() {
+            0o666
+        } else {
+            0o600
+        }
+    }
+}
+
+/// A process name made safe to print: control characters (newline, carriage return,
+/// escape...) become `?`, so a name can never start a forged log line or move the
+/// terminal's cursor. Applied at admission: every later use sees the safe form.
+pub fn sanitize_name(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// Accepts one tagger: waits for a connection, reads its Hello (at most
-/// [`HELLO_TIMEOUT`]), checks `SO_PEERCRED` and takes the attached userfaultfd.
+/// [`HELLO_TIMEOUT`]), checks `SO_PEERCRED` against the default [`PeerRule`] and takes
+/// the attached userfaultfd.
 ///
 /// On a peer fault the peer receives `Refused` with the reason (best effort) and the
 /// error is returned; the listener is unaffected.
@@ -109,9 +172,15 @@ pub fn accept(listener: &Listener) -> Result<TaggedPeer, ProtoError> {
     admit(stream)
 }
 
-/// The Hello/credential half of [`accept`], for a channel accepted elsewhere.
+/// The Hello/credential half of [`accept`], for a channel accepted elsewhere, with the
+/// default [`PeerRule`] (same user and root).
 pub fn admit(stream: Channel) -> Result<TaggedPeer, ProtoError> {
-    match admit_inner(&stream) {
+    admit_with(stream, &PeerRule::same_user())
+}
+
+/// [`admit`] with the daemon's [`PeerRule`].
+pub fn admit_with(stream: Channel, rule: &PeerRule) -> Result<TaggedPeer, ProtoError> {
+    match admit_inner(&stream, rule) {
         Ok((cred, name, uffd)) => Ok(TaggedPeer {
             pid: cred.pid,
             uid: cred.uid,
@@ -137,10 +206,13 @@ pub fn admit(stream: Channel) -> Result<TaggedPeer, ProtoError> {
     }
 }
 
-fn admit_inner(stream: &Channel) -> Result<(PeerCredentials, String, OwnedFd), ProtoError> {
+fn admit_inner(
+    stream: &Channel,
+    rule: &PeerRule,
+) -> Result<(PeerCredentials, String, OwnedFd), ProtoError> {
     let cred = stream.peer_credentials()?;
     let daemon_uid = effective_uid();
-    if !uid_allowed(cred.uid, daemon_uid) {
+    if !rule.allows(cred.uid, daemon_uid) {
         return Err(ProtoError::ForeignUid {
             peer_uid: cred.uid,
             daemon_uid,
@@ -172,5 +244,57 @@ fn admit_inner(stream: &Channel) -> Result<(PeerCredentials, String, OwnedFd), P
         });
     }
     let uffd = fds.remove(0);
-    Ok((cred, name, uffd))
+    // The daemon's reader must never block in `read`: a tagger could read its own copy
+    // between the daemon's poll and read. (O_NONBLOCK is on the shared description.)
+    crate::sys::set_nonblocking(uffd.as_fd())?;
+    Ok((cred, sanitize_name(&name), uffd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_lose_their_control_characters() {
+        assert_eq!(
+            sanitize_name("redis\nusm: pid 1 (sshd): managed\r\x1b[2J"),
+            "redis?usm: pid 1 (sshd): managed??[2J"
+        );
+        assert_eq!(sanitize_name("stressapptest"), "stressapptest");
+        assert_eq!(sanitize_name("été"), "été");
+    }
+
+    #[test]
+    fn admission_makes_the_handed_fd_non_blocking_and_the_name_printable() {
+        let (daemon, tagger) = Channel::pair().unwrap();
+        let (r, _w) = crate::sys::hostile::pipe();
+        assert!(!crate::sys::hostile::is_nonblocking(r.as_fd()));
+        tagger
+            .send_with_fd(
+                &Message::Hello {
+                    version: crate::PROTOCOL_VERSION,
+                    pid: std::process::id(),
+                    name: "a\nb".into(),
+                },
+                r.as_fd(),
+            )
+            .unwrap();
+        let peer = admit(daemon).unwrap();
+        assert_eq!(peer.name, "a?b");
+        assert!(crate::sys::hostile::is_nonblocking(peer.uffd.as_fd()));
+    }
+
+    #[test]
+    fn peer_rules() {
+        let same = PeerRule::same_user();
+        assert!(same.allows(1000, 1000) && same.allows(0, 1000) && same.allows(0, 0));
+        assert!(!same.allows(1001, 1000) && !same.allows(1000, 0));
+        assert_eq!(same.socket_mode(), 0o600);
+        let some = PeerRule::parse("1000, 1001").unwrap();
+        assert!(some.allows(1001, 0) && !some.allows(1002, 0));
+        assert_eq!(some.socket_mode(), 0o666);
+        assert!(PeerRule::parse("*").unwrap().allows(4242, 0));
+        assert!(PeerRule::parse("bob").is_err());
+        assert_eq!(PeerRule::parse("").unwrap(), same);
+    }
 }

@@ -402,13 +402,29 @@ pub struct Listener {
 
 impl Listener {
     /// Binds and listens at `path`. Fails with `EADDRINUSE` if the path exists: the
-    /// caller decides whether a stale socket may be removed.
+    /// caller decides whether a stale socket may be removed. The socket file's mode is
+    /// whatever the umask leaves; [`Listener::bind_mode`] sets it explicitly.
     pub fn bind(path: &Path) -> Result<Listener, ProtoError> {
+        Self::bind_inner(path, None)
+    }
+
+    /// Binds at `path`, sets the socket file's mode to `mode` (not the umask's), and only
+    /// then listens: nobody can connect while the file still has the umask's mode.
+    /// The mode is set through an `O_PATH | O_NOFOLLOW` descriptor of the file just
+    /// bound, so a symbolic link swapped in meanwhile is refused, never followed.
+    pub fn bind_mode(path: &Path, mode: u32) -> Result<Listener, ProtoError> {
+        Self::bind_inner(path, Some(mode))
+    }
+
+    fn bind_inner(path: &Path, mode: Option<u32>) -> Result<Listener, ProtoError> {
         let (addr, len) = sockaddr_for(path)?;
         let fd = seqpacket_socket()?;
         // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
         if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) } < 0 {
             return Err(ProtoError::last_os("bind"));
+        }
+        if let Some(mode) = mode {
+            set_socket_file_mode(path, mode).map_err(|e| ProtoError::io("chmod(socket)", e))?;
         }
         // SAFETY: listen(2) on our own socket.
         if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
@@ -464,6 +480,34 @@ impl AsFd for Listener {
 pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid(2) cannot fail and takes no arguments.
     unsafe { libc::geteuid() }
+}
+
+/// The calling process's real uid and gid (what an executed set-ID program is compared
+/// with: the loader runs in secure mode when they differ from the new effective ids).
+pub(crate) fn real_ids() -> (u32, u32) {
+    // SAFETY: getuid(2)/getgid(2) cannot fail and take no arguments.
+    unsafe { (libc::getuid(), libc::getgid()) }
+}
+
+/// Sets the mode of the socket file at `path` without following a symbolic link:
+/// opens it `O_PATH | O_NOFOLLOW`, checks it is a socket, and changes the mode through
+/// `/proc/self/fd` (the descriptor names exactly the inode that was opened).
+pub fn set_socket_file_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if !f.metadata()?.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a socket", path.display()),
+        ));
+    }
+    std::fs::set_permissions(
+        format!("/proc/self/fd/{}", f.as_raw_fd()),
+        std::fs::Permissions::from_mode(mode),
+    )
 }
 
 /// A `MAP_SHARED` mapping of a memfd (the agent ring), unmapped on drop.
@@ -525,10 +569,17 @@ impl Drop for SharedMap {
     }
 }
 
-/// A memfd of `len` bytes (zero-filled).
-pub(crate) fn memfd(name: &std::ffi::CStr, len: usize) -> Result<OwnedFd, ProtoError> {
+/// The seals a shared ring must carry: its size can never change, so a mapping of it
+/// can never fault with `SIGBUS` past a truncated end.
+pub(crate) const RING_SEALS: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
+/// A memfd of `len` bytes (zero-filled), created `MFD_ALLOW_SEALING` and sealed
+/// [`RING_SEALS`] plus `F_SEAL_SEAL` (no other seal can be added later, so the peer can
+/// always map it writable).
+pub(crate) fn memfd_sealed(name: &std::ffi::CStr, len: usize) -> Result<OwnedFd, ProtoError> {
     // SAFETY: `name` is NUL-terminated.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(ProtoError::last_os("memfd_create"));
     }
@@ -538,7 +589,49 @@ pub(crate) fn memfd(name: &std::ffi::CStr, len: usize) -> Result<OwnedFd, ProtoE
     if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
         return Err(ProtoError::last_os("ftruncate(memfd)"));
     }
+    // SAFETY: fcntl(F_ADD_SEALS) on our own memfd; integer argument.
+    if unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            RING_SEALS | libc::F_SEAL_SEAL,
+        )
+    } < 0
+    {
+        return Err(ProtoError::last_os("fcntl(F_ADD_SEALS)"));
+    }
     Ok(fd)
+}
+
+/// The seals of a memfd (`F_GET_SEALS`); an error for a file that cannot carry seals
+/// (not a memfd / shmem file).
+pub(crate) fn seals(fd: BorrowedFd<'_>) -> Result<i32, ProtoError> {
+    // SAFETY: fcntl(F_GET_SEALS) takes no pointer argument.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if rc < 0 {
+        return Err(ProtoError::last_os("fcntl(F_GET_SEALS)"));
+    }
+    Ok(rc)
+}
+
+/// Is `fd` an eventfd? (`/proc/self/fd/N` of an eventfd reads `anon_inode:[eventfd]`.)
+pub(crate) fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]")
+}
+
+/// Sets `O_NONBLOCK` on `fd` (the open file description: shared with the peer).
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<(), ProtoError> {
+    // SAFETY: fcntl(F_GETFL) takes no pointer argument.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(ProtoError::last_os("fcntl(F_GETFL)"));
+    }
+    // SAFETY: fcntl(F_SETFL) with an integer argument.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(ProtoError::last_os("fcntl(F_SETFL)"));
+    }
+    Ok(())
 }
 
 /// Size of a memfd (to check what a peer handed over).
@@ -563,15 +656,24 @@ pub(crate) fn eventfd() -> Result<OwnedFd, ProtoError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Adds 1 to an eventfd.
+/// Adds 1 to an eventfd. On a non-blocking eventfd whose counter is full (`EAGAIN`)
+/// the reader has not consumed earlier signals yet: it is signalled already, so that
+/// is success, never a wait.
 pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) -> Result<(), ProtoError> {
     let one = 1u64;
-    // SAFETY: writes 8 readable bytes.
-    let rc = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
-    if rc != 8 {
-        return Err(ProtoError::last_os("write(eventfd)"));
+    loop {
+        // SAFETY: writes 8 readable bytes.
+        let rc = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
+        if rc == 8 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return Ok(()),
+            _ => return Err(ProtoError::io("write(eventfd)", err)),
+        }
     }
-    Ok(())
 }
 
 /// Waits up to `timeout_ms` (-1 = forever) for an eventfd to be signalled and resets it.
@@ -601,7 +703,65 @@ pub(crate) fn eventfd_wait(fd: BorrowedFd<'_>, timeout_ms: i32) -> Result<bool, 
     // SAFETY: reads 8 bytes into `value`.
     let rc = unsafe { libc::read(fd.as_raw_fd(), (&raw mut value).cast(), 8) };
     if rc != 8 {
-        return Err(ProtoError::last_os("read(eventfd)"));
+        let err = io::Error::last_os_error();
+        // Non-blocking and the peer (sharing the eventfd) took the count first.
+        if matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) {
+            return Ok(false);
+        }
+        return Err(ProtoError::io("read(eventfd)", err));
     }
     Ok(true)
+}
+
+/// Descriptors a hostile peer could hand over, for the tests of what the daemon refuses.
+#[cfg(test)]
+pub(crate) mod hostile {
+    use super::*;
+
+    /// A memfd of `len` bytes that carries no seal (and can take none).
+    pub(crate) fn unsealed_memfd(len: usize) -> OwnedFd {
+        // SAFETY: the name is NUL-terminated.
+        let fd = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our own memfd.
+        let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) };
+        assert_eq!(rc, 0);
+        fd
+    }
+
+    /// A pipe: (read end, write end).
+    pub(crate) fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [-1; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2(2) writes.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// Writes the largest value an eventfd counter holds (the next signal would block).
+    pub(crate) fn fill_eventfd(fd: BorrowedFd<'_>) {
+        let v: u64 = u64::MAX - 1;
+        // SAFETY: writes 8 readable bytes.
+        let rc = unsafe { libc::write(fd.as_raw_fd(), (&raw const v).cast(), 8) };
+        assert_eq!(rc, 8);
+    }
+
+    /// Is `O_NONBLOCK` set on `fd`?
+    pub(crate) fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
+        // SAFETY: fcntl(F_GETFL) takes no pointer argument.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        flags >= 0 && flags & libc::O_NONBLOCK != 0
+    }
+
+    /// Tries to shrink a memfd; returns the errno (0 = it shrank).
+    pub(crate) fn try_truncate(fd: BorrowedFd<'_>, len: usize) -> i32 {
+        // SAFETY: ftruncate takes integers only.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } == 0 {
+            0
+        } else {
+            io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        }
+    }
 }

@@ -413,7 +413,17 @@ impl Message {
                 }
                 Ok(())
             }
-            Message::AgentUnavailable { text } => check_text("text", text, MAX_TEXT_LEN, true),
+            // The daemon logs this text as it is: a line break in it would forge a line.
+            Message::AgentUnavailable { text } => {
+                check_text("text", text, MAX_TEXT_LEN, true)?;
+                if text.chars().any(char::is_control) {
+                    return Err(DecodeError::BadText {
+                        field: "text",
+                        why: "contains a control character",
+                    });
+                }
+                Ok(())
+            }
             Message::SwapState { .. } | Message::CoverageRequest | Message::Bye => Ok(()),
         }
     }
@@ -869,6 +879,16 @@ mod tests {
                 why: "contains NUL",
                 ..
             })
+        ));
+        // A line break in a text the daemon logs as it is: refused.
+        assert!(matches!(
+            encode_to_vec(&Message::AgentUnavailable {
+                text: "no\nFORGED line".into()
+            }),
+            Err(EncodeError::Invalid(DecodeError::BadText {
+                why: "contains a control character",
+                ..
+            }))
         ));
 
         let mut range = encode_to_vec(&Message::RegisterRange {

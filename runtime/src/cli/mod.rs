@@ -239,9 +239,9 @@ fn exec_config(a: &ExecArgs, program: &Path) -> Result<Config, String> {
             },
         });
     }
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .map_or_else(std::env::temp_dir, PathBuf::from)
-        .join(format!("usm-exec-{}", std::process::id()));
+    // Created fresh, 0700, never a directory someone else prepared (root: /run/usm;
+    // others: $XDG_RUNTIME_DIR if it is theirs and 0700, else mkdtemp).
+    let dir = daemon::private_socket_dir().map_err(|e| e.to_string())?;
     cfg.socket = dir.join("usm.sock");
     cfg.metrics = None;
     Ok(cfg)
@@ -285,7 +285,11 @@ pub(crate) fn exec(a: &ExecArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let mut opts = DaemonOptions::default();
+        // A private daemon serves its own user (and root), whatever the environment says.
+        let mut opts = DaemonOptions {
+            peers: daemon::PeerRule::same_user(),
+            ..DaemonOptions::default()
+        };
         if let Some(s) = &a.swap_size {
             match parse_size(s, "swap-size") {
                 Ok(b) => opts.temp_swap_bytes = b,
@@ -302,6 +306,9 @@ pub(crate) fn exec(a: &ExecArgs) -> ExitCode {
             }
             Err(e) => {
                 eprintln!("usm: cannot start the private daemon: {e}");
+                if let Some(dir) = cfg.socket.parent() {
+                    let _ = std::fs::remove_dir(dir);
+                }
                 return ExitCode::from(1);
             }
         }

@@ -1,12 +1,15 @@
 //! Prometheus text exposition (`metrics ADDR:PORT` in the config), built with
 //! `prometheus-client` from the same [`DaemonStat`] snapshot `usm stat` prints, so the
 //! two always agree. Each scrape takes one snapshot and encodes it.
+//!
+//! Scrapers are served like stat clients (see [`super::control`]): a thread each, at
+//! most `MAX_CLIENTS` at once, one deadline for the whole exchange, never joined.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use usm_sync::Arc;
-use usm_sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use usm_sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -15,6 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::Shared;
+use super::control::{CLIENT_DEADLINE, spawn_client, write_by};
 use super::stats::{DaemonStat, ProcessStat};
 
 type Labels = Vec<(String, String)>;
@@ -178,10 +182,14 @@ pub(crate) fn serve(sh: &Arc<Shared>, l: &TcpListener, stop: &AtomicBool) {
     if l.set_nonblocking(true).is_err() {
         return;
     }
+    let clients = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::Acquire) {
         match l.accept() {
             Ok((s, _)) => {
-                let _ = answer(sh, s);
+                let (sh, clients) = (sh.clone(), clients.clone());
+                spawn_client("usm-metrics-client", &clients, move || {
+                    let _ = answer(&sh, s);
+                });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(50));
@@ -192,8 +200,9 @@ pub(crate) fn serve(sh: &Arc<Shared>, l: &TcpListener, stop: &AtomicBool) {
 }
 
 fn answer(sh: &Shared, mut s: TcpStream) -> std::io::Result<()> {
+    let deadline = Instant::now() + CLIENT_DEADLINE;
     s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_read_timeout(Some(CLIENT_DEADLINE))?;
     let mut req = [0u8; 2048];
     let n = s.read(&mut req)?;
     let head = String::from_utf8_lossy(&req[..n]);
@@ -207,9 +216,15 @@ fn answer(sh: &Shared, mut s: TcpStream) -> std::io::Result<()> {
     } else {
         ("404 Not Found", "try /metrics\n".to_owned(), "text/plain")
     };
-    write!(
-        s,
+    let reply = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
+    );
+    let w = s.try_clone()?;
+    write_by(
+        &mut s,
+        |t| w.set_write_timeout(Some(t)),
+        reply.as_bytes(),
+        deadline,
     )
 }

@@ -12,10 +12,10 @@
 //! # Pieces
 //! | piece | thread(s) | module |
 //! |---|---|---|
-//! | accept loop: Hello, `SO_PEERCRED`, policy by name, `UFFDIO_API`, Ack/Refused | `usm-accept` | [`process`] (`admit`) |
+//! | accept loop: `SO_PEERCRED` against the [`PeerRule`], session limits, then (one bounded admission thread per connection) Hello, policy by name, `UFFDIO_API`, Ack/Refused | `usm-accept`, `usm-admit` | [`sessions`], [`process`] (`admit`) |
 //! | one reader per userfaultfd (fork children get their own): faults → jobs, events → the space | `usm-rd-PID` | [`process`] |
 //! | fault service, policy calls, swap I/O, eviction: the memory manager on every worker | LocalManager workers | [`driver`], `usm_mm` |
-//! | eviction through the tagger's agent | the worker evicting | [`agent`] |
+//! | eviction through the tagger's agent (submitted by the evicting worker, answers taken by the process's agent thread) | workers, `usm-ag-PID` | [`agent`] |
 //! | `usm stat` socket (`SOCKET.stat`, JSON lines) | `usm-stat` | [`control`] |
 //! | Prometheus exposition (`metrics ADDR`) | `usm-metrics` | [`metrics`] |
 //!
@@ -36,12 +36,27 @@
 //!    lets the kernel unregister its ranges, and the program continues unmanaged with all
 //!    its data.
 //! 4. Stop the workers, delete a private swap file and the sockets.
+//!    Only the socket files this daemon created are deleted, and only if they are
+//!    still the inodes it bound (see [`sockfile`]). Stat and metrics clients are never
+//!    waited for: each is served on a thread of its own with deadlines ([`control`],
+//!    [`metrics`]).
+//!
+//! # Who may connect
+//! The taggers' socket file gets mode `0600` (`0666` when the [`PeerRule`] admits
+//! other users: then the rule filters), set explicitly; the stat socket `0600`. Every
+//! connection's `SO_PEERCRED` is checked against the rule before anything is read from
+//! it; admitted sessions are counted per uid and per process ([`SessionLimits`]). A
+//! private daemon (`usm exec`) lives in a fresh `0700` directory
+//! ([`private_socket_dir`]) and accepts only its own user and root.
 
 pub(crate) mod agent;
 mod control;
 mod driver;
+mod leftovers;
 mod metrics;
 mod process;
+mod sessions;
+mod sockfile;
 pub mod stats;
 mod sys;
 
@@ -62,7 +77,10 @@ use usm_swap::{DeviceId, SwapDevice};
 
 use crate::config::{Config, WakerMode};
 pub use control::{query_stat, stat_socket_path};
+pub use leftovers::private_socket_dir;
+pub use sessions::SessionLimits;
 pub use stats::{DaemonStat, Latency, ProcessStat};
+pub use usm_proto::server::PeerRule;
 
 use driver::{DaemonDriver, Jobs};
 use process::Proc;
@@ -96,6 +114,14 @@ pub enum DaemonError {
         /// Why.
         #[source]
         source: usm_proto::ProtoError,
+    },
+    /// Something else than a stale socket of ours is at a socket path; it is left alone.
+    #[error("socket {path}: {why}")]
+    SocketPath {
+        /// The path (`socket PATH`, or `PATH.stat`).
+        path: PathBuf,
+        /// What is there and why it is not used.
+        why: String,
     },
     /// A swap device.
     #[error("swap: {0}")]
@@ -134,6 +160,12 @@ pub struct DaemonOptions {
     /// Registers extra policies (beyond the built-ins) before the config's policy names
     /// are checked: how an embedder — or a test — brings its own policy to the daemon.
     pub register: Option<RegisterPolicies>,
+    /// Whose programs may attach (checked on `SO_PEERCRED`). Default: the daemon's own
+    /// uid and root, or `USM_ALLOW_UIDS` (`1000,1001`, or `*` for every user) for a
+    /// system daemon serving other users. `usm exec` always uses the default.
+    pub peers: PeerRule,
+    /// Sessions per uid and per process, admissions in progress.
+    pub limits: SessionLimits,
 }
 
 /// A function adding policies to the daemon's registry (see [`DaemonOptions::register`]).
@@ -146,7 +178,21 @@ impl Default for DaemonOptions {
                 .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from),
             temp_swap_bytes: 0,
             register: None,
+            peers: peer_rule_from_env(),
+            limits: SessionLimits::from_env(),
         }
+    }
+}
+
+/// `USM_ALLOW_UIDS`, or the default rule; a value that does not parse keeps the
+/// default (the stricter rule) with a warning.
+fn peer_rule_from_env() -> PeerRule {
+    match std::env::var("USM_ALLOW_UIDS") {
+        Ok(v) => PeerRule::parse(&v).unwrap_or_else(|e| {
+            tracing::warn!("USM_ALLOW_UIDS: {e}; accepting only this user and root");
+            PeerRule::same_user()
+        }),
+        Err(_) => PeerRule::same_user(),
     }
 }
 
@@ -240,7 +286,8 @@ pub struct Daemon {
     runtime: Option<usm_localmanager::Runtime>,
     threads: Vec<JoinHandle<()>>,
     socket: PathBuf,
-    stat_socket: PathBuf,
+    /// The socket files this daemon bound (removed at shutdown if still theirs).
+    socket_files: Vec<sockfile::SocketFile>,
     stop_accept: Arc<AtomicBool>,
     stop_aux: Arc<AtomicBool>,
     metrics_addr: Option<std::net::SocketAddr>,
@@ -338,8 +385,9 @@ fn open_swap(cfg: &Config, opts: &DaemonOptions, pool: u64) -> Result<SwapSetup,
         } else {
             (pool * 4096 * 8).max(256 << 20)
         };
-        let path = dir.join(format!("usm-swap-{}.img", std::process::id()));
-        let _ = std::fs::remove_file(&path);
+        // A killed daemon's private swap file (owner pid dead) goes first.
+        leftovers::sweep_swap_files(dir);
+        let path = leftovers::swap_file_path(dir);
         usm_swap::create_swap_file(&path, bytes.max(16 << 20))?;
         let dev = SwapDevice::open(DeviceId(0), &path).inspect_err(|_| {
             let _ = std::fs::remove_file(&path);
@@ -489,7 +537,22 @@ impl Daemon {
             .build()?;
         let zeroer = pool.spawn_zeroer(64);
         let socket = cfg.socket.clone();
-        let listener = bind(&socket)?;
+        let stat_socket = stat_socket_path(&socket);
+        // Both paths are checked before either is bound: a bad `PATH.stat` must not
+        // leave `PATH` bound behind a failed start.
+        sockfile::clear_stale(&socket, |p| usm_proto::Channel::connect(p).is_ok())?;
+        sockfile::clear_stale(&stat_socket, |p| {
+            std::os::unix::net::UnixStream::connect(p).is_ok()
+        })?;
+        let (listener, socket_file) = bind(&socket, opts.peers.socket_mode())?;
+        let (stat_listener, stat_file) = match control::bind(&stat_socket) {
+            Ok(l) => l,
+            Err(e) => {
+                socket_file.remove();
+                return Err(e);
+            }
+        };
+        let socket_files = vec![socket_file, stat_file];
         let shared = Arc::new(Shared {
             pool_pages,
             core,
@@ -519,12 +582,15 @@ impl Daemon {
                 })
         };
         let (sh, stop) = (shared.clone(), stop_accept.clone());
+        let gate = Gate {
+            peers: opts.peers.clone(),
+            sessions: sessions::Sessions::new(opts.limits),
+            daemon_uid: nix::unistd::geteuid().as_raw(),
+        };
         threads.push(spawn(
             "usm-accept",
-            Box::new(move || accept_loop(&sh, &listener, &stop)),
+            Box::new(move || accept_loop(&sh, &listener, &stop, &gate)),
         )?);
-        let stat_socket = stat_socket_path(&socket);
-        let stat_listener = control::bind(&stat_socket)?;
         let (sh, stop) = (shared.clone(), stop_aux.clone());
         threads.push(spawn(
             "usm-stat",
@@ -553,7 +619,7 @@ impl Daemon {
             runtime: Some(runtime),
             threads,
             socket,
-            stat_socket,
+            socket_files,
             stop_accept,
             stop_aux,
             metrics_addr,
@@ -632,8 +698,9 @@ impl Daemon {
         if let Some(path) = self.temp_swap.take() {
             let _ = std::fs::remove_file(path);
         }
-        let _ = std::fs::remove_file(&self.socket);
-        let _ = std::fs::remove_file(&self.stat_socket);
+        for f in self.socket_files.drain(..) {
+            f.remove();
+        }
         tracing::info!(
             "usm daemon stopped: {} process(es) released, {} page(s) returned, {} lost",
             summary.processes,
@@ -706,63 +773,111 @@ impl usm_localmanager::Driver for NoDriver {
     }
 }
 
-/// Binds the taggers' socket, creating its directory and replacing a stale socket (one
-/// nobody answers on); a live daemon's socket is an error.
-fn bind(path: &Path) -> Result<Listener, DaemonError> {
+/// Binds the taggers' socket (its path checked by [`sockfile::clear_stale`] already),
+/// creating its directory (mode `0755`) if missing, with the socket file's mode set to
+/// `mode` before it listens.
+fn bind(path: &Path, mode: u32) -> Result<(Listener, sockfile::SocketFile), DaemonError> {
+    use std::os::unix::fs::DirBuilderExt;
     if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).map_err(|e| DaemonError::Setup {
-                what: format!("create {}", dir.display()),
-                source: e,
-            })?;
-        }
-    }
-    match Listener::bind(path) {
-        Ok(l) => Ok(l),
-        Err(e) if e.errno() == Some(libc::EADDRINUSE) => {
-            if usm_proto::Channel::connect(path).is_ok() {
-                return Err(DaemonError::Socket {
-                    path: path.into(),
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .map_err(|e| DaemonError::Setup {
+                    what: format!("create {}", dir.display()),
                     source: e,
-                });
-            }
-            let _ = std::fs::remove_file(path);
-            Listener::bind(path).map_err(|source| DaemonError::Socket {
-                path: path.into(),
-                source,
-            })
+                })?;
         }
-        Err(source) => Err(DaemonError::Socket {
-            path: path.into(),
-            source,
-        }),
     }
+    let listener = Listener::bind_mode(path, mode).map_err(|source| DaemonError::Socket {
+        path: path.into(),
+        source,
+    })?;
+    let file = sockfile::SocketFile::record(path)?;
+    Ok((listener, file))
 }
 
-fn accept_loop(sh: &Arc<Shared>, listener: &Listener, stop: &AtomicBool) {
+/// What the accept loop checks before it spends a thread on a connection.
+struct Gate {
+    peers: PeerRule,
+    sessions: Arc<sessions::Sessions>,
+    daemon_uid: u32,
+}
+
+/// Tells a peer why it is turned away, without waiting (the accept loop never blocks
+/// on a peer), and counts it.
+fn turn_away(sh: &Shared, ch: &usm_proto::Channel, reason: usm_proto::RefusalReason, text: &str) {
+    bump_refused(sh);
+    let _ = ch.send_nowait(&usm_proto::Message::Refused {
+        reason,
+        text: text.to_owned(),
+    });
+}
+
+fn bump_refused(sh: &Shared) {
+    sh.refused.fetch_add(1, Ordering::Relaxed);
+}
+
+fn accept_loop(sh: &Arc<Shared>, listener: &Listener, stop: &AtomicBool, gate: &Gate) {
+    use usm_proto::RefusalReason;
     let _ = listener.set_accept_timeout(Some(Duration::from_millis(200)));
     while !stop.load(Ordering::Acquire) {
-        match listener.accept_channel() {
-            Ok(ch) => {
-                // Admission reads the Hello with a timeout: do it off the accept loop so
-                // a silent peer cannot hold others up.
-                let sh2 = sh.clone();
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("usm-admit".into())
-                        .spawn(move || match server::admit(ch) {
-                            Ok(peer) => process::admit(&sh2, peer),
-                            Err(e) => process::log_refused(&sh2, &e),
-                        });
-                if let Err(e) = spawned {
-                    tracing::error!("cannot start admission: {e}");
-                }
-            }
-            Err(usm_proto::ProtoError::Timeout { .. }) => {}
+        let ch = match listener.accept_channel() {
+            Ok(ch) => ch,
+            Err(usm_proto::ProtoError::Timeout { .. }) => continue,
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
                 std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
+        };
+        // Credentials first: the kernel's, no byte from the peer needed.
+        let cred = match ch.peer_credentials() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("refused a tagger: {e}");
+                bump_refused(sh);
+                continue;
+            }
+        };
+        if !gate.peers.allows(cred.uid, gate.daemon_uid) {
+            tracing::warn!(
+                "refused pid {} of uid {}: this daemon (uid {}) does not accept that user",
+                cred.pid,
+                cred.uid,
+                gate.daemon_uid
+            );
+            let text = format!(
+                "uid {} may not attach to this daemon (uid {})",
+                cred.uid, gate.daemon_uid
+            );
+            turn_away(sh, &ch, RefusalReason::Credentials, &text);
+            continue;
+        }
+        let (session, slot) = match sessions::open(&gate.sessions, cred.uid, cred.pid) {
+            Ok(s) => s,
+            Err(limit) => {
+                tracing::warn!("refused pid {} of uid {}: {limit}", cred.pid, cred.uid);
+                turn_away(sh, &ch, RefusalReason::Busy, &limit.to_string());
+                continue;
+            }
+        };
+        // Admission reads the Hello with a timeout: do it off the accept loop so a
+        // silent peer cannot hold others up. The slot bounds these threads.
+        let sh2 = sh.clone();
+        let peers = gate.peers.clone();
+        let spawned = std::thread::Builder::new()
+            .name("usm-admit".into())
+            .spawn(move || {
+                let _slot = slot;
+                match server::admit_with(ch, &peers) {
+                    Ok(peer) => process::admit(&sh2, peer, session),
+                    Err(e) => process::log_refused(&sh2, &e),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start admission: {e}");
         }
     }
 }

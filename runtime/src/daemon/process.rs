@@ -80,6 +80,9 @@ pub(crate) struct Proc {
     /// Last count of pages out told to the tagger.
     pub(crate) told_away: AtomicU64,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Counts this tagger's session against its uid and pid until the `Proc` is dropped
+    /// (`None` for a fork child known by its parent's FORK event). See `sessions`.
+    pub(crate) _session: Option<super::sessions::SessionGuard>,
 }
 
 impl Proc {
@@ -171,7 +174,7 @@ fn vma_around(pid: u32, addr: u64) -> Option<std::ops::Range<u64>> {
 /// Admits a tagger: policy by name, `UFFDIO_API`, Ack, its space, then the reader and
 /// control threads. Unmatched names, failed negotiation or a stopping daemon get
 /// `Refused`.
-pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer) {
+pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer, session: super::sessions::SessionGuard) {
     let pid = peer.pid;
     let name = peer.name.clone();
     let Some(policy) = sh.policy_for(&name) else {
@@ -221,8 +224,8 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer) {
         tracing::warn!("pid {pid} ({name}): cannot send Ack: {e}");
         return;
     }
-    let session = stream.try_clone().ok();
-    let installer = Arc::new(RemoteInstaller::new(uffd, kill_fd, session, false));
+    let channel = stream.try_clone().ok();
+    let installer = Arc::new(RemoteInstaller::new(uffd, kill_fd, channel, false));
     if let Err(e) = sh.core.add_process(pid, installer.clone(), &policy) {
         bump(&sh.refused);
         tracing::error!("pid {pid} ({name}): cannot build its policies: {e}");
@@ -248,6 +251,7 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer) {
         coverage: Mutex::new((0, 0)),
         told_away: AtomicU64::new(0),
         threads: Mutex::new(Vec::new()),
+        _session: Some(session),
     });
     sh.add_proc(proc.clone());
     sh.jobs.push(Job::Notify {
@@ -405,6 +409,7 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
                         coverage: Mutex::new((0, 0)),
                         told_away: AtomicU64::new(0),
                         threads: Mutex::new(Vec::new()),
+                        _session: None,
                     });
                     sh.add_proc(child.clone());
                     start_threads(sh, &child, None);

@@ -3,4 +3,5 @@
 #![allow(dead_code)]
 
 pub(crate) mod daemon;
+pub(crate) mod harden;
 pub(crate) mod programs;
