@@ -40,9 +40,9 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use usm_sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use usm_sync::{Arc, Condvar, Mutex};
 
 use clap::Parser;
 use hdrhistogram::Histogram;

@@ -31,8 +31,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+use usm_sync::Arc;
 
 use clap::Parser;
 use nix::sys::resource::{UsageWho, getrusage};

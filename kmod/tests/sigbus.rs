@@ -7,8 +7,8 @@
 mod common;
 
 use common::{PAGE, sys};
-use std::sync::atomic::Ordering;
 use usm_kmod::{Features, OpenFlags, RawUserfaultfd, RegisterMode, UffdEvent};
+use usm_sync::atomic::Ordering;
 
 #[test]
 fn the_faulting_thread_resolves_its_own_fault_in_its_sigbus_handler() {

@@ -2,9 +2,9 @@
 //! worker.
 
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use usm_sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use usm_sync::{Arc, Mutex};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use usm_localmanager::{Builder, Driver, DriverContext, Unparker};

@@ -10,9 +10,10 @@
 //! microseconds of spinning (around the worker's `finish_park`), and after a sleep long
 //! enough for the workers to go idle and block in their waker.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use usm_sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use usm_sync::{Arc, Mutex};
 
 use usm_localmanager::signal::{FaultKey, current_fault_key};
 use usm_localmanager::{Builder, Handle, Runtime, Unparker, WakerMode, yield_now};

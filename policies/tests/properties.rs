@@ -63,6 +63,7 @@ enum Op {
     },
 }
 
+#[allow(clippy::disallowed_types)] // `prop_oneof!` expands to `std::sync::Arc`
 fn op() -> impl Strategy<Value = Op> {
     let who = 0..PIDS.len();
     let page = 0..PAGES;

@@ -2,6 +2,10 @@
 //! program under a private daemon), `usm stat`, `usm mkswap`, `usm demo`, `usm doctor` and
 //! `usm check-config`.
 
+#![deny(unsafe_code)]
+// std::sync uses in runtime/** are converted when the daemon rewrite lands
+#![allow(clippy::disallowed_types)]
+
 mod cli;
 
 use std::path::PathBuf;

@@ -6,8 +6,8 @@ mod common;
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use usm_sync::{Arc, Mutex};
 
 use common::{check_page, disk_tempdir, fill_page, pipeline};
 use usm_swap::{
