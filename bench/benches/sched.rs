@@ -37,6 +37,8 @@
 //! Needs two cores for the cross-core sides; `/dev/cpu_dma_latency` needs root (the side
 //! is skipped with the reason printed otherwise).
 
+#![deny(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;

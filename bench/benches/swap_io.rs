@@ -28,6 +28,8 @@
 //! ```
 //! Files are deleted and zram is reset at the end, also when a step fails (guards).
 
+#![deny(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

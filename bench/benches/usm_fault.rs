@@ -17,6 +17,8 @@
 //!   subtracted. One warm-up run, then `--runs` runs; the table shows the median of the
 //!   runs' p50 and p99; ratios are `usm / kernel` (below 1 is faster than the kernel).
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::Instant;
 use usm_sync::atomic::Ordering;

@@ -4,6 +4,8 @@
 //!
 //! Needs root. Tests are serialised (they share `/proc/swaps` and the THP knobs).
 
+#![deny(unsafe_code)]
+
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

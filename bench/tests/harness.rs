@@ -3,6 +3,8 @@
 //! size), the swap-storm (a′) mode end to end (a child in a memory cgroup with a real swap
 //! file, checksums verified), and the redis sides.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 use usm_sync::Mutex;

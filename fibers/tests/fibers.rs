@@ -1,5 +1,7 @@
 //! Fiber behaviour on real stacks: suspend/resume, panics, locals, pooling, migration.
 
+#![deny(unsafe_code)]
+
 use usm_sync::Arc;
 use usm_sync::atomic::{AtomicUsize, Ordering};
 

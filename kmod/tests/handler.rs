@@ -2,6 +2,8 @@
 //! userfaultfd and resolves; plus WP, REMOVE/UNMAP events, mmap_changing, partial MOVE,
 //! MOVE of a fork-shared page and POISON.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use common::{PAGE, require_root, sys, uffd, wait_events};

@@ -4,6 +4,8 @@
 //! back into naturally aligned runs, a run moves as one flexible huge page, the pool
 //! populates its reserve chunk by chunk with the census adding up at every step.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use common::{PAGE, require_root, sys};

@@ -4,6 +4,8 @@
 //! process-wide. The fd is opened `user_mode_only`, as the embedded runtime does, so this
 //! needs no privilege.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use common::{PAGE, sys};

@@ -2,6 +2,8 @@
 //! with the system compiler), the newer ioctls against their documented `_IOC` fields
 //! and the running kernel, and the negotiation / adoption paths of the safe API.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use common::{PAGE, require_root, sys};

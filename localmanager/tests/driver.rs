@@ -1,6 +1,8 @@
 //! The `Driver` hook: polled every round and before parking, and its fds wake a parked
 //! worker.
 
+#![deny(unsafe_code)]
+
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 use usm_sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -4,6 +4,8 @@
 //! and write bit, another thread "resolves" the fault (extends the file) and moves it
 //! PFQ → IDQ, and the uThread returns from the handler and retries the access.
 
+#![deny(unsafe_code)]
+
 use std::time::{Duration, Instant};
 use usm_sync::Arc;
 use usm_sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +13,7 @@ use usm_sync::atomic::{AtomicBool, Ordering};
 use usm_localmanager::signal::{FaultedUThread, current_fault_key, park_current_on_fault};
 use usm_localmanager::{Builder, Handle, worker_index, yield_now};
 
+#[allow(unsafe_code)] // the test's system calls: its only unsafe code
 mod sys {
     //! Signal handler installation and file mappings (the test's unsafe code).
 

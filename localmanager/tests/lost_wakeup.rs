@@ -10,6 +10,8 @@
 //! microseconds of spinning (around the worker's `finish_park`), and after a sleep long
 //! enough for the workers to go idle and block in their waker.
 
+#![deny(unsafe_code)]
+
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use usm_sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -18,6 +20,7 @@ use usm_sync::{Arc, Mutex};
 use usm_localmanager::signal::{FaultKey, current_fault_key};
 use usm_localmanager::{Builder, Handle, Runtime, Unparker, WakerMode, yield_now};
 
+#[allow(unsafe_code)] // the test's system calls: its only unsafe code
 mod sys {
     //! A real signal whose handler parks the uThread in PFQ (the fault path's entry), raised
     //! synchronously on the uThread's own stack.

@@ -1,5 +1,7 @@
 //! Time-slice preemption with a real timer signal (SIGURG from the ticker thread).
 
+#![deny(unsafe_code)]
+
 use std::time::{Duration, Instant};
 use usm_sync::Arc;
 use usm_sync::atomic::{AtomicBool, AtomicU64, Ordering};

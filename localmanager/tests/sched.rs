@@ -1,5 +1,7 @@
 //! Scheduler behaviour on real pinned worker threads.
 
+#![deny(unsafe_code)]
+
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use usm_sync::Arc;

@@ -11,6 +11,8 @@
 //!   in scope remains;
 //! - a quota policy's process never holds more resident pages than its quota.
 
+#![deny(unsafe_code)]
+
 use proptest::prelude::*;
 use usm_policies::sim::{FaultOutcome, SimMachine};
 use usm_policies::{Registry, VictimRequest, Watermarks};

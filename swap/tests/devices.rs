@@ -1,6 +1,8 @@
 //! Devices on real files and block devices: the USM header (format, refusal, mismatch),
 //! several devices with priorities, slot exhaustion, a loop device and zram.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use std::path::Path;

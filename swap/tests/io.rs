@@ -2,6 +2,8 @@
 //! completion modes, the eventfd, staging buffers, back-pressure, and the error paths
 //! (short read from a truncated file, write on a read-only descriptor).
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use std::os::fd::AsRawFd;

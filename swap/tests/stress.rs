@@ -3,6 +3,8 @@
 //! engine through [`SwapIoThread`]. A lost completion shows up as a timed-out sleep or a
 //! timed-out waiter, never as a hang of the test.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -1,6 +1,7 @@
 //! Helpers shared by the kmod integration tests. Every `unsafe` block is in [`sys`].
 #![allow(dead_code, unreachable_pub)]
 
+#[allow(unsafe_code)] // the tests' system calls: their only unsafe code
 pub mod sys;
 
 use std::time::{Duration, Instant};
