@@ -1103,12 +1103,9 @@ fn run(cli: &Cli) -> Result<()> {
     }
     let tools = Tools::prepare(cli)?;
     let qos = PmQos::hold_zero_unless(cli.no_pmqos);
-    // The daemons started below inherit this environment, so they pick the runner the
-    // same way (`usm stat` reports it as `fault_runner`): workees unless
-    // `USM_FAULT_RUNNER=threads`.
-    let fault_runner = usm_runtime::daemon::FaultRunner::from_env()
-        .as_str()
-        .to_owned();
+    // Faults are served by the memory manager on the daemon's workers (`usm stat`
+    // reports it as `fault_runner`).
+    let fault_runner = "workers".to_owned();
     let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let swaps_start = guard::active_swaps()?;
     let t0 = Instant::now();

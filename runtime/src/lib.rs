@@ -22,7 +22,7 @@ pub mod demo;
 // unsafe block lives in `embedded`.
 #[allow(unsafe_code)]
 pub mod embedded;
-pub mod mm;
+pub use usm_mm as mm;
 #[allow(unsafe_code)] // the system calls: every unsafe block of the crate lives here
 mod sys;
 

@@ -215,7 +215,7 @@ fn probe(dir: &Path) -> Option<PathBuf> {
 }
 
 /// A daemon in this process on `config` (a socket line is added), with a private swap
-/// file in `dir`; a fault waits 2 s for a frame before the OOM policy is asked.
+/// file in `dir`.
 fn daemon(
     dir: &Path,
     config: &str,
@@ -228,8 +228,6 @@ fn daemon(
         temp_swap_dir: dir.to_path_buf(),
         temp_swap_bytes: 128 << 20,
         register,
-        oom_wait: Duration::from_secs(2),
-        ..DaemonOptions::default()
     };
     Daemon::start(&cfg, &opts).expect("daemon starts")
 }
@@ -514,10 +512,7 @@ fn a_busy_poll_waker_serves_a_program_and_stat_reports_it() {
     );
     let s = d.stat();
     assert_eq!(s.waker, "spin", "{s:?}");
-    assert!(
-        ["threads", "uthreads"].contains(&s.fault_runner.as_str()),
-        "{s:?}"
-    );
+    assert_eq!(s.fault_runner, "workers", "{s:?}");
     // What `usm stat` prints is this struct as JSON: the fields are there by name.
     let json = serde_json::to_value(&s).unwrap();
     assert_eq!(json["waker"], "spin");

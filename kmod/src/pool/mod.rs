@@ -542,6 +542,15 @@ impl FramePool {
             len: self.descs.len(),
         })
     }
+
+    /// Records that the page of a Mapped, Staging or sampled frame now belongs at `vaddr`
+    /// of `owner` (the program `mremap`ped it, or a fork child took it over): later
+    /// stages and installs of the frame use the new address.
+    pub fn set_owner(&self, frame: FrameNo, owner: FrameOwner, vaddr: u64) -> Result<()> {
+        self.desc(frame)?.set_mapping(owner, vaddr);
+        Ok(())
+    }
+
     /// The sArena.
     pub fn shared_arena(&self) -> &Arc<SharedArena> {
         &self.shared

@@ -163,6 +163,29 @@ impl FramePool {
         mode: CopyMode,
     ) -> Result<Resolved> {
         let uffd = self.uffd_for_copy_install()?;
+        // SAFETY: forwarded contract; the pool's own fd serves the regions here.
+        unsafe { self.install_many_copy_into(uffd, frames, dst, owner, from, mode) }
+    }
+
+    /// [`FramePool::install_many_copy`] into the address space of `dst_uffd`, which may
+    /// be another process's (the daemon installs into tagged programs: `UFFDIO_COPY` reads
+    /// the source in the caller's address space and fills the page in the fd's). The
+    /// slots stay ours and are dropped in batches as usual.
+    ///
+    /// # Safety
+    /// Same as [`FramePool::install`], with `dst_uffd` in place of the pool's fd: every
+    /// page of `[dst, dst + frames.len() * 4096)` is a missing page the caller manages in
+    /// the address space `dst_uffd` serves.
+    pub unsafe fn install_many_copy_into(
+        &self,
+        uffd: &crate::Userfaultfd,
+        frames: &[FrameNo],
+        dst: u64,
+        owner: FrameOwner,
+        from: CopyFrom,
+        mode: CopyMode,
+    ) -> Result<Resolved> {
+        self.uffd_for_copy_install()?;
         for &f in frames {
             self.expect_state(f, FrameState::Taken)?;
             if from == CopyFrom::Slots {
@@ -237,6 +260,22 @@ impl FramePool {
     /// Same as [`FramePool::unstage`], except that in-flight I/O may read the slot.
     pub unsafe fn unstage_copy(&self, frame: FrameNo, mode: CopyMode) -> Result<Resolved> {
         let uffd = self.uffd_for_copy_install()?;
+        // SAFETY: forwarded contract.
+        unsafe { self.unstage_copy_into(uffd, frame, mode) }
+    }
+
+    /// [`FramePool::unstage_copy`] into the address space `uffd` serves (see
+    /// [`FramePool::install_many_copy_into`]).
+    ///
+    /// # Safety
+    /// Same as [`FramePool::unstage_copy`], the page being in `uffd`'s address space.
+    pub unsafe fn unstage_copy_into(
+        &self,
+        uffd: &crate::Userfaultfd,
+        frame: FrameNo,
+        mode: CopyMode,
+    ) -> Result<Resolved> {
+        self.uffd_for_copy_install()?;
         self.expect_state(frame, FrameState::Staging)?;
         let vaddr = self.desc(frame)?.vaddr();
         // SAFETY: the caller owns the destination page; the slot holds our staged page,
@@ -315,6 +354,31 @@ impl FramePool {
         Ok(r)
     }
 
+    /// Prepares a Mapped frame's slot to receive its page's content by other means than a
+    /// MOVE (the daemon: the tagger's agent moved the page out of the program and the
+    /// daemon copies it from there): a pending drop is flushed, a hole refilled with a
+    /// zeroed page. Returns the slot's address; write the page there, then
+    /// [`FramePool::commit_stage`] (or leave the frame Mapped if the page stayed).
+    pub fn prepare_stage(&self, frame: FrameNo) -> Result<u64> {
+        self.expect_state(frame, FrameState::Mapped)?;
+        self.settle_slot(frame, true)?;
+        let desc = self.desc(frame)?;
+        if desc.slot() == SlotContent::Hole {
+            self.refill_holes(self.slot_addr(frame), 1)?;
+        }
+        desc.set_slot(SlotContent::Dirty);
+        Ok(self.slot_addr(frame))
+    }
+
+    /// The page of a Mapped frame left its address space and its content is in the slot
+    /// (written after [`FramePool::prepare_stage`]): the frame is Staging, as after
+    /// [`FramePool::stage`].
+    pub fn commit_stage(&self, frame: FrameNo) -> Result<()> {
+        let desc = self.transition(frame, FrameState::Mapped, FrameState::Staging)?;
+        desc.set_slot(SlotContent::Dirty);
+        Ok(())
+    }
+
     /// Moves a Staging frame's page back to its region address (a fault hit the page while
     /// it was being written out). On [`Resolved::Done`] the frame is Mapped again.
     ///
@@ -332,6 +396,24 @@ impl FramePool {
             desc.set_slot(SlotContent::Hole);
         }
         Ok(r)
+    }
+
+    /// Installs a copy of a Staging frame's page at `dst` of the address space `uffd`
+    /// serves, leaving the frame as it is (a fork child inherits a hole where its parent's
+    /// page is being written out: the child gets its own copy now).
+    ///
+    /// # Safety
+    /// `dst` is a missing page the caller manages in `uffd`'s address space.
+    pub unsafe fn copy_staged_into(
+        &self,
+        uffd: &crate::Userfaultfd,
+        frame: FrameNo,
+        dst: u64,
+        mode: CopyMode,
+    ) -> Result<Resolved> {
+        self.expect_state(frame, FrameState::Staging)?;
+        // SAFETY: the caller owns `dst`; the slot holds our staged page, COPY only reads it.
+        unsafe { uffd.copy(dst, self.slot_addr(frame), PAGE, mode) }
     }
 
     /// Drops a Mapped frame from its region (the region is going away): its page moves

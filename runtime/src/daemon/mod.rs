@@ -1,67 +1,72 @@
 //! InstanceUSM, the daemon: manages the anonymous memory of unmodified programs tagged
 //! with `libusm_tagger.so` (`usm run CONFIG`, or privately under `usm exec`).
 //!
+//! The daemon is a host for the one memory manager ([`usm_mm`]) the embedded runtime
+//! runs on too: each tagged process (and each fork child) is a *space* of that core,
+//! whose pages a [`RemoteInstaller`](crate::sys::remote) moves in (`UFFDIO_COPY` into
+//! the program) and out (through the tagger's agent, [`agent`]); the frame pool is the
+//! budget (`memory` pages, lazy: nothing is populated until used); swap is the core's
+//! io_uring engine on every worker. What the daemon adds is *where faults come from*
+//! (a reader per userfaultfd) and the sessions with the taggers.
+//!
 //! # Pieces
 //! | piece | thread(s) | module |
 //! |---|---|---|
 //! | accept loop: Hello, `SO_PEERCRED`, policy by name, `UFFDIO_API`, Ack/Refused | `usm-accept` | [`process`] (`admit`) |
-//! | one reader per userfaultfd (fork children get their own) | `usm-rd-PID` | [`process`] |
-//! | fault service: one job per fault, on a pool of OS threads or as workees on the LocalManager workers ([`FaultRunner`]) | `usm-fault-N` / `usm-localmanager` workers | [`process`], [`pool`] |
-//! | the configured policies of each process (allocation per fault, eviction victims, OOM; hints), guarded against panics | whoever holds the process's map lock | [`policy`], [`space`] |
-//! | swap I/O: io_uring engine, parks/unparks workees | `usm-swap-io` | [`swapio`] |
-//! | eviction through the tagger's agent | `usm-evict` | [`evict`] |
+//! | one reader per userfaultfd (fork children get their own): faults → jobs, events → the space | `usm-rd-PID` | [`process`] |
+//! | fault service, policy calls, swap I/O, eviction: the memory manager on every worker | LocalManager workers | [`driver`], `usm_mm` |
+//! | eviction through the tagger's agent | the worker evicting | [`agent`] |
 //! | `usm stat` socket (`SOCKET.stat`, JSON lines) | `usm-stat` | [`control`] |
 //! | Prometheus exposition (`metrics ADDR`) | `usm-metrics` | [`metrics`] |
 //!
 //! # Memory accounting
-//! The pool is a budget of `memory` frames. Cross-process, a frame is not a page of the
-//! daemon's (`UFFDIO_MOVE` cannot cross address spaces): the daemon installs with
-//! `UFFDIO_COPY` from its buffers, and a frame is one page it mapped into a program and
-//! that is still there. Every such page is in exactly one [`space::PageMap`], and
-//! `frames_used` is the sum of their `charged` counts, kept in lockstep by the map.
-//! Swap slots belong to [`space::SwapCell`]s and are freed when the last sharer (after
-//! fork) lets go. A process that exits, `munmap`s or `madvise(DONTNEED/FREE)`s gives its
-//! frames and slots back at the event.
+//! The pool is a budget of `memory` frames: a frame is Mapped while its page is in the
+//! program (installed by `UFFDIO_COPY`, the daemon's copy dropped in batches), Staging
+//! while the page is out and being written to swap. Below the low watermark the core
+//! evicts up to the high one, in batches, from the worker that noticed; a fault that finds
+//! no frame waits for write-backs in flight (woken by their completion), never in a timed
+//! poll. Swap slots are reference-counted: a fork child shares its parent's.
 //!
 //! # Shutdown (SIGINT/SIGTERM on `usm run`, end of `usm exec`), numbered
 //! 1. Stop admitting (new taggers get `Refused(Busy)`), stop the accept loop.
-//! 2. Stop the evictor (no page leaves a program any more).
-//! 3. For each managed process: copy every evicted page back into it (`UFFDIO_COPY`
-//!    from swap or the swap cache), tell the tagger `SwapState 0`, send `Bye`, stop its
-//!    reader; closing the daemon's userfaultfd lets the kernel unregister its ranges,
-//!    and the program continues unmanaged with all its data.
-//! 4. Stop the workers, the swap I/O thread, delete a private swap file and the sockets.
+//! 2. Turn eviction off (no page leaves a program any more).
+//! 3. For each managed process: bring every page that is out back into it through the
+//!    fault path (its resident pages are let go of first, so the pool has room), tell the
+//!    tagger `SwapState 0`, send `Bye`, stop its reader; closing the daemon's userfaultfd
+//!    lets the kernel unregister its ranges, and the program continues unmanaged with all
+//!    its data.
+//! 4. Stop the workers, delete a private swap file and the sockets.
 
+pub(crate) mod agent;
 mod control;
-mod evict;
+mod driver;
 mod metrics;
-mod nap;
-mod policy;
-mod pool;
 mod process;
-mod space;
 pub mod stats;
-mod swapio;
 mod sys;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use usm_sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use usm_sync::{Arc, Condvar, Mutex};
+use usm_sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use usm_sync::{Arc, Mutex};
 
-use usm_policies::Registry;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use usm_kmod::pool::{FramePool, LockMode, PoolConfig};
+use usm_kmod::{Features, OpenFlags, RawUserfaultfd};
+use usm_mm::{MmConfig, MmCore, WorkerMm};
+use usm_policies::{Registry, RunMode, Watermarks};
 use usm_proto::server::{self, Listener};
+use usm_swap::{DeviceId, SwapDevice};
 
 use crate::config::{Config, WakerMode};
 pub use control::{query_stat, stat_socket_path};
-pub use pool::FaultRunner;
 pub use stats::{DaemonStat, Latency, ProcessStat};
 
+use driver::{DaemonDriver, Jobs};
 use process::Proc;
 use stats::ProcCounters;
-use swapio::SwapStore;
 
 /// Everything that can stop the daemon from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +103,9 @@ pub enum DaemonError {
     /// The LocalManager runtime.
     #[error("workers: {0}")]
     Sched(#[from] usm_localmanager::SchedError),
+    /// The memory manager (pool, policies, swap engine).
+    #[error("memory manager: {0}")]
+    Mm(usm_mm::MmError),
     /// Another OS resource at start-up.
     #[error("{what}: {source}")]
     Setup {
@@ -123,13 +131,6 @@ pub struct DaemonOptions {
     pub temp_swap_dir: PathBuf,
     /// Size of that private swap file (bytes).
     pub temp_swap_bytes: u64,
-    /// What serves faults (see [`FaultRunner`]).
-    pub runner: FaultRunner,
-    /// How long one fault waits in all for a frame (the allocation policy answering
-    /// `Oom` while the evictor works) before the process's OOM policy is asked. The
-    /// default, 10 s, only fails accesses when eviction is truly stuck (nothing
-    /// evictable: every page `EVICTION=DENY`, or no agent).
-    pub oom_wait: Duration,
     /// Registers extra policies (beyond the built-ins) before the config's policy names
     /// are checked: how an embedder — or a test — brings its own policy to the daemon.
     pub register: Option<RegisterPolicies>,
@@ -144,8 +145,6 @@ impl Default for DaemonOptions {
             temp_swap_dir: std::env::var_os("USM_SWAP_DIR")
                 .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from),
             temp_swap_bytes: 0,
-            runner: FaultRunner::from_env(),
-            oom_wait: Duration::from_secs(10),
             register: None,
         }
     }
@@ -154,36 +153,25 @@ impl Default for DaemonOptions {
 /// State shared by every daemon thread.
 pub(crate) struct Shared {
     pub(crate) pool_pages: u64,
-    pub(crate) low: u64,
-    pub(crate) high: u64,
-    pub(crate) frames_used: Arc<AtomicU64>,
-    pub(crate) swap: Arc<SwapStore>,
-    pub(crate) handle: usm_localmanager::Handle,
+    /// The memory manager: every managed process is a space of it.
+    pub(crate) core: Arc<MmCore>,
+    /// Faults and policy notifications for the workers.
+    pub(crate) jobs: Arc<Jobs>,
     pub(crate) workers: usize,
     /// How idle workers wait (the config's `waker`).
     pub(crate) waker: WakerMode,
-    pub(crate) runner: FaultRunner,
-    pub(crate) fault_threads: pool::ThreadPool,
     procs: Mutex<Vec<Arc<Proc>>>,
     ended: Mutex<Vec<ProcessStat>>,
     pub(crate) stopping: AtomicBool,
-    evict_kick: (Mutex<bool>, Condvar),
-    pub(crate) totals: ProcCounters,
     pub(crate) admitted: AtomicU64,
     pub(crate) refused: AtomicU64,
     pub(crate) bad_messages: AtomicU64,
-    pub(crate) overcommits: AtomicU64,
-    /// Faults being served now (workees alive).
-    pub(crate) in_flight: AtomicU64,
-    /// Process name → allocation policy name.
+    /// Process name → allocation policy spec.
     assignments: HashMap<String, String>,
-    /// Every policy the daemon knows, with the config's defaults and assignments: each
-    /// managed process gets its own instances from here.
-    pub(crate) registry: Arc<Registry>,
-    /// Policy name → pages per flexible huge page.
-    fhp: HashMap<String, u64>,
-    /// See [`DaemonOptions::oom_wait`].
-    pub(crate) oom_wait: Duration,
+    /// Space numbers for fork children (above any pid).
+    next_child: AtomicU32,
+    /// Latency of every fault served.
+    pub(crate) totals: ProcCounters,
 }
 
 impl Shared {
@@ -191,36 +179,16 @@ impl Shared {
         self.assignments.get(name).cloned()
     }
 
-    pub(crate) fn fhp_pages_for(&self, policy: &str) -> u64 {
-        self.fhp.get(policy).copied().unwrap_or(1)
-    }
-
-    pub(crate) fn free_frames(&self) -> u64 {
-        self.pool_pages
-            .saturating_sub(self.frames_used.load(Ordering::Acquire))
-    }
-
-    pub(crate) fn kick_evictor(&self) {
-        if let Ok(mut k) = self.evict_kick.0.lock() {
-            *k = true;
-        }
-        self.evict_kick.1.notify_one();
-    }
-
-    pub(crate) fn wait_evict_kick(&self, timeout: Duration) {
-        if let Ok(k) = self.evict_kick.0.lock() {
-            if let Ok((mut k, _)) = self.evict_kick.1.wait_timeout_while(k, timeout, |k| !*k) {
-                *k = false;
-            }
-        }
+    /// A space number for a fork child (pids are below 2^22).
+    pub(crate) fn next_child_space(&self) -> u32 {
+        self.next_child.fetch_add(1, Ordering::Relaxed)
     }
 
     pub(crate) fn add_proc(&self, p: Arc<Proc>) {
         self.procs.lock().unwrap_or_else(|e| e.into_inner()).push(p);
     }
 
-    pub(crate) fn remove_proc(&self, p: &Arc<Proc>) {
-        let stat = p.stat();
+    pub(crate) fn remove_proc(&self, p: &Arc<Proc>, stat: ProcessStat) {
         self.procs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -237,38 +205,30 @@ impl Shared {
         self.procs.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The managed process with the most charged frames that has an agent.
-    pub(crate) fn largest_evictable(&self) -> Option<Arc<Proc>> {
-        self.procs()
-            .into_iter()
-            .filter(|p| !p.gone.load(Ordering::Acquire) && p.has_agent())
-            .map(|p| {
-                let charged = p.lock_map().charged;
-                (charged, p)
-            })
-            .filter(|(c, _)| *c > 0)
-            .max_by_key(|(c, _)| *c)
-            .map(|(_, p)| p)
-    }
-
     pub(crate) fn stat(&self) -> DaemonStat {
         let procs = self.procs();
+        let census = self.core.pool().census();
+        let processes: Vec<ProcessStat> = procs.iter().map(|p| p.stat(&self.core)).collect();
+        let mut totals = self.totals.latency_histogram();
+        for p in &procs {
+            p.counters.merge_latency_into(&mut totals);
+        }
         DaemonStat {
             pid: std::process::id(),
             pool_pages: self.pool_pages,
-            frames_used: self.frames_used.load(Ordering::Acquire),
-            slots_used: self.swap.used(),
-            slots_total: self.swap.total(),
+            frames_used: (census.taken + census.mapped + census.staging) as u64,
+            slots_used: self.core.swap_slots_used(),
+            slots_total: self.core.swap_slots_total(),
             workers: self.workers,
             waker: self.waker.as_str().to_owned(),
-            fault_runner: self.runner.as_str().to_owned(),
+            fault_runner: "workers".to_owned(),
             admitted: self.admitted.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
             bad_messages: self.bad_messages.load(Ordering::Relaxed),
-            overcommits: self.overcommits.load(Ordering::Relaxed),
-            faults_in_flight: self.in_flight.load(Ordering::Relaxed),
-            latency: self.totals.latency(),
-            processes: procs.iter().map(|p| p.stat()).collect(),
+            overcommits: 0,
+            faults_in_flight: self.core.io_in_flight() as u64,
+            latency: stats::latency_of(totals.as_ref()),
+            processes,
             ended: self.ended.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
@@ -284,6 +244,9 @@ pub struct Daemon {
     stop_accept: Arc<AtomicBool>,
     stop_aux: Arc<AtomicBool>,
     metrics_addr: Option<std::net::SocketAddr>,
+    /// A private swap file to delete at shutdown.
+    temp_swap: Option<PathBuf>,
+    _zeroer: Option<usm_kmod::pool::ZeroerHandle>,
 }
 
 /// What shutdown gave back.
@@ -297,9 +260,9 @@ pub struct ShutdownSummary {
     pub pages_lost: u64,
 }
 
-/// Process name → policy spec, policy spec → pages per flexible huge page, and the
-/// registry holding the config's defaults and assignments.
-type Assignments = (HashMap<String, String>, HashMap<String, u64>, Registry);
+/// Process name → policy spec, and the registry holding the config's defaults and
+/// assignments.
+type Assignments = (HashMap<String, String>, Registry);
 
 /// A bare `fhp` names the config's `fhp SIZE` (the registry wants `fhp:SIZE`).
 fn with_fhp_size(spec: &str, fhp_bytes: Option<u64>) -> String {
@@ -335,7 +298,6 @@ fn assignments(
             })?;
     }
     let mut out = HashMap::new();
-    let mut fhp = HashMap::new();
     for r in &cfg.processes {
         let spec = with_fhp_size(&r.policy.value, cfg.fhp_bytes);
         reg.assign_process(&r.name, &spec)
@@ -343,11 +305,15 @@ fn assignments(
                 line: r.policy.line,
                 source,
             })?;
-        let pages = fhp_pages(&reg, &spec, cfg.fhp_bytes);
-        fhp.insert(spec.clone(), pages);
+        // The spec a process gets is the registry's answer (an alias resolves here).
+        reg.build_alloc(&spec)
+            .map_err(|source| DaemonError::Policy {
+                line: r.policy.line,
+                source,
+            })?;
         out.insert(r.name.clone(), spec);
     }
-    Ok((out, fhp, reg))
+    Ok((out, reg))
 }
 
 /// Checks a config as [`Daemon::start`] will: policy names against the registry, each
@@ -356,26 +322,54 @@ pub fn validate(cfg: &Config) -> Result<(), DaemonError> {
     assignments(cfg, None).map(|_| ())
 }
 
-/// Pages per flexible huge page for an allocation policy spec (`fhp:64K`, `fhp`).
-fn fhp_pages(reg: &Registry, spec: &str, default_bytes: Option<u64>) -> u64 {
-    let Ok(policy) = reg.build_alloc(spec) else {
-        return 1;
-    };
-    let name = policy.name().to_owned();
-    let Some(size) = name.strip_prefix("fhp:") else {
-        return if name == "fhp" {
-            default_bytes.map_or(16, |b| (b / 4096).max(1))
+/// Swap devices, their priorities, and the private swap file to delete at the end.
+type SwapSetup = (Vec<Arc<SwapDevice>>, Vec<i32>, Option<PathBuf>);
+
+/// Opens the swap devices the config names, or creates a private swap file.
+fn open_swap(cfg: &Config, opts: &DaemonOptions, pool: u64) -> Result<SwapSetup, DaemonError> {
+    if cfg.swap.is_empty() {
+        let dir = &opts.temp_swap_dir;
+        std::fs::create_dir_all(dir).map_err(|e| DaemonError::Setup {
+            what: format!("create {}", dir.display()),
+            source: e,
+        })?;
+        let bytes = if opts.temp_swap_bytes > 0 {
+            opts.temp_swap_bytes
         } else {
-            1
+            (pool * 4096 * 8).max(256 << 20)
         };
-    };
-    crate::config::parse_size(size, "fhp").map_or(1, |b| (b / 4096).clamp(1, 512))
+        let path = dir.join(format!("usm-swap-{}.img", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        usm_swap::create_swap_file(&path, bytes.max(16 << 20))?;
+        let dev = SwapDevice::open(DeviceId(0), &path).inspect_err(|_| {
+            let _ = std::fs::remove_file(&path);
+        })?;
+        return Ok((vec![Arc::new(dev)], vec![0], Some(path)));
+    }
+    let mut devices = Vec::new();
+    let mut priorities = Vec::new();
+    for (i, spec) in cfg.swap.iter().enumerate() {
+        let id = u8::try_from(i).map_err(|_| DaemonError::Config {
+            line: spec.line,
+            why: "too many swap devices".into(),
+        })?;
+        devices.push(Arc::new(SwapDevice::open(DeviceId(id), &spec.path)?));
+        priorities.push(spec.priority);
+    }
+    Ok((devices, priorities, None))
+}
+
+fn setup_err(what: &str) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
+    move |e| DaemonError::Setup {
+        what: what.into(),
+        source: e,
+    }
 }
 
 impl Daemon {
-    /// Starts a daemon: workers, swap, socket, evictor, stat socket, metrics.
+    /// Starts a daemon: its memory manager, workers, swap, socket, stat socket, metrics.
     pub fn start(cfg: &Config, opts: &DaemonOptions) -> Result<Daemon, DaemonError> {
-        let (assignments, fhp, registry) = assignments(cfg, opts.register)?;
+        let (assignments, registry) = assignments(cfg, opts.register)?;
         let workers = cfg.workers.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
@@ -386,53 +380,131 @@ impl Daemon {
             WakerMode::EventfdPmQos => (usm_localmanager::WakerMode::EventFd, true),
             WakerMode::Spin => (usm_localmanager::WakerMode::BusyPoll, false),
         };
+        let pool_pages = cfg.memory_pages;
+        // The budget: a lazy pool in our own address space (nothing populated until a
+        // frame holds a page on its way in or out), on a userfaultfd of our own that only
+        // refills its holes.
+        let raw = RawUserfaultfd::open(OpenFlags {
+            nonblock: true,
+            cloexec: true,
+            user_mode_only: true,
+        })
+        .map_err(|e| DaemonError::Mm(e.into()))?;
+        let own = Arc::new(
+            raw.negotiate(Features::empty(), Features::MOVE)
+                .map_err(|e| DaemonError::Mm(e.into()))?,
+        );
+        let frames = usize::try_from(pool_pages).unwrap_or(usize::MAX);
+        let pool = FramePool::new_lazy(
+            PoolConfig {
+                frames,
+                lock: LockMode::Unlocked,
+            },
+            own,
+        )
+        .map_err(|e| DaemonError::Mm(e.into()))?;
+        let (devices, priorities, temp_swap) = open_swap(cfg, opts, pool_pages)?;
+        let low = cfg.watermarks.0.pages(pool_pages).max(1);
+        let high = cfg
+            .watermarks
+            .1
+            .pages(pool_pages)
+            .max(low + 1)
+            .min(pool_pages);
+        let mut config = MmConfig::for_pool(frames);
+        config.watermarks = Watermarks {
+            low: low as usize,
+            high: high as usize,
+        };
+        config.mode = RunMode::Daemon;
+        // Access sampling would cost an agent round trip per sampled page; the daemon's
+        // eviction policy gets re-fault information from its own faults instead.
+        config.access_sampling = false;
+        config.clean_eviction = false;
+        config.priorities = priorities;
+        if let Some(e) = &cfg.evict {
+            config.evict = e.value.clone();
+        } else if let Some(d) = registry.default_spec(usm_policies::PolicyKind::Evict) {
+            config.evict = d.to_owned();
+        }
+        if let Some(o) = &cfg.oom {
+            config.oom = o.value.clone();
+        } else if let Some(d) = registry.default_spec(usm_policies::PolicyKind::Oom) {
+            config.oom = d.to_owned();
+        }
+        let temp_guard = TempSwap(temp_swap.clone());
+        let core = MmCore::new(
+            pool.clone(),
+            Box::new(NoInstaller),
+            Arc::new(registry),
+            devices,
+            config,
+            workers,
+        )
+        .map_err(DaemonError::Mm)?;
+        let jobs = Arc::new(Jobs::new().map_err(setup_err("the job queue's eventfd"))?);
+        let efd =
+            || EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC);
+        let mut worker_fds = Vec::new();
+        let mut woken = Vec::new();
+        for i in 0..workers {
+            let fd = Arc::new(efd().map_err(|e| DaemonError::Setup {
+                what: "a worker's eventfd".into(),
+                source: e.into(),
+            })?);
+            let flag = Arc::new(AtomicBool::new(false));
+            let (f2, w2) = (fd.clone(), flag.clone());
+            core.set_waker(
+                i,
+                Arc::new(move || {
+                    // Write first, then flag: the driver reads the fd after taking the flag.
+                    let _ = f2.write(1);
+                    w2.store(true, Ordering::Release);
+                }),
+            )
+            .map_err(DaemonError::Mm)?;
+            worker_fds.push(fd);
+            woken.push(flag);
+        }
+        let (fcore, fjobs) = (core.clone(), jobs.clone());
+        let factory: usm_localmanager::DriverFactory =
+            Arc::new(move |worker| match WorkerMm::new(fcore.clone(), worker) {
+                Ok(wm) => Box::new(DaemonDriver::new(
+                    wm,
+                    fjobs.clone(),
+                    worker_fds[worker].clone(),
+                    woken[worker].clone(),
+                )) as Box<dyn usm_localmanager::Driver>,
+                Err(e) => {
+                    tracing::error!(error = %e, worker, "worker memory manager failed to start");
+                    Box::new(NoDriver)
+                }
+            });
         let runtime = usm_localmanager::Runtime::builder()
             .workers(workers)
             .pin(false)
             .waker(lm_waker)
             .hold_cpu_dma_latency(hold_pm_qos)
+            .driver(factory)
             .build()?;
-        let pool = cfg.memory_pages;
-        let temp_bytes = if opts.temp_swap_bytes > 0 {
-            opts.temp_swap_bytes
-        } else {
-            (pool * 4096 * 8).max(256 << 20)
-        };
-        let swap = SwapStore::open(&cfg.swap, &opts.temp_swap_dir, temp_bytes)?;
+        let zeroer = pool.spawn_zeroer(64);
         let socket = cfg.socket.clone();
         let listener = bind(&socket)?;
-        let low = cfg.watermarks.0.pages(pool).max(1);
-        let high = cfg.watermarks.1.pages(pool).max(low + 1).min(pool);
         let shared = Arc::new(Shared {
-            pool_pages: pool,
-            low,
-            high,
-            frames_used: Arc::new(AtomicU64::new(0)),
-            swap,
-            handle: runtime.handle(),
+            pool_pages,
+            core,
+            jobs,
             workers,
             waker: cfg.waker,
-            runner: opts.runner,
-            fault_threads: pool::ThreadPool::new((workers * 4).max(8)).map_err(|e| {
-                DaemonError::Setup {
-                    what: "start the fault threads".into(),
-                    source: e,
-                }
-            })?,
             procs: Mutex::new(Vec::new()),
             ended: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
-            evict_kick: (Mutex::new(false), Condvar::new()),
-            totals: ProcCounters::default(),
             admitted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             bad_messages: AtomicU64::new(0),
-            overcommits: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
             assignments,
-            fhp,
-            registry: Arc::new(registry),
-            oom_wait: opts.oom_wait,
+            next_child: AtomicU32::new(1 << 24),
+            totals: ProcCounters::default(),
         });
         let stop_accept = Arc::new(AtomicBool::new(false));
         let stop_aux = Arc::new(AtomicBool::new(false));
@@ -451,8 +523,6 @@ impl Daemon {
             "usm-accept",
             Box::new(move || accept_loop(&sh, &listener, &stop)),
         )?);
-        let sh = shared.clone();
-        threads.push(spawn("usm-evict", Box::new(move || evict::run(&sh)))?);
         let stat_socket = stat_socket_path(&socket);
         let stat_listener = control::bind(&stat_socket)?;
         let (sh, stop) = (shared.clone(), stop_aux.clone());
@@ -474,9 +544,8 @@ impl Daemon {
             )?);
         }
         tracing::info!(
-            "usm daemon: pool {pool} pages, {workers} workers (waker {}, faults on {}), socket {}",
+            "usm daemon: pool {pool_pages} pages (watermarks {low}/{high}), {workers} workers (waker {}), socket {}",
             cfg.waker.as_str(),
-            opts.runner.as_str(),
             socket.display()
         );
         Ok(Daemon {
@@ -488,6 +557,8 @@ impl Daemon {
             stop_accept,
             stop_aux,
             metrics_addr,
+            temp_swap: temp_guard.keep(),
+            _zeroer: Some(zeroer),
         })
     }
 
@@ -520,9 +591,9 @@ impl Daemon {
         // 1-2.
         sh.stopping.store(true, Ordering::Release);
         self.stop_accept.store(true, Ordering::Release);
-        sh.kick_evictor();
-        // Join accept + evictor (the first two threads).
-        let rest = self.threads.split_off(2.min(self.threads.len()));
+        sh.core.set_eviction(false);
+        // Join the accept loop (the first thread).
+        let rest = self.threads.split_off(1.min(self.threads.len()));
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -533,7 +604,7 @@ impl Daemon {
             summary.pages_returned += ok;
             summary.pages_lost += bad;
             summary.processes += 1;
-            p.tell_swapped(true);
+            process::tell_away(&sh, &p, true);
             if let Some(ch) = &p.channel {
                 let _ = ch.send(&usm_proto::Message::Bye);
             }
@@ -555,11 +626,12 @@ impl Daemon {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        sh.fault_threads.shutdown();
         if let Some(rt) = self.runtime.take() {
             rt.shutdown(Duration::from_secs(2));
         }
-        sh.swap.shutdown();
+        if let Some(path) = self.temp_swap.take() {
+            let _ = std::fs::remove_file(path);
+        }
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_file(&self.stat_socket);
         tracing::info!(
@@ -575,6 +647,62 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.shutdown_inner();
+    }
+}
+
+/// Deletes a private swap file if start-up fails after creating it.
+struct TempSwap(Option<PathBuf>);
+
+impl TempSwap {
+    fn keep(mut self) -> Option<PathBuf> {
+        self.0.take()
+    }
+}
+
+impl Drop for TempSwap {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The core's default installer: the daemon has none (every space brings its own).
+struct NoInstaller;
+
+impl usm_mm::Installer for NoInstaller {
+    fn install(
+        &self,
+        _: &FramePool,
+        _: &[usm_kmod::FrameNo],
+        _: u64,
+        _: usm_kmod::pool::FrameOwner,
+    ) -> Result<usm_mm::InstallReport, usm_mm::MmError> {
+        Err(usm_mm::MmError::Protocol {
+            frame: usm_kmod::FrameNo(u32::MAX),
+            what: "a daemon space without its installer",
+        })
+    }
+    fn stage(&self, _: &FramePool, _: usm_kmod::FrameNo) -> Result<bool, usm_mm::MmError> {
+        Ok(false)
+    }
+    fn unstage(&self, _: &FramePool, _: usm_kmod::FrameNo) -> Result<bool, usm_mm::MmError> {
+        Ok(false)
+    }
+    fn poison(&self, _: &FramePool, _: u64) -> Result<(), usm_mm::MmError> {
+        Ok(())
+    }
+    fn reclaim(&self, pool: &FramePool, frame: usm_kmod::FrameNo) -> Result<bool, usm_mm::MmError> {
+        pool.release(frame)?;
+        Ok(true)
+    }
+}
+
+struct NoDriver;
+
+impl usm_localmanager::Driver for NoDriver {
+    fn poll(&mut self, _cx: &mut usm_localmanager::DriverContext<'_>) -> usize {
+        0
     }
 }
 

@@ -8,17 +8,11 @@ use usm_sync::atomic::{AtomicU64, Ordering};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-/// Per-process counters (atomics: bumped by readers, workees and the evictor).
+/// Per-process counters of what the daemon sees itself (events, hints, fault latency);
+/// page counts come from the memory manager's space counters.
 #[derive(Debug)]
 pub(crate) struct ProcCounters {
     pub(crate) faults: AtomicU64,
-    pub(crate) zero_fills: AtomicU64,
-    pub(crate) fhp_pages: AtomicU64,
-    pub(crate) swapins: AtomicU64,
-    pub(crate) evictions: AtomicU64,
-    pub(crate) evict_skipped: AtomicU64,
-    pub(crate) poisoned: AtomicU64,
-    pub(crate) policy_panics: AtomicU64,
     pub(crate) forks: AtomicU64,
     pub(crate) remaps: AtomicU64,
     pub(crate) removes: AtomicU64,
@@ -33,13 +27,6 @@ impl Default for ProcCounters {
     fn default() -> Self {
         ProcCounters {
             faults: AtomicU64::new(0),
-            zero_fills: AtomicU64::new(0),
-            fhp_pages: AtomicU64::new(0),
-            swapins: AtomicU64::new(0),
-            evictions: AtomicU64::new(0),
-            evict_skipped: AtomicU64::new(0),
-            poisoned: AtomicU64::new(0),
-            policy_panics: AtomicU64::new(0),
             forks: AtomicU64::new(0),
             remaps: AtomicU64::new(0),
             removes: AtomicU64::new(0),
@@ -74,6 +61,25 @@ impl ProcCounters {
         };
         h.as_ref().map_or_else(Latency::default, Latency::of)
     }
+
+    /// A copy of the latency histogram.
+    pub(crate) fn latency_histogram(&self) -> Option<Histogram<u64>> {
+        self.latency.lock().ok().and_then(|h| h.clone())
+    }
+
+    /// Adds this process's latencies to `into`.
+    pub(crate) fn merge_latency_into(&self, into: &mut Option<Histogram<u64>>) {
+        if let (Ok(h), Some(into)) = (self.latency.lock(), into.as_mut())
+            && let Some(h) = h.as_ref()
+        {
+            let _ = into.add(h);
+        }
+    }
+}
+
+/// Percentiles of a histogram (empty: zeroes).
+pub(crate) fn latency_of(h: Option<&Histogram<u64>>) -> Latency {
+    h.map_or_else(Latency::default, Latency::of)
 }
 
 /// Fault latency percentiles, microseconds.

@@ -14,7 +14,8 @@ use usm_swap::{DeviceId, SwapDevice};
 
 use crate::embedded::driver::FaultDriver;
 use crate::embedded::{EmbeddedError, Region, RuntimeStats};
-use crate::mm::{InstallMode, MmConfig, MmCore, SameMmInstaller, TrackingInstaller, WorkerMm};
+use crate::mm::{InstallMode, MmConfig, MmCore, WorkerMm};
+use crate::sys::install::{SameMmInstaller, TrackingInstaller};
 use crate::sys::sigbus;
 
 /// State shared by the runtime, its drivers and its regions.

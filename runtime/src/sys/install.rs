@@ -4,14 +4,14 @@
 use usm_kmod::pool::{CopyFrom, FrameOwner, FramePool};
 use usm_kmod::{CopyMode, FrameNo, MoveMode, PAGE_SIZE, PoisonMode, Resolved};
 
-use crate::mm::MmError;
-use crate::mm::installer::{InstallMode, InstallReport, Installer};
+use usm_mm::MmError;
+use usm_mm::{InstallMode, InstallReport, Installer};
 
 /// The embedded installer: everything happens in our own address space with
 /// `UFFDIO_MOVE` / `UFFDIO_COPY` on the pool's userfaultfd (regions, pool and staging
 /// registered on it), installing by [`InstallMode`].
 #[derive(Debug, Default, Clone, Copy)]
-pub struct SameMmInstaller {
+pub(crate) struct SameMmInstaller {
     /// How frames are installed (eviction always MOVEs the page out).
     pub mode: InstallMode,
     /// COPY installs of content (swap-ins, swap-cache hits) map the page
@@ -24,7 +24,7 @@ const PAGE: u64 = PAGE_SIZE as u64;
 
 impl SameMmInstaller {
     /// An installer that installs by `mode`.
-    pub fn new(mode: InstallMode) -> SameMmInstaller {
+    pub(crate) fn new(mode: InstallMode) -> SameMmInstaller {
         SameMmInstaller {
             mode,
             wp_content: false,
@@ -188,7 +188,7 @@ fn page_pairs(start: u64, frames: &[FrameNo]) -> impl Iterator<Item = (u64, Fram
 /// clears the page's uffd-wp bit), and `PAGEMAP_SCAN` tells whether one was written since.
 /// Regions must be registered with `MISSING | WP`.
 #[derive(Debug)]
-pub struct TrackingInstaller {
+pub(crate) struct TrackingInstaller {
     inner: SameMmInstaller,
     uffd: std::sync::Arc<usm_kmod::Userfaultfd>,
     pagemap: std::fs::File,
@@ -197,7 +197,9 @@ pub struct TrackingInstaller {
 impl TrackingInstaller {
     /// Tracks through `uffd` (negotiated with `WP_ASYNC`) and `/proc/self/pagemap`;
     /// installs by the default [`InstallMode`].
-    pub fn new(uffd: std::sync::Arc<usm_kmod::Userfaultfd>) -> std::io::Result<TrackingInstaller> {
+    pub(crate) fn new(
+        uffd: std::sync::Arc<usm_kmod::Userfaultfd>,
+    ) -> std::io::Result<TrackingInstaller> {
         Ok(TrackingInstaller {
             inner: SameMmInstaller {
                 mode: InstallMode::default(),
@@ -209,7 +211,7 @@ impl TrackingInstaller {
     }
 
     /// Installs by `mode` instead.
-    pub fn with_mode(mut self, mode: InstallMode) -> TrackingInstaller {
+    pub(crate) fn with_mode(mut self, mode: InstallMode) -> TrackingInstaller {
         self.inner.mode = mode;
         self
     }

@@ -2,7 +2,7 @@
 //! futex waits, region mappings and raw page copies. The rest of the crate is safe.
 
 pub(crate) mod install;
-pub(crate) mod io;
+pub(crate) mod remote;
 pub(crate) mod sigbus;
 pub(crate) mod spawn;
 pub(crate) mod view;

@@ -28,6 +28,30 @@
 //!   not inherited; the child's own session may start one) and closes the watcher's
 //!   clone of the parent's socket (else the parent's session stays open as long as the
 //!   child lives).
+//!
+//! # The message thread never waits for the managed heap
+//! Program threads hold the heap lock (`sys::heap`) while dlmalloc touches managed
+//! memory, so they may hold it across a fault that only the daemon can serve. The
+//! daemon in turn needs the message thread to keep draining the socket (its
+//! `SwapState`s, coverage requests) to make progress with eviction. So once the session
+//! is managed, the message loop (`watch`) never allocates and takes no lock a program
+//! thread can hold:
+//! - messages are received into a buffer on its stack, and only the kinds it serves
+//!   (`SwapState`, `CoverageRequest`, `StartAgent`, `Bye`) are decoded (decoding a text
+//!   message would allocate its `String`); anything else is reported by kind number;
+//! - coverage is parsed from `/proc/self/smaps` as it streams through a fixed buffer
+//!   (`sys::self_coverage`), and the reply is sent without blocking (a daemon that does
+//!   not read its socket gets no answer, and asks again);
+//! - warnings are formatted on the stack (`warn_fmt`), never with `format!`, and no
+//!   error is displayed through `io::Error` (whose `Display` allocates).
+//!
+//! What the message thread (and a fork child's attach thread) does allocate comes from
+//! the tagger's own arena (`sys::arena`: unmanaged memory, its own lock), never from
+//! the managed heap: `StartAgent` runs `agent::start`, which spawns the agent thread
+//! (its name, handles, closure, glibc's thread bookkeeping), and a daemon that attaches
+//! descriptors to a message makes the receive path allocate their list (the daemon
+//! never does). Setup in the constructor allocates on the managed heap before the
+//! program runs.
 
 use std::fmt::Write as _;
 use std::io::Read;
@@ -45,9 +69,17 @@ use crate::sys;
 const TAG: &str = "usm-tagger";
 
 pub(crate) fn warn(line: &str) {
+    warn_fmt(format_args!("{line}"));
+}
+
+/// Writes `usm-tagger: ARGS` as one line, formatted on the stack (no allocation; a
+/// line longer than [`StackLine`]'s buffer is cut short).
+pub(crate) fn warn_fmt(args: std::fmt::Arguments<'_>) {
     // One write(2) per line, so lines from several processes do not interleave.
-    let text = format!("{TAG}: {line}\n");
-    sys::write_stderr(text.as_bytes());
+    let mut line = StackLine::new();
+    let _ = write!(line, "{TAG}: {args}");
+    line.end_line();
+    sys::write_stderr(line.as_bytes());
 }
 
 /// The daemon's socket, for forked children to attach on their own.
@@ -105,7 +137,11 @@ fn attach(path: &std::path::Path) -> Result<String, String> {
     let reader = install(channel, uffd, admission.features)?;
     std::thread::Builder::new()
         .name("usm-tagger".into())
-        .spawn(move || watch(reader))
+        .spawn(move || {
+            sys::arena::enter();
+            watch(reader);
+            sys::arena::leave();
+        })
         .map_err(|e| {
             detach();
             format!("cannot start the watcher thread ({e})")
@@ -191,42 +227,112 @@ impl Drop for ForgetWatcherFd {
     }
 }
 
-/// The watcher: reads the daemon's messages until the session ends.
+/// What the watcher received.
+enum Incoming {
+    /// A message the watcher serves (decoded without allocating).
+    Served(Message),
+    /// A well-formed datagram of another kind (not decoded: text kinds allocate).
+    Unexpected(u16),
+    /// A datagram carrying descriptors (closed): the daemon never sends any.
+    WithFds(usize),
+}
+
+/// Whether the watcher serves messages of wire kind `kind`; none of them carries text,
+/// so decoding them allocates nothing.
+fn served_kind(kind: u16) -> bool {
+    let served = [
+        Message::SwapState { swapped_pages: 0 },
+        Message::CoverageRequest,
+        Message::StartAgent {
+            staging_pages: 0,
+            ring_entries: 0,
+        },
+        Message::Bye,
+    ];
+    served.iter().any(|m| m.kind() == kind)
+}
+
+/// Receives one datagram into a buffer on this stack; decodes it only if it is a kind
+/// the watcher serves. The kind is the little-endian `u16` at bytes 6..8 of the header
+/// (magic, version, kind, see `usm_proto::wire`); a served kind is then checked whole
+/// by `wire::decode`, a datagram without the magic is refused by it.
+fn receive(reader: &Channel) -> Result<Incoming, ProtoError> {
+    let mut buf = [0u8; wire::MAX_MESSAGE_LEN];
+    let (len, fds) = reader.recv_bytes(&mut buf)?;
+    if len == 0 {
+        return Err(ProtoError::Closed);
+    }
+    if !fds.is_empty() {
+        return Ok(Incoming::WithFds(fds.len()));
+    }
+    let bytes = &buf[..len];
+    if len >= wire::HEADER_LEN && bytes[..4] == wire::MAGIC {
+        let kind = u16::from_le_bytes([bytes[6], bytes[7]]);
+        if !served_kind(kind) {
+            return Ok(Incoming::Unexpected(kind));
+        }
+    }
+    Ok(Incoming::Served(wire::decode(bytes)?))
+}
+
+/// Answers a `CoverageRequest` (see the module doc: no allocation, no blocking send).
+fn answer_coverage(reader: &Channel) -> Result<(), ProtoError> {
+    let cov = sys::self_coverage().unwrap_or_default();
+    let reply = Message::Coverage {
+        managed_anon_bytes: cov.managed_anon_bytes.min(cov.anon_bytes),
+        anon_bytes: cov.anon_bytes,
+    };
+    match reader.send_nowait(&reply) {
+        Err(e) if e.is_retryable() => {
+            // The daemon's queue is full: it asks again later.
+            state::DROPPED_NOTICES.fetch_add(1, usm_sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// The watcher: reads the daemon's messages until the session ends. Never allocates
+/// and never waits for the heap once running (see the module doc).
 fn watch(reader: Channel) {
     let _forget = ForgetWatcherFd;
     loop {
-        match reader.recv() {
-            Ok(Message::SwapState { swapped_pages }) => state::set_swapped_pages(swapped_pages),
-            Ok(Message::CoverageRequest) => {
-                let cov = Coverage::of_self().unwrap_or_default();
-                let reply = Message::Coverage {
-                    managed_anon_bytes: cov.managed_anon_bytes.min(cov.anon_bytes),
-                    anon_bytes: cov.anon_bytes,
-                };
-                if let Err(e) = reader.send(&reply) {
+        match receive(&reader) {
+            Ok(Incoming::Served(Message::SwapState { swapped_pages })) => {
+                state::set_swapped_pages(swapped_pages);
+            }
+            Ok(Incoming::Served(Message::CoverageRequest)) => {
+                if let Err(e) = answer_coverage(&reader) {
                     if e.is_peer_gone() {
                         return daemon_lost(&e);
                     }
                 }
             }
-            Ok(Message::StartAgent {
+            Ok(Incoming::Served(Message::StartAgent {
                 staging_pages,
                 ring_entries,
-            }) => crate::agent::start(&reader, staging_pages, ring_entries),
-            Ok(Message::Bye) => {
+            })) => crate::agent::start(&reader, staging_pages, ring_entries),
+            Ok(Incoming::Served(Message::Bye)) => {
                 // The daemon gave every page back before saying Bye.
                 detach();
                 return;
             }
-            Ok(other) => warn(&format!(
+            Ok(Incoming::Served(other)) => warn_fmt(format_args!(
                 "ignoring unexpected {} from the daemon",
                 other.name()
+            )),
+            Ok(Incoming::Unexpected(kind)) => warn_fmt(format_args!(
+                "ignoring an unexpected message of kind {kind} from the daemon"
+            )),
+            Ok(Incoming::WithFds(n)) => warn_fmt(format_args!(
+                "ignoring a message with {n} file descriptor(s) from the daemon"
             )),
             Err(e) if e.is_retryable() => continue,
             Err(
                 e @ (ProtoError::Decode(_) | ProtoError::BadFdCount { .. } | ProtoError::Truncated),
             ) => {
-                warn(&format!(
+                // These variants display without allocating (no io::Error inside).
+                warn_fmt(format_args!(
                     "ignoring a malformed message from the daemon ({e})"
                 ));
             }
@@ -256,6 +362,15 @@ impl StackLine {
 
     fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
+    }
+
+    /// Ends the line with `\n`, replacing the last byte if the buffer is full.
+    fn end_line(&mut self) {
+        if self.len == self.buf.len() {
+            self.len -= 1;
+        }
+        self.buf[self.len] = b'\n';
+        self.len += 1;
     }
 }
 
@@ -387,7 +502,11 @@ pub(crate) fn after_fork_in_child() {
     };
     let spawned = std::thread::Builder::new()
         .name("usm-tagger".into())
-        .spawn(move || attach_child(path, parent_sock));
+        .spawn(move || {
+            sys::arena::enter();
+            attach_child(path, parent_sock);
+            sys::arena::leave();
+        });
     if spawned.is_err() {
         state::set_mode(Mode::Unmanaged);
         warn("cannot start the watcher thread in this forked process; running unmanaged");
@@ -439,5 +558,5 @@ pub(crate) fn hint(addr: usize, len: usize, text: &str) -> i32 {
 
 /// Coverage of this process, as `usm_tagger_coverage` reports it.
 pub(crate) fn coverage() -> Result<Coverage, i32> {
-    Coverage::of_self().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+    sys::self_coverage()
 }

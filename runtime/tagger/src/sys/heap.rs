@@ -14,6 +14,23 @@
 //! child never inherits it held. Nothing done under it allocates: segment callbacks use
 //! raw system calls and stack-encoded, non-blocking notifications.
 //!
+//! # Faults under the lock
+//! dlmalloc keeps its bookkeeping (chunk headers, free-list links) inside the managed
+//! segments, so a thread holding the lock can fault on a page the daemon evicted, and
+//! hold the lock until the daemon serves it. That only delays other *program* threads:
+//! no thread of the tagger itself (message thread, eviction agent) takes this lock once
+//! the session runs: the message loop does not allocate (see `session`), and what the
+//! tagger's threads do allocate comes from an arena of their own in unmanaged memory
+//! (`arena`; frees are routed there by address), so the daemon never waits for a
+//! thread that waits for this lock. What touches many pages is kept outside it:
+//! - zeroing (`calloc`, and `malloc`/`memalign` with zero-on-malloc) happens after the
+//!   lock is released: the chunk is the caller's alone by then;
+//! - a `realloc` that grows a block copies it outside the lock (allocate under the lock,
+//!   copy, free under the lock) instead of letting dlmalloc copy under it; growing in
+//!   place is given up for that (shrinking stays in place);
+//! - large blocks (`LARGE_THRESHOLD` and up) are mappings of their own: their headers
+//!   and contents are touched without the lock, which covers only the segment table.
+//!
 //! # Recursion
 //! Code under the lock never calls `malloc`: the system-allocator callbacks below only
 //! make system calls. Rust code elsewhere in the tagger *does* allocate (through the
@@ -25,7 +42,7 @@ use std::cell::UnsafeCell;
 use dlmalloc::{Allocator, Dlmalloc};
 use usm_sync::atomic::{AtomicBool, Ordering};
 
-use super::{PAGE_SIZE, mmap_raw, mremap_raw, munmap_raw};
+use super::{PAGE_SIZE, arena, mmap_raw, mremap_raw, munmap_raw};
 use crate::ranges;
 use usm_proto::RangeKind;
 
@@ -227,13 +244,56 @@ pub(crate) fn set_zero_on_malloc(on: bool) {
     ZERO_ON_MALLOC.store(on, Ordering::Relaxed);
 }
 
+/// Whether a chunk dlmalloc just handed out may hold old bytes: true unless it is a
+/// fresh mapping of its own (dlmalloc's `calloc_must_clear` for an allocator that
+/// `allocates_zeros`, read from the chunk header as in [`usable_size`]).
+///
+/// # Safety
+/// - `ptr` is a live dlmalloc allocation (not a large block).
+unsafe fn may_hold_old_bytes(ptr: *const u8) -> bool {
+    // SAFETY: every live dlmalloc allocation is preceded by its chunk header.
+    let head = unsafe { ptr.cast::<usize>().sub(1).read() };
+    head & 3 != 0
+}
+
+/// `size` zeroed bytes aligned to `align` (a power of two) from dlmalloc: allocated
+/// under the lock, zeroed after it is released (see "Faults under the lock").
+fn zeroed(size: usize, align: usize) -> *mut u8 {
+    // SAFETY: `align` is a power of two (every caller's contract); the chunk header of a
+    // non-null result is readable.
+    let (ptr, clear) = with_heap(|dl| unsafe {
+        let ptr = dl.malloc(size, align);
+        (ptr, !ptr.is_null() && may_hold_old_bytes(ptr))
+    });
+    if clear {
+        // SAFETY: `ptr` is a fresh allocation of at least `size` bytes that no other
+        // thread knows yet.
+        unsafe { ptr.write_bytes(0, size) };
+    }
+    ptr
+}
+
+/// A block from the tagger's own arena if the caller is a tagger thread (`arena`),
+/// else (or if the arena is full) null.
+fn for_tagger_thread(size: usize, align: usize) -> *mut u8 {
+    if arena::in_tagger_thread() {
+        arena::alloc_zeroed(size, align)
+    } else {
+        std::ptr::null_mut()
+    }
+}
+
 /// `malloc`.
 pub(crate) fn malloc(size: usize) -> *mut u8 {
+    let own = for_tagger_thread(size, MIN_ALIGN);
+    if !own.is_null() {
+        return own;
+    }
     if size >= LARGE_THRESHOLD {
         return large_alloc(size, MIN_ALIGN);
     }
     if ZERO_ON_MALLOC.load(Ordering::Relaxed) {
-        return calloc(size);
+        return zeroed(size, MIN_ALIGN);
     }
     // SAFETY: c_malloc has no preconditions.
     with_heap(|dl| unsafe { dl.c_malloc(size) })
@@ -247,6 +307,11 @@ pub(crate) unsafe fn free(ptr: *mut u8) {
     if ptr.is_null() {
         return;
     }
+    if arena::owns(ptr) {
+        // SAFETY: guaranteed by the caller (a live block, of the arena).
+        unsafe { arena::free(ptr) };
+        return;
+    }
     // SAFETY: guaranteed by the caller.
     if let Some(large) = unsafe { LargeHeader::of(ptr) } {
         large.release();
@@ -258,11 +323,14 @@ pub(crate) unsafe fn free(ptr: *mut u8) {
 
 /// `calloc` of `size` bytes (the caller checked the multiplication).
 pub(crate) fn calloc(size: usize) -> *mut u8 {
+    let own = for_tagger_thread(size, MIN_ALIGN);
+    if !own.is_null() {
+        return own;
+    }
     if size >= LARGE_THRESHOLD {
         return large_alloc(size, MIN_ALIGN);
     }
-    // SAFETY: calloc with the natural alignment has no preconditions.
-    with_heap(|dl| unsafe { dl.calloc(size, MIN_ALIGN) })
+    zeroed(size, MIN_ALIGN)
 }
 
 /// `realloc` (non-null `ptr`, non-zero `size`).
@@ -270,6 +338,10 @@ pub(crate) fn calloc(size: usize) -> *mut u8 {
 /// # Safety
 /// - `ptr` is a live allocation of this heap.
 pub(crate) unsafe fn realloc(ptr: *mut u8, size: usize) -> *mut u8 {
+    if arena::owns(ptr) {
+        // SAFETY: guaranteed by the caller (a live block, of the arena).
+        return unsafe { arena::realloc(ptr, size) };
+    }
     // SAFETY: guaranteed by the caller.
     if let Some(large) = unsafe { LargeHeader::of(ptr) } {
         if size >= LARGE_THRESHOLD && large.ptr == large.base + PAGE_SIZE {
@@ -286,18 +358,40 @@ pub(crate) unsafe fn realloc(ptr: *mut u8, size: usize) -> *mut u8 {
         return fresh;
     }
     // SAFETY: guaranteed by the caller.
-    with_heap(|dl| unsafe { dl.c_realloc(ptr, size) })
+    let usable = unsafe { usable_size(ptr) };
+    if size <= usable {
+        // Shrinking (or no change): dlmalloc splits the chunk in place.
+        // SAFETY: guaranteed by the caller.
+        return with_heap(|dl| unsafe { dl.c_realloc(ptr, size) });
+    }
+    // Growing: a new block, the copy outside the lock, then the old block freed.
+    let fresh = if size >= LARGE_THRESHOLD {
+        large_alloc(size, MIN_ALIGN)
+    } else {
+        // SAFETY: c_malloc has no preconditions.
+        with_heap(|dl| unsafe { dl.c_malloc(size) })
+    };
+    if !fresh.is_null() {
+        // SAFETY: both blocks are live and distinct; `usable < size` fits both.
+        unsafe { std::ptr::copy_nonoverlapping(ptr, fresh, usable) };
+        // SAFETY: guaranteed by the caller; `ptr` is not used again.
+        with_heap(|dl| unsafe { dl.c_free(ptr) });
+    }
+    fresh
 }
 
 /// `memalign` with a power-of-two `align`.
 pub(crate) fn memalign(align: usize, size: usize) -> *mut u8 {
     debug_assert!(align.is_power_of_two());
+    let own = for_tagger_thread(size, align);
+    if !own.is_null() {
+        return own;
+    }
     if size >= LARGE_THRESHOLD {
         return large_alloc(size, align);
     }
     if ZERO_ON_MALLOC.load(Ordering::Relaxed) {
-        // SAFETY: `align` is a power of two (checked by every caller).
-        return with_heap(|dl| unsafe { dl.calloc(size, align) });
+        return zeroed(size, align);
     }
     // SAFETY: `align` is a power of two (checked by every caller).
     with_heap(|dl| unsafe { dl.c_memalign(align, size) })

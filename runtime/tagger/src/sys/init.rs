@@ -12,18 +12,21 @@ extern "C" fn usm_tagger_init() {
 #[unsafe(link_section = ".init_array")]
 static INIT: extern "C" fn() = usm_tagger_init;
 
-/// `pthread_atfork` prepare: hold the heap lock across `fork`.
+/// `pthread_atfork` prepare: hold the heap lock, then the arena's, across `fork`.
 pub(super) unsafe extern "C" fn atfork_prepare() {
     super::heap::fork_prepare();
+    super::arena::fork_prepare();
 }
 
-/// `pthread_atfork` parent: release it.
+/// `pthread_atfork` parent: release them.
 pub(super) unsafe extern "C" fn atfork_parent() {
+    super::arena::fork_parent();
     super::heap::fork_parent();
 }
 
-/// `pthread_atfork` child: fresh lock, and leave the parent's session.
+/// `pthread_atfork` child: fresh locks, and leave the parent's session.
 pub(super) unsafe extern "C" fn atfork_child() {
     super::heap::fork_child();
+    super::arena::fork_child();
     crate::session::after_fork_in_child();
 }

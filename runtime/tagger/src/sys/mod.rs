@@ -4,6 +4,7 @@
 //! tagger exports `mmap`, `munmap`, `mremap` and `ioctl`, so calling the libc names from
 //! inside would re-enter its own wrappers.
 
+pub(crate) mod arena;
 pub(crate) mod exports;
 pub(crate) mod heap;
 mod init;
@@ -213,6 +214,42 @@ pub(crate) fn write_stderr(line: &[u8]) {
         }
         rest = &rest[n as usize..];
     }
+}
+
+/// Measures this process's coverage from `/proc/self/smaps` without allocating: raw
+/// `open`/`read` into a buffer on the caller's stack (a thread stack, never managed),
+/// parsed as it streams ([`usm_proto::coverage::SmapsParser`]). Safe for the tagger's
+/// message thread, which must never take the heap lock. Returns the errno on failure.
+pub(crate) fn self_coverage() -> Result<usm_proto::coverage::Coverage, i32> {
+    // SAFETY: the path is a NUL-terminated literal.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/smaps".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(errno());
+    }
+    let mut parser = usm_proto::coverage::SmapsParser::new();
+    let mut buf = [0u8; usm_proto::coverage::SMAPS_CHUNK];
+    let result = loop {
+        // SAFETY: `buf` is a valid writable buffer of its length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = errno();
+            if e == libc::EINTR {
+                continue;
+            }
+            break Err(e);
+        }
+        if n == 0 {
+            break Ok(());
+        }
+        parser.feed(&buf[..n as usize]);
+    };
+    close_raw(fd);
+    result.map(|()| parser.finish())
 }
 
 /// Kills the whole process with `SIGKILL` (used when continuing would read zeros).

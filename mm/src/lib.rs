@@ -1,4 +1,4 @@
-//! The memory-manager core shared by the embedded runtime and the daemon.
+//! `usm-mm`: the memory manager both modes run on.
 //!
 //! # Pieces
 //! - [`Space`] ([`space`]): one address space — page states keyed by page address
@@ -13,7 +13,7 @@
 //!   (a private `WorkerCx` over the locked state, with memory state and eviction policy
 //!   in separate fields so `Cx::evict` can run the eviction policy mid-allocation).
 //! - [`Installer`] ([`installer`]): *how* frames get into and out of an address space
-//!   (embedded: [`SameMmInstaller`], same-mm `UFFDIO_COPY` in / `UFFDIO_MOVE` out, see
+//!   (embedded: `usm_runtime`'s `SameMmInstaller`, same-mm `UFFDIO_COPY` in / `UFFDIO_MOVE` out, see
 //!   [`InstallMode`]; the daemon brings its own).
 //! - [`MmStats`] ([`stats`]): counters and latency histograms per [`FaultPath`];
 //!   [`StatsSnapshot`] is `serde::Serialize`.
@@ -84,7 +84,7 @@
 //! or staged. The embedded I/O helpers pin, then pre-fault, then run the syscall.
 //!
 //! # Clean pages (no write-back when the swap copy is still valid)
-//! With an installer that tracks writes ([`TrackingInstaller`]: `WP_ASYNC`), a page read
+//! With an installer that tracks writes (`usm_runtime`'s `TrackingInstaller`: `WP_ASYNC`), a page read
 //! back from swap keeps its slot and a 128-bit hash of the content read; the page is
 //! write-protected asynchronously. At eviction, `PAGEMAP_SCAN` says whether it was written
 //! (written: the slot is freed, normal write-back); if not, the page is moved out and the
@@ -118,7 +118,7 @@
 //! # API stability
 //! Extend, don't break: the daemon builds on these types. Changes are noted here.
 //! - 2026-11-22: [`InstallMode`]; [`Installer::install_zeroed`] (default: `install`);
-//!   [`SameMmInstaller`] is a struct with a `mode` field (was a unit struct: use
+//!   `SameMmInstaller` is a struct with a `mode` field (was a unit struct: use
 //!   `SameMmInstaller::default()` / `::new(mode)`).
 
 mod core;
@@ -126,11 +126,12 @@ mod error;
 pub mod installer;
 pub mod space;
 pub mod stats;
+mod sys;
 
 pub use self::core::{
     FaultClock, FaultResult, MemState, MmConfig, MmCore, RangeRelease, Waker, WorkerMm,
 };
 pub use error::MmError;
-pub use installer::{InstallMode, InstallReport, Installer, SameMmInstaller, TrackingInstaller};
-pub use space::{ManagedRange, PageState, RangeKey, Space, SpaceCounters};
+pub use installer::{InstallMode, InstallReport, Installer, StageOutcome};
+pub use space::{ManagedRange, PageState, RangeKey, Space, SpaceCounters, SpacePolicy};
 pub use stats::{FaultPath, Latency, MmStats, StatsSnapshot};

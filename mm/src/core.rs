@@ -1,5 +1,5 @@
 //! [`MmCore`] (shared by all workers) and [`WorkerMm`] (one per worker): fault service,
-//! swap-in completion, eviction. See the [`crate::mm`] module docs for the protocol.
+//! swap-in completion, eviction. See the [crate] docs for the protocol.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -11,9 +11,9 @@ use usm_kmod::pool::arena::LocalArena;
 use usm_kmod::pool::{FrameOwner, FramePool, FrameState, MAX_ORDER};
 use usm_kmod::{FrameNo, PAGE_SIZE};
 use usm_policies::{
-    Access, Cx, Decision, EvictCx, EvictPolicy, Hint, MappedPage, OomAction, OomPolicy,
-    OomSituation, PageMask, ProcessCounters, Registry, RunMode, VictimRequest, VictimScan,
-    Watermarks, guarded, page_floor,
+    Access, AllocPolicy, Cx, Decision, EvictCx, EvictPolicy, Hint, MappedPage, OomAction,
+    OomPolicy, OomSituation, PageMask, ProcessCounters, Registry, RunMode, VictimRequest,
+    VictimScan, Watermarks, guarded, page_floor,
 };
 use usm_swap::{
     Completion, Engine, EngineConfig, SwapDevice, SwapEntry, SwapError, SwapSpace, Ticket,
@@ -21,10 +21,12 @@ use usm_swap::{
 use usm_sync::Mutex;
 use usm_sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use crate::mm::MmError;
-use crate::mm::installer::Installer;
-use crate::mm::space::{ManagedRange, PageState, RangeKey, Space};
-use crate::mm::stats::{FaultPath, MmStats, StatsSnapshot};
+use crate::MmError;
+use crate::installer::{Installer, StageOutcome};
+use crate::space::{ManagedRange, PageState, RangeKey, Space};
+use crate::stats::{FaultPath, MmStats, StatsSnapshot};
+
+mod process;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Tickets of requests the engine refused at once (their completion is synthesised).
@@ -60,6 +62,9 @@ pub struct MmConfig {
     /// reported accessed; asked again while still out, it reports not accessed. Off: the
     /// policy gets no access information (`clock` degrades to FIFO).
     pub access_sampling: bool,
+    /// Priority of each swap device, in the order given to [`MmCore::new`] (missing: 0);
+    /// higher first, as the kernel's `swapon -p`.
+    pub priorities: Vec<i32>,
 }
 
 impl MmConfig {
@@ -82,6 +87,7 @@ impl MmConfig {
             eviction_batch: 128,
             clean_eviction: true,
             access_sampling: true,
+            priorities: Vec::new(),
         }
     }
 }
@@ -114,6 +120,8 @@ pub struct MemState {
     orphans: HashSet<FrameNo>,
     /// Write-backs in flight on all workers.
     writebacks: usize,
+    /// Asynchronous stages in flight ([`PageState::Leaving`], fenced ones included).
+    leaving: usize,
     /// Bit `w`: worker `w` has a fault waiting for a frame behind write-backs
     /// ([`FaultResult::NeedMemory`]); the next write-back to complete, on any worker,
     /// wakes it (its own ring's completions would wake it anyway, another worker's not).
@@ -142,7 +150,8 @@ struct MmState {
 /// Shared by all workers of one memory manager.
 pub struct MmCore {
     pool: Arc<FramePool>,
-    installer: Box<dyn Installer>,
+    /// The default installer (spaces may bring their own, see [`MmCore::add_process`]).
+    installer: Arc<dyn Installer>,
     registry: Arc<Registry>,
     devices: Vec<Arc<SwapDevice>>,
     config: MmConfig,
@@ -151,6 +160,8 @@ pub struct MmCore {
     generation: AtomicU64,
     wakers: Mutex<Vec<Option<Waker>>>,
     io_in_flight: AtomicUsize,
+    /// Eviction allowed (off while the daemon gives every page back at shutdown).
+    eviction: usm_sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for MmCore {
@@ -207,14 +218,14 @@ impl MmCore {
         workers: usize,
     ) -> Result<Arc<MmCore>, MmError> {
         let mut swap = SwapSpace::new();
-        for d in &devices {
-            swap.add(d.clone(), 0)?;
+        for (i, d) in devices.iter().enumerate() {
+            swap.add(d.clone(), config.priorities.get(i).copied().unwrap_or(0))?;
         }
         let evict = registry.build_evict(&config.evict)?;
         let oom = registry.build_oom(&config.oom)?;
         Ok(Arc::new(MmCore {
             pool,
-            installer,
+            installer: Arc::from(installer),
             registry,
             devices,
             config,
@@ -224,6 +235,7 @@ impl MmCore {
                     swap,
                     orphans: HashSet::new(),
                     writebacks: 0,
+                    leaving: 0,
                     memory_waiters: 0,
                 },
                 evict,
@@ -233,7 +245,16 @@ impl MmCore {
             generation: AtomicU64::new(1),
             wakers: Mutex::new((0..workers).map(|_| None).collect()),
             io_in_flight: AtomicUsize::new(0),
+            eviction: usm_sync::atomic::AtomicBool::new(true),
         }))
+    }
+
+    /// The installer of `pid`'s space (its own, or the core's default).
+    fn installer_in(&self, mem: &MemState, pid: u32) -> Arc<dyn Installer> {
+        mem.spaces
+            .get(&pid)
+            .and_then(|s| s.installer.clone())
+            .unwrap_or_else(|| self.installer.clone())
     }
 
     fn lock(&self) -> usm_sync::MutexGuard<'_, MmState> {
@@ -365,6 +386,7 @@ impl MmCore {
     pub fn remove_range(&self, pid: u32, start: u64) -> Result<RangeRelease, MmError> {
         let mut guard = self.lock();
         let st = &mut *guard;
+        let installer = self.installer_in(&st.mem, pid);
         let space = st
             .mem
             .spaces
@@ -382,49 +404,73 @@ impl MmCore {
             .collect();
         let mut rel = RangeRelease::default();
         for addr in addrs {
-            space.pins.remove(&addr);
-            if let Some((e, _)) = space.clean.remove(&addr) {
-                let _ = st.mem.swap.free(e);
-                rel.slots += 1;
-            }
-            match space.clear(addr) {
-                Some(PageState::Resident(f)) => {
-                    st.evict.on_free(f);
-                    match self.installer.reclaim(&self.pool, f) {
-                        Ok(true) => rel.frames += 1,
-                        Ok(false) => rel.stuck += 1,
-                        Err(e) => {
-                            tracing::warn!(error = %e, %f, addr, "reclaiming a frame failed");
-                            rel.stuck += 1;
-                        }
-                    }
-                }
-                Some(PageState::Sampled(f)) => {
-                    // Out in its own slot: nothing to unmap, the frame goes to zeroing.
-                    st.evict.on_free(f);
-                    match self.pool.release(f) {
-                        Ok(()) => rel.frames += 1,
-                        Err(e) => {
-                            tracing::warn!(error = %e, %f, addr, "releasing a sampled frame failed");
-                            rel.stuck += 1;
-                        }
-                    }
-                }
-                Some(PageState::Staging { frame, .. }) => {
-                    st.mem.orphans.insert(frame);
-                    rel.in_flight += 1;
-                }
-                Some(PageState::Swapped(e)) => {
-                    if let Err(err) = st.mem.swap.free(e) {
-                        tracing::warn!(error = %err, "freeing a swap slot failed");
-                    }
-                    rel.slots += 1;
-                }
-                Some(PageState::SwapIn { .. }) => rel.in_flight += 1,
-                Some(PageState::Copied) | Some(PageState::Poisoned) | None => {}
-            }
+            self.release_page(&mut st.mem, &mut st.evict, &*installer, pid, addr, &mut rel);
         }
         Ok(rel)
+    }
+
+    /// Forgets page `addr` of `pid`: its frame goes back to the pool (the page becomes a
+    /// hole, or goes with its mapping), its swap slot is freed, an operation in flight on
+    /// it is fenced (frame and slot freed when it completes).
+    fn release_page(
+        &self,
+        mem: &mut MemState,
+        evict: &mut Box<dyn EvictPolicy>,
+        installer: &dyn Installer,
+        pid: u32,
+        addr: u64,
+        rel: &mut RangeRelease,
+    ) {
+        let Some(space) = mem.spaces.get_mut(&pid) else {
+            return;
+        };
+        space.pins.remove(&addr);
+        if let Some((e, _)) = space.clean.remove(&addr) {
+            let _ = mem.swap.free(e);
+            rel.slots += 1;
+        }
+        match space.clear(addr) {
+            Some(PageState::Resident(f)) => {
+                evict.on_free(f);
+                match installer.reclaim(&self.pool, f) {
+                    Ok(true) => rel.frames += 1,
+                    Ok(false) => rel.stuck += 1,
+                    Err(e) => {
+                        tracing::warn!(error = %e, %f, addr, "reclaiming a frame failed");
+                        rel.stuck += 1;
+                    }
+                }
+            }
+            Some(PageState::Sampled(f)) => {
+                // Out in its own slot: nothing to unmap, the frame goes to zeroing.
+                evict.on_free(f);
+                match self.pool.release(f) {
+                    Ok(()) => rel.frames += 1,
+                    Err(e) => {
+                        tracing::warn!(error = %e, %f, addr, "releasing a sampled frame failed");
+                        rel.stuck += 1;
+                    }
+                }
+            }
+            Some(PageState::Staging { frame, .. }) => {
+                mem.orphans.insert(frame);
+                rel.in_flight += 1;
+            }
+            Some(PageState::Swapped(e)) => {
+                if let Err(err) = mem.swap.free(e) {
+                    tracing::warn!(error = %err, "freeing a swap slot failed");
+                }
+                rel.slots += 1;
+            }
+            Some(PageState::SwapIn { .. }) => rel.in_flight += 1,
+            Some(PageState::Leaving { frame, entry, .. }) => {
+                // The stage finishes later: its frame is released then (fenced).
+                mem.orphans.insert(frame);
+                let _ = mem.swap.free(entry);
+                rel.in_flight += 1;
+            }
+            Some(PageState::Copied) | Some(PageState::Poisoned) | None => {}
+        }
     }
 
     /// Pins `[start, end)` of `pid` against eviction (counted; see [`MmCore::unpin`]).
@@ -486,7 +532,7 @@ impl MmCore {
     }
 
     /// Counters of `pid`'s space.
-    pub fn space_counters(&self, pid: u32) -> Option<crate::mm::SpaceCounters> {
+    pub fn space_counters(&self, pid: u32) -> Option<crate::SpaceCounters> {
         self.lock().mem.spaces.get(&pid).map(|s| s.counters)
     }
 
@@ -494,6 +540,11 @@ impl MmCore {
     pub fn swap_slots_used(&self) -> u64 {
         let st = self.lock();
         st.mem.swap.total_slots() - st.mem.swap.free_slots()
+    }
+
+    /// Swap slots in all (all devices).
+    pub fn swap_slots_total(&self) -> u64 {
+        self.lock().mem.swap.total_slots()
     }
 
     /// Asynchronous operations (swap-ins, write-backs) in flight on all workers.
@@ -527,9 +578,10 @@ impl MmCore {
         pid: u32,
         start: u64,
         frames: &[FrameNo],
-    ) -> Result<crate::mm::InstallReport, MmError> {
+    ) -> Result<crate::InstallReport, MmError> {
         let mut guard = self.lock();
         let st = &mut *guard;
+        let installer = self.installer_in(&st.mem, pid);
         let space = st
             .mem
             .spaces
@@ -564,7 +616,7 @@ impl MmCore {
                 }
             }
         }
-        let report = self.installer.install(&self.pool, frames, start, owner)?;
+        let report = installer.install(&self.pool, frames, start, owner)?;
         if !report.present.is_empty() || !report.copied.is_empty() {
             MmStats::bump(&self.stats.counters.partial_moves);
         }
@@ -690,7 +742,7 @@ impl WorkerMm {
                 Some(PageState::Resident(_) | PageState::Copied | PageState::Poisoned) => {
                     return FaultResult::AlreadyPresent;
                 }
-                Some(PageState::SwapIn { waiters, .. }) => {
+                Some(PageState::SwapIn { waiters, .. } | PageState::Leaving { waiters, .. }) => {
                     *waiters |= 1 << self.worker;
                     return FaultResult::Wait;
                 }
@@ -822,6 +874,7 @@ impl EvictCx for SamplingView<'_> {
             return Access::default();
         };
         let (pid, addr) = (desc.owner().pid, desc.vaddr());
+        let installer = self.core.installer_in(self.mem, pid);
         let Some(space) = self.mem.spaces.get_mut(&pid) else {
             return Access::default();
         };
@@ -830,7 +883,7 @@ impl EvictCx for SamplingView<'_> {
                 if *f == frame
                     && self.sampled < MAX_SAMPLES_PER_SCAN
                     && !space.is_pinned(addr)
-                    && matches!(self.core.installer.stage(pool, frame), Ok(true)) =>
+                    && matches!(installer.stage(pool, frame), Ok(true)) =>
             {
                 space.set(addr, PageState::Sampled(frame));
                 self.sampled += 1;
@@ -936,11 +989,7 @@ impl<'a> WorkerCx<'a> {
             let Some(space) = self.mem.spaces.get_mut(&pid) else {
                 return FaultResult::Foreign;
             };
-            let Some((_, range)) = space.range_of_mut(addr) else {
-                return FaultResult::Foreign;
-            };
-            let spec = range.alloc_spec.clone();
-            let Some(mut alloc) = range.alloc.take() else {
+            let Some((spec, mut alloc, space_level)) = take_alloc(space, addr) else {
                 return FaultResult::NeedMemory;
             };
             let name = alloc.name().to_owned();
@@ -961,11 +1010,12 @@ impl<'a> WorkerCx<'a> {
                 tracing::error!(policy = %name, replacement = %fallback, spec = %spec,
                     "allocation policy panicked; frames it held were taken back and the region now uses the default policy");
                 MmStats::bump(&self.core.stats.counters.policy_panics);
+                if let Some(space) = self.mem.spaces.get_mut(&pid) {
+                    space.counters.policy_panics += 1;
+                }
             }
-            if let Some(space) = self.mem.spaces.get_mut(&pid)
-                && let Some((_, range)) = space.range_of_mut(addr)
-            {
-                range.alloc = Some(alloc);
+            if let Some(space) = self.mem.spaces.get_mut(&pid) {
+                put_alloc(space, addr, alloc, space_level);
             }
             let decision = match decision {
                 Ok(d) => d,
@@ -1002,7 +1052,12 @@ impl<'a> WorkerCx<'a> {
                 }
                 Decision::Oom => {
                     self.restore_taken();
-                    if self.mem.writebacks > 0 {
+                    if !self.core.eviction.load(Ordering::Acquire) && self.let_go(64) > 0 {
+                        // Giving everything back (daemon shutdown): pages stay where they
+                        // are and stop holding frames, instead of being evicted.
+                        continue;
+                    }
+                    if self.mem.writebacks > 0 || self.mem.leaving > 0 {
                         MmStats::bump(&self.core.stats.counters.memory_waits);
                         self.mem.memory_waiters |= 1 << self.worker;
                         return FaultResult::NeedMemory;
@@ -1070,7 +1125,11 @@ impl<'a> WorkerCx<'a> {
     fn fail(&mut self, addr: u64, pid: u32, reason: String) -> FaultResult {
         tracing::error!(addr, pid, %reason, "access failed: page poisoned (SIGBUS on access)");
         MmStats::bump(&self.core.stats.counters.oom_failures);
-        if let Err(e) = self.core.installer.poison(&self.core.pool, addr) {
+        if let Err(e) = self
+            .core
+            .installer_in(self.mem, pid)
+            .poison(&self.core.pool, addr)
+        {
             tracing::error!(error = %e, addr, "poisoning failed");
         }
         if let Some(space) = self.mem.spaces.get_mut(&pid) {
@@ -1101,6 +1160,11 @@ impl<'a> WorkerCx<'a> {
             return FaultResult::NeedMemory;
         }
         let mut path = FaultPath::FastMap;
+        if m.len() > 1
+            && let Some(space) = self.mem.spaces.get_mut(&pid)
+        {
+            space.counters.fhp_pages += m.len() as u64 - 1;
+        }
         // 1. Staged frames (swap-cache hits) go back to their own page.
         let mut fresh: Vec<(u64, FrameNo)> = Vec::with_capacity(m.len());
         // Policies map frames in the order they took them: reversed, each one is found
@@ -1166,7 +1230,7 @@ impl<'a> WorkerCx<'a> {
         owner: FrameOwner,
         zeroed: bool,
     ) {
-        let installer = &self.core.installer;
+        let installer = self.core.installer_in(self.mem, pid);
         let installed = if zeroed {
             installer.install_zeroed(&self.core.pool, frames, start, owner)
         } else {
@@ -1189,6 +1253,9 @@ impl<'a> WorkerCx<'a> {
         c.pages_mapped
             .fetch_add(report.mapped.len() as u64, Ordering::Relaxed);
         if let Some(space) = self.mem.spaces.get_mut(&pid) {
+            if zeroed {
+                space.counters.zero_fills += (report.mapped.len() + report.copied.len()) as u64;
+            }
             for &(a, f) in &report.mapped {
                 space.set(a, PageState::Resident(f));
             }
@@ -1230,7 +1297,11 @@ impl<'a> WorkerCx<'a> {
         owner: FrameOwner,
     ) {
         let c = &self.core.stats.counters;
-        match self.core.installer.unstage(&self.core.pool, f) {
+        match self
+            .core
+            .installer_in(self.mem, pid)
+            .unstage(&self.core.pool, f)
+        {
             Ok(true) => {
                 MmStats::bump(&c.swap_cache_moves);
                 if let Some(space) = self.mem.spaces.get_mut(&pid) {
@@ -1280,16 +1351,34 @@ impl<'a> WorkerCx<'a> {
         MmStats::bump(&c.swap_cache_copies);
         self.mem.orphans.insert(f);
         self.install_fresh(pid, addr, &[fresh], owner, false);
+        let installed = matches!(
+            self.mem.spaces.get(&pid).and_then(|s| s.pages.get(&addr)),
+            Some(PageState::Resident(_) | PageState::Copied)
+        );
+        if !installed {
+            // The address space is changing (daemon: an event waits for its reader): the
+            // page stays in staging, its write-back goes on; the fault comes again.
+            self.mem.orphans.remove(&f);
+            if let Some(space) = self.mem.spaces.get_mut(&pid) {
+                space.set(addr, prior);
+            }
+        }
     }
 
     /// Stages victims chosen by the eviction policy and queues their write-backs.
     fn run_eviction(&mut self, req: VictimRequest) -> VictimScan {
         let span =
             tracing::debug_span!("eviction", want = req.want, worker = self.worker).entered();
-        let room =
-            (self.io.engine.depth() as usize).saturating_sub(self.io.engine.in_flight() as usize);
+        // Asynchronous stages in flight become write-backs on whichever worker finishes
+        // them: count them against the room.
+        let room = (self.io.engine.depth() as usize)
+            .saturating_sub(self.io.engine.in_flight() as usize)
+            .saturating_sub(self.mem.leaving);
         let want = req.want.min(room).min(self.core.config.eviction_batch);
-        if want == 0 || self.mem.swap.free_slots() == 0 {
+        if want == 0
+            || self.mem.swap.free_slots() == 0
+            || !self.core.eviction.load(Ordering::Acquire)
+        {
             return VictimScan::default();
         }
         let mut out = Vec::with_capacity(want);
@@ -1299,22 +1388,35 @@ impl<'a> WorkerCx<'a> {
                 mem: self.mem,
                 sampled: 0,
             };
-            let scan = self
-                .evict
-                .victims(VictimRequest { want, ..req }, &mut view, &mut out);
+            let name = self.evict.name().to_owned();
+            let evict = &mut *self.evict;
+            let scan = guarded(&name, || {
+                evict.victims(VictimRequest { want, ..req }, &mut view, &mut out)
+            });
             self.core
                 .stats
                 .counters
                 .samples_taken
                 .fetch_add(view.sampled as u64, Ordering::Relaxed);
-            scan
+            match scan {
+                Ok(scan) => scan,
+                Err(p) => {
+                    out.clear();
+                    self.replace_evict(&name, &p.to_string());
+                    return VictimScan::default();
+                }
+            }
         };
         let mut staged = 0;
+        let mut to_stage: Vec<(MappedPage, SwapEntry)> = Vec::new();
         for v in out {
-            if self.stage_victim(v) {
-                staged += 1;
+            match self.prepare_victim(v) {
+                Victim::Done(true) => staged += 1,
+                Victim::Done(false) => {}
+                Victim::Stage(v, entry) => to_stage.push((v, entry)),
             }
         }
+        staged += self.stage_batch(to_stage);
         scan.chosen = staged;
         if staged > 0 {
             if let Err(e) = self.io.engine.submit() {
@@ -1325,7 +1427,131 @@ impl<'a> WorkerCx<'a> {
         scan
     }
 
-    fn stage_victim(&mut self, v: MappedPage) -> bool {
+    /// Lets go of up to `n` resident pages of any space: they stay in their address space
+    /// (`Copied`, no longer the core's), their frames go back to the pool.
+    fn let_go(&mut self, n: usize) -> usize {
+        let mut done = 0;
+        for space in self.mem.spaces.values_mut() {
+            let some: Vec<(u64, FrameNo)> = space
+                .pages
+                .iter()
+                .filter_map(|(&a, s)| match s {
+                    PageState::Resident(f) => Some((a, *f)),
+                    _ => None,
+                })
+                .take(n - done)
+                .collect();
+            for (a, f) in some {
+                self.evict.on_free(f);
+                if let Err(e) = self.core.pool.release(f) {
+                    tracing::warn!(error = %e, %f, "releasing a frame failed");
+                }
+                space.set(a, PageState::Copied);
+                done += 1;
+            }
+            if done >= n {
+                break;
+            }
+        }
+        done
+    }
+
+    /// The eviction policy panicked: FIFO replaces it (it needs nothing the failed one
+    /// knew), learns every resident page, and each space counts the panic.
+    fn replace_evict(&mut self, name: &str, why: &str) {
+        MmStats::bump(&self.core.stats.counters.policy_panics);
+        let fresh = match self.core.registry.build_evict("fifo") {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build fifo to replace a panicking eviction policy");
+                return;
+            }
+        };
+        *self.evict = fresh;
+        let mut resident = Vec::new();
+        for (&pid, space) in self.mem.spaces.iter_mut() {
+            space.counters.policy_panics += 1;
+            for (&addr, st) in &space.pages {
+                if let PageState::Resident(frame) = *st {
+                    resident.push(MappedPage { frame, pid, addr });
+                }
+            }
+        }
+        resident.sort_by_key(|p| p.frame);
+        let n = resident.len();
+        let mut view = MemView {
+            pool: &self.core.pool,
+            mem: self.mem,
+        };
+        for p in resident {
+            self.evict.on_map(p, &mut view);
+        }
+        tracing::error!(policy = %name, replacement = "fifo", pages = n, %why,
+            "eviction policy panicked; fifo replaces it and tracks every resident page");
+    }
+
+    /// Takes the victims out of their address spaces, one [`Installer::stage_many`] per
+    /// space (the daemon's agent moves a whole batch per round trip), and queues the
+    /// write-backs of those that left. Returns how many did.
+    fn stage_batch(&mut self, mut victims: Vec<(MappedPage, SwapEntry)>) -> usize {
+        let core = self.core;
+        victims.sort_by_key(|(v, _)| v.pid);
+        let mut staged = 0;
+        let mut frames = Vec::new();
+        let mut done = Vec::new();
+        for group in victims.chunk_by(|a, b| a.0.pid == b.0.pid) {
+            let pid = group[0].0.pid;
+            frames.clear();
+            frames.extend(group.iter().map(|(v, _)| v.frame));
+            done.clear();
+            core.installer_in(self.mem, pid)
+                .stage_many(&core.pool, &frames, &mut done);
+            for (i, &(v, entry)) in group.iter().enumerate() {
+                match done.get(i).copied().unwrap_or(StageOutcome::Stayed) {
+                    StageOutcome::Staged => {
+                        if self.queue_writeback(v, entry) {
+                            staged += 1;
+                        }
+                        continue;
+                    }
+                    StageOutcome::Pending => {
+                        // Reclaim in flight: the page is Leaving until finish_stage.
+                        self.mem.leaving += 1;
+                        if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
+                            space.counters.evictions += 1;
+                            space.set(
+                                v.addr,
+                                PageState::Leaving {
+                                    frame: v.frame,
+                                    entry,
+                                    waiters: 0,
+                                },
+                            );
+                        }
+                        MmStats::bump(&core.stats.counters.evicted);
+                        staged += 1;
+                        continue;
+                    }
+                    StageOutcome::Stayed => {}
+                }
+                MmStats::bump(&core.stats.counters.evict_pinned);
+                let _ = self.mem.swap.free(entry);
+                if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
+                    space.counters.evict_skipped += 1;
+                }
+                let mut view = MemView {
+                    pool: &core.pool,
+                    mem: self.mem,
+                };
+                self.evict.on_map(v, &mut view);
+            }
+        }
+        staged
+    }
+
+    /// Checks a victim the eviction policy chose and gives it a swap slot: evicted
+    /// already (clean or sampled: `Done(true)`), skipped (`Done(false)`), or to be staged.
+    fn prepare_victim(&mut self, v: MappedPage) -> Victim {
         let core = self.core;
         let c = &core.stats.counters;
         let (ok, out) = match self
@@ -1347,16 +1573,19 @@ impl<'a> WorkerCx<'a> {
         if !ok || pinned {
             if ok {
                 MmStats::bump(&c.evict_pinned);
+                if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
+                    space.counters.evict_skipped += 1;
+                }
                 let mut view = MemView {
                     pool: &core.pool,
                     mem: self.mem,
                 };
                 self.evict.on_map(v, &mut view);
             }
-            return false;
+            return Victim::Done(false);
         }
         if let Some(done) = self.evict_clean(v, out) {
-            return done;
+            return Victim::Done(done);
         }
         let entry = match self.mem.swap.alloc() {
             Ok(e) => e,
@@ -1366,27 +1595,42 @@ impl<'a> WorkerCx<'a> {
                     mem: self.mem,
                 };
                 self.evict.on_map(v, &mut view);
-                return false;
+                return Victim::Done(false);
             }
         };
         if out {
             MmStats::bump(&c.sampled_evictions);
-            return self.queue_writeback(v, entry);
+            return Victim::Done(self.queue_writeback(v, entry));
         }
-        match core.installer.stage(&core.pool, v.frame) {
-            Ok(true) => {}
-            Ok(false) | Err(_) => {
-                MmStats::bump(&c.evict_pinned);
-                let _ = self.mem.swap.free(entry);
-                let mut view = MemView {
-                    pool: &core.pool,
-                    mem: self.mem,
-                };
-                self.evict.on_map(v, &mut view);
-                return false;
-            }
+        Victim::Stage(v, entry)
+    }
+
+    /// An asynchronous stage finished with the page out and its content in the frame's
+    /// slot (Staging): queue its write-back.
+    fn leave(&mut self, v: MappedPage, entry: SwapEntry) {
+        if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
+            // queue_writeback counts the eviction again.
+            space.counters.evictions = space.counters.evictions.saturating_sub(1);
         }
-        self.queue_writeback(v, entry)
+        // Not queued: the page was put back in place (resident) and nothing is lost.
+        self.queue_writeback(v, entry);
+    }
+
+    /// An asynchronous stage finished with the page still in its address space: it is
+    /// resident again.
+    fn stay(&mut self, v: MappedPage, entry: SwapEntry) {
+        let _ = self.mem.swap.free(entry);
+        if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
+            space.counters.evictions = space.counters.evictions.saturating_sub(1);
+            space.counters.evict_skipped += 1;
+            space.set(v.addr, PageState::Resident(v.frame));
+        }
+        MmStats::bump(&self.core.stats.counters.evict_pinned);
+        let mut view = MemView {
+            pool: &self.core.pool,
+            mem: self.mem,
+        };
+        self.evict.on_map(v, &mut view);
     }
 
     /// Queues the write-back of victim `v`, already in staging, to `entry`.
@@ -1402,9 +1646,16 @@ impl<'a> WorkerCx<'a> {
             Ok(t) => t,
             Err(e) => {
                 // Put the page back where it was: nothing is lost.
-                tracing::warn!(error = %e, "queueing a write-back failed; page restored");
+                if matches!(&e, MmError::Swap(s) if s.is_retryable()) {
+                    tracing::debug!(error = %e, "no room for a write-back; page restored");
+                } else {
+                    tracing::warn!(error = %e, "queueing a write-back failed; page restored");
+                }
                 let _ = self.mem.swap.free(entry);
-                match core.installer.unstage(&core.pool, v.frame) {
+                match core
+                    .installer_in(self.mem, v.pid)
+                    .unstage(&core.pool, v.frame)
+                {
                     Ok(true) => {
                         if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
                             space.set(v.addr, PageState::Resident(v.frame));
@@ -1415,7 +1666,14 @@ impl<'a> WorkerCx<'a> {
                         };
                         self.evict.on_map(v, &mut view);
                     }
-                    _ => tracing::error!(frame = %v.frame, "could not restore a staged page"),
+                    _ => {
+                        // Not now (the address space is changing): the page waits in its
+                        // frame's slot like a sampled page; its next access copies it back,
+                        // and eviction may take it from there later.
+                        if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
+                            space.set(v.addr, PageState::Sampled(v.frame));
+                        }
+                    }
                 }
                 return false;
             }
@@ -1435,6 +1693,7 @@ impl<'a> WorkerCx<'a> {
         core.io_in_flight.fetch_add(1, Ordering::AcqRel);
         self.mem.writebacks += 1;
         if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
+            space.counters.evictions += 1;
             space.set(
                 v.addr,
                 PageState::Staging {
@@ -1459,13 +1718,14 @@ impl<'a> WorkerCx<'a> {
         let (entry, hash) = self.mem.spaces.get_mut(&v.pid)?.clean.remove(&v.addr)?;
         // Cheap pre-filter: written since the swap-in (WP_ASYNC + PAGEMAP_SCAN). A page
         // out for sampling has no page-table entry to ask: the hash below decides.
-        if !out && !matches!(core.installer.is_written(v.addr), Ok(false)) {
+        let installer = core.installer_in(self.mem, v.pid);
+        if !out && !matches!(installer.is_written(v.addr), Ok(false)) {
             let _ = self.mem.swap.free(entry);
             return None;
         }
         if out {
             MmStats::bump(&core.stats.counters.sampled_evictions);
-        } else if !matches!(core.installer.stage(&core.pool, v.frame), Ok(true)) {
+        } else if !matches!(installer.stage(&core.pool, v.frame), Ok(true)) {
             MmStats::bump(&core.stats.counters.evict_pinned);
             if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
                 space.clean.insert(v.addr, (entry, hash));
@@ -1482,6 +1742,7 @@ impl<'a> WorkerCx<'a> {
         // hash taken when the page was read back. Equal: the swap copy is valid.
         if crate::sys::io::hash_slot(&core.pool, v.frame).ok() == Some(hash) {
             if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
+                space.counters.evictions += 1;
                 space.set(v.addr, PageState::Swapped(entry));
             }
             if let Err(e) = core.pool.release(v.frame) {
@@ -1504,7 +1765,10 @@ impl<'a> WorkerCx<'a> {
         );
         if let Some(hash) = hash
             && resident
-            && matches!(self.core.installer.track_clean(addr), Ok(true))
+            && matches!(
+                self.core.installer_in(self.mem, pid).track_clean(addr),
+                Ok(true)
+            )
             && let Some(space) = self.mem.spaces.get_mut(&pid)
         {
             space.clean.insert(addr, (entry, hash));
@@ -1540,13 +1804,14 @@ impl<'a> WorkerCx<'a> {
             accessed: true,
             written: write,
         };
-        if matches!(core.installer.unstage(&core.pool, frame), Ok(true)) {
+        let installer = core.installer_in(self.mem, pid);
+        if matches!(installer.unstage(&core.pool, frame), Ok(true)) {
             if let Some(space) = self.mem.spaces.get_mut(&pid) {
                 space.set(addr, PageState::Resident(frame));
                 // The MOVE dropped the write-protection that told clean from written:
                 // re-arm it on a read; a write makes the swap copy stale.
                 if space.clean.contains_key(&addr)
-                    && (write || !matches!(core.installer.track_clean(addr), Ok(true)))
+                    && (write || !matches!(installer.track_clean(addr), Ok(true)))
                     && let Some((e, _)) = space.clean.remove(&addr)
                 {
                     let _ = self.mem.swap.free(e);
@@ -1649,6 +1914,7 @@ impl<'a> WorkerCx<'a> {
         );
         self.core.io_in_flight.fetch_add(1, Ordering::AcqRel);
         if let Some(space) = self.mem.spaces.get_mut(&pid) {
+            space.counters.swap_ins += 1;
             space.set(
                 addr,
                 PageState::SwapIn {
@@ -1725,11 +1991,13 @@ impl<'a> WorkerCx<'a> {
                 }
                 let _span = tracing::trace_span!("writeback_done", addr, %entry).entered();
                 // The same frame may be staging the same page again by now (taken back
-                // by a COPY swap-cache hit while this write ran, then evicted again):
-                // only the write the page state names is ours.
+                // by a COPY swap-cache hit while this write ran, then evicted again, its
+                // write on another worker, whose tickets are numbered independently):
+                // only the write the page state names — ticket *and* worker — is ours.
                 let ours = self.still_owned(key, addr)
                     && matches!(self.mem.spaces.get(&key.pid).and_then(|s| s.pages.get(&addr)),
-                        Some(PageState::Staging { frame: f, write, .. }) if *f == frame && *write == ticket);
+                        Some(PageState::Staging { frame: f, write, worker, .. })
+                            if *f == frame && *write == ticket && *worker == self.worker);
                 match (ours, result) {
                     (true, Ok(())) => {
                         // Record the entry first, then recycle the staging frame.
@@ -1745,7 +2013,10 @@ impl<'a> WorkerCx<'a> {
                         MmStats::bump(&c.writeback_errors);
                         tracing::warn!(error = %e, addr, "write-back failed; page put back in memory");
                         let _ = self.mem.swap.free(entry);
-                        match core.installer.unstage(&core.pool, frame) {
+                        match core
+                            .installer_in(self.mem, key.pid)
+                            .unstage(&core.pool, frame)
+                        {
                             Ok(true) => {
                                 if let Some(space) = self.mem.spaces.get_mut(&key.pid) {
                                     space.set(addr, PageState::Resident(frame));
@@ -1836,6 +2107,24 @@ impl<'a> WorkerCx<'a> {
                             },
                             false,
                         );
+                        let installed = matches!(
+                            self.mem
+                                .spaces
+                                .get(&key.pid)
+                                .and_then(|s| s.pages.get(&addr)),
+                            Some(PageState::Resident(_) | PageState::Copied)
+                        );
+                        if !installed {
+                            // Not installed (the address space is changing: a `mremap` or
+                            // `munmap` event waits for its reader; daemon mode): the content
+                            // stays in swap, and the waiters fault again once the event is
+                            // applied. Never lose it, never leave the page vacant.
+                            if let Some(space) = self.mem.spaces.get_mut(&key.pid) {
+                                space.set(addr, PageState::Swapped(entry));
+                            }
+                            core.wake_mask(waiters, self.worker);
+                            return;
+                        }
                         self.keep_or_free_copy(key.pid, addr, entry, hash);
                         MmStats::bump(&c.swap_ins_done);
                     }
@@ -1859,7 +2148,10 @@ impl<'a> WorkerCx<'a> {
                         if let Some(space) = self.mem.spaces.get_mut(&key.pid) {
                             space.clear(addr);
                         }
-                        if let Err(pe) = core.installer.poison(&core.pool, addr) {
+                        if let Err(pe) = core
+                            .installer_in(self.mem, key.pid)
+                            .poison(&core.pool, addr)
+                        {
                             tracing::error!(error = %pe, addr, "poisoning failed");
                         }
                         if let Some(space) = self.mem.spaces.get_mut(&key.pid) {
@@ -1873,6 +2165,39 @@ impl<'a> WorkerCx<'a> {
             }
         }
     }
+}
+
+/// Takes the allocation policy serving `addr` out of `space` for one call: the range's
+/// own, or the space's ([`crate::SpacePolicy`]). Returns its spec, the policy and whether
+/// it is the space's. `None`: no range there, or the policy is being called.
+fn take_alloc(space: &mut Space, addr: u64) -> Option<(String, Box<dyn AllocPolicy>, bool)> {
+    let (_, range) = space.range_of_mut(addr)?;
+    if let Some(p) = range.alloc.take() {
+        return Some((range.alloc_spec.clone(), p, false));
+    }
+    let shared = space.alloc.as_mut()?;
+    let p = shared.policy.take()?;
+    Some((shared.spec.clone(), p, true))
+}
+
+/// Puts back what [`take_alloc`] took (the range may be gone meanwhile: then a range's
+/// policy is dropped with it).
+fn put_alloc(space: &mut Space, addr: u64, policy: Box<dyn AllocPolicy>, space_level: bool) {
+    if space_level {
+        if let Some(shared) = space.alloc.as_mut() {
+            shared.policy = Some(policy);
+        }
+    } else if let Some((_, range)) = space.range_of_mut(addr) {
+        range.alloc = Some(policy);
+    }
+}
+
+/// What [`WorkerCx::prepare_victim`] made of a victim.
+enum Victim {
+    /// Evicted (`true`) or skipped (`false`) already.
+    Done(bool),
+    /// To be taken out of its address space, then written to this entry.
+    Stage(MappedPage, SwapEntry),
 }
 
 /// Placeholder while the OOM policy is being called (never called itself).

@@ -26,7 +26,19 @@
 use usm_kmod::FrameNo;
 use usm_kmod::pool::{FrameOwner, FramePool};
 
-use crate::mm::MmError;
+use crate::MmError;
+
+/// What became of one frame given to [`Installer::stage_many`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageOutcome {
+    /// The page is out; the frame is Staging (its slot holds the page).
+    Staged,
+    /// The page stayed (pinned, shared, refused); the frame is still Mapped.
+    Stayed,
+    /// The stage was started and finishes asynchronously: the page is
+    /// [`crate::PageState::Leaving`] until [`crate::WorkerMm::finish_stage`].
+    Pending,
+}
 
 /// The result of installing a run of frames at consecutive pages.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -65,6 +77,34 @@ pub trait Installer: Send + Sync {
     /// `Ok(true)`: the frame is Staging. `Ok(false)`: the page is pinned (in-flight
     /// O_DIRECT on it, fork-shared) and stays mapped.
     fn stage(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError>;
+
+    /// Stages a batch of Mapped frames of one address space; `out[i]` says what became of
+    /// `frames[i]`. The default stages them one by one ([`Installer::stage`]); the daemon's
+    /// installer queues the whole batch to the tagger's agent and answers
+    /// [`StageOutcome::Pending`]: the stage finishes later, when the caller hands the
+    /// agent's answer to [`crate::WorkerMm::finish_stage`].
+    fn stage_many(&self, pool: &FramePool, frames: &[FrameNo], out: &mut Vec<StageOutcome>) {
+        out.extend(frames.iter().map(|&f| match self.stage(pool, f) {
+            Ok(true) => StageOutcome::Staged,
+            _ => StageOutcome::Stayed,
+        }));
+    }
+
+    /// Installs a copy of a Staging frame's page (a sampled or written-back page of
+    /// another space: a fork parent) at the vacant page `addr` of this space, leaving the
+    /// frame as it is. `Ok(false)`: not possible here. The default cannot (the embedded
+    /// runtime has no fork children).
+    fn copy_staged(&self, pool: &FramePool, frame: FrameNo, addr: u64) -> Result<bool, MmError> {
+        let _ = (pool, frame, addr);
+        Ok(false)
+    }
+
+    /// Ends the address space's process (the OOM policy's `KillLargestProcess`).
+    /// Returns whether it was signalled. The default cannot (the embedded runtime is the
+    /// process itself).
+    fn kill(&self) -> bool {
+        false
+    }
 
     /// Swap-cache hit: puts a Staging frame's page back at its address. `Ok(true)`: the
     /// frame is Mapped again. `Ok(false)`: the staging slot is pinned by its in-flight
@@ -111,8 +151,6 @@ pub trait Installer: Send + Sync {
     /// the page to the caller's `munmap` of the range (no MOVE back, no TLB flush).
     fn reclaim(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError>;
 }
-
-pub use crate::sys::install::{SameMmInstaller, TrackingInstaller};
 
 /// How the embedded installer puts a frame's page at its address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]

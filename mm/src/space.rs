@@ -68,6 +68,18 @@ pub enum PageState {
         /// The write's ticket.
         write: Ticket,
     },
+    /// Being taken out of an address space by an asynchronous stage (daemon mode: the
+    /// tagger's agent moves the page; see [`crate::installer::StageOutcome::Pending`]):
+    /// the page may already be a hole. Its frame is still the core's; `entry` is reserved
+    /// for its write-back. Faults on it wait for the stage to finish.
+    Leaving {
+        /// The frame (Mapped, or Staging once the content is in its slot).
+        frame: FrameNo,
+        /// The swap entry reserved for the write-back.
+        entry: SwapEntry,
+        /// Workers with a fault waiting on this page (bit per worker).
+        waiters: u64,
+    },
     /// Content only in swap.
     Swapped(SwapEntry),
     /// A swap-in is in flight into `frame`; faults on the page wait for it.
@@ -89,6 +101,17 @@ pub enum PageState {
 }
 
 impl PageState {
+    /// The content is not in the address space (the program would read a hole there).
+    pub fn is_away(&self) -> bool {
+        matches!(
+            self,
+            PageState::Sampled(_)
+                | PageState::Staging { .. }
+                | PageState::Swapped(_)
+                | PageState::SwapIn { .. }
+        )
+    }
+
     /// Holds a frame (resident or swap-in in flight): counts as resident.
     pub fn is_resident(&self) -> bool {
         matches!(
@@ -97,6 +120,7 @@ impl PageState {
                 | PageState::Sampled(_)
                 | PageState::Copied
                 | PageState::SwapIn { .. }
+                | PageState::Leaving { .. }
         )
     }
 }
@@ -122,7 +146,8 @@ pub struct ManagedRange {
     pub id: u32,
     /// The allocation policy spec (to rebuild it after a panic).
     pub alloc_spec: String,
-    /// The allocation policy; `None` only while it is being called.
+    /// The allocation policy; `None` while it is being called, and always for a range
+    /// that uses its space's policy ([`Space::alloc`], daemon mode).
     pub alloc: Option<Box<dyn AllocPolicy>>,
 }
 
@@ -144,14 +169,38 @@ pub struct SpaceCounters {
     pub resident: usize,
     /// Pages whose content is only in staging or swap.
     pub swapped: usize,
+    /// Pages whose content is not in the address space (sampled, staging, swapped,
+    /// swap-in in flight): what the program would lose with the memory manager.
+    pub away: usize,
     /// Poisoned pages.
     pub poisoned: usize,
     /// Faults served (policy calls).
     pub faults: u64,
+    /// Pages filled with zeroes (first touch).
+    pub zero_fills: u64,
+    /// Pages mapped beside the faulting one by a multi-page decision (flexible huge pages).
+    pub fhp_pages: u64,
+    /// Swap-ins started.
+    pub swap_ins: u64,
+    /// Pages taken out of the address space for write-back (or clean eviction).
+    pub evictions: u64,
+    /// Victims that stayed (pinned, refused by the installer).
+    pub evict_skipped: u64,
+    /// Panics of a policy serving this space (each one replaced the policy).
+    pub policy_panics: u64,
+}
+
+/// The allocation policy of a whole space (daemon mode: one instance per process, so a
+/// stateful policy sees every fault of the process), used by ranges without their own.
+pub struct SpacePolicy {
+    /// The spec it was built from (to rebuild it after a panic).
+    pub spec: String,
+    /// The policy; `None` only while it is being called.
+    pub policy: Option<Box<dyn AllocPolicy>>,
 }
 
 /// One address space: page states, managed ranges, hints, pins, counters.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Space {
     /// The process id.
     pub pid: u32,
@@ -169,6 +218,23 @@ pub struct Space {
     pub clean: HashMap<u64, (SwapEntry, u128)>,
     /// Counters.
     pub counters: SpaceCounters,
+    /// How pages get into and out of this space, when not the core's default installer
+    /// (daemon mode: each tagged process is another address space).
+    pub installer: Option<std::sync::Arc<dyn crate::Installer>>,
+    /// The policy of ranges without their own (daemon mode).
+    pub alloc: Option<SpacePolicy>,
+}
+
+impl std::fmt::Debug for Space {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Space")
+            .field("pid", &self.pid)
+            .field("pages", &self.pages.len())
+            .field("ranges", &self.ranges)
+            .field("counters", &self.counters)
+            .field("own_installer", &self.installer.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Space {
@@ -223,10 +289,14 @@ impl Space {
 
     fn count(&mut self, state: &PageState, delta: isize) {
         let c = &mut self.counters;
+        if state.is_away() {
+            c.away = c.away.saturating_add_signed(delta);
+        }
         let slot = match state {
             PageState::Resident(_)
             | PageState::Sampled(_)
             | PageState::Copied
+            | PageState::Leaving { .. }
             | PageState::SwapIn { .. } => &mut c.resident,
             PageState::Staging { .. } | PageState::Swapped(_) => &mut c.swapped,
             PageState::Poisoned => &mut c.poisoned,

@@ -6,7 +6,7 @@ use usm_kmod::PAGE_SIZE;
 use usm_kmod::pool::{FramePool, FrameState};
 use usm_swap::{Engine, SwapEntry, Ticket};
 
-use crate::mm::MmError;
+use crate::MmError;
 
 /// Queues the read of `entry` into `frame`'s slot.
 ///

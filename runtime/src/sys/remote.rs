@@ -1,0 +1,344 @@
+//! The daemon's [`Installer`]: pages of *another* process (a tagged program).
+//!
+//! | | how |
+//! |---|---|
+//! | first touch, swap-in, swap-cache hit | `UFFDIO_COPY` from the daemon's pool slot (or zero source) through the program's userfaultfd; the slot is dropped in a batch |
+//! | take a page out (evict) | the tagger's agent MOVEs it to its staging area, the daemon copies it into the frame's slot ([`crate::daemon::agent`]) |
+//! | lost content | `UFFDIO_POISON` through the program's userfaultfd |
+//! | range going away | the frame is released; the page goes with the program's `munmap` |
+//!
+//! A space without an agent (a fork child: the agent thread does not survive `fork`)
+//! cannot give pages back, so its installs are reported as *copied* (resident, not
+//! holding a frame of the budget: the kernel's memory, as the pages it inherited).
+//!
+//! Every method runs under the memory manager's lock, on a worker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use usm_kmod::pool::{CopyFrom, FrameOwner, FramePool};
+use usm_kmod::{CopyMode, FrameNo, PAGE_SIZE, PoisonMode, Resolved, Userfaultfd};
+use usm_mm::{InstallReport, Installer, MmError, StageOutcome};
+use usm_proto::Channel;
+use usm_sync::Mutex;
+
+use crate::daemon::agent::AgentLink;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Installs into, and takes pages out of, one tagged process (or fork child).
+pub(crate) struct RemoteInstaller {
+    /// The program's userfaultfd (the daemon negotiated it).
+    uffd: Arc<Userfaultfd>,
+    /// A pidfd of the program, for the OOM policy's kill.
+    pidfd: Option<std::os::fd::OwnedFd>,
+    /// The eviction agent, once the tagger started it.
+    agent: Mutex<Option<AgentLink>>,
+    /// The tagger's session (`SwapState` before staging copies are dropped).
+    channel: Option<Channel>,
+    /// Pages taken out and not (known to be) back: what the tagger is told.
+    away: AtomicU64,
+    /// No agent will ever come (a fork child): installs are reported copied.
+    agentless: bool,
+    /// The agent's staging area, once known.
+    staging: std::sync::OnceLock<std::ops::Range<u64>>,
+}
+
+impl RemoteInstaller {
+    pub(crate) fn new(
+        uffd: Arc<Userfaultfd>,
+        pidfd: Option<std::os::fd::OwnedFd>,
+        channel: Option<Channel>,
+        agentless: bool,
+    ) -> RemoteInstaller {
+        RemoteInstaller {
+            uffd,
+            pidfd,
+            agent: Mutex::new(None),
+            channel,
+            away: AtomicU64::new(0),
+            agentless,
+            staging: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The program's userfaultfd.
+    pub(crate) fn uffd(&self) -> &Arc<Userfaultfd> {
+        &self.uffd
+    }
+
+    /// The agent is ready. Returns a descriptor that becomes readable when it answers
+    /// (for the process's agent thread, which calls [`RemoteInstaller::reap`]).
+    pub(crate) fn set_agent(&self, link: AgentLink) -> std::io::Result<std::os::fd::OwnedFd> {
+        let fd = link.done_fd()?;
+        let r = link.staging_range();
+        let _ = self.staging.set(r);
+        *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(link);
+        Ok(fd)
+    }
+
+    /// Phase 2 of the agent's stages (see [`crate::daemon::agent`]): `done(frame, moved)`
+    /// for every eviction the agent answered; then the held staging copies are dropped
+    /// once the tagger knows how many pages are out.
+    pub(crate) fn reap(&self, pool: &FramePool, done: &mut dyn FnMut(FrameNo, bool)) {
+        let mut guard = self.agent.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(agent) = guard.as_mut() else {
+            return;
+        };
+        let taken = agent.reap(pool, done);
+        let away = self.away.fetch_add(taken, Ordering::AcqRel) + taken;
+        agent.drop_held(self.channel.as_ref(), away);
+    }
+
+    /// The process is gone: finishes its evictions in flight as not moved.
+    pub(crate) fn abandon(&self, done: &mut dyn FnMut(FrameNo, bool)) {
+        if let Some(agent) = self
+            .agent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            agent.abandon(done);
+        }
+    }
+
+    /// Whether an agent serves this process.
+    pub(crate) fn has_agent(&self) -> bool {
+        self.agent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// The agent's staging area, if any (its `REMOVE` events are the daemon's doing).
+    /// Never waits: the reader asks for every event.
+    pub(crate) fn staging_range(&self) -> Option<std::ops::Range<u64>> {
+        self.staging.get().cloned()
+    }
+
+    /// Corrects the count of pages out (from the memory manager's own count) and tells
+    /// the tagger; drops held staging copies if it was told. Never blocks.
+    pub(crate) fn tell_away(&self, away: u64) {
+        self.away.store(away, Ordering::Release);
+        if let Some(a) = self
+            .agent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            a.drop_held(self.channel.as_ref(), away);
+        } else if let Some(ch) = &self.channel {
+            let _ = ch.send_nowait(&usm_proto::Message::SwapState {
+                swapped_pages: away,
+            });
+        }
+    }
+
+    fn install_from(
+        &self,
+        pool: &FramePool,
+        frames: &[FrameNo],
+        start: u64,
+        owner: FrameOwner,
+        from: CopyFrom,
+    ) -> Result<InstallReport, MmError> {
+        let mut report = InstallReport::default();
+        let mut i = 0;
+        while i < frames.len() {
+            let at = start + i as u64 * PAGE;
+            let rest = &frames[i..];
+            if self.agentless {
+                // Copy each page; the frames stay Taken and go back (no budget held).
+                // SAFETY: (contract of `install_copy`) vacant pages of a range the core
+                // manages in the program, under its lock; the frames are Taken by it.
+                let src = match from {
+                    CopyFrom::Slots => {
+                        pool.ensure_slot(rest[0])?;
+                        pool.slot_addr(rest[0])
+                    }
+                    CopyFrom::Zero => ZEROS.0.as_ptr() as u64,
+                };
+                // SAFETY: (contract of `install_copy`) `at` is a vacant page of a range the
+                // core manages in the program, under its lock; the source is the Taken
+                // frame's present slot (the core's) or a static page of zeroes, read only.
+                let r = unsafe { self.uffd.copy(at, src, PAGE, CopyMode::empty())? };
+                match r {
+                    Resolved::Done(_) | Resolved::Partial(_) => report.copied.push((at, rest[0])),
+                    Resolved::AlreadyMapped => report.present.push((at, rest[0])),
+                    _ => report.retry.push((at, rest[0])),
+                }
+                i += 1;
+                continue;
+            }
+            // SAFETY: the core calls us with vacant pages of ranges it manages in the
+            // program behind `self.uffd`, under its lock; the frames are Taken by it.
+            let r = unsafe {
+                pool.install_many_copy_into(&self.uffd, rest, at, owner, from, CopyMode::empty())?
+            };
+            match r {
+                Resolved::Done(_) => {
+                    report.mapped.extend(page_pairs(at, rest));
+                    break;
+                }
+                Resolved::Partial(bytes) => {
+                    let n = (bytes / PAGE) as usize;
+                    report.mapped.extend(page_pairs(at, &rest[..n]));
+                    i += n;
+                }
+                Resolved::AlreadyMapped => {
+                    report.present.push((at, rest[0]));
+                    i += 1;
+                }
+                Resolved::MmapChanging | Resolved::UseCopy => {
+                    report.retry.extend(page_pairs(at, rest));
+                    break;
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// One page of zeroes, page aligned.
+#[repr(C, align(4096))]
+struct Zeros([u8; PAGE_SIZE]);
+static ZEROS: Zeros = Zeros([0; PAGE_SIZE]);
+
+fn page_pairs(start: u64, frames: &[FrameNo]) -> impl Iterator<Item = (u64, FrameNo)> + '_ {
+    frames
+        .iter()
+        .enumerate()
+        .map(move |(i, &f)| (start + i as u64 * PAGE, f))
+}
+
+impl Installer for RemoteInstaller {
+    fn install(
+        &self,
+        pool: &FramePool,
+        frames: &[FrameNo],
+        start: u64,
+        owner: FrameOwner,
+    ) -> Result<InstallReport, MmError> {
+        let r = self.install_from(pool, frames, start, owner, CopyFrom::Slots)?;
+        let back = (r.mapped.len() + r.copied.len()) as u64;
+        let _ = self
+            .away
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                Some(a.saturating_sub(back))
+            });
+        Ok(r)
+    }
+
+    fn install_zeroed(
+        &self,
+        pool: &FramePool,
+        frames: &[FrameNo],
+        start: u64,
+        owner: FrameOwner,
+    ) -> Result<InstallReport, MmError> {
+        self.install_from(pool, frames, start, owner, CopyFrom::Zero)
+    }
+
+    fn stage(&self, _pool: &FramePool, _frame: FrameNo) -> Result<bool, MmError> {
+        // Only asynchronously (stage_many): a page of another process leaves through its
+        // agent.
+        Ok(false)
+    }
+
+    fn stage_many(&self, pool: &FramePool, frames: &[FrameNo], out: &mut Vec<StageOutcome>) {
+        let mut guard = self.agent.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(agent) = guard.as_mut() else {
+            out.extend(std::iter::repeat_n(StageOutcome::Stayed, frames.len()));
+            return;
+        };
+        let addrs: Vec<u64> = frames
+            .iter()
+            .map(|&f| pool.desc(f).map_or(0, |d| d.vaddr()))
+            .collect();
+        let mut sent = Vec::with_capacity(frames.len());
+        agent.submit_evictions(frames, &addrs, &mut sent);
+        out.extend(sent.into_iter().map(|s| {
+            if s {
+                StageOutcome::Pending
+            } else {
+                StageOutcome::Stayed
+            }
+        }));
+    }
+
+    fn unstage(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError> {
+        // SAFETY: the core unstages only into the frame's own page, a hole of a range it
+        // manages in the program, under its lock; COPY only reads the slot.
+        let r = unsafe { pool.unstage_copy_into(&self.uffd, frame, CopyMode::empty())? };
+        if r.is_done() {
+            let _ = self
+                .away
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                    Some(a.saturating_sub(1))
+                });
+        }
+        Ok(r.is_done())
+    }
+
+    fn copy_staged(&self, pool: &FramePool, frame: FrameNo, addr: u64) -> Result<bool, MmError> {
+        // SAFETY: `addr` is a vacant page of a range the core manages in this (fork
+        // child's) address space, under its lock; the slot holds a staged page, read only.
+        let r = unsafe { pool.copy_staged_into(&self.uffd, frame, addr, CopyMode::empty())? };
+        Ok(matches!(r, Resolved::Done(_)))
+    }
+
+    fn poison(&self, _pool: &FramePool, addr: u64) -> Result<(), MmError> {
+        // SAFETY: POISON only installs a marker in a missing pte of a registered range of
+        // the program; it touches no memory of this process.
+        match unsafe { self.uffd.poison(addr, PAGE, PoisonMode::empty())? } {
+            Resolved::Done(_) | Resolved::AlreadyMapped => Ok(()),
+            _ => Err(MmError::Protocol {
+                frame: FrameNo(u32::MAX),
+                what: "UFFDIO_POISON did not complete (address space changing)",
+            }),
+        }
+    }
+
+    fn reclaim(&self, pool: &FramePool, frame: FrameNo) -> Result<bool, MmError> {
+        // The page goes with the program's munmap / DONTNEED / exit; the frame is free.
+        pool.release(frame)?;
+        Ok(true)
+    }
+
+    fn kill(&self) -> bool {
+        let Some(fd) = &self.pidfd else {
+            return false;
+        };
+        // SAFETY: pidfd_send_signal takes a descriptor we own, a signal number and null
+        // pointers; it touches no memory of ours.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        r == 0
+    }
+}
+
+/// Copies `PAGE_SIZE` bytes of process `pid` at `remote` into the slot at `slot_addr`, a
+/// slot of `pool` that [`FramePool::prepare_stage`] made present (`process_vm_readv`).
+pub(crate) fn copy_from_process(
+    pool: &FramePool,
+    slot_addr: u64,
+    pid: u32,
+    remote: u64,
+) -> nix::Result<usize> {
+    if slot_addr < pool.base() || slot_addr + PAGE > pool.base() + pool.len() as u64 * PAGE {
+        return Err(nix::errno::Errno::EFAULT);
+    }
+    // SAFETY: `prepare_stage` made the slot a present page of the pool mapping, which lives
+    // as long as `pool`; its frame is owned by the memory manager (Leaving) and only the
+    // agent thread of its process fills it, once, before marking it Staging, so nothing
+    // else reads or writes it meanwhile.
+    let dst = unsafe { std::slice::from_raw_parts_mut(slot_addr as *mut u8, PAGE_SIZE) };
+    crate::daemon::agent::read_remote(pid, remote, dst)
+}
