@@ -256,8 +256,9 @@ const KNOWN_DIRECTIVES: &str =
 /// `process` lines; anything bigger is a mistake, e.g. a device or a log).
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
-/// The most swap devices a config may name (a device id is one byte).
-pub const MAX_SWAP_DEVICES: usize = 256;
+/// The most swap devices a config may name (a device id is one byte, and id 255 is
+/// reserved by `usm-swap`).
+pub const MAX_SWAP_DEVICES: usize = 255;
 
 /// The most worker threads on any machine (the scheduler's limit).
 pub const MAX_WORKERS: usize = 64;
@@ -1118,7 +1119,7 @@ mod tests {
             .collect();
         let e = err(&many);
         assert_eq!(e.line, Some(MAX_SWAP_DEVICES + 1));
-        assert!(e.to_string().contains("at most 256 swap devices"), "{e}");
+        assert!(e.to_string().contains("at most 255 swap devices"), "{e}");
     }
 
     #[test]

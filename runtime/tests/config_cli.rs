@@ -122,3 +122,56 @@ fn a_ten_megabyte_config_is_checked() {
     let printed = String::from_utf8_lossy(&out.stdout);
     assert_eq!(printed.matches("\nprocess ").count(), i);
 }
+
+/// A swap device `usm run` would refuse (not formatted by `usm mkswap`) is refused by
+/// `check-config` too, naming its line; a formatted one passes.
+#[test]
+fn swap_devices_are_checked_like_run_checks_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0x5a; 1 << 20]).unwrap();
+    let cfg = dir.path().join("swap.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "memory 1024\nworkers 1\nswap {} priority 3\nsocket {}\n",
+            raw.display(),
+            dir.path().join("u.sock").display()
+        ),
+    )
+    .unwrap();
+    let check = usm(&["check-config".as_ref(), cfg.as_os_str()]);
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "{err}");
+    let want = format!("usm: {}:3: swap device: ", cfg.display());
+    assert!(err.starts_with(&want), "expected {want:?} in {err}");
+    let reason = err.trim_end().strip_prefix(&want).unwrap().to_owned();
+    let run = usm(&["run".as_ref(), cfg.as_os_str()]);
+    let run_err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{run_err}");
+    assert!(
+        run_err.contains(&reason),
+        "run said {run_err:?}, check-config {reason:?}"
+    );
+
+    // Formatted by `usm mkswap`: accepted.
+    let good = dir.path().join("good.img");
+    let mk = usm(&[
+        "mkswap".as_ref(),
+        good.as_os_str(),
+        "--size".as_ref(),
+        "16M".as_ref(),
+    ]);
+    assert!(
+        mk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    std::fs::write(&cfg, format!("memory 1024\nswap {}\n", good.display())).unwrap();
+    let check = usm(&["check-config".as_ref(), cfg.as_os_str()]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
