@@ -48,6 +48,8 @@
 //! kernel, below 1 is faster), throughput `…_vs_plain` and `…_vs_kernel_budget`
 //! (usm / kernel, above 1 is faster). The load average is sampled before every run.
 
+#![deny(unsafe_code)]
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};

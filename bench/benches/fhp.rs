@@ -21,6 +21,8 @@
 //! - Goal with `fhp:64K`: ≥ 16× fewer faults and ≥ 2× the GiB/s of kernel-4K, and at
 //!   least the wall-time GiB/s of kernel-mTHP-64K (same order).
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

@@ -12,6 +12,8 @@
 //! Every command holds PM-QoS at 0 µs for all sides (`--no-pmqos` to skip) and pre-warms
 //! the host backing before every side (`--no-prewarm` to skip).
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 

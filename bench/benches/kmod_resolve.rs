@@ -28,6 +28,8 @@
 //! Needs a userfaultfd with MOVE (Linux 6.8, root or /dev/userfaultfd access); without it
 //! the resolve sides are skipped with the reason printed.
 
+#![deny(unsafe_code)]
+
 use std::time::{Duration, Instant};
 use usm_kmod::sys::mem::{Advice, Mapping, Protection};
 use usm_kmod::{Features, OpenFlags, RawUserfaultfd, RegisterMode, Userfaultfd};
@@ -35,6 +37,7 @@ use usm_kmod::{Features, OpenFlags, RawUserfaultfd, RegisterMode, Userfaultfd};
 const PAGE: usize = 4096;
 
 /// The resolve calls (each writes a mapping the benchmark owns): the only `unsafe`.
+#[allow(unsafe_code)] // the benchmark's resolve calls: its only unsafe code
 mod sys {
     use usm_kmod::{CopyMode, MoveMode, Resolved, Userfaultfd, ZeropageMode};
 

@@ -37,12 +37,14 @@
 //! Needs two cores for the cross-core sides; `/dev/cpu_dma_latency` needs root (the side
 //! is skipped with the reason printed otherwise).
 
+#![deny(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use usm_sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use usm_sync::{Arc, Condvar, Mutex};
 
 use clap::Parser;
 use hdrhistogram::Histogram;

@@ -28,11 +28,13 @@
 //! ```
 //! Files are deleted and zram is reset at the end, also when a step fails (guards).
 
+#![deny(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+use usm_sync::Arc;
 
 use clap::Parser;
 use nix::sys::resource::{UsageWho, getrusage};

@@ -42,6 +42,8 @@
 //! `--repeat N` runs every sweep N times (modes interleaved within each) and reports the
 //! median of each figure and of each per-run ratio, besides every run's own figures.
 
+#![deny(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -17,9 +17,11 @@
 //!   subtracted. One warm-up run, then `--runs` runs; the table shows the median of the
 //!   runs' p50 and p99; ratios are `usm / kernel` (below 1 is faster than the kernel).
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
+use usm_sync::atomic::Ordering;
 
 use clap::Parser;
 use serde_json::json;
@@ -98,7 +100,7 @@ fn usm_once(
         .pool()
         .populate_all()
         .map_err(|e| Error::Invalid(format!("populating the pool: {e}")))?;
-    let region = std::sync::Arc::new(rt.region(pages * PAGE).map_err(emb)?);
+    let region = usm_sync::Arc::new(rt.region(pages * PAGE).map_err(emb)?);
     let r = region.clone();
     let touch = move || -> Result<LatencySummary> {
         let words = r.as_atomic_u64();

@@ -21,6 +21,8 @@
 //!
 //! `unsafe` lives only in [`sys`].
 
+#![deny(unsafe_code)]
+
 pub mod child;
 pub mod cleanup;
 mod error;
@@ -35,6 +37,7 @@ pub mod storm;
 pub mod report;
 pub mod stats;
 
+#[allow(unsafe_code)] // the system calls: every unsafe block of the crate lives here
 pub mod sys;
 
 pub use error::{Error, Result};

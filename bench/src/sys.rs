@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use usm_sync::Arc;
 
 use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags};
 use usm_sync::atomic::{AtomicI32, Ordering};

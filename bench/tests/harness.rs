@@ -3,9 +3,11 @@
 //! size), the swap-storm (a′) mode end to end (a child in a memory cgroup with a real swap
 //! file, checksums verified), and the redis sides.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
+use usm_sync::Mutex;
 
 use usm_bench::child::ChildLauncher;
 use usm_bench::fault::{self, FirstTouchSpec, KernelPageSize, TouchOrder};
@@ -19,7 +21,7 @@ use usm_bench::storm::{
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
+fn serial() -> usm_sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -143,10 +145,10 @@ fn redis_benchmark_csv_is_parsed_by_column_name() {
 
 #[test]
 fn first_touch_sides_get_the_folio_size_they_name() {
-    if !is_root() {
-        eprintln!("SKIP: needs root");
-        return;
-    }
+    assert!(
+        is_root(),
+        "needs root (memory cgroup and mTHP settings): run the tests as root"
+    );
     let _s = serial();
     let knobs = || {
         guard::mthp_sizes_kib()
@@ -187,10 +189,10 @@ fn first_touch_sides_get_the_folio_size_they_name() {
 
 #[test]
 fn fault_latency_counts_every_fault() {
-    if !is_root() {
-        eprintln!("SKIP: needs root");
-        return;
-    }
+    assert!(
+        is_root(),
+        "needs root (memory cgroup and mTHP settings): run the tests as root"
+    );
     let _s = serial();
     let r = fault::kernel_fault_latency(2000, 100).unwrap();
     assert_eq!(r.latency.count, 2000);
@@ -217,10 +219,10 @@ fn test_launcher() -> ChildLauncher {
 /// real swap file; every read verified, swap really used, machine state restored.
 #[test]
 fn storm_kernel_threads_mode_swaps_and_verifies() {
-    if !is_root() {
-        eprintln!("SKIP: needs root");
-        return;
-    }
+    assert!(
+        is_root(),
+        "needs root (memory cgroup and mTHP settings): run the tests as root"
+    );
     let _s = serial();
     let swaps_before = active_swaps().unwrap();
     let spec = StormSpec {
@@ -308,18 +310,15 @@ fn memory_task_verifies_and_detects_corruption() {
 
 #[test]
 fn redis_sides_plain_and_kernel_swap() {
-    if !is_root() {
-        eprintln!("SKIP: needs root");
-        return;
-    }
-    if !std::path::Path::new("/usr/bin/redis-server").exists()
-        || !std::path::Path::new("/usr/bin/redis-benchmark").exists()
-    {
-        eprintln!(
-            "SKIP: redis-server / redis-benchmark not installed (scripts/test installs them)"
-        );
-        return;
-    }
+    assert!(
+        is_root(),
+        "needs root (memory cgroup and mTHP settings): run the tests as root"
+    );
+    assert!(
+        std::path::Path::new("/usr/bin/redis-server").exists()
+            && std::path::Path::new("/usr/bin/redis-benchmark").exists(),
+        "redis-server / redis-benchmark not installed (scripts/test installs them)"
+    );
     let _s = serial();
     let swaps_before = active_swaps().unwrap();
     let spec = usm_bench::redis::RedisSpec {

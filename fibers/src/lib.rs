@@ -32,9 +32,12 @@
 //! (its signal frame holds that thread's registers); the scheduler enforces that, not this
 //! crate.
 
+#![deny(unsafe_code)]
+
 mod error;
 pub mod local;
 mod stack;
+#[allow(unsafe_code)] // the system calls: every unsafe block of the crate lives here
 mod sys;
 
 pub use error::FiberError;

@@ -1,7 +1,9 @@
 //! Fiber behaviour on real stacks: suspend/resume, panics, locals, pooling, migration.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+#![deny(unsafe_code)]
+
+use usm_sync::Arc;
+use usm_sync::atomic::{AtomicUsize, Ordering};
 
 use usm_fibers::{Fiber, FiberError, MIN_STACK_SIZE, Outcome, StackPool, Suspend};
 

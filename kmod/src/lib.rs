@@ -26,12 +26,15 @@
 //! # Ok::<(), usm_kmod::Error>(())
 //! ```
 
+#![deny(unsafe_code)]
+
 pub mod error;
 pub mod event;
 mod flags;
 pub mod frame;
 pub mod pool;
 pub mod probe;
+#[allow(unsafe_code)] // the system calls: every unsafe block of the crate lives here
 pub mod sys;
 pub mod uffd;
 

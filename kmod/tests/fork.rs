@@ -3,6 +3,8 @@
 //! One test per binary: while an `EVENT_FORK` fd has registered ranges, every fork of
 //! the process waits for its event to be read.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use common::{PAGE, require_root, sys, wait_events};

@@ -2,16 +2,18 @@
 //! userfaultfd and resolves; plus WP, REMOVE/UNMAP events, mmap_changing, partial MOVE,
 //! MOVE of a fork-shared page and POISON.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use common::{PAGE, require_root, sys, uffd, wait_events};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 use usm_kmod::{
     ContinueMode, CopyMode, Features, Ioctls, MoveMode, PoisonMode, RegisterMode, Resolved,
     UffdEvent, WriteProtect, ZeropageMode,
 };
+use usm_sync::Arc;
+use usm_sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 const WAIT: Duration = Duration::from_secs(5);
 

@@ -4,17 +4,19 @@
 //! back into naturally aligned runs, a run moves as one flexible huge page, the pool
 //! populates its reserve chunk by chunk with the census adding up at every step.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use common::{PAGE, require_root, sys};
 use std::collections::HashSet;
-use std::sync::Arc;
 use usm_kmod::FrameNo;
 use usm_kmod::pool::arena::SharedArena;
 use usm_kmod::pool::{
     Census, FrameOwner, FramePool, FrameState, LockMode, MAX_ORDER, POPULATE_CHUNK, PoolConfig,
 };
 use usm_kmod::{Features, MoveMode, RegisterMode, Resolved};
+use usm_sync::Arc;
 
 fn pin_to(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();

@@ -1,5 +1,7 @@
 //! The `usm doctor` probe against this machine.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use usm_kmod::probe::{DAEMON_FEATURES, EMBEDDED_FEATURES, ProbeReport};

@@ -4,11 +4,13 @@
 //! process-wide. The fd is opened `user_mode_only`, as the embedded runtime does, so this
 //! needs no privilege.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use common::{PAGE, sys};
-use std::sync::atomic::Ordering;
 use usm_kmod::{Features, OpenFlags, RawUserfaultfd, RegisterMode, UffdEvent};
+use usm_sync::atomic::Ordering;
 
 #[test]
 fn the_faulting_thread_resolves_its_own_fault_in_its_sigbus_handler() {

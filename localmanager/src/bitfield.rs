@@ -547,9 +547,9 @@ mod tests {
 
     #[test]
     fn concurrent_set_and_claim_lose_nothing() {
-        let field = std::sync::Arc::new(AtomicBitfield::with_capacity(2 * CHUNK_BITS));
-        let claimed = std::sync::Arc::new(AtomicUsize::new(0));
-        let newly_set = std::sync::Arc::new(AtomicUsize::new(0));
+        let field = usm_sync::Arc::new(AtomicBitfield::with_capacity(2 * CHUNK_BITS));
+        let claimed = usm_sync::Arc::new(AtomicUsize::new(0));
+        let newly_set = usm_sync::Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..2)
             .map(|t| {
                 let field = field.clone();

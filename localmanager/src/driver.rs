@@ -43,6 +43,9 @@ pub trait Driver {
 }
 
 /// Creates the driver of each worker, on that worker's thread (argument: worker index).
+// std's Arc: a closure coerces to `Arc<dyn Fn>` (loom's Arc cannot unsize), and the
+// factory is only called at start-up, outside any loom model.
+#[allow(clippy::disallowed_types)]
 pub type DriverFactory = std::sync::Arc<dyn Fn(usize) -> Box<dyn Driver> + Send + Sync>;
 
 /// What a driver may do from its `poll`.

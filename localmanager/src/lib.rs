@@ -25,9 +25,12 @@
 //! Only [`bitfield`], [`mod@park`], [`task_state`] and the injector hand-off protocol
 //! ([`handoff`]) are built, on loom's atomics, for the models in `loom-tests/tests/sched.rs`.
 
+#![deny(unsafe_code)]
+
 pub mod bitfield;
 pub mod handoff;
 pub mod park;
+#[allow(unsafe_code)] // the system calls: every unsafe block of the crate lives here
 mod sys;
 pub mod task_state;
 

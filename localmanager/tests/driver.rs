@@ -1,10 +1,12 @@
 //! The `Driver` hook: polled every round and before parking, and its fds wake a parked
 //! worker.
 
+#![deny(unsafe_code)]
+
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use usm_sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use usm_sync::{Arc, Mutex};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use usm_localmanager::{Builder, Driver, DriverContext, Unparker};

@@ -4,13 +4,16 @@
 //! and write bit, another thread "resolves" the fault (extends the file) and moves it
 //! PFQ → IDQ, and the uThread returns from the handler and retries the access.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+#![deny(unsafe_code)]
+
 use std::time::{Duration, Instant};
+use usm_sync::Arc;
+use usm_sync::atomic::{AtomicBool, Ordering};
 
 use usm_localmanager::signal::{FaultedUThread, current_fault_key, park_current_on_fault};
 use usm_localmanager::{Builder, Handle, worker_index, yield_now};
 
+#[allow(unsafe_code)] // the test's system calls: its only unsafe code
 mod sys {
     //! Signal handler installation and file mappings (the test's unsafe code).
 
@@ -411,7 +414,7 @@ fn the_workers_own_driver_resolves_and_resumes_faults() {
 
     struct Resolver {
         mappings: Arc<Vec<FileMapping>>,
-        resumed: Arc<std::sync::atomic::AtomicUsize>,
+        resumed: Arc<usm_sync::atomic::AtomicUsize>,
         faulted: Vec<FaultedUThread>,
     }
     impl Driver for Resolver {
@@ -437,7 +440,7 @@ fn the_workers_own_driver_resolves_and_resumes_faults() {
     const N: usize = 16;
     let mappings: Arc<Vec<FileMapping>> =
         Arc::new((0..N).map(|_| FileMapping::new(1, 0)).collect());
-    let resumed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let resumed = Arc::new(usm_sync::atomic::AtomicUsize::new(0));
     let factory = {
         let (mappings, resumed) = (mappings.clone(), resumed.clone());
         Arc::new(move |_worker: usize| -> Box<dyn Driver> {

@@ -10,13 +10,17 @@
 //! microseconds of spinning (around the worker's `finish_park`), and after a sleep long
 //! enough for the workers to go idle and block in their waker.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+#![deny(unsafe_code)]
+
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use usm_sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use usm_sync::{Arc, Mutex};
 
 use usm_localmanager::signal::{FaultKey, current_fault_key};
 use usm_localmanager::{Builder, Handle, Runtime, Unparker, WakerMode, yield_now};
 
+#[allow(unsafe_code)] // the test's system calls: its only unsafe code
 mod sys {
     //! A real signal whose handler parks the uThread in PFQ (the fault path's entry), raised
     //! synchronously on the uThread's own stack.

@@ -1,8 +1,10 @@
 //! Time-slice preemption with a real timer signal (SIGURG from the ticker thread).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+#![deny(unsafe_code)]
+
 use std::time::{Duration, Instant};
+use usm_sync::Arc;
+use usm_sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use usm_localmanager::sync::channel;
 use usm_localmanager::{Builder, JoinHandle, Runtime, preemptible};

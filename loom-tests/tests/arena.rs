@@ -6,6 +6,8 @@
 //! or duplicated (at the end the sArena holds every frame exactly once).
 //!
 //! Run: `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p usm-loom-tests --release --test arena`
+
+#![deny(unsafe_code)]
 #![cfg(loom)]
 
 use usm_kmod::FrameNo;

@@ -3,6 +3,7 @@
 //!
 //! Run: `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p usm-loom-tests --release --test sched`
 
+#![deny(unsafe_code)]
 #![cfg(loom)]
 
 use loom::sync::Arc;

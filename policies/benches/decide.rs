@@ -7,6 +7,8 @@
 //! ns over the baseline, with no allocation), the per-window cost of `fhp`, and the O(1)
 //! victim selection of `clock`/`hints` on 64 Ki tracked pages.
 
+#![deny(unsafe_code)]
+
 use std::hint::black_box;
 use std::ops::Range;
 

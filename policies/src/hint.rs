@@ -503,6 +503,7 @@ mod tests {
         assert!(m.get(0x3000).is_some());
     }
 
+    #[allow(clippy::disallowed_types)] // `prop_oneof!` expands to `std::sync::Arc`
     fn arb_hint() -> impl Strategy<Value = Hint> {
         (
             proptest::option::of(prop_oneof![

@@ -1,6 +1,8 @@
 //! Unit tests of every built-in policy, run on the simulated machine (`usm_policies::sim`,
 //! a checked frame table — not the real pool; the runtime's tests cover the real path).
 
+#![deny(unsafe_code)]
+
 use usm_kmod::FrameNo;
 use usm_kmod::event::{Fault, Origin};
 use usm_policies::sim::{FaultOutcome, SimMachine};

@@ -1,6 +1,8 @@
 //! The runtime-facing contract, on the simulator: a panicking policy costs one access and
 //! nothing else; `deliver` routes every event kind.
 
+#![deny(unsafe_code)]
+
 use usm_kmod::event::{Event, Fault, Origin};
 use usm_policies::sim::{FaultOutcome, SimMachine};
 use usm_policies::{

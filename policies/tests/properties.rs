@@ -11,6 +11,8 @@
 //!   in scope remains;
 //! - a quota policy's process never holds more resident pages than its quota.
 
+#![deny(unsafe_code)]
+
 use proptest::prelude::*;
 use usm_policies::sim::{FaultOutcome, SimMachine};
 use usm_policies::{Registry, VictimRequest, Watermarks};
@@ -63,6 +65,7 @@ enum Op {
     },
 }
 
+#[allow(clippy::disallowed_types)] // `prop_oneof!` expands to `std::sync::Arc`
 fn op() -> impl Strategy<Value = Op> {
     let who = 0..PIDS.len();
     let page = 0..PAGES;

@@ -32,6 +32,7 @@
 //! against the policy registry by the caller (the registry lives in `usm-policies`); the
 //! parsed config keeps each name's line so that error can name the line too.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -95,7 +96,10 @@ impl Watermark {
     pub fn pages(self, pool_pages: u64) -> u64 {
         match self {
             Watermark::Pages(p) => p,
-            Watermark::Percent(pc) => pool_pages * u64::from(pc) / 100,
+            Watermark::Percent(pc) => {
+                let pages = u128::from(pool_pages) * u128::from(pc) / 100;
+                u64::try_from(pages).unwrap_or(u64::MAX)
+            }
         }
     }
 }
@@ -173,7 +177,7 @@ impl Default for Config {
     }
 }
 
-/// What is wrong with a config line.
+/// What is wrong with a config line (or with the file as a whole).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigErrorKind {
     /// The first word is not a directive.
@@ -187,12 +191,12 @@ pub enum ConfigErrorKind {
         /// What it needs, in words.
         expected: &'static str,
     },
-    /// A value that does not parse.
+    /// A value that does not parse, or is out of range for this machine.
     #[error("bad value `{token}` for `{directive}`: {why}")]
     BadValue {
         /// The directive.
         directive: &'static str,
-        /// The bad token.
+        /// The bad token (control characters escaped, long tokens shortened).
         token: String,
         /// Why it is bad.
         why: String,
@@ -216,46 +220,198 @@ pub enum ConfigErrorKind {
         /// Its first line.
         first: usize,
     },
-    /// The file could not be read.
+    /// A `swap` line for a path that already has one.
+    #[error("swap device `{path}` already given on line {first}")]
+    DuplicateSwap {
+        /// The path (escaped).
+        path: String,
+        /// Its first line.
+        first: usize,
+    },
+    /// A token holding a control or invisible formatting character (it could forge or
+    /// hide lines in a log).
+    #[error("`{0}` holds a control or formatting character")]
+    Unprintable(String),
+    /// The line is not UTF-8.
+    #[error("not valid UTF-8")]
+    NotUtf8,
+    /// The file could not be opened or read.
     #[error("cannot read: {0}")]
     Io(String),
+    /// The path is not a regular file (a FIFO, a device such as `/dev/zero`, a directory).
+    #[error("not a regular file ({0}); a config must be a regular file")]
+    NotRegularFile(&'static str),
+    /// The file is larger than [`MAX_CONFIG_BYTES`].
+    #[error("{size} bytes is over the limit of {MAX_CONFIG_BYTES} bytes for a config file")]
+    TooLarge {
+        /// The file's size (at least the limit plus one when it grew while being read).
+        size: u64,
+    },
 }
 
 const KNOWN_DIRECTIVES: &str =
     "memory, workers, policy, process, swap, fhp, evict, oom, watermarks, metrics, waker, socket";
 
+/// The largest config file [`Config::load`] reads (16 MiB: hundreds of thousands of
+/// `process` lines; anything bigger is a mistake, e.g. a device or a log).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// The most swap devices a config may name (a device id is one byte, and id 255 is
+/// reserved by `usm-swap`).
+pub const MAX_SWAP_DEVICES: usize = 255;
+
+/// The most worker threads on any machine (the scheduler's limit).
+pub const MAX_WORKERS: usize = 64;
+
 /// A config error with its location.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}:{line}: {kind}", file.display())]
+#[error("{}{}: {kind}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
 pub struct ConfigError {
     /// The file (or `<string>`).
     pub file: PathBuf,
-    /// 1-based line; 0 when the file could not be read.
-    pub line: usize,
+    /// 1-based line; `None` for errors about the whole file (cannot read, too large).
+    pub line: Option<usize>,
     /// What is wrong.
     pub kind: ConfigErrorKind,
 }
 
+/// What this machine offers, for the range checks of `memory` and `workers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Machine {
+    /// Physical memory in 4 KiB pages (`sysinfo(2)` total RAM).
+    pub ram_pages: u64,
+    /// Online cores (`sysconf(_SC_NPROCESSORS_ONLN)`).
+    pub online_cores: usize,
+}
+
+impl Machine {
+    /// This machine, read once per process.
+    pub fn current() -> Machine {
+        static CURRENT: std::sync::OnceLock<Machine> = std::sync::OnceLock::new();
+        *CURRENT.get_or_init(|| {
+            let ram_bytes = nix::sys::sysinfo::sysinfo()
+                .map(|s| s.ram_total())
+                .ok()
+                .or_else(meminfo_total_bytes)
+                .unwrap_or(u64::MAX);
+            let online_cores = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+                .ok()
+                .flatten()
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|&n| n > 0)
+                .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+                .unwrap_or(1);
+            Machine {
+                ram_pages: ram_bytes / PAGE,
+                online_cores,
+            }
+        })
+    }
+}
+
+/// `MemTotal` of `/proc/meminfo` in bytes (when `sysinfo(2)` failed).
+fn meminfo_total_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The name as it may be written to a log or an error: control characters (newlines,
+/// escapes) and invisible formatting characters (bidi overrides, zero-width) are written
+/// as `\u{..}` escapes, and a name longer than 64 characters is cut with its byte length
+/// noted. Use it for every program-supplied name before it reaches a log.
+pub fn printable_name(name: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    let mut out = String::with_capacity(name.len().min(4 * MAX_CHARS));
+    for (i, c) in name.chars().enumerate() {
+        if i == MAX_CHARS {
+            out.push_str(&format!("…({} bytes)", name.len()));
+            break;
+        }
+        if is_unprintable(c) {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Control characters and the invisible formatting characters that can reorder or hide
+/// text in a terminal (bidi embeddings and isolates, zero-width characters, BOM).
+fn is_unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// Parser state: what has been seen so far, each in a map, so every line costs O(1)
+/// beyond its own length (no scan over earlier lines).
+#[derive(Default)]
+struct Seen {
+    /// Directives that may appear once, by their line.
+    once: HashMap<&'static str, usize>,
+    /// Declared policy names.
+    policies: HashSet<String>,
+    /// Process names, by their line.
+    processes: HashMap<String, usize>,
+    /// Swap paths, by their line.
+    swaps: HashMap<PathBuf, usize>,
+}
+
 impl Config {
-    /// Reads and parses a config file.
+    /// Reads and parses a config file, checking numbers against this machine.
+    ///
+    /// The file must be a regular file of at most [`MAX_CONFIG_BYTES`]: it is opened
+    /// without blocking (a FIFO is refused, not waited on) and read with a bound (a file
+    /// that grows while it is read is refused too).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let whole = |kind| ConfigError {
             file: path.to_path_buf(),
-            line: 0,
-            kind: ConfigErrorKind::Io(e.to_string()),
-        })?;
-        Self::parse_named(&text, path)
+            line: None,
+            kind,
+        };
+        let bytes = read_bounded(path).map_err(whole)?;
+        let text = match std::str::from_utf8(&bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                let line = bytes[..e.valid_up_to()]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count()
+                    + 1;
+                return Err(ConfigError {
+                    file: path.to_path_buf(),
+                    line: Some(line),
+                    kind: ConfigErrorKind::NotUtf8,
+                });
+            }
+        };
+        Self::parse_named(text, path)
     }
 
-    /// Parses config text; errors name `<string>` as the file.
+    /// Parses config text, checking numbers against this machine; errors name
+    /// `<string>` as the file.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         Self::parse_named(text, Path::new("<string>"))
     }
 
-    /// Parses config text that came from `file`.
+    /// Parses config text that came from `file`, checking numbers against this machine.
     pub fn parse_named(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        Self::parse_for(text, file, &Machine::current())
+    }
+
+    /// Parses config text that came from `file`, checking `memory` and `workers` against
+    /// `machine`. Linear in the size of `text`.
+    pub fn parse_for(text: &str, file: &Path, machine: &Machine) -> Result<Config, ConfigError> {
         let mut cfg = Config::default();
-        let mut seen: Vec<(&'static str, usize)> = Vec::new();
+        let mut seen = Seen::default();
+        let at = |line: usize, kind| ConfigError {
+            file: file.to_path_buf(),
+            line: Some(line),
+            kind,
+        };
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
             let content = raw.split('#').next().unwrap_or("");
@@ -264,33 +420,40 @@ impl Config {
                 continue;
             };
             let args: Vec<&str> = words.collect();
-            cfg.apply(directive, &args, line, &mut seen)
-                .map_err(|kind| ConfigError {
-                    file: file.to_path_buf(),
-                    line,
-                    kind,
-                })?;
+            if let Some(bad) = std::iter::once(directive)
+                .chain(args.iter().copied())
+                .find(|w| w.chars().any(is_unprintable))
+            {
+                return Err(at(line, ConfigErrorKind::Unprintable(printable_name(bad))));
+            }
+            cfg.apply(directive, &args, line, &mut seen, machine)
+                .map_err(|kind| at(line, kind))?;
         }
         // Checks that need the whole file (a `memory` line may follow `watermarks`).
-        let (low, high) = cfg.watermarks;
-        if low.pages(cfg.memory_pages) > high.pages(cfg.memory_pages) {
-            let line = seen
-                .iter()
-                .find(|(n, _)| *n == "watermarks")
-                .map_or(0, |&(_, l)| l);
-            return Err(ConfigError {
-                file: file.to_path_buf(),
-                line,
-                kind: ConfigErrorKind::BadValue {
-                    directive: "watermarks",
-                    token: format!("{high:?}"),
-                    why: format!(
-                        "HIGH ({} pages) must not be below LOW ({} pages)",
-                        high.pages(cfg.memory_pages),
-                        low.pages(cfg.memory_pages)
-                    ),
-                },
-            });
+        if let Some(&line) = seen.once.get("watermarks") {
+            let pool = cfg.memory_pages;
+            let (low, high) = cfg.watermarks;
+            let (lo, hi) = (low.pages(pool), high.pages(pool));
+            if hi > pool {
+                return Err(at(
+                    line,
+                    ConfigErrorKind::BadValue {
+                        directive: "watermarks",
+                        token: watermark_token(high),
+                        why: format!("HIGH ({hi} pages) is more than the pool ({pool} pages)"),
+                    },
+                ));
+            }
+            if lo > hi {
+                return Err(at(
+                    line,
+                    ConfigErrorKind::BadValue {
+                        directive: "watermarks",
+                        token: watermark_token(high),
+                        why: format!("HIGH ({hi} pages) must not be below LOW ({lo} pages)"),
+                    },
+                ));
+            }
         }
         Ok(cfg)
     }
@@ -331,27 +494,41 @@ impl Config {
         directive: &str,
         args: &[&str],
         line: usize,
-        seen: &mut Vec<(&'static str, usize)>,
+        seen: &mut Seen,
+        machine: &Machine,
     ) -> Result<(), ConfigErrorKind> {
         // Directives that may appear once.
         let mut once = |name: &'static str| -> Result<(), ConfigErrorKind> {
-            if let Some(&(_, first)) = seen.iter().find(|(n, _)| *n == name) {
+            if let Some(&first) = seen.once.get(name) {
                 return Err(ConfigErrorKind::Duplicate {
                     directive: name,
                     first,
                 });
             }
-            seen.push((name, line));
+            seen.once.insert(name, line);
             Ok(())
         };
         match directive {
             "memory" => {
                 once("memory")?;
                 let [v] = exact(args, "memory", "a size (pages, or 512M / 2G)")?;
-                self.memory_pages = parse_pages(v, "memory")?;
-                if self.memory_pages == 0 {
+                let pages = parse_pages(v, "memory")?;
+                if pages == 0 {
                     return Err(bad("memory", v, "the pool cannot be empty"));
                 }
+                if pages > machine.ram_pages {
+                    return Err(bad(
+                        "memory",
+                        v,
+                        &format!(
+                            "{pages} pages is more than this machine's physical memory \
+                             ({} pages, {} MiB)",
+                            machine.ram_pages,
+                            machine.ram_pages / 256
+                        ),
+                    ));
+                }
+                self.memory_pages = pages;
             }
             "workers" => {
                 once("workers")?;
@@ -360,15 +537,25 @@ impl Config {
                     None
                 } else {
                     let n: usize = v.parse().map_err(|_| bad("workers", v, "not a number"))?;
-                    if n == 0 || n > 1024 {
-                        return Err(bad("workers", v, "must be 1..=1024"));
+                    let max = machine.online_cores.clamp(1, MAX_WORKERS);
+                    if n == 0 || n > max {
+                        return Err(bad(
+                            "workers",
+                            v,
+                            &format!(
+                                "must be 1..={max} (this machine has {} online cores; at \
+                                 most {MAX_WORKERS} workers)",
+                                machine.online_cores
+                            ),
+                        ));
                     }
                     Some(n)
                 };
             }
             "policy" => {
                 let [v] = exact(args, "policy", "a policy name")?;
-                if !self.policies.iter().any(|p| p.value == *v) {
+                if !seen.policies.contains(*v) {
+                    seen.policies.insert((*v).to_string());
                     self.policies.push(Spanned {
                         value: (*v).to_string(),
                         line,
@@ -377,12 +564,13 @@ impl Config {
             }
             "process" => {
                 let [name, policy] = exact(args, "process", "a process name and a policy")?;
-                if let Some(r) = self.processes.iter().find(|r| r.name == *name) {
+                if let Some(&first) = seen.processes.get(*name) {
                     return Err(ConfigErrorKind::DuplicateProcess {
-                        name: (*name).to_string(),
-                        first: r.policy.line,
+                        name: printable_name(name),
+                        first,
                     });
                 }
+                seen.processes.insert((*name).to_string(), line);
                 self.processes.push(ProcessRule {
                     name: (*name).to_string(),
                     policy: Spanned {
@@ -408,15 +596,35 @@ impl Config {
                     }
                     ["priority", v, extra @ ..] => {
                         if let Some(x) = extra.first() {
-                            return Err(ConfigErrorKind::Trailing((*x).to_string()));
+                            return Err(trailing(x));
                         }
-                        v.parse::<i32>()
-                            .map_err(|_| bad("swap", v, "priority must be an integer"))?
+                        let p = v
+                            .parse::<i32>()
+                            .map_err(|_| bad("swap", v, "priority must be an integer"))?;
+                        if !(-1..=32767).contains(&p) {
+                            return Err(bad("swap", v, "priority must be -1..=32767"));
+                        }
+                        p
                     }
-                    [other, ..] => return Err(ConfigErrorKind::Trailing((*other).to_string())),
+                    [other, ..] => return Err(trailing(other)),
                 };
+                if self.swap.len() == MAX_SWAP_DEVICES {
+                    return Err(bad(
+                        "swap",
+                        path,
+                        &format!("at most {MAX_SWAP_DEVICES} swap devices"),
+                    ));
+                }
+                let path = PathBuf::from(path);
+                if let Some(&first) = seen.swaps.get(&path) {
+                    return Err(ConfigErrorKind::DuplicateSwap {
+                        path: printable_name(&path.to_string_lossy()),
+                        first,
+                    });
+                }
+                seen.swaps.insert(path.clone(), line);
                 self.swap.push(SwapSpec {
-                    path: PathBuf::from(path),
+                    path,
                     priority,
                     line,
                 });
@@ -470,17 +678,73 @@ impl Config {
                 let [v] = exact(args, "socket", "a path")?;
                 self.socket = PathBuf::from(v);
             }
-            other => return Err(ConfigErrorKind::UnknownDirective(other.to_string())),
+            other => return Err(ConfigErrorKind::UnknownDirective(printable_name(other))),
         }
         Ok(())
     }
 }
 
+/// Opens `path` without blocking, refuses anything but a regular file of at most
+/// [`MAX_CONFIG_BYTES`], and reads it with that bound.
+fn read_bounded(path: &Path) -> Result<Vec<u8>, ConfigErrorKind> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+
+    let io = |e: std::io::Error| ConfigErrorKind::Io(e.to_string());
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let what = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(ConfigErrorKind::NotRegularFile(what));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigErrorKind::TooLarge { size: meta.len() });
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    let read = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+    if read > MAX_CONFIG_BYTES {
+        return Err(ConfigErrorKind::TooLarge { size: read });
+    }
+    Ok(bytes)
+}
+
 fn bad(directive: &'static str, token: &str, why: &str) -> ConfigErrorKind {
     ConfigErrorKind::BadValue {
         directive,
-        token: token.to_string(),
+        token: printable_name(token),
         why: why.to_string(),
+    }
+}
+
+fn trailing(token: &str) -> ConfigErrorKind {
+    ConfigErrorKind::Trailing(printable_name(token))
+}
+
+fn watermark_token(w: Watermark) -> String {
+    match w {
+        Watermark::Pages(p) => p.to_string(),
+        Watermark::Percent(p) => format!("{p}%"),
     }
 }
 
@@ -490,8 +754,8 @@ fn exact<'a, const N: usize>(
     directive: &'static str,
     expected: &'static str,
 ) -> Result<&'a [&'a str; N], ConfigErrorKind> {
-    if args.len() > N {
-        return Err(ConfigErrorKind::Trailing(args[N].to_string()));
+    if let Some(extra) = args.get(N) {
+        return Err(trailing(extra));
     }
     args.try_into().map_err(|_| ConfigErrorKind::MissingValue {
         directive,
@@ -657,7 +921,7 @@ mod tests {
     #[test]
     fn errors_name_line_and_token() {
         let e = err("memory 100\n\n  memroy 5\n");
-        assert_eq!(e.line, 3);
+        assert_eq!(e.line, Some(3));
         assert!(
             e.to_string()
                 .starts_with("<string>:3: unknown directive `memroy`"),
@@ -665,7 +929,7 @@ mod tests {
         );
 
         let e = err("workers two\n");
-        assert_eq!(e.line, 1);
+        assert_eq!(e.line, Some(1));
         assert!(e.to_string().contains("`two`"), "{e}");
 
         let e = err("memory 1\nmemory 2\n");
@@ -708,7 +972,7 @@ mod tests {
         assert_eq!(e.kind, ConfigErrorKind::Trailing("prio".into()));
 
         let e = err("watermarks 10% 5%\nmemory 1000\n");
-        assert_eq!(e.line, 1);
+        assert_eq!(e.line, Some(1));
         assert!(
             e.to_string()
                 .contains("HIGH (50 pages) must not be below LOW (100 pages)"),
@@ -716,13 +980,13 @@ mod tests {
         );
 
         let e = err("metrics localhost\n");
-        assert_eq!(e.line, 1);
+        assert_eq!(e.line, Some(1));
 
         let e = err("memory 0\n");
         assert!(e.to_string().contains("empty"), "{e}");
 
         let e = err("memory 100\nwaker turbo\n");
-        assert_eq!(e.line, 2);
+        assert_eq!(e.line, Some(2));
         assert!(e.to_string().contains("`turbo`"), "{e}");
     }
 
@@ -759,13 +1023,285 @@ mod tests {
     }
 
     #[test]
-    fn missing_file_is_a_clear_error() {
+    fn missing_file_is_a_clear_error_without_a_line() {
         let e = Config::load(Path::new("/nonexistent/usm.cfg")).unwrap_err();
-        assert_eq!(e.line, 0);
+        assert_eq!(e.line, None);
         assert!(
             e.to_string()
-                .starts_with("/nonexistent/usm.cfg:0: cannot read"),
+                .starts_with("/nonexistent/usm.cfg: cannot read"),
             "{e}"
+        );
+    }
+
+    const SMALL: Machine = Machine {
+        ram_pages: 262_144, // 1 GiB
+        online_cores: 2,
+    };
+
+    fn err_on(text: &str, machine: &Machine) -> ConfigError {
+        Config::parse_for(text, Path::new("t.cfg"), machine).unwrap_err()
+    }
+
+    #[test]
+    fn memory_is_checked_against_physical_ram() {
+        let e = err_on("workers 1\nmemory 262145\n", &SMALL);
+        assert_eq!(e.line, Some(2));
+        assert!(
+            e.to_string()
+                .starts_with("t.cfg:2: bad value `262145` for `memory`"),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("physical memory (262144 pages"),
+            "{e}"
+        );
+        let e = err_on("memory 2G\n", &SMALL);
+        assert!(e.to_string().contains("`2G`"), "{e}");
+        // u64::MAX pages parses as a number but no machine has that much memory.
+        let e = err_on(&format!("memory {}\n", u64::MAX), &SMALL);
+        assert_eq!(e.line, Some(1));
+        assert!(e.to_string().contains("physical memory"), "{e}");
+        let e = err("memory 18446744073709551615\n");
+        assert!(e.to_string().contains("physical memory"), "{e}");
+        // One past u64::MAX, and a size whose bytes overflow.
+        let e = err("memory 18446744073709551616\n");
+        assert!(e.to_string().contains("not a number"), "{e}");
+        let e = err("memory 99999999999999999G\n");
+        assert!(e.to_string().contains("too large"), "{e}");
+        // The whole of RAM is still accepted (exactly at the bound).
+        let c = Config::parse_for("memory 1G\n", Path::new("t.cfg"), &SMALL).unwrap();
+        assert_eq!(c.memory_pages, 262_144);
+        // This machine: its own RAM is the bound.
+        let ram = Machine::current().ram_pages;
+        assert!(ram > 0);
+        assert!(Config::parse(&format!("memory {ram}\n")).is_ok());
+        assert!(Config::parse(&format!("memory {}\n", ram + 1)).is_err());
+    }
+
+    #[test]
+    fn workers_are_checked_against_online_cores() {
+        let e = err_on("workers 3\n", &SMALL);
+        assert_eq!(e.line, Some(1));
+        assert!(e.to_string().contains("must be 1..=2"), "{e}");
+        assert!(e.to_string().contains("2 online cores"), "{e}");
+        let big = Machine {
+            ram_pages: 1 << 30,
+            online_cores: 256,
+        };
+        let e = err_on("workers 65\n", &big);
+        assert!(e.to_string().contains("must be 1..=64"), "{e}");
+        assert!(Config::parse_for("workers 64\n", Path::new("t"), &big).is_ok());
+        assert!(err_on("workers 0\n", &SMALL).to_string().contains("`0`"));
+        // This machine: one per online core at most.
+        let cores = Machine::current().online_cores.min(MAX_WORKERS);
+        assert!(Config::parse(&format!("workers {cores}\n")).is_ok());
+        let e = err(&format!("memory 100\nworkers {}\n", cores + 1));
+        assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
+    fn swap_lines_are_bounded() {
+        let e = err("swap /a\nswap /b\nswap /a priority 2\n");
+        assert_eq!(e.line, Some(3));
+        assert_eq!(
+            e.kind,
+            ConfigErrorKind::DuplicateSwap {
+                path: "/a".into(),
+                first: 1
+            }
+        );
+        let e = err("swap /a priority 40000\n");
+        assert!(e.to_string().contains("-1..=32767"), "{e}");
+        let e = err("swap /a priority -2\n");
+        assert!(e.to_string().contains("`-2`"), "{e}");
+        let many: String = (0..=MAX_SWAP_DEVICES)
+            .map(|i| format!("swap /s{i}\n"))
+            .collect();
+        let e = err(&many);
+        assert_eq!(e.line, Some(MAX_SWAP_DEVICES + 1));
+        assert!(e.to_string().contains("at most 255 swap devices"), "{e}");
+    }
+
+    #[test]
+    fn watermarks_cannot_exceed_the_pool() {
+        let e = err("memory 1000\nwatermarks 10 2000\n");
+        assert_eq!(e.line, Some(2));
+        assert!(
+            e.to_string()
+                .contains("HIGH (2000 pages) is more than the pool (1000 pages)"),
+            "{e}"
+        );
+        assert!(Config::parse("memory 1000\nwatermarks 10 1000\n").is_ok());
+    }
+
+    #[test]
+    fn control_characters_never_reach_an_error_or_a_log() {
+        let e = err("memory 100\nprocess evil\u{1b}[2Jname first-fit\n");
+        assert_eq!(e.line, Some(2));
+        let shown = e.to_string();
+        assert!(!shown.contains('\u{1b}'), "{shown:?}");
+        assert!(shown.contains("evil\\u{1b}[2Jname"), "{shown}");
+        assert!(matches!(e.kind, ConfigErrorKind::Unprintable(_)));
+        // A right-to-left override hides text in a terminal: refused too.
+        let e = err("process a\u{202e}b first-fit\n");
+        assert!(matches!(e.kind, ConfigErrorKind::Unprintable(_)), "{e}");
+        // A NUL byte in an unknown directive.
+        let e = err("mem\0ory 5\n");
+        assert!(!e.to_string().contains('\0'), "{e:?}");
+
+        assert_eq!(printable_name("redis-server"), "redis-server");
+        assert_eq!(
+            printable_name("a\nINFO forged line"),
+            "a\\u{a}INFO forged line"
+        );
+        let long = "x".repeat(1000);
+        let p = printable_name(&long);
+        assert!(p.len() < 100 && p.ends_with("…(1000 bytes)"), "{p}");
+    }
+
+    #[test]
+    fn every_error_names_file_line_and_token() {
+        for (text, line, token) in [
+            ("memory 100\nbogus 1\n", 2, "bogus"),
+            ("memory 100\n\n\nworkers x\n", 4, "x"),
+            ("memory 100 7\n", 1, "7"),
+            ("memory 100\nfhp 3K\n", 2, "3K"),
+            ("memory 100\nwatermarks 5% 101%\n", 2, "101%"),
+            ("memory 100\nmetrics nowhere\n", 2, "nowhere"),
+            ("memory 100\nswap /x priority z\n", 2, "z"),
+            ("memory 100\nwatermarks 50 20\n", 2, "20"),
+            ("policy a\nprocess p a\nprocess p b\n", 3, "p"),
+        ] {
+            let e = Config::parse_named(text, Path::new("/etc/usm.cfg")).unwrap_err();
+            let shown = e.to_string();
+            assert_eq!(e.line, Some(line), "{text:?}: {shown}");
+            assert!(
+                shown.starts_with(&format!("/etc/usm.cfg:{line}: ")),
+                "{text:?}: {shown}"
+            );
+            assert!(shown.contains(&format!("`{token}`")), "{text:?}: {shown}");
+        }
+    }
+
+    #[test]
+    fn non_utf8_names_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.cfg");
+        std::fs::write(&path, b"memory 100\nworkers 1\nprocess \xff\xfe p\n").unwrap();
+        let e = Config::load(&path).unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert_eq!(e.kind, ConfigErrorKind::NotUtf8);
+    }
+
+    /// `check-config /dev/zero` once read until memory ran out.
+    #[test]
+    fn devices_directories_and_fifos_are_refused_without_reading() {
+        let e = Config::load(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(
+            e.kind,
+            ConfigErrorKind::NotRegularFile("a character device")
+        );
+        assert_eq!(e.line, None);
+        assert!(
+            e.to_string()
+                .starts_with("/dev/zero: not a regular file (a character device)"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let e = Config::load(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ConfigErrorKind::NotRegularFile("a directory"));
+
+        // A FIFO with no writer: opening it for reading used to wait forever.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(Config::load(&f));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("Config::load blocked on a FIFO");
+        assert_eq!(
+            got.unwrap_err().kind,
+            ConfigErrorKind::NotRegularFile("a FIFO")
+        );
+
+        // A symlink to a device is judged by what it points to.
+        let link = dir.path().join("link.cfg");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        assert_eq!(
+            Config::load(&link).unwrap_err().kind,
+            ConfigErrorKind::NotRegularFile("a character device")
+        );
+    }
+
+    #[test]
+    fn files_over_the_limit_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.cfg");
+        let f = std::fs::File::create(&path).unwrap();
+        // Sparse: no disk is used for the hole.
+        f.set_len(MAX_CONFIG_BYTES + 1).unwrap();
+        let e = Config::load(&path).unwrap_err();
+        assert_eq!(
+            e.kind,
+            ConfigErrorKind::TooLarge {
+                size: MAX_CONFIG_BYTES + 1
+            }
+        );
+        assert_eq!(e.line, None);
+        assert!(e.to_string().contains("over the limit"), "{e}");
+        // Exactly at the limit is read (and parsed: a hole is NUL bytes, refused with a line).
+        f.set_len(MAX_CONFIG_BYTES).unwrap();
+        let e = Config::load(&path).unwrap_err();
+        assert_eq!(e.line, Some(1));
+        assert!(matches!(e.kind, ConfigErrorKind::Unprintable(_)), "{e}");
+    }
+
+    fn many_rules(lines: usize) -> String {
+        let mut text = String::from("memory 100\n");
+        for i in 0..lines / 2 {
+            text.push_str(&format!(
+                "policy policy-number-{i:08}\n\
+                 process some-program-name-{i:08} policy-number-{i:08}\n"
+            ));
+        }
+        text
+    }
+
+    /// Fastest of three parses (the least disturbed by other work on the machine).
+    fn parse_time(text: &str) -> std::time::Duration {
+        (0..3)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                let c = Config::parse(text).unwrap();
+                let d = t.elapsed();
+                assert!(c.processes.len() * 2 + 1 >= text.lines().count());
+                d
+            })
+            .min()
+            .unwrap()
+    }
+
+    /// 10 MB of `process`/`policy` lines once took over a minute (each line scanned all
+    /// earlier ones). The bound is not a benchmark: it is generous, and the shape (4x the
+    /// lines cost well under 16x the time) is what a quadratic parser cannot meet.
+    #[test]
+    fn parsing_is_linear_in_the_number_of_rules() {
+        let small = many_rules(50_000);
+        let large = many_rules(200_000);
+        assert!(large.len() > 8_000_000, "{} bytes", large.len());
+        let t_small = parse_time(&small);
+        let t_large = parse_time(&large);
+        assert!(
+            t_large < std::time::Duration::from_secs(5),
+            "200k lines took {t_large:?}"
+        );
+        let ratio = t_large.as_secs_f64() / t_small.as_secs_f64().max(1e-6);
+        assert!(
+            ratio < 10.0,
+            "4x the lines took {ratio:.1}x the time ({t_small:?} -> {t_large:?}): not linear"
         );
     }
 }

@@ -102,8 +102,8 @@
 
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::Arc;
 use std::time::Instant;
+use usm_sync::Arc;
 
 use crate::device::SwapDevice;
 use crate::entry::{DeviceId, SwapEntry, Ticket};

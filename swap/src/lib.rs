@@ -16,7 +16,7 @@
 //! # A swap-out and a swap-in
 //!
 //! ```no_run
-//! use std::sync::Arc;
+//! use usm_sync::Arc;
 //! use usm_swap::{DeviceId, Engine, EngineConfig, PageBuf, SwapDevice, SwapSpace};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -52,7 +52,8 @@
 //! # Many threads, one engine: [`SwapIoThread`]
 //!
 //! ```no_run
-//! use std::sync::{Arc, mpsc};
+//! use std::sync::mpsc;
+//! use usm_sync::Arc;
 //! use usm_swap::{EngineConfig, PageBuf, SwapIoThread, SwapSpace};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -79,6 +80,7 @@ pub mod header;
 pub mod io_thread;
 pub mod slots;
 pub mod stats;
+#[allow(unsafe_code)] // the system calls: every unsafe block of the crate lives here
 pub mod sys;
 pub mod zram;
 

@@ -37,7 +37,7 @@
 //! OOM policy.
 
 use std::ops::Range;
-use std::sync::Arc;
+use usm_sync::Arc;
 
 use bitvec::prelude::{BitVec, Lsb0};
 use usm_sync::atomic::{AtomicUsize, Ordering};

@@ -2,12 +2,14 @@
 //! completion modes, the eventfd, staging buffers, back-pressure, and the error paths
 //! (short read from a truncated file, write on a read-only descriptor).
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use usm_sync::{Arc, Mutex};
 
 use common::{check_page, disk_tempdir, fill_page, pipeline};
 use usm_swap::{

@@ -3,12 +3,15 @@
 //! engine through [`SwapIoThread`]. A lost completion shows up as a timed-out sleep or a
 //! timed-out waiter, never as a hang of the test.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, mpsc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use usm_sync::Arc;
 
 use common::{check_page, disk_tempdir, fill_page};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -394,8 +397,8 @@ fn swap_io_thread_reports_refused_requests_through_the_callback() {
 /// again, and a concurrent fill stops at exactly the number of slots.
 #[test]
 fn swap_space_shared_by_threads_never_hands_out_a_slot_twice() {
-    use std::sync::atomic::{AtomicU8, Ordering};
     use usm_swap::{SwapError, SwapSpace};
+    use usm_sync::atomic::{AtomicU8, Ordering};
 
     fn assert_sync<T: Send + Sync>() {}
     assert_sync::<SwapSpace>();

@@ -11,27 +11,78 @@
 //! - Keep capacities behind [`cfg_loom_or`] so the models stay small enough to finish.
 //! - Spin loops call [`hint::spin_loop`] from here: under loom it yields to the model.
 
+//! - The types are *aliases* of std's (or loom's), not re-exports: the root
+//!   `clippy.toml` forbids `std::sync::{Arc, Mutex, RwLock, Condvar}` and the std atomics
+//!   by name, and an alias is a name of its own, so `usm_sync::Arc` passes where
+//!   `std::sync::Arc` is refused. Code that truly needs std's own type (a `static`
+//!   shared with a signal handler, an API that names `std::sync::Arc`) says so with an
+//!   `#[allow(clippy::disallowed_types)]` and its reason.
+
 #![no_std]
+// The shim is the one place that names std's and loom's synchronisation types.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
+#![deny(unsafe_code)]
 extern crate std;
 
-#[cfg(not(loom))]
-pub use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-
 #[cfg(loom)]
-pub use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
+use loom::sync as backend;
+#[cfg(not(loom))]
+use std::sync as backend;
+
+/// A thread-safe reference-counted pointer (`std::sync::Arc`; loom's under `cfg(loom)`).
+pub type Arc<T> = backend::Arc<T>;
+/// A mutual-exclusion lock (`std::sync::Mutex`; loom's under `cfg(loom)`).
+pub type Mutex<T> = backend::Mutex<T>;
+/// The guard of a [`Mutex`].
+pub type MutexGuard<'a, T> = backend::MutexGuard<'a, T>;
+/// A condition variable for [`Mutex`] (`std::sync::Condvar`; loom's under `cfg(loom)`).
+pub type Condvar = backend::Condvar;
+/// A reader-writer lock (`std::sync::RwLock`; loom's under `cfg(loom)`).
+pub type RwLock<T> = backend::RwLock<T>;
+/// The shared guard of a [`RwLock`].
+pub type RwLockReadGuard<'a, T> = backend::RwLockReadGuard<'a, T>;
+/// The exclusive guard of a [`RwLock`].
+pub type RwLockWriteGuard<'a, T> = backend::RwLockWriteGuard<'a, T>;
 
 /// Atomic integers and fences.
 pub mod atomic {
     #[cfg(not(loom))]
-    pub use core::sync::atomic::{
-        AtomicBool, AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
-        fence,
-    };
+    use core::sync::atomic as backend;
     #[cfg(loom)]
-    pub use loom::sync::atomic::{
-        AtomicBool, AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
-        fence,
-    };
+    use loom::sync::atomic as backend;
+
+    pub use backend::Ordering;
+
+    /// An atomic `bool`.
+    pub type AtomicBool = backend::AtomicBool;
+    /// An atomic `i8`.
+    pub type AtomicI8 = backend::AtomicI8;
+    /// An atomic `i16`.
+    pub type AtomicI16 = backend::AtomicI16;
+    /// An atomic `i32`.
+    pub type AtomicI32 = backend::AtomicI32;
+    /// An atomic `i64`.
+    pub type AtomicI64 = backend::AtomicI64;
+    /// An atomic `isize`.
+    pub type AtomicIsize = backend::AtomicIsize;
+    /// An atomic `u8`.
+    pub type AtomicU8 = backend::AtomicU8;
+    /// An atomic `u16`.
+    pub type AtomicU16 = backend::AtomicU16;
+    /// An atomic `u32`.
+    pub type AtomicU32 = backend::AtomicU32;
+    /// An atomic `u64`.
+    pub type AtomicU64 = backend::AtomicU64;
+    /// An atomic `usize`.
+    pub type AtomicUsize = backend::AtomicUsize;
+    /// An atomic raw pointer.
+    pub type AtomicPtr<T> = backend::AtomicPtr<T>;
+
+    /// A memory fence (`core::sync::atomic::fence`; loom's under `cfg(loom)`).
+    #[inline(always)]
+    pub fn fence(order: Ordering) {
+        backend::fence(order);
+    }
 }
 
 /// Threads (spawning, yielding, parking).

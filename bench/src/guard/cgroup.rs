@@ -18,8 +18,8 @@ use std::fs;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+use usm_sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use usm_sync::atomic::{AtomicU64, Ordering};

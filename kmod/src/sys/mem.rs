@@ -12,7 +12,11 @@ use crate::frame::PAGE_SIZE;
 use nix::errno::Errno;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+// Words of a mapping (possibly shared with another process) are accessed through std's
+// `AtomicU64::from_ptr`, which loom has no counterpart of.
+#[allow(clippy::disallowed_types)]
+use std::sync::atomic::AtomicU64;
+use usm_sync::atomic::Ordering;
 
 /// Page protection of a [`Mapping`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,6 +295,7 @@ impl Mapping {
         })
     }
 
+    #[allow(clippy::disallowed_types)] // std's AtomicU64 over mapped memory (see the import)
     fn atomic_u64(&self, offset: usize) -> Result<&AtomicU64> {
         if offset % 8 != 0 || offset + 8 > self.len {
             return Err(Error::InvalidArgument(

@@ -1,6 +1,7 @@
 //! Helpers shared by the kmod integration tests. Every `unsafe` block is in [`sys`].
 #![allow(dead_code, unreachable_pub)]
 
+#[allow(unsafe_code)] // the tests' system calls: their only unsafe code
 pub mod sys;
 
 use std::time::{Duration, Instant};
@@ -8,15 +9,15 @@ use usm_kmod::{Features, OpenFlags, RawUserfaultfd, UffdEvent, Userfaultfd};
 
 pub const PAGE: u64 = 4096;
 
-/// True when running as root; the kmod tests need it (userfaultfd handler mode,
-/// EVENT_FORK, mlock). Prints why a test is skipped otherwise.
+/// The kmod tests need root (userfaultfd handler mode, EVENT_FORK, mlock): fails the
+/// test with the reason otherwise (CI runs as root; a test that cannot run must not pass).
+/// Returns `true` so call sites read `if !require_root(..) { return; }`.
 pub fn require_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("SKIP {test}: needs root (userfaultfd handler mode / mlock)");
-        false
-    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "{test} needs root (userfaultfd handler mode / mlock): run the tests as root"
+    );
+    true
 }
 
 /// A handler-mode userfaultfd with `required` features.

@@ -2,8 +2,8 @@
 //! mmap / mremap / munmap / madvise on raw ranges, fork, and the SIGBUS handler.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use usm_kmod::{CopyMode, MoveMode, Resolved, Userfaultfd, ZeropageMode};
+use usm_sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Maps `len` bytes of private anonymous RW memory (not populated); returns the address.
 pub fn mmap_anon(len: usize) -> u64 {

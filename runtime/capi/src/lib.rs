@@ -12,6 +12,11 @@
 //! if (usm_hint(table, 64 << 20, "cold") != 0) { /* not managed: nothing to do */ }
 //! ```
 
+#![deny(unsafe_code)]
+// std::sync uses in runtime/** are converted when the daemon rewrite lands
+#![allow(clippy::disallowed_types)]
+
+#[allow(unsafe_code)] // the system calls: every unsafe block of the crate lives here
 mod sys;
 
 pub use sys::usm_hint;

@@ -222,6 +222,16 @@ impl AgentClient {
         mut fds: Vec<OwnedFd>,
     ) -> Result<AgentClient, ProtoError> {
         check_entries(ring_entries)?;
+        // The tagger chose the staging area: every slot address must be computable
+        // (`staging_addr`) without wrapping.
+        let staging_end = u64::from(staging_pages)
+            .checked_mul(4096)
+            .and_then(|len| staging_start.checked_add(len));
+        if staging_start % 4096 != 0 || staging_pages > MAX_STAGING_PAGES || staging_end.is_none() {
+            return Err(ProtoError::BadAgentSetup {
+                why: "staging area is unaligned, larger than 1 GiB or wraps the address space",
+            });
+        }
         if fds.len() != 3 {
             return Err(ProtoError::BadFdCount {
                 message: "AgentReady",

@@ -72,12 +72,17 @@
 //! descriptor where none is expected (or none where Hello needs one), is refused at the
 //! socket layer with a [`ProtoError`].
 
+#![deny(unsafe_code)]
+// std::sync uses in runtime/** are converted when the daemon rewrite lands
+#![allow(clippy::disallowed_types)]
+
 pub mod agent;
 pub mod client;
 pub mod coverage;
 mod error;
 pub mod preload;
 pub mod server;
+#[allow(unsafe_code)] // the system calls: every unsafe block of the crate lives here
 mod sys;
 pub mod wire;
 

@@ -31,8 +31,13 @@
 //! `EVENT_FORK`. Not managed: anonymous `mmap`s made before the Ack (or, in a forked
 //! child, before its own Ack), `brk`/`sbrk` called directly by the program.
 
+#![deny(unsafe_code)]
+// std::sync uses in runtime/** are converted when the daemon rewrite lands
+#![allow(clippy::disallowed_types)]
+
 mod agent;
 mod ranges;
 mod session;
 mod state;
+#[allow(unsafe_code)] // the system calls: every unsafe block of the crate lives here
 mod sys;

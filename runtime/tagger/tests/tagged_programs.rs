@@ -29,8 +29,7 @@ struct Keep {
 /// `None` (the reason printed) where this machine has no userfaultfd.
 fn managed_workload(args: &[&str]) -> Option<(Program, Served, Keep)> {
     if let Some(why) = support::sys::userfaultfd_unavailable() {
-        eprintln!("SKIP: {why}");
-        return None;
+        panic!("needs a handler-mode userfaultfd (run the tests as root, as CI does): {why}");
     }
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();
@@ -210,8 +209,7 @@ fn daemon_absent_one_warning_and_the_program_runs() {
 #[test]
 fn refused_program_runs_unmanaged_with_one_warning() {
     if let Some(why) = support::sys::userfaultfd_unavailable() {
-        eprintln!("SKIP: {why}");
-        return;
+        panic!("needs a handler-mode userfaultfd (run the tests as root, as CI does): {why}");
     }
     let tagger = tagger_so();
     let work = tempfile::tempdir().unwrap();
@@ -296,8 +294,7 @@ fn daemon_death_with_nothing_swapped_continues_unmanaged() {
 #[test]
 fn daemon_death_while_threads_wait_inside_malloc() {
     if let Some(why) = support::sys::userfaultfd_unavailable() {
-        eprintln!("SKIP: {why}");
-        return;
+        panic!("needs a handler-mode userfaultfd (run the tests as root, as CI does): {why}");
     }
     // Threads fault (or wait for an UNMAP event) inside malloc/free, holding the heap
     // lock, when the daemon stops serving and then dies: the tagger must detach without
@@ -334,8 +331,7 @@ fn program_with_its_own_userfaultfd_still_works() {
 #[test]
 fn usm_hint_reaches_the_daemon() {
     if let Some(why) = support::sys::userfaultfd_unavailable() {
-        eprintln!("SKIP: {why}");
-        return;
+        panic!("needs a handler-mode userfaultfd (run the tests as root, as CI does): {why}");
     }
     let tagger = tagger_so();
     let libusm = libusm_so();

@@ -64,7 +64,7 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use usm_sync::Arc;
 
     use crate::engine::{Engine, EngineConfig};
     use crate::entry::{DeviceId, SwapEntry};
