@@ -1060,7 +1060,7 @@ impl<'a> WorkerCx<'a> {
                         // are and stop holding frames, instead of being evicted.
                         continue;
                     }
-                    if self.mem.writebacks > 0 || self.mem.leaving > 0 {
+                    if self.mem.writebacks > 0 {
                         MmStats::bump(&self.core.stats.counters.memory_waits);
                         self.mem.memory_waiters |= 1 << self.worker;
                         return FaultResult::NeedMemory;
@@ -1076,6 +1076,13 @@ impl<'a> WorkerCx<'a> {
                         if self.free_total() > 0 {
                             continue;
                         }
+                    }
+                    if self.mem.leaving > 0 {
+                        // Stages in flight (a program's agent has not answered yet: it may
+                        // be stopped) and nothing else to take now: wait, never OOM.
+                        MmStats::bump(&self.core.stats.counters.memory_waits);
+                        self.mem.memory_waiters |= 1 << self.worker;
+                        return FaultResult::NeedMemory;
                     }
                     let situation = OomSituation {
                         fault: *fault,
@@ -1384,10 +1391,13 @@ impl<'a> WorkerCx<'a> {
         let span =
             tracing::debug_span!("eviction", want = req.want, worker = self.worker).entered();
         // Asynchronous stages in flight become write-backs on whichever worker finishes
-        // them: count them against the room.
-        let room = (self.io.engine.depth() as usize)
+        // them: count them against the room, but never more than half of it (a stopped
+        // program's stages may not finish for a long time and must not stop eviction; a
+        // write-back that finds no room puts its page back, nothing is lost).
+        let depth = self.io.engine.depth() as usize;
+        let room = depth
             .saturating_sub(self.io.engine.in_flight() as usize)
-            .saturating_sub(self.mem.leaving);
+            .saturating_sub(self.mem.leaving.min(depth / 2));
         let want = req.want.min(room).min(self.core.config.eviction_batch);
         let full = self.mem.swap.free_slots() == 0 && !self.core.devices.is_empty();
         if full != self.mem.swap_full {

@@ -13,9 +13,6 @@
 #![allow(clippy::disallowed_types)]
 
 pub mod config;
-// Only `daemon::sys` holds unsafe code; narrow this allow to that `mod sys` declaration
-// (in daemon/mod.rs) when the daemon rewrite lands.
-#[allow(unsafe_code)]
 pub mod daemon;
 pub mod demo;
 // `embedded::region` declares the `unsafe trait Pod` (its impls are in `sys::view`); no

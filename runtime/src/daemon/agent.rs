@@ -41,7 +41,11 @@ struct InFlight {
     frame: FrameNo,
     slot: u32,
     addr: u64,
+    sent: std::time::Instant,
 }
+
+/// An agent that has left an eviction unanswered this long gets no new ones.
+pub(crate) const STALLED: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The daemon's end of one agent.
 pub(crate) struct AgentLink {
@@ -100,19 +104,34 @@ impl AgentLink {
     }
 
     /// Phase 1: asks the agent to move the pages of `frames` (at `addrs`) out. `out[i]`:
-    /// whether the request for `frames[i]` went out (else the page stays: no free slot).
+    /// whether the request for `frames[i]` went out (else the page stays: no free slot,
+    /// or the agent has left requests unanswered for [`STALLED`] — a stopped program —
+    /// so its pages are not piled up as leaving while others could go).
     pub(crate) fn submit_evictions(
         &mut self,
         frames: &[FrameNo],
         addrs: &[u64],
         out: &mut Vec<bool>,
     ) {
+        if self.stalled() {
+            out.extend(std::iter::repeat_n(false, frames.len()));
+            return;
+        }
+        let now = std::time::Instant::now();
         let mut any = false;
         for (&frame, &addr) in frames.iter().zip(addrs) {
             let sent = self.free_slots.pop().and_then(|slot| {
                 match self.submit(AgentOp::EvictToStaging, slot, addr, 1) {
                     Some(seq) => {
-                        self.evicting.insert(seq, InFlight { frame, slot, addr });
+                        self.evicting.insert(
+                            seq,
+                            InFlight {
+                                frame,
+                                slot,
+                                addr,
+                                sent: now,
+                            },
+                        );
                         Some(())
                     }
                     None => {
@@ -127,6 +146,11 @@ impl AgentLink {
         if any {
             let _ = self.client.kick();
         }
+    }
+
+    /// Whether an eviction has waited for the agent longer than [`STALLED`].
+    fn stalled(&self) -> bool {
+        self.evicting.values().any(|f| f.sent.elapsed() > STALLED)
     }
 
     /// Phase 2: takes the agent's answers. For each eviction, `done(frame, moved)` once:

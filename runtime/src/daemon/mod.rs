@@ -58,6 +58,7 @@ mod process;
 mod sessions;
 mod sockfile;
 pub mod stats;
+#[allow(unsafe_code)] // probing a program's address space, pidfd_open
 mod sys;
 
 use std::collections::HashMap;
