@@ -1117,11 +1117,38 @@ impl<'a> WorkerCx<'a> {
                         Ok(OomAction::FailAccess(reason)) => {
                             return self.fail(addr, pid, reason.to_string());
                         }
-                        Ok(OomAction::KillLargestProcess | OomAction::KillLargestTask) => {
+                        Ok(action @ (OomAction::KillLargestProcess | OomAction::KillLargestTask)) => {
+                            // The space holding the most frames, if its installer can end
+                            // its process (daemon: SIGKILL through a pidfd). Its exit gives
+                            // the frames back; this fault waits for them unless it is the
+                            // one killed. The embedded runtime cannot end a task: the access
+                            // fails.
+                            let largest = self
+                                .mem
+                                .spaces
+                                .iter()
+                                .max_by_key(|(_, s)| s.counters.resident)
+                                .map(|(&p, _)| p);
+                            if let Some(victim) = largest
+                                && self.core.installer_in(self.mem, victim).kill()
+                            {
+                                tracing::error!(
+                                    ?action,
+                                    victim,
+                                    faulting = pid,
+                                    free_slots = self.mem.swap.free_slots(),
+                                    "out of memory: the OOM policy killed the process holding the most frames"
+                                );
+                                if victim == pid {
+                                    return self.fail(addr, pid, "out of memory: killed".into());
+                                }
+                                self.mem.memory_waiters |= 1 << self.worker;
+                                return FaultResult::NeedMemory;
+                            }
                             return self.fail(
                                 addr,
                                 pid,
-                                "out of memory: the OOM policy killed the faulting task".into(),
+                                format!("out of memory: the OOM policy asked {action:?}, which this runtime cannot do; the access fails"),
                             );
                         }
                         Err(p) => return self.fail(addr, pid, p.to_string()),
@@ -1260,7 +1287,13 @@ impl<'a> WorkerCx<'a> {
         let report = match installed {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, start, "install failed");
+                // The mapping went away under the fault (its `munmap` event is on its way
+                // to the reader, daemon mode) or the process is gone: nothing to install.
+                if matches!(&e, MmError::Kmod(k) if k.is_not_found() || k.is_mm_gone()) {
+                    tracing::debug!(error = %e, start, "install target gone");
+                } else {
+                    tracing::error!(error = %e, start, "install failed");
+                }
                 for &f in frames {
                     self.return_frame(f, zeroed);
                 }

@@ -1,8 +1,14 @@
-//! `usm-mm`: the memory manager both modes run on.
+//! `usm-mm`: the memory manager both modes run on — the embedded runtime (one space: its
+//! own process) and the InstanceUSM daemon (one space per tagged process and fork child).
+//! What differs between the modes enters through two seams only: the [`Installer`] of a
+//! space (how pages get in and out of it) and the frame pool handed to [`MmCore::new`]
+//! (embedded: the pool the regions' pages live in; daemon: a lazy pool that is the
+//! budget, its slots the daemon's copy of a page on its way in or out).
 //!
 //! # Pieces
 //! - [`Space`] ([`space`]): one address space — page states keyed by page address
-//!   ([`PageState`]: Resident / Sampled / Copied / Staging / Swapped / SwapIn / Poisoned), managed
+//!   ([`PageState`]: Resident / Sampled / Copied / Leaving / Staging / Swapped / SwapIn /
+//!   Poisoned), managed
 //!   ranges with a per-range generation (fencing address reuse), a [`usm_policies::HintMap`],
 //!   pins, counters.
 //! - [`MmCore`] (module `core`): shared by all workers — the frame pool, the
@@ -13,8 +19,18 @@
 //!   (a private `WorkerCx` over the locked state, with memory state and eviction policy
 //!   in separate fields so `Cx::evict` can run the eviction policy mid-allocation).
 //! - [`Installer`] ([`installer`]): *how* frames get into and out of an address space
-//!   (embedded: `usm_runtime`'s `SameMmInstaller`, same-mm `UFFDIO_COPY` in / `UFFDIO_MOVE` out, see
-//!   [`InstallMode`]; the daemon brings its own).
+//!   (embedded: `usm_runtime`'s `SameMmInstaller`, same-mm `UFFDIO_COPY` in /
+//!   `UFFDIO_MOVE` out, see [`InstallMode`]; daemon: `usm_runtime`'s `RemoteInstaller`,
+//!   cross-process `UFFDIO_COPY` in, the tagger's agent out). The core's installer is the
+//!   default; a space may bring its own ([`MmCore::add_process`]).
+//! - Address spaces of other processes (module `core::process`): spaces with their own
+//!   installer and one allocation policy per process, ranges that follow the
+//!   userfaultfd events (`munmap` / `madvise(DONTNEED)` → [`MmCore::discard`], `mremap`
+//!   → [`MmCore::remap`], `fork` → [`MmCore::fork_space`], exit →
+//!   [`MmCore::remove_space`]), faults on unmanaged addresses answered
+//!   [`FaultResult::Foreign`] so the host makes the mapping managed
+//!   ([`MmCore::manage`]), policy notifications with a full `Cx`
+//!   ([`WorkerMm::notify_alloc`]), and asynchronous stages ([`WorkerMm::finish_stage`]).
 //! - [`MmStats`] ([`stats`]): counters and latency histograms per [`FaultPath`];
 //!   [`StatsSnapshot`] is `serde::Serialize`.
 //!
@@ -79,6 +95,27 @@
 //! still MOVE the page out (the app's PTE must be cleared atomically so no write is lost):
 //! one flush per victim or sample. Measured: see [`installer`] and bench/results/storm.md.
 //!
+//! # Asynchronous stages (daemon: eviction through the tagger's agent)
+//! [`Installer::stage_many`] may answer [`StageOutcome::Pending`]: the page becomes
+//! [`PageState::Leaving`] (its frame still the core's, its swap entry reserved) and the
+//! core's lock is released — nothing waits for another process. When the installer's
+//! owner learns the outcome it calls [`WorkerMm::finish_stage`] on a worker: moved (the
+//! content is in the frame's slot, the frame Staging) → the write-back is queued as for
+//! any staged page; stayed → Resident again. Faults on a Leaving page wait (woken by the
+//! finish). A Leaving page freed meanwhile is fenced: its frame is released at the finish;
+//! if the address holds a newer page by then, what was moved (the agent only names an
+//! address) is that page's content and is copied back. Stages in flight count against
+//! eviction's room only up to half of it, and a fault waits for them only when nothing
+//! else can be evicted: a stopped program delays only its own eviction.
+//!
+//! # Never vacant, never zeros
+//! A swap-in or swap-cache hit whose install cannot be done *now* (`EAGAIN`: the address
+//! space is changing, an event waits for its reader — daemon mode) leaves the page
+//! `Swapped` / staged, never vacant: the fault comes again after the event is applied.
+//! A write-back whose page cannot be put back after a failed queueing stays in its frame's
+//! slot as a `Sampled` page. A panicking eviction policy is replaced by `fifo`, which is
+//! told every resident page.
+//!
 //! # Pins
 //! [`MmCore::pin`] / [`MmCore::unpin`] count pins per page; a pinned page is never chosen
 //! or staged. The embedded I/O helpers pin, then pre-fault, then run the syscall.
@@ -116,7 +153,12 @@
 //! re-fault re-arms it); a write re-fault drops the copy.
 //!
 //! # API stability
-//! Extend, don't break: the daemon builds on these types. Changes are noted here.
+//! Extend, don't break: both modes build on these types. Changes are noted here.
+//! - 2026-12-07: crate `usm-mm` (was `usm_runtime::mm`, still re-exported there);
+//!   per-space installers and policies (`add_process`, `fork_space`, `discard`, `remap`,
+//!   `manage`, `remove_space`), `Installer::{stage_many, copy_staged, kill}`,
+//!   [`StageOutcome`], [`PageState::Leaving`], [`WorkerMm::finish_stage`],
+//!   [`WorkerMm::notify_alloc`]; `MmConfig::priorities`.
 //! - 2026-11-22: [`InstallMode`]; [`Installer::install_zeroed`] (default: `install`);
 //!   `SameMmInstaller` is a struct with a `mode` field (was a unit struct: use
 //!   `SameMmInstaller::default()` / `::new(mode)`).

@@ -2,8 +2,8 @@
 //! daemon and the embedded runtime; home of the `usm` command.
 //!
 //! - [`config`]: the USM cfg format.
-//! - [`mm`]: the memory-manager core both modes share: per-space page states, the policy
-//!   context (`usm_policies::Cx`) over a worker's arena, swap-in and eviction pipelines.
+//! - [`mm`]: the memory manager both modes run on (the `usm-mm` crate, re-exported): the
+//!   embedded runtime and the daemon differ only in the installers and pool they give it.
 //! - [`embedded`]: the embedded runtime (`Runtime`, `Region`, the SIGBUS fault path).
 //! - [`daemon`]: InstanceUSM, the daemon that manages tagged programs.
 //! - [`demo`]: the swap-storm demo the README's main command runs.
