@@ -73,11 +73,13 @@
 
 mod driver;
 mod error;
+mod net;
 mod region;
 mod runtime;
 
 pub use crate::mm::InstallMode;
 pub use error::EmbeddedError;
+pub use net::{Net, NetError, TcpListener, TcpStream};
 pub use region::{PinGuard, Pod, Region, RegionVec};
 pub use runtime::{Builder, Runtime, SwapInMode};
 pub use usm_localmanager::{JoinError, JoinHandle, ShutdownReport, WakerMode};

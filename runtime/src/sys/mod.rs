@@ -3,6 +3,7 @@
 
 pub(crate) mod install;
 pub(crate) mod io;
+pub(crate) mod net;
 pub(crate) mod sigbus;
 pub(crate) mod spawn;
 pub(crate) mod view;
