@@ -142,6 +142,7 @@ fn serve_kv(serve: Serve) -> BoxResult<()> {
             max_value: 1 << 20,
             max_key: 1024,
         },
+        usm: usm_kv::UsmKnobs::default(),
     };
     let running = usm_kv::start(&config)?;
     println!("listening {}", running.addr);
@@ -152,10 +153,21 @@ fn serve_kv(serve: Serve) -> BoxResult<()> {
     Ok(())
 }
 
+/// One load point of one side: the generator's figures and the server's CPU time.
+#[derive(Debug, Serialize)]
+struct Point {
+    #[serde(flatten)]
+    load: LoadResult,
+    /// Server CPU seconds (user + system) over the whole point (warm-up and drain too).
+    server_cpu_s: f64,
+    /// Server CPU microseconds per completed request.
+    server_cpu_us_per_request: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct SideResult {
     side: String,
-    points: Vec<LoadResult>,
+    points: Vec<Point>,
     preload_s: f64,
     preload_errors: u64,
     rss_kib_end: u64,
@@ -185,6 +197,22 @@ impl Server {
         self.cgroup.take()
     }
 
+    /// User + system CPU seconds of the server process so far.
+    fn cpu_s(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may contain spaces) start after ')'.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')'.
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        (ticks(11) + ticks(12)) as f64 / hz
+    }
+
     fn proc_kib(&self, field: &str) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .ok()
@@ -194,6 +222,16 @@ impl Server {
                     .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
             })
             .unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    /// A side that failed midway still leaves no server behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -358,7 +396,8 @@ fn run(a: &Args) -> BoxResult<()> {
         .tempdir_in(&a.swap_dir)?;
     // Kernel swap for the cgroup sides: a swap file on the same ext4 disk as USM's.
     let kernel_swap = if a.external.is_none() && a.sides.iter().any(|s| s != "usm") {
-        Some(SwapFile::create(run_dir.path(), dataset * 3, 10)?)
+        // Generous: the swap is global, other workloads on the machine may use it too.
+        Some(SwapFile::create(run_dir.path(), dataset * 6, 10)?)
     } else {
         None
     };
@@ -378,13 +417,43 @@ fn run(a: &Args) -> BoxResult<()> {
         None => a.sides.clone(),
     };
     for side in &sides {
+        match run_side(a, side, keys, budget, run_dir.path()) {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                // A side that fails (e.g. OOM-killed) is reported, and the others still run.
+                eprintln!("  {side}: FAILED: {e}");
+                results.push(SideResult {
+                    side: side.clone(),
+                    points: Vec::new(),
+                    preload_s: 0.0,
+                    preload_errors: 0,
+                    rss_kib_end: 0,
+                    swap_kib_end: 0,
+                    note: format!("failed: {e}"),
+                });
+            }
+        }
+    }
+    drop(kernel_swap);
+    let load_end = loadavg();
+    write_outputs(a, keys, dataset, &results, &load_start, &load_end)
+}
+
+fn run_side(
+    a: &Args,
+    side: &str,
+    keys: u64,
+    budget: u64,
+    run_dir: &std::path::Path,
+) -> BoxResult<SideResult> {
+    {
         let server = match a.external {
             Some(addr) => Server {
                 child: Command::new("sleep").arg("1000000").spawn()?,
                 addr,
                 cgroup: None,
             },
-            None => start_side(side, a, keys, budget, run_dir.path())?,
+            None => start_side(side, a, keys, budget, run_dir)?,
         };
         let protocol = if side == "memcached" {
             Protocol::Memcached
@@ -392,7 +461,11 @@ fn run(a: &Args) -> BoxResult<()> {
             Protocol::Resp
         };
         let t0 = Instant::now();
-        let preload_errors = kvload::preload(server.addr, protocol, keys, a.value_size, 8)?;
+        // memcached was OOM-killed in its cgroup when 8 connections preloaded at once
+        // (reclaim could not keep up); one connection lets kernel swap follow.
+        let preload_conns = if side == "memcached" { 1 } else { 8 };
+        let preload_errors =
+            kvload::preload(server.addr, protocol, keys, a.value_size, preload_conns)?;
         let preload_s = t0.elapsed().as_secs_f64();
         eprintln!("  {side}: preloaded in {preload_s:.1} s ({preload_errors} errors)");
         let mut points = Vec::new();
@@ -412,16 +485,29 @@ fn run(a: &Args) -> BoxResult<()> {
                 drain: Duration::from_secs(3),
                 seed: 42 + i as u64,
             };
+            let cpu0 = server.cpu_s();
             let r = kvload::run(&spec)?;
+            let cpu = server.cpu_s() - cpu0;
             eprintln!(
-                "  {side} @ {rate:>8.0}/s: achieved {:>8.0}/s  p50 {:>9.1} us  p99 {:>10.1} us  p99.9 {:>10.1} us  lost {} errors {} misses {}",
-                r.achieved_rps, r.p50_us, r.p99_us, r.p999_us, r.lost, r.errors, r.misses
+                "  {side} @ {rate:>8.0}/s: achieved {:>8.0}/s  p50 {:>9.1} us  p99 {:>10.1} us  p99.9 {:>10.1} us  lost {} errors {} misses {}  server CPU {:.1} us/req",
+                r.achieved_rps,
+                r.p50_us,
+                r.p99_us,
+                r.p999_us,
+                r.lost,
+                r.errors,
+                r.misses,
+                cpu * 1e6 / r.completed.max(1) as f64
             );
-            points.push(r);
+            points.push(Point {
+                server_cpu_us_per_request: cpu * 1e6 / r.completed.max(1) as f64,
+                server_cpu_s: cpu,
+                load: r,
+            });
         }
         let rss = server.proc_kib("VmRSS:");
         let swap = server.proc_kib("VmSwap:");
-        let note = match side.as_str() {
+        let note = match side {
             "usm" => "USM pool = budget, USM swap file, no cgroup".into(),
             _ => format!(
                 "memory cgroup v1 limit {} MiB, kernel swap file",
@@ -431,19 +517,16 @@ fn run(a: &Args) -> BoxResult<()> {
         if let Some(cg) = server.stop() {
             let _ = cg.remove();
         }
-        results.push(SideResult {
-            side: side.clone(),
+        Ok(SideResult {
+            side: side.to_string(),
             points,
             preload_s,
             preload_errors,
             rss_kib_end: rss,
             swap_kib_end: swap,
             note,
-        });
+        })
     }
-    drop(kernel_swap);
-    let load_end = loadavg();
-    write_outputs(a, keys, dataset, &results, &load_start, &load_end)
 }
 
 fn write_outputs(
@@ -486,11 +569,15 @@ fn write_outputs(
         a.duration,
         a.warmup
     ));
-    md.push_str("| side | offered/s | achieved/s | p50 us | p99 us | p99.9 us | lost | errors | misses |\n|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| side | offered/s | achieved/s | p50 us | p99 us | p99.9 us | lost | errors | misses | server CPU us/req |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for s in results {
-        for p in &s.points {
+        if s.points.is_empty() {
+            md.push_str(&format!("| {} | {} | | | | | | | | |\n", s.side, s.note));
+        }
+        for pt in &s.points {
+            let p = &pt.load;
             md.push_str(&format!(
-                "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} |\n",
+                "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {:.1} |\n",
                 s.side,
                 p.offered_rps,
                 p.achieved_rps,
@@ -499,18 +586,19 @@ fn write_outputs(
                 p.p999_us,
                 p.lost,
                 p.errors,
-                p.misses
+                p.misses,
+                pt.server_cpu_us_per_request
             ));
         }
     }
     // USM's p99 against the best kernel side at each offered load.
     if let Some(usm) = results.iter().find(|s| s.side == "usm") {
         md.push_str("\n| offered/s | usm p99 us | best kernel side | its p99 us | usm / kernel p99 |\n|---|---|---|---|---|\n");
-        for (i, p) in usm.points.iter().enumerate() {
+        for (i, p) in usm.points.iter().map(|p| &p.load).enumerate() {
             let best = results
                 .iter()
                 .filter(|s| s.side != "usm")
-                .filter_map(|s| s.points.get(i).map(|q| (s.side.as_str(), q.p99_us)))
+                .filter_map(|s| s.points.get(i).map(|q| (s.side.as_str(), q.load.p99_us)))
                 .min_by(|x, y| x.1.total_cmp(&y.1));
             if let Some((name, k)) = best {
                 md.push_str(&format!(
@@ -526,6 +614,7 @@ fn write_outputs(
             let best = s
                 .points
                 .iter()
+                .map(|p| &p.load)
                 .filter(|p| p.p99_us <= 1000.0 && p.lost == 0)
                 .map(|p| p.achieved_rps)
                 .fold(0.0f64, f64::max);
@@ -556,7 +645,7 @@ fn write_outputs(
                 points: s
                     .points
                     .iter()
-                    .map(|p| (p.offered_rps, p.p99_us.max(1.0).log10()))
+                    .map(|p| (p.load.offered_rps, p.load.p99_us.max(1.0).log10()))
                     .collect(),
             })
             .collect(),

@@ -83,6 +83,19 @@ pub struct KvConfig {
     pub swap_size: u64,
     /// Store sizes.
     pub store: StoreConfig,
+    /// USM policy knobs (USM mode).
+    pub usm: UsmKnobs,
+}
+
+/// Policy knobs of the USM runtime (see `usm_runtime::embedded::Builder`).
+#[derive(Debug, Clone, Default)]
+pub struct UsmKnobs {
+    /// Eviction policy spec (`clock`, `fifo`, `hints`); the runtime's default if `None`.
+    pub evict: Option<String>,
+    /// Re-fault access sampling for the eviction policy; the runtime's default if `None`.
+    pub access_sampling: Option<bool>,
+    /// Free-frame watermarks (low, high) in frames; derived from the pool if `None`.
+    pub watermarks: Option<(usize, usize)>,
 }
 
 /// A running server: its address, and how to stop it.
@@ -119,6 +132,15 @@ fn start_usm(config: &KvConfig) -> Result<Running, KvError> {
     let mut builder = Runtime::builder()
         .workers(config.workers)
         .pool_frames(config.pool.div_ceil(4096));
+    if let Some(evict) = &config.usm.evict {
+        builder = builder.evict_policy(evict);
+    }
+    if let Some(on) = config.usm.access_sampling {
+        builder = builder.access_sampling(on);
+    }
+    if let Some((low, high)) = config.usm.watermarks {
+        builder = builder.watermarks(low, high);
+    }
     if let Some(path) = &config.swap {
         builder = if path.exists() {
             builder.swap_device(path)
@@ -146,12 +168,20 @@ fn start_usm(config: &KvConfig) -> Result<Running, KvError> {
             Some(rt) => {
                 let s = rt.stats();
                 format!(
-                    "# USM\r\npool_frames:{}\r\nfaults:{}\r\nswap_ins:{}\r\nevicted:{}\r\nswap_slots_used:{}\r\n",
+                    "# USM\r\npool_frames:{}\r\nfaults:{}\r\nswap_ins:{}\r\nevicted:{}\r\nswap_slots_used:{}\r\n\
+                     memory_waits:{}\r\nsamples_taken:{}\r\nsample_refaults:{}\r\n\
+                     swap_in_p50_us:{:.1}\r\nswap_in_p99_us:{:.1}\r\nfast_map_p99_us:{:.1}\r\n",
                     rt.mm().pool().len(),
                     s.mm.faults,
                     s.mm.swap_ins,
                     s.mm.evicted,
-                    s.swap_slots_used
+                    s.swap_slots_used,
+                    s.mm.memory_waits,
+                    s.mm.samples_taken,
+                    s.mm.sample_refaults,
+                    s.mm.swap_in.p50_ns as f64 / 1e3,
+                    s.mm.swap_in.p99_ns as f64 / 1e3,
+                    s.mm.fast_map.p99_ns as f64 / 1e3,
                 )
             }
             None => String::new(),

@@ -48,9 +48,40 @@ struct Args {
     /// Largest value accepted.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     max_value: u64,
+    /// USM eviction policy (clock, fifo, hints) [default: the runtime's, clock].
+    #[arg(long)]
+    evict: Option<String>,
+    /// USM re-fault access sampling for the eviction policy: on or off [default: on].
+    #[arg(long)]
+    access_sampling: Option<Switch>,
+    /// USM free-frame watermarks LOW,HIGH in frames [default: derived from the pool].
+    #[arg(long, value_parser = parse_pair)]
+    watermarks: Option<(usize, usize)>,
     /// Shards (a power of two).
     #[arg(long, default_value_t = 32)]
     shards: usize,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+fn parse_pair(s: &str) -> Result<(usize, usize), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("{s:?}: expected LOW,HIGH"))?;
+    let n = |x: &str| {
+        x.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{x:?} is not a number"))
+    };
+    let (low, high) = (n(a)?, n(b)?);
+    if low >= high {
+        return Err(format!("watermarks {low},{high}: LOW must be below HIGH"));
+    }
+    Ok((low, high))
 }
 
 fn main() {
@@ -95,6 +126,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         swap: args.swap,
         swap_size: args.swap_size,
         store,
+        usm: usm_kv::UsmKnobs {
+            evict: args.evict,
+            access_sampling: args.access_sampling.map(|s| matches!(s, Switch::On)),
+            watermarks: args.watermarks,
+        },
     };
     // Block the stop signals before any thread exists (they inherit the mask), so only
     // the `wait` below receives them.
