@@ -50,6 +50,9 @@ pub(crate) struct FaultDriver {
     uthreads: HashMap<u32, Waiting>,
     external: HashMap<usize, Waiting>,
     faulted: Vec<FaultedUThread>,
+    /// Swap I/O was in flight at the last poll: its eventfd may hold a signal posted after
+    /// that poll's drain.
+    swap_signal_stale: bool,
 }
 
 impl FaultDriver {
@@ -62,6 +65,7 @@ impl FaultDriver {
             uthreads: HashMap::new(),
             external: HashMap::new(),
             faulted: Vec::new(),
+            swap_signal_stale: false,
         }
     }
 
@@ -129,7 +133,19 @@ impl FaultDriver {
 
 impl Driver for FaultDriver {
     fn poll(&mut self, cx: &mut DriverContext<'_>) -> usize {
+        // The swap engine's eventfd is one of this worker's wake fds: consume its signals
+        // before reaping (the engine's documented order). Left unread it stays readable
+        // and a parked worker wakes at once, again and again (measured: ~100 000 wake-ups/s
+        // per worker, ~0.65 of a core, on an idle server once swap I/O had happened).
+        let io_before = self.wm.in_flight() > 0;
+        if (io_before || self.swap_signal_stale)
+            && let Some(fd) = self.wm.eventfd()
+        {
+            let mut count = [0u8; 8];
+            let _ = nix::unistd::read(fd, &mut count);
+        }
         let mut n = self.wm.poll();
+        self.swap_signal_stale = io_before;
         // Network completions, in the same round as swap I/O.
         n += self.shared.net[self.wm.worker()].poll();
         if self.shared.woken[self.wm.worker()].swap(false, Ordering::AcqRel) {
