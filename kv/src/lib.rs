@@ -171,7 +171,7 @@ fn start_usm(config: &KvConfig) -> Result<Running, KvError> {
                     "# USM\r\npool_frames:{}\r\nfaults:{}\r\nswap_ins:{}\r\nevicted:{}\r\nswap_slots_used:{}\r\n\
                      memory_waits:{}\r\nsamples_taken:{}\r\nsample_refaults:{}\r\n\
                      swap_in_p50_us:{:.1}\r\nswap_in_p99_us:{:.1}\r\nfast_map_p99_us:{:.1}\r\n\
-                     pool_free:{}\r\npool_staging:{}\r\nio_in_flight:{}\r\nworker_parks:{}\r\n",
+                     pool_free:{}\r\npool_staging:{}\r\nio_in_flight:{}\r\nworker_parks:{:?}\r\n",
                     rt.mm().pool().len(),
                     s.mm.faults,
                     s.mm.swap_ins,
@@ -186,10 +186,7 @@ fn start_usm(config: &KvConfig) -> Result<Running, KvError> {
                     s.pool.free,
                     s.pool.staging,
                     s.io_in_flight,
-                    format!(
-                        "{:?}",
-                        s.sched.iter().map(|c| c.worker_parks).collect::<Vec<_>>()
-                    ),
+                    s.sched.iter().map(|c| c.worker_parks).collect::<Vec<_>>(),
                 )
             }
             None => String::new(),
