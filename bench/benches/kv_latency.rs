@@ -285,9 +285,20 @@ fn start_side(
             .args(["--max-data", &max_data.to_string()]);
     };
     match side {
-        "usm" => {
+        "usm" | "usm-nopressure" => {
             let mut cmd = Command::new(&exe);
-            kv_args(&mut cmd);
+            if side == "usm-nopressure" {
+                // The reference for resident keys: a pool three times the data.
+                cmd.arg("serve-kv")
+                    .args([
+                        "--pool",
+                        &(max_data.max(budget as usize) * 3 / 2).to_string(),
+                    ])
+                    .args(["--max-keys", &(keys * 2).to_string()])
+                    .args(["--max-data", &max_data.to_string()]);
+            } else {
+                kv_args(&mut cmd);
+            }
             let swap = run_dir.join("usm-kv.swap");
             cmd.arg("--swap")
                 .arg(&swap)
@@ -395,7 +406,7 @@ fn run(a: &Args) -> BoxResult<()> {
         .prefix("usm-kv-bench-")
         .tempdir_in(&a.swap_dir)?;
     // Kernel swap for the cgroup sides: a swap file on the same ext4 disk as USM's.
-    let kernel_swap = if a.external.is_none() && a.sides.iter().any(|s| s != "usm") {
+    let kernel_swap = if a.external.is_none() && a.sides.iter().any(|s| !s.starts_with("usm")) {
         // Generous: the swap is global, other workloads on the machine may use it too.
         Some(SwapFile::create(run_dir.path(), dataset * 6, 10)?)
     } else {
@@ -484,6 +495,9 @@ fn run_side(
                 duration: Duration::from_secs_f64(a.duration),
                 drain: Duration::from_secs(3),
                 seed: 42 + i as u64,
+                // Keys whose pages fit in half the budget even one key per page: the
+                // requests that should find their data resident.
+                hot_ranks: budget / 4096 / 2,
             };
             let cpu0 = server.cpu_s();
             let r = kvload::run(&spec)?;
@@ -509,6 +523,7 @@ fn run_side(
         let swap = server.proc_kib("VmSwap:");
         let note = match side {
             "usm" => "USM pool = budget, USM swap file, no cgroup".into(),
+            "usm-nopressure" => "USM pool 3x the data (no eviction), no cgroup".into(),
             _ => format!(
                 "memory cgroup v1 limit {} MiB, kernel swap file",
                 a.budget_mib
@@ -597,7 +612,7 @@ fn write_outputs(
         for (i, p) in usm.points.iter().map(|p| &p.load).enumerate() {
             let best = results
                 .iter()
-                .filter(|s| s.side != "usm")
+                .filter(|s| !s.side.starts_with("usm"))
                 .filter_map(|s| s.points.get(i).map(|q| (s.side.as_str(), q.load.p99_us)))
                 .min_by(|x, y| x.1.total_cmp(&y.1));
             if let Some((name, k)) = best {
@@ -619,6 +634,34 @@ fn write_outputs(
                 .map(|p| p.achieved_rps)
                 .fold(0.0f64, f64::max);
             md.push_str(&format!("- {}: {best:.0}/s\n", s.side));
+        }
+    }
+    md.push_str(&format!(
+        "\nHot requests: keys of popularity rank < {} (their pages fit in half the budget).\n\n| side | offered/s | hot share | hot p99 us | other p99 us |\n|---|---|---|---|---|\n",
+        (a.budget_mib << 20) / 4096 / 2
+    ));
+    for s in results {
+        for pt in &s.points {
+            let p = &pt.load;
+            md.push_str(&format!(
+                "| {} | {:.0} | {:.2} | {:.1} | {:.1} |\n",
+                s.side, p.offered_rps, p.hot_share, p.hot_p99_us, p.cold_p99_us
+            ));
+        }
+    }
+    if let (Some(u), Some(n)) = (
+        results.iter().find(|s| s.side == "usm"),
+        results.iter().find(|s| s.side == "usm-nopressure"),
+    ) {
+        md.push_str("\n| offered/s | usm hot p99 us (pressure) | usm-nopressure hot p99 us | ratio |\n|---|---|---|---|\n");
+        for (p, q) in u.points.iter().zip(&n.points) {
+            md.push_str(&format!(
+                "| {:.0} | {:.1} | {:.1} | {:.2}x |\n",
+                p.load.offered_rps,
+                p.load.hot_p99_us,
+                q.load.hot_p99_us,
+                p.load.hot_p99_us / q.load.hot_p99_us.max(1.0)
+            ));
         }
     }
     md.push_str("\nRSS at the end (KiB): ");

@@ -106,6 +106,10 @@ pub struct LoadSpec {
     pub drain: Duration,
     /// Seed of the arrival/key/mix generator.
     pub seed: u64,
+    /// Requests for keys of popularity rank below this are "hot" and get their own
+    /// percentiles (0: no split). With the hot set sized to fit the budget, hot requests
+    /// are the ones that should find their data resident.
+    pub hot_ranks: u64,
 }
 
 /// The outcome of one load point.
@@ -135,6 +139,12 @@ pub struct LoadResult {
     pub max_us: f64,
     /// Mean.
     pub mean_us: f64,
+    /// Share of measured requests that were hot (`hot_ranks`).
+    pub hot_share: f64,
+    /// p99 of hot requests, microseconds (0 without a split).
+    pub hot_p99_us: f64,
+    /// p99 of the other requests, microseconds (0 without a split).
+    pub cold_p99_us: f64,
 }
 
 /// xorshift64* — small, fast, good enough for arrivals and key draws.
@@ -192,7 +202,8 @@ impl KeyPicker {
         KeyPicker { keys, cdf, mult }
     }
 
-    fn pick(&self, rng: &mut Rng) -> u64 {
+    /// A key id and its popularity rank (0 = most popular).
+    fn pick(&self, rng: &mut Rng) -> (u64, u64) {
         let rank = match &self.cdf {
             None => rng.next_u64() % self.keys,
             Some(cdf) => {
@@ -200,7 +211,10 @@ impl KeyPicker {
                 (cdf.partition_point(|&c| c < u) as u64).min(self.keys - 1)
             }
         };
-        ((rank as u128 * self.mult as u128) % self.keys as u128) as u64
+        (
+            ((rank as u128 * self.mult as u128) % self.keys as u128) as u64,
+            rank,
+        )
     }
 
     /// The id of the key of popularity rank `rank` (0 = most popular).
@@ -312,8 +326,8 @@ struct Conn {
     out_pos: usize,
     input: Vec<u8>,
     in_pos: usize,
-    /// Scheduled times of requests sent and not answered yet, oldest first; `bool`: GET.
-    inflight: VecDeque<(Instant, bool)>,
+    /// Requests sent and not answered yet, oldest first: scheduled time, GET, hot.
+    inflight: VecDeque<(Instant, bool, bool)>,
 }
 
 impl Conn {
@@ -389,12 +403,14 @@ fn new_histogram() -> Histogram<u64> {
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
+type Histograms = (Histogram<u64>, Histogram<u64>, Histogram<u64>);
+
 fn generator(
     spec: &LoadSpec,
     index: usize,
     start: Instant,
     picker: &KeyPicker,
-) -> Result<(Histogram<u64>, Tally)> {
+) -> Result<(Histograms, Tally)> {
     let conns_here =
         spec.connections / spec.threads + usize::from(index < spec.connections % spec.threads);
     let mut conns = (0..conns_here.max(1))
@@ -406,6 +422,8 @@ fn generator(
     let window_end = window_start + spec.duration;
     let drain_end = window_end + spec.drain;
     let mut hist = new_histogram();
+    let mut hot_hist = new_histogram();
+    let mut cold_hist = new_histogram();
     let mut tally = Tally::default();
     let mut next = start + Duration::from_secs_f64(-rng.unit().ln() / rate);
     let mut rr = 0usize;
@@ -418,7 +436,7 @@ fn generator(
             let n = conns.len();
             let c = &mut conns[rr % n];
             rr += 1;
-            let id = picker.pick(&mut rng);
+            let (id, rank) = picker.pick(&mut rng);
             let key = key_name(id);
             let get = rng.unit() <= spec.get_ratio;
             if get {
@@ -426,7 +444,7 @@ fn generator(
             } else {
                 encode_set(spec.protocol, &key, &value, &mut c.out);
             }
-            c.inflight.push_back((next, get));
+            c.inflight.push_back((next, get, rank < spec.hot_ranks));
             if next >= window_start {
                 tally.scheduled += 1;
             }
@@ -479,7 +497,7 @@ fn generator(
             let open = c.fill()?;
             while let Some((kind, used)) = parse_reply(spec.protocol, &c.input[c.in_pos..]) {
                 c.in_pos += used;
-                let Some((scheduled, get)) = c.inflight.pop_front() else {
+                let Some((scheduled, get, hot)) = c.inflight.pop_front() else {
                     return Err(Error::Workload("a reply to no request".into()));
                 };
                 match kind {
@@ -492,6 +510,10 @@ fn generator(
                     tally.completed += 1;
                     let ns = now.saturating_duration_since(scheduled).as_nanos() as u64;
                     let _ = hist.record(ns.max(1_000));
+                    if spec.hot_ranks > 0 {
+                        let h = if hot { &mut hot_hist } else { &mut cold_hist };
+                        let _ = h.record(ns.max(1_000));
+                    }
                 }
                 if now >= window_start && now < window_end {
                     tally.completed_in_window += 1;
@@ -505,14 +527,19 @@ fn generator(
     // Whatever is left never came back within the drain.
     let end = Instant::now();
     for c in &conns {
-        for &(scheduled, _) in &c.inflight {
+        for &(scheduled, _, hot) in &c.inflight {
             if scheduled >= window_start && scheduled < window_end {
                 tally.lost += 1;
-                let _ = hist.record(end.saturating_duration_since(scheduled).as_nanos() as u64);
+                let ns = end.saturating_duration_since(scheduled).as_nanos() as u64;
+                let _ = hist.record(ns);
+                if spec.hot_ranks > 0 {
+                    let h = if hot { &mut hot_hist } else { &mut cold_hist };
+                    let _ = h.record(ns);
+                }
             }
         }
     }
-    Ok((hist, tally))
+    Ok(((hist, hot_hist, cold_hist), tally))
 }
 
 /// Runs one load point (see the module docs).
@@ -524,7 +551,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult> {
     }
     let picker = KeyPicker::new(spec.keys, spec.dist);
     let start = Instant::now() + Duration::from_millis(50);
-    let results: Vec<Result<(Histogram<u64>, Tally)>> = std::thread::scope(|s| {
+    let results: Vec<Result<(Histograms, Tally)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..spec.threads)
             .map(|i| {
                 let picker = &picker;
@@ -540,10 +567,14 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult> {
             .collect()
     });
     let mut hist = new_histogram();
+    let mut hot = new_histogram();
+    let mut cold = new_histogram();
     let mut t = Tally::default();
     for r in results {
-        let (h, x) = r?;
+        let ((h, hh, ch), x) = r?;
         let _ = hist.add(&h);
+        let _ = hot.add(&hh);
+        let _ = cold.add(&ch);
         t.scheduled += x.scheduled;
         t.completed += x.completed;
         t.completed_in_window += x.completed_in_window;
@@ -565,6 +596,13 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult> {
         p999_us: us(0.999),
         max_us: hist.max() as f64 / 1000.0,
         mean_us: hist.mean() / 1000.0,
+        hot_share: if !hist.is_empty() {
+            hot.len() as f64 / hist.len() as f64
+        } else {
+            0.0
+        },
+        hot_p99_us: hot.value_at_quantile(0.99) as f64 / 1000.0,
+        cold_p99_us: cold.value_at_quantile(0.99) as f64 / 1000.0,
     })
 }
 
@@ -677,7 +715,7 @@ mod tests {
         let mut rng = Rng::new(1);
         let mut counts = vec![0u32; 1000];
         for _ in 0..100_000 {
-            counts[p.pick(&mut rng) as usize] += 1;
+            counts[p.pick(&mut rng).0 as usize] += 1;
         }
         let hot = counts[p.id_of_rank(0) as usize];
         let cold = counts[p.id_of_rank(999) as usize];
@@ -685,7 +723,7 @@ mod tests {
         let u = KeyPicker::new(1000, KeyDist::Uniform);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..20_000 {
-            seen.insert(u.pick(&mut rng));
+            seen.insert(u.pick(&mut rng).0);
         }
         assert!(seen.len() > 990 && seen.iter().all(|&k| k < 1000));
     }
