@@ -29,6 +29,7 @@ mod error;
 pub mod fault;
 
 pub mod guard;
+pub mod kvload;
 pub mod plot;
 pub mod prewarm;
 pub mod redis;

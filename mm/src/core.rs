@@ -655,6 +655,8 @@ pub struct WorkerMm {
     worker: usize,
     io: WorkerIo,
     completions: Vec<Completion>,
+    /// I/O was in flight at the last poll: the engine's eventfd may hold a late signal.
+    signal_stale: bool,
 }
 
 impl std::fmt::Debug for WorkerMm {
@@ -691,6 +693,7 @@ impl WorkerMm {
                 next_synthetic: SYNTHETIC_TICKET,
             },
             completions: Vec::new(),
+            signal_stale: false,
         })
     }
 
@@ -785,6 +788,16 @@ impl WorkerMm {
     /// staging frame; swap-ins install their page (or poison it) and wake the workers
     /// waiting for it. Returns how many operations finished.
     pub fn poll(&mut self) -> usize {
+        // The engine's eventfd is one of the worker's wake fds: consume its signals before
+        // reaping (the engine's documented order). Left unread it stays readable and a
+        // parked worker wakes at once, again and again (measured: ~100 000 wake-ups/s per
+        // worker, ~0.65 of a core, on an idle server once swap I/O had happened). A signal
+        // may come after the last reap of a round with I/O: drained one round later too.
+        let io_before = !self.io.ops.is_empty();
+        if io_before || self.signal_stale {
+            self.io.engine.clear_eventfd();
+        }
+        self.signal_stale = io_before;
         if self.io.ops.is_empty() && self.io.refused.is_empty() {
             return 0;
         }
@@ -1117,7 +1130,9 @@ impl<'a> WorkerCx<'a> {
                         Ok(OomAction::FailAccess(reason)) => {
                             return self.fail(addr, pid, reason.to_string());
                         }
-                        Ok(action @ (OomAction::KillLargestProcess | OomAction::KillLargestTask)) => {
+                        Ok(
+                            action @ (OomAction::KillLargestProcess | OomAction::KillLargestTask),
+                        ) => {
                             // The space holding the most frames, if its installer can end
                             // its process (daemon: SIGKILL through a pidfd). Its exit gives
                             // the frames back; this fault waits for them unless it is the

@@ -573,8 +573,12 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
             managed_anon_bytes,
             anon_bytes,
         } => {
-            *proc.coverage.lock().unwrap_or_else(|p| p.into_inner()) =
-                (managed_anon_bytes, anon_bytes);
+            // Kept at the process's peak of anonymous memory: at exit a program frees its
+            // managed memory first, and a last sample would say nothing of the run.
+            let mut c = proc.coverage.lock().unwrap_or_else(|p| p.into_inner());
+            if anon_bytes >= c.1 {
+                *c = (managed_anon_bytes, anon_bytes);
+            }
         }
         Message::AgentReady {
             staging_start,

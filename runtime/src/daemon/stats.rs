@@ -165,9 +165,9 @@ pub struct ProcessStat {
     pub hints: u64,
     /// Whether the eviction agent runs in the process.
     pub agent: bool,
-    /// Last coverage report: managed anonymous bytes.
+    /// Coverage report taken at the peak of anonymous memory: managed anonymous bytes.
     pub managed_anon_bytes: u64,
-    /// Last coverage report: anonymous bytes.
+    /// The same report: all anonymous bytes.
     pub anon_bytes: u64,
     /// Fault latency.
     pub latency: Latency,

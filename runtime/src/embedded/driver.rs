@@ -129,7 +129,10 @@ impl FaultDriver {
 
 impl Driver for FaultDriver {
     fn poll(&mut self, cx: &mut DriverContext<'_>) -> usize {
+        // (`WorkerMm::poll` drains the swap engine's eventfd, one of our wake fds.)
         let mut n = self.wm.poll();
+        // Network completions, in the same round as swap I/O.
+        n += self.shared.net[self.wm.worker()].poll();
         if self.shared.woken[self.wm.worker()].swap(false, Ordering::AcqRel) {
             let _ = self.own_fd.read();
         }
@@ -209,7 +212,11 @@ impl Driver for FaultDriver {
     }
 
     fn wake_fds(&self) -> Vec<BorrowedFd<'_>> {
-        let mut fds = vec![self.own_fd.as_fd(), self.shared.external_fd.as_fd()];
+        let mut fds = vec![
+            self.own_fd.as_fd(),
+            self.shared.external_fd.as_fd(),
+            self.shared.net[self.wm.worker()].eventfd(),
+        ];
         if let Some(fd) = self.wm.eventfd() {
             fds.push(fd);
         }

@@ -24,6 +24,9 @@ pub enum EmbeddedError {
     /// Installing the SIGBUS handler or creating an eventfd failed.
     #[error("signal set-up: {0}")]
     Signal(#[source] nix::Error),
+    /// Setting up network I/O for uThreads failed.
+    #[error(transparent)]
+    Net(#[from] crate::embedded::NetError),
     /// The runtime was shut down.
     #[error("the runtime is shut down")]
     ShutDown,

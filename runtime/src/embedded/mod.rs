@@ -73,14 +73,21 @@
 
 mod driver;
 mod error;
+mod net;
 mod region;
 mod runtime;
 
 pub use crate::mm::InstallMode;
 pub use error::EmbeddedError;
+pub use net::{Net, NetError, TcpListener, TcpStream};
 pub use region::{PinGuard, Pod, Region, RegionVec};
 pub use runtime::{Builder, Runtime, SwapInMode};
+/// uThread-aware locks and channels (a blocked uThread parks, its worker runs others): what
+/// code that touches region memory under a lock must use (see above).
+pub use usm_localmanager::sync;
 pub use usm_localmanager::{JoinError, JoinHandle, ShutdownReport, WakerMode};
+/// Parks the calling uThread for a while / gives its worker to the next ready uThread.
+pub use usm_localmanager::{sleep, yield_now};
 
 /// A snapshot of the embedded runtime's state (serialisable for the demo and benches).
 #[derive(Debug, Clone, serde::Serialize)]

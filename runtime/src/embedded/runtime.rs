@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     pub(crate) register_mode: usm_kmod::RegisterMode,
     /// What a worker does while a uThread's page is read back.
     pub(crate) swap_in: SwapInMode,
+    /// One network io_uring per worker (`crate::embedded::net`), reaped by its driver.
+    pub(crate) net: Vec<crate::sys::net::NetRing>,
 }
 
 /// What a worker does while the page a uThread faulted on is read back from swap.
@@ -351,6 +353,7 @@ impl Builder {
                 usm_kmod::RegisterMode::MISSING
             },
             swap_in: self.swap_in,
+            net: crate::embedded::net::rings(self.workers)?,
         });
         let zeroer = pool.spawn_zeroer(64);
         let factory_shared = shared.clone();
@@ -472,6 +475,11 @@ impl Runtime {
         alloc_spec: &str,
     ) -> Result<Region, EmbeddedError> {
         Region::new(self.shared.clone(), bytes, alloc_spec)
+    }
+
+    /// Network I/O for this runtime's uThreads ([`crate::embedded::Net`]).
+    pub fn net(&self) -> crate::embedded::Net {
+        crate::embedded::Net::new(self.shared.clone())
     }
 
     /// The memory-manager core (statistics, page states, pool).

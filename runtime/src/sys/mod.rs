@@ -2,6 +2,7 @@
 //! futex waits, region mappings and raw page copies. The rest of the crate is safe.
 
 pub(crate) mod install;
+pub(crate) mod net;
 pub(crate) mod remote;
 pub(crate) mod sigbus;
 pub(crate) mod spawn;

@@ -209,7 +209,8 @@ pub(crate) fn remove_region(start: u64) {
     }
 }
 
-fn region_runtime(addr: u64) -> Option<u32> {
+/// The runtime id of the region holding `addr`, if any (lock-free scan).
+pub(crate) fn region_runtime(addr: u64) -> Option<u32> {
     let high = REGIONS_HIGH.load(Ordering::Acquire).min(MAX_REGIONS);
     for slot in REGIONS[..high].iter() {
         let end = slot.end.load(Ordering::Acquire);

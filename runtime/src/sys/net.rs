@@ -1,0 +1,438 @@
+//! The `unsafe` half of uThread network I/O: one io_uring per worker for socket
+//! operations, the completion hand-off to the parked uThread, and cancellation.
+//!
+//! # An operation's life ([`NetRing::run`])
+//! 1. The calling uThread allocates an [`OpState`] (`Arc`): result, done flag, its own
+//!    [`Unparker`], and the timeout's `timespec`. One strong count is leaked into the SQE's
+//!    `user_data`; it is taken back by whoever reaps the one CQE of that SQE.
+//! 2. Under the ring's mutex it pushes the SQE (with `IO_LINK` + a `LINK_TIMEOUT` SQE
+//!    when a timeout is set; the timeout's CQE carries `user_data` 0 and is ignored) and
+//!    submits at once (`io_uring_enter`), then releases the mutex.
+//! 3. It parks (`usm_localmanager::park`) until `done` is set. The worker runs other
+//!    uThreads; its driver reaps this ring every scheduling round ([`NetRing::poll`]) and
+//!    before the worker parks; the ring's eventfd is one of the worker's wake fds, so a
+//!    parked worker wakes on a completion.
+//! 4. The reaper stores the result, sets `done` (Release) and unparks the uThread. The
+//!    uThread reads `done` (Acquire) and the result, and returns.
+//!
+//! # Why borrowed buffers are sound
+//! [`NetRing::run`] borrows the buffer for the whole call and does not return before the
+//! CQE of its SQE was reaped. The one other way out is unwinding (a uThread dropped at
+//! shutdown while parked here unwinds its stack): the in-flight guard's `Drop` then submits
+//! `ASYNC_CANCEL` for the operation and waits — blocking the worker, shutdown only — until
+//! its CQE was reaped, so the kernel never writes into a buffer after the call is gone.
+//!
+//! # Wake-ups
+//! The eventfd counts CQEs posted. The driver reads it (non-blocking) when it finds CQEs or
+//! right after a poll that reaped some (`stale`), so a readable eventfd never outlives the
+//! completions that made it readable (a parked worker would spin) and no CQE waits for a
+//! wake-up that was already consumed: the read happens *before* the reap.
+//!
+//! The ring is not `SINGLE_ISSUER`: uThreads submit from the worker they run on, the
+//! cancellation path may run on another thread. Socket completions are task work of the
+//! submitting worker (signalled, so a parked or busy worker runs it promptly).
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, opcode, squeue, types};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use usm_localmanager::Unparker;
+use usm_sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use usm_sync::{Arc, Mutex, MutexGuard};
+
+/// `user_data` of SQEs whose CQE nobody waits for (link timeouts, cancellations).
+const IGNORED: u64 = 0;
+
+/// Submission entries per ring (completions: [`CQ_ENTRIES`]; more in flight overflow into
+/// the kernel's backlog, `IORING_FEAT_NODROP`).
+const SQ_ENTRIES: u32 = 256;
+const CQ_ENTRIES: u32 = 4096;
+
+/// A socket operation with the memory it borrows.
+pub(crate) enum SockOp<'a> {
+    /// `accept4(fd, NULL, NULL, SOCK_CLOEXEC)`; the result is the new descriptor.
+    Accept(BorrowedFd<'a>),
+    /// `recv(fd, buf)`.
+    Recv(BorrowedFd<'a>, &'a mut [u8]),
+    /// `send(fd, buf, MSG_NOSIGNAL)`.
+    Send(BorrowedFd<'a>, &'a [u8]),
+    /// `connect(fd, addr)`.
+    Connect(BorrowedFd<'a>, &'a SockAddr),
+}
+
+impl SockOp<'_> {
+    fn entry(&self) -> squeue::Entry {
+        match self {
+            SockOp::Accept(fd) => opcode::Accept::new(
+                types::Fd(fd.as_raw_fd()),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+            .flags(libc::SOCK_CLOEXEC)
+            .build(),
+            SockOp::Recv(fd, buf) => opcode::Recv::new(
+                types::Fd(fd.as_raw_fd()),
+                buf.as_ptr().cast_mut(),
+                clamp_len(buf.len()),
+            )
+            .build(),
+            SockOp::Send(fd, buf) => opcode::Send::new(
+                types::Fd(fd.as_raw_fd()),
+                buf.as_ptr(),
+                clamp_len(buf.len()),
+            )
+            .flags(libc::MSG_NOSIGNAL)
+            .build(),
+            SockOp::Connect(fd, addr) => opcode::Connect::new(
+                types::Fd(fd.as_raw_fd()),
+                (&raw const addr.storage).cast(),
+                addr.len,
+            )
+            .build(),
+        }
+    }
+}
+
+/// A socket address in the kernel's layout.
+pub(crate) struct SockAddr {
+    storage: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+impl From<std::net::SocketAddr> for SockAddr {
+    fn from(addr: std::net::SocketAddr) -> SockAddr {
+        // SAFETY: `sockaddr_storage` is plain data; all zeros is a valid (unspecified) value.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match addr {
+            std::net::SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: `sockaddr_storage` is larger than and aligned for `sockaddr_in`.
+                unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in>(), sin) };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            std::net::SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: a.flowinfo(),
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: a.scope_id(),
+                };
+                // SAFETY: `sockaddr_storage` is larger than and aligned for `sockaddr_in6`.
+                unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in6>(), sin6) };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        SockAddr {
+            storage,
+            len: len as libc::socklen_t,
+        }
+    }
+}
+
+/// One I/O length is at most 1 GiB (a larger buffer is served in several calls).
+fn clamp_len(len: usize) -> u32 {
+    len.min(1 << 30) as u32
+}
+
+/// What one operation returned: `Ok(res)` (`res >= 0`), or the errno, and whether its
+/// linked timeout fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Completion {
+    /// Non-negative result (bytes, or a new descriptor for accept).
+    Done(i32),
+    /// The kernel's error.
+    Errno(i32),
+    /// Cancelled by its linked timeout.
+    TimedOut,
+}
+
+/// The shared state of one operation (see the module docs).
+struct OpState {
+    result: AtomicI32,
+    done: AtomicBool,
+    waiter: Unparker,
+    /// Read by the kernel when the `LINK_TIMEOUT` SQE is prepared (at submission); kept
+    /// here so it outlives any deferred submission.
+    timeout: types::Timespec,
+}
+
+/// Why an operation could not be started.
+#[derive(Debug)]
+pub(crate) enum StartError {
+    /// Not on a uThread: nothing could park.
+    NotInUThread,
+    /// `io_uring_enter` failed.
+    Submit(std::io::Error),
+}
+
+/// One worker's network ring and its wake-up eventfd.
+pub(crate) struct NetRing {
+    ring: Mutex<IoUring>,
+    eventfd: EventFd,
+    stale: AtomicBool,
+}
+
+impl std::fmt::Debug for NetRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetRing").finish_non_exhaustive()
+    }
+}
+
+impl NetRing {
+    /// Sets up a ring, probes the operations uThread sockets use, registers an eventfd.
+    /// `Err((what, error))` names what failed.
+    pub(crate) fn new() -> Result<NetRing, (&'static str, std::io::Error)> {
+        let ring = IoUring::builder()
+            .setup_cqsize(CQ_ENTRIES)
+            .build(SQ_ENTRIES)
+            .map_err(|e| ("io_uring_setup", e))?;
+        if !ring.params().is_feature_nodrop() {
+            return Err((
+                "IORING_FEAT_NODROP",
+                std::io::Error::from_raw_os_error(libc::ENOSYS),
+            ));
+        }
+        let mut probe = io_uring::Probe::new();
+        ring.submitter()
+            .register_probe(&mut probe)
+            .map_err(|e| ("IORING_REGISTER_PROBE", e))?;
+        for (code, name) in [
+            (opcode::Accept::CODE, "IORING_OP_ACCEPT"),
+            (opcode::Recv::CODE, "IORING_OP_RECV"),
+            (opcode::Send::CODE, "IORING_OP_SEND"),
+            (opcode::Connect::CODE, "IORING_OP_CONNECT"),
+            (opcode::LinkTimeout::CODE, "IORING_OP_LINK_TIMEOUT"),
+            (opcode::AsyncCancel::CODE, "IORING_OP_ASYNC_CANCEL"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err((name, std::io::Error::from_raw_os_error(libc::EOPNOTSUPP)));
+            }
+        }
+        let eventfd =
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .map_err(|e| ("eventfd", std::io::Error::from(e)))?;
+        ring.submitter()
+            .register_eventfd(eventfd.as_raw_fd())
+            .map_err(|e| ("IORING_REGISTER_EVENTFD", e))?;
+        Ok(NetRing {
+            ring: Mutex::new(ring),
+            eventfd,
+            stale: AtomicBool::new(false),
+        })
+    }
+
+    /// The fd that becomes readable when a completion is posted.
+    pub(crate) fn eventfd(&self) -> BorrowedFd<'_> {
+        self.eventfd.as_fd()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, IoUring> {
+        // A panic while holding it left the ring consistent (every step is a single push,
+        // submit or pop): keep using it.
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `op` on this ring, parking the calling uThread until it completes (or its
+    /// timeout fires). See the module docs.
+    pub(crate) fn run(
+        &self,
+        op: SockOp<'_>,
+        timeout: Option<Duration>,
+    ) -> Result<Completion, StartError> {
+        let waiter = usm_localmanager::current().ok_or(StartError::NotInUThread)?;
+        let timeout_ts = timeout.map(|d| {
+            types::Timespec::new()
+                .sec(d.as_secs())
+                .nsec(d.subsec_nanos())
+        });
+        let state = Arc::new(OpState {
+            result: AtomicI32::new(0),
+            done: AtomicBool::new(false),
+            waiter,
+            timeout: timeout_ts.unwrap_or_default(),
+        });
+        let user_data = Arc::into_raw(state.clone()) as u64;
+        let mut entry = op.entry().user_data(user_data);
+        if timeout_ts.is_some() {
+            entry = entry.flags(squeue::Flags::IO_LINK);
+        }
+        let link = timeout_ts.map(|_| {
+            opcode::LinkTimeout::new(&state.timeout)
+                .build()
+                .user_data(IGNORED)
+        });
+        {
+            let mut ring = self.lock();
+            let need = if link.is_some() { 2 } else { 1 };
+            let room = {
+                let sq = ring.submission();
+                sq.capacity() - sq.len()
+            };
+            if room < need {
+                // Full submission queue: hand what is queued to the kernel first.
+                if let Err(e) = ring.submit() {
+                    // SAFETY: the SQE was never pushed, so the leaked count is ours again.
+                    drop(unsafe { Arc::from_raw(user_data as *const OpState) });
+                    return Err(StartError::Submit(e));
+                }
+            }
+            let mut sq = ring.submission();
+            // SAFETY: every pointer in `entry` comes from `op`, whose borrows live for this
+            // whole call, and this call returns (or unwinds past `Inflight`'s drop) only
+            // after the CQE of this SQE was reaped (module docs). `link` points at
+            // `state.timeout`, alive while the leaked count is (until that CQE is reaped);
+            // the kernel reads it when it prepares the SQE. Room for `need` entries was made
+            // above, so neither push fails.
+            let pushed = unsafe {
+                match &link {
+                    Some(link) => sq.push_multiple(&[entry, link.clone()]),
+                    None => sq.push(&entry),
+                }
+            };
+            drop(sq);
+            if pushed.is_err() {
+                // SAFETY: nothing was pushed; the leaked count is ours again.
+                drop(unsafe { Arc::from_raw(user_data as *const OpState) });
+                return Err(StartError::Submit(std::io::Error::from_raw_os_error(
+                    libc::EBUSY,
+                )));
+            }
+            // A failed enter (EBUSY with the completion backlog full, EINTR) leaves the SQE
+            // queued: the driver's next poll submits it. The operation is in flight either way.
+            if let Err(e) = ring.submit() {
+                tracing::debug!(error = %e, "network io_uring submit deferred to the driver");
+            }
+        }
+        let inflight = Inflight {
+            ring: self,
+            state: &state,
+            user_data,
+        };
+        while !state.done.load(Ordering::Acquire) {
+            usm_localmanager::park();
+        }
+        drop(inflight);
+        let res = state.result.load(Ordering::Relaxed);
+        Ok(if res >= 0 {
+            Completion::Done(res)
+        } else if res == -libc::ECANCELED && timeout.is_some() {
+            Completion::TimedOut
+        } else {
+            Completion::Errno(-res)
+        })
+    }
+
+    /// Submits queued SQEs and reaps every completion, waking their uThreads. Returns the
+    /// number of operations completed. Called by the worker's driver every round.
+    pub(crate) fn poll(&self) -> usize {
+        let mut done: Vec<(u64, i32)> = Vec::new();
+        {
+            let mut ring = self.lock();
+            if !ring.submission().is_empty()
+                && let Err(e) = ring.submit()
+            {
+                tracing::debug!(error = %e, "network io_uring submit");
+            }
+            let has_cqes = !ring.completion().is_empty();
+            if has_cqes || self.stale.swap(false, Ordering::Relaxed) {
+                // Read before reaping: a CQE posted after this read writes the fd again.
+                let _ = self.eventfd.read();
+            }
+            if has_cqes {
+                done.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+                self.stale.store(true, Ordering::Relaxed);
+            }
+        }
+        dispatch(&done)
+    }
+
+    /// Cancels the operation `user_data` and waits until its CQE was reaped (see the module
+    /// docs: the unwinding path only).
+    fn cancel_and_wait(&self, state: &OpState, user_data: u64) {
+        {
+            let mut ring = self.lock();
+            let cancel = opcode::AsyncCancel::new(user_data)
+                .build()
+                .user_data(IGNORED);
+            loop {
+                // SAFETY: an ASYNC_CANCEL SQE borrows no memory.
+                if unsafe { ring.submission().push(&cancel) }.is_ok() {
+                    break;
+                }
+                let _ = ring.submit();
+            }
+            let _ = ring.submit();
+        }
+        let started = Instant::now();
+        let mut warned = false;
+        loop {
+            // Entering the kernel also runs this thread's pending io_uring task work.
+            {
+                let ring = self.lock();
+                let _ = ring.submit();
+            }
+            self.poll();
+            if state.done.load(Ordering::Acquire) {
+                return;
+            }
+            if !warned && started.elapsed() > Duration::from_secs(5) {
+                tracing::error!("a cancelled network operation has not completed after 5 s");
+                warned = true;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+/// Completes reaped operations (see the module docs, step 4).
+fn dispatch(done: &[(u64, i32)]) -> usize {
+    let mut n = 0;
+    for &(user_data, res) in done {
+        if user_data == IGNORED {
+            continue;
+        }
+        // SAFETY: every non-IGNORED user_data is a count leaked by `NetRing::run` with
+        // `Arc::into_raw`, and each SQE yields exactly one CQE (no multishot operations),
+        // so the count is taken back exactly once, here.
+        let state = unsafe { Arc::from_raw(user_data as *const OpState) };
+        state.result.store(res, Ordering::Relaxed);
+        state.done.store(true, Ordering::Release);
+        state.waiter.unpark();
+        n += 1;
+    }
+    n
+}
+
+/// Keeps an operation's borrows alive until its CQE was reaped (module docs).
+struct Inflight<'a> {
+    ring: &'a NetRing,
+    state: &'a OpState,
+    user_data: u64,
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        if !self.state.done.load(Ordering::Acquire) {
+            self.ring.cancel_and_wait(self.state, self.user_data);
+        }
+    }
+}
+
+/// Takes ownership of a descriptor an `ACCEPT` completion returned.
+pub(crate) fn owned_fd(fd: i32) -> OwnedFd {
+    let raw: RawFd = fd;
+    // SAFETY: `fd` is the result of a successful accept on our ring: a fresh descriptor
+    // that nothing else owns or closes.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}

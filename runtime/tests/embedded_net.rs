@@ -1,0 +1,548 @@
+//! uThread network I/O on loopback, on the real kernel (io_uring sockets, userfaultfd
+//! regions, an O_DIRECT swap file on ext4): many connections on two workers, a slow client,
+//! a vanishing client, timeouts, region buffers under memory pressure, shutdown.
+//!
+//! Clients are plain OS threads using `std::net` with read timeouts, so a broken server
+//! fails a test instead of hanging it. Every test is bounded in connections and time.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream as StdStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use usm_runtime::embedded::{NetError, Runtime, TcpListener, TcpStream};
+
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn runtime(workers: usize) -> Runtime {
+    Runtime::builder().workers(workers).build().unwrap()
+}
+
+fn client(addr: SocketAddr) -> StdStream {
+    let s = StdStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Deterministic bytes for (stream, offset).
+fn pattern(seed: u64, off: usize) -> u8 {
+    let x = (seed ^ (off as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_mul(0xff51_afd7_ed55_8ccd);
+    (x >> 56) as u8
+}
+
+/// Echoes length-prefixed messages (u32 LE length, then bytes) until EOF.
+fn echo_framed(mut conn: TcpStream) -> Result<u64, NetError> {
+    let mut served = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let mut len = [0u8; 4];
+        match conn.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(NetError::Closed { .. }) => return Ok(served),
+            Err(e) => return Err(e),
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        conn.read_exact(&mut buf[..len])?;
+        conn.write_all(&(len as u32).to_le_bytes())?;
+        conn.write_all(&buf[..len])?;
+        served += 1;
+    }
+}
+
+/// Accepts forever, one uThread per connection, alternating workers; counts per worker.
+fn serve(
+    rt: &Runtime,
+    listener: TcpListener,
+    per_worker: Arc<Vec<AtomicU64>>,
+    errors: Arc<AtomicU64>,
+) {
+    let handle = rt.handle().unwrap();
+    rt.spawn(move || {
+        let mut next = 0usize;
+        while let Ok(conn) = listener.accept() {
+            let (per_worker, errors) = (per_worker.clone(), errors.clone());
+            let w = next % per_worker.len();
+            next += 1;
+            let _ = handle.spawn_on(w, move || {
+                if let Some(i) = usm_localmanager::worker_index() {
+                    per_worker[i].fetch_add(1, Ordering::Relaxed);
+                }
+                if echo_framed(conn).is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    })
+    .unwrap();
+}
+
+fn round_trip(s: &mut StdStream, seed: u64, len: usize) {
+    let msg: Vec<u8> = (0..len).map(|i| pattern(seed, i)).collect();
+    s.write_all(&(len as u32).to_le_bytes()).unwrap();
+    s.write_all(&msg).unwrap();
+    let mut l = [0u8; 4];
+    s.read_exact(&mut l).unwrap();
+    assert_eq!(u32::from_le_bytes(l) as usize, len);
+    let mut back = vec![0u8; len];
+    s.read_exact(&mut back).unwrap();
+    assert!(back == msg, "echo of {len} bytes (seed {seed}) differs");
+}
+
+#[test]
+fn many_concurrent_connections_are_served_by_two_workers() {
+    let rt = runtime(2);
+    let listener = rt.net().bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let per_worker = Arc::new(vec![AtomicU64::new(0), AtomicU64::new(0)]);
+    let errors = Arc::new(AtomicU64::new(0));
+    serve(&rt, listener, per_worker.clone(), errors.clone());
+    let clients = 64;
+    let trips = 50;
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut s = client(addr);
+                for t in 0..trips {
+                    let len = 1 + (pattern(c, t) as usize * 61) % 9000;
+                    round_trip(&mut s, c * 1000 + t as u64, len);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Connections close; their uThreads end with Ok.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while per_worker
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum::<u64>()
+        < clients
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let counts: Vec<u64> = per_worker
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .collect();
+    assert_eq!(
+        counts.iter().sum::<u64>(),
+        clients,
+        "connections served per worker: {counts:?}"
+    );
+    assert!(
+        counts.iter().all(|&c| c > 0),
+        "both workers served connections: {counts:?}"
+    );
+    assert_eq!(errors.load(Ordering::Relaxed), 0);
+    let report = rt.shutdown(Duration::from_secs(2));
+    assert!(report.stuck_in_handler.is_empty());
+}
+
+#[test]
+fn a_slow_client_does_not_block_others_on_one_worker() {
+    // One worker: if a read blocked the worker, nobody else could be served.
+    let rt = runtime(1);
+    let listener = rt.net().bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let errors = Arc::new(AtomicU64::new(0));
+    serve(
+        &rt,
+        listener,
+        Arc::new(vec![AtomicU64::new(0)]),
+        errors.clone(),
+    );
+    // The slow client sends half a message and stalls until the others are done.
+    let others_done = Arc::new(AtomicBool::new(false));
+    let slow_resumed_early = Arc::new(AtomicBool::new(false));
+    let slow = {
+        let (others_done, early) = (others_done.clone(), slow_resumed_early.clone());
+        std::thread::spawn(move || {
+            let mut s = client(addr);
+            let msg: Vec<u8> = (0..1000).map(|i| pattern(7, i)).collect();
+            s.write_all(&1000u32.to_le_bytes()).unwrap();
+            s.write_all(&msg[..500]).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !others_done.load(Ordering::Acquire) {
+                if Instant::now() > deadline {
+                    early.store(true, Ordering::Release);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            s.write_all(&msg[500..]).unwrap();
+            let mut back = vec![0u8; 1004];
+            s.read_exact(&mut back).unwrap();
+            assert_eq!(&back[4..], &msg[..]);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let fast: Vec<_> = (0..8u64)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut s = client(addr);
+                for t in 0..100 {
+                    round_trip(&mut s, 100 + c * 1000 + t, 200);
+                }
+            })
+        })
+        .collect();
+    for t in fast {
+        t.join().unwrap();
+    }
+    others_done.store(true, Ordering::Release);
+    slow.join().unwrap();
+    assert!(
+        !slow_resumed_early.load(Ordering::Acquire),
+        "the fast clients were not served while the slow one stalled"
+    );
+    assert_eq!(errors.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_client_vanishing_mid_request_is_an_error_value_and_the_server_keeps_serving() {
+    let rt = runtime(2);
+    let listener = rt.net().bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let outcomes = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let served = Arc::new(AtomicUsize::new(0));
+    {
+        let (outcomes, served) = (outcomes.clone(), served.clone());
+        let handle = rt.handle().unwrap();
+        rt.spawn(move || {
+            while let Ok(mut conn) = listener.accept() {
+                let (outcomes, served) = (outcomes.clone(), served.clone());
+                let _ = handle.spawn(move || {
+                    // A request is 64 KiB; the reply is 8 MiB (larger than socket buffers).
+                    let mut req = vec![0u8; 64 << 10];
+                    let r = conn
+                        .read_exact(&mut req)
+                        .and_then(|()| conn.write_all(&vec![0xA5; 8 << 20]));
+                    let text = match r {
+                        Ok(()) => "ok".to_string(),
+                        Err(e) if e.is_disconnect() => "disconnect".to_string(),
+                        Err(e) => format!("other: {e}"),
+                    };
+                    outcomes.lock().unwrap().push(text);
+                    served.fetch_add(1, Ordering::Release);
+                });
+            }
+        })
+        .unwrap();
+    }
+    // 1: sends 10 KiB of a 64 KiB request and goes away.
+    {
+        let mut s = client(addr);
+        s.write_all(&[1u8; 10 << 10]).unwrap();
+    }
+    // 2: sends a full request, reads 4 KiB of the reply and resets the connection.
+    {
+        let mut s = client(addr);
+        s.write_all(&[2u8; 64 << 10]).unwrap();
+        let mut part = [0u8; 4096];
+        s.read_exact(&mut part).unwrap();
+        assert!(part.iter().all(|&b| b == 0xA5));
+        drop(s);
+    }
+    // 3: a well-behaved client is still served completely.
+    {
+        let mut s = client(addr);
+        s.write_all(&[3u8; 64 << 10]).unwrap();
+        let mut reply = vec![0u8; 8 << 20];
+        s.read_exact(&mut reply).unwrap();
+        assert!(reply.iter().all(|&b| b == 0xA5));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while served.load(Ordering::Acquire) < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut got = outcomes.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(
+        got,
+        vec!["disconnect", "disconnect", "ok"],
+        "per-connection outcomes"
+    );
+}
+
+#[test]
+fn timeouts_fire_as_values_and_leave_the_connection_usable() {
+    let rt = runtime(2);
+    let mut listener = rt.net().bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let client_go = Arc::new(AtomicBool::new(false));
+    let go = client_go.clone();
+    rt.spawn(move || {
+        let report = |s: String| tx.send(s).unwrap();
+        listener.set_accept_timeout(Some(Duration::from_millis(50)));
+        let t0 = Instant::now();
+        match listener.accept() {
+            Err(e) if e.is_timeout() => report(format!(
+                "accept timeout {}",
+                t0.elapsed() >= Duration::from_millis(50)
+            )),
+            other => report(format!("accept: {:?}", other.map(|_| ()))),
+        }
+        go.store(true, Ordering::Release);
+        listener.set_accept_timeout(Some(Duration::from_secs(20)));
+        let mut conn = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_millis(100)));
+        let mut buf = [0u8; 16];
+        match conn.read(&mut buf) {
+            Err(e) if e.is_timeout() => report("read timeout".into()),
+            other => report(format!("read: {other:?}")),
+        }
+        conn.set_read_timeout(Some(Duration::from_secs(20)));
+        let n = conn.read(&mut buf).unwrap();
+        report(format!("read {:?}", &buf[..n]));
+        conn.set_write_timeout(Some(Duration::from_secs(5)));
+        conn.write_all(b"pong").unwrap();
+    })
+    .unwrap();
+    let recv = || rx.recv_timeout(CLIENT_TIMEOUT).unwrap();
+    assert_eq!(recv(), "accept timeout true");
+    while !client_go.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut s = client(addr);
+    assert_eq!(recv(), "read timeout");
+    s.write_all(b"ping").unwrap();
+    assert_eq!(recv(), "read [112, 105, 110, 103]");
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"pong");
+}
+
+#[test]
+fn a_full_peer_makes_a_write_time_out() {
+    let rt = runtime(1);
+    let listener = rt.net().bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    rt.spawn(move || {
+        let mut conn = listener.accept().unwrap();
+        conn.set_write_timeout(Some(Duration::from_millis(200)));
+        let chunk = vec![0u8; 1 << 20];
+        let mut sent = 0usize;
+        let r = loop {
+            match conn.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) => break e,
+            }
+            if sent > 1 << 30 {
+                break NetError::Closed { op: "never filled" };
+            }
+        };
+        tx.send(format!("{} {}", r.is_timeout(), sent > 0)).unwrap();
+    })
+    .unwrap();
+    let s = client(addr); // never reads
+    assert_eq!(rx.recv_timeout(CLIENT_TIMEOUT).unwrap(), "true true");
+    drop(s);
+}
+
+#[test]
+fn region_buffers_under_memory_pressure_keep_every_byte() {
+    let dir = tempfile::Builder::new()
+        .prefix("usm-net-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let frames = 256; // 1 MiB pool
+    let rt = Runtime::builder()
+        .workers(2)
+        .pool_frames(frames)
+        .create_swap_file(dir.path().join("swap0"), 64 << 20)
+        .build()
+        .unwrap();
+    let per_conn = 1 << 20; // 1 MiB per connection, 6 connections: 6x the pool
+    let conns = 6u64;
+    let listener = rt.net().bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let net_rt = Arc::new(rt);
+    {
+        let errors = errors.clone();
+        let rt2 = net_rt.clone();
+        net_rt
+            .spawn(move || {
+                for c in 0..conns {
+                    let mut conn = listener.accept().unwrap();
+                    let mut region = rt2.region(per_conn).unwrap();
+                    let errors = errors.clone();
+                    rt2.spawn(move || {
+                        let r = (|| -> Result<(), NetError> {
+                            // Receive straight into the region, in 64 KiB pieces: half
+                            // through read_exact_region, half through a plain slice of it.
+                            let half = per_conn / 2;
+                            for off in (0..half).step_by(64 << 10) {
+                                conn.read_exact_region(&mut region, off..off + (64 << 10))?;
+                            }
+                            for off in (half..per_conn).step_by(64 << 10) {
+                                conn.read_exact(region.bytes_mut(off..off + (64 << 10)))?;
+                            }
+                            // Hand the turn back: the client sends one byte when every
+                            // connection's data is in (so most pages were evicted meanwhile).
+                            let mut go = [0u8; 1];
+                            conn.read_exact(&mut go)?;
+                            for off in (0..per_conn).step_by(128 << 10) {
+                                conn.write_all_region(&region, off..off + (128 << 10))?;
+                            }
+                            Ok(())
+                        })();
+                        if let Err(e) = r {
+                            errors.lock().unwrap().push(format!("conn {c}: {e}"));
+                        }
+                    })
+                    .unwrap();
+                }
+            })
+            .unwrap();
+    }
+    let received = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..conns)
+        .map(|c| {
+            let received = received.clone();
+            std::thread::spawn(move || {
+                let mut s = client(addr);
+                let data: Vec<u8> = (0..per_conn).map(|i| pattern(c + 77, i)).collect();
+                s.write_all(&data).unwrap();
+                received.fetch_add(1, Ordering::AcqRel);
+                let deadline = Instant::now() + CLIENT_TIMEOUT;
+                while received.load(Ordering::Acquire) < conns as usize && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                s.write_all(&[1]).unwrap();
+                let mut back = vec![0u8; per_conn];
+                s.read_exact(&mut back).unwrap();
+                let bad = back.iter().zip(&data).filter(|(a, b)| a != b).count();
+                assert_eq!(
+                    bad, 0,
+                    "connection {c}: {bad} bytes differ after the round trip"
+                );
+                s.shutdown(Shutdown::Both).unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "server errors: {:?}",
+        errors.lock().unwrap()
+    );
+    let stats = net_rt.stats();
+    assert!(
+        stats.mm.evicted > 0,
+        "no eviction: the test did not exert pressure"
+    );
+    assert!(
+        stats.mm.swap_ins > 0,
+        "no swap-in: the sends did not fault pages back"
+    );
+}
+
+#[test]
+fn connect_from_a_uthread() {
+    let rt = runtime(2);
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = server.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+    });
+    let net = rt.net();
+    let got = rt
+        .block_on(move || {
+            let mut c = net.connect(addr).unwrap();
+            c.write_all(b"hello").unwrap();
+            let mut buf = [0u8; 5];
+            c.read_exact(&mut buf).unwrap();
+            buf
+        })
+        .unwrap();
+    assert_eq!(&got, b"hello");
+    echo.join().unwrap();
+    // Nothing listens on a fresh port: ECONNREFUSED as a value.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let net = rt.net();
+    let err = rt
+        .block_on(move || net.connect(free).map(|_| ()))
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(&err, NetError::Io { source, .. } if source.raw_os_error() == Some(libc::ECONNREFUSED)),
+        "{err}"
+    );
+}
+
+#[test]
+fn operations_off_a_uthread_are_refused() {
+    let rt = runtime(1);
+    let listener = rt.net().bind("127.0.0.1:0").unwrap();
+    let err = listener.accept().unwrap_err();
+    assert!(
+        matches!(err, NetError::NotInUThread { op: "accept" }),
+        "{err}"
+    );
+}
+
+#[test]
+fn shutdown_closes_every_connection_and_the_listener() {
+    let rt = runtime(2);
+    let listener = rt.net().bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let parked = Arc::new(AtomicUsize::new(0));
+    {
+        let parked = parked.clone();
+        let handle = rt.handle().unwrap();
+        rt.spawn(move || {
+            while let Ok(mut conn) = listener.accept() {
+                let parked = parked.clone();
+                let _ = handle.spawn(move || {
+                    parked.fetch_add(1, Ordering::AcqRel);
+                    let mut buf = [0u8; 8];
+                    let _ = conn.read(&mut buf); // parks until shutdown
+                });
+            }
+        })
+        .unwrap();
+    }
+    let mut clients: Vec<StdStream> = (0..4).map(|_| client(addr)).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while parked.load(Ordering::Acquire) < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(parked.load(Ordering::Acquire), 4);
+    let report = rt.shutdown(Duration::from_millis(500));
+    assert!(
+        report.cancelled >= 5,
+        "accept + 4 reads cancelled: {}",
+        report.cancelled
+    );
+    for c in clients.iter_mut() {
+        let mut buf = [0u8; 1];
+        match c.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("connection still open after shutdown: {other:?}"),
+        }
+    }
+    assert!(
+        StdStream::connect(addr).is_err(),
+        "the listener is still open"
+    );
+}
