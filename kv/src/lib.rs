@@ -19,6 +19,10 @@
 //! the whole dataset, [`store::item_digest`]), SELECT 0, QUIT; `CONFIG` and `COMMAND` reply
 //! with empty arrays so the redis tools start cleanly. Bad input: see [`server`].
 
+// The server's runtime handle is shared as std's `Arc`/`Weak` (`usm_sync` has no `Weak`:
+// loom's `Arc` has none); this application has no loom model. Atomics use `usm_sync`.
+#![allow(clippy::disallowed_types)]
+#![forbid(unsafe_code)]
 pub mod resp;
 pub mod server;
 pub mod store;
@@ -254,13 +258,13 @@ fn start_kernel(config: &KvConfig) -> Result<Running, KvError> {
         what: "getsockname",
         source,
     })?;
-    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = Arc::new(usm_sync::atomic::AtomicBool::new(false));
     let stop_flag = stopping.clone();
     let acceptor = std::thread::Builder::new()
         .name("usm-kv-accept".into())
         .spawn(move || {
             for conn in listener.incoming() {
-                if stop_flag.load(std::sync::atomic::Ordering::Acquire) {
+                if stop_flag.load(usm_sync::atomic::Ordering::Acquire) {
                     break;
                 }
                 let Ok(mut conn) = conn else { continue };
@@ -286,7 +290,7 @@ fn start_kernel(config: &KvConfig) -> Result<Running, KvError> {
     Ok(Running {
         addr,
         stop: Box::new(move || {
-            stopping.store(true, std::sync::atomic::Ordering::Release);
+            stopping.store(true, usm_sync::atomic::Ordering::Release);
             // Wake the acceptor with a connection of our own.
             let _ = std::net::TcpStream::connect(addr);
             let _ = acceptor.join();

@@ -3,6 +3,7 @@
 //! Prints `usm-kv listening on ADDR (mode MODE)` on stdout once it accepts connections;
 //! SIGINT or SIGTERM stops it cleanly (connections closed) with exit status 0.
 
+#![forbid(unsafe_code)]
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

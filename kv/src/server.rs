@@ -13,8 +13,8 @@
 //! that vanishes mid-request ends its connection only.
 
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
+use usm_sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::resp::{Limits, Parsed, Reply, parse};
 use crate::store::{Memory, Refused, Store};
