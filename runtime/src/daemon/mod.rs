@@ -236,6 +236,7 @@ impl Shared {
     }
 
     pub(crate) fn remove_proc(&self, p: &Arc<Proc>, stat: ProcessStat) {
+        self.totals.absorb(&p.counters);
         self.procs
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -62,6 +62,17 @@ impl ProcCounters {
         h.as_ref().map_or_else(Latency::default, Latency::of)
     }
 
+    /// Adds `other`'s latencies to this one's (a process that ended, into the daemon's
+    /// totals).
+    pub(crate) fn absorb(&self, other: &ProcCounters) {
+        let theirs = other.latency_histogram();
+        if let (Ok(mut mine), Some(theirs)) = (self.latency.lock(), theirs)
+            && let Some(mine) = mine.as_mut()
+        {
+            let _ = mine.add(&theirs);
+        }
+    }
+
     /// A copy of the latency histogram.
     pub(crate) fn latency_histogram(&self) -> Option<Histogram<u64>> {
         self.latency.lock().ok().and_then(|h| h.clone())
