@@ -70,26 +70,10 @@ impl SameMmInstaller {
                     }
                 }
             };
-            match r {
-                Resolved::Done(_) => {
-                    report.mapped.extend(page_pairs(at, rest));
-                    break;
-                }
-                Resolved::Partial(bytes) => {
-                    let n = (bytes / PAGE) as usize;
-                    report.mapped.extend(page_pairs(at, &rest[..n]));
-                    // Re-issue from the stop point: the next round classifies that page.
-                    i += n;
-                }
-                Resolved::AlreadyMapped => {
-                    report.present.push((at, rest[0]));
-                    i += 1;
-                }
-                Resolved::MmapChanging => {
-                    report.retry.extend(page_pairs(at, rest));
-                    break;
-                }
-                Resolved::UseCopy => {
+            match record_run(&mut report, at, rest, r) {
+                RunStep::Stop => break,
+                RunStep::Advance(n) => i += n,
+                RunStep::UseCopy => {
                     // SAFETY: as above; COPY reads the Taken slot and fills the hole.
                     match unsafe { pool.install_copy(rest[0], at, CopyMode::empty())? } {
                         Resolved::Done(_) => report.copied.push((at, rest[0])),
@@ -173,6 +157,48 @@ impl Installer for SameMmInstaller {
         // SAFETY: the range holding the page is being dropped by the core.
         let r = unsafe { pool.reclaim(frame)? };
         Ok(r.is_done())
+    }
+}
+
+/// What to do after one multi-page install call ([`record_run`]).
+pub(crate) enum RunStep {
+    /// Everything left was recorded (installed, or to retry after the events).
+    Stop,
+    /// This many pages were recorded; re-issue the rest from there (the next call
+    /// classifies the page it stopped at).
+    Advance(usize),
+    /// MOVE said the first page must be copied (`EBUSY`): the caller's to handle.
+    UseCopy,
+}
+
+/// Records in `report` what one install call of `rest` at `at` did (`r`), classifying a
+/// partial run page by page (DESIGN.md: never retried blindly), and says how to go on.
+/// Shared by the embedded and the daemon's installers.
+pub(crate) fn record_run(
+    report: &mut InstallReport,
+    at: u64,
+    rest: &[FrameNo],
+    r: Resolved,
+) -> RunStep {
+    match r {
+        Resolved::Done(_) => {
+            report.mapped.extend(page_pairs(at, rest));
+            RunStep::Stop
+        }
+        Resolved::Partial(bytes) => {
+            let n = (bytes / PAGE) as usize;
+            report.mapped.extend(page_pairs(at, &rest[..n]));
+            RunStep::Advance(n)
+        }
+        Resolved::AlreadyMapped => {
+            report.present.push((at, rest[0]));
+            RunStep::Advance(1)
+        }
+        Resolved::MmapChanging => {
+            report.retry.extend(page_pairs(at, rest));
+            RunStep::Stop
+        }
+        Resolved::UseCopy => RunStep::UseCopy,
     }
 }
 

@@ -23,6 +23,7 @@ use usm_proto::Channel;
 use usm_sync::Mutex;
 
 use crate::daemon::agent::AgentLink;
+use crate::sys::install::{RunStep, record_run};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -149,8 +150,6 @@ impl RemoteInstaller {
             let rest = &frames[i..];
             if self.agentless {
                 // Copy each page; the frames stay Taken and go back (no budget held).
-                // SAFETY: (contract of `install_copy`) vacant pages of a range the core
-                // manages in the program, under its lock; the frames are Taken by it.
                 let src = match from {
                     CopyFrom::Slots => {
                         pool.ensure_slot(rest[0])?;
@@ -175,22 +174,16 @@ impl RemoteInstaller {
             let r = unsafe {
                 pool.install_many_copy_into(&self.uffd, rest, at, owner, from, CopyMode::empty())?
             };
-            match r {
-                Resolved::Done(_) => {
-                    report.mapped.extend(page_pairs(at, rest));
-                    break;
-                }
-                Resolved::Partial(bytes) => {
-                    let n = (bytes / PAGE) as usize;
-                    report.mapped.extend(page_pairs(at, &rest[..n]));
-                    i += n;
-                }
-                Resolved::AlreadyMapped => {
-                    report.present.push((at, rest[0]));
-                    i += 1;
-                }
-                Resolved::MmapChanging | Resolved::UseCopy => {
-                    report.retry.extend(page_pairs(at, rest));
+            match record_run(&mut report, at, rest, r) {
+                RunStep::Stop => break,
+                RunStep::Advance(n) => i += n,
+                RunStep::UseCopy => {
+                    // COPY has no EBUSY: not expected here; retry after the events.
+                    report.retry.extend(
+                        rest.iter()
+                            .enumerate()
+                            .map(|(k, &f)| (at + k as u64 * PAGE, f)),
+                    );
                     break;
                 }
             }
@@ -203,13 +196,6 @@ impl RemoteInstaller {
 #[repr(C, align(4096))]
 struct Zeros([u8; PAGE_SIZE]);
 static ZEROS: Zeros = Zeros([0; PAGE_SIZE]);
-
-fn page_pairs(start: u64, frames: &[FrameNo]) -> impl Iterator<Item = (u64, FrameNo)> + '_ {
-    frames
-        .iter()
-        .enumerate()
-        .map(move |(i, &f)| (start + i as u64 * PAGE, f))
-}
 
 impl Installer for RemoteInstaller {
     fn install(
