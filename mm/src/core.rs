@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
-use std::sync::Arc;
 use std::time::Instant;
+use usm_sync::Arc;
 
 use usm_kmod::event::{Fault, Origin};
 use usm_kmod::pool::arena::LocalArena;

@@ -164,9 +164,6 @@
 //!   `SameMmInstaller::default()` / `::new(mode)`).
 
 #![deny(unsafe_code)]
-// std::sync uses in mm/** (core.rs, core/process.rs, space.rs) are converted to usm_sync
-// once the daemon rewrite (#15) settles
-#![allow(clippy::disallowed_types)]
 
 mod core;
 mod error;

@@ -220,7 +220,7 @@ pub struct Space {
     pub counters: SpaceCounters,
     /// How pages get into and out of this space, when not the core's default installer
     /// (daemon mode: each tagged process is another address space).
-    pub installer: Option<std::sync::Arc<dyn crate::Installer>>,
+    pub installer: Option<usm_sync::Arc<dyn crate::Installer>>,
     /// The policy of ranges without their own (daemon mode).
     pub alloc: Option<SpacePolicy>,
 }

@@ -9,8 +9,6 @@
 //! - [`demo`]: the swap-storm demo the README's main command runs.
 
 #![deny(unsafe_code)]
-// std::sync uses in runtime/** are converted when the daemon rewrite lands
-#![allow(clippy::disallowed_types)]
 
 pub mod config;
 pub mod daemon;

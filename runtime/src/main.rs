@@ -3,8 +3,6 @@
 //! `usm check-config`.
 
 #![deny(unsafe_code)]
-// std::sync uses in runtime/** are converted when the daemon rewrite lands
-#![allow(clippy::disallowed_types)]
 
 mod cli;
 

@@ -46,15 +46,15 @@ use common::programs::{build_c, have, tagger, usm_exec};
 
 /// One test at a time: each fills a pool several times over, and the CI machine has 2
 /// vCPUs (a slow neighbour must never read as a failure).
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+fn serial() -> usm_sync::MutexGuard<'static, ()> {
+    static LOCK: usm_sync::Mutex<()> = usm_sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What a test keeps while its program runs: the serial lock and the program's directory.
 struct Keep {
     _dir: tempfile::TempDir,
-    _serial: std::sync::MutexGuard<'static, ()>,
+    _serial: usm_sync::MutexGuard<'static, ()>,
 }
 
 /// `tests/programs/mm_storm.c`, built under the serial lock (None without gcc).

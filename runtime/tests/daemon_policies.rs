@@ -125,8 +125,8 @@ int main(int argc, char **argv) {
 "#;
 
 /// One test at a time: each fills a pool, and the CI machine has 2 vCPUs.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+fn serial() -> usm_sync::MutexGuard<'static, ()> {
+    static LOCK: usm_sync::Mutex<()> = usm_sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -172,7 +172,7 @@ fn libraries() -> &'static (PathBuf, PathBuf) {
 struct Probe {
     dir: tempfile::TempDir,
     prog: PathBuf,
-    _serial: std::sync::MutexGuard<'static, ()>,
+    _serial: usm_sync::MutexGuard<'static, ()>,
 }
 
 impl Probe {
@@ -524,7 +524,7 @@ fn a_busy_poll_waker_serves_a_program_and_stat_reports_it() {
 }
 
 /// Bytes the `counted-quota` policy was told were freed, per pid.
-static FREED: std::sync::Mutex<Vec<(u32, u64)>> = std::sync::Mutex::new(Vec::new());
+static FREED: usm_sync::Mutex<Vec<(u32, u64)>> = usm_sync::Mutex::new(Vec::new());
 
 /// `quota:1024` that records every [`AllocPolicy::free`] it hears.
 struct CountedQuota(Box<dyn AllocPolicy>);

@@ -18,8 +18,8 @@ use common::daemon::{RunDaemon, USM};
 
 /// The programs here each fill a pool several times over: run them one at a time (the
 /// CI machine has 2 vCPUs), so a slow neighbour never reads as a failure.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+fn serial() -> usm_sync::MutexGuard<'static, ()> {
+    static LOCK: usm_sync::Mutex<()> = usm_sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -65,7 +65,7 @@ fn have(tool: &str) -> bool {
 /// What a test keeps while its program runs: the serial lock and the program's directory.
 struct Keep {
     _dir: tempfile::TempDir,
-    _serial: std::sync::MutexGuard<'static, ()>,
+    _serial: usm_sync::MutexGuard<'static, ()>,
 }
 
 /// Builds `tests/programs/NAME.c` in a directory of its own under the serial lock;

@@ -138,7 +138,7 @@ fn region_vec_grows_and_keeps_its_elements() {
 }
 
 /// Records the write bit of every fault it serves (first-fit otherwise).
-struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<(u64, bool)>>>);
+struct Recorder(usm_sync::Arc<usm_sync::Mutex<Vec<(u64, bool)>>>);
 
 impl usm_policies::AllocPolicy for Recorder {
     fn name(&self) -> &str {
@@ -159,7 +159,7 @@ impl usm_policies::AllocPolicy for Recorder {
 
 #[test]
 fn the_handler_reports_reads_and_writes_from_the_fault_error_code() {
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = usm_sync::Arc::new(usm_sync::Mutex::new(Vec::new()));
     let mut reg = usm_policies::Registry::with_builtins();
     let l = log.clone();
     reg.register_alloc("recorder", usm_policies::Param::None, move |_| {
@@ -171,17 +171,17 @@ fn the_handler_reports_reads_and_writes_from_the_fault_error_code() {
         .pool_frames(64)
         .build_with_registry(reg)
         .unwrap();
-    let region = std::sync::Arc::new(rt.region_with_policy(4 * PAGE, "recorder").unwrap());
+    let region = usm_sync::Arc::new(rt.region_with_policy(4 * PAGE, "recorder").unwrap());
     let r = region.clone();
     rt.block_on(move || {
         let w = r.as_atomic_u64();
-        let _ = w[0].load(std::sync::atomic::Ordering::Relaxed); // read fault, page 0
-        w[WORDS_PER_PAGE].store(1, std::sync::atomic::Ordering::Relaxed); // write fault, page 1
+        let _ = w[0].load(usm_sync::atomic::Ordering::Relaxed); // read fault, page 0
+        w[WORDS_PER_PAGE].store(1, usm_sync::atomic::Ordering::Relaxed); // write fault, page 1
     })
     .unwrap();
     // A plain thread too: page 2 read, page 3 write.
-    let _ = region.as_atomic_u64()[2 * WORDS_PER_PAGE].load(std::sync::atomic::Ordering::Relaxed);
-    region.as_atomic_u64()[3 * WORDS_PER_PAGE].store(1, std::sync::atomic::Ordering::Relaxed);
+    let _ = region.as_atomic_u64()[2 * WORDS_PER_PAGE].load(usm_sync::atomic::Ordering::Relaxed);
+    region.as_atomic_u64()[3 * WORDS_PER_PAGE].store(1, usm_sync::atomic::Ordering::Relaxed);
     let base = region.addr();
     let seen: Vec<(u64, bool)> = log
         .lock()

@@ -7,9 +7,9 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream as StdStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use usm_sync::Arc;
+use usm_sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use usm_runtime::embedded::{NetError, Runtime, TcpListener, TcpStream};
 
@@ -210,7 +210,7 @@ fn a_client_vanishing_mid_request_is_an_error_value_and_the_server_keeps_serving
     let rt = runtime(2);
     let listener = rt.net().bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let outcomes = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let outcomes = Arc::new(usm_sync::Mutex::new(Vec::<String>::new()));
     let served = Arc::new(AtomicUsize::new(0));
     {
         let (outcomes, served) = (outcomes.clone(), served.clone());
@@ -365,7 +365,7 @@ fn region_buffers_under_memory_pressure_keep_every_byte() {
     let conns = 6u64;
     let listener = rt.net().bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let errors = Arc::new(usm_sync::Mutex::new(Vec::<String>::new()));
     let net_rt = Arc::new(rt);
     {
         let errors = errors.clone();

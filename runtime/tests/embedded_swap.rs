@@ -2,9 +2,9 @@
 //! O_DIRECT swap file on ext4): integrity, nested faults, panics, shutdown, swap-cache
 //! hits, partial MOVE, datagrams into regions, poisoned swap entries.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use usm_sync::Arc;
+use usm_sync::atomic::{AtomicU64, Ordering};
 
 use usm_kmod::event::Fault;
 use usm_policies::{

@@ -19,7 +19,7 @@
 //! [`MmCore::manage`] with the extent of the mapping (VMA) around it and retries.
 
 use std::ops::Range;
-use std::sync::Arc;
+use usm_sync::Arc;
 
 use usm_kmod::pool::FrameOwner;
 use usm_policies::{AllocPolicy, Cx, PolicyKind, guarded, page_floor};

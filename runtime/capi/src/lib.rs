@@ -13,8 +13,6 @@
 //! ```
 
 #![deny(unsafe_code)]
-// std::sync uses in runtime/** are converted when the daemon rewrite lands
-#![allow(clippy::disallowed_types)]
 
 #[allow(unsafe_code)] // the system calls: every unsafe block of the crate lives here
 mod sys;

@@ -73,8 +73,6 @@
 //! socket layer with a [`ProtoError`].
 
 #![deny(unsafe_code)]
-// std::sync uses in runtime/** are converted when the daemon rewrite lands
-#![allow(clippy::disallowed_types)]
 
 pub mod agent;
 pub mod client;

@@ -551,6 +551,7 @@ impl SharedMap {
     /// The other process writes the same memory, so every access is atomic (plain
     /// `core` atomics: loom cannot model memory shared between processes, which is why
     /// this is not `usm_sync`).
+    #[allow(clippy::disallowed_types)] // memory shared with another process: std's type
     pub(crate) fn word(&self, offset: usize) -> &std::sync::atomic::AtomicU64 {
         assert!(
             offset % 8 == 0 && offset + 8 <= self.len,

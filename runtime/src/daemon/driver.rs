@@ -24,8 +24,8 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+use usm_sync::Arc;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use usm_kmod::event::Origin;

@@ -24,9 +24,9 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use usm_sync::Arc;
+use usm_sync::atomic::Ordering;
 
 use nix::sys::eventfd::EventFd;
 use usm_localmanager::signal::FaultedUThread;

@@ -51,8 +51,8 @@
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::time::Duration;
+use usm_sync::Arc;
 
 use crate::embedded::Region;
 use crate::embedded::runtime::Shared;

@@ -2,7 +2,7 @@
 
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::Arc;
+use usm_sync::Arc;
 
 use usm_kmod::PAGE_SIZE;
 use usm_kmod::sys::mem::{Advice, Mapping, Protection};
@@ -59,7 +59,7 @@ impl Region {
         let start = mapping.addr();
         let id = shared
             .next_region
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(1, usm_sync::atomic::Ordering::Relaxed);
         let key = shared
             .core
             .add_range(shared.pid, start, len as u64, id, alloc)?;
@@ -130,7 +130,7 @@ impl Region {
 
     /// The whole region as atomic words: shared access from many uThreads and threads
     /// through `&Region` (e.g. an `Arc<Region>`).
-    pub fn as_atomic_u64(&self) -> &[std::sync::atomic::AtomicU64] {
+    pub fn as_atomic_u64(&self) -> &[usm_sync::atomic::AtomicU64] {
         view::atomic_u64(self.ptr(), self.len / 8)
     }
 

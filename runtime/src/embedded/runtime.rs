@@ -1,9 +1,9 @@
 //! [`Builder`] and [`Runtime`]: the embedded runtime.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
 use std::time::Duration;
+use usm_sync::Arc;
+use usm_sync::atomic::AtomicU32;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use usm_kmod::pool::{FramePool, LockMode, PoolConfig, ZeroerHandle};
@@ -27,7 +27,7 @@ pub(crate) struct Shared {
     pub(crate) external_fd: EventFd,
     pub(crate) worker_fds: Vec<Arc<EventFd>>,
     /// Set before a worker's eventfd is written, so its driver reads the fd only then.
-    pub(crate) woken: Arc<Vec<std::sync::atomic::AtomicBool>>,
+    pub(crate) woken: Arc<Vec<usm_sync::atomic::AtomicBool>>,
     pub(crate) next_region: AtomicU32,
     pub(crate) default_alloc: String,
     /// How regions are registered (`MISSING`, plus `WP` when writes are tracked).
@@ -320,9 +320,9 @@ impl Builder {
             .ok_or(EmbeddedError::Config(
                 "too many embedded runtimes in this process",
             ))?;
-        let woken: Arc<Vec<std::sync::atomic::AtomicBool>> = Arc::new(
+        let woken: Arc<Vec<usm_sync::atomic::AtomicBool>> = Arc::new(
             (0..self.workers)
-                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .map(|_| usm_sync::atomic::AtomicBool::new(false))
                 .collect(),
         );
         for (i, fd) in worker_fds.iter().enumerate() {
@@ -333,7 +333,7 @@ impl Builder {
                     // Write first, then flag: the driver reads the fd after taking the
                     // flag, so no write is left unread (a readable fd would spin it).
                     let _ = fd.write(1);
-                    woken[i].store(true, std::sync::atomic::Ordering::Release);
+                    woken[i].store(true, usm_sync::atomic::Ordering::Release);
                 }),
             )?;
         }
@@ -523,7 +523,7 @@ impl Runtime {
             }
             for (fd, w) in self.shared.worker_fds.iter().zip(self.shared.woken.iter()) {
                 let _ = fd.write(1);
-                w.store(true, std::sync::atomic::Ordering::Release);
+                w.store(true, usm_sync::atomic::Ordering::Release);
             }
             std::thread::sleep(Duration::from_millis(2));
         }

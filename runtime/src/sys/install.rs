@@ -216,7 +216,7 @@ fn page_pairs(start: u64, frames: &[FrameNo]) -> impl Iterator<Item = (u64, Fram
 #[derive(Debug)]
 pub(crate) struct TrackingInstaller {
     inner: SameMmInstaller,
-    uffd: std::sync::Arc<usm_kmod::Userfaultfd>,
+    uffd: usm_sync::Arc<usm_kmod::Userfaultfd>,
     pagemap: std::fs::File,
 }
 
@@ -224,7 +224,7 @@ impl TrackingInstaller {
     /// Tracks through `uffd` (negotiated with `WP_ASYNC`) and `/proc/self/pagemap`;
     /// installs by the default [`InstallMode`].
     pub(crate) fn new(
-        uffd: std::sync::Arc<usm_kmod::Userfaultfd>,
+        uffd: usm_sync::Arc<usm_kmod::Userfaultfd>,
     ) -> std::io::Result<TrackingInstaller> {
         Ok(TrackingInstaller {
             inner: SameMmInstaller {

@@ -13,8 +13,8 @@
 //!
 //! Every method runs under the memory manager's lock, on a worker.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use usm_sync::Arc;
+use usm_sync::atomic::{AtomicU64, Ordering};
 
 use usm_kmod::pool::{CopyFrom, FrameOwner, FramePool};
 use usm_kmod::{CopyMode, FrameNo, PAGE_SIZE, PoisonMode, Resolved, Userfaultfd};

@@ -17,6 +17,10 @@
 //! Atomics, `write(2)`, `futex(2)`, `sched_yield(2)` and `sigaction(2)` only: no
 //! allocation, no lock, no tracing.
 
+// The tables are read in signal context and by the handler of every thread: std's
+// lock-free atomics in statics, never a loom model.
+#![allow(clippy::disallowed_types)]
+
 use std::sync::Once;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 

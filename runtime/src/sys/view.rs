@@ -1,5 +1,8 @@
 //! Typed views of region memory, and the [`Pod`] marker.
 
+// Typed views of region memory another thread may write: std's atomics over raw memory.
+#![allow(clippy::disallowed_types)]
+
 use crate::embedded::Pod;
 
 /// `&[T]` over `len` elements at `ptr`.

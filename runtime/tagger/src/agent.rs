@@ -31,6 +31,9 @@
 //! `MADV_DONTFORK`: the child forgets the agent ([`forget_in_child`]) and can start its
 //! own when its own session asks.
 
+// The bookkeeping words live in raw memory outside the managed heap: std's atomics.
+#![allow(clippy::disallowed_types)]
+
 use std::os::fd::BorrowedFd;
 // The bookkeeping words live in raw memory (see `sys::unmanaged_words`): std's type.
 use std::sync::atomic::AtomicU64;

@@ -32,8 +32,6 @@
 //! child, before its own Ack), `brk`/`sbrk` called directly by the program.
 
 #![deny(unsafe_code)]
-// std::sync uses in runtime/** are converted when the daemon rewrite lands
-#![allow(clippy::disallowed_types)]
 
 mod agent;
 mod ranges;

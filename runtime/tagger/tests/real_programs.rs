@@ -6,8 +6,8 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use usm_sync::atomic::Ordering;
 
 use support::*;
 use usm_proto::Message;

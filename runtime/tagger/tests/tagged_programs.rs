@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::sync::atomic::Ordering;
+use usm_sync::atomic::Ordering;
 
 use support::*;
 use usm_proto::{Message, RangeKind, RefusalReason};

@@ -4,6 +4,9 @@
 //! tagger exports `mmap`, `munmap`, `mremap` and `ioctl`, so calling the libc names from
 //! inside would re-enter its own wrappers.
 
+// Words and pointers in raw memory outside the managed heap: std's atomics.
+#![allow(clippy::disallowed_types)]
+
 pub(crate) mod arena;
 pub(crate) mod exports;
 pub(crate) mod heap;

@@ -9,11 +9,12 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use usm_sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use usm_sync::{Arc, Mutex};
 
 use usm_proto::server::{self, Listener, TaggedPeer};
 use usm_proto::{Channel, Message};
