@@ -175,3 +175,23 @@ fn swap_devices_are_checked_like_run_checks_them() {
         String::from_utf8_lossy(&check.stderr)
     );
 }
+
+#[test]
+fn exec_flags_get_the_config_files_limits() {
+    // More pool than this machine has, and more workers than cores: refused before any
+    // daemon starts (the config file's `memory` and `workers` lines get the same checks).
+    let huge = usm(&["exec", "--pool", "65536G", "--", "true"].map(std::ffi::OsStr::new));
+    let err = String::from_utf8_lossy(&huge.stderr);
+    assert_eq!(huge.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--pool") && err.contains("physical memory"),
+        "{err}"
+    );
+    let many = usm(&["exec", "--workers", "65", "--", "true"].map(std::ffi::OsStr::new));
+    let err = String::from_utf8_lossy(&many.stderr);
+    assert_eq!(many.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--workers 65") && err.contains("online cores"),
+        "{err}"
+    );
+}

@@ -208,10 +208,26 @@ fn exec_config(a: &ExecArgs, program: &Path) -> Result<Config, String> {
             return Err("--pool: the pool cannot be empty".into());
         }
     }
+    // The same limits the config file's lines get: the machine's memory and cores.
+    let machine = usm_runtime::config::Machine::current();
+    if cfg.memory_pages > machine.ram_pages {
+        return Err(format!(
+            "--pool: {} pages is more than this machine's physical memory ({} pages)",
+            cfg.memory_pages, machine.ram_pages
+        ));
+    }
+    let max_workers = machine
+        .online_cores
+        .clamp(1, usm_runtime::config::MAX_WORKERS);
     if let Some(w) = a.workers {
-        cfg.workers = Some(w.max(1));
+        if w == 0 || w > max_workers {
+            return Err(format!(
+                "--workers {w}: must be 1..={max_workers} (this machine's online cores)"
+            ));
+        }
+        cfg.workers = Some(w);
     } else if cfg.workers.is_none() {
-        cfg.workers = Some(2);
+        cfg.workers = Some(2.min(max_workers));
     }
     if let Some(s) = &a.swap {
         cfg.swap = vec![SwapSpec {
