@@ -91,17 +91,18 @@ use stats::ProcCounters;
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// A config value the daemon cannot use (the line is the config's).
-    #[error("config line {line}: {why}")]
+    #[error("{}{why}", at_line(*line))]
     Config {
-        /// Line in the config file.
+        /// Line in the config file (0: not from a line of a file, e.g. a `usm exec` flag).
         line: usize,
         /// What is wrong.
         why: String,
     },
     /// A policy name the registry does not know.
-    #[error("config line {line}: {source}")]
+    #[error("{}{source}", at_line(*line))]
     Policy {
-        /// Line in the config file.
+        /// Line in the config file (0: not from a line of a file: a `usm exec` flag, or
+        /// the embedder's own policies).
         line: usize,
         /// The registry's error (lists the known names).
         #[source]
@@ -142,6 +143,15 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// `config line N: `, or nothing for a value that came from no line of a file.
+fn at_line(line: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!("config line {line}: ")
+    }
 }
 
 impl DaemonError {
