@@ -153,6 +153,9 @@ pub struct Config {
     pub waker: WakerMode,
     /// The taggers' socket.
     pub socket: PathBuf,
+    /// Users besides the daemon's own (and root) whose programs may attach: `allow
+    /// 1000,1001` or `allow *` (checked on `SO_PEERCRED`; overrides `USM_ALLOW_UIDS`).
+    pub allow: Option<String>,
 }
 
 /// Default socket path of the daemon.
@@ -173,6 +176,7 @@ impl Default for Config {
             metrics: None,
             waker: WakerMode::Eventfd,
             socket: PathBuf::from(DEFAULT_SOCKET),
+            allow: None,
         }
     }
 }
@@ -249,8 +253,7 @@ pub enum ConfigErrorKind {
     },
 }
 
-const KNOWN_DIRECTIVES: &str =
-    "memory, workers, policy, process, swap, fhp, evict, oom, watermarks, metrics, waker, socket";
+const KNOWN_DIRECTIVES: &str = "memory, workers, policy, process, swap, fhp, evict, oom, watermarks, metrics, waker, socket, allow";
 
 /// The largest config file [`Config::load`] reads (16 MiB: hundreds of thousands of
 /// `process` lines; anything bigger is a mistake, e.g. a device or a log).
@@ -678,6 +681,12 @@ impl Config {
                 let [v] = exact(args, "socket", "a path")?;
                 self.socket = PathBuf::from(v);
             }
+            "allow" => {
+                once("allow")?;
+                let [v] = exact(args, "allow", "uids (1000,1001) or *")?;
+                usm_proto::server::PeerRule::parse(v).map_err(|why| bad("allow", v, &why))?;
+                self.allow = Some(v.to_string());
+            }
             other => return Err(ConfigErrorKind::UnknownDirective(printable_name(other))),
         }
         Ok(())
@@ -846,6 +855,9 @@ impl fmt::Display for Config {
             writeln!(f, "metrics {m}")?;
         }
         writeln!(f, "waker {}", self.waker.as_str())?;
+        if let Some(a) = &self.allow {
+            writeln!(f, "allow {a}")?;
+        }
         writeln!(f, "socket {}", self.socket.display())
     }
 }
@@ -1302,6 +1314,33 @@ mod tests {
         assert!(
             ratio < 10.0,
             "4x the lines took {ratio:.1}x the time ({t_small:?} -> {t_large:?}): not linear"
+        );
+    }
+}
+
+#[cfg(test)]
+mod allow_tests {
+    use super::Config;
+
+    #[test]
+    fn allow_names_uids_or_everyone_and_prints_back() {
+        let cfg = Config::parse("memory 64\nallow 1000, 1001\n").unwrap_err();
+        // One token: a list without spaces.
+        assert!(cfg.to_string().contains("1001"), "{cfg}");
+        let cfg = Config::parse("memory 64\nallow 1000,1001\n").unwrap();
+        assert_eq!(cfg.allow.as_deref(), Some("1000,1001"));
+        let again = Config::parse(&cfg.to_string()).unwrap();
+        assert_eq!(again.allow, cfg.allow);
+        assert_eq!(
+            Config::parse("allow *\n").unwrap().allow.as_deref(),
+            Some("*")
+        );
+        let e = Config::parse("memory 64\nallow bob\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.to_string().contains("bob"), "{e}");
+        assert!(
+            Config::parse("allow 1\nallow 2\n").is_err(),
+            "allow only once"
         );
     }
 }

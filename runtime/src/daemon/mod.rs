@@ -556,7 +556,16 @@ impl Daemon {
         sockfile::clear_stale(&stat_socket, |p| {
             std::os::unix::net::UnixStream::connect(p).is_ok()
         })?;
-        let (listener, socket_file) = bind(&socket, opts.peers.socket_mode())?;
+        // The config's `allow` line, else the options' rule (`USM_ALLOW_UIDS`, or only
+        // this user and root).
+        let peers = match &cfg.allow {
+            Some(list) => PeerRule::parse(list).map_err(|why| DaemonError::Config {
+                line: 0,
+                why: format!("allow {list}: {why}"),
+            })?,
+            None => opts.peers.clone(),
+        };
+        let (listener, socket_file) = bind(&socket, peers.socket_mode())?;
         let (stat_listener, stat_file) = match control::bind(&stat_socket) {
             Ok(l) => l,
             Err(e) => {
@@ -595,7 +604,7 @@ impl Daemon {
         };
         let (sh, stop) = (shared.clone(), stop_accept.clone());
         let gate = Gate {
-            peers: opts.peers.clone(),
+            peers,
             sessions: sessions::Sessions::new(opts.limits),
             daemon_uid: nix::unistd::geteuid().as_raw(),
         };
