@@ -385,33 +385,6 @@ impl MmCore {
         self.eviction.store(on, Ordering::Release);
     }
 
-    /// Lets go of `pid`'s resident pages: they stay in the program, their frames go back
-    /// to the pool, and they are no longer the memory manager's (`Copied`: never
-    /// evicted). Returns how many.
-    pub fn let_go_resident(&self, pid: u32) -> usize {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        let Some(space) = st.mem.spaces.get_mut(&pid) else {
-            return 0;
-        };
-        let frames: Vec<(u64, usm_kmod::FrameNo)> = space
-            .pages
-            .iter()
-            .filter_map(|(&a, s)| match s {
-                PageState::Resident(f) => Some((a, *f)),
-                _ => None,
-            })
-            .collect();
-        for &(a, f) in &frames {
-            st.evict.on_free(f);
-            if let Err(e) = self.pool.release(f) {
-                tracing::warn!(error = %e, %f, "releasing a frame failed");
-            }
-            space.set(a, PageState::Copied);
-        }
-        frames.len()
-    }
-
     /// Counters of every space, by pid.
     pub fn all_space_counters(&self) -> Vec<(u32, crate::SpaceCounters)> {
         self.lock()

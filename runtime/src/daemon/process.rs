@@ -634,49 +634,43 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
 }
 
 /// Used by shutdown: brings every page of `proc` that is out back into it through the
-/// ordinary fault path (a job per page; resident pages are first let go of, so the pool
-/// has room), so the program can continue unmanaged. Returns pages restored and pages
-/// that could not be (poisoned).
+/// ordinary fault path (one job per page; with eviction off, a fault that finds no frame
+/// lets a resident page go instead — it stays in the program), so the program can
+/// continue unmanaged. Returns pages restored and pages that could not be (poisoned).
 pub(crate) fn give_back(sh: &Shared, proc: &Arc<Proc>) -> (u64, u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(15);
     let poisoned_before = sh
         .core
         .space_counters(proc.space)
         .map_or(0, |c| c.poisoned as u64);
-    let mut restored = 0u64;
-    loop {
-        let away = sh.core.away_pages(proc.space);
-        if away.is_empty() || proc.is_gone() || Instant::now() > deadline {
+    let away = sh.core.away_pages(proc.space);
+    let wanted = away.len() as u64;
+    for addr in away {
+        sh.jobs.push(Job::Fault {
+            proc: proc.clone(),
+            addr,
+            write: false,
+            tid: 0,
+            t0: Instant::now(),
+        });
+    }
+    while Instant::now() < deadline && !proc.is_gone() {
+        if sh.core.away_pages(proc.space).is_empty() {
             break;
         }
-        // Room: the program keeps its resident pages; the pool forgets them.
-        sh.core.let_go_resident(proc.space);
-        let batch: Vec<u64> = away
-            .into_iter()
-            .take(sh.pool_pages as usize / 2 + 1)
-            .collect();
-        let n = batch.len() as u64;
-        for addr in batch {
-            sh.jobs.push(Job::Fault {
-                proc: proc.clone(),
-                addr,
-                write: false,
-                tid: 0,
-                t0: Instant::now(),
-            });
-        }
-        // Wait until this batch is in (or the deadline).
-        while Instant::now() < deadline && !proc.is_gone() {
-            if sh.core.away_pages(proc.space).is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        restored += n;
+        std::thread::sleep(Duration::from_millis(5));
     }
     let c = sh.core.space_counters(proc.space).unwrap_or_default();
-    let lost = c.away as u64 + (c.poisoned as u64).saturating_sub(poisoned_before);
-    (restored.saturating_sub(c.away as u64), lost)
+    let left = sh.core.away_pages(proc.space).len() as u64;
+    if left > 0 {
+        tracing::error!(
+            pid = proc.pid,
+            left,
+            "pages still out when the daemon stops; the program will be told and stopped by its tagger"
+        );
+    }
+    let lost = left + (c.poisoned as u64).saturating_sub(poisoned_before);
+    (wanted.saturating_sub(left), lost)
 }
 
 /// Refuses a connection whose Hello failed (peer fault): the error is logged, the
