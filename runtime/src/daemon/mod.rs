@@ -31,7 +31,8 @@
 //! 1. Stop admitting (new taggers get `Refused(Busy)`), stop the accept loop.
 //! 2. Turn eviction off (no page leaves a program any more).
 //! 3. For each managed process: bring every page that is out back into it through the
-//!    fault path (its resident pages are let go of first, so the pool has room), tell the
+//!    fault path (a fault that finds no frame lets a resident page go: it stays in the
+//!    program, unmanaged from now on), tell the
 //!    tagger `SwapState 0`, send `Bye`, stop its reader; closing the daemon's userfaultfd
 //!    lets the kernel unregister its ranges, and the program continues unmanaged with all
 //!    its data.
