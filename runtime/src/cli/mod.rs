@@ -191,40 +191,60 @@ fn comm_of(program: &Path) -> String {
     name[..end].to_owned()
 }
 
+/// `--pool` in pages, checked as the config file's `memory` line is (not empty, not more
+/// than this machine's physical memory).
+fn exec_pool_pages(a: &ExecArgs) -> Result<Option<u64>, String> {
+    let Some(pool) = &a.pool else {
+        return Ok(None);
+    };
+    let pages = if pool.bytes().all(|b| b.is_ascii_digit()) {
+        pool.parse().map_err(|_| format!("bad --pool {pool}"))?
+    } else {
+        parse_size(pool, "memory")
+            .map_err(|e| format!("--pool: {e}"))?
+            .div_ceil(4096)
+    };
+    if pages == 0 {
+        return Err("--pool: the pool cannot be empty".into());
+    }
+    let machine = usm_runtime::config::Machine::current();
+    if pages > machine.ram_pages {
+        return Err(format!(
+            "--pool: {pages} pages is more than this machine's physical memory ({} pages)",
+            machine.ram_pages
+        ));
+    }
+    Ok(Some(pages))
+}
+
+/// `--workers`, checked as the config file's `workers` line is (1 ..= online cores).
+fn exec_workers(a: &ExecArgs) -> Result<Option<usize>, String> {
+    let Some(w) = a.workers else {
+        return Ok(None);
+    };
+    let max = usm_runtime::config::Machine::current()
+        .online_cores
+        .clamp(1, usm_runtime::config::MAX_WORKERS);
+    if w == 0 || w > max {
+        return Err(format!(
+            "--workers {w}: must be 1..={max} (this machine's online cores)"
+        ));
+    }
+    Ok(Some(w))
+}
+
 fn exec_config(a: &ExecArgs, program: &Path) -> Result<Config, String> {
     let mut cfg = match &a.config {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
         None => Config::default(),
     };
-    if let Some(pool) = &a.pool {
-        cfg.memory_pages = if pool.bytes().all(|b| b.is_ascii_digit()) {
-            pool.parse().map_err(|_| format!("bad --pool {pool}"))?
-        } else {
-            parse_size(pool, "memory")
-                .map_err(|e| format!("--pool: {e}"))?
-                .div_ceil(4096)
-        };
-        if cfg.memory_pages == 0 {
-            return Err("--pool: the pool cannot be empty".into());
-        }
+    if let Some(pages) = exec_pool_pages(a)? {
+        cfg.memory_pages = pages;
     }
-    // The same limits the config file's lines get: the machine's memory and cores.
-    let machine = usm_runtime::config::Machine::current();
-    if cfg.memory_pages > machine.ram_pages {
-        return Err(format!(
-            "--pool: {} pages is more than this machine's physical memory ({} pages)",
-            cfg.memory_pages, machine.ram_pages
-        ));
-    }
-    let max_workers = machine
+    let max_workers = usm_runtime::config::Machine::current()
         .online_cores
         .clamp(1, usm_runtime::config::MAX_WORKERS);
-    if let Some(w) = a.workers {
-        if w == 0 || w > max_workers {
-            return Err(format!(
-                "--workers {w}: must be 1..={max_workers} (this machine's online cores)"
-            ));
-        }
+    if let Some(w) = exec_workers(a)? {
         cfg.workers = Some(w);
     } else if cfg.workers.is_none() {
         cfg.workers = Some(2.min(max_workers));
@@ -272,6 +292,11 @@ pub(crate) fn exec(a: &ExecArgs) -> ExitCode {
     };
     if let Some(why) = preload_obstacle(&program) {
         eprintln!("usm: warning: {why}");
+    }
+    // Bad flags first: they are the user's to fix whatever else is missing.
+    if let Err(e) = exec_pool_pages(a).and(exec_workers(a)) {
+        eprintln!("usm: {e}");
+        return ExitCode::from(2);
     }
     let Some(tagger) = find_tagger() else {
         eprintln!(
