@@ -511,7 +511,12 @@ impl Runtime {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let core = &self.shared.core;
-            if core.io_in_flight() == 0 && core.pool().zeroing_len() == 0 {
+            // The zeroing queue can be empty while the zeroer still cleans what it took
+            // from it (those frames are still Zeroing): wait for the descriptors too.
+            if core.io_in_flight() == 0
+                && core.pool().zeroing_len() == 0
+                && core.pool().census().zeroing == 0
+            {
                 // Copied slots left below a full drop batch: memory back to the pool's size.
                 if let Err(e) = core.pool().flush_drops() {
                     tracing::warn!(error = %e, "dropping copied slots failed");
