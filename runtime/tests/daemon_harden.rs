@@ -24,7 +24,8 @@ use usm_runtime::daemon::{DaemonStat, query_stat, stat_socket_path};
 mod common;
 
 use common::daemon::USM;
-use common::harden::{KillOnDrop, RemoveOnDrop, ThrowawayUser, tagger};
+use common::harden::{KillOnDrop, RemoveOnDrop, ThrowawayUser};
+use common::programs::tagger;
 
 /// The name the test process says Hello with (named in every config here).
 const NAME: &str = "harden";

@@ -9,57 +9,18 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod common;
 
 use common::daemon::{RunDaemon, USM};
+use common::programs::{have, tagger};
 
 /// The programs here each fill a pool several times over: run them one at a time (the
 /// CI machine has 2 vCPUs), so a slow neighbour never reads as a failure.
 fn serial() -> usm_sync::MutexGuard<'static, ()> {
     static LOCK: usm_sync::Mutex<()> = usm_sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn target_profile_dir() -> PathBuf {
-    Path::new(USM).parent().unwrap().to_path_buf()
-}
-
-/// Builds `libusm_tagger.so` next to the `usm` binary (cargo does not build a cdylib of
-/// another package for integration tests).
-fn tagger() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let dir = target_profile_dir();
-            let target = dir.parent().unwrap();
-            let profile = dir.file_name().unwrap().to_str().unwrap().to_owned();
-            let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cmd.args(["build", "--quiet", "-p", "usm-tagger"]);
-            if profile == "release" {
-                cmd.arg("--release");
-            }
-            let st = cmd
-                .env("CARGO_TARGET_DIR", target)
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("cargo build -p usm-tagger");
-            assert!(st.success());
-            let so = dir.join("libusm_tagger.so");
-            assert!(so.exists(), "{} missing", so.display());
-            so
-        })
-        .clone()
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// What a test keeps while its program runs: the serial lock and the program's directory.

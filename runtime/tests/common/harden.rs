@@ -2,11 +2,8 @@
 //! drop even when the test fails), steps run as that user (`setpriv`), and the tagger
 //! library built next to the `usm` binary.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
-
-use super::daemon::USM;
 
 /// A system user that exists for one test: `useradd --system`, `userdel` on drop.
 pub(crate) struct ThrowawayUser {
@@ -101,31 +98,4 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// `libusm_tagger.so` next to the `usm` binary (cargo does not build another
-/// package's cdylib for integration tests), built once per test binary.
-pub(crate) fn tagger() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let dir = Path::new(USM).parent().unwrap().to_path_buf();
-            let target = dir.parent().unwrap();
-            let profile = dir.file_name().unwrap().to_str().unwrap().to_owned();
-            let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cmd.args(["build", "--quiet", "-p", "usm-tagger"]);
-            if profile == "release" {
-                cmd.arg("--release");
-            }
-            let st = cmd
-                .env("CARGO_TARGET_DIR", target)
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("cargo build -p usm-tagger");
-            assert!(st.success());
-            let so = dir.join("libusm_tagger.so");
-            assert!(so.exists(), "{} missing", so.display());
-            so
-        })
-        .clone()
 }
