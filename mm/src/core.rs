@@ -325,6 +325,13 @@ impl MmCore {
         }
     }
 
+    /// Wakes the faults waiting for memory (reclaim the core does not see finished: an
+    /// installer's [`Installer::busy`] work).
+    pub fn wake_memory_waiters(&self) {
+        let waiting = std::mem::take(&mut self.lock().mem.memory_waiters);
+        self.wake_mask(waiting, usize::MAX);
+    }
+
     /// Creates the space of `pid` (idempotent).
     pub fn add_space(&self, pid: u32) {
         self.lock()
@@ -1090,9 +1097,16 @@ impl<'a> WorkerCx<'a> {
                             continue;
                         }
                     }
-                    if self.mem.leaving > 0 {
+                    if self.mem.leaving > 0
+                        || self
+                            .mem
+                            .spaces
+                            .values()
+                            .any(|s| s.installer.as_ref().is_some_and(|i| i.busy()))
+                    {
                         // Stages in flight (a program's agent has not answered yet: it may
-                        // be stopped) and nothing else to take now: wait, never OOM.
+                        // be stopped), or staging room on its way back, and nothing else
+                        // to take now: wait, never OOM.
                         MmStats::bump(&self.core.stats.counters.memory_waits);
                         self.mem.memory_waiters |= 1 << self.worker;
                         return FaultResult::NeedMemory;
@@ -1185,6 +1199,14 @@ impl<'a> WorkerCx<'a> {
             slots = self.mem.swap.total_slots(),
             writebacks = self.mem.writebacks,
             leaving = self.mem.leaving,
+            io_in_flight = self.io.engine.in_flight(),
+            io_depth = self.io.engine.depth(),
+            resident = self
+                .mem
+                .spaces
+                .values()
+                .map(|s| s.counters.resident)
+                .sum::<usize>(),
             "access failed: page poisoned (SIGBUS on access)"
         );
         MmStats::bump(&self.core.stats.counters.oom_failures);
@@ -1492,6 +1514,7 @@ impl<'a> WorkerCx<'a> {
         };
         let mut staged = 0;
         let mut to_stage: Vec<(MappedPage, SwapEntry)> = Vec::new();
+        let offered = out.len();
         for v in out {
             match self.prepare_victim(v) {
                 Victim::Done(true) => staged += 1,
@@ -1499,7 +1522,18 @@ impl<'a> WorkerCx<'a> {
                 Victim::Stage(v, entry) => to_stage.push((v, entry)),
             }
         }
+        let n_stage = to_stage.len();
         staged += self.stage_batch(to_stage);
+        if staged == 0 {
+            tracing::debug!(
+                want,
+                room,
+                offered,
+                n_stage,
+                ?scan,
+                "eviction chose nothing"
+            );
+        }
         scan.chosen = staged;
         if staged > 0 {
             if let Err(e) = self.io.engine.submit() {

@@ -92,11 +92,20 @@ pub trait Installer: Send + Sync {
 
     /// Installs a copy of a Staging frame's page (a sampled or written-back page of
     /// another space: a fork parent) at the vacant page `addr` of this space, leaving the
-    /// frame as it is. `Ok(false)`: not possible here. The default cannot (the embedded
-    /// runtime has no fork children).
+    /// frame as it is. `Ok(false)`: not possible here (a page is already there, or this
+    /// installer cannot); an error: not now (the address space is changing). The default
+    /// cannot (the embedded runtime has no fork children).
     fn copy_staged(&self, pool: &FramePool, frame: FrameNo, addr: u64) -> Result<bool, MmError> {
         let _ = (pool, frame, addr);
         Ok(false)
+    }
+
+    /// Whether stages this installer refuses now will be possible once work of its own
+    /// in flight finishes (daemon: staging slots the agent is still dropping). The core
+    /// counts that as reclaim in flight: a fault waits for it rather than calling the OOM
+    /// policy, and whoever sees the work finish calls [`crate::MmCore::wake_memory_waiters`].
+    fn busy(&self) -> bool {
+        false
     }
 
     /// Ends the address space's process (the OOM policy's `KillLargestProcess`).

@@ -476,16 +476,27 @@ impl WorkerMm {
                     other,
                     Some(PageState::Resident(_) | PageState::Copied | PageState::Leaving { .. })
                 );
+                let mut kept = false;
                 if moved && present {
                     let installer = core.installer_in(&st.mem, pid);
                     match installer.copy_staged(&core.pool, frame, addr) {
                         Ok(true) => MmStats::bump(&core.stats.counters.swap_cache_copies),
-                        other => {
-                            tracing::error!(?other, addr, %frame, "a page taken out after its address was reused could not be put back")
+                        // A page is there: the agent moved the *older* page, before the
+                        // address went away; its content is nobody's now.
+                        Ok(false) => {}
+                        Err(e) => {
+                            // Not now (an address-space change is waiting for the reader):
+                            // the content waits in the frame's slot as a sampled page, and
+                            // the next fault there installs it. What the core counted
+                            // present there is not (the agent took it): let it go.
+                            tracing::debug!(error = %e, addr, %frame, "a page taken out after its address was reused waits in its slot");
+                            kept = true;
+                            displace(&core, st, pid, addr, frame);
                         }
                     }
                 }
-                if st.mem.orphans.remove(&frame)
+                if !kept
+                    && st.mem.orphans.remove(&frame)
                     && let Err(e) = core.pool.release(frame)
                 {
                     tracing::error!(error = %e, %frame, "releasing a fenced frame failed");
@@ -553,6 +564,42 @@ impl WorkerMm {
         drop(guard);
         let _ = self.io.engine.submit();
     }
+}
+
+/// The agent took the page at `addr` out after the address was reused, and its content
+/// (now in `frame`'s slot) could not be put back: `frame` becomes the page, `Sampled`
+/// (the next fault installs it), and what the core thought was there goes.
+fn displace(core: &MmCore, st: &mut super::MmState, pid: u32, addr: u64, frame: usm_kmod::FrameNo) {
+    st.mem.orphans.remove(&frame);
+    let Some(space) = st.mem.spaces.get_mut(&pid) else {
+        return;
+    };
+    match space.clear(addr) {
+        Some(PageState::Resident(f)) => {
+            st.evict.on_free(f);
+            if let Err(e) = core.pool.release(f) {
+                tracing::warn!(error = %e, %f, addr, "releasing a displaced frame failed");
+            }
+        }
+        Some(PageState::Leaving {
+            frame: f,
+            entry,
+            waiters,
+        }) => {
+            // Its stage finds nothing to move (the page is already out): fenced then.
+            st.mem.orphans.insert(f);
+            let _ = st.mem.swap.free(entry);
+            core.wake_mask(waiters, usize::MAX);
+        }
+        _ => {}
+    }
+    space.set(addr, PageState::Sampled(frame));
+    let mut view = super::MemView {
+        pool: &core.pool,
+        mem: &st.mem,
+    };
+    st.evict
+        .on_map(usm_policies::MappedPage { frame, pid, addr }, &mut view);
 }
 
 /// A range that uses its space's allocation policy.

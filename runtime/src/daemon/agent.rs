@@ -114,8 +114,23 @@ impl AgentLink {
         out: &mut Vec<bool>,
     ) {
         if self.stalled() {
+            tracing::debug!(
+                pid = self.pid,
+                evicting = self.evicting.len(),
+                "agent stalled"
+            );
             out.extend(std::iter::repeat_n(false, frames.len()));
             return;
+        }
+        if self.free_slots.len() < frames.len() {
+            tracing::debug!(
+                pid = self.pid,
+                free = self.free_slots.len(),
+                undropped = self.undropped.len(),
+                dropping = self.dropping.len(),
+                evicting = self.evicting.len(),
+                "agent short of slots"
+            );
         }
         let now = std::time::Instant::now();
         let mut any = false;
@@ -153,14 +168,27 @@ impl AgentLink {
         self.evicting.values().any(|f| f.sent.elapsed() > STALLED)
     }
 
+    /// Whether every slot is taken but some are on their way back (dropped or returned,
+    /// the agent has not answered yet): stages refused now will be possible then.
+    pub(crate) fn slots_coming_back(&self) -> bool {
+        self.free_slots.is_empty() && (!self.dropping.is_empty() || !self.undropped.is_empty())
+    }
+
     /// Phase 2: takes the agent's answers. For each eviction, `done(frame, moved)` once:
     /// `moved` when the page left the program and its content is now in the frame's slot
-    /// (the frame Staging). Returns how many pages were taken in.
-    pub(crate) fn reap(&mut self, pool: &FramePool, done: &mut dyn FnMut(FrameNo, bool)) -> u64 {
+    /// (the frame Staging). Returns how many pages were taken in, and whether slots came
+    /// free.
+    pub(crate) fn reap(
+        &mut self,
+        pool: &FramePool,
+        done: &mut dyn FnMut(FrameNo, bool),
+    ) -> (u64, bool) {
         let mut taken = 0;
+        let mut freed = false;
         for c in self.client.completions() {
             if let Some(slots) = self.dropping.remove(&c.seq) {
                 self.free_slots.extend(slots);
+                freed = true;
                 continue;
             }
             let Some(f) = self.evicting.remove(&c.seq) else {
@@ -169,6 +197,7 @@ impl AgentLink {
             if c.result != PAGE as i64 {
                 // Pinned, shared, freed, or the address space was changing: it stayed.
                 self.free_slots.push(f.slot);
+                freed = true;
                 done(f.frame, false);
                 continue;
             }
@@ -183,7 +212,7 @@ impl AgentLink {
                 done(f.frame, false);
             }
         }
-        taken
+        (taken, freed)
     }
 
     /// The process is gone: its evictions in flight will never be answered. Each is

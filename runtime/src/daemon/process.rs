@@ -527,7 +527,9 @@ fn agent_thread(sh: &Arc<Shared>, proc: &Arc<Proc>, done: OwnedFd) {
             let mut buf = [0u8; 8];
             let _ = nix::unistd::read(&done, &mut buf);
         }
-        proc.installer.reap(&pool, &mut finished);
+        if proc.installer.reap(&pool, &mut finished) {
+            sh.core.wake_memory_waiters();
+        }
     }
 }
 

@@ -81,14 +81,16 @@ impl RemoteInstaller {
     /// Phase 2 of the agent's stages (see [`crate::daemon::agent`]): `done(frame, moved)`
     /// for every eviction the agent answered; then the held staging copies are dropped
     /// once the tagger knows how many pages are out.
-    pub(crate) fn reap(&self, pool: &FramePool, done: &mut dyn FnMut(FrameNo, bool)) {
+    /// Returns whether staging slots came free (faults waiting for memory may go on).
+    pub(crate) fn reap(&self, pool: &FramePool, done: &mut dyn FnMut(FrameNo, bool)) -> bool {
         let mut guard = self.agent.lock().unwrap_or_else(|p| p.into_inner());
         let Some(agent) = guard.as_mut() else {
-            return;
+            return false;
         };
-        let taken = agent.reap(pool, done);
+        let (taken, freed) = agent.reap(pool, done);
         let away = self.away.fetch_add(taken, Ordering::AcqRel) + taken;
         agent.drop_held(self.channel.as_ref(), away);
+        freed
     }
 
     /// The process is gone: finishes its evictions in flight as not moved.
@@ -231,6 +233,14 @@ impl Installer for RemoteInstaller {
         Ok(false)
     }
 
+    fn busy(&self) -> bool {
+        self.agent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(AgentLink::slots_coming_back)
+    }
+
     fn stage_many(&self, pool: &FramePool, frames: &[FrameNo], out: &mut Vec<StageOutcome>) {
         let mut guard = self.agent.lock().unwrap_or_else(|p| p.into_inner());
         let Some(agent) = guard.as_mut() else {
@@ -269,8 +279,14 @@ impl Installer for RemoteInstaller {
     fn copy_staged(&self, pool: &FramePool, frame: FrameNo, addr: u64) -> Result<bool, MmError> {
         // SAFETY: `addr` is a vacant page of a range the core manages in this (fork
         // child's) address space, under its lock; the slot holds a staged page, read only.
-        let r = unsafe { pool.copy_staged_into(&self.uffd, frame, addr, CopyMode::empty())? };
-        Ok(matches!(r, Resolved::Done(_)))
+        match unsafe { pool.copy_staged_into(&self.uffd, frame, addr, CopyMode::empty())? } {
+            Resolved::Done(_) => Ok(true),
+            Resolved::MmapChanging => Err(MmError::Protocol {
+                frame,
+                what: "UFFDIO_COPY: the address space is changing",
+            }),
+            _ => Ok(false),
+        }
     }
 
     fn poison(&self, _pool: &FramePool, addr: u64) -> Result<(), MmError> {

@@ -206,7 +206,36 @@ fn install(channel: Channel, uffd: OwnedFd, features: u64) -> Result<Channel, St
     state::set_watcher_fd(reader.as_raw_fd());
     state::set_mode(Mode::Managed);
     crate::sys::heap::adopt_pending();
+    make_fork_gate();
     Ok(reader)
+}
+
+/// The fork gate: one managed page this process never touches. A forked child reads it
+/// first thing (`after_fork_in_child`), which faults on the child's userfaultfd; the
+/// daemon reads that only once it has made the child's space from the parent's (the
+/// `FORK` event), so the child changes nothing (no `munmap`, no `madvise`) while the
+/// daemon gives it copies of the parent's staged pages — an address-space change pending
+/// in the child would make those copies fail.
+fn make_fork_gate() {
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    if let Ok(addr) = sys::mmap_raw(0, sys::PAGE_SIZE, prot, flags, -1, 0) {
+        crate::ranges::adopt(addr, sys::PAGE_SIZE, usm_proto::RangeKind::Mmap);
+        FORK_GATE.store(addr, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// The fork gate's address (0: none).
+static FORK_GATE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// In a forked child of a managed process: waits at the fork gate (see
+/// [`make_fork_gate`]), then empties it again for the child's own children.
+fn pass_fork_gate() {
+    let gate = FORK_GATE.load(std::sync::atomic::Ordering::Acquire);
+    if gate != 0 {
+        sys::touch(gate);
+        let _ = sys::madvise_raw(gate, sys::PAGE_SIZE, libc::MADV_DONTNEED);
+    }
 }
 
 fn owned(raw: i32) -> OwnedFd {
@@ -468,6 +497,7 @@ pub(crate) fn after_fork_in_child() {
         state::set_mode(Mode::Unmanaged);
         return;
     }
+    pass_fork_gate();
     let inherited = state::swapped_pages() + crate::agent::staged_pages();
     crate::agent::forget_in_child();
     // The watcher thread (and its `Channel`) does not exist here; its socket would keep

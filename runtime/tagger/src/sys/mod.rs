@@ -65,6 +65,81 @@ pub(crate) fn set_errno(value: i32) {
     unsafe { *__errno_location() = value };
 }
 
+/// Changes of the program's address space (`mmap`, `munmap`, `mremap`, `fork`), one at
+/// a time.
+///
+/// The kernel posts a `munmap`/`mremap` event on the userfaultfd *after* it released the
+/// address-space lock, each thread its own, and the system call returns once the daemon
+/// has read the event. Two threads' changes can therefore reach the daemon in another
+/// order than they happened: thread A's `mremap` frees `R` and thread B's `mremap` moves a
+/// block into `R` at once; if B's event is read before A's `UNMAP(R)`, the daemon drops
+/// B's pages with A's range, and B reads zeros where its data was. Held from before the
+/// system call until it returns, this lock makes the daemon read every change before the
+/// next one is made, which is all the ordering it needs (a fault can only name memory that
+/// exists, so it cannot overtake the change that made it).
+///
+/// Re-entered by the thread that holds it (a signal handler that unmaps), it lets that
+/// thread through rather than deadlock.
+struct ChangeLock {
+    mutex: std::cell::UnsafeCell<libc::pthread_mutex_t>,
+    /// `pthread_self()` of the holder, 0 when free.
+    owner: std::sync::atomic::AtomicUsize,
+}
+
+// SAFETY: the mutex is only used through pthread calls, which synchronise themselves.
+unsafe impl Sync for ChangeLock {}
+
+static CHANGES: ChangeLock = ChangeLock {
+    mutex: std::cell::UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
+    owner: std::sync::atomic::AtomicUsize::new(0),
+};
+
+fn changes_lock() {
+    // SAFETY: a statically initialised mutex that lives forever.
+    unsafe { libc::pthread_mutex_lock(CHANGES.mutex.get()) };
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() } as usize;
+    CHANGES
+        .owner
+        .store(me, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn changes_unlock() {
+    CHANGES.owner.store(0, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: called by the thread that locked it.
+    unsafe { libc::pthread_mutex_unlock(CHANGES.mutex.get()) };
+}
+
+/// Runs the address-space change `f` under [`ChangeLock`].
+fn in_order<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() } as usize;
+    if CHANGES.owner.load(std::sync::atomic::Ordering::Relaxed) == me {
+        return f();
+    }
+    changes_lock();
+    let r = f();
+    changes_unlock();
+    r
+}
+
+/// `fork` prepare handler (after the heap's and the arena's): the fork is a change too.
+pub(crate) fn changes_fork_prepare() {
+    changes_lock();
+}
+
+/// `fork` parent handler.
+pub(crate) fn changes_fork_parent() {
+    changes_unlock();
+}
+
+/// `fork` child handler: one thread; re-initialise the lock it inherited held.
+pub(crate) fn changes_fork_child() {
+    CHANGES.owner.store(0, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: single-threaded child; nobody else can touch the mutex right now.
+    unsafe { CHANGES.mutex.get().write(libc::PTHREAD_MUTEX_INITIALIZER) };
+}
+
 /// `mmap(2)` without going through the exported wrapper. Returns the address or errno.
 pub(crate) fn mmap_raw(
     addr: usize,
@@ -76,7 +151,8 @@ pub(crate) fn mmap_raw(
 ) -> Result<usize, i32> {
     // SAFETY: mmap only creates or replaces mappings as asked; replacing memory the
     // program still uses (MAP_FIXED) is the caller's contract, as with libc's mmap.
-    let rc = unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, offset) };
+    let rc =
+        in_order(|| unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, offset) });
     if rc < 0 {
         Err(errno())
     } else {
@@ -87,7 +163,7 @@ pub(crate) fn mmap_raw(
 /// `munmap(2)` without going through the exported wrapper.
 pub(crate) fn munmap_raw(addr: usize, len: usize) -> Result<(), i32> {
     // SAFETY: as for munmap(2): the caller owns the range it unmaps.
-    let rc = unsafe { libc::syscall(libc::SYS_munmap, addr, len) };
+    let rc = in_order(|| unsafe { libc::syscall(libc::SYS_munmap, addr, len) });
     if rc < 0 { Err(errno()) } else { Ok(()) }
 }
 
@@ -101,7 +177,9 @@ pub(crate) fn mremap_raw(
 ) -> Result<usize, i32> {
     // SAFETY: as for mremap(2): the caller owns the old range (and the new one with
     // MREMAP_FIXED).
-    let rc = unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) };
+    let rc = in_order(|| unsafe {
+        libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr)
+    });
     if rc < 0 {
         Err(errno())
     } else {
@@ -350,6 +428,15 @@ pub(crate) fn uffd_wake(uffd: RawFd, start: usize, len: usize) {
     };
     // SAFETY: `range` is a valid uffdio_range the kernel only reads.
     unsafe { ioctl_raw(uffd, UFFDIO_WAKE, (&raw const range) as usize) };
+}
+
+/// Reads one byte at `addr` (a page of this process's memory), so that a missing page
+/// faults in, through the userfaultfd if the range is registered.
+pub(crate) fn touch(addr: usize) {
+    // SAFETY: the caller names a readable page of this process (the fork gate: a private
+    // anonymous mapping the tagger made and never unmaps); a volatile read of a byte has
+    // no other effect.
+    unsafe { std::ptr::read_volatile(addr as *const u8) };
 }
 
 /// `madvise(2)`.
