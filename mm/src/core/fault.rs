@@ -28,17 +28,14 @@ use std::time::Instant;
 use usm_kmod::FrameNo;
 use usm_kmod::event::{Fault, Origin};
 use usm_kmod::pool::FrameOwner;
-use usm_policies::{
-    AllocPolicy, Decision, MappedPage, OomAction, OomSituation, VictimRequest, VictimScan, guarded,
-    page_floor,
-};
+use usm_policies::{AllocPolicy, Decision, MappedPage, guarded, page_floor};
 use usm_sync::atomic::Ordering;
 
 use crate::MmError;
 use crate::space::{PageState, Space};
 use crate::stats::{FaultPath, MmStats};
 
-use super::oom::NoOom;
+use super::oom::{OomLadder, OomStep};
 use super::{MemView, PAGE, WorkerCx, WorkerMm};
 
 /// What happened to a fault handed to [`WorkerMm::handle_fault`].
@@ -121,9 +118,7 @@ impl WorkerCx<'_> {
     /// Runs the region's allocation policy for `fault` and carries out its decision.
     fn serve(&mut self, fault: &Fault) -> FaultResult {
         let (pid, addr) = (fault.origin.pid, fault.addr);
-        let mut attempts = 0u32;
-        let mut last_scan = VictimScan::default();
-        let mut evicted_once = false;
+        let mut ladder = OomLadder::default();
         loop {
             let Some(space) = self.mem.spaces.get_mut(&pid) else {
                 return FaultResult::Foreign;
@@ -160,8 +155,8 @@ impl WorkerCx<'_> {
                 Ok(d) => d,
                 Err(_) => {
                     self.restore_taken();
-                    attempts += 1;
-                    if attempts > 3 {
+                    ladder.attempts += 1;
+                    if ladder.attempts > 3 {
                         return self.fail(addr, pid, "allocation policy keeps panicking".into());
                     }
                     continue;
@@ -189,109 +184,10 @@ impl WorkerCx<'_> {
                         }
                     };
                 }
-                Decision::Oom => {
-                    self.restore_taken();
-                    if !self.core.eviction.load(Ordering::Acquire) && self.let_go(64) > 0 {
-                        // Giving everything back (daemon shutdown): pages stay where they
-                        // are and stop holding frames, instead of being evicted.
-                        continue;
-                    }
-                    if self.mem.writebacks > 0 {
-                        MmStats::bump(&self.core.stats.counters.memory_waits);
-                        self.mem.memory_waiters |= 1 << self.worker;
-                        return FaultResult::NeedMemory;
-                    }
-                    if !evicted_once {
-                        evicted_once = true;
-                        let want = self.core.config.watermarks.high.max(1);
-                        last_scan = self.run_eviction(VictimRequest::any(want));
-                        if last_scan.chosen > 0 {
-                            MmStats::bump(&self.core.stats.counters.memory_waits);
-                            return FaultResult::NeedMemory;
-                        }
-                        if self.free_total() > 0 {
-                            continue;
-                        }
-                    }
-                    if self.mem.leaving > 0 {
-                        // Stages in flight (a program's agent has not answered yet: it may
-                        // be stopped) and nothing else to take now: wait, never OOM.
-                        MmStats::bump(&self.core.stats.counters.memory_waits);
-                        self.mem.memory_waiters |= 1 << self.worker;
-                        return FaultResult::NeedMemory;
-                    }
-                    let situation = OomSituation {
-                        fault: *fault,
-                        attempt: attempts,
-                        mode: self.core.config.mode,
-                        last_scan,
-                        free_frames: self.free_total(),
-                    };
-                    attempts += 1;
-                    let oom_name = self.oom.name().to_owned();
-                    let action = {
-                        let mut policy = std::mem::replace(self.oom, Box::new(NoOom));
-                        let a = guarded(&oom_name, || policy.on_oom(&situation, self));
-                        *self.oom = policy;
-                        a
-                    };
-                    self.restore_taken();
-                    match action {
-                        Ok(OomAction::EvictHarder(n)) if attempts <= 8 => {
-                            last_scan = self.run_eviction(VictimRequest::any(n.max(1)).hard());
-                            if last_scan.chosen > 0 {
-                                return FaultResult::NeedMemory;
-                            }
-                        }
-                        Ok(OomAction::EvictHarder(_)) => {
-                            return self.fail(
-                                addr,
-                                pid,
-                                format!("out of memory after {attempts} harder evictions"),
-                            );
-                        }
-                        Ok(OomAction::FailAccess(reason)) => {
-                            return self.fail(addr, pid, reason.to_string());
-                        }
-                        Ok(
-                            action @ (OomAction::KillLargestProcess | OomAction::KillLargestTask),
-                        ) => {
-                            // The space holding the most frames, if its installer can end
-                            // its process (daemon: SIGKILL through a pidfd). Its exit gives
-                            // the frames back; this fault waits for them unless it is the
-                            // one killed. The embedded runtime cannot end a task: the access
-                            // fails.
-                            let largest = self
-                                .mem
-                                .spaces
-                                .iter()
-                                .max_by_key(|(_, s)| s.counters.resident)
-                                .map(|(&p, _)| p);
-                            if let Some(victim) = largest
-                                && self.core.installer_in(self.mem, victim).kill()
-                            {
-                                tracing::error!(
-                                    ?action,
-                                    victim,
-                                    faulting = pid,
-                                    free_slots = self.mem.swap.free_slots(),
-                                    "out of memory: the OOM policy killed the process holding the most frames"
-                                );
-                                if victim == pid {
-                                    return self.fail(addr, pid, "out of memory: killed".into());
-                                }
-                                self.mem.memory_waiters |= 1 << self.worker;
-                                return FaultResult::NeedMemory;
-                            }
-                            return self.fail(
-                                addr,
-                                pid,
-                                format!("out of memory: the OOM policy asked {action:?}, which this runtime cannot do; the access fails"),
-                            );
-                        }
-                        Err(p) => return self.fail(addr, pid, p.to_string()),
-                    }
-                }
+                Decision::Oom => match self.oom_ladder(fault, &mut ladder) {
+                    OomStep::Retry => continue,
+                    OomStep::Done(result) => return result,
+                },
             }
         }
     }
