@@ -51,9 +51,9 @@ impl WorkerMm {
     pub fn poll(&mut self) -> usize {
         // The engine's eventfd is one of the worker's wake fds: consume its signals before
         // reaping (the engine's documented order). Left unread it stays readable and a
-        // parked worker wakes at once, again and again (measured: ~100 000 wake-ups/s per
-        // worker, ~0.65 of a core, on an idle server once swap I/O had happened). A signal
-        // may come after the last reap of a round with I/O: drained one round later too.
+        // parked worker wakes at once, again and again (an idle server burned most of a
+        // core that way: bench/results/kv.md, "Run 1"). A signal may come after the last
+        // reap of a round with I/O: drained one round later too.
         let io_before = !self.io.ops.is_empty();
         if io_before || self.signal_stale {
             self.io.engine.clear_eventfd();

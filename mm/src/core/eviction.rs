@@ -263,9 +263,10 @@ impl WorkerCx<'_> {
         Victim::Stage(v, entry)
     }
 
-    /// Takes the victims out of their address spaces, one [`Installer::stage_many`] per
-    /// space (the daemon's agent moves a whole batch per round trip), and queues the
-    /// write-backs of those that left. Returns how many did.
+    /// Takes the victims out of their address spaces, one
+    /// [`Installer::stage_many`](crate::Installer::stage_many) per space (the daemon's
+    /// agent moves a whole batch per round trip), and queues the write-backs of those that
+    /// left. Returns how many did.
     fn stage_batch(&mut self, mut victims: Vec<(MappedPage, SwapEntry)>) -> usize {
         let core = self.core;
         victims.sort_by_key(|(v, _)| v.pid);
