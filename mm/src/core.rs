@@ -28,33 +28,44 @@
 //! lock, never before). Each worker's `WorkerIo` (lArena, io_uring engine, operations in
 //! flight) belongs to its [`WorkerMm`] and needs no lock.
 //!
-//! **Who holds it.** Every `pub` method of [`MmCore`] and [`WorkerMm`] takes the lock
+//! **Who holds it.** A `pub` method of [`MmCore`] or [`WorkerMm`] either takes the lock
 //! itself ([`MmCore::lock`], which returns a `Locked` guard) and releases it before it
-//! returns; none may be called with the lock held (it is not reentrant: that would
-//! deadlock). Every function that needs the lock held says so in its type: it takes the
-//! locked state — `&mut MmState` / a `Locked` guard, `&MemState` / `&mut MemState` (only
-//! reachable through the guard), or is a method of `WorkerCx` / `MemView` /
-//! `SamplingView`, which borrow it. There is no other way to reach page states, so no
-//! `_locked` suffix is needed: a function with none of these in its signature does not
-//! touch them.
+//! returns, or touches nothing the lock guards (accessors, statistics, `set_waker`,
+//! `set_eviction`, `io_in_flight`, `shared_free_frames`, `wait_io`, `drain_arena`). None
+//! may be called with the lock held: it is not reentrant, that would deadlock — so no
+//! policy, installer or [`Waker`] calls back into the core. Every function that needs the
+//! lock held says so in its type: it takes the locked state — `&mut MmState` / a `Locked`
+//! guard, `&MemState` / `&mut MemState` (only reachable through the guard) — or is a
+//! method of `WorkerCx` / `MemView` / `SamplingView`, which borrow it. There is no other
+//! way to reach page states, so no `_locked` suffix is needed: a function with none of
+//! these in its signature does not touch them.
 //!
-//! **What runs under it.** Every policy call (allocation, eviction, OOM, hints,
-//! notifications; each inside `usm_policies::guarded`); every [`Installer`] call
-//! (`install`, `stage`/`stage_many`, `unstage`, `poison`, `copy_staged`, `reclaim`,
-//! `track_clean`/`is_written`, `kill`): installers are written to be called so (see
-//! [`crate::installer`]) and never wait for the address space they manage — the daemon's
-//! `stage_many` only queues to the tagger's agent and answers `Pending`; queueing swap I/O
-//! into the worker's submission queue, and the 4 KiB slot copies and hashes of swap-cache
-//! hits and clean eviction; the wakers of workers whose page was installed (a [`Waker`]
-//! must therefore only signal — never call into the core). Eviction's batch of writes is
-//! also submitted under it (`run_eviction`).
+//! **What runs under it.**
+//! - Every policy call (allocation, eviction, OOM, hints, notifications; each inside
+//!   `usm_policies::guarded`).
+//! - Every [`Installer`] call (`install`, `stage` / `stage_many`, `unstage`, `poison`,
+//!   `copy_staged`, `reclaim`, `track_clean` / `is_written`, `kill`): installers are
+//!   written to be called so (see [`crate::installer`]) and never wait for the address
+//!   space they manage — the daemon's `stage_many` only queues to the tagger's agent and
+//!   answers `Pending`.
+//! - Queueing swap I/O on the worker's engine. With the default
+//!   `EngineConfig::submit_batch` of 1 that *submits* each request at once (an
+//!   `io_uring_enter`), and a lone request on a synchronous device (zram, with
+//!   `inline_sync`) is performed right there (`pread`/`pwrite` in the calling thread); see
+//!   `usm_swap::Engine`. Eviction's batch is also submitted under the lock
+//!   (`run_eviction`).
+//! - The 4 KiB slot copies and hashes of swap-cache hits, sampled re-faults, swap-in
+//!   completions and clean eviction.
+//! - Waking the workers whose page was installed, and those waiting for memory when a
+//!   write-back completes (so a [`Waker`] only signals: eventfd write, flag).
 //!
-//! **What runs outside it.** The `io_uring_enter` that submits what a fault, a poll, a
-//! finished stage or a notification queued (after the guard is dropped); reaping
-//! completions (collected first, then one lock for the whole batch); clearing the
-//! engine's eventfd; blocking in [`WorkerMm::wait_io`]; an asynchronous stage's work in
-//! the other process (the page is `Leaving` and the lock released until
-//! [`WorkerMm::finish_stage`]); waking workers that wait for memory after a finished stage.
+//! **What runs outside it.** The `submit` after a fault, a poll, a finished stage or a
+//! notification, for whatever is still queued (after the guard is dropped); reaping
+//! completions (`enter_for_completions` and `reap` first, then one lock for the whole
+//! batch); clearing the engine's eventfd; blocking in [`WorkerMm::wait_io`]; the work of
+//! an asynchronous stage in the other process (the page is `Leaving`, the lock released
+//! until [`WorkerMm::finish_stage`]); waking the workers that wait for memory after a
+//! finished stage.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use usm_sync::Arc;
