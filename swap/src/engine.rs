@@ -159,7 +159,7 @@ pub struct EngineConfig {
     /// Submit automatically once this many requests are queued (1: every request goes
     /// to the kernel at once; 0: only on [`Engine::submit`], [`Engine::wait`] or
     /// [`Engine::enter_for_completions`]). On the project's virtio disk, submitting each
-    /// request at once gave ~1.2-1.4× the depth-32 IOPS of one batch per round (see
+    /// request at once gave more depth-32 IOPS than one batch per round (figures in
     /// `bench/results/swap.md`), so 1 is the default.
     pub submit_batch: u32,
     /// Perform a lone request on a synchronous device (zram) inline, in the calling
