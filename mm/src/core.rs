@@ -8,11 +8,11 @@
 //! | `core/ranges.rs` | the host's calls on ranges: `add_space`, `add_range`, `remove_range` (`release_page`), `pin`/`unpin`, `hint`, `install_frames` |
 //! | `core/process.rs` | spaces of other processes (daemon): `add_process`, `manage`, `discard`, `remap`, `fork_space`, `remove_space`, `notify_alloc` |
 //! | `core/fault.rs` | the fault path: [`WorkerMm::handle_fault`], `serve` (the allocation policy, guarded), `apply_map`, `install_fresh`; [`FaultResult`], [`FaultClock`] |
-//! | `core/swap_in.rs` | bringing pages back: swap-cache hits, sampled re-faults, swap-in reads and prefetch, the clean copy kept after a swap-in |
-//! | `core/eviction.rs` | watermark balance, victim choice (with access sampling), staging, clean eviction, write-back issue; `evict_now`; the eviction policy's replacement |
-//! | `core/completion.rs` | [`WorkerMm::poll`] (reaping the engine), `complete` (write-back and swap-in done), [`WorkerMm::finish_stage`] (asynchronous stages) |
-//! | `core/oom.rs` | the OOM ladder after an allocation policy's `Oom`, kill actions, failing an access (`fail`: poison) |
-//! | `core/cx.rs` | the policy host's views: `WorkerCx` (the `Cx` of one policy call) and `MemView` |
+//! | `core/swap_in.rs` | bringing pages back: `swap_cache_hit`, `refault_sampled`, swap-in reads (`start_swap_in`, `queue_read`, `prefetch`), `keep_or_free_copy` |
+//! | `core/eviction.rs` | `balance`, `run_eviction` (victim choice through `SamplingView`), `prepare_victim`, `stage_batch`, `evict_clean`, `queue_writeback`, `let_go`, `replace_evict`; `evict_now` |
+//! | `core/completion.rs` | [`WorkerMm::poll`] (reaping the engine), `complete` (write-back and swap-in done), [`WorkerMm::finish_stage`] with `leave` / `stay` (asynchronous stages), [`WorkerMm::wait_io`] |
+//! | `core/oom.rs` | `oom_ladder` (after an allocation policy's `Oom`; kill actions), `fail` (poison the page, log why), `NoOom` |
+//! | `core/cx.rs` | the policy host's views: `WorkerCx` (the `Cx` and `EvictCx` of one policy call; `restore_taken`, `return_frame`, `range_key`, `still_owned`) and `MemView` |
 //!
 //! # Locking
 //! One lock, `MmCore::state` (a `Mutex<MmState>`), guards everything a policy decides on:
