@@ -6,7 +6,7 @@
 //!
 //! # Pieces
 //! - [`StackPool`]: guard-paged stacks (`mmap` + a `PROT_NONE` guard page below the stack),
-//!   reused across fibers. Creating a 1 MiB stack costs ~9 µs on the reference VM; taking one
+//!   reused across fibers. Creating a stack costs an `mmap` and an `mprotect`; taking one
 //!   from the pool costs a `Vec::pop`. A pool is owned by one worker (no locks).
 //! - [`Fiber`]: one coroutine plus its uThread-local storage ([`local`]).
 //! - [`suspend_current`]: called *inside* a fiber, switches back to whoever called

@@ -231,7 +231,7 @@ pub fn in_fiber() -> bool {
 ///
 /// `#[inline]` on purpose: corosensei's switch balances call/return pairs per stack, and a
 /// switch buried in a non-inlined helper costs a return misprediction on every switch
-/// (~90 ns measured instead of ~10 ns). The thread-local read stays behind the
+/// (several times the cost of the switch itself). The thread-local read stays behind the
 /// `#[inline(never)]` accessor, so inlining cannot cache its address across the switch.
 #[inline]
 pub fn suspend_current(reason: Suspend) -> bool {

@@ -334,8 +334,9 @@ pub(crate) struct LocalManager<'a> {
 /// The spin-before-park budget of an idle worker in eventfd mode (the idea of the
 /// guest-side `haltpoll` cpuidle driver and of Shenango/Caladan's spinning cores): spin up to
 /// `max` looking for work before blocking, because a wake-up that finds the worker still
-/// running costs a cache-line transfer (< 1 µs) while one that finds it blocked costs a
-/// kernel wake-up and, on a loaded machine, a wait for the CPU (tens of µs measured here).
+/// running costs a cache-line transfer while one that finds it blocked costs a kernel
+/// wake-up and, on a loaded machine, a wait for the CPU (figures in
+/// `bench/results/sched.md`).
 /// Each spin that found work (a *hit*) doubles the budget up to `max`; each spin that ran
 /// out (a *miss*: the wait was longer, the spin was wasted) halves it, and at `max / 16`
 /// spinning stops; every [`AdaptiveSpin::PROBE_EVERY`]-th park then probes again with

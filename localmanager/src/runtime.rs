@@ -295,8 +295,9 @@ impl Builder {
     }
 
     /// Open `/dev/cpu_dma_latency`, write 0 and keep it open while the runtime lives (keeps
-    /// idle cores out of deep C-states: a cross-core eventfd wake-up goes from ~20 µs to
-    /// ~2.4 µs on the reference VM). Needs root; failure is a build error.
+    /// idle cores out of deep C-states, which makes a cross-core eventfd wake-up several
+    /// times faster; figures in `bench/results/sched.md`). Needs root; failure is a build
+    /// error.
     pub fn hold_cpu_dma_latency(mut self, hold: bool) -> Self {
         self.hold_cpu_dma_latency = hold;
         self
@@ -337,9 +338,9 @@ impl Builder {
     /// [`DEFAULT_SPIN_BEFORE_PARK`]; `Duration::ZERO` blocks at once). The budget adapts:
     /// it shrinks to nothing while spins keep running out without work (long idle periods)
     /// and grows back while wake-ups arrive within it, so an idle runtime does not burn its
-    /// cores. A wake-up that finds the worker spinning costs well under 1 µs; one that finds
-    /// it blocked in `ppoll` costs a kernel wake-up (~2.4 µs on an idle VM with
-    /// `/dev/cpu_dma_latency` held, tens of µs on a loaded one).
+    /// cores. A wake-up that finds the worker spinning costs a cache-line transfer; one
+    /// that finds it blocked in `ppoll` costs a kernel wake-up, and on a loaded machine a
+    /// wait for the CPU (figures in `bench/results/sched.md`).
     pub fn spin_before_park(mut self, spin: Duration) -> Self {
         self.spin_before_park = spin;
         self

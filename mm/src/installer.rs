@@ -13,12 +13,12 @@
 //!
 //! Why COPY: MOVE clears the slot's *present* PTE, one TLB flush per page (even in a
 //! multi-page MOVE); with the process running on both CPUs (two workers, the zeroer) each
-//! flush is an IPI, a VM exit on both sides here. `perf record -a` of the swap storm
-//! (2026-11-22, file swap, intensity 1, quiet machine): TLB flushes were 35.9% of USM's
-//! CPU samples with MOVE installs, 1.6% with COPY installs (what is left: the eviction and
-//! sampling MOVEs out, which must clear the app's PTE, and the batched drops, 0.4%). COPY
-//! into an empty PTE needs no flush; `process_madvise(MADV_DONTNEED)` over 64 slots
-//! flushes once (Linux 6.16+ gathers the whole vector).
+//! flush is an IPI, and in a VM an exit on both sides. COPY into an empty PTE needs no
+//! flush; `process_madvise(MADV_DONTNEED)` over 64 slots flushes once (Linux 6.16+ gathers
+//! the whole vector). What flushes remain with COPY installs: the eviction and sampling
+//! MOVEs out (they must clear the app's PTE) and the batched drops. The swap storm's
+//! profile with each mode (the flushes' share of USM's CPU) is in
+//! `bench/results/storm.md`, "COPY installs instead of MOVE".
 //!
 //! Every method is called with the core's state lock held, on a worker, in normal
 //! context. An installer never blocks on the address space it manages.
@@ -176,10 +176,9 @@ pub enum InstallMode {
     /// the pool's size. Costs a 4 KiB copy and a page allocation per page. The embedded
     /// runtime then builds its pool with lazy slots (`FramePool::new_lazy`: nothing
     /// populated; a first touch copies from the zero source and needs no slot). The
-    /// default, measured on this 2-vCPU VM (2026-11-22, bench/results/storm.md and
-    /// fhp.md, "COPY installs" sections): swap storm (file, intensity 1, quiet, 7 runs
-    /// each) USM memory throughput 49.4 k vs 27.2 k ops/s, (c)/(a) 1.12× vs 0.59×; `fhp:64K`
-    /// first touch of 1 GiB 2.02 vs 1.69 GiB/s (same run); single fault p50 4.9 vs 7.5 µs.
+    /// default: faster than `Move` in the swap storm, at first touch and per fault — the
+    /// figures, each mode against the kernel in the same run, are in `bench/results/`
+    /// (`storm.md`, `fhp.md`, `usm_fault.md`, "COPY installs" sections).
     #[default]
     Copy,
 }

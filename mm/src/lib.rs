@@ -13,7 +13,11 @@
 //!   pins, counters.
 //! - [`MmCore`] (module `core`): shared by all workers — the frame pool, the
 //!   [`Installer`], the policy registry, the swap devices and slot map, the eviction and
-//!   OOM policies and every [`Space`], under one lock.
+//!   OOM policies and every [`Space`], under one lock. Its code is split by concern
+//!   (`core/`: fault, swap-in, eviction, completion, OOM, the policy `Cx`, ranges,
+//!   processes); `core.rs` maps the files and states the locking protocol: what the lock
+//!   guards, what runs under it (policy and installer calls) and what runs outside it
+//!   (submitting and reaping I/O, an asynchronous stage's work).
 //! - [`WorkerMm`]: one per worker thread — its lArena, its io_uring engine (`!Send`) and
 //!   the operations in flight on it. It implements `usm_policies::Cx` for policy calls
 //!   (a private `WorkerCx` over the locked state, with memory state and eviction policy
@@ -84,7 +88,7 @@
 //! [`InstallMode::Copy`] (the embedded default) installs with `UFFDIO_COPY`, which fills
 //! an empty PTE and only reads the source: no TLB flush. `UFFDIO_MOVE` clears the
 //! source's present PTE and flushes per page; with the process active on the other CPU
-//! that is an IPI and, in a VM, an exit on both sides (~10–15 µs per MOVE under load). The
+//! that is an IPI and, in a VM, an exit on both sides. The
 //! frame is Mapped as with MOVE; its slot still holds the copied page
 //! (`SlotContent::PendingDrop` in kmod), dropped in batches of 64 with one
 //! `process_madvise(MADV_DONTNEED)` (one flush per batch) so memory stays ≈ the pool.
@@ -93,7 +97,9 @@
 //! pool has lazy slots (`FramePool::new_lazy`): nothing populated, a first touch copies
 //! from the zero source, a swap-in read fills its slot on demand. Eviction and sampling
 //! still MOVE the page out (the app's PTE must be cleared atomically so no write is lost):
-//! one flush per victim or sample. Measured: see [`installer`] and bench/results/storm.md.
+//! one flush per victim or sample. Why COPY: [`installer`]; the figures (the flushes' share
+//! of the CPU, throughput, first touch and fault latency in each mode) are in
+//! `bench/results/` (`storm.md`, `fhp.md`, `usm_fault.md`, "COPY installs" sections).
 //!
 //! # Asynchronous stages (daemon: eviction through the tagger's agent)
 //! [`Installer::stage_many`] may answer [`StageOutcome::Pending`]: the page becomes

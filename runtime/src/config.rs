@@ -52,12 +52,13 @@ pub struct Spanned<T> {
 /// How an idle worker waits for work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub enum WakerMode {
-    /// Sleep on an eventfd (≈20 µs to wake across vCPUs on this VM).
+    /// Sleep on an eventfd (a kernel wake-up across vCPUs).
     #[default]
     Eventfd,
-    /// Sleep on an eventfd while holding `/dev/cpu_dma_latency` at 0 (≈2.4 µs here).
+    /// Sleep on an eventfd while holding `/dev/cpu_dma_latency` at 0 (a faster wake-up;
+    /// the wake-up latency of each mode is in `bench/results/sched.md`).
     EventfdPmQos,
-    /// Busy-poll (≈0.1 µs, burns the core).
+    /// Busy-poll (the fastest wake-up; burns the core).
     Spin,
 }
 

@@ -34,9 +34,11 @@
 //!     with `GETEVENTS` — cheapest (no interrupts, batched), but the scheduler must call
 //!     [`Engine::enter_for_completions`] every round while [`Engine::in_flight`] > 0.
 //!   - `CoopTaskrun`: completion work waits for the thread's next kernel entry, in the
-//!     worst case the next timer tick (≈3.7 ms measured here) — so enter every round too.
-//!   - `Default`: the kernel interrupts the thread to post completions (≈75 µs after
-//!     submit measured here), no entry needed, but the thread pays the interruptions.
+//!     worst case the next timer tick — so enter every round too.
+//!   - `Default`: the kernel interrupts the thread to post completions, no entry needed,
+//!     but the thread pays the interruptions.
+//!
+//!   The latency each mode adds, measured against fio, is in `bench/results/swap.md`.
 //!
 //!   `bench/benches/swap_io.rs` measures the three.
 //! * **How a sleeping thread learns of completions.** The owner sleeps either *in the
@@ -85,8 +87,8 @@
 //!   [`wait`](Engine::wait) returns at once, [`ready_to_sleep`](Engine::ready_to_sleep) is
 //!   false). Why: zram does not support `NOWAIT` I/O, so io_uring punts every request to
 //!   an io-wq kernel thread — a wake-up of that thread and one of ours per request, which
-//!   on the project VM costs 3.5 µs when both run on one vCPU and 50–90 µs when the other
-//!   vCPU is halted, against ~1.4 µs for the read itself (`bench/results/swap.md`). The
+//!   costs more than the read itself, far more when the other vCPU is halted (figures in
+//!   `bench/results/swap.md`). The
 //!   kernel's own swap-in does the same for `SWP_SYNCHRONOUS_IO` devices. With anything
 //!   outstanding, requests go through the ring as before, so a burst still runs in
 //!   parallel on io-wq threads, and an inline request can never overtake a queued one.
@@ -157,7 +159,7 @@ pub struct EngineConfig {
     /// Submit automatically once this many requests are queued (1: every request goes
     /// to the kernel at once; 0: only on [`Engine::submit`], [`Engine::wait`] or
     /// [`Engine::enter_for_completions`]). On the project's virtio disk, submitting each
-    /// request at once gave ~1.2-1.4× the depth-32 IOPS of one batch per round (see
+    /// request at once gave more depth-32 IOPS than one batch per round (figures in
     /// `bench/results/swap.md`), so 1 is the default.
     pub submit_batch: u32,
     /// Perform a lone request on a synchronous device (zram) inline, in the calling

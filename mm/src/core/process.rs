@@ -433,91 +433,6 @@ impl MmCore {
 }
 
 impl WorkerMm {
-    /// Finishes an asynchronous stage of `frame` ([`crate::StageOutcome::Pending`]):
-    /// `moved` says whether the page left its address space *and* its content is now in
-    /// the frame's slot (the frame Staging). Its write-back is queued on this worker, or
-    /// (not moved) the page is resident again. Returns whether the content was wanted:
-    /// `false` when the page went away meanwhile (fenced: the frame is released and the
-    /// caller drops whatever copy it holds).
-    pub fn finish_stage(&mut self, pid: u32, frame: usm_kmod::FrameNo, moved: bool) -> bool {
-        let core = self.core.clone();
-        let mut guard = core.lock();
-        let st = &mut *guard;
-        st.mem.leaving = st.mem.leaving.saturating_sub(1);
-        let addr = core.pool.desc(frame).map_or(0, |d| d.vaddr());
-        let state = st
-            .mem
-            .spaces
-            .get(&pid)
-            .and_then(|s| s.pages.get(&addr))
-            .cloned();
-        let wanted = match state {
-            Some(PageState::Leaving {
-                frame: f,
-                entry,
-                waiters,
-            }) if f == frame => {
-                let mut cx = WorkerCx::new(&core, st, &mut self.io, self.worker);
-                let v = usm_policies::MappedPage { frame, pid, addr };
-                if moved {
-                    cx.leave(v, entry);
-                } else {
-                    cx.stay(v, entry);
-                }
-                core.wake_mask(waiters, usize::MAX);
-                true
-            }
-            other => {
-                // Fenced: the page went away (unmapped, freed, process gone). If the
-                // program has a page there again that the core counts present, what the
-                // agent moved (it only names an address) is that newer page's content:
-                // put it back, never lose it.
-                let present = matches!(
-                    other,
-                    Some(PageState::Resident(_) | PageState::Copied | PageState::Leaving { .. })
-                );
-                let mut kept = false;
-                if moved && present {
-                    let installer = core.installer_in(&st.mem, pid);
-                    match installer.copy_staged(&core.pool, frame, addr) {
-                        Ok(true) => MmStats::bump(&core.stats.counters.swap_cache_copies),
-                        // A page is there: the agent moved the *older* page, before the
-                        // address went away; its content is nobody's now.
-                        Ok(false) => {}
-                        Err(e) => {
-                            // Not now (an address-space change is waiting for the reader):
-                            // the content waits in the frame's slot as a sampled page, and
-                            // the next fault there installs it. What the core counted
-                            // present there is not (the agent took it): let it go.
-                            tracing::debug!(error = %e, addr, %frame, "a page taken out after its address was reused waits in its slot");
-                            kept = true;
-                            displace(&core, st, pid, addr, frame);
-                        }
-                    }
-                }
-                if !kept
-                    && st.mem.orphans.remove(&frame)
-                    && let Err(e) = core.pool.release(frame)
-                {
-                    tracing::error!(error = %e, %frame, "releasing a fenced frame failed");
-                }
-                MmStats::bump(&core.stats.counters.fenced);
-                false
-            }
-        };
-        let waiting = std::mem::take(&mut st.mem.memory_waiters);
-        {
-            let mut cx = WorkerCx::new(&core, st, &mut self.io, self.worker);
-            cx.balance();
-        }
-        drop(guard);
-        if waiting != 0 {
-            core.wake_mask(waiting, self.worker);
-        }
-        let _ = self.io.engine.submit();
-        wanted
-    }
-
     /// Tells `pid`'s space-level allocation policy something (a new process, an exit, a
     /// free, a hint) through `call`, with a full [`Cx`] on this worker. A panic is
     /// contained like one on a fault: frames the call took are given back and the
@@ -564,42 +479,6 @@ impl WorkerMm {
         drop(guard);
         let _ = self.io.engine.submit();
     }
-}
-
-/// The agent took the page at `addr` out after the address was reused, and its content
-/// (now in `frame`'s slot) could not be put back: `frame` becomes the page, `Sampled`
-/// (the next fault installs it), and what the core thought was there goes.
-fn displace(core: &MmCore, st: &mut super::MmState, pid: u32, addr: u64, frame: usm_kmod::FrameNo) {
-    st.mem.orphans.remove(&frame);
-    let Some(space) = st.mem.spaces.get_mut(&pid) else {
-        return;
-    };
-    match space.clear(addr) {
-        Some(PageState::Resident(f)) => {
-            st.evict.on_free(f);
-            if let Err(e) = core.pool.release(f) {
-                tracing::warn!(error = %e, %f, addr, "releasing a displaced frame failed");
-            }
-        }
-        Some(PageState::Leaving {
-            frame: f,
-            entry,
-            waiters,
-        }) => {
-            // Its stage finds nothing to move (the page is already out): fenced then.
-            st.mem.orphans.insert(f);
-            let _ = st.mem.swap.free(entry);
-            core.wake_mask(waiters, usize::MAX);
-        }
-        _ => {}
-    }
-    space.set(addr, PageState::Sampled(frame));
-    let mut view = super::MemView {
-        pool: &core.pool,
-        mem: &st.mem,
-    };
-    st.evict
-        .on_map(usm_policies::MappedPage { frame, pid, addr }, &mut view);
 }
 
 /// A range that uses its space's allocation policy.
