@@ -13,13 +13,13 @@ use std::hint::black_box;
 use std::ops::Range;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use usm_kmod::FrameNo;
-use usm_kmod::event::{Fault, Origin};
+use usm_policies::FrameNo;
 use usm_policies::{
     Access, AllocPolicy, Cx, Decision, EvictCx, EvictPolicy, Hint, HintMap, MappedPage, PageMask,
     ProcessCounters, Registry, VictimRequest, Watermarks,
 };
-use usm_swap::{SwapEntry, Ticket};
+use usm_policies::{Fault, Origin};
+use usm_policies::{SwapEntry, Ticket};
 
 const P: u64 = 4096;
 const FRAMES: u32 = 1 << 16;

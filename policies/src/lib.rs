@@ -7,6 +7,12 @@
 //! a policy sees the world only through the context traits [`Cx`] / [`EvictCx`] the
 //! runtime implements on each worker.
 //!
+//! This crate alone is enough to write a policy: the vocabulary a policy reads and
+//! returns ([`Fault`], [`Origin`], [`Event`], [`FrameNo`], [`SwapEntry`], [`Ticket`],
+//! [`PAGE_SIZE`]) is re-exported from `usm-types`, a crate of plain types, so a policy
+//! crate compiles no io_uring, nix or userfaultfd code (`cargo tree -p usm-policies -e
+//! normal` shows it; CI checks it).
+//!
 //! - [`alloc`], [`evict`], [`oom`]: the three traits and the protocol around each.
 //! - [`cx`]: the context, and who owns a frame at each step.
 //! - [`decision`]: [`Decision::Map`] / [`Decision::Yield`] / [`Decision::Oom`]; the
@@ -27,9 +33,8 @@
 //! run it on the simulator:
 //!
 //! ```
-//! use usm_kmod::event::Fault;
 //! use usm_policies::sim::{FaultOutcome, SimMachine};
-//! use usm_policies::{AllocPolicy, Cx, Decision, Mapping, PageMask, Param, Registry};
+//! use usm_policies::{AllocPolicy, Cx, Decision, Fault, Mapping, PageMask, Param, Registry};
 //! use usm_policies::{page_floor, swap_in_if_swapped};
 //!
 //! struct Pairs;
@@ -92,3 +97,6 @@ pub use guard::{PolicyPanic, guarded};
 pub use hint::{Eviction, Hint, HintError, HintErrorKind, HintMap, Priority, parse_size};
 pub use oom::{OomAction, OomPolicy, OomReason, OomSituation, RunMode};
 pub use registry::{Assignment, Param, PolicyKind, PolicySet, Registry, split_spec};
+/// The vocabulary crate (plain types), for paths such as `usm_policies::types::event`.
+pub use usm_types as types;
+pub use usm_types::{DeviceId, Event, Fault, FrameNo, Origin, PAGE_SIZE, SwapEntry, Ticket};

@@ -3,12 +3,12 @@
 
 #![deny(unsafe_code)]
 
-use usm_kmod::event::{Event, Fault, Origin};
 use usm_policies::sim::{FaultOutcome, SimMachine};
 use usm_policies::{
     AllocPolicy, Cx, Decision, HintErrorKind, Mapping, Registry, VictimRequest, Watermarks,
     deliver, page_floor,
 };
+use usm_policies::{Event, Fault, Origin};
 
 const P: u64 = 4096;
 const BASE: u64 = 0x40_0000;
