@@ -74,6 +74,23 @@
 //! m.check().expect("frames conserved, none handed out twice");
 //! # Ok::<(), usm_policies::PolicyError>(())
 //! ```
+//!
+//! # Run it
+//!
+//! The simulator above checks a policy's answers; to run it on real programs, register it
+//! where the runtime builds its policies:
+//!
+//! - **Daemon** (`usm run CONFIG`, `usm exec -- PROGRAM`): a binary of five lines is a
+//!   complete `usm` that knows your policy — `usm_runtime::cli::main_with(register)`, where
+//!   `register` is a `fn(&mut Registry) -> Result<(), PolicyError>` calling
+//!   [`Registry::register_alloc`] / [`Registry::register_evict`] /
+//!   [`Registry::register_oom`]. Its `run`, `exec` and `check-config` accept the name
+//!   wherever a config names a policy (`process myapp pairs`, `evict random`).
+//!   `usm-runtime`'s `examples/evict_policy.rs` is one, an eviction policy, with the
+//!   commands to build and run it.
+//! - **Embedded** (your program is the runtime): give the registry to the builder,
+//!   `Runtime::builder().alloc_policy("pairs").build_with_registry(reg)`, or name the
+//!   policy per region with `rt.region_with_policy(bytes, "pairs")`.
 #![forbid(unsafe_code)]
 
 pub mod alloc;

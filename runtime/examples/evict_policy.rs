@@ -17,7 +17,7 @@
 //! ```text
 //! printf 'evict random\n' > random.cfg
 //! sudo target/release/examples/evict_policy exec --config random.cfg --pool 16M -- \
-//!     python3 -c 'b = bytearray(64 << 20); print(sum(b[::4096]))'
+//!     python3 -c 'b = bytearray(64 << 20); b[::4096] = b"x" * 16384; print(b.count(b"x"))'
 //! ```
 //!
 //! **The daemon** (`usm run`), serving every program that names its socket:
