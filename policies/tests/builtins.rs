@@ -3,13 +3,11 @@
 
 #![deny(unsafe_code)]
 
-use usm_policies::FrameNo;
 use usm_policies::sim::{FaultOutcome, SimMachine};
 use usm_policies::{
-    Decision, Mapping, OomAction, OomReason, OomSituation, Registry, RunMode, VictimRequest,
-    VictimScan, Watermarks,
+    Decision, Fault, FrameNo, Mapping, OomAction, OomReason, OomSituation, Origin, Registry,
+    RunMode, VictimRequest, VictimScan, Watermarks,
 };
-use usm_policies::{Fault, Origin};
 
 const P: u64 = 4096;
 const BASE: u64 = 0x10_0000;

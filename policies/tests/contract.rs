@@ -5,10 +5,9 @@
 
 use usm_policies::sim::{FaultOutcome, SimMachine};
 use usm_policies::{
-    AllocPolicy, Cx, Decision, HintErrorKind, Mapping, Registry, VictimRequest, Watermarks,
-    deliver, page_floor,
+    AllocPolicy, Cx, Decision, Event, Fault, HintErrorKind, Mapping, Origin, Registry,
+    VictimRequest, Watermarks, deliver, page_floor,
 };
-use usm_policies::{Event, Fault, Origin};
 
 const P: u64 = 4096;
 const BASE: u64 = 0x40_0000;
