@@ -74,6 +74,8 @@
 
 pub mod device;
 pub mod engine;
+/// Swap entries and tickets: `usm_types::swap` (policies use them without this crate).
+pub use usm_types::swap as entry;
 pub mod error;
 pub mod header;
 pub mod io_thread;
@@ -82,10 +84,6 @@ pub mod stats;
 #[allow(unsafe_code)] // the system calls: every unsafe block of the crate lives here
 pub mod sys;
 pub mod zram;
-
-/// Swap entries and tickets live in `usm-types` (policies use them without this crate);
-/// re-exported here under their old path.
-pub use usm_types::swap as entry;
 
 pub use device::{DeviceKind, DeviceOptions, FormatOptions, SwapDevice, create_swap_file, format};
 pub use engine::{Completion, CompletionMode, Engine, EngineConfig, IoOp, Rejected};
