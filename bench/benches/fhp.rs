@@ -147,9 +147,7 @@ fn usm_once(
         .build()
         .map_err(emb)?;
     if eager {
-        rt.mm()
-            .pool()
-            .populate_all()
+        rt.populate_pool()
             .map_err(|e| Error::Invalid(format!("populating the pool: {e}")))?;
     }
     let mut region = rt.region_with_policy(pages * PAGE, policy).map_err(emb)?;

@@ -511,7 +511,7 @@ fn usm_child(payload: Value) -> Result<Value> {
         shards.push(rt.region(pages_per_task(&p.spec) * PAGE).map_err(emb)?);
     }
     let before = rt.stats();
-    let drops_before = rt.mm().pool().drop_stats();
+    let drops_before = rt.stats();
     let handle = rt.handle().map_err(emb)?;
     let (point, shards) =
         run_uthread_storm(&handle, &p.spec, p.intensity, p.cpu_slice_rounds, shards)?;
@@ -535,8 +535,8 @@ fn usm_child(payload: Value) -> Result<Value> {
         writebacks_done: st.mm.writebacks_done - before.mm.writebacks_done,
         clean_evictions: st.mm.clean_evictions - before.mm.clean_evictions,
         memory_waits: st.mm.memory_waits - before.mm.memory_waits,
-        slot_drop_batches: rt.mm().pool().drop_stats().0 - drops_before.0,
-        slots_dropped: rt.mm().pool().drop_stats().1 - drops_before.1,
+        slot_drop_batches: rt.stats().slot_drop_batches - drops_before.slot_drop_batches,
+        slots_dropped: rt.stats().slots_dropped - drops_before.slots_dropped,
     };
     if st.mm.poisoned > 0 {
         return Err(Error::Corruption(format!(

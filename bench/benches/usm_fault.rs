@@ -96,9 +96,7 @@ fn usm_once(
     // waits for population and the zeroer thread is idle (not running on the other core,
     // where it would receive the MOVEs' TLB-flush IPIs). A COPY-mode pool has lazy slots:
     // nothing to populate.
-    rt.mm()
-        .pool()
-        .populate_all()
+    rt.populate_pool()
         .map_err(|e| Error::Invalid(format!("populating the pool: {e}")))?;
     let region = usm_sync::Arc::new(rt.region(pages * PAGE).map_err(emb)?);
     let r = region.clone();

@@ -29,9 +29,7 @@
 #![deny(unsafe_code)]
 
 pub mod error;
-pub mod event;
 mod flags;
-pub mod frame;
 pub mod pool;
 pub mod probe;
 #[allow(unsafe_code)] // the system calls: every unsafe block of the crate lives here
@@ -45,3 +43,6 @@ pub use uffd::{
     ContinueMode, CopyMode, Features, Ioctls, MoveMode, OpenFlags, OpenPath, PoisonMode,
     RawUserfaultfd, RegisterMode, Resolved, UffdEvent, Userfaultfd, WriteProtect, ZeropageMode,
 };
+/// The event vocabulary and frame numbers live in `usm-types` (policies use them without
+/// this crate); re-exported here under their old paths.
+pub use usm_types::{event, frame};

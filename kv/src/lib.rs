@@ -176,7 +176,7 @@ fn start_usm(config: &KvConfig) -> Result<Running, KvError> {
                      memory_waits:{}\r\nsamples_taken:{}\r\nsample_refaults:{}\r\n\
                      swap_in_p50_us:{:.1}\r\nswap_in_p99_us:{:.1}\r\nfast_map_p99_us:{:.1}\r\n\
                      pool_free:{}\r\npool_staging:{}\r\nio_in_flight:{}\r\nworker_parks:{:?}\r\n",
-                    rt.mm().pool().len(),
+                    s.pool.total,
                     s.mm.faults,
                     s.mm.swap_ins,
                     s.mm.evicted,

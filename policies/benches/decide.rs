@@ -13,13 +13,11 @@ use std::hint::black_box;
 use std::ops::Range;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use usm_kmod::FrameNo;
-use usm_kmod::event::{Fault, Origin};
 use usm_policies::{
-    Access, AllocPolicy, Cx, Decision, EvictCx, EvictPolicy, Hint, HintMap, MappedPage, PageMask,
-    ProcessCounters, Registry, VictimRequest, Watermarks,
+    Access, AllocPolicy, Cx, Decision, EvictCx, EvictPolicy, Fault, FrameNo, Hint, HintMap,
+    MappedPage, Origin, PageMask, ProcessCounters, Registry, SwapEntry, Ticket, VictimRequest,
+    Watermarks,
 };
-use usm_swap::{SwapEntry, Ticket};
 
 const P: u64 = 4096;
 const FRAMES: u32 = 1 << 16;

@@ -19,7 +19,7 @@
 
 use std::ops::Range;
 
-use usm_kmod::event::{Event, Fault, Origin};
+use usm_types::event::{Event, Fault, Origin};
 
 use crate::cx::Cx;
 use crate::decision::{Decision, Mapping, page_floor};

@@ -67,8 +67,8 @@
 
 use std::ops::Range;
 
-use usm_kmod::FrameNo;
-use usm_swap::{SwapEntry, Ticket};
+use usm_types::FrameNo;
+use usm_types::swap::{SwapEntry, Ticket};
 
 use crate::evict::VictimRequest;
 use crate::hint::Hint;

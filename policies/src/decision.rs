@@ -1,8 +1,8 @@
 //! What an allocation policy answers for one fault.
 
-use usm_kmod::FrameNo;
-use usm_kmod::frame::PAGE_SIZE;
-use usm_swap::Ticket;
+use usm_types::FrameNo;
+use usm_types::PAGE_SIZE;
+use usm_types::swap::Ticket;
 
 /// The answer of [`AllocPolicy::alloc`](crate::AllocPolicy::alloc).
 #[derive(Debug, Clone, PartialEq, Eq)]

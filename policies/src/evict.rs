@@ -25,7 +25,7 @@
 
 use std::ops::Range;
 
-use usm_kmod::FrameNo;
+use usm_types::FrameNo;
 
 use crate::cx::{Access, EvictCx};
 use crate::hint::Hint;

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 
-use usm_kmod::frame::PAGE_SIZE;
+use usm_types::PAGE_SIZE;
 
 /// Eviction order of a range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]

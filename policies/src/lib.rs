@@ -7,6 +7,12 @@
 //! a policy sees the world only through the context traits [`Cx`] / [`EvictCx`] the
 //! runtime implements on each worker.
 //!
+//! This crate alone is enough to write a policy: the vocabulary a policy reads and
+//! returns ([`Fault`], [`Origin`], [`Event`], [`FrameNo`], [`SwapEntry`], [`Ticket`],
+//! [`PAGE_SIZE`]) is re-exported from `usm-types`, a crate of plain types, so a policy
+//! crate compiles no io_uring, nix or userfaultfd code (`cargo tree -p usm-policies -e
+//! normal` shows it; CI checks it).
+//!
 //! - [`alloc`], [`evict`], [`oom`]: the three traits and the protocol around each.
 //! - [`cx`]: the context, and who owns a frame at each step.
 //! - [`decision`]: [`Decision::Map`] / [`Decision::Yield`] / [`Decision::Oom`]; the
@@ -27,9 +33,8 @@
 //! run it on the simulator:
 //!
 //! ```
-//! use usm_kmod::event::Fault;
 //! use usm_policies::sim::{FaultOutcome, SimMachine};
-//! use usm_policies::{AllocPolicy, Cx, Decision, Mapping, PageMask, Param, Registry};
+//! use usm_policies::{AllocPolicy, Cx, Decision, Fault, Mapping, PageMask, Param, Registry};
 //! use usm_policies::{page_floor, swap_in_if_swapped};
 //!
 //! struct Pairs;
@@ -69,6 +74,23 @@
 //! m.check().expect("frames conserved, none handed out twice");
 //! # Ok::<(), usm_policies::PolicyError>(())
 //! ```
+//!
+//! # Run it
+//!
+//! The simulator above checks a policy's answers; to run it on real programs, register it
+//! where the runtime builds its policies:
+//!
+//! - **Daemon** (`usm run CONFIG`, `usm exec -- PROGRAM`): a binary of five lines is a
+//!   complete `usm` that knows your policy — `usm_runtime::cli::main_with(register)`, where
+//!   `register` is a `fn(&mut Registry) -> Result<(), PolicyError>` calling
+//!   [`Registry::register_alloc`] / [`Registry::register_evict`] /
+//!   [`Registry::register_oom`]. Its `run`, `exec` and `check-config` accept the name
+//!   wherever a config names a policy (`process myapp pairs`, `evict random`).
+//!   `usm-runtime`'s `examples/evict_policy.rs` is one, an eviction policy, with the
+//!   commands to build and run it.
+//! - **Embedded** (your program is the runtime): give the registry to the builder,
+//!   `Runtime::builder().alloc_policy("pairs").build_with_registry(reg)`, or name the
+//!   policy per region with `rt.region_with_policy(bytes, "pairs")`.
 #![forbid(unsafe_code)]
 
 pub mod alloc;
@@ -92,3 +114,6 @@ pub use guard::{PolicyPanic, guarded};
 pub use hint::{Eviction, Hint, HintError, HintErrorKind, HintMap, Priority, parse_size};
 pub use oom::{OomAction, OomPolicy, OomReason, OomSituation, RunMode};
 pub use registry::{Assignment, Param, PolicyKind, PolicySet, Registry, split_spec};
+/// The vocabulary crate (plain types), for paths such as `usm_policies::types::event`.
+pub use usm_types as types;
+pub use usm_types::{DeviceId, Event, Fault, FrameNo, Origin, PAGE_SIZE, SwapEntry, Ticket};

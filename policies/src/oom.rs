@@ -21,7 +21,7 @@
 
 use std::fmt;
 
-use usm_kmod::event::Fault;
+use usm_types::event::Fault;
 
 use crate::cx::Cx;
 use crate::evict::VictimScan;

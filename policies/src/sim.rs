@@ -21,9 +21,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 
-use usm_kmod::event::{Fault, Origin};
-use usm_kmod::{FrameNo, frame::PAGE_SIZE};
-use usm_swap::{DeviceId, SwapEntry, Ticket};
+use usm_types::event::{Fault, Origin};
+use usm_types::swap::{DeviceId, SwapEntry, Ticket};
+use usm_types::{FrameNo, PAGE_SIZE};
 
 use crate::alloc::AllocPolicy;
 use crate::cx::{Access, Cx, EvictCx, PageMask, ProcessCounters, Watermarks};

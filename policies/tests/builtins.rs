@@ -3,12 +3,10 @@
 
 #![deny(unsafe_code)]
 
-use usm_kmod::FrameNo;
-use usm_kmod::event::{Fault, Origin};
 use usm_policies::sim::{FaultOutcome, SimMachine};
 use usm_policies::{
-    Decision, Mapping, OomAction, OomReason, OomSituation, Registry, RunMode, VictimRequest,
-    VictimScan, Watermarks,
+    Decision, Fault, FrameNo, Mapping, OomAction, OomReason, OomSituation, Origin, Registry,
+    RunMode, VictimRequest, VictimScan, Watermarks,
 };
 
 const P: u64 = 4096;

@@ -3,11 +3,10 @@
 
 #![deny(unsafe_code)]
 
-use usm_kmod::event::{Event, Fault, Origin};
 use usm_policies::sim::{FaultOutcome, SimMachine};
 use usm_policies::{
-    AllocPolicy, Cx, Decision, HintErrorKind, Mapping, Registry, VictimRequest, Watermarks,
-    deliver, page_floor,
+    AllocPolicy, Cx, Decision, Event, Fault, HintErrorKind, Mapping, Origin, Registry,
+    VictimRequest, Watermarks, deliver, page_floor,
 };
 
 const P: u64 = 4096;

@@ -614,7 +614,7 @@ fn storm(
             memory_ops: m1 - m0,
             cpu_ops: c1 - c0,
             verified: shared.verified.load(Ordering::Relaxed),
-            swap_slots_after_drop: rt.mm().swap_slots_used(),
+            swap_slots_after_drop: rt.stats().swap_slots_used,
             total_s: started.elapsed().as_secs_f64(),
         },
     ))
@@ -627,14 +627,12 @@ fn check_returned(rt: &Runtime) -> Result<(), DemoError> {
             "swap I/O still in flight after 20 s".into(),
         ));
     }
-    let slots = rt.mm().swap_slots_used();
+    let slots = rt.stats().swap_slots_used;
     if slots != 0 {
         return Err(DemoError::Leak(format!("{slots} swap slots still in use")));
     }
-    let frames = rt.mm().pool().len();
+    let frames = rt.pool_frames();
     let census = rt
-        .mm()
-        .pool()
         .check_conservation()
         .map_err(|e| DemoError::Leak(format!("pool conservation: {e}")))?;
     if census.free != frames {

@@ -50,7 +50,7 @@ fn first_touch_in_a_uthread_maps_zeroed_frames() {
     let rel = region.release().unwrap();
     assert_eq!(rel.frames, 64);
     assert!(rt.quiesce(Duration::from_secs(5)));
-    let census = rt.mm().pool().check_conservation().unwrap();
+    let census = rt.check_conservation().unwrap();
     assert_eq!(census.mapped, 0);
     assert_eq!(census.taken, 0);
 }
@@ -82,7 +82,7 @@ fn faults_from_a_plain_thread_wait_on_a_futex() {
 fn pages_survive_eviction_and_swap_in_and_drop_returns_everything() {
     let dir = swap_dir();
     let rt = runtime(256, 64, &dir);
-    let frames = rt.mm().pool().len();
+    let frames = rt.pool_frames();
     let pages = 4 * frames;
     let mut region = rt.region(pages * PAGE).unwrap();
     let region = rt
@@ -107,8 +107,12 @@ fn pages_survive_eviction_and_swap_in_and_drop_returns_everything() {
     assert!(stats.swap_slots_used > 0);
     drop(region);
     assert!(rt.quiesce(Duration::from_secs(10)));
-    assert_eq!(rt.mm().swap_slots_used(), 0, "swap device empty after drop");
-    let census = rt.mm().pool().check_conservation().unwrap();
+    assert_eq!(
+        rt.stats().swap_slots_used,
+        0,
+        "swap device empty after drop"
+    );
+    let census = rt.check_conservation().unwrap();
     assert_eq!(census.free, frames, "pool full after drop: {census}");
 }
 

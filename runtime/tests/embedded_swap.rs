@@ -11,7 +11,7 @@ use usm_policies::{
     AllocPolicy, Cx, Decision, Mapping, Param, Registry, page_floor, swap_in_if_swapped,
 };
 use usm_runtime::embedded::{InstallMode, Region, Runtime, SwapInMode};
-use usm_runtime::mm::{PageState, WorkerMm};
+use usm_runtime::mm::PageState;
 
 const PAGE: usize = 4096;
 const WORDS: usize = PAGE / 8;
@@ -60,7 +60,7 @@ fn many_uthreads_on_both_workers_keep_every_page_intact_under_heavy_swap_copy_in
 fn heavy_swap_keeps_every_page_intact(mode: InstallMode) {
     let dir = swap_dir();
     let rt = build_with(256, 2, &dir, mode);
-    let frames = rt.mm().pool().len();
+    let frames = rt.pool_frames();
     let pages = 6 * frames; // working set 6x the pool
     let region = Arc::new(rt.region(pages * PAGE).unwrap());
     let tasks = 16;
@@ -114,7 +114,7 @@ fn heavy_swap_keeps_every_page_intact(mode: InstallMode) {
         stats.mm.worker_blocked, 0,
         "Yield mode never blocks a worker"
     );
-    let (batches, dropped) = rt.mm().pool().drop_stats();
+    let (batches, dropped) = (stats.slot_drop_batches, stats.slots_dropped);
     match mode {
         // Every swap-in and first touch was a COPY whose slot was dropped in batches.
         InstallMode::Copy => assert!(
@@ -130,13 +130,10 @@ fn heavy_swap_keeps_every_page_intact(mode: InstallMode) {
     // installed by the COPY fallback when MOVE met a pinned slot (`Copied`) is the
     // region's own memory and holds no frame, so each adds one page.
     assert!(rt.quiesce(Duration::from_secs(10)));
-    assert_eq!(rt.mm().pool().pending_drops(), 0);
-    let rss = mapping_rss(region.addr()) + mapping_rss(rt.mm().pool().base());
-    let pid = std::process::id();
+    assert_eq!(rt.stats().slots_pending_drop, 0);
+    let rss = mapping_rss(region.addr()) + mapping_rss(rt.pool_mapping().start);
     let copied = (0..pages as u64)
-        .filter(|&i| {
-            rt.mm().page_state(pid, region.addr() + i * PAGE as u64) == Some(PageState::Copied)
-        })
+        .filter(|&i| region.page_state(i as usize) == Some(PageState::Copied))
         .count();
     assert!(
         rss <= ((frames + copied) * PAGE) as u64,
@@ -146,9 +143,9 @@ fn heavy_swap_keeps_every_page_intact(mode: InstallMode) {
     );
     drop(region);
     assert!(rt.quiesce(Duration::from_secs(10)));
-    assert_eq!(rt.mm().swap_slots_used(), 0);
-    assert_eq!(rt.mm().pool().pending_drops(), 0);
-    let census = rt.mm().pool().check_conservation().unwrap();
+    assert_eq!(rt.stats().swap_slots_used, 0);
+    assert_eq!(rt.stats().slots_pending_drop, 0);
+    let census = rt.check_conservation().unwrap();
     assert_eq!(census.free, frames, "{census}");
 }
 
@@ -197,7 +194,7 @@ fn marked_region(rt: &Runtime, pages: usize, mark: fn(u64) -> u64) -> Region {
 
 /// Evicts everything of `region` by touching a second region of twice the pool.
 fn push_out(rt: &Runtime, filler: &mut Option<Region>) {
-    let frames = rt.mm().pool().len();
+    let frames = rt.pool_frames();
     let mut r = rt.region(2 * frames * PAGE).unwrap();
     let r = rt
         .block_on(move || {
@@ -224,7 +221,7 @@ fn a_second_uthread_faults_while_the_first_is_parked_on_a_swap_in() {
     let mut filler = None;
     push_out(&rt, &mut filler);
     assert!(matches!(
-        rt.mm().page_state(std::process::id(), a.addr()),
+        a.page_state(0),
         Some(PageState::Swapped(_) | PageState::Staging { .. })
     ));
     let b = Arc::new(rt.region(8 * PAGE).unwrap());
@@ -249,7 +246,7 @@ fn a_second_uthread_faults_while_the_first_is_parked_on_a_swap_in() {
 fn a_panicking_uthread_that_holds_frames_loses_nothing() {
     let dir = swap_dir();
     let rt = build(256, 2, &dir);
-    let frames = rt.mm().pool().len();
+    let frames = rt.pool_frames();
     let region = Arc::new(rt.region(64 * PAGE).unwrap());
     let r2 = region.clone();
     let h = rt
@@ -275,7 +272,7 @@ fn a_panicking_uthread_that_holds_frames_loses_nothing() {
     assert_eq!(sum, (1..=64).sum::<u64>());
     drop(region);
     assert!(rt.quiesce(Duration::from_secs(5)));
-    assert_eq!(rt.mm().pool().check_conservation().unwrap().free, frames);
+    assert_eq!(rt.check_conservation().unwrap().free, frames);
 }
 
 /// Maps like first-fit but panics on every `n`th call.
@@ -319,7 +316,7 @@ fn a_panicking_policy_is_replaced_by_the_default_and_the_access_completes() {
         .create_swap_file(dir.path().join("swap0"), 16 << 20)
         .build_with_registry(reg)
         .unwrap();
-    let frames = rt.mm().pool().len();
+    let frames = rt.pool_frames();
     let mut region = rt.region_with_policy(32 * PAGE, "flaky").unwrap();
     let region = rt
         .block_on(move || {
@@ -336,7 +333,7 @@ fn a_panicking_policy_is_replaced_by_the_default_and_the_access_completes() {
     assert!(rt.stats().mm.policy_panics >= 1);
     drop(region);
     assert!(rt.quiesce(Duration::from_secs(5)));
-    let census = rt.mm().pool().check_conservation().unwrap();
+    let census = rt.check_conservation().unwrap();
     assert_eq!(
         census.free, frames,
         "frames held by the panicking call came back: {census}"
@@ -366,113 +363,6 @@ fn shutdown_waits_for_uthreads_parked_in_pfq() {
     assert_eq!(report.cancelled, 0);
     assert_eq!(seen.load(Ordering::Relaxed), (100..164).sum::<u64>());
     drop(filler);
-}
-
-#[test]
-fn pages_faulted_back_during_write_back_come_from_the_swap_cache_move_install() {
-    swap_cache_hits_during_write_back(InstallMode::Move);
-}
-
-#[test]
-fn pages_faulted_back_during_write_back_come_from_the_swap_cache_copy_install() {
-    swap_cache_hits_during_write_back(InstallMode::Copy);
-}
-
-fn swap_cache_hits_during_write_back(mode: InstallMode) {
-    let dir = swap_dir();
-    let rt = build_with(256, 1, &dir, mode);
-    let frames = rt.mm().pool().len();
-    let pid = std::process::id();
-    let mut region = rt.region(64 * PAGE).unwrap();
-    for p in 0..64 {
-        region.as_mut_slice::<u64>()[p * WORDS + 1] = p as u64 ^ 0x5555;
-    }
-    // This thread evicts with an engine of its own and does not reap it yet: the victims
-    // stay in staging (their O_DIRECT writes queued or in flight) while we touch them.
-    let mut io = WorkerMm::new(rt.mm().clone(), 0).unwrap();
-    let staged = rt.mm().evict_now(&mut io, 32);
-    assert!(staged > 0, "eviction staged nothing");
-    let in_staging: Vec<usize> = (0..64)
-        .filter(|&p| {
-            matches!(
-                rt.mm().page_state(pid, region.addr() + (p * PAGE) as u64),
-                Some(PageState::Staging { .. })
-            )
-        })
-        .collect();
-    assert_eq!(in_staging.len(), staged);
-    for &p in &in_staging {
-        assert_eq!(
-            region.as_slice::<u64>()[p * WORDS + 1],
-            p as u64 ^ 0x5555,
-            "page {p}"
-        );
-    }
-    let s = rt.stats().mm;
-    eprintln!(
-        "swap-cache hits: {} by MOVE, {} by copy (write still pinning the slot)",
-        s.swap_cache_moves, s.swap_cache_copies
-    );
-    assert_eq!(
-        (s.swap_cache_moves + s.swap_cache_copies) as usize,
-        staged,
-        "{s:#?}"
-    );
-    assert!(s.swap_cache_hit.count > 0);
-    // Reap the writes: the slots of pages taken back are freed, copied-from frames too.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while io.in_flight() > 0 && std::time::Instant::now() < deadline {
-        io.poll();
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert_eq!(io.in_flight(), 0);
-    drop(io);
-    drop(region);
-    assert!(rt.quiesce(Duration::from_secs(10)));
-    assert_eq!(rt.mm().swap_slots_used(), 0);
-    assert_eq!(rt.mm().pool().check_conservation().unwrap().free, frames);
-}
-
-#[test]
-fn a_multi_page_move_that_meets_a_present_page_is_classified_page_by_page() {
-    let dir = swap_dir();
-    let rt = build(256, 1, &dir);
-    let mut region = rt.region(4 * PAGE).unwrap();
-    // Page 2 gets content through the normal fault path.
-    region.as_mut_slice::<u64>()[2 * WORDS] = 0xFEED;
-    let pool = rt.mm().pool().clone();
-    let mut arena = pool.local_arena();
-    let frames: Vec<_> = (0..4)
-        .map(|_| pool.take(&mut arena).unwrap().unwrap())
-        .collect();
-    // Install a 4-page run over it: the MOVE stops at page 2 with a partial count; the
-    // rest is re-issued from there and classified (page 2 present, page 3 moved).
-    let report = rt
-        .mm()
-        .install_frames(std::process::id(), region.addr(), &frames)
-        .unwrap();
-    let moved: Vec<u64> = report
-        .mapped
-        .iter()
-        .map(|m| (m.0 - region.addr()) / PAGE as u64)
-        .collect();
-    assert_eq!(moved, vec![0, 1, 3]);
-    assert_eq!(report.present.len(), 1);
-    assert_eq!(report.present[0].0, region.addr() + 2 * PAGE as u64);
-    pool.return_unused(&mut arena, report.present[0].1).unwrap();
-    assert_eq!(
-        region.as_slice::<u64>()[2 * WORDS],
-        0xFEED,
-        "present page untouched"
-    );
-    assert_eq!(
-        region.as_slice::<u64>()[3 * WORDS],
-        0,
-        "page 3 installed zeroed"
-    );
-    assert!(rt.stats().mm.partial_moves >= 1);
-    drop(arena);
-    drop(region);
 }
 
 #[test]
@@ -513,7 +403,7 @@ fn uthreads_holding_a_uthread_mutex_across_faulting_accesses_all_finish() {
     // an OS mutex, across a region access. One worker, many contenders, swap traffic.
     let dir = swap_dir();
     let rt = build(256, 1, &dir);
-    let frames = rt.mm().pool().len();
+    let frames = rt.pool_frames();
     let region = Arc::new(rt.region(3 * frames * PAGE).unwrap());
     let lock = Arc::new(usm_localmanager::sync::Mutex::new(0u64));
     let mut hs = Vec::new();
@@ -598,10 +488,7 @@ fn poisoned_child(dir: &std::path::Path) {
     let mut filler = None;
     push_out(&rt, &mut filler);
     assert!(rt.quiesce(Duration::from_secs(10)));
-    assert!(matches!(
-        rt.mm().page_state(std::process::id(), data.addr()),
-        Some(PageState::Swapped(_))
-    ));
+    assert!(matches!(data.page_state(0), Some(PageState::Swapped(_))));
     // The swap file loses everything but its header under the runtime.
     std::fs::OpenOptions::new()
         .write(true)
@@ -637,8 +524,7 @@ fn a_prefetch_hint_reads_neighbours_back_with_the_faulting_page() {
     let resident = (1..=8)
         .filter(|p| {
             matches!(
-                rt.mm()
-                    .page_state(std::process::id(), data.addr() + (p * PAGE) as u64),
+                data.page_state(*p),
                 Some(PageState::Resident(_) | PageState::SwapIn { .. })
             )
         })
@@ -689,7 +575,7 @@ fn clean_pages_skip_the_write_back(mode: InstallMode) {
     drop(filler);
     assert!(rt.quiesce(Duration::from_secs(10)));
     let after = rt.stats().mm;
-    if !rt.mm().config().clean_eviction {
+    if !rt.clean_eviction() {
         eprintln!("skipped: the kernel offers no UFFD_FEATURE_WP_ASYNC");
         return;
     }
@@ -715,7 +601,7 @@ fn clean_pages_skip_the_write_back(mode: InstallMode) {
     assert_eq!(bad, 0);
     drop(data);
     assert!(rt.quiesce(Duration::from_secs(10)));
-    assert_eq!(rt.mm().swap_slots_used(), 0);
+    assert_eq!(rt.stats().swap_slots_used, 0);
 }
 
 /// A hot set read every round while a cold stream (larger than the pool) flows past it:
@@ -733,8 +619,6 @@ fn hot_set_misses(access_sampling: bool) -> (u64, usm_runtime::mm::StatsSnapshot
     let (hot_pages, cold_pages, cold_per_round, rounds) = (48usize, 1024usize, 64usize, 32usize);
     let hot = Arc::new(rt.region(hot_pages * PAGE).unwrap());
     let cold = Arc::new(rt.region(cold_pages * PAGE).unwrap());
-    let mm = rt.mm().clone();
-    let pid = std::process::id();
     let (h, c) = (hot.clone(), cold.clone());
     let misses = rt
         .block_on(move || {
@@ -751,9 +635,8 @@ fn hot_set_misses(access_sampling: bool) -> (u64, usm_runtime::mm::StatsSnapshot
                 }
                 // Reads only: a written-bit scan would not see these accesses.
                 for p in 0..hot_pages {
-                    let addr = h.addr() + (p * PAGE) as u64;
                     if matches!(
-                        mm.page_state(pid, addr),
+                        h.page_state(p),
                         Some(PageState::Swapped(_) | PageState::Staging { .. })
                     ) {
                         misses += 1;
@@ -767,7 +650,7 @@ fn hot_set_misses(access_sampling: bool) -> (u64, usm_runtime::mm::StatsSnapshot
     let stats = rt.stats().mm;
     drop((hot, cold));
     assert!(rt.quiesce(Duration::from_secs(10)));
-    assert_eq!(rt.mm().swap_slots_used(), 0);
+    assert_eq!(rt.stats().swap_slots_used, 0);
     (misses, stats)
 }
 
@@ -838,5 +721,5 @@ fn synchronous_swap_in_mode_blocks_the_worker_and_keeps_data_intact() {
     assert!(st.worker_blocked <= st.swap_ins + st.memory_waits + st.faults);
     drop(region);
     assert!(rt.quiesce(Duration::from_secs(10)));
-    assert_eq!(rt.mm().swap_slots_used(), 0);
+    assert_eq!(rt.stats().swap_slots_used, 0);
 }

@@ -74,7 +74,8 @@
 
 pub mod device;
 pub mod engine;
-pub mod entry;
+/// Swap entries and tickets: `usm_types::swap` (policies use them without this crate).
+pub use usm_types::swap as entry;
 pub mod error;
 pub mod header;
 pub mod io_thread;

@@ -1,8 +1,8 @@
 //! Built-in allocation policies: `first-fit` (alias `policyOne`), `fhp:SIZE`,
 //! `quota:PAGES`.
 
-use usm_kmod::event::Fault;
-use usm_kmod::frame::PAGE_SIZE;
+use usm_types::PAGE_SIZE;
+use usm_types::event::Fault;
 
 use crate::alloc::{AllocPolicy, swap_in_if_swapped};
 use crate::cx::{Cx, PageMask};

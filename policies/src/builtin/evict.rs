@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 
-use usm_kmod::FrameNo;
+use usm_types::FrameNo;
 
 use super::tracker::{PageMeta, Tracker};
 use crate::cx::{Access, EvictCx};

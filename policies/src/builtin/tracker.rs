@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use usm_kmod::FrameNo;
+use usm_types::FrameNo;
 
 use crate::cx::EvictCx;
 use crate::evict::{MappedPage, Scope, Urgency, VictimRequest, VictimScan};

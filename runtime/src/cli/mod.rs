@@ -1,4 +1,33 @@
-//! The daemon-facing subcommands of `usm`: `run`, `exec`, `stat`, `mkswap`.
+//! The `usm` command (feature `cli`): `usm run` (the InstanceUSM daemon), `usm exec` (tag
+//! and run one program under a private daemon), `usm stat`, `usm mkswap`, `usm demo`,
+//! `usm doctor` and `usm check-config`.
+//!
+//! The command lives in the library so that a program of a few lines is a complete `usm`
+//! with policies of its own ([`main_with`]); the `usm` binary is [`main`]. An embedder of
+//! the runtime builds without this feature and links no clap, indicatif or prometheus.
+//!
+//! # A `usm` with your own policies
+//!
+//! ```no_run
+//! use usm_policies::{Param, PolicyError, Registry};
+//!
+//! fn register(reg: &mut Registry) -> Result<(), PolicyError> {
+//!     // reg.register_evict("my-policy", Param::None, |_| Ok(Box::new(MyPolicy::new())))?;
+//!     # let _ = (reg, Param::None);
+//!     Ok(())
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     usm_runtime::cli::main_with(register)
+//! }
+//! ```
+//!
+//! `examples/evict_policy.rs` is a complete one (an eviction policy, run with `usm exec`
+//! and `usm run`); see its docs for the commands.
+
+mod app;
+
+pub use app::{main, main_with};
 
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
@@ -9,7 +38,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
 use usm_runtime::config::{Config, ProcessRule, Spanned, SwapSpec, parse_size};
-use usm_runtime::daemon::{self, Daemon, DaemonOptions, DaemonStat, ProcessStat};
+use usm_runtime::daemon::{self, Daemon, DaemonOptions, DaemonStat, ProcessStat, RegisterPolicies};
 
 /// Output format of `usm exec`'s summary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -75,12 +104,15 @@ fn signal_fd() -> Result<SignalFd, String> {
 }
 
 /// Checks a config's policy names as the daemon will (used by `usm check-config`).
-pub(crate) fn check_policies(cfg: &Config) -> Result<(), String> {
-    daemon::validate(cfg).map_err(|e| e.to_string())
+pub(crate) fn check_policies(
+    cfg: &Config,
+    register: Option<RegisterPolicies>,
+) -> Result<(), String> {
+    daemon::validate_with(cfg, register).map_err(|e| e.to_string())
 }
 
 /// `usm run CONFIG`.
-pub(crate) fn run(config: &Path) -> ExitCode {
+pub(crate) fn run(config: &Path, register: Option<RegisterPolicies>) -> ExitCode {
     init_tracing("info");
     let cfg = match Config::load(config) {
         Ok(c) => c,
@@ -96,7 +128,11 @@ pub(crate) fn run(config: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let d = match Daemon::start(&cfg, &DaemonOptions::default()) {
+    let opts = DaemonOptions {
+        register,
+        ..DaemonOptions::default()
+    };
+    let d = match Daemon::start(&cfg, &opts) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("usm: cannot start the daemon ({}): {e}", config.display());
@@ -284,7 +320,7 @@ fn exec_config(a: &ExecArgs, program: &Path) -> Result<Config, String> {
 }
 
 /// `usm exec`.
-pub(crate) fn exec(a: &ExecArgs) -> ExitCode {
+pub(crate) fn exec(a: &ExecArgs, register: Option<RegisterPolicies>) -> ExitCode {
     init_tracing("warn");
     let Some(program) = resolve_program(&a.command[0]) else {
         eprintln!("usm: {}: command not found", a.command[0]);
@@ -329,6 +365,7 @@ pub(crate) fn exec(a: &ExecArgs) -> ExitCode {
         // A private daemon serves its own user (and root), whatever the environment says.
         let mut opts = DaemonOptions {
             peers: daemon::PeerRule::same_user(),
+            register,
             ..DaemonOptions::default()
         };
         if let Some(s) = &a.swap_size {

@@ -54,6 +54,7 @@ pub(crate) mod agent;
 mod control;
 mod driver;
 mod leftovers;
+#[cfg(feature = "metrics")]
 mod metrics;
 mod process;
 mod sessions;
@@ -379,7 +380,12 @@ fn assignments(
 /// Checks a config as [`Daemon::start`] will: policy names against the registry, each
 /// error naming its line.
 pub fn validate(cfg: &Config) -> Result<(), DaemonError> {
-    assignments(cfg, None).map(|_| ())
+    validate_with(cfg, None)
+}
+
+/// [`validate`] with the extra policies `register` adds (as [`DaemonOptions::register`]).
+pub fn validate_with(cfg: &Config, register: Option<RegisterPolicies>) -> Result<(), DaemonError> {
+    assignments(cfg, register).map(|_| ())
 }
 
 /// Swap devices, their priorities, and the private swap file to delete at the end.
@@ -430,6 +436,16 @@ fn setup_err(what: &str) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
 impl Daemon {
     /// Starts a daemon: its memory manager, workers, swap, socket, stat socket, metrics.
     pub fn start(cfg: &Config, opts: &DaemonOptions) -> Result<Daemon, DaemonError> {
+        #[cfg(not(feature = "metrics"))]
+        if let Some(addr) = cfg.metrics {
+            return Err(DaemonError::Config {
+                line: 0, // the config keeps no line for it
+                why: format!(
+                    "metrics {addr}: this build has no metrics endpoint (usm-runtime's \
+                     `metrics` feature is off)"
+                ),
+            });
+        }
         let (assignments, registry) = assignments(cfg, opts.register)?;
         let workers = cfg.workers.unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -618,7 +634,9 @@ impl Daemon {
             "usm-stat",
             Box::new(move || control::serve(&sh, &stat_listener, &stop)),
         )?);
+        #[cfg_attr(not(feature = "metrics"), allow(unused_mut))]
         let mut metrics_addr = None;
+        #[cfg(feature = "metrics")]
         if let Some(addr) = cfg.metrics {
             let l = std::net::TcpListener::bind(addr).map_err(|e| DaemonError::Setup {
                 what: format!("metrics listener on {addr}"),

@@ -76,6 +76,8 @@ mod error;
 mod net;
 mod region;
 mod runtime;
+#[cfg(test)]
+mod tests;
 
 pub use crate::mm::InstallMode;
 pub use error::EmbeddedError;
@@ -94,8 +96,16 @@ pub use usm_localmanager::{sleep, yield_now};
 pub struct RuntimeStats {
     /// Memory-core counters and latency per fault path.
     pub mm: crate::mm::StatsSnapshot,
-    /// Frames by state.
+    /// Frames by state (`pool.total`: the pool's size).
     pub pool: usm_kmod::pool::Census,
+    /// COPY installs: batches of pool slots given back to the kernel so far (the slot of
+    /// a frame copied into a region is dropped in batches, keeping memory at the pool's
+    /// size).
+    pub slot_drop_batches: u64,
+    /// COPY installs: pool slots dropped so far, in those batches.
+    pub slots_dropped: u64,
+    /// COPY installs: pool slots waiting for their batched drop.
+    pub slots_pending_drop: usize,
     /// Swap slots in use.
     pub swap_slots_used: u64,
     /// Swap I/O in flight.

@@ -95,6 +95,16 @@ impl Region {
         self.len
     }
 
+    /// Where page `page` of the region is now (resident, swapped, in flight, ...); `None`
+    /// past the end or for a page never touched.
+    pub fn page_state(&self, page: usize) -> Option<crate::mm::PageState> {
+        if page >= self.len / PAGE_SIZE {
+            return None;
+        }
+        let addr = self.key.start + (page * PAGE_SIZE) as u64;
+        self.shared.core.page_state(self.shared.pid, addr)
+    }
+
     /// Never true (a region has at least one page).
     pub fn is_empty(&self) -> bool {
         self.len == 0

@@ -482,18 +482,56 @@ impl Runtime {
         crate::embedded::Net::new(self.shared.clone())
     }
 
-    /// The memory-manager core (statistics, page states, pool).
-    pub fn mm(&self) -> &Arc<MmCore> {
+    /// The memory-manager core, for this crate's white-box tests only: embedders get what
+    /// they need through the narrower methods below and [`Runtime::stats`].
+    #[cfg(test)]
+    pub(crate) fn mm(&self) -> &Arc<MmCore> {
         &self.shared.core
+    }
+
+    /// Frames in the pool (the runtime's memory budget, in 4 KiB pages).
+    pub fn pool_frames(&self) -> usize {
+        self.shared.core.pool().len()
+    }
+
+    /// Where the frame pool is mapped in this process, to measure its resident memory
+    /// (`/proc/self/smaps`); the frames themselves are reached only through regions.
+    pub fn pool_mapping(&self) -> std::ops::Range<u64> {
+        let pool = self.shared.core.pool();
+        let start = pool.base();
+        start..start + (pool.len() * usm_kmod::PAGE_SIZE) as u64
+    }
+
+    /// Populates the whole pool now, so no fault waits for a lazily populated chunk (the
+    /// benchmarks' "eager" mode). A COPY-mode pool has nothing to populate.
+    pub fn populate_pool(&self) -> Result<(), EmbeddedError> {
+        Ok(self.shared.core.pool().populate_all()?)
+    }
+
+    /// Checks frame conservation (every frame in exactly one state, the free ones in the
+    /// arenas, the zeroing ones queued) and returns the census; call it quiet (after
+    /// [`Runtime::quiesce`]), not while uThreads fault.
+    pub fn check_conservation(&self) -> Result<usm_kmod::pool::Census, EmbeddedError> {
+        Ok(self.shared.core.pool().check_conservation()?)
+    }
+
+    /// Whether clean pages leave memory without a write-back (their swap copy is still
+    /// valid): the kernel offers `UFFD_FEATURE_WP_ASYNC` and the runtime uses it.
+    pub fn clean_eviction(&self) -> bool {
+        self.shared.core.config().clean_eviction
     }
 
     /// A snapshot of the runtime's statistics.
     pub fn stats(&self) -> RuntimeStats {
         let core = &self.shared.core;
         let census = core.pool().census();
+        let (slot_drop_batches, slots_dropped) = core.pool().drop_stats();
         RuntimeStats {
             mm: core.stats_snapshot(),
             pool: census,
+            slot_drop_batches,
+            slots_dropped,
+            slots_pending_drop: core.pool().pending_drops(),
             swap_slots_used: core.swap_slots_used(),
             io_in_flight: core.io_in_flight(),
             space: core.space_counters(self.shared.pid).unwrap_or_default(),

@@ -1,16 +1,13 @@
-//! The `usm` command: `usm run` (the InstanceUSM daemon), `usm exec` (tag and run one
-//! program under a private daemon), `usm stat`, `usm mkswap`, `usm demo`, `usm doctor` and
-//! `usm check-config`.
-
-#![deny(unsafe_code)]
-
-mod cli;
+//! The `usm` command line: its subcommands and their dispatch ([`main`], [`main_with`]).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use usm_runtime::Config;
+use usm_runtime::daemon::RegisterPolicies;
+
+use crate::cli;
 
 /// Userspace memory management for Linux.
 #[derive(Debug, Parser)]
@@ -72,7 +69,20 @@ enum Command {
     },
 }
 
-fn main() -> ExitCode {
+/// The `usm` command with the built-in policies: parses `std::env::args`, runs the
+/// subcommand, returns its exit status.
+pub fn main() -> ExitCode {
+    dispatch(None)
+}
+
+/// The `usm` command with extra policies: `register` adds them to the registry of every
+/// daemon this process starts (`usm run`, `usm exec`) and to the one `usm check-config`
+/// checks names against, so a config line or `--policy` may name them.
+pub fn main_with(register: RegisterPolicies) -> ExitCode {
+    dispatch(Some(register))
+}
+
+fn dispatch(register: Option<RegisterPolicies>) -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Doctor { json } => {
@@ -95,9 +105,9 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Command::CheckConfig { file } => check_config(&file),
-        Command::Run { config } => cli::run(&config),
-        Command::Exec(args) => cli::exec(&args),
+        Command::CheckConfig { file } => check_config(&file, register),
+        Command::Run { config } => cli::run(&config, register),
+        Command::Exec(args) => cli::exec(&args, register),
         Command::Stat {
             socket,
             watch,
@@ -112,7 +122,7 @@ fn main() -> ExitCode {
 /// (syntax, every number against this machine), the policy names, and each swap device's
 /// USM header (opened read-only; a block device held by a running daemon is only noted).
 /// Prints the config back normalised, or the first error with its line.
-fn check_config(file: &Path) -> ExitCode {
+fn check_config(file: &Path, register: Option<RegisterPolicies>) -> ExitCode {
     let cfg = match Config::load(file) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -120,7 +130,7 @@ fn check_config(file: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = cli::check_policies(&cfg) {
+    if let Err(e) = cli::check_policies(&cfg, register) {
         eprintln!("usm: {}: {e}", file.display());
         return ExitCode::from(2);
     }
