@@ -2,7 +2,9 @@
 //! USM documents it and `usm_hint_range`, checked by `libusm` with the daemon's parser
 //! (`-EINVAL` and `errno` for a refused hint), counted in `usm exec`'s summary, and
 //! acting in the daemon as embedded: an `EVICTION=DENY` mapping stays resident while a
-//! working set four times the pool swaps around it (and is evicted without the hint).
+//! working set four times the pool swaps around it (and is evicted without the hint),
+//! and `PREFETCH=8` on that working set reads pages back ahead of its faults. A hint
+//! follows its mapping through `mremap` and is forgotten with `munmap`.
 //!
 //! The program is `tests/programs/hint_deny.c`, compiled with gcc against
 //! `include/usm.h` and `libusm.so` exactly as `runtime/capi/README.md` says (`-L`,
@@ -96,7 +98,17 @@ fn eviction_deny_from_usm_hint_keeps_a_mapping_resident_under_usm_exec() {
         &[p, "plain", "4", "32"],
         Duration::from_secs(120),
     );
-    for r in [&denied, &plain] {
+    let moved = usm_exec(
+        &["--pool", "8M"],
+        &[p, "moved", "4", "32"],
+        Duration::from_secs(120),
+    );
+    let unmapped = usm_exec(
+        &["--pool", "8M"],
+        &[p, "unmapped", "4", "32"],
+        Duration::from_secs(120),
+    );
+    for r in [&denied, &plain, &moved, &unmapped] {
         assert_eq!(r.code, 0, "{}", r.describe());
         assert!(
             r.stdout.contains("hints ok") && r.stdout.contains("OK\n"),
@@ -109,22 +121,36 @@ fn eviction_deny_from_usm_hint_keeps_a_mapping_resident_under_usm_exec() {
     let (w_denied, w_pages) = resident(&denied, "w");
     let (d_plain, _) = resident(&plain, "d");
     eprintln!(
-        "DENY: D {d_denied}/{d_pages} resident, W {w_denied}/{w_pages}; \
-         no hint: D {d_plain}/{d_pages}"
+        "DENY: D {d_denied}/{d_pages} resident, W {w_denied}/{w_pages}, {} prefetches; \
+         no hint: D {d_plain}/{d_pages}, {} prefetches",
+        denied.report["prefetches"], plain.report["prefetches"]
     );
     // With the hint every page of D stayed while W swapped around it.
     assert_eq!(d_denied, d_pages, "{}", denied.describe());
     assert!(w_denied < w_pages / 2, "{}", denied.describe());
     // Without it D is the oldest and goes first: the hint is what kept it.
     assert!(d_plain < d_pages / 2, "{}", plain.describe());
+    // The hint moved with the mapping; a new mapping where a hinted one was has none.
+    let (d_moved, _) = resident(&moved, "d");
+    let (d_unmapped, _) = resident(&unmapped, "d");
+    eprintln!("moved: D {d_moved}/{d_pages}; unmapped and mapped again: D {d_unmapped}/{d_pages}");
+    assert_eq!(d_moved, d_pages, "{}", moved.describe());
+    assert!(d_unmapped < d_pages / 2, "{}", unmapped.describe());
 
     // The summary counts what the daemon accepted and refused: libusm refused three
     // hints; the two with readable text ("cold", "EVICTION=NEVER") reached the daemon and
     // were refused there too (an empty range never leaves libusm).
     assert_eq!(denied.report["hints_accepted"], 2, "{}", denied.describe());
     assert_eq!(denied.report["hints_refused"], 2, "{}", denied.describe());
-    assert_eq!(plain.report["hints_accepted"], 1, "{}", plain.describe());
+    assert_eq!(plain.report["hints_accepted"], 0, "{}", plain.describe());
     assert_eq!(plain.report["hints_refused"], 2, "{}", plain.describe());
+    // PREFETCH=8 on W: its swap-ins read neighbours back; nothing does without it.
+    assert!(
+        denied.report["prefetches"].as_u64() > Some(0),
+        "{}",
+        denied.describe()
+    );
+    assert_eq!(plain.report["prefetches"], 0, "{}", plain.describe());
     assert!(
         denied.stderr.contains("hint \"cold\" refused"),
         "the daemon says why\n{}",

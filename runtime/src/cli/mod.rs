@@ -453,6 +453,7 @@ fn report(format: ReportFormat, stat: &DaemonStat, pid: u32, code: i32, wall: Du
         "released_frames": sum(|p| p.released_frames),
         "hints_accepted": sum(|p| p.hints),
         "hints_refused": sum(|p| p.hints_refused),
+        "prefetches": stat.prefetches,
         "fault_p50_us": stat.latency.p50_us,
         "fault_p99_us": stat.latency.p99_us,
         "coverage": cov,

@@ -222,6 +222,9 @@ pub struct DaemonStat {
     pub overcommits: u64,
     /// Faults being served right now.
     pub faults_in_flight: u64,
+    /// Pages read back ahead of a fault by `PREFETCH=N` hints, since start.
+    #[serde(default)]
+    pub prefetches: u64,
     /// Fault latency over every process since start.
     pub latency: Latency,
     /// Managed processes now.
