@@ -352,7 +352,7 @@ fn usm_hint_reaches_the_daemon() {
     let program = Program::spawn(&bin, &[], &tagger, &daemon.socket());
     let served = daemon.accept_and_serve();
     let mut hints = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..8 {
         let Message::Hint { addr, len, text } =
             served.wait_for("Hint", |m| matches!(m, Message::Hint { .. }))
         else {
@@ -395,8 +395,20 @@ fn usm_hint_reaches_the_daemon() {
         (at("a"), "cold"),
         "{hints:?}"
     );
+    // 6, 7: a hole punched in `a` splits its extent.
+    assert_eq!((hints[5].0, hints[5].1), (at("a"), mib / 4), "{hints:?}");
+    assert_eq!(
+        (hints[6].0, hints[6].1),
+        (at("a") + mib / 2, mib / 2),
+        "{hints:?}"
+    );
+    // 8: `b` moved with mremap: its extent moved with it.
+    assert_eq!((hints[7].0, hints[7].1), (at("moved"), mib), "{hints:?}");
     assert!(
-        out.contains("a=0 big=0 small=0 range=0 cold=-22/22 null=-22 empty=-22 unmapped=-12"),
+        out.contains(
+            "a=0 big=0 small=0 range=0 cold=-22/22 null=-22 empty=-22 unmapped=-12 \
+             front=0 back=0 moved=0"
+        ),
         "{out}"
     );
 

@@ -35,8 +35,21 @@ int main(void) {
     int r_null = usm_hint_range(buf, len, NULL);
     int r_empty = usm_hint_range(buf, 0, "PREFETCH=1");
     int r_unmapped = usm_hint((void *)4096, "PREFETCH=1");
-    printf("a=%d big=%d small=%d range=%d cold=%d/%d null=%d empty=%d unmapped=%d\n", r_a,
-           r_big, r_small, r_range, r_cold, e_cold, r_null, r_empty, r_unmapped);
+    /* A hole punched in a: the hint covers the part holding addr (6: front, 7: back). */
+    munmap(a + len / 4, len / 4);
+    int r_front = usm_hint(a, "PREFETCH=2");
+    int r_back = usm_hint(a + len - 1, "PREFETCH=3");
+    /* b moved into the middle of another mapping: its extent follows it there, not the
+       mapping it landed in (8). */
+    char *hole = mmap(NULL, 3 * len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *moved = mremap(b, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, hole + len);
+    if (hole == MAP_FAILED || moved != hole + len) return 4;
+    printf("moved=%p\n", (void *)moved);
+    int r_moved = usm_hint(moved + 5, "PREFETCH=4");
+    printf("a=%d big=%d small=%d range=%d cold=%d/%d null=%d empty=%d unmapped=%d "
+           "front=%d back=%d moved=%d\n",
+           r_a, r_big, r_small, r_range, r_cold, e_cold, r_null, r_empty, r_unmapped, r_front,
+           r_back, r_moved);
     free(buf);
     free(small);
     free(big);
