@@ -130,7 +130,8 @@ fn eviction_deny_from_usm_hint_keeps_a_mapping_resident_under_usm_exec() {
     assert!(w_denied < w_pages / 2, "{}", denied.describe());
     // Without it D is the oldest and goes first: the hint is what kept it.
     assert!(d_plain < d_pages / 2, "{}", plain.describe());
-    // The hint moved with the mapping; a new mapping where a hinted one was has none.
+    // The hint moved with the mapping; a new mapping where a hinted one was has none
+    // (that run has W's PREFETCH=8 too: prefetching is not what keeps D resident).
     let (d_moved, _) = resident(&moved, "d");
     let (d_unmapped, _) = resident(&unmapped, "d");
     eprintln!("moved: D {d_moved}/{d_pages}; unmapped and mapped again: D {d_unmapped}/{d_pages}");
