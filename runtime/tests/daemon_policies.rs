@@ -40,7 +40,7 @@ const PROBE_C: &str = r#"
 #include <sys/mman.h>
 #include <unistd.h>
 
-int usm_hint(void *addr, size_t len, const char *hint);
+int usm_hint_range(void *addr, size_t len, const char *hint);
 
 #define PG 4096UL
 
@@ -82,7 +82,7 @@ int main(int argc, char **argv) {
     if (argc >= 3 && !strcmp(argv[1], "touch")) {
         size_t len = strtoul(argv[2], NULL, 10) << 20;
         char *p = map(len);
-        if (argc > 3) printf("hint=%d\n", usm_hint(p, len / 2, argv[3]));
+        if (argc > 3) printf("hint=%d\n", usm_hint_range(p, len / 2, argv[3]));
         usleep(300000); /* the range and hint messages reach the daemon first */
         fill(p, len, 0x5a5a);
         if (check(p, len, 0x5a5a, "touch")) return 1;
@@ -92,7 +92,7 @@ int main(int argc, char **argv) {
     if (argc >= 4 && !strcmp(argv[1], "deny")) {
         size_t alen = strtoul(argv[2], NULL, 10) << 20, blen = strtoul(argv[3], NULL, 10) << 20;
         char *a = map(alen);
-        if (argc > 4) printf("hint=%d\n", usm_hint(a, alen, argv[4]));
+        if (argc > 4) printf("hint=%d\n", usm_hint_range(a, alen, argv[4]));
         usleep(300000);
         fill(a, alen, 0xa);
         char *b = map(blen);

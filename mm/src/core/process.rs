@@ -7,11 +7,12 @@
 //! reads the next message, so the page map is current before any later fault is served
 //! (the kernel holds the program's `fork`/`munmap`/`mremap` until the event is read):
 //! - `UNMAP` → [`MmCore::discard`] (`keep_managed = false`): pages freed, the range is no
-//!   longer managed; in-flight operations there are fenced (generation).
+//!   longer managed, its hints forgotten; in-flight operations there are fenced
+//!   (generation).
 //! - `REMOVE` (`MADV_DONTNEED`/`MADV_FREE`) → [`MmCore::discard`] (`keep_managed = true`):
 //!   pages freed, the range stays managed under a *new* generation, so a swap-in
 //!   completing later never installs old content into what now reads as zeroes.
-//! - `REMAP` → [`MmCore::remap`]: page states follow the pages.
+//! - `REMAP` → [`MmCore::remap`]: page states and hints follow the pages.
 //! - `FORK` → [`MmCore::fork_space`]: the child's space from the parent's.
 //! - exit → [`MmCore::remove_space`].
 //!
@@ -133,6 +134,10 @@ impl MmCore {
         if keep_managed {
             let generation = self.generation.fetch_add(1, Ordering::Relaxed);
             space.ranges.insert(start, shared_range(end, generation));
+        } else {
+            // Unmapped: its hints go with it (a new mapping at these addresses starts
+            // without them, as a new embedded region does).
+            space.hints.remove(start, end - start);
         }
         for addr in addrs {
             self.release_page(&mut st.mem, &mut st.evict, &*installer, pid, addr, &mut rel);
@@ -172,6 +177,17 @@ impl MmCore {
             .collect();
         for (a, _) in &pins {
             space.pins.remove(a);
+        }
+        // Hints follow the pages (before the eviction policy hears of them at `to`; the
+        // old addresses lose theirs with the final discard).
+        let hints: Vec<(Range<u64>, usm_policies::Hint)> = space
+            .hints
+            .iter()
+            .filter(|(r, _)| r.start < from + len && from < r.end)
+            .map(|(r, h)| (r.start.max(from)..r.end.min(from + len), *h))
+            .collect();
+        for (r, h) in &hints {
+            space.hints.apply(to + (r.start - from), r.end - r.start, h);
         }
         let region = space.range_of(to).map_or(0, |(_, r)| r.id);
         let owner = FrameOwner { pid, region };

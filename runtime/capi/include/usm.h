@@ -1,4 +1,13 @@
-/* usm.h: hints from tagged programs to the USM daemon (libusm.so). */
+/* usm.h: hints from tagged programs to the USM daemon (libusm.so).
+
+   #include <usm.h>
+   usm_hint(index_buffer, "PRIORITY=HIGH; EVICTION=DENY");   // the whole mapping/block
+   usm_hint(data_cache, "PRIORITY=LOW; EVICTION=ALLOW");
+   usm_hint_range(table, 1 << 20, "PREFETCH=16");            // an explicit range
+
+   Build:  cc prog.c $(pkg-config --cflags --libs usm)
+   or:     cc prog.c -I$PREFIX/include -L$PREFIX/lib -Wl,-rpath,$PREFIX/lib -lusm
+   Run:    usm exec -- ./prog   (untagged, every valid hint returns -ENOTCONN) */
 
 #ifndef USM_H
 #define USM_H
@@ -13,20 +22,39 @@ extern "C" {
 #endif // __cplusplus
 
 /*
- Sends a policy hint about `[addr, addr + len)` to the USM daemon.
+ Hints the whole mapping or allocation holding `addr`, as USM documents it:
+ `usm_hint(index_buffer, "PRIORITY=HIGH; EVICTION=DENY")`.
 
- `hint` is a NUL-terminated UTF-8 string of 1 to 1024 bytes understood by the
- process's policies (for example `"cold"`, `"hot"`, `"sequential"`).
+ `addr` is any address of a mapping (`mmap`), or the pointer `malloc`/`calloc`/
+ `realloc`/`posix_memalign` returned: the hint covers every page of that mapping or
+ block (pages are the unit: a small block shares its pages with its neighbours).
 
- Returns 0 when the hint was delivered to the daemon, `-EINVAL` when `hint` is NULL,
- empty, too long or not UTF-8, or when `len` is 0 or the range wraps around,
- `-ENOTCONN` when the process is not managed by a daemon (not tagged, daemon absent
- or refused), or another negative errno from the socket.
+ `hint` is `KEY=VALUE` items separated by `;` (spaces ignored, case-insensitive):
+ `PRIORITY=LOW|NORMAL|HIGH`, `EVICTION=ALLOW|DENY`, `PREFETCH=0..512` (pages),
+ `HUGE=4K..2M` (a power of two), for example `"PRIORITY=LOW; EVICTION=ALLOW"` or
+ `"PREFETCH=16"`. A later hint changes only the keys it names.
+
+ Returns 0 when the daemon has the hint; otherwise a negative errno, also stored in
+ `errno`: `-EINVAL` for a hint the daemon would refuse (NULL, empty, over 1024 bytes,
+ not UTF-8, an unknown key or value; the daemon still counts and logs it),
+ `-ENOMEM` when no mapping holds `addr`, `-ENOTCONN` when the process is not managed
+ by a daemon (not tagged, daemon absent or refused).
 
  # Safety
  `hint` must be NULL or point to a NUL-terminated string.
  */
-int usm_hint(void *addr, size_t len, const char *hint);
+int usm_hint(void *addr, const char *hint);
+
+/*
+ Hints `[addr, addr + len)` (the pages holding any of its bytes).
+
+ `hint` and the results are as for `usm_hint`, plus `-EINVAL` when `len` is 0 or the
+ range wraps around. Example: `usm_hint_range(table, 1 << 20, "PREFETCH=16")`.
+
+ # Safety
+ `hint` must be NULL or point to a NUL-terminated string.
+ */
+int usm_hint_range(void *addr, size_t len, const char *hint);
 
 #ifdef __cplusplus
 }  // extern "C"

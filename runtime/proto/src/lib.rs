@@ -78,6 +78,7 @@ pub mod agent;
 pub mod client;
 pub mod coverage;
 mod error;
+pub mod maps;
 pub mod preload;
 pub mod server;
 #[allow(unsafe_code)] // the system calls: every unsafe block of the crate lives here

@@ -137,13 +137,16 @@ pub enum Message {
         /// Page-aligned, non-zero length.
         len: u64,
     },
-    /// A hint from `usm_hint()`, to be applied to the process's policy.
+    /// A hint from `usm_hint()`/`usm_hint_range()`, to be applied to the process's
+    /// space (the two-argument form's range is resolved in the program, by the tagger).
     Hint {
         /// Start of the hinted range.
         addr: u64,
         /// Non-zero length of the hinted range.
         len: u64,
-        /// Free-form hint text understood by policies.
+        /// Hint text in the hint language (`usm_policies::hint`). `libusm` also sends a
+        /// text it refused, so that the daemon counts and logs it; the daemon refuses it
+        /// with the same parser.
         text: String,
     },
     /// How many pages of this process the daemon holds in swap (0 = none).

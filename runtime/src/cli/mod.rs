@@ -488,6 +488,9 @@ fn report(format: ReportFormat, stat: &DaemonStat, pid: u32, code: i32, wall: Du
         "poisoned": sum(|p| p.poisoned),
         "forks": sum(|p| p.forks),
         "released_frames": sum(|p| p.released_frames),
+        "hints_accepted": sum(|p| p.hints),
+        "hints_refused": sum(|p| p.hints_refused),
+        "prefetches": stat.prefetches,
         "fault_p50_us": stat.latency.p50_us,
         "fault_p99_us": stat.latency.p99_us,
         "coverage": cov,
@@ -526,6 +529,18 @@ fn report(format: ReportFormat, stat: &DaemonStat, pid: u32, code: i32, wall: Du
                 sum(|p| p.swapins),
                 cov.map_or("n/a".to_owned(), |c| format!("{:.1}%", c * 100.0))
             );
+            let (accepted, refused) = (sum(|p| p.hints), sum(|p| p.hints_refused));
+            if accepted + refused > 0 {
+                let why = if refused > 0 {
+                    " (the log above says why)"
+                } else {
+                    ""
+                };
+                let _ = writeln!(
+                    err,
+                    "usm: hints: {accepted} accepted, {refused} refused{why}"
+                );
+            }
         }
     }
 }

@@ -287,6 +287,7 @@ impl Shared {
             bad_messages: self.bad_messages.load(Ordering::Relaxed),
             overcommits: 0,
             faults_in_flight: self.core.io_in_flight() as u64,
+            prefetches: self.core.stats_snapshot().prefetches,
             latency: stats::latency_of(totals.as_ref()),
             processes,
             ended: self.ended.lock().unwrap_or_else(|e| e.into_inner()).clone(),

@@ -123,6 +123,7 @@ impl Proc {
             unmaps: l(&c.unmaps),
             released_frames: l(&c.released_frames),
             hints: l(&c.hints),
+            hints_refused: l(&c.hints_refused),
             agent: self.installer.has_agent(),
             managed_anon_bytes: managed,
             anon_bytes: anon,
@@ -556,19 +557,27 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
             r.remove(&start);
         }
         Message::Hint { addr, len, text } => {
-            bump(&proc.counters.hints);
-            match usm_policies::Hint::parse(&text) {
-                Ok(hint) => {
+            // The memory manager records the hint in the process's space (where the
+            // fault, eviction and prefetch paths read it) with the same parser libusm
+            // checked it with; the allocation policy hears of it through a Notify.
+            let parsed = usm_policies::Hint::parse(&text);
+            match parsed.map(|h| (h, sh.core.hint(proc.space, addr, len, &text))) {
+                Ok((hint, Ok(()))) => {
+                    bump(&proc.counters.hints);
                     tracing::debug!("pid {}: hint {text:?} on {addr:#x}+{len}", proc.pid);
-                    if let Err(e) = sh.core.hint(proc.space, addr, len, &text) {
-                        tracing::warn!("pid {}: hint {text:?} not applied: {e}", proc.pid);
-                    }
                     sh.jobs.push(Job::Notify {
                         proc: proc.clone(),
                         notice: Notice::Hint(addr..addr.saturating_add(len), hint),
                     });
                 }
-                Err(e) => tracing::warn!("pid {}: hint {text:?} refused: {e}", proc.pid),
+                Ok((_, Err(e))) => {
+                    bump(&proc.counters.hints_refused);
+                    tracing::warn!("pid {}: hint {text:?} not applied: {e}", proc.pid);
+                }
+                Err(e) => {
+                    bump(&proc.counters.hints_refused);
+                    tracing::warn!("pid {}: hint {text:?} refused: {e}", proc.pid);
+                }
             }
         }
         Message::Coverage {

@@ -18,7 +18,10 @@ pub(crate) struct ProcCounters {
     pub(crate) removes: AtomicU64,
     pub(crate) unmaps: AtomicU64,
     pub(crate) released_frames: AtomicU64,
+    /// Hints applied.
     pub(crate) hints: AtomicU64,
+    /// Hints refused (the hint language, or no space to apply them to).
+    pub(crate) hints_refused: AtomicU64,
     /// Fault latency in nanoseconds (read by the reader → resolved by the workee).
     latency: Mutex<Option<Histogram<u64>>>,
 }
@@ -33,6 +36,7 @@ impl Default for ProcCounters {
             unmaps: AtomicU64::new(0),
             released_frames: AtomicU64::new(0),
             hints: AtomicU64::new(0),
+            hints_refused: AtomicU64::new(0),
             latency: Mutex::new(new_histogram()),
         }
     }
@@ -172,8 +176,11 @@ pub struct ProcessStat {
     pub unmaps: u64,
     /// Frames given back by REMOVE/UNMAP/exit.
     pub released_frames: u64,
-    /// Hints received.
+    /// Hints applied (`usm_hint` accepted by the daemon).
     pub hints: u64,
+    /// Hints refused (the daemon's log says why).
+    #[serde(default)]
+    pub hints_refused: u64,
     /// Whether the eviction agent runs in the process.
     pub agent: bool,
     /// Coverage report taken at the peak of anonymous memory: managed anonymous bytes.
@@ -215,6 +222,9 @@ pub struct DaemonStat {
     pub overcommits: u64,
     /// Faults being served right now.
     pub faults_in_flight: u64,
+    /// Pages read back ahead of a fault by `PREFETCH=N` hints, since start.
+    #[serde(default)]
+    pub prefetches: u64,
     /// Fault latency over every process since start.
     pub latency: Latency,
     /// Managed processes now.

@@ -21,7 +21,8 @@
 //! `USM_TAGGER_VERBOSE` (say which policy manages the process),
 //! `USM_TAGGER_MALLOC_ZERO=0` (do not zero recycled heap memory; see `sys::heap`).
 //!
-//! Exported for other code: `usm_tagger_hint` (used by `libusm.so`'s `usm_hint`),
+//! Exported for other code: `usm_tagger_hint` and `usm_tagger_extent` (used by
+//! `libusm.so`'s `usm_hint_range` and `usm_hint`; extents in `extents`),
 //! `usm_tagger_coverage` (managed anonymous bytes vs anonymous RSS from
 //! `/proc/self/smaps`), `usm_tagger_state`.
 //!
@@ -34,6 +35,7 @@
 #![deny(unsafe_code)]
 
 mod agent;
+mod extents;
 mod ranges;
 mod session;
 mod state;

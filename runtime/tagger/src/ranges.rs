@@ -13,6 +13,7 @@
 use usm_proto::{Message, RangeKind};
 use usm_sync::atomic::Ordering;
 
+use crate::extents::{self, Kind};
 use crate::state::{self, Mode};
 use crate::sys::{self, PAGE_SIZE};
 
@@ -76,11 +77,13 @@ pub(crate) fn mmap_is_managed(flags: i32) -> bool {
 pub(crate) fn after_mmap(addr: usize, len: usize, flags: i32) {
     if mmap_is_managed(flags) && len != 0 {
         adopt(addr, len, RangeKind::Mmap);
+        extents::insert(addr, addr + len.next_multiple_of(PAGE_SIZE), Kind::Mapping);
     }
 }
 
 /// After a successful `munmap` by the program.
 pub(crate) fn after_munmap(addr: usize, len: usize) {
+    extents::remove(addr, addr.saturating_add(len.next_multiple_of(PAGE_SIZE)));
     forget(addr, len);
 }
 

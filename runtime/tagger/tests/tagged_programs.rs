@@ -351,23 +351,72 @@ fn usm_hint_reaches_the_daemon() {
     let daemon = TestDaemon::new();
     let program = Program::spawn(&bin, &[], &tagger, &daemon.socket());
     let served = daemon.accept_and_serve();
-    let hint = served.wait_for("Hint", |m| matches!(m, Message::Hint { .. }));
-    let Message::Hint { addr, len, text } = hint else {
-        unreachable!()
-    };
-    assert_eq!(text, "cold:sequential");
-    assert_eq!(len, 1 << 20);
-    assert_ne!(addr, 0);
+    let mut hints = Vec::new();
+    for _ in 0..8 {
+        let Message::Hint { addr, len, text } =
+            served.wait_for("Hint", |m| matches!(m, Message::Hint { .. }))
+        else {
+            unreachable!()
+        };
+        hints.push((addr, len, text));
+    }
     let (status, out, err) = program.finish();
     assert!(status.success(), "{status:?}\n{out}\n{err}");
-    assert!(out.contains("hint=0 null=-22 empty=-22 OK"), "{out}");
     served.faults.stop();
+    let at = |name: &str| -> u64 {
+        let v = out
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=0x")))
+            .unwrap_or_else(|| panic!("{name} in {out}"));
+        u64::from_str_radix(v, 16).unwrap()
+    };
+    let mib = 1u64 << 20;
+    // 1: the whole mapping of `a` (an interior address), not the VMA merged with `b`.
+    assert_eq!(hints[0].0, at("a"), "{hints:?}\n{out}");
+    assert_eq!(hints[0].1, mib, "{hints:?}");
+    assert_eq!(
+        at("b"),
+        at("a") + mib,
+        "the two mappings are neighbours\n{out}"
+    );
+    assert_eq!(hints[0].2, "PRIORITY=HIGH; EVICTION=DENY");
+    // 2: the large block, from its pointer to the end of its mapping.
+    assert_eq!(hints[1].0, at("big"), "{hints:?}");
+    assert!((3 * mib..3 * mib + 8192).contains(&hints[1].1), "{hints:?}");
+    // 3: the pages of a small block.
+    let small = at("small");
+    assert_eq!(hints[2].0, small & !4095, "{hints:?}");
+    assert!(hints[2].1 == 4096 || hints[2].1 == 8192, "{hints:?}");
+    // 4: the explicit range as given.
+    assert_eq!((hints[3].0, hints[3].1), (at("buf"), mib), "{hints:?}");
+    // 5: a refused hint still reaches the daemon (which counts it), on a's mapping.
+    assert_eq!(
+        (hints[4].0, hints[4].2.as_str()),
+        (at("a"), "cold"),
+        "{hints:?}"
+    );
+    // 6, 7: a hole punched in `a` splits its extent.
+    assert_eq!((hints[5].0, hints[5].1), (at("a"), mib / 4), "{hints:?}");
+    assert_eq!(
+        (hints[6].0, hints[6].1),
+        (at("a") + mib / 2, mib / 2),
+        "{hints:?}"
+    );
+    // 8: `b` moved with mremap: its extent moved with it.
+    assert_eq!((hints[7].0, hints[7].1), (at("moved"), mib), "{hints:?}");
+    assert!(
+        out.contains(
+            "a=0 big=0 small=0 range=0 cold=-22/22 null=-22 empty=-22 unmapped=-12 \
+             front=0 back=0 moved=0"
+        ),
+        "{out}"
+    );
 
     // Without the tagger, usm_hint says ENOTCONN.
     let out = std::process::Command::new(&bin).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains(&format!("hint={} ", -libc::ENOTCONN)),
+        stdout.contains(&format!("a={} ", -libc::ENOTCONN)),
         "{stdout}"
     );
 }

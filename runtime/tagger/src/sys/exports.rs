@@ -13,7 +13,7 @@
 use std::ffi::{CStr, c_char, c_int, c_void};
 
 use super::{PAGE_SIZE, heap, set_errno};
-use crate::{ranges, session, state};
+use crate::{extents, ranges, session, state};
 
 fn fail_nomem() -> *mut c_void {
     set_errno(libc::ENOMEM);
@@ -244,7 +244,11 @@ pub unsafe extern "C" fn mremap(
         0
     };
     match super::mremap_raw(old as usize, old_len, new_len, flags, new_addr) {
-        Ok(addr) => addr as *mut c_void,
+        Ok(addr) => {
+            let page = |n: usize| n.next_multiple_of(PAGE_SIZE);
+            extents::moved(old as usize, page(old_len), addr, page(new_len));
+            addr as *mut c_void
+        }
         Err(errno) => {
             set_errno(errno);
             libc::MAP_FAILED
@@ -295,6 +299,35 @@ pub unsafe extern "C" fn usm_tagger_hint(
         return -libc::EINVAL;
     };
     session::hint(addr as usize, len, text)
+}
+
+/// The pages of the mapping or allocation holding `addr` (the backend of `libusm.so`'s
+/// two-argument `usm_hint`; see `extents`). Writes them to `*start` and `*len` and
+/// returns 0, or returns `-EINVAL` (a null output pointer), `-ENOMEM` (no mapping holds
+/// `addr`) or another negative errno from reading `/proc/self/maps`. Allocates nothing.
+///
+/// # Safety
+/// - `start` and `len` are null or valid for one write of `usize`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn usm_tagger_extent(
+    addr: *const c_void,
+    start: *mut usize,
+    len: *mut usize,
+) -> c_int {
+    if start.is_null() || len.is_null() {
+        return -libc::EINVAL;
+    }
+    match extents::containing(addr as usize) {
+        Ok((s, l)) => {
+            // SAFETY: both are valid for a write (the caller's contract, checked non-null).
+            unsafe {
+                start.write(s);
+                len.write(l);
+            }
+            0
+        }
+        Err(errno) => -errno,
+    }
 }
 
 /// Coverage report filled by [`usm_tagger_coverage`].

@@ -43,6 +43,7 @@ use dlmalloc::{Allocator, Dlmalloc};
 use usm_sync::atomic::{AtomicBool, Ordering};
 
 use super::{PAGE_SIZE, arena, mmap_raw, mremap_raw, munmap_raw};
+use crate::extents::{self, Kind};
 use crate::ranges;
 use usm_proto::RangeKind;
 
@@ -104,6 +105,7 @@ unsafe impl Allocator for ManagedSegments {
         ) {
             Ok(addr) => {
                 pending_mut().created(addr, size);
+                extents::insert(addr, addr + size, Kind::Heap);
                 (addr as *mut u8, size, 0)
             }
             Err(_) => (std::ptr::null_mut(), 0, 0),
@@ -117,6 +119,8 @@ unsafe impl Allocator for ManagedSegments {
                 let segs = pending_mut();
                 segs.dropped(ptr as usize, oldsize);
                 segs.created(addr, newsize);
+                extents::remove(ptr as usize, ptr as usize + oldsize);
+                extents::insert(addr, addr + newsize, Kind::Heap);
                 addr as *mut u8
             }
             Err(_) => std::ptr::null_mut(),
@@ -129,6 +133,7 @@ unsafe impl Allocator for ManagedSegments {
             || munmap_raw(base + newsize, oldsize - newsize).is_ok();
         if ok {
             pending_mut().dropped(base + newsize, oldsize - newsize);
+            extents::remove(base + newsize, base + oldsize);
         }
         ok
     }
@@ -137,6 +142,7 @@ unsafe impl Allocator for ManagedSegments {
         let ok = munmap_raw(ptr as usize, size).is_ok();
         if ok {
             pending_mut().dropped(ptr as usize, size);
+            extents::remove(ptr as usize, ptr as usize + size);
         }
         ok
     }
@@ -416,6 +422,32 @@ pub(crate) unsafe fn usable_size(ptr: *const u8) -> usize {
     size.saturating_sub(overhead)
 }
 
+/// The bytes of the dlmalloc block at `addr` inside the heap segment `[seg_start,
+/// seg_end)`, as `(addr, addr + usable)`, if the word before `addr` reads as the header
+/// of an in-use chunk that fits the segment (`usm_hint(ptr, …)` on a small `malloc`
+/// block; `addr` must be the pointer `malloc` returned: an interior address usually
+/// fails these checks, and then the caller hints the page of `addr` alone).
+pub(crate) fn chunk_extent(
+    addr: usize,
+    seg_start: usize,
+    seg_end: usize,
+) -> Option<(usize, usize)> {
+    let word = std::mem::size_of::<usize>();
+    if addr % MIN_ALIGN != 0 || addr < seg_start + 2 * word || addr >= seg_end {
+        return None;
+    }
+    // SAFETY: `addr - 8` lies inside the segment, a live readable mapping of the heap
+    // (the extents table drops a segment when it is unmapped).
+    let head = unsafe { (addr as *const usize).sub(1).read() };
+    let size = head & !7;
+    let chunk = addr - 2 * word;
+    let in_use = head & 2 != 0;
+    if !in_use || size < 4 * word || size % MIN_ALIGN != 0 || chunk.checked_add(size)? > seg_end {
+        return None;
+    }
+    Some((addr, addr + size - word))
+}
+
 /// Allocations of at least this many bytes get a mapping of their own (glibc does the
 /// same above its mmap threshold): fresh from the kernel, hence zero without a `memset`
 /// and untouched until used; returned to the kernel on `free`; no heap lock.
@@ -479,6 +511,7 @@ impl LargeHeader {
     fn release(self) {
         if munmap_raw(self.base, self.len).is_ok() {
             with_heap(|_| pending_mut().dropped(self.base, self.len));
+            extents::remove(self.base, self.base + self.len);
         }
     }
 
@@ -500,6 +533,8 @@ impl LargeHeader {
             len,
         };
         moved.write();
+        extents::remove(self.base, self.base + self.len);
+        extents::insert(moved.ptr, base + len, Kind::Large);
         Some(moved.ptr as *mut u8)
     }
 }
@@ -527,5 +562,6 @@ fn large_alloc(size: usize, align: usize) -> *mut u8 {
     let ptr = (base + PAGE_SIZE).next_multiple_of(align.max(PAGE_SIZE));
     let block = LargeHeader { ptr, base, len };
     block.write();
+    extents::insert(ptr, base + len, Kind::Large);
     ptr as *mut u8
 }

@@ -333,6 +333,40 @@ pub(crate) fn self_coverage() -> Result<usm_proto::coverage::Coverage, i32> {
     result.map(|()| parser.finish())
 }
 
+/// The mapping holding `addr` from `/proc/self/maps`, read like [`self_coverage`]: raw
+/// `open`/`read` into a buffer on the caller's stack, parsed as it streams
+/// ([`usm_proto::maps::VmaFinder`]), nothing allocated. `Ok(None)`: no mapping holds it.
+pub(crate) fn vma_containing(addr: usize) -> Result<Option<(usize, usize)>, i32> {
+    // SAFETY: the path is a NUL-terminated literal.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/maps".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(errno());
+    }
+    let mut finder = usm_proto::maps::VmaFinder::new(addr as u64);
+    let mut buf = [0u8; 1024];
+    let result = loop {
+        // SAFETY: `buf` is a valid writable buffer of its length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = errno();
+            if e == libc::EINTR {
+                continue;
+            }
+            break Err(e);
+        }
+        if n == 0 || finder.feed(&buf[..n as usize]) {
+            break Ok(());
+        }
+    };
+    close_raw(fd);
+    result.map(|()| finder.finish().map(|r| (r.start as usize, r.end as usize)))
+}
+
 /// Kills the whole process with `SIGKILL` (used when continuing would read zeros).
 pub(crate) fn kill_self() -> ! {
     // SAFETY: signals our own process; no memory arguments.
