@@ -3,7 +3,9 @@
 //! Life of a device:
 //! 1. **Create / format.** [`create_swap_file`] makes a new file (`O_EXCL`, `fallocate`d to
 //!    its full size and written out, so no first write is an extent conversion) and
-//!    formats it; [`format()`] writes the USM header (see
+//!    formats it; [`create_sparse_swap_file`] makes a sparse one instantly (blocks
+//!    allocated as slots are first written; a full file system fails a write with
+//!    `ENOSPC`, and the page stays in memory); [`format()`] writes the USM header (see
 //!    [`header`](crate::header)) on an existing file or block device, refusing a first block
 //!    that holds foreign data unless forced (`usm mkswap`).
 //! 2. **Open.** [`SwapDevice::open`] opens `O_DIRECT` (block devices also `O_EXCL`, so a
@@ -179,6 +181,39 @@ pub fn create_swap_file(path: impl AsRef<Path>, bytes: u64) -> Result<SwapHeader
     let made = write_out(fd.as_fd(), path, bytes);
     drop(fd);
     let header = made.and_then(|()| format(path, &FormatOptions::default()));
+    if header.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    header
+}
+
+/// Creates a new **sparse** swap file of `bytes` bytes (rounded down to whole pages) and
+/// formats it: the file is only `ftruncate`d to its size, so creating it costs nothing
+/// whatever its size, and blocks are allocated by the file system as slots are first
+/// written (io_uring `O_DIRECT` writes into holes work; a first write into a hole costs a
+/// block allocation, which [`create_swap_file`] pays up front instead).
+///
+/// Nothing is reserved: when the file system is full, a write-back completes with
+/// `ENOSPC`, a [`SwapError::WriteFailed`] that is [`is_no_space`](SwapError::is_no_space)
+/// and [`keeps_page`](SwapError::keeps_page) — the page stays in memory, as for a full
+/// or failing device; no data is lost. Reading a slot never written reads zeros from the
+/// hole (nothing reads a slot before writing it). This is what a private daemon
+/// (`usm exec`) uses for its temporary swap file. Refuses an existing path (`EEXIST`);
+/// removes the file again if anything fails after creating it.
+pub fn create_sparse_swap_file(path: impl AsRef<Path>, bytes: u64) -> Result<SwapHeader> {
+    let path = path.as_ref();
+    let bytes = bytes / PAGE_SIZE as u64 * PAGE_SIZE as u64;
+    SwapHeader::for_size(path, bytes)?;
+    let fd = open(
+        path,
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| SwapError::device("create", path, e.into()))?;
+    let sized = nix::unistd::ftruncate(&fd, bytes as libc::off_t)
+        .map_err(|e| SwapError::device("ftruncate", path, e.into()));
+    drop(fd);
+    let header = sized.and_then(|()| format(path, &FormatOptions::default()));
     if header.is_err() {
         let _ = std::fs::remove_file(path);
     }

@@ -401,7 +401,10 @@ fn open_swap(cfg: &Config, opts: &DaemonOptions, pool: u64) -> Result<SwapSetup,
         // A killed daemon's private swap file (owner pid dead) goes first.
         leftovers::sweep_swap_files(dir);
         let path = leftovers::swap_file_path(dir);
-        usm_swap::create_swap_file(&path, bytes.max(16 << 20))?;
+        // Sparse: nothing written at start, blocks allocated as slots are first written
+        // (a full file system then fails a write-back with ENOSPC: the page stays in
+        // memory, as with a full device).
+        usm_swap::create_sparse_swap_file(&path, bytes.max(16 << 20))?;
         let dev = SwapDevice::open(DeviceId(0), &path).inspect_err(|_| {
             let _ = std::fs::remove_file(&path);
         })?;
