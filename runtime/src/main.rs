@@ -14,7 +14,7 @@ use usm_runtime::Config;
 
 /// Userspace memory management for Linux.
 #[derive(Debug, Parser)]
-#[command(name = "usm", version, about, long_about = None)]
+#[command(name = "usm", version = usm_runtime::daemon::metrics::version(), about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,13 +46,19 @@ enum Command {
     /// Show a running daemon's managed processes: resident and swapped pages, fault and
     /// swap-in rates, latency percentiles, policy.
     Stat {
-        /// The daemon's taggers' socket.
-        #[arg(long, default_value = usm_runtime::config::DEFAULT_SOCKET)]
-        socket: PathBuf,
-        /// Refresh every N seconds (default 1) until interrupted.
+        /// The daemon's taggers' socket (default: the system daemon's).
+        #[arg(long, conflicts_with = "pid")]
+        socket: Option<PathBuf>,
+        /// The daemon serving this program (or this `usm exec`), wherever its socket is;
+        /// shows that program's rows.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Refresh every N seconds (default 1) until interrupted: MiB, per-interval rates
+        /// and latency percentiles, the policies in force, ended processes.
         #[arg(long, num_args = 0..=1, default_missing_value = "1")]
         watch: Option<u64>,
-        /// Print the raw snapshot as one JSON line.
+        /// Print each snapshot as one JSON line, with its time (and, when watching, the
+        /// interval's rates and percentiles).
         #[arg(long)]
         json: bool,
     },
@@ -100,9 +106,17 @@ fn main() -> ExitCode {
         Command::Exec(args) => cli::exec(&args),
         Command::Stat {
             socket,
+            pid,
             watch,
             json,
-        } => cli::stat(&socket, watch, json),
+        } => {
+            let target = match (pid, socket) {
+                (Some(pid), _) => cli::StatTarget::Pid(pid),
+                (None, Some(s)) => cli::StatTarget::Socket(s),
+                (None, None) => cli::StatTarget::Socket(usm_runtime::config::DEFAULT_SOCKET.into()),
+            };
+            cli::stat(&target, watch, json)
+        }
         Command::Mkswap { path, size, force } => cli::mkswap(&path, size.as_deref(), force),
         Command::Demo(args) => usm_runtime::demo::run_cli(&args),
     }
