@@ -1,6 +1,6 @@
 //! The `usm` command: `usm run` (the InstanceUSM daemon), `usm exec` (tag and run one
-//! program under a private daemon), `usm stat`, `usm mkswap`, `usm demo`, `usm doctor` and
-//! `usm check-config`.
+//! program under a private daemon), `usm stat`, `usm mkswap`, `usm demo`, `usm doctor`,
+//! `usm check-config`, and `usm completions` / `usm man` (generated from this definition).
 
 #![deny(unsafe_code)]
 
@@ -14,7 +14,7 @@ use usm_runtime::Config;
 
 /// Userspace memory management for Linux.
 #[derive(Debug, Parser)]
-#[command(name = "usm", version = usm_runtime::daemon::metrics::version(), about, long_about = None)]
+#[command(name = "usm", version = usm_runtime::daemon::metrics::version(), long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -76,6 +76,17 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per subcommand into --dir.
+    Man {
+        /// Write usm.1, usm-exec.1, ... into this directory instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -119,6 +130,12 @@ fn main() -> ExitCode {
         }
         Command::Mkswap { path, size, force } => cli::mkswap(&path, size.as_deref(), force),
         Command::Demo(args) => usm_runtime::demo::run_cli(&args),
+        Command::Completions { shell } => {
+            cli::docs::completions(<Cli as clap::CommandFactory>::command(), shell)
+        }
+        Command::Man { dir } => {
+            cli::docs::man(<Cli as clap::CommandFactory>::command(), dir.as_deref())
+        }
     }
 }
 

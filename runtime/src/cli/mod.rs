@@ -1,5 +1,6 @@
 //! The daemon-facing subcommands of `usm`: `run`, `exec`, `stat`, `mkswap`.
 
+pub(crate) mod docs;
 mod stat;
 pub(crate) use stat::{Target as StatTarget, stat};
 
@@ -143,8 +144,11 @@ pub(crate) fn run(config: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Where `libusm_tagger.so` is: `USM_TAGGER`, next to the `usm` binary (or its parent,
-/// for test binaries in `deps/`), or the build's target directory.
+/// Where `libusm_tagger.so` is: `USM_TAGGER` (an explicit choice wins), else relative to
+/// the `usm` binary itself — beside it (a build's `target/release`), its parent (test
+/// binaries in `deps/`), or `../lib/usm/` (what `scripts/install` lays out:
+/// `PREFIX/bin/usm`, `PREFIX/lib/usm/libusm_tagger.so`) — else the build's target
+/// directory.
 pub(crate) fn find_tagger() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("USM_TAGGER") {
         return Some(PathBuf::from(p));
@@ -308,12 +312,13 @@ pub(crate) fn exec(a: &ExecArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     let Some(tagger) = find_tagger() else {
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         eprintln!(
-            "usm: libusm_tagger.so not found (next to {} or in USM_TAGGER); build it with \
-             `cargo build -p usm-tagger`",
-            std::env::current_exe()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
+            "usm: libusm_tagger.so not found (beside {exe}, in ../lib/usm/ from it, or in \
+             USM_TAGGER); build it with `cargo build -p usm-tagger`, or install both with \
+             `scripts/install`"
         );
         return ExitCode::from(1);
     };
