@@ -476,3 +476,92 @@ fn exec_start_line_comes_first() {
     );
     assert_eq!(r.report["managed"], true, "{}", r.describe());
 }
+
+/// A small ext4 file system on a file, loop-mounted for one test; unmounted on drop.
+struct SmallExt4 {
+    mnt: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallExt4 {
+    fn mount(mib: u64) -> SmallExt4 {
+        let dir = disk_tempdir();
+        let img = dir.path().join("fs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img)
+            .output()
+            .expect("mkfs.ext4 (e2fsprogs) is needed");
+        assert!(out.status.success(), "mkfs.ext4: {out:?}");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let out = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .output()
+            .expect("mount");
+        assert!(out.status.success(), "mount -o loop: {out:?}");
+        SmallExt4 { mnt, _dir: dir }
+    }
+}
+
+impl Drop for SmallExt4 {
+    fn drop(&mut self) {
+        let ok = Command::new("umount").arg(&self.mnt).status();
+        if !matches!(ok, Ok(s) if s.success()) {
+            eprintln!("warning: umount {} failed", self.mnt.display());
+        }
+    }
+}
+
+/// The private swap file is sparse, so its file system can fill up under it: then the
+/// daemon meets the *swap full* case — the device counts as full, the pages whose write
+/// failed stay in memory, and the OOM policy (`fail`: SIGBUS) ends the program — never a
+/// page read back wrong (the workload verifies every byte and would print BAD).
+#[test]
+fn a_full_file_system_under_the_swap_file_is_swap_full_not_data_loss() {
+    root();
+    let progs = tempfile::tempdir().unwrap();
+    let Some(prog) = build_c(progs.path(), "daemon_workload") else {
+        return;
+    };
+    let fs = SmallExt4::mount(8);
+    let out = Command::new(USM)
+        .args(["exec", "--pool", "8M", "--swap-size", "64M", "--"])
+        .arg(&prog)
+        .args(["storm", "40", "5"])
+        .env("USM_TAGGER", tagger())
+        .env("USM_SWAP_DIR", &fs.mnt)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
+    assert!(
+        !stdout.contains("BAD"),
+        "data read back wrong:\n{stdout}\n{tail:?}"
+    );
+    assert!(
+        stderr.contains("No space left on device"),
+        "the 8 MiB file system never filled up?\n{tail:?}"
+    );
+    assert!(
+        stderr.contains("treated as full") && stderr.contains("swap is full"),
+        "a full file system is the swap-full case:\n{tail:?}"
+    );
+    // 40 MiB cannot live in an 8 MiB pool and ~7 MiB of swap: the OOM policy (`fail`)
+    // ends it with SIGBUS, as it does when a swap device is full.
+    assert_eq!(out.status.code(), Some(128 + 7), "{tail:?}");
+    assert!(
+        std::fs::read_dir(&fs.mnt)
+            .unwrap()
+            .filter_map(Result::ok)
+            .all(|e| e.file_name() == "lost+found"),
+        "the private swap file outlived its daemon"
+    );
+}

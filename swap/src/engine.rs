@@ -758,6 +758,13 @@ impl Engine {
                         got: res as u32,
                     }
                 };
+                if res == -libc::ENOSPC
+                    && let Some(d) = device
+                {
+                    // A sparse file whose file system filled up: swap is full (see
+                    // `SwapDevice::mark_out_of_space`).
+                    d.mark_out_of_space();
+                }
                 tracing::warn!(%entry, error = %err, "swap write failed; page stays in memory");
                 Err(err)
             }

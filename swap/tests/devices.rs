@@ -450,7 +450,8 @@ impl Drop for SmallExt4 {
 /// `create_sparse_swap_file` writes nothing but the header (the file is a hole, created
 /// at once whatever its size); writes into the holes work; when the file system fills up
 /// a write fails with `ENOSPC` as a no-space error that keeps the page (its buffer comes
-/// back intact), and every page written before reads back.
+/// back intact), the device counts as full from then on, and every page written before
+/// reads back.
 #[test]
 fn a_sparse_swap_file_fills_on_demand_and_a_full_file_system_keeps_the_page() {
     let fs = SmallExt4::mount(8);
@@ -506,6 +507,12 @@ fn a_sparse_swap_file_fills_on_demand_and_a_full_file_system_keeps_the_page() {
         "a full file system is a no-space write error that keeps the page: {err}"
     );
     assert_eq!(err.errno(), Some(libc::ENOSPC), "{err}");
+    // From now on the device is full: no slot is handed out, none counts as free.
+    assert!(dev.is_out_of_space());
+    let mut space = SwapSpace::new();
+    space.add(dev.clone(), 0).unwrap();
+    assert_eq!(space.free_slots(), 0);
+    assert!(space.alloc().unwrap_err().is_no_space());
     assert!(
         written.len() > 256,
         "only {} pages fit before ENOSPC",
