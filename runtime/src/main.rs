@@ -46,7 +46,8 @@ enum Command {
     /// Show a running daemon's managed processes: resident and swapped pages, fault and
     /// swap-in rates, latency percentiles, policy.
     Stat {
-        /// The daemon's taggers' socket (default: the system daemon's).
+        /// The daemon's taggers' socket (default: the system daemon's, else the only
+        /// daemon of this user, e.g. a lone `usm exec`).
         #[arg(long, conflicts_with = "pid")]
         socket: Option<PathBuf>,
         /// The daemon serving this program (or this `usm exec`), wherever its socket is;
@@ -124,7 +125,7 @@ fn main() -> ExitCode {
             let target = match (pid, socket) {
                 (Some(pid), _) => cli::StatTarget::Pid(pid),
                 (None, Some(s)) => cli::StatTarget::Socket(s),
-                (None, None) => cli::StatTarget::Socket(usm_runtime::config::DEFAULT_SOCKET.into()),
+                (None, None) => cli::StatTarget::Default,
             };
             cli::stat(&target, watch, json)
         }

@@ -38,6 +38,8 @@ fn mib(bytes: u64) -> f64 {
 /// Where `usm stat` asks.
 #[derive(Debug, Clone)]
 pub(crate) enum Target {
+    /// The system daemon, or else the only daemon this user can ask (a lone `usm exec`).
+    Default,
     /// The daemon on this taggers' socket.
     Socket(PathBuf),
     /// The daemon serving this pid.
@@ -96,6 +98,35 @@ pub(crate) fn find_daemon_of(pid: u32) -> Result<PathBuf, String> {
                 .join(", ")
         )
     })
+}
+
+/// The system daemon's socket if it answers, else the one daemon of this user that does;
+/// several: an error listing them (choose with `--pid` or `--socket`).
+fn default_daemon() -> Result<PathBuf, String> {
+    let system = PathBuf::from(usm_runtime::config::DEFAULT_SOCKET);
+    if daemon::query_stat(&system).is_ok() {
+        return Ok(system);
+    }
+    let mut live: Vec<(PathBuf, u32)> = daemon::daemon_sockets()
+        .into_iter()
+        .filter_map(|s| daemon::query_stat(&s).ok().map(|st| (s, st.pid)))
+        .collect();
+    match live.len() {
+        0 => Err(format!(
+            "no USM daemon is running (none answers at {} and no `usm exec` of this user runs)",
+            system.display()
+        )),
+        1 => Ok(live.remove(0).0),
+        _ => Err(format!(
+            "{} USM daemons are running; choose one with --pid PID (a program's or the daemon's) or --socket:
+{}",
+            live.len(),
+            live.iter()
+                .map(|(s, pid)| format!("  daemon pid {pid}: --socket {}", s.display()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )),
+    }
 }
 
 /// `2026-12-07T11:59:01.123Z` for milliseconds since the epoch (UTC, proleptic
@@ -185,6 +216,13 @@ fn json_line(s: &DaemonStat, interval: Option<Interval>) -> String {
 /// `usm stat`.
 pub(crate) fn stat(target: &Target, watch: Option<u64>, json: bool) -> ExitCode {
     let (socket, only) = match target {
+        Target::Default => match default_daemon() {
+            Ok(s) => (s, None),
+            Err(e) => {
+                eprintln!("usm: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
         Target::Socket(s) => (s.clone(), None),
         Target::Pid(pid) => match find_daemon_of(*pid) {
             Ok(s) => (s, Some(*pid)),
