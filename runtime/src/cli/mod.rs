@@ -116,14 +116,9 @@ pub(crate) fn run(config: &Path) -> ExitCode {
         }
     };
     eprintln!(
-        "usm: daemon {} listening on {} (pool {} pages); SIGINT/SIGTERM to stop",
-        std::process::id(),
-        d.socket().display(),
-        cfg.memory_pages
+        "{}; SIGINT/SIGTERM to stop",
+        stat::daemon_line(&d.stat(), d.metrics_addr())
     );
-    if let Some(a) = d.metrics_addr() {
-        eprintln!("usm: metrics on http://{a}/metrics");
-    }
     let sig = loop {
         match sfd.read_signal() {
             Ok(Some(s)) => break s.ssi_signo,

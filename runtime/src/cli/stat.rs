@@ -499,6 +499,11 @@ fn ended_line(p: &ProcessStat) -> String {
     )
 }
 
+/// The line `usm run` prints on stderr once its daemon listens.
+pub(crate) fn daemon_line(s: &DaemonStat, metrics: Option<std::net::SocketAddr>) -> String {
+    private_daemon_line(s, metrics).replacen("usm: private daemon", "usm: daemon", 1)
+}
+
 /// The line `usm exec` prints on stderr once its private daemon listens: where it is and
 /// how to look at it.
 pub(crate) fn private_daemon_line(s: &DaemonStat, metrics: Option<std::net::SocketAddr>) -> String {
