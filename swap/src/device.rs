@@ -3,7 +3,9 @@
 //! Life of a device:
 //! 1. **Create / format.** [`create_swap_file`] makes a new file (`O_EXCL`, `fallocate`d to
 //!    its full size and written out, so no first write is an extent conversion) and
-//!    formats it; [`format()`] writes the USM header (see
+//!    formats it; [`create_sparse_swap_file`] makes a sparse one instantly (blocks
+//!    allocated as slots are first written; a full file system fails a write with
+//!    `ENOSPC`, and the page stays in memory); [`format()`] writes the USM header (see
 //!    [`header`](crate::header)) on an existing file or block device, refusing a first block
 //!    that holds foreign data unless forced (`usm mkswap`).
 //! 2. **Open.** [`SwapDevice::open`] opens `O_DIRECT` (block devices also `O_EXCL`, so a
@@ -35,7 +37,7 @@ use nix::fcntl::{FallocateFlags, OFlag, fallocate, open};
 use nix::sys::stat::Mode;
 use nix::sys::uio::{pread, pwrite};
 use nix::unistd::{Whence, fsync, lseek};
-use usm_sync::atomic::{AtomicU64, Ordering};
+use usm_sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::entry::DeviceId;
 use crate::error::{Result, SwapError};
@@ -185,6 +187,40 @@ pub fn create_swap_file(path: impl AsRef<Path>, bytes: u64) -> Result<SwapHeader
     header
 }
 
+/// Creates a new **sparse** swap file of `bytes` bytes (rounded down to whole pages) and
+/// formats it: the file is only `ftruncate`d to its size, so creating it costs nothing
+/// whatever its size, and blocks are allocated by the file system as slots are first
+/// written (io_uring `O_DIRECT` writes into holes work; a first write into a hole costs a
+/// block allocation, which [`create_swap_file`] pays up front instead).
+///
+/// Nothing is reserved: when the file system is full, a write-back completes with
+/// `ENOSPC`, a [`SwapError::WriteFailed`] that is [`is_no_space`](SwapError::is_no_space)
+/// and [`keeps_page`](SwapError::keeps_page) — the page stays in memory; no data is
+/// lost — and the device counts as full from then on
+/// ([`SwapDevice::mark_out_of_space`]): the memory manager meets the *swap full* case. Reading a slot never written reads zeros from the
+/// hole (nothing reads a slot before writing it). This is what a private daemon
+/// (`usm exec`) uses for its temporary swap file. Refuses an existing path (`EEXIST`);
+/// removes the file again if anything fails after creating it.
+pub fn create_sparse_swap_file(path: impl AsRef<Path>, bytes: u64) -> Result<SwapHeader> {
+    let path = path.as_ref();
+    let bytes = bytes / PAGE_SIZE as u64 * PAGE_SIZE as u64;
+    SwapHeader::for_size(path, bytes)?;
+    let fd = open(
+        path,
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| SwapError::device("create", path, e.into()))?;
+    let sized = nix::unistd::ftruncate(&fd, bytes as libc::off_t)
+        .map_err(|e| SwapError::device("ftruncate", path, e.into()));
+    drop(fd);
+    let header = sized.and_then(|()| format(path, &FormatOptions::default()));
+    if header.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    header
+}
+
 /// `fallocate`s `bytes` on `fd`, then writes zeros over all of it in 1 MiB direct writes.
 fn write_out(fd: BorrowedFd<'_>, path: &Path, bytes: u64) -> Result<()> {
     const CHUNK_PAGES: usize = 256;
@@ -220,6 +256,8 @@ pub struct SwapDevice {
     synchronous: bool,
     bad: Box<[AtomicU64]>,
     bad_count: AtomicU64,
+    /// A write failed with `ENOSPC` (the file system of a sparse file is full).
+    out_of_space: AtomicBool,
 }
 
 /// Whether the block device behind `fd` is zram without a writeback backing device (its
@@ -272,6 +310,7 @@ impl SwapDevice {
             synchronous,
             bad: (0..words).map(|_| AtomicU64::new(0)).collect(),
             bad_count: AtomicU64::new(0),
+            out_of_space: AtomicBool::new(false),
         })
     }
 
@@ -344,5 +383,25 @@ impl SwapDevice {
     /// Number of slots marked bad.
     pub fn bad_slots(&self) -> u64 {
         self.bad_count.load(Ordering::Relaxed)
+    }
+
+    /// Records that a write failed with `ENOSPC`: the file system under a sparse file
+    /// ([`create_sparse_swap_file`]) is full. From then on the device counts as full —
+    /// [`SwapSpace`](crate::SwapSpace) hands out no more of its slots and counts none of
+    /// them free — so the memory manager meets the *swap full* case (pages stay in
+    /// memory; the OOM policy decides when frames run out too) instead of writes that
+    /// keep failing. Pages already written stay readable; slots in use are freed as
+    /// usual. It stays full for the device's life (freeing a slot gives no block back to
+    /// the file system). Any thread may call this; said once.
+    pub fn mark_out_of_space(&self) {
+        if !self.out_of_space.swap(true, Ordering::AcqRel) {
+            tracing::warn!(device = self.id.0, path = %self.path.display(),
+                "the file system of this swap file is full: the device is treated as full from now on (pages already written stay readable)");
+        }
+    }
+
+    /// Whether a write failed with `ENOSPC` ([`mark_out_of_space`](Self::mark_out_of_space)).
+    pub fn is_out_of_space(&self) -> bool {
+        self.out_of_space.load(Ordering::Acquire)
     }
 }

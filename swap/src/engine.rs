@@ -760,7 +760,23 @@ impl Engine {
                         got: res as u32,
                     }
                 };
-                tracing::warn!(%entry, error = %err, "swap write failed; page stays in memory");
+                if res == -libc::ENOSPC
+                    && let Some(d) = device
+                {
+                    // A sparse file whose file system filled up: swap is full (see
+                    // `SwapDevice::mark_out_of_space`).
+                    d.mark_out_of_space();
+                }
+                if res == -libc::EFAULT {
+                    // The source page was gone when the kernel read it: a write that could
+                    // not be done inline (into a hole of a sparse file, or an unwritten
+                    // extent) waits in io-wq with its page not yet pinned, and the page can
+                    // be taken back meanwhile (a fault moving it home). The caller knows
+                    // whether the page is still its to write, and says so if it is.
+                    tracing::debug!(%entry, error = %err, "swap write found no page to write; page stays with the caller");
+                } else {
+                    tracing::warn!(%entry, error = %err, "swap write failed; page stays in memory");
+                }
                 Err(err)
             }
         }

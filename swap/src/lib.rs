@@ -85,7 +85,10 @@ pub mod stats;
 pub mod sys;
 pub mod zram;
 
-pub use device::{DeviceKind, DeviceOptions, FormatOptions, SwapDevice, create_swap_file, format};
+pub use device::{
+    DeviceKind, DeviceOptions, FormatOptions, SwapDevice, create_sparse_swap_file,
+    create_swap_file, format,
+};
 pub use engine::{Completion, CompletionMode, Engine, EngineConfig, IoOp, Rejected};
 pub use entry::{DeviceId, SwapEntry, Ticket};
 pub use error::{Result, SwapError};

@@ -221,6 +221,14 @@ struct Member {
 }
 
 impl Member {
+    fn free_slots(&self) -> u64 {
+        if self.device.is_out_of_space() {
+            0
+        } else {
+            self.map().free_slots()
+        }
+    }
+
     /// The device's slot map, locked. A panic while it was held cannot leave the map
     /// half-updated (its methods check before they write), so a poisoned lock is entered.
     fn map(&self) -> MutexGuard<'_, SlotMap> {
@@ -318,6 +326,9 @@ impl SwapSpace {
             for k in 0..count {
                 let turn = (first + k) % count;
                 let m = &self.members[g.members[turn]];
+                if m.device.is_out_of_space() {
+                    continue;
+                }
                 let run = m.map().alloc_run(max);
                 if let Some(run) = run {
                     g.next.store((turn + 1) % count, Ordering::Relaxed);
@@ -330,7 +341,11 @@ impl SwapSpace {
 
     /// Allocates a run on device `id` only.
     pub fn alloc_run_on(&self, id: DeviceId, max: u32) -> Result<SlotRun> {
-        let run = self.member_or_err(id)?.map().alloc_run(max);
+        let m = self.member_or_err(id)?;
+        if m.device.is_out_of_space() {
+            return Err(SwapError::NoSpace { device: Some(id) });
+        }
+        let run = m.map().alloc_run(max);
         match run {
             Some(run) => Self::to_run(id, run),
             None => Err(SwapError::NoSpace { device: Some(id) }),
@@ -371,14 +386,15 @@ impl SwapSpace {
             .map_or(0, |m| m.map().refcount(entry.slot()))
     }
 
-    /// Free slots on all devices (a sum of per-device snapshots).
+    /// Free slots on all devices (a sum of per-device snapshots; a device whose file
+    /// system is full has none, see [`SwapDevice::mark_out_of_space`]).
     pub fn free_slots(&self) -> u64 {
-        self.members.iter().map(|m| m.map().free_slots()).sum()
+        self.members.iter().map(Member::free_slots).sum()
     }
 
-    /// Free slots on device `id`.
+    /// Free slots on device `id` (none once its file system is full).
     pub fn free_slots_on(&self, id: DeviceId) -> Option<u64> {
-        self.member(id).map(|m| m.map().free_slots())
+        self.member(id).map(Member::free_slots)
     }
 
     /// Slots on all devices.

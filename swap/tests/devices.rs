@@ -11,7 +11,8 @@ use usm_sync::Arc;
 use common::{LoopDevice, disk_tempdir, pipeline};
 use usm_swap::{
     DeviceId, DeviceKind, Engine, EngineConfig, FormatOptions, IoBuf, IoOp, PAGE_SIZE, PageBuf,
-    SwapDevice, SwapEntry, SwapError, SwapSpace, Zram, create_swap_file, format,
+    SwapDevice, SwapEntry, SwapError, SwapSpace, Zram, create_sparse_swap_file, create_swap_file,
+    format,
 };
 
 fn file_device(dir: &Path, name: &str, id: u8, bytes: u64) -> Arc<SwapDevice> {
@@ -396,4 +397,140 @@ fn a_created_swap_file_has_no_unwritten_extents() {
     );
     assert_eq!(std::fs::metadata(&p).unwrap().len(), 4 << 20);
     SwapDevice::open(DeviceId(0), &p).unwrap();
+}
+
+/// A small ext4 file system on a file, loop-mounted (`mount -o loop`) for one test;
+/// unmounted on drop (the loop device goes with it).
+struct SmallExt4 {
+    mnt: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallExt4 {
+    fn mount(mib: u64) -> SmallExt4 {
+        assert_eq!(
+            nix::unistd::geteuid().as_raw(),
+            0,
+            "this test needs root (it mounts a small ext4 file system)"
+        );
+        let dir = disk_tempdir();
+        let img = dir.path().join("fs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let out = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img)
+            .output()
+            .expect("mkfs.ext4 (e2fsprogs) is needed");
+        assert!(out.status.success(), "mkfs.ext4: {out:?}");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .output()
+            .expect("mount");
+        assert!(out.status.success(), "mount -o loop: {out:?}");
+        SmallExt4 { mnt, _dir: dir }
+    }
+}
+
+impl Drop for SmallExt4 {
+    fn drop(&mut self) {
+        let ok = std::process::Command::new("umount").arg(&self.mnt).status();
+        if !matches!(ok, Ok(s) if s.success()) {
+            eprintln!("warning: umount {} failed", self.mnt.display());
+        }
+    }
+}
+
+/// `create_sparse_swap_file` writes nothing but the header (the file is a hole, created
+/// at once whatever its size); writes into the holes work; when the file system fills up
+/// a write fails with `ENOSPC` as a no-space error that keeps the page (its buffer comes
+/// back intact), the device counts as full from then on, and every page written before
+/// reads back.
+#[test]
+fn a_sparse_swap_file_fills_on_demand_and_a_full_file_system_keeps_the_page() {
+    let fs = SmallExt4::mount(8);
+    let p = fs.mnt.join("sparse.swap");
+    // 64 MiB of swap on an 8 MiB file system: only a sparse file can be that.
+    let h = create_sparse_swap_file(&p, 64 << 20).unwrap();
+    let m = std::fs::metadata(&p).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(m.len(), 64 << 20);
+    assert!(
+        m.blocks() * 512 <= 64 << 10,
+        "a sparse swap file holds only its header: {} bytes allocated",
+        m.blocks() * 512
+    );
+    let dev = Arc::new(SwapDevice::open(DeviceId(0), &p).unwrap());
+    assert_eq!(dev.slots(), h.slots);
+    let mut eng = Engine::new(
+        &EngineConfig {
+            depth: 16,
+            ..EngineConfig::default()
+        },
+        std::slice::from_ref(&dev),
+    )
+    .unwrap();
+    let mut written = Vec::new();
+    let mut refused = None;
+    let mut slot = 0;
+    while refused.is_none() && slot < dev.slots() {
+        let e = SwapEntry::new(DeviceId(0), slot).unwrap();
+        let mut page = PageBuf::page();
+        common::fill_page(&mut page, e, 7);
+        eng.write(e, page).unwrap();
+        eng.submit().unwrap();
+        eng.wait(1).unwrap();
+        eng.reap(|c| match c.result {
+            Ok(n) => {
+                assert_eq!(n as usize, PAGE_SIZE);
+                written.push(c.entry);
+            }
+            Err(err) => {
+                let Some(IoBuf::Owned(b)) = c.buf else {
+                    panic!("the page of a failed write was not handed back")
+                };
+                common::check_page(&b, c.entry, 7).unwrap();
+                refused = Some(err);
+            }
+        });
+        slot += 1;
+    }
+    let err = refused.expect("64 MiB of writes fit in an 8 MiB file system?");
+    assert!(
+        err.is_no_space() && err.keeps_page() && !err.must_poison(),
+        "a full file system is a no-space write error that keeps the page: {err}"
+    );
+    assert_eq!(err.errno(), Some(libc::ENOSPC), "{err}");
+    // From now on the device is full: no slot is handed out, none counts as free.
+    assert!(dev.is_out_of_space());
+    let mut space = SwapSpace::new();
+    space.add(dev.clone(), 0).unwrap();
+    assert_eq!(space.free_slots(), 0);
+    assert!(space.alloc().unwrap_err().is_no_space());
+    assert!(
+        written.len() > 256,
+        "only {} pages fit before ENOSPC",
+        written.len()
+    );
+    // Everything written before the file system filled up reads back.
+    for &e in &written {
+        eng.read(e, PageBuf::page()).unwrap();
+        eng.submit().unwrap();
+        eng.wait(1).unwrap();
+        eng.reap(|c| {
+            c.result.unwrap();
+            let Some(IoBuf::Owned(b)) = c.buf else {
+                panic!("no buffer")
+            };
+            common::check_page(&b, c.entry, 7).unwrap();
+        });
+    }
+    drop(eng);
+    drop(dev);
 }

@@ -1,4 +1,7 @@
-//! The `usm` command line: its subcommands and their dispatch ([`main`], [`main_with`]).
+//! The `usm` command line: its subcommands and their dispatch ([`main`], [`main_with`]):
+//! `usm run` (the InstanceUSM daemon), `usm exec` (tag and run one program under a
+//! private daemon), `usm compare`, `usm stat`, `usm mkswap`, `usm demo`, `usm doctor`,
+//! `usm check-config`, and `usm completions` / `usm man` (generated from this definition).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,7 +14,7 @@ use crate::cli;
 
 /// Userspace memory management for Linux.
 #[derive(Debug, Parser)]
-#[command(name = "usm", version, about, long_about = None)]
+#[command(name = "usm", version = usm_runtime::daemon::metrics::version(), long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,13 +46,20 @@ enum Command {
     /// Show a running daemon's managed processes: resident and swapped pages, fault and
     /// swap-in rates, latency percentiles, policy.
     Stat {
-        /// The daemon's taggers' socket.
-        #[arg(long, default_value = usm_runtime::config::DEFAULT_SOCKET)]
-        socket: PathBuf,
-        /// Refresh every N seconds (default 1) until interrupted.
+        /// The daemon's taggers' socket (default: the system daemon's, else the only
+        /// daemon of this user, e.g. a lone `usm exec`).
+        #[arg(long, conflicts_with = "pid")]
+        socket: Option<PathBuf>,
+        /// The daemon serving this program (or this `usm exec`), wherever its socket is;
+        /// shows that program's rows.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Refresh every N seconds (default 1) until interrupted: MiB, per-interval rates
+        /// and latency percentiles, the policies in force, ended processes.
         #[arg(long, num_args = 0..=1, default_missing_value = "1")]
         watch: Option<u64>,
-        /// Print the raw snapshot as one JSON line.
+        /// Print each snapshot as one JSON line, with its time (and, when watching, the
+        /// interval's rates and percentiles).
         #[arg(long)]
         json: bool,
     },
@@ -66,6 +76,17 @@ enum Command {
         /// Overwrite a device or file that holds something else.
         #[arg(long)]
         force: bool,
+    },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per subcommand into --dir.
+    Man {
+        /// Write usm.1, usm-exec.1, ... into this directory instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -110,11 +131,25 @@ fn dispatch(register: Option<RegisterPolicies>) -> ExitCode {
         Command::Exec(args) => cli::exec(&args, register),
         Command::Stat {
             socket,
+            pid,
             watch,
             json,
-        } => cli::stat(&socket, watch, json),
+        } => {
+            let target = match (pid, socket) {
+                (Some(pid), _) => cli::StatTarget::Pid(pid),
+                (None, Some(s)) => cli::StatTarget::Socket(s),
+                (None, None) => cli::StatTarget::Default,
+            };
+            cli::stat(&target, watch, json)
+        }
         Command::Mkswap { path, size, force } => cli::mkswap(&path, size.as_deref(), force),
         Command::Demo(args) => usm_runtime::demo::run_cli(&args),
+        Command::Completions { shell } => {
+            cli::docs::completions(<Cli as clap::CommandFactory>::command(), shell)
+        }
+        Command::Man { dir } => {
+            cli::docs::man(<Cli as clap::CommandFactory>::command(), dir.as_deref())
+        }
     }
 }
 

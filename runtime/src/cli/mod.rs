@@ -29,6 +29,10 @@ mod app;
 
 pub use app::{main, main_with};
 
+pub(crate) mod docs;
+mod stat;
+pub(crate) use stat::{Target as StatTarget, stat};
+
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -74,6 +78,10 @@ pub(crate) struct ExecArgs {
     /// Use the daemon already listening on this socket instead of a private one.
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Serve Prometheus metrics of the private daemon on this address (127.0.0.1:9464;
+    /// port 0 picks one). Default: the config's `metrics` line, if any.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "socket")]
+    metrics: Option<std::net::SocketAddr>,
     /// Summary format at exit.
     #[arg(long, value_enum, default_value = "human")]
     report: ReportFormat,
@@ -144,14 +152,9 @@ pub(crate) fn run(config: &Path, register: Option<RegisterPolicies>) -> ExitCode
         }
     };
     eprintln!(
-        "usm: daemon {} listening on {} (pool {} pages); SIGINT/SIGTERM to stop",
-        std::process::id(),
-        d.socket().display(),
-        cfg.memory_pages
+        "{}; SIGINT/SIGTERM to stop",
+        stat::daemon_line(&d.stat(), d.metrics_addr())
     );
-    if let Some(a) = d.metrics_addr() {
-        eprintln!("usm: metrics on http://{a}/metrics");
-    }
     let sig = loop {
         match sfd.read_signal() {
             Ok(Some(s)) => break s.ssi_signo,
@@ -172,8 +175,11 @@ pub(crate) fn run(config: &Path, register: Option<RegisterPolicies>) -> ExitCode
     ExitCode::SUCCESS
 }
 
-/// Where `libusm_tagger.so` is: `USM_TAGGER`, next to the `usm` binary (or its parent,
-/// for test binaries in `deps/`), or the build's target directory.
+/// Where `libusm_tagger.so` is: `USM_TAGGER` (an explicit choice wins), else relative to
+/// the `usm` binary itself — beside it (a build's `target/release`), its parent (test
+/// binaries in `deps/`), or `../lib/usm/` (what `scripts/install` lays out:
+/// `PREFIX/bin/usm`, `PREFIX/lib/usm/libusm_tagger.so`) — else the build's target
+/// directory.
 pub(crate) fn find_tagger() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("USM_TAGGER") {
         return Some(PathBuf::from(p));
@@ -314,8 +320,10 @@ fn exec_config(a: &ExecArgs, program: &Path) -> Result<Config, String> {
     // Created fresh, 0700, never a directory someone else prepared (root: /run/usm;
     // others: $XDG_RUNTIME_DIR if it is theirs and 0700, else mkdtemp).
     let dir = daemon::private_socket_dir().map_err(|e| e.to_string())?;
-    cfg.socket = dir.join("usm.sock");
-    cfg.metrics = None;
+    cfg.socket = dir.join(daemon::PRIVATE_SOCKET_NAME);
+    if let Some(m) = a.metrics {
+        cfg.metrics = Some(m);
+    }
     Ok(cfg)
 }
 
@@ -335,12 +343,13 @@ pub(crate) fn exec(a: &ExecArgs, register: Option<RegisterPolicies>) -> ExitCode
         return ExitCode::from(2);
     }
     let Some(tagger) = find_tagger() else {
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         eprintln!(
-            "usm: libusm_tagger.so not found (next to {} or in USM_TAGGER); build it with \
-             `cargo build -p usm-tagger`",
-            std::env::current_exe()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
+            "usm: libusm_tagger.so not found (beside {exe}, in ../lib/usm/ from it, or in \
+             USM_TAGGER); build it with `cargo build -p usm-tagger`, or install both with \
+             `scripts/install`"
         );
         return ExitCode::from(1);
     };
@@ -379,6 +388,7 @@ pub(crate) fn exec(a: &ExecArgs, register: Option<RegisterPolicies>) -> ExitCode
         }
         match Daemon::start(&cfg, &opts) {
             Ok(d) => {
+                eprintln!("{}", stat::private_daemon_line(&d.stat(), d.metrics_addr()));
                 let s = d.socket().to_path_buf();
                 (Some(d), s)
             }
@@ -542,96 +552,6 @@ fn report(format: ReportFormat, stat: &DaemonStat, pid: u32, code: i32, wall: Du
                 );
             }
         }
-    }
-}
-
-/// `usm stat`.
-pub(crate) fn stat(socket: &Path, watch: Option<u64>, json: bool) -> ExitCode {
-    let mut prev: Option<(Instant, DaemonStat)> = None;
-    loop {
-        let s = match daemon::query_stat(socket) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("usm: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let now = Instant::now();
-        if json {
-            println!("{}", serde_json::to_string(&s).unwrap_or_default());
-        } else {
-            if watch.is_some() {
-                print!("\x1b[2J\x1b[H");
-            }
-            print_stat(&s, prev.as_ref().map(|(t, p)| (now - *t, p)));
-        }
-        let Some(secs) = watch else {
-            return ExitCode::SUCCESS;
-        };
-        prev = Some((now, s));
-        std::thread::sleep(Duration::from_secs(secs.max(1)));
-    }
-}
-
-fn print_stat(s: &DaemonStat, prev: Option<(Duration, &DaemonStat)>) {
-    println!(
-        "daemon {}: pool {} pages, {} used, swap {}/{} slots, {} workers, {} admitted, {} refused, {} bad messages",
-        s.pid,
-        s.pool_pages,
-        s.frames_used,
-        s.slots_used,
-        s.slots_total,
-        s.workers,
-        s.admitted,
-        s.refused,
-        s.bad_messages
-    );
-    println!(
-        "{:>8} {:<18} {:<10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
-        "PID",
-        "NAME",
-        "POLICY",
-        "RESIDENT",
-        "SWAPPED",
-        "FAULTS",
-        "FAULT/s",
-        "SWAPIN/s",
-        "P50µs",
-        "P99µs"
-    );
-    for p in &s.processes {
-        let rate = |f: fn(&ProcessStat) -> u64| -> String {
-            let Some((dt, old)) = prev else {
-                return "-".into();
-            };
-            let before = old
-                .processes
-                .iter()
-                .find(|q| q.pid == p.pid && q.name == p.name)
-                .map_or(0, f);
-            format!(
-                "{:.0}",
-                f(p).saturating_sub(before) as f64 / dt.as_secs_f64().max(1e-3)
-            )
-        };
-        let pid = if p.pid == 0 {
-            format!("({})", p.parent.unwrap_or(0))
-        } else {
-            p.pid.to_string()
-        };
-        println!(
-            "{:>8} {:<18} {:<10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9.1} {:>9.1}",
-            pid,
-            p.name,
-            p.policy,
-            p.resident_pages,
-            p.swapped_pages,
-            p.faults,
-            rate(|p| p.faults),
-            rate(|p| p.swapins),
-            p.latency.p50_us,
-            p.latency.p99_us
-        );
     }
 }
 

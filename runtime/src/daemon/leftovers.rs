@@ -25,6 +25,13 @@
 //! directory owned by root and writable by nobody else). Other users:
 //! `$XDG_RUNTIME_DIR` when it is a directory owned by them with mode `0700`, otherwise a
 //! `mkdtemp` directory in the temp dir (a name nobody can guess in advance).
+//!
+//! # Finding the daemons (`usm stat --pid`)
+//! [`daemon_sockets`] lists the taggers' sockets a `usm stat` of this user can ask:
+//! the system daemon's (`/run/usm/usm.sock`) and [`PRIVATE_SOCKET_NAME`] in every
+//! private socket directory of a live daemon, in the three places above. Each daemon
+//! answers on its stat socket with the pids it serves; nothing else is written on disk
+//! for this (a directory listing is the index, and the daemon itself is the truth).
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -40,6 +47,8 @@ const SWAP_PREFIX: &str = "usm-swap-";
 const EXEC_PREFIX: &str = "usm-exec-";
 /// Where a root `usm exec` puts its private socket directory.
 const ROOT_RUNTIME_DIR: &str = "/run/usm";
+/// The taggers' socket in a private socket directory.
+pub const PRIVATE_SOCKET_NAME: &str = "usm.sock";
 
 fn euid() -> u32 {
     nix::unistd::geteuid().as_raw()
@@ -275,6 +284,40 @@ pub fn private_socket_dir() -> Result<PathBuf, DaemonError> {
     })?;
     check_own_private(&dir)?;
     Ok(dir)
+}
+
+/// The taggers' sockets of the daemons this user can ask (see the module docs), the
+/// system daemon's first, then private daemons' (live owner pid, ours or root's
+/// directory), newest pid last.
+pub fn daemon_sockets() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let system = PathBuf::from(crate::config::DEFAULT_SOCKET);
+    if std::fs::symlink_metadata(&system).is_ok_and(|m| m.file_type().is_socket()) {
+        out.push(system);
+    }
+    let mut bases = vec![PathBuf::from(ROOT_RUNTIME_DIR)];
+    bases.extend(runtime_dir());
+    bases.push(std::env::temp_dir());
+    bases.dedup();
+    let mut private = Vec::new();
+    for base in bases {
+        for (path, name, m) in entries(&base) {
+            let Some(pid) = owner_pid(&name, EXEC_PREFIX, "") else {
+                continue;
+            };
+            let sock = path.join(PRIVATE_SOCKET_NAME);
+            if m.file_type().is_dir()
+                && (m.uid() == euid() || m.uid() == 0)
+                && Path::new("/proc").join(pid.to_string()).exists()
+                && std::fs::symlink_metadata(&sock).is_ok_and(|s| s.file_type().is_socket())
+            {
+                private.push((pid, sock));
+            }
+        }
+    }
+    private.sort();
+    out.extend(private.into_iter().map(|(_, s)| s));
+    out
 }
 
 #[cfg(test)]

@@ -1,6 +1,18 @@
-//! Prometheus text exposition (`metrics ADDR:PORT` in the config), built with
-//! `prometheus-client` from the same [`DaemonStat`] snapshot `usm stat` prints, so the
-//! two always agree. Each scrape takes one snapshot and encodes it.
+//! Prometheus text exposition (`metrics ADDR:PORT` in the config, `usm exec --metrics`),
+//! built with `prometheus-client` from the same [`DaemonStat`] snapshot `usm stat`
+//! prints, so the two always agree. Each scrape takes one snapshot and encodes it.
+//!
+//! # What is exported (prefix `usm_`)
+//! - `build_info{version,commit} 1`;
+//! - daemon-wide counters over every process since start, ended ones included
+//!   (`faults_total`, `evictions_total`, `swapins_total`, ...: they never go down);
+//! - the fault latency as a histogram in seconds, daemon-wide
+//!   (`fault_latency_seconds`) and per process (`process_fault_latency_seconds`), its
+//!   buckets counted from the daemon's own hdrhistograms at the scrape (a histogram
+//!   rebuilt per scrape, encoded as prometheus-client's `Histogram` is, so the fault path
+//!   records each latency once, into the hdrhistogram);
+//! - gauges of the pool, swap and processes, and per-process counters and gauges
+//!   labelled `pid`, `name`, `policy`.
 //!
 //! Scrapers are served like stat clients (see [`super::control`]): a thread each, at
 //! most `MAX_CLIENTS` at once, one deadline for the whole exchange, never joined.
@@ -8,13 +20,16 @@
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
-use usm_sync::Arc;
 use usm_sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use usm_sync::{Arc, Mutex};
 
+use hdrhistogram::Histogram;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use super::Shared;
@@ -23,9 +38,105 @@ use super::stats::{DaemonStat, ProcessStat};
 
 type Labels = Vec<(String, String)>;
 
-/// Renders a snapshot in the Prometheus text format.
-pub(crate) fn render(stat: &DaemonStat) -> String {
+/// The `usm` version with the commit it was built from (`0.1.0 (abc123def456)`), as
+/// `usm --version`, `usm stat` and `build_info` show it.
+pub fn version() -> &'static str {
+    concat!(env!("CARGO_PKG_VERSION"), " (", env!("USM_GIT_COMMIT"), ")")
+}
+
+/// The commit `usm` was built from (`unknown` when built outside a git checkout).
+pub fn commit() -> &'static str {
+    env!("USM_GIT_COMMIT")
+}
+
+/// Upper bounds (seconds) of the latency histograms' buckets: 1 µs to 1 s, then +Inf.
+const LATENCY_BOUNDS_S: [f64; 17] = [
+    1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5,
+    1.0,
+];
+
+/// What a Prometheus histogram encodes: sum (s), count, and per-bucket counts (upper
+/// bound in s, count in that bucket alone).
+type Encoded = (f64, u64, Vec<(f64, u64)>);
+
+/// A latency histogram (seconds) taken from an hdrhistogram of nanoseconds at the scrape,
+/// encoded as a Prometheus histogram.
+#[derive(Debug, Default)]
+struct LatencyHistogram {
+    inner: Mutex<Encoded>,
+}
+
+impl LatencyHistogram {
+    fn of(h: Option<&Histogram<u64>>) -> LatencyHistogram {
+        let m = LatencyHistogram::default();
+        if let Some(h) = h {
+            m.set(h);
+        }
+        m
+    }
+
+    fn set(&self, h: &Histogram<u64>) {
+        let mut buckets = Vec::with_capacity(LATENCY_BOUNDS_S.len() + 1);
+        let mut below = 0u64;
+        for le in LATENCY_BOUNDS_S {
+            let upto = if h.is_empty() {
+                0
+            } else {
+                h.count_between(0, (le * 1e9) as u64)
+            };
+            buckets.push((le, upto.saturating_sub(below)));
+            below = below.max(upto);
+        }
+        buckets.push((f64::INFINITY, h.len().saturating_sub(below)));
+        let sum = if h.is_empty() {
+            0.0
+        } else {
+            h.mean() * h.len() as f64 / 1e9
+        };
+        *self.inner.lock().unwrap_or_else(|e| e.into_inner()) = (sum, h.len(), buckets);
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (sum, count, ref buckets) = *g;
+        if buckets.is_empty() {
+            let empty: Vec<(f64, u64)> = LATENCY_BOUNDS_S
+                .iter()
+                .map(|&b| (b, 0))
+                .chain([(f64::INFINITY, 0)])
+                .collect();
+            return encoder.encode_histogram::<NoLabelSet>(0.0, 0, &empty, None);
+        }
+        encoder.encode_histogram::<NoLabelSet>(sum, count, buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// The hdrhistograms a scrape encodes: the daemon's, and each live process's by pid.
+pub(crate) struct LatencySources {
+    pub(crate) daemon: Option<Histogram<u64>>,
+    pub(crate) processes: Vec<(u32, String, Option<Histogram<u64>>)>,
+}
+
+/// Renders a snapshot in the Prometheus text format (latency histograms from `lat`).
+pub(crate) fn render(stat: &DaemonStat, lat: &LatencySources) -> String {
     let mut reg = Registry::with_prefix("usm");
+    let info = Family::<Labels, Gauge>::default();
+    info.get_or_create(&vec![
+        ("version".into(), env!("CARGO_PKG_VERSION").into()),
+        ("commit".into(), commit().into()),
+    ])
+    .set(1);
+    reg.register("build_info", "usm version and commit (value 1)", info);
     let gauge = |reg: &mut Registry, name: &str, help: &str, v: u64| {
         let g: Gauge = Gauge::default();
         g.set(i64::try_from(v).unwrap_or(i64::MAX));
@@ -73,6 +184,63 @@ pub(crate) fn render(stat: &DaemonStat) -> String {
         reg.register(name, help, c);
     };
     counter(&mut reg, "admitted", "Processes admitted", stat.admitted);
+    let t = &stat.totals;
+    for (name, help, v) in [
+        (
+            "faults",
+            "Faults served, every process since start",
+            t.faults,
+        ),
+        ("zero_fills", "Pages filled with zeros", t.zero_fills),
+        (
+            "fhp_pages",
+            "Pages mapped by flexible huge pages",
+            t.fhp_pages,
+        ),
+        ("evictions", "Pages evicted", t.evictions),
+        ("swapins", "Pages brought back from swap", t.swapins),
+        (
+            "evict_skipped",
+            "Eviction candidates the agent could not move",
+            t.evict_skipped,
+        ),
+        ("poisoned", "Pages poisoned (unreadable swap)", t.poisoned),
+        ("policy_panics", "Policy panics caught", t.policy_panics),
+        ("forks", "fork events", t.forks),
+        (
+            "released_frames",
+            "Frames given back by munmap, madvise and exit",
+            t.released_frames,
+        ),
+        ("hints", "Hints received", t.hints),
+        (
+            "processes_ended",
+            "Managed processes that ended",
+            t.processes_ended,
+        ),
+    ] {
+        counter(&mut reg, name, help, v);
+    }
+    reg.register(
+        "fault_latency_seconds",
+        "Fault latency (fault read to page installed), every process since start",
+        LatencyHistogram::of(lat.daemon.as_ref()),
+    );
+    let per_proc = Family::<Labels, LatencyHistogram>::default();
+    for p in &stat.processes {
+        if let Some((_, _, Some(h))) = lat
+            .processes
+            .iter()
+            .find(|(pid, name, _)| *pid == p.pid && *name == p.name)
+        {
+            per_proc.get_or_create(&labels(p)).set(h);
+        }
+    }
+    reg.register(
+        "process_fault_latency_seconds",
+        "Fault latency of each managed process",
+        per_proc,
+    );
     counter(&mut reg, "refused", "Taggers refused", stat.refused);
     counter(
         &mut reg,
@@ -150,18 +318,18 @@ pub(crate) fn render(stat: &DaemonStat) -> String {
         &|p| p.poisoned,
         true,
     );
-    let lat = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    let quantiles = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     for p in &stat.processes {
         for (q, v) in [("0.5", p.latency.p50_us), ("0.99", p.latency.p99_us)] {
             let mut l = labels(p);
             l.push(("quantile".into(), q.into()));
-            lat.get_or_create(&l).set(v);
+            quantiles.get_or_create(&l).set(v);
         }
     }
     reg.register(
         "process_fault_latency_us",
-        "Fault latency percentiles (µs)",
-        lat,
+        "Fault latency percentiles (µs; see process_fault_latency_seconds)",
+        quantiles,
     );
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
@@ -210,7 +378,10 @@ fn answer(sh: &Shared, mut s: TcpStream) -> std::io::Result<()> {
     let (status, body, ctype) = if path == "/metrics" || path == "/" {
         (
             "200 OK",
-            render(&sh.stat()),
+            {
+                let stat = sh.stat();
+                render(&stat, &sh.latency_sources())
+            },
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )
     } else {

@@ -55,7 +55,7 @@ mod control;
 mod driver;
 mod leftovers;
 #[cfg(feature = "metrics")]
-mod metrics;
+pub mod metrics;
 mod process;
 mod sessions;
 mod sockfile;
@@ -80,9 +80,9 @@ use usm_swap::{DeviceId, SwapDevice};
 
 use crate::config::{Config, WakerMode};
 pub use control::{query_stat, stat_socket_path};
-pub use leftovers::private_socket_dir;
+pub use leftovers::{PRIVATE_SOCKET_NAME, daemon_sockets, private_socket_dir};
 pub use sessions::SessionLimits;
-pub use stats::{DaemonStat, Latency, ProcessStat};
+pub use stats::{DaemonStat, Latency, LatencyBuckets, ProcessStat, SwapInfo, Totals};
 pub use usm_proto::server::PeerRule;
 
 use driver::{DaemonDriver, Jobs};
@@ -231,6 +231,19 @@ pub(crate) struct Shared {
     next_child: AtomicU32,
     /// Latency of every fault served.
     pub(crate) totals: ProcCounters,
+    /// Counters of the processes that ended (all of them, not only the last `ended`).
+    ended_totals: Mutex<Totals>,
+    /// What `usm stat` says about the daemon itself (socket, swap, policies in force).
+    about: About,
+}
+
+/// The daemon's fixed facts, for every snapshot.
+struct About {
+    socket: PathBuf,
+    swap: Vec<SwapInfo>,
+    alloc_policy: String,
+    evict_policy: String,
+    oom_policy: String,
 }
 
 impl Shared {
@@ -249,6 +262,11 @@ impl Shared {
 
     pub(crate) fn remove_proc(&self, p: &Arc<Proc>, stat: ProcessStat) {
         self.totals.absorb(&p.counters);
+        {
+            let mut t = self.ended_totals.lock().unwrap_or_else(|e| e.into_inner());
+            t.add(&stat);
+            t.processes_ended += 1;
+        }
         self.procs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -265,6 +283,23 @@ impl Shared {
         self.procs.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The fault-latency hdrhistograms: the daemon's (ended processes included) and each
+    /// live process's (for the Prometheus histograms).
+    pub(crate) fn latency_sources(&self) -> metrics::LatencySources {
+        let procs = self.procs();
+        let mut daemon = self.totals.latency_histogram();
+        for p in &procs {
+            p.counters.merge_latency_into(&mut daemon);
+        }
+        metrics::LatencySources {
+            daemon,
+            processes: procs
+                .iter()
+                .map(|p| (p.pid, p.name.clone(), p.counters.latency_histogram()))
+                .collect(),
+        }
+    }
+
     pub(crate) fn stat(&self) -> DaemonStat {
         let procs = self.procs();
         let census = self.core.pool().census();
@@ -273,8 +308,22 @@ impl Shared {
         for p in &procs {
             p.counters.merge_latency_into(&mut totals);
         }
+        let mut sums = *self.ended_totals.lock().unwrap_or_else(|e| e.into_inner());
+        for p in &processes {
+            sums.add(p);
+        }
+        let a = &self.about;
         DaemonStat {
+            timestamp_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             pid: std::process::id(),
+            version: metrics::version().to_owned(),
+            socket: a.socket.display().to_string(),
+            swap: a.swap.clone(),
+            alloc_policy: a.alloc_policy.clone(),
+            evict_policy: a.evict_policy.clone(),
+            oom_policy: a.oom_policy.clone(),
             pool_pages: self.pool_pages,
             frames_used: (census.taken + census.mapped + census.staging) as u64,
             slots_used: self.core.swap_slots_used(),
@@ -289,6 +338,11 @@ impl Shared {
             faults_in_flight: self.core.io_in_flight() as u64,
             prefetches: self.core.stats_snapshot().prefetches,
             latency: stats::latency_of(totals.as_ref()),
+            latency_buckets: totals
+                .as_ref()
+                .map(stats::LatencyBuckets::of)
+                .unwrap_or_default(),
+            totals: sums,
             processes,
             ended: self.ended.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
@@ -408,7 +462,10 @@ fn open_swap(cfg: &Config, opts: &DaemonOptions, pool: u64) -> Result<SwapSetup,
         // A killed daemon's private swap file (owner pid dead) goes first.
         leftovers::sweep_swap_files(dir);
         let path = leftovers::swap_file_path(dir);
-        usm_swap::create_swap_file(&path, bytes.max(16 << 20))?;
+        // Sparse: nothing written at start, blocks allocated as slots are first written
+        // (a full file system then fails a write-back with ENOSPC: the page stays in
+        // memory, as with a full device).
+        usm_swap::create_sparse_swap_file(&path, bytes.max(16 << 20))?;
         let dev = SwapDevice::open(DeviceId(0), &path).inspect_err(|_| {
             let _ = std::fs::remove_file(&path);
         })?;
@@ -511,6 +568,19 @@ impl Daemon {
             config.oom = d.to_owned();
         }
         let temp_guard = TempSwap(temp_swap.clone());
+        let swap_info = devices
+            .iter()
+            .map(|d| SwapInfo {
+                path: d.path().display().to_string(),
+                bytes: (d.slots() + 1) * 4096,
+                private: temp_swap.as_deref() == Some(d.path()),
+            })
+            .collect();
+        let alloc_policy = registry
+            .default_spec(usm_policies::PolicyKind::Alloc)
+            .unwrap_or("first-fit")
+            .to_owned();
+        let (evict_policy, oom_policy) = (config.evict.clone(), config.oom.clone());
         let core = MmCore::new(
             pool.clone(),
             Box::new(NoInstaller),
@@ -607,6 +677,14 @@ impl Daemon {
             assignments,
             next_child: AtomicU32::new(1 << 24),
             totals: ProcCounters::default(),
+            ended_totals: Mutex::new(Totals::default()),
+            about: About {
+                socket: socket.clone(),
+                swap: swap_info,
+                alloc_policy,
+                evict_policy,
+                oom_policy,
+            },
         });
         let stop_accept = Arc::new(AtomicBool::new(false));
         let stop_aux = Arc::new(AtomicBool::new(false));

@@ -128,6 +128,7 @@ impl Proc {
             managed_anon_bytes: managed,
             anon_bytes: anon,
             latency: c.latency(),
+            latency_buckets: c.latency_buckets(),
         }
     }
 
