@@ -1,6 +1,8 @@
 //! `usm-runtime`: joins mechanism, scheduler, swap and policies into the InstanceUSM
 //! daemon and the embedded runtime; home of the `usm` command.
 //!
+//! - [`baseline`]: the kernel side of a comparison — a memory cgroup with kernel swap,
+//!   always undone (used by `usm compare` and the bench crate).
 //! - [`config`]: the USM cfg format.
 //! - [`mm`]: the memory manager both modes run on (the `usm-mm` crate, re-exported): the
 //!   embedded runtime and the daemon differ only in the installers and pool they give it.
@@ -10,6 +12,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod baseline;
 pub mod config;
 pub mod daemon;
 pub mod demo;

@@ -43,6 +43,11 @@ enum Command {
     /// Tag and run one program under a private daemon (built-in defaults, or --config);
     /// prints a summary at exit; exits with the program's code.
     Exec(cli::ExecArgs),
+    /// Run a program under USM and again under the kernel (a memory cgroup of the same
+    /// budget, kernel swap on the same disk), interleaved; print USM/kernel ratios of wall
+    /// time, the program's throughput, major faults and peak memory. Undoes every change
+    /// at exit, also on Ctrl-C.
+    Compare(cli::CompareArgs),
     /// Show a running daemon's managed processes: resident and swapped pages, fault and
     /// swap-in rates, latency percentiles, policy.
     Stat {
@@ -98,6 +103,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Run { config } => cli::run(&config),
         Command::Exec(args) => cli::exec(&args),
+        Command::Compare(args) => cli::compare(&args),
         Command::Stat {
             socket,
             watch,

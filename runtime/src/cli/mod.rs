@@ -1,4 +1,7 @@
-//! The daemon-facing subcommands of `usm`: `run`, `exec`, `stat`, `mkswap`.
+//! The daemon-facing subcommands of `usm`: `run`, `exec`, `stat`, `mkswap`, `compare`.
+
+mod compare;
+pub(crate) use compare::{CompareArgs, compare};
 
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
