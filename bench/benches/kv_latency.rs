@@ -694,7 +694,7 @@ fn write_outputs(
             })
             .collect(),
         date: usm_bench::report::now_utc(),
-        headline: kv_headline(&results),
+        headline: kv_headline(results),
     };
     plot.write(&a.out.join("kv_latency.svg"))?;
     println!("{md}");

@@ -17,8 +17,8 @@
 //! - throughput: the program's own figure, if it prints one (see [`Throughput`]); above 1
 //!   is faster;
 //! - major faults: faults that waited for the swap device — the kernel side's cgroup
-//!   `pgmajfault`, USM's swap-ins (every fault userfaultfd serves is a "major" fault in
-//!   the program's own counters, so those would count zero-fills too; they are in the JSON
+//!   `pgmajfault`, USM's swap-ins (the daemon reads its swap with direct I/O, which the
+//!   kernel's fault counters never see; the USM side's cgroup `pgmajfault` is in the JSON
 //!   as `cgroup_major_faults`);
 //! - peak memory: the peak of each side's cgroup (kernel: the program, at most the budget;
 //!   USM: the program plus the daemon).
@@ -34,7 +34,7 @@
 //! throughput); the report alone goes to stdout, so `--report json | jq` works.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -161,7 +161,7 @@ struct RunResult {
     major_faults: u64,
     /// The cgroup's peak (bytes).
     peak_bytes: u64,
-    /// The cgroup's `pgmajfault` (on the USM side it counts every fault userfaultfd served).
+    /// The cgroup's `pgmajfault` (on the USM side it does not see USM's swap-ins).
     cgroup_major_faults: u64,
     /// The kernel side's swap in use at the end of the run; `usm exec`'s report for USM.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -527,7 +527,7 @@ fn run_kernel(
     args: &[String],
     budget: u64,
     swap_bytes: u64,
-    swap_dir: &PathBuf,
+    swap_dir: &Path,
     throughput: &Throughput,
     run: usize,
 ) -> Result<RunResult, CompareError> {
