@@ -65,6 +65,11 @@ pub(crate) struct CompareArgs {
     /// Allocation policy for the program under USM (first-fit, fhp:64K, ...).
     #[arg(long)]
     policy: Option<String>,
+    /// Config file for USM's private daemon, as `usm exec --config`: e.g. to manage a
+    /// server a wrapper script starts (`process redis-server first-fit`); `--pool` wins
+    /// over its `memory` line.
+    #[arg(long, short)]
+    config: Option<std::path::PathBuf>,
     /// Worker threads of USM's private daemon.
     #[arg(long)]
     workers: Option<usize>,
@@ -430,7 +435,7 @@ fn human_line(runs: usize, r: &Ratios, k: &Medians, unit: Option<&str>) -> Strin
         Some(t) => format!(
             "throughput {} (kernel {t:.1} {}, above 1 is faster)",
             fmt_ratio(r.throughput),
-            unit.unwrap_or("/s")
+            unit.unwrap_or("by --throughput-regex")
         ),
         None => "throughput n/a (no figure in the program's output)".to_owned(),
     };
@@ -571,6 +576,9 @@ fn run_usm(
     cmd.args(["exec", "--report", "json", "--pool", &a.pool]);
     if let Some(p) = &a.policy {
         cmd.args(["--policy", p]);
+    }
+    if let Some(c) = &a.config {
+        cmd.arg("--config").arg(c);
     }
     if let Some(w) = a.workers {
         cmd.args(["--workers", &w.to_string()]);
