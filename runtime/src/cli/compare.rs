@@ -9,7 +9,8 @@
 //!   v2 `memory.max` when `/sys/fs/cgroup` is cgroup2 — detected), with kernel swap on a
 //!   fresh swap file in the directory where USM puts its private swap file (`USM_SWAP_DIR`,
 //!   default `/var/tmp`: the same filesystem), the same size, `swapon`'d at priority 1000
-//!   for this run only.
+//!   for this run only. (With `--config` naming swap devices, USM uses those; the kernel's
+//!   swap file still goes to that directory.)
 //!
 //! # What is compared (USM / kernel, medians over `--runs`)
 //! - wall time: the program's own run, start to exit (USM: `wall_s` of `usm exec`'s
@@ -33,6 +34,7 @@
 //! The program's stdout and stderr go to this command's stderr (and are scanned for its
 //! throughput); the report alone goes to stdout, so `--report json | jq` works.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
@@ -259,6 +261,11 @@ fn compare_inner(a: &CompareArgs) -> Result<bool, CompareError> {
             a.command[0]
         )));
     };
+    if !nix::unistd::geteuid().is_root() {
+        return Err(CompareError::Usm(
+            "usm compare needs root: it makes a memory cgroup and turns kernel swap on".into(),
+        ));
+    }
     let usm = std::env::current_exe().map_err(|e| CompareError::io("current_exe", e))?;
     let swap_dir = DaemonOptions::default().temp_swap_dir;
     // Signals are handled (cleanup, then re-raise) from the start, and a killed compare's
@@ -461,9 +468,9 @@ struct ChildOutput {
 }
 
 /// Forwards a child's stream to our stderr line by line and keeps its tail.
-fn pump(stream: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<String>> {
+fn pump(stream: impl Read + Send + 'static) -> std::thread::JoinHandle<VecDeque<String>> {
     std::thread::spawn(move || {
-        let mut kept: Vec<String> = Vec::new();
+        let mut kept: VecDeque<String> = VecDeque::new();
         let mut kept_bytes = 0usize;
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { break };
@@ -475,9 +482,9 @@ fn pump(stream: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<Strin
                 eprintln!("{line}");
             }
             kept_bytes += line.len() + 1;
-            kept.push(line);
+            kept.push_back(line);
             while kept_bytes > KEEP_OUTPUT_BYTES && kept.len() > 1 {
-                kept_bytes -= kept.remove(0).len() + 1;
+                kept_bytes -= kept.pop_front().map_or(0, |l| l.len() + 1);
             }
         }
         kept
