@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use usm_bench::kvload::{self, KeyDist, LoadResult, LoadSpec, Protocol};
-use usm_bench::plot::{LinePlot, Series};
+use usm_bench::plot::{Headline, LinePlot, Series};
 use usm_bench::{MemCgroup, SwapFile};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -77,8 +77,9 @@ struct Args {
     /// Directory of the swap files (ext4).
     #[arg(long, default_value = "/var/tmp")]
     swap_dir: PathBuf,
-    /// Output directory.
-    #[arg(long, default_value = "bench/results")]
+    /// Output directory (default: `bench/results` of this checkout, wherever cargo runs
+    /// the bench from).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
     /// Drive an already running RESP server at this address instead of starting sides
     /// (side name `external`; no cgroup, no swap set-up).
@@ -692,8 +693,37 @@ fn write_outputs(
                     .collect(),
             })
             .collect(),
+        date: usm_bench::report::now_utc(),
+        headline: kv_headline(results),
     };
     plot.write(&a.out.join("kv_latency.svg"))?;
     println!("{md}");
     Ok(())
+}
+
+/// The headline ratio: USM's p99 over the best kernel side's p99 at each offered load
+/// (below 1: USM's tail is shorter), as in the report's last table.
+fn kv_headline(results: &[SideResult]) -> Option<Headline> {
+    let usm = results.iter().find(|s| s.side == "usm")?;
+    let points: Vec<(f64, f64)> = usm
+        .points
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let best = results
+                .iter()
+                .filter(|s| !s.side.starts_with("usm"))
+                .filter_map(|s| s.points.get(i).map(|q| q.load.p99_us))
+                .min_by(f64::total_cmp)?;
+            (best > 0.0).then(|| (p.load.offered_rps, p.load.p99_us / best))
+        })
+        .collect();
+    (!points.is_empty()).then(|| Headline {
+        y_label: "usm / best kernel side, p99".into(),
+        series: vec![Series {
+            name: "usm / best kernel p99".into(),
+            points,
+        }],
+        goal: Some(1.0),
+    })
 }

@@ -743,6 +743,9 @@ fn measure_overhead(
 
 fn run(cli: &Cli) -> Result<()> {
     let started = Instant::now();
+    // A fresh machine has no swap directory yet: USM's swap file goes there too.
+    std::fs::create_dir_all(&cli.swap_dir)
+        .map_err(|e| usm_bench::Error::Invalid(format!("mkdir {}: {e}", cli.swap_dir.display())))?;
     let cleaned = usm_bench::cleanup::cleanup_leftovers(std::slice::from_ref(&cli.swap_dir))?;
     if !cleaned.is_clean() {
         eprintln!("cleanup of a previous run: {cleaned:?}");

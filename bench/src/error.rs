@@ -83,6 +83,23 @@ pub enum Error {
     /// JSON (de)serialisation failed.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    /// A kernel-side guard (cgroup, swap file, zram, journal) failed; absent and busy
+    /// facilities become [`Error::Unavailable`] / [`Error::Busy`] instead.
+    #[error(transparent)]
+    Baseline(usm_runtime::baseline::Error),
+}
+
+impl From<usm_runtime::baseline::Error> for Error {
+    fn from(e: usm_runtime::baseline::Error) -> Self {
+        use usm_runtime::baseline::Error as B;
+        match e {
+            B::Unavailable { facility, reason } => Error::Unavailable { facility, reason },
+            B::Busy { facility, reason } => Error::Busy { facility, reason },
+            B::Io { op, path, source } => Error::Io { op, path, source },
+            B::Sys { op, source } => Error::Sys { op, source },
+            other => Error::Baseline(other),
+        }
+    }
 }
 
 impl Error {

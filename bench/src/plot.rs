@@ -1,8 +1,13 @@
-//! A hand-written SVG line plot (no plotting crate): throughput over time, one polyline per
-//! series, axes with round ticks, and a legend.
+//! Line plots of the benchmarks, drawn with `plotters` into SVG files.
+//!
+//! Every plot carries the date its figures were taken (in the title) and one colour per
+//! series (`Palette99`: no colour is reused below 99 series). A benchmark with a headline
+//! ratio (USM / kernel) passes it as a [`Headline`]: it is drawn in a panel of its own under
+//! the lines, with its goal as a grey line, so the figure the README quotes is on the plot.
 
-use std::fmt::Write as _;
 use std::path::Path;
+
+use plotters::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -15,10 +20,21 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
+/// The headline ratio of a benchmark, plotted under its lines.
+#[derive(Debug, Clone)]
+pub struct Headline {
+    /// Y axis label, e.g. `"(c)/(a) CPU throughput"`.
+    pub y_label: String,
+    /// The ratio's lines (same x axis as the plot).
+    pub series: Vec<Series>,
+    /// The goal the issue sets (drawn as a grey line), if any.
+    pub goal: Option<f64>,
+}
+
 /// A line plot.
 #[derive(Debug, Clone)]
 pub struct LinePlot {
-    /// Title above the plot.
+    /// Title above the plot (the date is appended).
     pub title: String,
     /// X axis label.
     pub x_label: String,
@@ -26,173 +42,144 @@ pub struct LinePlot {
     pub y_label: String,
     /// The lines.
     pub series: Vec<Series>,
+    /// When the figures were taken, e.g. `2026-12-07 12:10 UTC` ([`crate::report::now_utc`]).
+    pub date: String,
+    /// The headline ratio, in a panel of its own.
+    pub headline: Option<Headline>,
 }
 
-const PALETTE: [&str; 8] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-];
-
-fn nice_step(span: f64, ticks: f64) -> f64 {
-    let raw = (span / ticks).max(f64::MIN_POSITIVE);
-    let mag = 10f64.powf(raw.log10().floor());
-    let norm = raw / mag;
-    let nice = if norm < 1.5 {
-        1.0
-    } else if norm < 3.0 {
-        2.0
-    } else if norm < 7.0 {
-        5.0
-    } else {
-        10.0
-    };
-    nice * mag
+/// The bounds of every finite point: (x0, x1, y0, y1), never empty.
+fn bounds(series: &[Series], extra_y: Option<f64>) -> (f64, f64, f64, f64) {
+    let (mut x0, mut x1) = (f64::INFINITY, f64::NEG_INFINITY);
+    let (mut y0, mut y1) = (0.0f64, f64::NEG_INFINITY);
+    for &(x, y) in series.iter().flat_map(|s| s.points.iter()) {
+        if x.is_finite() && y.is_finite() {
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+        }
+    }
+    if let Some(g) = extra_y {
+        y1 = y1.max(g);
+    }
+    if !x0.is_finite() {
+        (x0, x1) = (0.0, 1.0);
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    if !y1.is_finite() || y1 <= y0 {
+        y1 = y0 + 1.0;
+    }
+    (x0, x1, y0, y1 * 1.08)
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+fn draw_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::io("draw plot", path, std::io::Error::other(e.to_string()))
+}
+
+/// Draws `series` (colours from `first_colour` on) into `area`.
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    path: &Path,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    first_colour: usize,
+    goal: Option<f64>,
+) -> Result<()> {
+    let (x0, x1, y0, y1) = bounds(series, goal);
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(|e| draw_err(path, e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(|e| draw_err(path, e))?;
+    if let Some(g) = goal {
+        let grey = RGBColor(120, 120, 120);
+        chart
+            .draw_series(LineSeries::new([(x0, g), (x1, g)], grey.stroke_width(2)))
+            .map_err(|e| draw_err(path, e))?
+            .label(format!("goal {g}×"))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], grey.stroke_width(2)));
+    }
+    for (i, s) in series.iter().enumerate() {
+        let colour = Palette99::pick(first_colour + i).to_rgba();
+        let points: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+            .map_err(|e| draw_err(path, e))?
+            .label(s.name.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(3)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| draw_err(path, e))?;
+    Ok(())
 }
 
 impl LinePlot {
-    /// Renders the plot as an SVG document (the legend column widens with the labels).
-    pub fn to_svg(&self) -> String {
-        let longest = self
-            .series
-            .iter()
-            .map(|s| s.name.chars().count())
-            .max()
-            .unwrap_or(0);
-        let mr = 60.0 + longest as f64 * 7.0;
-        let (w, h) = (640.0 + mr, 450.0);
-        let (ml, mt, mb) = (80.0, 40.0, 60.0);
-        let pw = w - ml - mr;
-        let ph = h - mt - mb;
-        let pts = self.series.iter().flat_map(|s| s.points.iter());
-        let (mut x0, mut x1, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, 0.0f64);
-        for &(x, y) in pts {
-            if x.is_finite() && y.is_finite() {
-                x0 = x0.min(x);
-                x1 = x1.max(x);
-                y1 = y1.max(y);
-            }
-        }
-        if !x0.is_finite() {
-            x0 = 0.0;
-            x1 = 1.0;
-        }
-        if x1 <= x0 {
-            x1 = x0 + 1.0;
-        }
-        let ystep = nice_step(if y1 > 0.0 { y1 } else { 1.0 }, 5.0);
-        let ymax = (y1 / ystep).ceil().max(1.0) * ystep;
-        let xstep = nice_step(x1 - x0, 8.0);
-        let sx = |x: f64| ml + (x - x0) / (x1 - x0) * pw;
-        let sy = |y: f64| mt + ph - y / ymax * ph;
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-        );
-        let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
-            ml + pw / 2.0,
-            esc(&self.title)
-        );
-        // Grid and ticks.
-        let mut y = 0.0;
-        while y <= ymax + ystep * 0.01 {
-            let py = sy(y);
-            let _ = writeln!(
-                s,
-                r##"<line x1="{ml}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-                ml + pw,
-                ml - 6.0,
-                py + 4.0,
-                fmt_tick(y)
-            );
-            y += ystep;
-        }
-        let mut x = (x0 / xstep).ceil() * xstep;
-        while x <= x1 + xstep * 0.01 {
-            let px = sx(x);
-            let _ = writeln!(
-                s,
-                r##"<line x1="{px:.1}" y1="{mt}" x2="{px:.1}" y2="{:.1}" stroke="#eee"/><text x="{px:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
-                mt + ph,
-                mt + ph + 18.0,
-                fmt_tick(x)
-            );
-            x += xstep;
-        }
-        let _ = writeln!(
-            s,
-            r#"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-            ml + pw / 2.0,
-            h - 15.0,
-            esc(&self.x_label)
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">{}</text>"#,
-            mt + ph / 2.0,
-            mt + ph / 2.0,
-            esc(&self.y_label)
-        );
-        for (i, series) in self.series.iter().enumerate() {
-            let color = PALETTE[i % PALETTE.len()];
-            let points: Vec<String> = series
-                .points
-                .iter()
-                .filter(|(x, y)| x.is_finite() && y.is_finite())
-                .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-                .collect();
-            let _ = writeln!(
-                s,
-                r#"<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{}"/>"#,
-                points.join(" ")
-            );
-            let ly = mt + 10.0 + i as f64 * 18.0;
-            let _ = writeln!(
-                s,
-                r#"<line x1="{:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text>"#,
-                ml + pw + 12.0,
-                ml + pw + 34.0,
-                ml + pw + 40.0,
-                ly + 4.0,
-                esc(&series.name)
-            );
-        }
-        s.push_str("</svg>\n");
-        s
-    }
-
-    /// Writes the SVG to `path`.
+    /// Writes the plot as an SVG file to `path` (its directory is created if missing).
     pub fn write(&self, path: &Path) -> Result<()> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::io("mkdir", parent, e))?;
         }
-        std::fs::write(path, self.to_svg()).map_err(|e| Error::io("write", path, e))
-    }
-}
-
-fn fmt_tick(v: f64) -> String {
-    let a = v.abs();
-    if a >= 1e9 {
-        format!("{:.1}G", v / 1e9)
-    } else if a >= 1e6 {
-        format!("{:.1}M", v / 1e6)
-    } else if a >= 1e4 {
-        format!("{:.0}k", v / 1e3)
-    } else if a >= 10.0 || v == v.trunc() {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.2}")
+        let height = if self.headline.is_some() { 820 } else { 520 };
+        let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
+        let title = format!("{} — {}", self.title, self.date);
+        let root = root
+            .titled(&title, ("sans-serif", 20))
+            .map_err(|e| draw_err(path, e))?;
+        match &self.headline {
+            None => draw_panel(
+                &root,
+                path,
+                &self.x_label,
+                &self.y_label,
+                &self.series,
+                0,
+                None,
+            )?,
+            Some(h) => {
+                let (top, bottom) = root.split_vertically(height * 3 / 5);
+                draw_panel(
+                    &top,
+                    path,
+                    &self.x_label,
+                    &self.y_label,
+                    &self.series,
+                    0,
+                    None,
+                )?;
+                draw_panel(
+                    &bottom,
+                    path,
+                    &self.x_label,
+                    &h.y_label,
+                    &h.series,
+                    self.series.len(),
+                    h.goal,
+                )?;
+            }
+        }
+        root.present().map_err(|e| draw_err(path, e))
     }
 }

@@ -34,6 +34,31 @@ pub fn run_meta() -> Value {
     })
 }
 
+/// The current time as `YYYY-MM-DD HH:MM UTC` (plots and results pages are dated with it).
+pub fn now_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    utc_date(secs)
+}
+
+/// `secs` since the epoch as `YYYY-MM-DD HH:MM UTC` (proleptic Gregorian calendar; Howard
+/// Hinnant's days-to-civil algorithm).
+pub fn utc_date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let (hh, mm) = ((secs % 86_400) / 3600, (secs % 3600) / 60);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02} UTC")
+}
+
 /// A JSON report under construction.
 #[derive(Debug, Clone)]
 pub struct JsonReport {
@@ -149,5 +174,19 @@ pub fn fmt_f(v: Option<f64>, digits: usize) -> String {
     match v {
         Some(x) if x.is_finite() => format!("{x:.digits$}"),
         _ => "-".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_date;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00 UTC");
+        // 2026-12-07 11:35:44 UTC
+        assert_eq!(utc_date(1_796_643_344), "2026-12-07 11:35 UTC");
+        // 2024-02-29 23:59 UTC (leap day)
+        assert_eq!(utc_date(1_709_251_140), "2024-02-29 23:59 UTC");
     }
 }

@@ -12,7 +12,7 @@ use usm_sync::Mutex;
 use usm_bench::child::ChildLauncher;
 use usm_bench::fault::{self, FirstTouchSpec, KernelPageSize, TouchOrder};
 use usm_bench::guard::{self, active_swaps};
-use usm_bench::plot::{LinePlot, Series};
+use usm_bench::plot::{Headline, LinePlot, Series};
 use usm_bench::report::{JsonReport, Table};
 use usm_bench::stats::{self, LatencyHistogram, RunSummary};
 use usm_bench::storm::{
@@ -97,36 +97,63 @@ fn json_report_and_table() {
 }
 
 #[test]
-fn svg_plot_has_one_polyline_per_series() {
+fn svg_plot_is_dated_with_one_colour_per_series_and_the_headline() {
+    let series = |name: &str, pts: &[(f64, f64)]| Series {
+        name: name.into(),
+        points: pts.to_vec(),
+    };
     let plot = LinePlot {
-        title: "t <&>".into(),
+        title: "storm <&>".into(),
         x_label: "time (s)".into(),
         y_label: "ops/s".into(),
-        series: vec![
-            Series {
-                name: "a".into(),
-                points: vec![(0.0, 1.0), (1.0, 3.0), (2.0, 2.0)],
-            },
-            Series {
-                name: "b".into(),
-                points: vec![(0.0, 5.0), (2.0, 7.5)],
-            },
-        ],
+        series: (0..12)
+            .map(|i| {
+                let y = f64::from(i);
+                series(
+                    &format!("s{i}"),
+                    &[(0.0, y), (1.0, y + 3.0), (2.0, y + 2.0)],
+                )
+            })
+            .collect(),
+        date: "2026-12-07 12:00 UTC".into(),
+        headline: Some(Headline {
+            y_label: "(c)/(a)".into(),
+            series: vec![series("ratio", &[(0.0, 1.5), (1.0, 2.5), (2.0, 3.0)])],
+            goal: Some(2.26),
+        }),
     };
-    let svg = plot.to_svg();
-    assert!(svg.starts_with("<svg"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub/plot.svg");
+    plot.write(&path).unwrap();
+    let svg = std::fs::read_to_string(&path).unwrap();
+    assert!(svg.starts_with("<svg"), "{svg}");
     assert!(svg.trim_end().ends_with("</svg>"));
-    assert_eq!(svg.matches("<polyline").count(), 2);
-    assert!(svg.contains("t &lt;&amp;&gt;"));
-    let first = svg.split("<polyline").nth(1).unwrap();
-    let pts = first
-        .split("points=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap();
-    assert_eq!(pts.split(' ').count(), 3);
+    assert!(
+        svg.contains("storm &lt;&amp;&gt; — 2026-12-07 12:00 UTC"),
+        "title with date"
+    );
+    for label in ["s0", "s11", "ratio", "goal 2.26×", "(c)/(a)"] {
+        assert!(svg.contains(&format!("\n{label}\n")), "{label} missing");
+    }
+    // The data lines: polylines of three points; each has its own colour.
+    let mut colours: Vec<String> = svg
+        .split("<polyline")
+        .skip(1)
+        .filter_map(|p| {
+            let pts = p.split("points=\"").nth(1)?.split('"').next()?;
+            (pts.split_whitespace().count() == 3).then(|| {
+                p.split("stroke=\"")
+                    .nth(1)?
+                    .split('"')
+                    .next()
+                    .map(str::to_owned)
+            })?
+        })
+        .collect();
+    assert_eq!(colours.len(), 13, "12 series + the headline ratio");
+    colours.sort();
+    colours.dedup();
+    assert_eq!(colours.len(), 13, "a colour is reused");
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! `usm-runtime`: joins mechanism, scheduler, swap and policies into the InstanceUSM
 //! daemon and the embedded runtime; home of the `usm` command.
 //!
+//! - [`baseline`]: the kernel side of a comparison — a memory cgroup with kernel swap,
+//!   always undone (used by `usm compare` and the bench crate).
 //! - [`config`]: the USM cfg format.
 //! - [`mm`]: the memory manager both modes run on (the `usm-mm` crate, re-exported): the
 //!   embedded runtime and the daemon differ only in the installers and pool they give it.
@@ -22,6 +24,8 @@
 //! runtime and the daemon then link none of clap, indicatif or prometheus-client.
 
 #![deny(unsafe_code)]
+
+pub mod baseline;
 
 // The `usm` command's modules name this crate by its public name (they began as the
 // binary's modules, and read the same as an outside `main_with` user's code).

@@ -9,8 +9,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{Registration, Undo, UndoCause, register};
 use crate::error::{Error, Result};
+use usm_runtime::baseline::{Registration, Undo, UndoCause, register};
 
 const THP_DIR: &str = "/sys/kernel/mm/transparent_hugepage";
 
@@ -75,7 +75,7 @@ impl SysfsKnob {
 
     /// Restores the knob now, reporting errors.
     pub fn restore(self) -> Result<()> {
-        self.registration.undo(UndoCause::Drop)
+        Ok(self.registration.undo(UndoCause::Drop)?)
     }
 }
 

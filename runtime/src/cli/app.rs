@@ -14,7 +14,7 @@ use crate::cli;
 
 /// Userspace memory management for Linux.
 #[derive(Debug, Parser)]
-#[command(name = "usm", version = usm_runtime::daemon::metrics::version(), long_about = None)]
+#[command(name = "usm", version = usm_runtime::daemon::version(), long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,6 +43,11 @@ enum Command {
     /// Tag and run one program under a private daemon (built-in defaults, or --config);
     /// prints a summary at exit; exits with the program's code.
     Exec(cli::ExecArgs),
+    /// Run a program under USM and again under the kernel (a memory cgroup of the same
+    /// budget, kernel swap on the same disk), interleaved; print USM/kernel ratios of wall
+    /// time, the program's throughput, major faults and peak memory. Undoes every change
+    /// at exit, also on Ctrl-C.
+    Compare(cli::CompareArgs),
     /// Show a running daemon's managed processes: resident and swapped pages, fault and
     /// swap-in rates, latency percentiles, policy.
     Stat {
@@ -129,6 +134,7 @@ fn dispatch(register: Option<RegisterPolicies>) -> ExitCode {
         Command::CheckConfig { file } => check_config(&file, register),
         Command::Run { config } => cli::run(&config, register),
         Command::Exec(args) => cli::exec(&args, register),
+        Command::Compare(args) => cli::compare(&args),
         Command::Stat {
             socket,
             pid,

@@ -1,5 +1,6 @@
 //! The `usm` command (feature `cli`): `usm run` (the InstanceUSM daemon), `usm exec` (tag
-//! and run one program under a private daemon), `usm stat`, `usm mkswap`, `usm demo`,
+//! and run one program under a private daemon), `usm compare` (the same against kernel
+//! swap), `usm stat`, `usm mkswap`, `usm demo`,
 //! `usm doctor` and `usm check-config`.
 //!
 //! The command lives in the library so that a program of a few lines is a complete `usm`
@@ -32,6 +33,9 @@ pub use app::{main, main_with};
 pub(crate) mod docs;
 mod stat;
 pub(crate) use stat::{Target as StatTarget, stat};
+
+mod compare;
+pub(crate) use compare::{CompareArgs, compare};
 
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;

@@ -38,16 +38,7 @@ use super::stats::{DaemonStat, ProcessStat};
 
 type Labels = Vec<(String, String)>;
 
-/// The `usm` version with the commit it was built from (`0.1.0 (abc123def456)`), as
-/// `usm --version`, `usm stat` and `build_info` show it.
-pub fn version() -> &'static str {
-    concat!(env!("CARGO_PKG_VERSION"), " (", env!("USM_GIT_COMMIT"), ")")
-}
-
-/// The commit `usm` was built from (`unknown` when built outside a git checkout).
-pub fn commit() -> &'static str {
-    env!("USM_GIT_COMMIT")
-}
+pub use super::{commit, version};
 
 /// Upper bounds (seconds) of the latency histograms' buckets: 1 µs to 1 s, then +Inf.
 const LATENCY_BOUNDS_S: [f64; 17] = [

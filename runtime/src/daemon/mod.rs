@@ -56,6 +56,18 @@ mod driver;
 mod leftovers;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+
+/// The `usm` version with the commit it was built from (`0.1.0 (abc123def456)`), as
+/// `usm --version`, `usm stat` and `build_info` show it.
+pub fn version() -> &'static str {
+    concat!(env!("CARGO_PKG_VERSION"), " (", env!("USM_GIT_COMMIT"), ")")
+}
+
+/// The commit `usm` was built from (`unknown` when built outside a git checkout).
+pub fn commit() -> &'static str {
+    env!("USM_GIT_COMMIT")
+}
+
 mod process;
 mod sessions;
 mod sockfile;
@@ -285,6 +297,7 @@ impl Shared {
 
     /// The fault-latency hdrhistograms: the daemon's (ended processes included) and each
     /// live process's (for the Prometheus histograms).
+    #[cfg(feature = "metrics")]
     pub(crate) fn latency_sources(&self) -> metrics::LatencySources {
         let procs = self.procs();
         let mut daemon = self.totals.latency_histogram();
@@ -318,7 +331,7 @@ impl Shared {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             pid: std::process::id(),
-            version: metrics::version().to_owned(),
+            version: version().to_owned(),
             socket: a.socket.display().to_string(),
             swap: a.swap.clone(),
             alloc_policy: a.alloc_policy.clone(),

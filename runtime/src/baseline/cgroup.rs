@@ -24,8 +24,8 @@ use usm_sync::Arc;
 use serde::{Deserialize, Serialize};
 use usm_sync::atomic::{AtomicU64, Ordering};
 
-use super::{Registration, Undo, UndoCause, register};
-use crate::error::{Error, Result};
+use super::{Error, Result};
+use super::{NAME_PREFIX, Registration, Undo, UndoCause, register};
 
 /// Which cgroup hierarchy carries the memory controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,9 +65,6 @@ pub struct MemCgroup {
     procs: Arc<OwnedFd>,
     registration: Registration,
 }
-
-/// Prefix of every cgroup directory this crate creates: `usm-bench-<pid>-<seq>-<label>`.
-pub(crate) const CGROUP_PREFIX: &str = "usm-bench-";
 
 /// The version and the directory under which our groups are made.
 pub(crate) fn cgroup_base() -> Result<(CgroupVersion, PathBuf)> {
@@ -132,7 +129,7 @@ fn stat_field(stat: &str, key: &str) -> Option<u64> {
 }
 
 impl MemCgroup {
-    /// Creates `usm-bench-<pid>-<seq>-<label>` limited to `limit_bytes` of memory (swap
+    /// Creates `usm-baseline-<pid>-<seq>-<label>` limited to `limit_bytes` of memory (swap
     /// unlimited; see [`MemCgroup::set_swap_limit`]).
     pub fn create(label: &str, limit_bytes: u64) -> Result<Self> {
         let (version, base) = cgroup_base()?;
@@ -154,10 +151,7 @@ impl MemCgroup {
             })
             .collect();
         let seq = NEXT_SEQ.fetch_add(1, Ordering::Relaxed);
-        let dir = base.join(format!(
-            "{CGROUP_PREFIX}{}-{seq}-{clean}",
-            std::process::id()
-        ));
+        let dir = base.join(format!("{NAME_PREFIX}{}-{seq}-{clean}", std::process::id()));
         let registration = register(Undo::RemoveCgroup { dir: dir.clone() })?;
         let made = (|| -> Result<Arc<OwnedFd>> {
             fs::create_dir(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
@@ -217,7 +211,7 @@ impl MemCgroup {
     /// it allocates anything). `cmd` must not outlive `self`'s usefulness: spawning after
     /// the group is gone fails with the write's errno.
     pub fn place_before_exec(&self, cmd: &mut Command) {
-        crate::sys::join_cgroup_before_exec(cmd, Arc::clone(&self.procs));
+        crate::sys::baseline::join_cgroup_before_exec(cmd, Arc::clone(&self.procs));
     }
 
     /// A [`Command`] for `program` that starts inside this group.
@@ -284,7 +278,7 @@ impl MemCgroup {
 impl Drop for MemCgroup {
     fn drop(&mut self) {
         if let Err(e) = self.registration.undo(UndoCause::Drop) {
-            eprintln!("usm-bench: removing cgroup {}: {e}", self.dir.display());
+            eprintln!("usm: removing cgroup {}: {e}", self.dir.display());
         }
     }
 }
@@ -295,7 +289,15 @@ fn read_pids(dir: &Path) -> Result<Vec<u32>> {
     Ok(s.lines().filter_map(|l| l.trim().parse().ok()).collect())
 }
 
+/// How long tasks of a group being removed on termination get between SIGTERM and
+/// SIGKILL: long enough for `usm exec` (the USM side of `usm compare`) to stop its program
+/// and its private daemon, which deletes its own swap file.
+const TERMINATE_GRACE: Duration = Duration::from_secs(5);
+
 /// Empties and removes a cgroup directory (idempotent: a missing directory is success).
+///
+/// Tasks still inside are moved to the parent ([`UndoCause::Drop`]) or, on termination,
+/// sent SIGTERM, then SIGKILL after [`TERMINATE_GRACE`].
 pub(crate) fn remove_cgroup_dir(dir: &Path, cause: UndoCause) -> Result<()> {
     if !dir.exists() {
         return Ok(());
@@ -304,28 +306,40 @@ pub(crate) fn remove_cgroup_dir(dir: &Path, cause: UndoCause) -> Result<()> {
         .parent()
         .map(|p| p.join("cgroup.procs"))
         .ok_or_else(|| Error::Invalid(format!("cgroup without parent: {}", dir.display())))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let start = Instant::now();
+    let deadline = start + TERMINATE_GRACE + Duration::from_secs(10);
+    let mut termed = false;
     loop {
         let pids = read_pids(dir).unwrap_or_default();
+        let kill = Instant::now() >= start + TERMINATE_GRACE;
         for pid in &pids {
             match cause {
                 UndoCause::Drop => {
                     // A task that exits meanwhile makes this fail with ESRCH: fine.
                     let _ = fs::write(&parent_procs, pid.to_string());
                 }
-                UndoCause::Terminate => {
+                UndoCause::Terminate if kill || !termed => {
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(*pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
+                        if kill {
+                            nix::sys::signal::Signal::SIGKILL
+                        } else {
+                            nix::sys::signal::Signal::SIGTERM
+                        },
                     );
                 }
+                UndoCause::Terminate => {}
             }
+        }
+        termed = true;
+        if cause == UndoCause::Terminate && !pids.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
         }
         match fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
+            Err(_) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(Error::io("rmdir", dir, e)),

@@ -1,5 +1,6 @@
-//! Kernel swap for the kernel sides: [`SwapFile`] on the project disk and [`ZramSwap`] on
-//! `/dev/zram0`.
+//! Kernel swap for the kernel sides: [`SwapFile`] in a directory of the caller's choice
+//! (`usm compare` puts it beside USM's own swap file: same filesystem, same disk) and
+//! [`ZramSwap`] on `/dev/zram0`.
 //!
 //! Both write the swap header themselves (the `mkswap` layout: version 1, last page,
 //! no bad pages, `SWAPSPACE2` in the last 10 bytes of page 0) and call `swapon(2)` with an
@@ -20,17 +21,11 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use usm_sync::atomic::{AtomicU64, Ordering};
 
-use super::{Registration, Undo, UndoCause, register};
-use crate::error::{Error, Result};
-
-/// Default directory of swap files: on the root ext4 disk, the project's disk.
-pub const DEFAULT_SWAP_DIR: &str = "/var/tmp/usm-bench-swap";
+use super::{Error, Result};
+use super::{NAME_PREFIX, Registration, Undo, UndoCause, register};
 
 /// Lock file held while this crate uses `/dev/zram0`.
 pub const ZRAM_LOCK_PATH: &str = "/run/usm-zram.lock";
-
-/// Prefix of swap files we create: `usm-bench-<pid>-<seq>.swap`.
-pub(crate) const SWAP_FILE_PREFIX: &str = "usm-bench-";
 
 const PAGE: u64 = 4096;
 
@@ -100,7 +95,7 @@ fn write_swap_header(file: &File, path: &Path, bytes: u64) -> Result<()> {
         .unwrap_or(0);
     let uuid = (nanos ^ u128::from(std::process::id()) << 64).to_le_bytes();
     page0[1036..1052].copy_from_slice(&uuid);
-    page0[1052..1061].copy_from_slice(b"usm-bench");
+    page0[1052..1062].copy_from_slice(b"usm-kernel");
     page0[PAGE as usize - 10..].copy_from_slice(b"SWAPSPACE2");
     file.write_all_at(&page0, 0)
         .and_then(|()| file.sync_all())
@@ -116,15 +111,12 @@ pub struct SwapFile {
 }
 
 impl SwapFile {
-    /// Creates `dir/usm-bench-<pid>-<seq>.swap` of `bytes` (rounded down to pages) with
+    /// Creates `dir/usm-baseline-<pid>-<seq>.swap` of `bytes` (rounded down to pages) with
     /// `fallocate`, writes the header and enables it at `priority` (0..=32767).
     pub fn create(dir: &Path, bytes: u64, priority: i16) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|e| Error::io("mkdir", dir, e))?;
         let seq = NEXT_SEQ.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!(
-            "{SWAP_FILE_PREFIX}{}-{seq}.swap",
-            std::process::id()
-        ));
+        let path = dir.join(format!("{NAME_PREFIX}{}-{seq}.swap", std::process::id()));
         let size_bytes = bytes / PAGE * PAGE;
         let registration = register(Undo::SwapOffFile { path: path.clone() })?;
         let made = (|| -> Result<()> {
@@ -145,7 +137,7 @@ impl SwapFile {
             .map_err(|e| Error::io("fallocate", &path, e.into()))?;
             write_swap_header(&file, &path, size_bytes)?;
             drop(file);
-            crate::sys::swapon(&path, priority)
+            crate::sys::baseline::swapon(&path, priority)
         })();
         match made {
             Ok(()) => Ok(Self {
@@ -188,7 +180,7 @@ impl SwapFile {
 impl Drop for SwapFile {
     fn drop(&mut self) {
         if let Err(e) = self.registration.undo(UndoCause::Drop) {
-            eprintln!("usm-bench: removing swap file {}: {e}", self.path.display());
+            eprintln!("usm: removing swap file {}: {e}", self.path.display());
         }
     }
 }
@@ -196,7 +188,7 @@ impl Drop for SwapFile {
 /// Undo of [`SwapFile`]: swapoff if active, then delete.
 pub(crate) fn undo_swap_file(path: &Path) -> Result<()> {
     if is_active(path) {
-        crate::sys::swapoff(path)?;
+        crate::sys::baseline::swapoff(path)?;
     }
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -209,7 +201,7 @@ pub(crate) fn undo_swap_file(path: &Path) -> Result<()> {
 /// reset; anything else is left alone.
 pub(crate) fn undo_zram(device: &Path, sysfs: &Path) -> Result<()> {
     if is_active(device) {
-        crate::sys::swapoff(device)?;
+        crate::sys::baseline::swapoff(device)?;
         let reset = sysfs.join("reset");
         fs::write(&reset, "1").map_err(|e| Error::io("write", &reset, e))?;
     }
@@ -297,7 +289,7 @@ impl ZramSwap {
                 .map_err(|e| Error::io("open", &device, e))?;
             write_swap_header(&dev, &device, size_bytes)?;
             drop(dev);
-            crate::sys::swapon(&device, priority)
+            crate::sys::baseline::swapon(&device, priority)
         })();
         match made {
             Ok(()) => Ok(Self {
@@ -349,7 +341,7 @@ impl ZramSwap {
 impl Drop for ZramSwap {
     fn drop(&mut self) {
         if let Err(e) = self.registration.undo(UndoCause::Drop) {
-            eprintln!("usm-bench: removing zram swap: {e}");
+            eprintln!("usm: removing zram swap: {e}");
         }
     }
 }
