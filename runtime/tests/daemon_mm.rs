@@ -6,6 +6,7 @@
 //! | test | what must hold |
 //! |---|---|
 //! | [`mm_storm_keeps_every_byte_at_eight_times_the_pool_five_runs_in_a_row`] | 4 threads, malloc/realloc/mmap/mremap/partial munmap/DONTNEED/fork, working set 8× the pool: every byte verified, 5 runs of 5, nothing left at exit, no WARN line |
+//! | [`threads_moving_blocks_into_each_others_freed_ranges_keep_every_page`] | 4 threads `mremap` blocks into ranges other threads just freed, most pages in swap: every page verified, 3 runs, no WARN line |
 //! | [`redis_at_three_times_the_pool_digests_like_plain_redis_and_its_bgsave_loads`] | `DEBUG DIGEST` of a managed redis (data 3× the pool, most of it in swap) equals plain redis's; its `BGSAVE` RDB loads in a plain redis to the same digest |
 //! | [`sigkill_mid_storm_gives_back_every_frame_and_slot`] | `frames_used` and `slots_used` back to 0 after each kill of a 4-thread forking program |
 //! | [`panicking_policies_are_replaced_and_the_data_survives_eviction`] | an allocation and an eviction policy that panic mid-storm are replaced; every byte verified |
@@ -179,6 +180,64 @@ fn stderr_of(child: &mut Child) -> String {
         let _ = e.read_to_string(&mut err);
     }
     err
+}
+
+/// Threads that free and move ranges at once (`tests/programs/remap_race.c`): one
+/// thread's block lands where another's was a moment ago, with most pages in swap. The
+/// kernel posts each thread's `UNMAP`/`REMAP` event after it dropped the address-space
+/// lock, so without the tagger's ordering a stale `UNMAP(R)` reached the daemon after
+/// another thread's move into `R` and the moved pages read as zeros; the agent's stale
+/// moves at reused addresses lost pages (the program then faulted forever); and a fault
+/// met a false OOM while every staging slot was being dropped. Three runs, each must
+/// keep every page, with no WARN line.
+#[test]
+fn threads_moving_blocks_into_each_others_freed_ranges_keep_every_page() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(prog) = build_c(dir.path(), "remap_race") else {
+        return;
+    };
+    let p = prog.to_str().unwrap();
+    let mut failures = Vec::new();
+    for run in 1..=3 {
+        let r = usm_exec(
+            &["--pool", "8M"],
+            &[p, "4", "32", "150"],
+            Duration::from_secs(240),
+        );
+        eprintln!(
+            "run {run}: exit {} in {:?}; faults {} evictions {} swapins {}",
+            r.code, r.wall, r.report["faults"], r.report["evictions"], r.report["swapins"]
+        );
+        let mut wrong = Vec::new();
+        if r.code != 0 || !r.stdout.contains("OK") {
+            wrong.push("the program did not finish with OK".to_owned());
+        }
+        if r.report["managed"] != true {
+            wrong.push("not managed".to_owned());
+        }
+        // 32 MiB of blocks through an 8 MiB pool: the blocks moved were mostly in swap.
+        if r.report["swapins"].as_u64().unwrap_or(0) < 4096 {
+            wrong.push("fewer than 4096 swap-ins".to_owned());
+        }
+        let warnings = r.warnings();
+        if !warnings.is_empty() {
+            wrong.push(format!(
+                "{} WARN/ERROR line(s), first: {}",
+                warnings.len(),
+                warnings[0]
+            ));
+        }
+        if !wrong.is_empty() {
+            failures.push(format!("run {run}: {}\n{}", wrong.join("; "), r.describe()));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 3 runs failed:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ pub(crate) struct CompareArgs {
     /// Worker threads of USM's private daemon.
     #[arg(long)]
     workers: Option<usize>,
-    /// Swap size of both sides (default: as `usm exec`, 8 × the pool, at least 256M).
+    /// Swap size of both sides (default: 8 × the pool, at least 256M; the kernel side's
+    /// file is written out in full).
     #[arg(long)]
     swap_size: Option<String>,
     /// How to find the program's throughput in its output: a regex whose first group (or
@@ -303,7 +304,7 @@ fn compare_inner(a: &CompareArgs) -> Result<bool, CompareError> {
                 kernel_runs.push(r);
             }
             Side::Usm => {
-                let r = run_usm(&usm, a, &throughput, usm_runs.len())?;
+                let r = run_usm(&usm, a, &throughput, usm_runs.len(), swap_bytes)?;
                 usm_runs.push(r);
             }
         }
@@ -575,6 +576,7 @@ fn run_usm(
     a: &CompareArgs,
     throughput: &Throughput,
     run: usize,
+    swap_bytes: u64,
 ) -> Result<RunResult, CompareError> {
     // Accounting only: no limit, but the group's peak is USM's footprint and a signal
     // reaches every process of the side.
@@ -590,9 +592,9 @@ fn run_usm(
     if let Some(w) = a.workers {
         cmd.args(["--workers", &w.to_string()]);
     }
-    if let Some(s) = &a.swap_size {
-        cmd.args(["--swap-size", s]);
-    }
+    // The same swap size as the kernel side's (whose file must be written out in full:
+    // the kernel takes no sparse swap file), not `usm exec`'s larger sparse default.
+    cmd.args(["--swap-size", &swap_bytes.to_string()]);
     cmd.arg("--").args(&a.command);
     let out = run_child(cmd, "usm exec")?;
     let stats = cg.stats()?;

@@ -76,7 +76,8 @@ pub(crate) struct ExecArgs {
     /// A USM swap device or file (`usm mkswap`); default: a private temporary file.
     #[arg(long)]
     swap: Option<PathBuf>,
-    /// Size of the private temporary swap file (default: 8 × the pool, at least 256M).
+    /// Size of the private swap file, sparse (default: 64 × the pool, at least 4G, at most
+    /// half the free space of its file system).
     #[arg(long)]
     swap_size: Option<String>,
     /// Use the daemon already listening on this socket instead of a private one.

@@ -209,6 +209,19 @@ impl Default for DaemonOptions {
     }
 }
 
+/// The private swap file's size when none is asked for: 64 times the pool, at least 4 GiB
+/// — it is sparse, so its size costs nothing until pages are written (a program whose data
+/// is many times its pool must not find swap full, as kernel swap sized by an administrator
+/// would not be) — but never more than half the free space of `dir`'s file system, and
+/// never less than 8 times the pool.
+fn default_swap_bytes(pool_bytes: u64, dir: &Path) -> u64 {
+    let want = (pool_bytes * 64).max(4 << 30);
+    let room = nix::sys::statvfs::statvfs(dir)
+        .map(|v| v.blocks_available() * v.fragment_size() / 2)
+        .unwrap_or(want);
+    want.min(room).max((pool_bytes * 8).max(256 << 20))
+}
+
 /// `USM_ALLOW_UIDS`, or the default rule; a value that does not parse keeps the
 /// default (the stricter rule) with a warning.
 fn peer_rule_from_env() -> PeerRule {
@@ -470,7 +483,7 @@ fn open_swap(cfg: &Config, opts: &DaemonOptions, pool: u64) -> Result<SwapSetup,
         let bytes = if opts.temp_swap_bytes > 0 {
             opts.temp_swap_bytes
         } else {
-            (pool * 4096 * 8).max(256 << 20)
+            default_swap_bytes(pool * 4096, dir)
         };
         // A killed daemon's private swap file (owner pid dead) goes first.
         leftovers::sweep_swap_files(dir);

@@ -221,17 +221,17 @@ fn make_fork_gate() {
     let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
     if let Ok(addr) = sys::mmap_raw(0, sys::PAGE_SIZE, prot, flags, -1, 0) {
         crate::ranges::adopt(addr, sys::PAGE_SIZE, usm_proto::RangeKind::Mmap);
-        FORK_GATE.store(addr, std::sync::atomic::Ordering::Release);
+        FORK_GATE.store(addr, usm_sync::atomic::Ordering::Release);
     }
 }
 
 /// The fork gate's address (0: none).
-static FORK_GATE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static FORK_GATE: usm_sync::atomic::AtomicUsize = usm_sync::atomic::AtomicUsize::new(0);
 
 /// In a forked child of a managed process: waits at the fork gate (see
 /// [`make_fork_gate`]), then empties it again for the child's own children.
 fn pass_fork_gate() {
-    let gate = FORK_GATE.load(std::sync::atomic::Ordering::Acquire);
+    let gate = FORK_GATE.load(usm_sync::atomic::Ordering::Acquire);
     if gate != 0 {
         sys::touch(gate);
         let _ = sys::madvise_raw(gate, sys::PAGE_SIZE, libc::MADV_DONTNEED);
