@@ -197,46 +197,12 @@ fn threads_moving_blocks_into_each_others_freed_ranges_keep_every_page() {
     let Some(prog) = build_c(dir.path(), "remap_race") else {
         return;
     };
-    let p = prog.to_str().unwrap();
-    let mut failures = Vec::new();
-    for run in 1..=3 {
-        let r = usm_exec(
-            &["--pool", "8M"],
-            &[p, "4", "32", "150"],
-            Duration::from_secs(240),
-        );
-        eprintln!(
-            "run {run}: exit {} in {:?}; faults {} evictions {} swapins {}",
-            r.code, r.wall, r.report["faults"], r.report["evictions"], r.report["swapins"]
-        );
-        let mut wrong = Vec::new();
-        if r.code != 0 || !r.stdout.contains("OK") {
-            wrong.push("the program did not finish with OK".to_owned());
-        }
-        if r.report["managed"] != true {
-            wrong.push("not managed".to_owned());
-        }
-        // 32 MiB of blocks through an 8 MiB pool: the blocks moved were mostly in swap.
-        if r.report["swapins"].as_u64().unwrap_or(0) < 4096 {
-            wrong.push("fewer than 4096 swap-ins".to_owned());
-        }
-        let warnings = r.warnings();
-        if !warnings.is_empty() {
-            wrong.push(format!(
-                "{} WARN/ERROR line(s), first: {}",
-                warnings.len(),
-                warnings[0]
-            ));
-        }
-        if !wrong.is_empty() {
-            failures.push(format!("run {run}: {}\n{}", wrong.join("; "), r.describe()));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of 3 runs failed:\n\n{}",
-        failures.len(),
-        failures.join("\n\n")
+    // 32 MiB of blocks through an 8 MiB pool: the blocks moved were mostly in swap.
+    every_run_keeps_every_byte(
+        3,
+        &[prog.to_str().unwrap(), "4", "32", "150"],
+        Duration::from_secs(240),
+        ("swapins", 4096),
     );
 }
 
@@ -251,14 +217,22 @@ fn mm_storm_keeps_every_byte_at_eight_times_the_pool_five_runs_in_a_row() {
     let Some((prog, _keep)) = mm_storm() else {
         return;
     };
-    let p = prog.to_str().unwrap();
+    // 64 MiB through 8 MiB: at least the working set beyond the pool went out.
+    every_run_keeps_every_byte(
+        5,
+        &[prog.to_str().unwrap(), "run", "64", "2"],
+        Duration::from_secs(90),
+        ("evictions", 8192),
+    );
+}
+
+/// Runs `cmd` under `usm exec --pool 8M` `runs` times; every run must print OK without a
+/// BAD line, be managed, poison nothing, reach `at_least` of a report counter, give back
+/// every frame and slot, and log no WARN/ERROR line. Fails listing every failed run.
+fn every_run_keeps_every_byte(runs: usize, cmd: &[&str], limit: Duration, at_least: (&str, u64)) {
     let mut failures = Vec::new();
-    for run in 1..=5 {
-        let r = usm_exec(
-            &["--pool", "8M"],
-            &[p, "run", "64", "2"],
-            Duration::from_secs(90),
-        );
+    for run in 1..=runs {
+        let r = usm_exec(&["--pool", "8M"], cmd, limit);
         eprintln!(
             "run {run}: exit {} in {:?}; faults {} evictions {} swapins {} poisoned {}",
             r.code,
@@ -284,9 +258,9 @@ fn mm_storm_keeps_every_byte_at_eight_times_the_pool_five_runs_in_a_row() {
             if r.report["poisoned"] != 0 {
                 wrong.push("pages poisoned".to_owned());
             }
-            // 64 MiB through 8 MiB: at least the working set beyond the pool went out.
-            if r.report["evictions"].as_u64().unwrap_or(0) < 8192 {
-                wrong.push("fewer than 8192 evictions".to_owned());
+            let (counter, min) = at_least;
+            if r.report[counter].as_u64().unwrap_or(0) < min {
+                wrong.push(format!("fewer than {min} {counter}"));
             }
             if r.report["frames_used_at_exit"] != 0 || r.report["slots_used_at_exit"] != 0 {
                 wrong.push("frames or slots still used at exit".to_owned());
@@ -306,7 +280,7 @@ fn mm_storm_keeps_every_byte_at_eight_times_the_pool_five_runs_in_a_row() {
     }
     assert!(
         failures.is_empty(),
-        "{} of 5 runs failed:\n\n{}",
+        "{} of {runs} runs failed:\n\n{}",
         failures.len(),
         failures.join("\n\n")
     );
