@@ -195,11 +195,22 @@ fn exec_says_where_its_daemon_is_and_its_swap_file_is_sparse() {
     );
     let swap = PathBuf::from(after(&line, "swap "));
     assert!(swap.starts_with(&run.swap_dir), "{line}");
-    assert!(line.contains("256 MiB, sparse"), "{line}");
-    // Right after start the 256 MiB swap file holds (nearly) nothing: it is sparse, not
-    // written full of zeros.
+    // The default size (64× the pool, at least 4 GiB, at most half the free space, never
+    // under 8× the pool), as the start line says it.
+    let mib: u64 = line
+        .split_once(" MiB, sparse")
+        .unwrap_or_else(|| panic!("no size in {line:?}"))
+        .0
+        .rsplit('(')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("size in {line:?}: {e}"));
+    assert!(mib >= 8 * 16, "a swap file under 8× the pool: {line}");
+    // Right after start the swap file holds (nearly) nothing: it is sparse, not written
+    // full of zeros.
     let m = std::fs::metadata(&swap).unwrap();
-    assert_eq!(m.len(), 256 << 20);
+    assert_eq!(m.len(), mib << 20, "{line}");
     assert!(
         m.blocks() * 512 < 8 << 20,
         "{} bytes of the swap file are allocated right after start",
