@@ -663,8 +663,8 @@ fn silent_metrics_scrapers_hold_up_neither_other_scrapers_nor_shutdown() {
         .find_map(|l| {
             l.split("metrics on http://")
                 .nth(1)
-                .and_then(|r| r.strip_suffix("/metrics"))
-                .map(str::to_owned)
+                .and_then(|r| r.split_once("/metrics"))
+                .map(|(a, _)| a.to_owned())
         })
         .unwrap_or_else(|| panic!("no metrics address in the log: {}", d.log()));
     let silent: Vec<_> = (0..6)
