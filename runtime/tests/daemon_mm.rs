@@ -44,6 +44,7 @@ mod common;
 
 use common::daemon::RunDaemon;
 use common::programs::{build_c, have, tagger, usm_exec};
+use common::redis::{free_port, plain_redis, redis_cmd, redis_info, redis_server, wait_for_ping};
 
 /// One test at a time: each fills a pool several times over, and the CI machine has 2
 /// vCPUs (a slow neighbour must never read as a failure).
@@ -288,41 +289,6 @@ fn every_run_keeps_every_byte(runs: usize, cmd: &[&str], limit: Duration, at_lea
 
 // ---------------------------------------------------------------------------------------
 
-fn redis_cmd(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_ping(port: u16, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while redis_cmd(port, &["PING"]) != "PONG" {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    true
-}
-
-fn redis_info(port: u16, key: &str) -> Option<String> {
-    let info = redis_cmd(port, &["INFO", "persistence"]);
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .map(|v| v.trim().to_owned())
-}
-
 /// Issue 15 point 6 for redis: data 3× the pool (~48 MiB through 16 MiB), the managed
 /// server's own `DEBUG DIGEST` (read back from swap) equals a plain redis-server's for
 /// the same data, and its `BGSAVE` (the fork child reading the dataset from swap) writes
@@ -338,27 +304,8 @@ fn redis_at_three_times_the_pool_digests_like_plain_redis_and_its_bgsave_loads()
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = |port: u16, rdb: &str| {
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args([
-                "--enable-debug-command",
-                "yes",
-                "--dbfilename",
-                rdb,
-                "--dir",
-            ])
-            .arg(dir.path());
-        cmd
-    };
-    let plain = |port: u16, rdb: &str| {
-        server(port, rdb)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let server = |port: u16, rdb: &str| redis_server(dir.path(), port, rdb);
+    let plain = |port: u16, rdb: &str| plain_redis(dir.path(), port, rdb);
     let populate = ["DEBUG", "POPULATE", "150000", "key", "300"];
     let ref_port = free_port();
     let mut reference = plain(ref_port, "reference.rdb");

@@ -15,6 +15,7 @@ mod common;
 
 use common::daemon::{RunDaemon, USM};
 use common::programs::{have, tagger};
+use common::redis::{free_port, plain_redis, redis_cmd, redis_info, redis_server, wait_for_ping};
 
 /// The programs here each fill a pool several times over: run them one at a time (the
 /// CI machine has 2 vCPUs), so a slow neighbour never reads as a failure.
@@ -383,23 +384,6 @@ fn unconfigured_programs_run_untouched_and_shutdown_is_graceful() {
     drop(d);
 }
 
-fn redis_cmd(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn redis_data_survives_swap_and_metrics_match_stat() {
     let _serial = serial();
@@ -471,22 +455,6 @@ fn redis_data_survives_swap_and_metrics_match_stat() {
     drop(d);
 }
 
-/// `INFO persistence` field `key` of the redis at `port`.
-fn redis_info(port: u16, key: &str) -> Option<String> {
-    let info = redis_cmd(port, &["INFO", "persistence"]);
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .map(|v| v.trim().to_owned())
-}
-
-fn wait_for_ping(port: u16, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while redis_cmd(port, &["PING"]) != "PONG" {
-        assert!(Instant::now() < deadline, "redis on {port} did not answer");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The BGSAVE test: most of a managed redis-server's dataset is in swap when
 /// it forks its RDB child; the child inherits those pages through the daemon's
 /// reference-counted slots and writes an RDB that a plain redis-server (no USM) loads
@@ -501,33 +469,18 @@ fn redis_bgsave_with_the_dataset_in_swap_writes_a_correct_rdb() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = |port: u16, rdb: &str| {
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args([
-                "--enable-debug-command",
-                "yes",
-                "--dbfilename",
-                rdb,
-                "--dir",
-            ])
-            .arg(dir.path());
-        cmd
-    };
-    let plain = |port: u16, rdb: &str| {
-        server(port, rdb)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let server = |port: u16, rdb: &str| redis_server(dir.path(), port, rdb);
+    let plain = |port: u16, rdb: &str| plain_redis(dir.path(), port, rdb);
     // ~34 MiB of keys and values (about 8600 pages) through an 8 MiB pool.
     let populate = ["DEBUG", "POPULATE", "80000", "key", "300"];
     // The reference digest, from a plain redis-server.
     let ref_port = free_port();
     let mut reference = plain(ref_port, "reference.rdb");
-    wait_for_ping(ref_port, Duration::from_secs(10));
+    assert!(
+        wait_for_ping(ref_port, Duration::from_secs(10)),
+        "redis on {} did not answer",
+        ref_port
+    );
     assert_eq!(redis_cmd(ref_port, &populate), "OK");
     let digest = redis_cmd(ref_port, &["DEBUG", "DIGEST"]);
     let _ = redis_cmd(ref_port, &["SHUTDOWN", "NOSAVE"]);
@@ -537,7 +490,11 @@ fn redis_bgsave_with_the_dataset_in_swap_writes_a_correct_rdb() {
     let d = RunDaemon::start("memory 2048\nworkers 2\nprocess redis-server first-fit");
     let port = free_port();
     let mut r = tagged(&d, &mut server(port, "bgsave.rdb"));
-    wait_for_ping(port, Duration::from_secs(10));
+    assert!(
+        wait_for_ping(port, Duration::from_secs(10)),
+        "redis on {} did not answer",
+        port
+    );
     assert_eq!(redis_cmd(port, &populate), "OK");
     // Most of the dataset in swap before the fork.
     let s = d.wait_for("most of redis in swap", Duration::from_secs(20), |s| {
@@ -583,7 +540,11 @@ fn redis_bgsave_with_the_dataset_in_swap_writes_a_correct_rdb() {
     // A plain redis-server loads the RDB to the reference digest.
     let load_port = free_port();
     let mut loader = plain(load_port, "bgsave.rdb");
-    wait_for_ping(load_port, Duration::from_secs(30));
+    assert!(
+        wait_for_ping(load_port, Duration::from_secs(30)),
+        "redis on {} did not answer",
+        load_port
+    );
     let loaded = redis_cmd(load_port, &["DBSIZE"]);
     let loaded_digest = redis_cmd(load_port, &["DEBUG", "DIGEST"]);
     let _ = redis_cmd(load_port, &["SHUTDOWN", "NOSAVE"]);

@@ -5,3 +5,4 @@
 pub(crate) mod daemon;
 pub(crate) mod harden;
 pub(crate) mod programs;
+pub(crate) mod redis;
