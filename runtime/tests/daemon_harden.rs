@@ -691,10 +691,10 @@ fn silent_metrics_scrapers_hold_up_neither_other_scrapers_nor_shutdown() {
 // ---------------------------------------------------------------------------------------
 // 4. The socket path.
 
-/// `usm run` with `socket PATH` where something already is; must fail fast.
-fn run_expecting_failure(dir: &Path, socket: &Path) -> String {
+/// A config `dir/NAME.cfg` for a small daemon on `socket` (its swap file in `dir`).
+fn socket_config(dir: &Path, socket: &Path, name: &str) -> PathBuf {
     let swap = mkswap(dir);
-    let cfg = dir.join("fail.cfg");
+    let cfg = dir.join(format!("{name}.cfg"));
     std::fs::write(
         &cfg,
         format!(
@@ -704,6 +704,12 @@ fn run_expecting_failure(dir: &Path, socket: &Path) -> String {
         ),
     )
     .unwrap();
+    cfg
+}
+
+/// `usm run` with `socket PATH` where something already is; must fail fast.
+fn run_expecting_failure(dir: &Path, socket: &Path) -> String {
+    let cfg = socket_config(dir, socket, "fail");
     let mut child = Command::new(USM)
         .arg("run")
         .arg(&cfg)
@@ -714,7 +720,7 @@ fn run_expecting_failure(dir: &Path, socket: &Path) -> String {
     let st = wait_until(&mut child, Duration::from_secs(15));
     let mut err = String::new();
     let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-    let _ = std::fs::remove_file(&swap);
+    let _ = std::fs::remove_file(dir.join("swap.img"));
     assert!(
         st.is_some_and(|s| !s.success()),
         "the daemon started over {}: {err}",
@@ -786,17 +792,7 @@ fn nothing_at_the_socket_path_is_deleted_unless_it_is_our_stale_socket() {
 
 /// A daemon on `socket` in `dir` (which the caller keeps).
 fn run_at(dir: &Path, socket: &Path) -> Run {
-    let swap = mkswap(dir);
-    let cfg = dir.join("ok.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "memory 64\nworkers 1\nswap {}\nsocket {}\n",
-            swap.display(),
-            socket.display()
-        ),
-    )
-    .unwrap();
+    let cfg = socket_config(dir, socket, "ok");
     let log = dir.join("ok.log");
     let child = Command::new(USM)
         .arg("run")
