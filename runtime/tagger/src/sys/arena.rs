@@ -149,7 +149,7 @@ unsafe impl Allocator for ArenaSegments {
 }
 
 struct Arena {
-    lock: UnsafeCell<libc::pthread_mutex_t>,
+    lock: super::ForkMutex,
     dl: UnsafeCell<Dlmalloc<ArenaSegments>>,
     /// Bytes of the reservation handed to dlmalloc so far.
     used: UnsafeCell<usize>,
@@ -160,19 +160,17 @@ struct Arena {
 unsafe impl Sync for Arena {}
 
 static ARENA: Arena = Arena {
-    lock: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
+    lock: super::ForkMutex::new(),
     dl: UnsafeCell::new(Dlmalloc::new_with_allocator(ArenaSegments)),
     used: UnsafeCell::new(0),
 };
 
 fn lock() {
-    // SAFETY: the mutex is statically initialised and lives forever.
-    unsafe { libc::pthread_mutex_lock(ARENA.lock.get()) };
+    ARENA.lock.lock();
 }
 
 fn unlock() {
-    // SAFETY: called by the thread that locked it.
-    unsafe { libc::pthread_mutex_unlock(ARENA.lock.get()) };
+    ARENA.lock.unlock();
 }
 
 fn with_arena<R>(f: impl FnOnce(&mut Dlmalloc<ArenaSegments>) -> R) -> R {
@@ -221,8 +219,7 @@ pub(crate) fn fork_parent() {
 
 /// `fork` child handler: a fresh lock, and no tagger thread (none was inherited).
 pub(crate) fn fork_child() {
-    // SAFETY: single-threaded child; nobody else can touch the mutex right now.
-    unsafe { ARENA.lock.get().write(libc::PTHREAD_MUTEX_INITIALIZER) };
+    ARENA.lock.reinit_in_child();
     for slot in &TAGGER_THREADS {
         slot.store(0, Ordering::Release);
     }

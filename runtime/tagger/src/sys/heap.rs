@@ -161,7 +161,7 @@ unsafe impl Allocator for ManagedSegments {
 }
 
 struct Heap {
-    lock: UnsafeCell<libc::pthread_mutex_t>,
+    lock: super::ForkMutex,
     dl: UnsafeCell<Dlmalloc<ManagedSegments>>,
     pending: UnsafeCell<PendingSegments>,
 }
@@ -171,7 +171,7 @@ struct Heap {
 unsafe impl Sync for Heap {}
 
 static HEAP: Heap = Heap {
-    lock: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
+    lock: super::ForkMutex::new(),
     dl: UnsafeCell::new(Dlmalloc::new_with_allocator(ManagedSegments)),
     pending: UnsafeCell::new(PendingSegments {
         pending: [(0, 0); PENDING_CAPACITY],
@@ -187,13 +187,11 @@ fn pending_mut() -> &'static mut PendingSegments {
 }
 
 fn lock() {
-    // SAFETY: the mutex is statically initialised and lives forever.
-    unsafe { libc::pthread_mutex_lock(HEAP.lock.get()) };
+    HEAP.lock.lock();
 }
 
 fn unlock() {
-    // SAFETY: called by the thread that locked it (with_heap, atfork parent).
-    unsafe { libc::pthread_mutex_unlock(HEAP.lock.get()) };
+    HEAP.lock.unlock();
 }
 
 /// Runs `f` on the heap with the lock held.
@@ -218,8 +216,7 @@ pub(crate) fn fork_parent() {
 /// `fork` child handler: the child has one thread; re-initialise the lock it inherited
 /// held (unlocking a mutex locked by a thread that does not exist here is undefined).
 pub(crate) fn fork_child() {
-    // SAFETY: single-threaded child; nobody else can touch the mutex right now.
-    unsafe { HEAP.lock.get().write(libc::PTHREAD_MUTEX_INITIALIZER) };
+    HEAP.lock.reinit_in_child();
 }
 
 /// Registers the segments made before the Ack. Called once, right after the session

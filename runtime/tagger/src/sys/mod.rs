@@ -65,6 +65,42 @@ pub(crate) fn set_errno(value: i32) {
     unsafe { *__errno_location() = value };
 }
 
+/// A `pthread_mutex_t` for a static lock of the tagger (heap, arena, address-space
+/// changes): futex-based, never allocating, and usable in a forked child — each is held
+/// across `fork` by the atfork prepare handler, released by the parent handler and
+/// re-initialised in the child, where the thread that held it does not exist.
+pub(crate) struct ForkMutex(std::cell::UnsafeCell<libc::pthread_mutex_t>);
+
+// SAFETY: the mutex is only used through pthread calls, which synchronise themselves.
+unsafe impl Sync for ForkMutex {}
+
+impl ForkMutex {
+    /// An unlocked mutex.
+    pub(crate) const fn new() -> ForkMutex {
+        ForkMutex(std::cell::UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER))
+    }
+
+    /// Locks it (not re-entrant).
+    pub(crate) fn lock(&self) {
+        // SAFETY: an initialised mutex that lives as long as `self`.
+        unsafe { libc::pthread_mutex_lock(self.0.get()) };
+    }
+
+    /// Unlocks it; only the thread that locked it may call this.
+    pub(crate) fn unlock(&self) {
+        // SAFETY: called by the thread that locked it (the callers' contract).
+        unsafe { libc::pthread_mutex_unlock(self.0.get()) };
+    }
+
+    /// In the `fork` child handler: a fresh, unlocked mutex (the inherited one may be held
+    /// by a thread that does not exist here; unlocking it would be undefined).
+    pub(crate) fn reinit_in_child(&self) {
+        // SAFETY: the child has one thread, in its atfork handler: nobody else can touch
+        // the mutex right now.
+        unsafe { self.0.get().write(libc::PTHREAD_MUTEX_INITIALIZER) };
+    }
+}
+
 /// Changes of the program's address space (`mmap`, `munmap`, `mremap`, `fork`), one at
 /// a time.
 ///
@@ -81,22 +117,18 @@ pub(crate) fn set_errno(value: i32) {
 /// Re-entered by the thread that holds it (a signal handler that unmaps), it lets that
 /// thread through rather than deadlock.
 struct ChangeLock {
-    mutex: std::cell::UnsafeCell<libc::pthread_mutex_t>,
+    mutex: ForkMutex,
     /// `pthread_self()` of the holder, 0 when free.
     owner: std::sync::atomic::AtomicUsize,
 }
 
-// SAFETY: the mutex is only used through pthread calls, which synchronise themselves.
-unsafe impl Sync for ChangeLock {}
-
 static CHANGES: ChangeLock = ChangeLock {
-    mutex: std::cell::UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
+    mutex: ForkMutex::new(),
     owner: std::sync::atomic::AtomicUsize::new(0),
 };
 
 fn changes_lock() {
-    // SAFETY: a statically initialised mutex that lives forever.
-    unsafe { libc::pthread_mutex_lock(CHANGES.mutex.get()) };
+    CHANGES.mutex.lock();
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() } as usize;
     CHANGES
@@ -106,8 +138,7 @@ fn changes_lock() {
 
 fn changes_unlock() {
     CHANGES.owner.store(0, std::sync::atomic::Ordering::Relaxed);
-    // SAFETY: called by the thread that locked it.
-    unsafe { libc::pthread_mutex_unlock(CHANGES.mutex.get()) };
+    CHANGES.mutex.unlock();
 }
 
 /// Runs the address-space change `f` under [`ChangeLock`].
@@ -136,8 +167,7 @@ pub(crate) fn changes_fork_parent() {
 /// `fork` child handler: one thread; re-initialise the lock it inherited held.
 pub(crate) fn changes_fork_child() {
     CHANGES.owner.store(0, std::sync::atomic::Ordering::Relaxed);
-    // SAFETY: single-threaded child; nobody else can touch the mutex right now.
-    unsafe { CHANGES.mutex.get().write(libc::PTHREAD_MUTEX_INITIALIZER) };
+    CHANGES.mutex.reinit_in_child();
 }
 
 /// `mmap(2)` without going through the exported wrapper. Returns the address or errno.
