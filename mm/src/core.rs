@@ -11,6 +11,7 @@
 //! | `core/swap_in.rs` | bringing pages back: `swap_cache_hit`, `refault_sampled`, swap-in reads (`start_swap_in`, `queue_read`, `prefetch`), `keep_or_free_copy` |
 //! | `core/eviction.rs` | `balance`, `run_eviction` (victim choice through `SamplingView`), `prepare_victim`, `stage_batch`, `evict_clean`, `queue_writeback`, `let_go`, `replace_evict`; `evict_now` |
 //! | `core/completion.rs` | [`WorkerMm::poll`] (reaping the engine), `complete` (write-back and swap-in done), [`WorkerMm::finish_stage`] with `leave` / `stay` (asynchronous stages), [`WorkerMm::wait_io`] |
+//! | `core/fork_wait.rs` | fork children waiting for pages their parent was evicting at `fork`: `record`, `blocks`, `stage_done` |
 //! | `core/oom.rs` | `oom_ladder` (after an allocation policy's `Oom`; kill actions), `fail` (poison the page, log why), `NoOom` |
 //! | `core/cx.rs` | the policy host's views: `WorkerCx` (the `Cx` and `EvictCx` of one policy call; `restore_taken`, `return_frame`, `range_key`, `still_owned`) and `MemView` |
 //!
@@ -89,6 +90,7 @@ mod completion;
 mod cx;
 mod eviction;
 mod fault;
+mod fork_wait;
 mod oom;
 mod process;
 mod ranges;
@@ -198,6 +200,9 @@ pub struct MemState {
     /// ([`FaultResult::NeedMemory`]); the next write-back to complete, on any worker,
     /// wakes it (its own ring's completions would wake it anyway, another worker's not).
     memory_waiters: u64,
+    /// Parent pages that were `Leaving` at a `fork`, by (parent, address): their children
+    /// wait (see `fork_wait`).
+    fork_waits: HashMap<(u32, u64), fork_wait::ForkWait>,
 }
 
 impl std::fmt::Debug for MemState {
@@ -292,6 +297,7 @@ impl MmCore {
                     leaving: 0,
                     swap_full: false,
                     memory_waiters: 0,
+                    fork_waits: HashMap::new(),
                 },
                 evict,
                 oom,

@@ -110,6 +110,8 @@ impl WorkerMm {
             .get(&pid)
             .and_then(|s| s.pages.get(&addr))
             .cloned();
+        // Fork children sharing this page's entry get its content now (`fork_wait`).
+        super::fork_wait::stage_done(&core, &mut st.mem, pid, addr, frame, moved);
         let wanted = match state {
             Some(PageState::Leaving {
                 frame: f,

@@ -73,6 +73,13 @@ impl WorkerMm {
             if space.range_of(addr).is_none() {
                 return FaultResult::Foreign;
             }
+            if super::fork_wait::blocks(&st.mem, pid) {
+                st.mem.memory_waiters |= 1 << self.worker;
+                return FaultResult::NeedMemory;
+            }
+            let Some(space) = st.mem.spaces.get_mut(&pid) else {
+                return FaultResult::Foreign;
+            };
             match space.pages.get_mut(&addr) {
                 Some(PageState::Resident(_) | PageState::Copied | PageState::Poisoned) => {
                     return FaultResult::AlreadyPresent;

@@ -26,7 +26,7 @@ use usm_kmod::pool::FrameOwner;
 use usm_policies::{AllocPolicy, Cx, PolicyKind, guarded, page_floor};
 use usm_sync::atomic::Ordering;
 
-use super::{MmCore, PAGE, RangeRelease, WorkerCx, WorkerMm};
+use super::{MmCore, PAGE, RangeRelease, WorkerCx, WorkerMm, fork_wait};
 use crate::MmError;
 use crate::installer::Installer;
 use crate::space::{ManagedRange, PageState, Space, SpacePolicy};
@@ -304,6 +304,7 @@ impl MmCore {
         }
         let pages: Vec<(u64, PageState)> = p.pages.iter().map(|(&a, s)| (a, s.clone())).collect();
         let mut copied_staged = 0usize;
+        let mut waits = 0usize;
         for (a, state) in pages {
             let child_state = match state {
                 PageState::Resident(_) | PageState::Copied => PageState::Copied,
@@ -326,11 +327,18 @@ impl MmCore {
                     }
                 }
                 // A page being taken out of the parent: its content goes to `entry`
-                // (or, if it stays, the child has its own copy and never faults here).
+                // (or, if it stays, the child has its own copy and never faults here);
+                // the child waits until the stage ends (`fork_wait`).
                 PageState::Swapped(e)
                 | PageState::SwapIn { entry: e, .. }
                 | PageState::Leaving { entry: e, .. } => match st.mem.swap.dup(e) {
-                    Ok(_) => PageState::Swapped(e),
+                    Ok(_) => {
+                        if matches!(state, PageState::Leaving { .. }) {
+                            fork_wait::record(&mut st.mem, parent, a, e, child);
+                            waits += 1;
+                        }
+                        PageState::Swapped(e)
+                    }
                     Err(err) => {
                         tracing::error!(error = %err, addr = a, child, "sharing a swap entry with a fork child failed: poisoned");
                         let _ = installer.poison(&self.pool, a);
@@ -345,11 +353,12 @@ impl MmCore {
             space.set(a, child_state);
         }
         space.installer = Some(installer);
-        if copied_staged > 0 {
+        if copied_staged > 0 || waits > 0 {
             tracing::debug!(
                 child,
                 copied_staged,
-                "fork child got copies of staged pages"
+                waits,
+                "fork child got copies of staged pages, and waits for pages being evicted"
             );
         }
         st.mem.spaces.insert(child, space);

@@ -10,7 +10,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -28,13 +28,17 @@ pub struct Session {
     channel: Channel,
 }
 
-/// The daemon's Ack.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The daemon's Ack (or, for a forked child, its [`Message::Adopted`]).
+#[derive(Debug)]
 pub struct Admission {
     /// `uffdio_api.features` the daemon negotiated on the shared userfaultfd.
     pub features: u64,
     /// Policy managing this process.
     pub policy: String,
+    /// `Some` when the daemon adopted this forked child into the space it made from the
+    /// parent's `FORK` event: the child's inherited userfaultfd context, to use in place
+    /// of the one sent with Hello (which the daemon dropped un-negotiated).
+    pub inherited: Option<OwnedFd>,
 }
 
 /// Connects to the daemon at `path` and checks who listens there (`SO_PEERCRED` of the
@@ -77,7 +81,7 @@ impl Session {
             });
         }
         self.channel.set_recv_timeout(Some(VERDICT_TIMEOUT))?;
-        let verdict = match self.channel.recv() {
+        let verdict = match self.channel.recv_with_fds() {
             Err(e) if e.is_peer_gone() => Err(self.queued_refusal().unwrap_or(e)),
             other => other,
         };
@@ -88,10 +92,19 @@ impl Session {
             },
             other => other,
         })? {
-            Message::Ack { features, policy } => Ok(Admission { features, policy }),
-            Message::Refused { reason, text } => Err(ProtoError::Refused { reason, text }),
-            other => Err(ProtoError::Unexpected {
-                expected: "Ack or Refused",
+            (Message::Ack { features, policy }, _) => Ok(Admission {
+                features,
+                policy,
+                inherited: None,
+            }),
+            (Message::Adopted { features, policy }, mut fds) => Ok(Admission {
+                features,
+                policy,
+                inherited: fds.pop(),
+            }),
+            (Message::Refused { reason, text }, _) => Err(ProtoError::Refused { reason, text }),
+            (other, _) => Err(ProtoError::Unexpected {
+                expected: "Ack, Adopted or Refused",
                 got: other.name(),
             }),
         }

@@ -24,7 +24,9 @@
 //!    its copy with its own privileges (handler mode, `EVENT_FORK | EVENT_REMAP |
 //!    EVENT_REMOVE | EVENT_UNMAP | THREAD_ID`, never `UFFD_USER_MODE_ONLY`), and answers
 //!    [`Message::Ack`] (features negotiated, policy name) or [`Message::Refused`].
-//!    A refused tagger closes its copy and runs unmanaged.
+//!    A refused tagger closes its copy and runs unmanaged. A forked child of a managed
+//!    process may instead get [`Message::Adopted`] with its *inherited* userfaultfd
+//!    context attached: it closes the fresh one and keeps that one.
 //! 4. **Managed.** After the Ack the tagger registers its ranges itself
 //!    (`UFFDIO_REGISTER` MISSING on its own copy works because the context is shared) and
 //!    tells the daemon with advisory [`Message::RegisterRange`] / [`Message::UnregisterRange`]
@@ -59,9 +61,11 @@
 //! - Never make the userfaultfd reader wait for a reply on the socket: threads of the
 //!   program may hold its heap lock while they wait for a fault.
 //! - Expect a Hello from every forked child of a managed process (its own pid, the
-//!   same name, a new userfaultfd for the memory it creates); the child's *inherited*
-//!   memory is on the context delivered by the parent's `FORK` event (the child's
-//!   `PPid` in `/proc/<pid>/status` names the parent).
+//!   same name, a new userfaultfd); the child's *inherited* memory is on the context
+//!   delivered by the parent's `FORK` event (the child's `PPid` in `/proc/<pid>/status`
+//!   names the parent). Answer `Adopted` with that context attached to make the child
+//!   one space with one context (drop the new one un-negotiated), or `Ack` to keep the
+//!   two apart.
 //! - Treat [`Message::RegisterRange`]/[`Message::UnregisterRange`] as advisory (they may
 //!   be dropped when the socket is full, and may name memory never seen).
 //! - To let a process go while alive: put every page back, then send [`Message::Bye`].

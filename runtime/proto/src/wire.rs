@@ -25,9 +25,11 @@
 //! | 11   | `StartAgent`     | daemon → tagger  | staging_pages u32, ring_entries u32          |
 //! | 12   | `AgentReady`     | tagger → daemon  | staging_start u64, staging_pages u32, ring_entries u32; 3 fds |
 //! | 13   | `AgentUnavailable`| tagger → daemon | text                                         |
+//! | 14   | `Adopted`        | daemon → tagger  | features u64, policy; 1 fd                   |
 //!
-//! `Hello` carries exactly one descriptor (the userfaultfd), `AgentReady` exactly three
-//! (ring memfd, kick eventfd, done eventfd; see [`crate::agent`]), every other message none.
+//! `Hello` carries exactly one descriptor (the userfaultfd), `Adopted` one (the forked
+//! child's inherited userfaultfd context), `AgentReady` exactly three (ring memfd, kick
+//! eventfd, done eventfd; see [`crate::agent`]), every other message none.
 //!
 //! Ranges (`RegisterRange`, `UnregisterRange`) are page-aligned (4 KiB), non-empty and do
 //! not wrap. A hint's range is non-empty and does not wrap (any alignment).
@@ -112,6 +114,18 @@ pub enum Message {
         /// `uffdio_api.features` as negotiated by the daemon.
         features: u64,
         /// Name of the policy that will manage the process.
+        policy: String,
+    },
+    /// The daemon took a forked child of a managed process *into the space it already
+    /// keeps for it* (the one made from the parent's `FORK` event): the attached
+    /// descriptor is that space's userfaultfd context (the child's inherited memory is
+    /// registered on it, and only the daemon held it). The tagger uses it instead of the
+    /// fresh one it sent with Hello, so all of the child's memory is one space with one
+    /// eviction agent. Otherwise as [`Message::Ack`].
+    Adopted {
+        /// `uffdio_api.features` of the inherited context.
+        features: u64,
+        /// Name of the policy that manages the process.
         policy: String,
     },
     /// The daemon does not manage this process; the tagger continues unmanaged.
@@ -323,6 +337,7 @@ impl Message {
             Message::StartAgent { .. } => 11,
             Message::AgentReady { .. } => 12,
             Message::AgentUnavailable { .. } => 13,
+            Message::Adopted { .. } => 14,
         }
     }
 
@@ -342,13 +357,14 @@ impl Message {
             Message::StartAgent { .. } => "StartAgent",
             Message::AgentReady { .. } => "AgentReady",
             Message::AgentUnavailable { .. } => "AgentUnavailable",
+            Message::Adopted { .. } => "Adopted",
         }
     }
 
     /// How many descriptors travel with this message (`SCM_RIGHTS`).
     pub fn expected_fds(&self) -> usize {
         match self {
-            Message::Hello { .. } => 1,
+            Message::Hello { .. } | Message::Adopted { .. } => 1,
             Message::AgentReady { .. } => 3,
             _ => 0,
         }
@@ -366,7 +382,9 @@ impl Message {
                 }
                 check_text("name", name, MAX_NAME_LEN, false)
             }
-            Message::Ack { policy, .. } => check_text("policy", policy, MAX_POLICY_LEN, false),
+            Message::Ack { policy, .. } | Message::Adopted { policy, .. } => {
+                check_text("policy", policy, MAX_POLICY_LEN, false)
+            }
             Message::Refused { text, .. } => check_text("text", text, MAX_TEXT_LEN, true),
             Message::RegisterRange { start, len, .. } | Message::UnregisterRange { start, len } => {
                 check_range(*start, *len, true)
@@ -522,7 +540,7 @@ pub fn encode(msg: &Message, buf: &mut [u8; MAX_MESSAGE_LEN]) -> Result<usize, E
             w.u32(*pid);
             w.text(name);
         }
-        Message::Ack { features, policy } => {
+        Message::Ack { features, policy } | Message::Adopted { features, policy } => {
             w.u64(*features);
             w.text(policy);
         }
@@ -751,6 +769,10 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         13 => Message::AgentUnavailable {
             text: r.text("text", MAX_TEXT_LEN)?,
         },
+        14 => Message::Adopted {
+            features: r.u64("adopted.features")?,
+            policy: r.text("policy", MAX_POLICY_LEN)?,
+        },
         other => return Err(DecodeError::UnknownKind { kind: other }),
     };
     r.finish()?;
@@ -809,6 +831,10 @@ mod tests {
             },
             Message::AgentUnavailable {
                 text: "no UFFD_FEATURE_MOVE".into(),
+            },
+            Message::Adopted {
+                features: 0x1f,
+                policy: "default".into(),
             },
         ]
     }

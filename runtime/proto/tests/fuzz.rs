@@ -59,6 +59,8 @@ fn message() -> impl Strategy<Value = Message> {
             }
         }),
         text(MAX_TEXT_LEN).prop_map(|text| Message::AgentUnavailable { text }),
+        (any::<u64>(), text(255))
+            .prop_map(|(features, policy)| Message::Adopted { features, policy }),
     ]
 }
 

@@ -170,7 +170,7 @@ impl DaemonDriver {
                     return true;
                 }
                 FaultResult::Failed(reason) => {
-                    tracing::debug!(pid = p.proc.pid, addr = p.addr, %reason, "access failed");
+                    tracing::debug!(pid = p.proc.pid(), addr = p.addr, %reason, "access failed");
                     let _ = p.proc.installer.uffd().wake(p.addr, PAGE);
                     return true;
                 }
@@ -185,7 +185,7 @@ impl DaemonDriver {
                 }
                 FaultResult::Foreign => {
                     tracing::warn!(
-                        pid = p.proc.pid,
+                        pid = p.proc.pid(),
                         addr = p.addr,
                         "fault outside every managed range"
                     );
@@ -206,7 +206,7 @@ impl DaemonDriver {
 
     fn notify(&mut self, proc: &Proc, notice: Notice) {
         let origin = Origin {
-            pid: proc.pid,
+            pid: proc.pid(),
             tid: 0,
         };
         let name = proc.name.clone();

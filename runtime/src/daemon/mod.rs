@@ -304,6 +304,20 @@ impl Shared {
         }
     }
 
+    /// The space made from a `FORK` event for process `pid` (learned from its first
+    /// fault), if no session has taken it yet, it runs as `uid`, and its address space
+    /// is alive (after an `exec` the pid stays but the space is another's).
+    pub(crate) fn unadopted_child(&self, pid: u32, uid: u32) -> Option<Arc<Proc>> {
+        self.procs().into_iter().find(|p| {
+            p.parent.is_some()
+                && p.pid() == pid
+                && p.uid == uid
+                && p.channel().is_none()
+                && !p.is_gone()
+                && sys::mm_alive(p.installer.uffd())
+        })
+    }
+
     pub(crate) fn procs(&self) -> Vec<Arc<Proc>> {
         self.procs.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -321,7 +335,7 @@ impl Shared {
             daemon,
             processes: procs
                 .iter()
-                .map(|p| (p.pid, p.name.clone(), p.counters.latency_histogram()))
+                .map(|p| (p.pid(), p.name.clone(), p.counters.latency_histogram()))
                 .collect(),
         }
     }
@@ -816,7 +830,7 @@ impl Daemon {
             summary.pages_lost += bad;
             summary.processes += 1;
             process::tell_away(&sh, &p, true);
-            if let Some(ch) = &p.channel {
+            if let Some(ch) = p.channel() {
                 let _ = ch.send(&usm_proto::Message::Bye);
             }
             p.stop.store(true, Ordering::Release);

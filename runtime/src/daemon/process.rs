@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use usm_sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use usm_sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use usm_sync::{Arc, Mutex};
 
 use usm_kmod::{Features, RawUserfaultfd, UffdEvent, Userfaultfd};
@@ -61,15 +61,19 @@ pub(crate) struct Proc {
     /// Its space in the memory manager (the pid; a number of the daemon's own for a fork
     /// child, whose pid the fork event does not tell).
     pub(crate) space: u32,
-    /// The pid (0: a fork child).
-    pub(crate) pid: u32,
+    /// The pid (0: a fork child whose pid is not known yet; see [`Proc::learn_pid`]).
+    pid: AtomicU32,
+    /// The uid it runs as (a fork child's is its parent's): only a session of this uid
+    /// may adopt a fork child's space.
+    pub(crate) uid: u32,
     pub(crate) name: String,
     pub(crate) parent: Option<u32>,
     /// The configured allocation policy spec.
     pub(crate) policy: String,
     pub(crate) installer: Arc<RemoteInstaller>,
     pub(crate) counters: ProcCounters,
-    pub(crate) channel: Option<Channel>,
+    /// The tagger's session (a fork child's is set when its own session is adopted).
+    pub(crate) channel: std::sync::OnceLock<Channel>,
     /// Ranges the tagger says it registered (advisory), start → end.
     pub(crate) ranges: Mutex<BTreeMap<u64, u64>>,
     /// The process is gone; nothing may be served for it any more.
@@ -80,12 +84,44 @@ pub(crate) struct Proc {
     /// Last count of pages out told to the tagger.
     pub(crate) told_away: AtomicU64,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
+    /// A pidfd for a fork child's reader, once its session is adopted (the reader of a
+    /// space made from a `FORK` event starts without one and polls its address space).
+    exit_fd: std::sync::OnceLock<OwnedFd>,
     /// Counts this tagger's session against its uid and pid until the `Proc` is dropped
-    /// (`None` for a fork child known by its parent's FORK event). See `sessions`.
-    pub(crate) _session: Option<super::sessions::SessionGuard>,
+    /// (`None` for a fork child known by its parent's FORK event until it is adopted).
+    /// See `sessions`.
+    pub(crate) session: Mutex<Option<super::sessions::SessionGuard>>,
 }
 
 impl Proc {
+    /// The pid (0: a fork child whose first fault has not been read yet).
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid.load(Ordering::Acquire)
+    }
+
+    /// The tagger's session, if it has one.
+    pub(crate) fn channel(&self) -> Option<&Channel> {
+        self.channel.get()
+    }
+
+    /// A fork child's pid, from the thread of its first fault (`THREAD_ID`): a forked
+    /// child has one thread at birth and reads its fork gate before anything else, so
+    /// that thread is the group leader; its thread group id is checked in `/proc`.
+    fn learn_pid(&self, tid: u32) {
+        if tid == 0 || self.pid() != 0 {
+            return;
+        }
+        if let Some(pid) = thread_group(tid) {
+            if self
+                .pid
+                .compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                tracing::debug!("{}: fork child is pid {pid}", self.name);
+            }
+        }
+    }
+
     pub(crate) fn is_gone(&self) -> bool {
         self.gone.load(Ordering::Acquire)
     }
@@ -97,7 +133,7 @@ impl Proc {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let (managed, anon) = *self.coverage.lock().unwrap_or_else(|p| p.into_inner());
         ProcessStat {
-            pid: self.pid,
+            pid: self.pid(),
             name: self.name.clone(),
             parent: self.parent,
             policy: if policy.is_empty() {
@@ -136,8 +172,8 @@ impl Proc {
     /// when `addr` is in no mapping of the program.
     pub(crate) fn manage_around(&self, core: &MmCore, addr: u64) -> bool {
         let page = addr & !(PAGE - 1);
-        let range = if self.pid != 0 {
-            match vma_around(self.pid, page) {
+        let range = if self.pid() != 0 {
+            match vma_around(self.pid(), page) {
                 Some(r) => r,
                 None => return false,
             }
@@ -149,11 +185,20 @@ impl Proc {
         match core.manage(self.space, range) {
             Ok(_) => true,
             Err(e) => {
-                tracing::warn!(pid = self.pid, addr, "cannot manage the mapping: {e}");
+                tracing::warn!(pid = self.pid(), addr, "cannot manage the mapping: {e}");
                 false
             }
         }
     }
+}
+
+/// The thread group (process) of thread `tid`, from `/proc/TID/status`.
+fn thread_group(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The extent of `pid`'s mapping holding `addr`, from `/proc/PID/maps`.
@@ -175,7 +220,8 @@ fn vma_around(pid: u32, addr: u64) -> Option<std::ops::Range<u64>> {
 
 /// Admits a tagger: policy by name, `UFFDIO_API`, Ack, its space, then the reader and
 /// control threads. Unmatched names, failed negotiation or a stopping daemon get
-/// `Refused`.
+/// `Refused`. A forked child of a managed process is adopted into the space made at its
+/// `fork` instead ([`adopt`]).
 pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer, session: super::sessions::SessionGuard) {
     let pid = peer.pid;
     let name = peer.name.clone();
@@ -192,6 +238,11 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer, session: super::sessions
         let _ = peer.refuse(RefusalReason::Busy, "the daemon is shutting down");
         return;
     }
+    if let Some(child) = sh.unadopted_child(pid, peer.uid) {
+        adopt(sh, &child, peer, session);
+        return;
+    }
+    let uid = peer.uid;
     let TaggedPeer { uffd, stream, .. } = peer;
     let negotiated =
         RawUserfaultfd::from_fd(uffd).and_then(|raw| raw.negotiate(REQUESTED, REQUIRED));
@@ -240,20 +291,22 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer, session: super::sessions
     );
     let proc = Arc::new(Proc {
         space: pid,
-        pid,
+        pid: AtomicU32::new(pid),
+        uid,
         name,
         parent: None,
         policy,
         installer,
         counters: ProcCounters::default(),
-        channel: Some(stream),
+        channel: std::sync::OnceLock::from(stream),
         ranges: Mutex::new(BTreeMap::new()),
         gone: AtomicBool::new(false),
         stop: AtomicBool::new(false),
         coverage: Mutex::new((0, 0)),
         told_away: AtomicU64::new(0),
         threads: Mutex::new(Vec::new()),
-        _session: Some(session),
+        exit_fd: std::sync::OnceLock::new(),
+        session: Mutex::new(Some(session)),
     });
     sh.add_proc(proc.clone());
     sh.jobs.push(Job::Notify {
@@ -261,8 +314,13 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer, session: super::sessions
         notice: Notice::NewProcess,
     });
     start_threads(sh, &proc, Some(pidfd));
+    start_agent(&proc, features);
+}
+
+/// Asks the tagger to start its eviction agent (needs `UFFDIO_MOVE`).
+fn start_agent(proc: &Proc, features: Features) {
     if features.contains(Features::MOVE) {
-        if let Some(ch) = &proc.channel {
+        if let Some(ch) = proc.channel() {
             let _ = ch.send(&Message::StartAgent {
                 staging_pages: AGENT_STAGING_PAGES,
                 ring_entries: AGENT_RING_ENTRIES,
@@ -271,35 +329,111 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer, session: super::sessions
     }
 }
 
+/// A forked child's own session joins the space the daemon made from its parent's
+/// `FORK` event (found by the pid learned from its fork-gate fault, same uid, its
+/// address space alive): the child gets that context back (`Adopted`, the descriptor
+/// attached) in place of the fresh one it sent, which is dropped un-negotiated. From
+/// here the child is an ordinary managed process: one space for all of its memory, its
+/// socket, its pidfd, and its own eviction agent, so the pages it swaps in (a redis
+/// `BGSAVE` child reading its dataset) hold frames of the budget and can be evicted.
+fn adopt(
+    sh: &Arc<Shared>,
+    child: &Arc<Proc>,
+    peer: TaggedPeer,
+    session: super::sessions::SessionGuard,
+) {
+    let TaggedPeer {
+        pid,
+        name,
+        stream,
+        uffd: fresh,
+        ..
+    } = peer;
+    drop(fresh);
+    let opened = sys::pidfd_open(pid)
+        .map_err(|e| e.to_string())
+        .and_then(|p| Ok((p, stream.try_clone().map_err(|e| e.to_string())?)));
+    let (pidfd, channel) = match opened {
+        Ok(both) => both,
+        Err(e) => {
+            bump(&sh.refused);
+            tracing::warn!("pid {pid} ({name}): cannot adopt the fork child: {e}");
+            return;
+        }
+    };
+    if !child.installer.adopt(channel, pidfd.try_clone().ok()) {
+        bump(&sh.refused);
+        let _ = stream.send_nowait(&Message::Refused {
+            reason: RefusalReason::Busy,
+            text: "this fork child's space has a session already".into(),
+        });
+        return;
+    }
+    let features = child.installer.uffd().features();
+    let _ = stream.set_send_timeout(Some(Duration::from_secs(1)));
+    let adopted = Message::Adopted {
+        features: features.bits(),
+        policy: child.policy.clone(),
+    };
+    if let Err(e) = stream.send_with_fd(&adopted, child.installer.uffd().as_fd()) {
+        tracing::warn!("pid {pid} ({name}): cannot send Adopted: {e}");
+        return;
+    }
+    let _ = child.channel.set(stream);
+    // Its reader sees the exit at once from now on: stages in flight are abandoned
+    // (their frames come back) before a daemon shutting down stops its threads.
+    let _ = child.exit_fd.set(pidfd);
+    *child.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+    bump(&sh.admitted);
+    tracing::info!(
+        "pid {pid} ({name}): fork child of pid {} adopted into the space made at its fork",
+        child.parent.unwrap_or(0)
+    );
+    start_control(sh, child);
+    start_agent(child, features);
+}
+
 fn start_threads(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>) {
     let mut handles = Vec::new();
     let (s, p) = (sh.clone(), proc.clone());
     match std::thread::Builder::new()
-        .name(format!("usm-rd-{}", proc.pid))
+        .name(format!("usm-rd-{}", proc.pid()))
         .spawn(move || reader(&s, &p, pidfd))
     {
         Ok(h) => handles.push(h),
-        Err(e) => tracing::error!("cannot start the reader of pid {}: {e}", proc.pid),
-    }
-    if let Some(ch) = &proc.channel {
-        match ch.try_clone() {
-            Ok(ch) => {
-                let (s, p) = (sh.clone(), proc.clone());
-                match std::thread::Builder::new()
-                    .name(format!("usm-ctl-{}", proc.pid))
-                    .spawn(move || control(&s, &p, ch))
-                {
-                    Ok(h) => handles.push(h),
-                    Err(e) => tracing::error!("cannot start the control thread: {e}"),
-                }
-            }
-            Err(e) => tracing::error!("cannot clone the session of pid {}: {e}", proc.pid),
-        }
+        Err(e) => tracing::error!("cannot start the reader of pid {}: {e}", proc.pid()),
     }
     proc.threads
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .extend(handles);
+    start_control(sh, proc);
+}
+
+/// Starts the control thread of `proc`'s session, if it has one.
+fn start_control(sh: &Arc<Shared>, proc: &Arc<Proc>) {
+    let Some(ch) = proc.channel() else {
+        return;
+    };
+    let ch = match ch.try_clone() {
+        Ok(ch) => ch,
+        Err(e) => {
+            tracing::error!("cannot clone the session of pid {}: {e}", proc.pid());
+            return;
+        }
+    };
+    let (s, p) = (sh.clone(), proc.clone());
+    match std::thread::Builder::new()
+        .name(format!("usm-ctl-{}", proc.pid()))
+        .spawn(move || control(&s, &p, ch))
+    {
+        Ok(h) => proc
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(h),
+        Err(e) => tracing::error!("cannot start the control thread: {e}"),
+    }
 }
 
 fn poll2(a: &impl AsFd, b: Option<&OwnedFd>, timeout_ms: i32) -> (bool, bool) {
@@ -329,12 +463,13 @@ fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>) {
         if proc.stop.load(Ordering::Acquire) {
             break;
         }
-        let (_, exited) = poll2(&*uffd, pidfd.as_ref(), 100);
+        let exit_fd = pidfd.as_ref().or_else(|| proc.exit_fd.get());
+        let (_, exited) = poll2(&*uffd, exit_fd, 100);
         events.clear();
         let n = match uffd.read_events(&mut events) {
             Ok(n) => n,
             Err(e) => {
-                tracing::warn!("pid {}: reading the userfaultfd failed: {e}", proc.pid);
+                tracing::warn!("pid {}: reading the userfaultfd failed: {e}", proc.pid());
                 break;
             }
         };
@@ -343,7 +478,7 @@ fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>) {
                 break;
             }
             idle += 1;
-            if pidfd.is_none() && idle % 5 == 0 && !sys::mm_alive(&uffd) {
+            if exit_fd.is_none() && idle % 5 == 0 && !sys::mm_alive(&uffd) {
                 break;
             }
             continue;
@@ -368,6 +503,9 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
             addr, tid, write, ..
         } => {
             bump(&proc.counters.faults);
+            if proc.parent.is_some() {
+                proc.learn_pid(tid);
+            }
             sh.jobs.push(Job::Fault {
                 proc: proc.clone(),
                 addr: addr & !(PAGE - 1),
@@ -384,22 +522,23 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
                     let installer =
                         Arc::new(RemoteInstaller::new(Arc::new(uffd), None, None, true));
                     if let Err(e) = sh.core.fork_space(proc.space, space, installer.clone()) {
-                        tracing::warn!("pid {}: cannot adopt a fork child: {e}", proc.pid);
+                        tracing::warn!("pid {}: cannot adopt a fork child: {e}", proc.pid());
                         return;
                     }
                     let child = Arc::new(Proc {
                         space,
-                        pid: 0,
+                        pid: AtomicU32::new(0),
+                        uid: proc.uid,
                         name: format!("{} (child)", proc.name),
-                        parent: Some(if proc.pid != 0 {
-                            proc.pid
+                        parent: Some(if proc.pid() != 0 {
+                            proc.pid()
                         } else {
                             proc.parent.unwrap_or(0)
                         }),
                         policy: proc.policy.clone(),
                         installer,
                         counters: ProcCounters::default(),
-                        channel: None,
+                        channel: std::sync::OnceLock::new(),
                         ranges: Mutex::new(
                             proc.ranges
                                 .lock()
@@ -411,18 +550,19 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
                         coverage: Mutex::new((0, 0)),
                         told_away: AtomicU64::new(0),
                         threads: Mutex::new(Vec::new()),
-                        _session: None,
+                        exit_fd: std::sync::OnceLock::new(),
+                        session: Mutex::new(None),
                     });
                     sh.add_proc(child.clone());
                     start_threads(sh, &child, None);
                 }
-                Err(e) => tracing::warn!("pid {}: cannot adopt a fork child: {e}", proc.pid),
+                Err(e) => tracing::warn!("pid {}: cannot adopt a fork child: {e}", proc.pid()),
             }
         }
         UffdEvent::Remap { from, to, len } => {
             bump(&proc.counters.remaps);
             if let Err(e) = sh.core.remap(proc.space, from, to, len) {
-                tracing::warn!("pid {}: mremap {from:#x} -> {to:#x}: {e}", proc.pid);
+                tracing::warn!("pid {}: mremap {from:#x} -> {to:#x}: {e}", proc.pid());
             }
             let mut r = proc.ranges.lock().unwrap_or_else(|p| p.into_inner());
             r.insert(to, to + len);
@@ -469,7 +609,7 @@ fn finish(sh: &Arc<Shared>, proc: &Arc<Proc>) {
             .released_frames
             .fetch_add(rel.frames as u64, Ordering::Relaxed);
     }
-    if let Some(ch) = &proc.channel {
+    if let Some(ch) = proc.channel() {
         ch.shutdown();
     }
     sh.remove_proc(proc, stat);
@@ -496,7 +636,7 @@ fn control(sh: &Arc<Shared>, proc: &Arc<Proc>, ch: Channel) {
                 bump(&sh.bad_messages);
                 tracing::warn!(
                     "pid {} ({}): refused a malformed message: {e}",
-                    proc.pid,
+                    proc.pid(),
                     proc.name
                 );
             }
@@ -565,7 +705,7 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
             match parsed.map(|h| (h, sh.core.hint(proc.space, addr, len, &text))) {
                 Ok((hint, Ok(()))) => {
                     bump(&proc.counters.hints);
-                    tracing::debug!("pid {}: hint {text:?} on {addr:#x}+{len}", proc.pid);
+                    tracing::debug!("pid {}: hint {text:?} on {addr:#x}+{len}", proc.pid());
                     sh.jobs.push(Job::Notify {
                         proc: proc.clone(),
                         notice: Notice::Hint(addr..addr.saturating_add(len), hint),
@@ -573,11 +713,11 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
                 }
                 Ok((_, Err(e))) => {
                     bump(&proc.counters.hints_refused);
-                    tracing::warn!("pid {}: hint {text:?} not applied: {e}", proc.pid);
+                    tracing::warn!("pid {}: hint {text:?} not applied: {e}", proc.pid());
                 }
                 Err(e) => {
                     bump(&proc.counters.hints_refused);
-                    tracing::warn!("pid {}: hint {text:?} refused: {e}", proc.pid);
+                    tracing::warn!("pid {}: hint {text:?} refused: {e}", proc.pid());
                 }
             }
         }
@@ -600,12 +740,12 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
             Ok(client) => {
                 match proc
                     .installer
-                    .set_agent(AgentLink::new(client, proc.pid, ring_entries))
+                    .set_agent(AgentLink::new(client, proc.pid(), ring_entries))
                 {
                     Ok(done) => {
                         let (s, p) = (sh.clone(), proc.clone());
                         match std::thread::Builder::new()
-                            .name(format!("usm-ag-{}", proc.pid))
+                            .name(format!("usm-ag-{}", proc.pid()))
                             .spawn(move || agent_thread(&s, &p, done))
                         {
                             Ok(h) => proc
@@ -615,30 +755,30 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
                                 .push(h),
                             Err(e) => tracing::error!("cannot start the agent thread: {e}"),
                         }
-                        tracing::info!("pid {}: eviction agent ready", proc.pid);
+                        tracing::info!("pid {}: eviction agent ready", proc.pid());
                     }
-                    Err(e) => tracing::warn!("pid {}: agent set-up: {e}", proc.pid),
+                    Err(e) => tracing::warn!("pid {}: agent set-up: {e}", proc.pid()),
                 }
             }
             Err(e) => {
                 bump(&sh.bad_messages);
-                tracing::warn!("pid {}: bad AgentReady refused: {e}", proc.pid);
+                tracing::warn!("pid {}: bad AgentReady refused: {e}", proc.pid());
             }
         },
         Message::AgentUnavailable { text } => {
             tracing::warn!(
                 "pid {}: no eviction agent ({text}); its pages stay resident",
-                proc.pid
+                proc.pid()
             );
         }
         Message::Bye => {
-            tracing::info!("pid {}: the tagger said Bye", proc.pid);
+            tracing::info!("pid {}: the tagger said Bye", proc.pid());
         }
         other => {
             bump(&sh.bad_messages);
             tracing::warn!(
                 "pid {}: refused {} (not a tagger → daemon message)",
-                proc.pid,
+                proc.pid(),
                 other.name()
             );
         }
@@ -676,7 +816,7 @@ pub(crate) fn give_back(sh: &Shared, proc: &Arc<Proc>) -> (u64, u64) {
     let left = sh.core.away_pages(proc.space).len() as u64;
     if left > 0 {
         tracing::error!(
-            pid = proc.pid,
+            pid = proc.pid(),
             left,
             "pages still out when the daemon stops; the program will be told and stopped by its tagger"
         );

@@ -18,7 +18,8 @@
 //!    its admission ends.
 //!
 //! Fork children of a managed process say Hello with their own pid: each is a session
-//! of its own, counted against the same uid.
+//! of its own, counted against the same uid (adopted into the space made at its fork,
+//! whose `Proc` then holds the guard).
 
 use std::collections::HashMap;
 use std::fmt;

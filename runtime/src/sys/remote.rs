@@ -7,14 +7,17 @@
 //! | lost content | `UFFDIO_POISON` through the program's userfaultfd |
 //! | range going away | the frame is released; the page goes with the program's `munmap` |
 //!
-//! A space without an agent (a fork child: the agent thread does not survive `fork`)
-//! cannot give pages back, so its installs are reported as *copied* (resident, not
-//! holding a frame of the budget: the kernel's memory, as the pages it inherited).
+//! A fork child's space starts without an agent (the agent thread does not survive
+//! `fork`) and cannot give pages back, so until the child's own session is adopted into
+//! it ([`RemoteInstaller::adopt`]: its socket, its pidfd, then its own agent) its
+//! installs are reported as *copied* (resident, not holding a frame of the budget: the
+//! kernel's memory, as the pages it inherited). From the adoption on it is an ordinary
+//! process.
 //!
 //! Every method runs under the memory manager's lock, on a worker.
 
 use usm_sync::Arc;
-use usm_sync::atomic::{AtomicU64, Ordering};
+use usm_sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use usm_kmod::pool::{CopyFrom, FrameOwner, FramePool};
 use usm_kmod::{CopyMode, FrameNo, PAGE_SIZE, PoisonMode, Resolved, Userfaultfd};
@@ -31,16 +34,18 @@ const PAGE: u64 = PAGE_SIZE as u64;
 pub(crate) struct RemoteInstaller {
     /// The program's userfaultfd (the daemon negotiated it).
     uffd: Arc<Userfaultfd>,
-    /// A pidfd of the program, for the OOM policy's kill.
-    pidfd: Option<std::os::fd::OwnedFd>,
+    /// A pidfd of the program, for the OOM policy's kill (a fork child's comes with its
+    /// adoption).
+    pidfd: std::sync::OnceLock<std::os::fd::OwnedFd>,
     /// The eviction agent, once the tagger started it.
     agent: Mutex<Option<AgentLink>>,
-    /// The tagger's session (`SwapState` before staging copies are dropped).
-    channel: Option<Channel>,
+    /// The tagger's session (`SwapState` before staging copies are dropped); a fork
+    /// child's comes with its adoption.
+    channel: std::sync::OnceLock<Channel>,
     /// Pages taken out and not (known to be) back: what the tagger is told.
     away: AtomicU64,
-    /// No agent will ever come (a fork child): installs are reported copied.
-    agentless: bool,
+    /// No agent can come (a fork child not adopted yet): installs are reported copied.
+    agentless: AtomicBool,
     /// The agent's staging area, once known.
     staging: std::sync::OnceLock<std::ops::Range<u64>>,
 }
@@ -54,13 +59,33 @@ impl RemoteInstaller {
     ) -> RemoteInstaller {
         RemoteInstaller {
             uffd,
-            pidfd,
+            pidfd: once(pidfd),
             agent: Mutex::new(None),
-            channel,
+            channel: once(channel),
             away: AtomicU64::new(0),
-            agentless,
+            agentless: AtomicBool::new(agentless),
             staging: std::sync::OnceLock::new(),
         }
+    }
+
+    /// A fork child's own session takes over this (agentless) space: from now on pages
+    /// installed hold frames of the budget, and its agent can take them out again.
+    /// Returns false (and changes nothing) if the space has a session already.
+    pub(crate) fn adopt(&self, channel: Channel, pidfd: Option<std::os::fd::OwnedFd>) -> bool {
+        if self.channel.set(channel).is_err() {
+            return false;
+        }
+        if let Some(fd) = pidfd {
+            let _ = self.pidfd.set(fd);
+        }
+        self.agentless.store(false, Ordering::Release);
+        true
+    }
+
+    /// Whether installs must be copies that hold no frame (no agent can ever take them
+    /// out: a fork child not adopted yet).
+    fn agentless(&self) -> bool {
+        self.agentless.load(Ordering::Acquire)
     }
 
     /// The program's userfaultfd.
@@ -89,7 +114,7 @@ impl RemoteInstaller {
         };
         let (taken, freed) = agent.reap(pool, done);
         let away = self.away.fetch_add(taken, Ordering::AcqRel) + taken;
-        agent.drop_held(self.channel.as_ref(), away);
+        agent.drop_held(self.channel.get(), away);
         freed
     }
 
@@ -129,8 +154,8 @@ impl RemoteInstaller {
             .unwrap_or_else(|p| p.into_inner())
             .as_mut()
         {
-            a.drop_held(self.channel.as_ref(), away);
-        } else if let Some(ch) = &self.channel {
+            a.drop_held(self.channel.get(), away);
+        } else if let Some(ch) = self.channel.get() {
             let _ = ch.send_nowait(&usm_proto::Message::SwapState {
                 swapped_pages: away,
             });
@@ -150,7 +175,7 @@ impl RemoteInstaller {
         while i < frames.len() {
             let at = start + i as u64 * PAGE;
             let rest = &frames[i..];
-            if self.agentless {
+            if self.agentless() {
                 // Copy each page; the frames stay Taken and go back (no budget held).
                 let src = match from {
                     CopyFrom::Slots => {
@@ -308,7 +333,7 @@ impl Installer for RemoteInstaller {
     }
 
     fn kill(&self) -> bool {
-        let Some(fd) = &self.pidfd else {
+        let Some(fd) = self.pidfd.get() else {
             return false;
         };
         // SAFETY: pidfd_send_signal takes a descriptor we own, a signal number and null
@@ -324,6 +349,15 @@ impl Installer for RemoteInstaller {
         };
         r == 0
     }
+}
+
+/// A cell holding `v` if any.
+fn once<T>(v: Option<T>) -> std::sync::OnceLock<T> {
+    let cell = std::sync::OnceLock::new();
+    if let Some(v) = v {
+        let _ = cell.set(v);
+    }
+    cell
 }
 
 /// Copies `PAGE_SIZE` bytes of process `pid` at `remote` into the slot at `slot_addr`, a

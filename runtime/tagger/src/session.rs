@@ -22,7 +22,8 @@
 //!   daemon holds (`EVENT_FORK`); the tagger's inherited copy belongs to the *parent's*
 //!   context, so the child points it (and the parent's socket) at `/dev/null`, goes
 //!   back to *Starting* and attaches on its own from a thread (see
-//!   `after_fork_in_child`). Pages that were out of the parent at `fork` count as the
+//!   `after_fork_in_child`); the daemon hands it the inherited context back
+//!   (`Adopted`), so the child ends up an ordinary managed process. Pages that were out of the parent at `fork` count as the
 //!   child's swapped pages: the daemon's death kills the child with a message. The
 //!   child also forgets the parent's eviction agent (its thread and staging area were
 //!   not inherited; the child's own session may start one) and closes the watcher's
@@ -149,7 +150,8 @@ fn attach(path: &std::path::Path) -> Result<String, String> {
     Ok(admission.policy)
 }
 
-/// Connect, Hello with a fresh un-negotiated userfaultfd, verdict.
+/// Connect, Hello with a fresh un-negotiated userfaultfd, verdict. Returns the context
+/// to keep: the fresh one, or for an adopted fork child its inherited one.
 fn handshake(path: &std::path::Path) -> Result<(Channel, OwnedFd, client::Admission), String> {
     let session =
         client::connect(path).map_err(|e| format!("no USM daemon at {} ({e})", path.display()))?;
@@ -160,7 +162,7 @@ fn handshake(path: &std::path::Path) -> Result<(Channel, OwnedFd, client::Admiss
         )
     })?;
     let uffd = owned(raw);
-    let admission = match session.hello(
+    let mut admission = match session.hello(
         sys::getpid(),
         &process_name(),
         std::os::fd::AsFd::as_fd(&uffd),
@@ -173,6 +175,9 @@ fn handshake(path: &std::path::Path) -> Result<(Channel, OwnedFd, client::Admiss
         }
         Err(e) => return Err(format!("USM daemon handshake failed ({e})")),
     };
+    // A forked child adopted into the space the daemon made at `fork`: from now on its
+    // memory, inherited and new, is on that one context (the fresh one is dropped).
+    let uffd = admission.inherited.take().unwrap_or(uffd);
     Ok((session.into_channel(), uffd, admission))
 }
 
@@ -482,8 +487,12 @@ pub(crate) fn detach() {
 /// parent's context would register ranges in the *parent's* address space; messages
 /// would speak for the parent): both numbers are pointed at `/dev/null` at once. The
 /// child's inherited memory lives on a context only the daemon holds (`EVENT_FORK`).
-/// For its *new* memory the child attaches on its own, from a thread so `fork` does not
-/// wait for the daemon: a new connection and userfaultfd, Hello with the child's pid.
+/// The child attaches on its own, from a thread so `fork` does not wait for the daemon:
+/// a new connection and userfaultfd, Hello with the child's pid. The daemon normally
+/// answers `Adopted` with the inherited context attached (it learned the child's pid
+/// from the fork-gate fault), and the child keeps that one context for all its memory,
+/// with its own eviction agent; an older daemon's plain `Ack` leaves the new memory on
+/// the fresh context.
 /// Heap segments made meanwhile are remembered and registered at the Ack.
 ///
 /// Pages that were out of the parent at `fork` (swapped, or in the parent's staging
