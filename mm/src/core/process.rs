@@ -106,6 +106,7 @@ impl MmCore {
         }
         let mut guard = self.lock();
         let st = &mut *guard;
+        tracing::trace!(target: "usm_mm::page", pid, start = format_args!("{start:#x}"), end = format_args!("{end:#x}"), keep_managed, "discard");
         let installer = self.installer_in(&st.mem, pid);
         let Some(space) = st.mem.spaces.get_mut(&pid) else {
             return rel;
@@ -244,7 +245,7 @@ impl MmCore {
             };
             space.set(new, state);
         }
-        tracing::debug!(pid, from, to, len, moved = ?census, "remap applied");
+        tracing::debug!(pid, from = format_args!("{from:#x}"), to = format_args!("{to:#x}"), len, moved = ?census, "remap applied");
         for (a, c) in clean {
             space.clean.insert(to + (a - from), c);
         }

@@ -163,6 +163,18 @@ impl AgentLink {
         }
     }
 
+    /// The number of the last request sent (a mark for [`AgentLink::moves_up_to`]).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether an eviction request (it moves a page by address) numbered `mark` or lower
+    /// is still unanswered. (A return from staging also names an address, but it is sent
+    /// only for a page the daemon could not read, and moves into a hole only.)
+    pub(crate) fn moves_up_to(&self, mark: u64) -> bool {
+        self.evicting.keys().any(|&s| s <= mark)
+    }
+
     /// Whether an eviction has waited for the agent longer than [`STALLED`].
     fn stalled(&self) -> bool {
         self.evicting.values().any(|f| f.sent.elapsed() > STALLED)

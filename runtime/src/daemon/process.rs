@@ -459,12 +459,25 @@ fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>) {
     let mut events = Vec::with_capacity(64);
     let mut idle = 0u32;
     let uffd = proc.installer.uffd().clone();
+    // Faults read while the agent may still run requests sent before an address was
+    // freed (see `RemoteInstaller::move_mark`): served once those are answered.
+    let mut fence: Option<u64> = None;
+    let mut held: Vec<UffdEvent> = Vec::new();
     loop {
         if proc.stop.load(Ordering::Acquire) {
             break;
         }
+        if let Some(mark) = fence {
+            if !proc.installer.moves_pending(mark) || proc.is_gone() {
+                fence = None;
+                for ev in held.drain(..) {
+                    // Faults only: they set no fence.
+                    handle_event(sh, proc, ev);
+                }
+            }
+        }
         let exit_fd = pidfd.as_ref().or_else(|| proc.exit_fd.get());
-        let (_, exited) = poll2(&*uffd, exit_fd, 100);
+        let (_, exited) = poll2(&*uffd, exit_fd, if fence.is_some() { 1 } else { 100 });
         events.clear();
         let n = match uffd.read_events(&mut events) {
             Ok(n) => n,
@@ -485,13 +498,19 @@ fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>) {
         }
         idle = 0;
         for ev in events.drain(..) {
-            handle_event(sh, proc, ev);
+            if fence.is_some() && matches!(ev, UffdEvent::Pagefault { .. }) {
+                held.push(ev);
+            } else if let Some(mark) = handle_event(sh, proc, ev) {
+                fence = Some(fence.map_or(mark, |m| m.max(mark)));
+            }
         }
     }
     finish(sh, proc);
 }
 
-fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
+/// Applies one event. Returns a fence mark after an event that freed or moved
+/// addresses (see [`RemoteInstaller::move_mark`]).
+fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) -> Option<u64> {
     let staging = proc.installer.staging_range();
     let ours = |start: u64, end: u64| {
         staging
@@ -523,7 +542,7 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
                         Arc::new(RemoteInstaller::new(Arc::new(uffd), None, None, true));
                     if let Err(e) = sh.core.fork_space(proc.space, space, installer.clone()) {
                         tracing::warn!("pid {}: cannot adopt a fork child: {e}", proc.pid());
-                        return;
+                        return None;
                     }
                     let child = Arc::new(Proc {
                         space,
@@ -564,12 +583,15 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
             if let Err(e) = sh.core.remap(proc.space, from, to, len) {
                 tracing::warn!("pid {}: mremap {from:#x} -> {to:#x}: {e}", proc.pid());
             }
-            let mut r = proc.ranges.lock().unwrap_or_else(|p| p.into_inner());
-            r.insert(to, to + len);
+            proc.ranges
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(to, to + len);
+            return proc.installer.move_mark();
         }
         UffdEvent::Remove { start, end } => {
             if ours(start, end) {
-                return;
+                return None;
             }
             bump(&proc.counters.removes);
             let rel = sh.core.discard(proc.space, start..end, true);
@@ -580,10 +602,11 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
                 proc: proc.clone(),
                 notice: Notice::Free(start..end),
             });
+            return proc.installer.move_mark();
         }
         UffdEvent::Unmap { start, end } => {
             if ours(start, end) {
-                return;
+                return None;
             }
             bump(&proc.counters.unmaps);
             let rel = sh.core.discard(proc.space, start..end, false);
@@ -594,8 +617,10 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) {
                 proc: proc.clone(),
                 notice: Notice::Free(start..end),
             });
+            return proc.installer.move_mark();
         }
     }
+    None
 }
 
 /// The process is gone (or the daemon stops): give back every frame and slot.

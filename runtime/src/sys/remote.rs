@@ -130,6 +130,30 @@ impl RemoteInstaller {
         }
     }
 
+    /// Requests name pages by address, and an address can be given to another page by
+    /// the program's next `mmap`/`mremap` once the event that freed it was read. After
+    /// applying such an event the reader takes this mark, and reads but does not serve
+    /// faults until [`RemoteInstaller::moves_pending`] says every request sent before
+    /// (by the view of the address space that the event changed) is answered: a new page
+    /// at a freed address needs a fault served first, so no stale request can move it.
+    /// `None`: no agent, nothing to wait for.
+    pub(crate) fn move_mark(&self) -> Option<u64> {
+        self.agent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(AgentLink::last_seq)
+    }
+
+    /// Whether an eviction request numbered `mark` or lower is unanswered.
+    pub(crate) fn moves_pending(&self, mark: u64) -> bool {
+        self.agent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|a| a.moves_up_to(mark))
+    }
+
     /// Whether an agent serves this process.
     pub(crate) fn has_agent(&self) -> bool {
         self.agent
