@@ -58,6 +58,10 @@ struct Args {
     /// USM free-frame watermarks LOW,HIGH in frames [default: derived from the pool].
     #[arg(long, value_parser = parse_pair)]
     watermarks: Option<(usize, usize)>,
+    /// USM mode: answer each connection's requests one by one instead of running its
+    /// reads on their own uThreads (replies are in order either way).
+    #[arg(long)]
+    serial: bool,
     /// Shards (a power of two).
     #[arg(long, default_value_t = 32)]
     shards: usize,
@@ -132,6 +136,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             access_sampling: args.access_sampling.map(|s| matches!(s, Switch::On)),
             watermarks: args.watermarks,
         },
+        concurrent: !args.serial,
     };
     // Block the stop signals before any thread exists (they inherit the mask), so only
     // the `wait` below receives them.

@@ -450,6 +450,59 @@ fn region_buffers_under_memory_pressure_keep_every_byte() {
     );
 }
 
+/// A reader and a writer uThread on two handles of one connection (`try_clone`): the
+/// writer sends while the reader is parked in a read, and both see every byte.
+#[test]
+fn a_cloned_stream_reads_and_writes_from_two_uthreads() {
+    let rt = runtime(2);
+    let listener = rt.net().bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = rt.handle().unwrap();
+    let server = rt
+        .spawn(move || -> Result<u64, NetError> {
+            let mut reader = listener.accept()?;
+            let mut writer = reader.try_clone()?;
+            // The writer goes first and on its own uThread: 256 KiB while nobody reads
+            // here, so it parks in send until the client drains.
+            let w = handle
+                .spawn(move || -> Result<(), NetError> {
+                    let out: Vec<u8> = (0..256 << 10).map(|i| pattern(7, i)).collect();
+                    writer.write_all(&out)
+                })
+                .unwrap();
+            let mut got = 0u64;
+            let mut buf = vec![0u8; 16 << 10];
+            loop {
+                match reader.read(&mut buf)? {
+                    0 => break,
+                    n => {
+                        for (i, b) in buf[..n].iter().enumerate() {
+                            assert_eq!(*b, pattern(9, got as usize + i));
+                        }
+                        got += n as u64;
+                    }
+                }
+            }
+            w.join().unwrap()?;
+            Ok(got)
+        })
+        .unwrap();
+    let mut c = client(addr);
+    let mut c2 = c.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let out: Vec<u8> = (0..128 << 10).map(|i| pattern(9, i)).collect();
+        c2.write_all(&out).unwrap();
+        c2.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    sender.join().unwrap();
+    assert_eq!(back.len(), 256 << 10);
+    assert!(back.iter().enumerate().all(|(i, b)| *b == pattern(7, i)));
+    assert_eq!(server.join().unwrap().unwrap(), 128 << 10);
+    rt.shutdown(Duration::from_secs(1));
+}
+
 #[test]
 fn connect_from_a_uthread() {
     let rt = runtime(2);

@@ -443,6 +443,15 @@ impl TcpStream {
         self.write_all(region.bytes(range))
     }
 
+    /// A second handle on the same connection (a duplicated descriptor, no timeouts), so
+    /// one uThread can read while another writes (e.g. a reader that keeps parsing
+    /// requests while a writer sends replies in order). Both operate on the same socket;
+    /// the connection closes when both are dropped.
+    pub fn try_clone(&self) -> Result<TcpStream, NetError> {
+        let inner = self.inner.try_clone().map_err(|e| NetError::io("dup", e))?;
+        Ok(TcpStream::new(inner, self.net.clone()))
+    }
+
     /// Bounds each read (`None`: wait forever).
     pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
         self.read_timeout = timeout;
