@@ -14,8 +14,9 @@
 //!   cgroup (v1) limited to the budget, kernel swap on a swap file on ext4.
 //! - `redis`: Debian's `redis-server` (no persistence), same cgroup limit and swap.
 //! - `memcached`: Debian's `memcached -t 2`, cache size above the dataset, same limit.
-//! - `usm-serial`: `usm`, but each connection's requests answered one by one (`--serial`;
-//!   the default runs a connection's reads on their own uThreads, `usm_kv::pipeline`).
+//! - `usm-concurrent`: `usm`, but a connection's reads run on their own uThreads, replies
+//!   in order (`usm-kv --concurrent`, `usm_kv::pipeline`; the default answers a
+//!   connection's requests one by one).
 //! - `usm-nopressure`: `usm` with a pool 3x the data (the hot keys' reference).
 //!
 //! Per point it also records the pages read back from swap: USM's swap-ins, evictions and
@@ -130,13 +131,113 @@ enum Serve {
         max_data: usize,
         #[arg(long, default_value_t = 2)]
         workers: usize,
-        /// Answer each connection's requests one by one (`usm-kv --serial`).
+        /// Run a connection's reads on their own uThreads (`usm-kv --concurrent`).
         #[arg(long)]
-        serial: bool,
+        concurrent: bool,
+    },
+    /// Multishot against single-shot accept: `conns` sequential loopback connections
+    /// (connect, one byte each way, close) to a uThread listener, `runs` of each mode
+    /// interleaved; prints connections/s and process CPU µs per connection.
+    AcceptRate {
+        #[arg(long, default_value_t = 5000)]
+        conns: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
 }
 
+/// Process CPU seconds (user + system) so far.
+fn process_cpu_s() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        t(u.user_time()) + t(u.system_time())
+    })
+}
+
+/// One accept-rate run: (connections/s, process CPU µs per connection).
+fn accept_run(conns: usize, multishot: bool) -> BoxResult<(f64, f64)> {
+    use std::io::{Read, Write};
+    let rt = usm_runtime::embedded::Runtime::builder()
+        .workers(2)
+        .build()?;
+    let mut listener = rt.net().bind("127.0.0.1:0")?;
+    listener.set_multishot(multishot);
+    let addr = listener.local_addr()?;
+    let handle = rt.handle()?;
+    rt.spawn(move || {
+        while let Ok(mut c) = listener.accept() {
+            let _ = handle.spawn(move || {
+                let mut b = [0u8; 1];
+                if c.read_exact(&mut b).is_ok() {
+                    let _ = c.write_all(&b);
+                }
+            });
+        }
+    })?;
+    let cpu0 = process_cpu_s();
+    let t0 = Instant::now();
+    for i in 0..conns {
+        let mut c = std::net::TcpStream::connect(addr)?;
+        c.set_nodelay(true)?;
+        c.write_all(&[i as u8])?;
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b)?;
+        if b[0] != i as u8 {
+            return Err("accept-rate: wrong echo".into());
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = process_cpu_s() - cpu0;
+    rt.shutdown(Duration::from_secs(1));
+    Ok((conns as f64 / secs, cpu * 1e6 / conns as f64))
+}
+
+fn accept_rate(conns: usize, runs: usize) -> BoxResult<()> {
+    let mut rows: Vec<(bool, f64, f64)> = Vec::new();
+    for run in 1..=runs {
+        for multishot in [true, false] {
+            let (rate, cpu) = accept_run(conns, multishot)?;
+            println!(
+                "run {run} {}: {rate:.0} connections/s, {cpu:.1} us CPU per connection (client included)",
+                if multishot {
+                    "multishot "
+                } else {
+                    "single-shot"
+                }
+            );
+            rows.push((multishot, rate, cpu));
+        }
+    }
+    for multishot in [true, false] {
+        let r: Vec<f64> = rows
+            .iter()
+            .filter(|x| x.0 == multishot)
+            .map(|x| x.1)
+            .collect();
+        let c: Vec<f64> = rows
+            .iter()
+            .filter(|x| x.0 == multishot)
+            .map(|x| x.2)
+            .collect();
+        println!(
+            "median {}: {:.0} connections/s, {:.1} us CPU per connection",
+            if multishot {
+                "multishot "
+            } else {
+                "single-shot"
+            },
+            usm_bench::stats::median(&r),
+            usm_bench::stats::median(&c)
+        );
+    }
+    Ok(())
+}
+
 fn serve_kv(serve: Serve) -> BoxResult<()> {
+    if let Serve::AcceptRate { conns, runs } = serve {
+        return accept_rate(conns, runs);
+    }
     let Serve::ServeKv {
         kernel,
         pool,
@@ -145,8 +246,11 @@ fn serve_kv(serve: Serve) -> BoxResult<()> {
         max_keys,
         max_data,
         workers,
-        serial,
-    } = serve;
+        concurrent,
+    } = serve
+    else {
+        return Err("not a serve-kv command".into());
+    };
     let mut stop = nix::sys::signal::SigSet::empty();
     stop.add(nix::sys::signal::Signal::SIGTERM);
     stop.add(nix::sys::signal::Signal::SIGINT);
@@ -170,7 +274,7 @@ fn serve_kv(serve: Serve) -> BoxResult<()> {
             max_key: 1024,
         },
         usm: usm_kv::UsmKnobs::default(),
-        concurrent: !serial,
+        concurrent,
     };
     let running = usm_kv::start(&config)?;
     println!("listening {}", running.addr);
@@ -322,7 +426,7 @@ fn start_side(
             .args(["--max-data", &max_data.to_string()]);
     };
     match side {
-        "usm" | "usm-nopressure" | "usm-serial" => {
+        "usm" | "usm-nopressure" | "usm-concurrent" => {
             let mut cmd = Command::new(&exe);
             if side == "usm-nopressure" {
                 // The reference for resident keys: a pool three times the data.
@@ -336,8 +440,8 @@ fn start_side(
             } else {
                 kv_args(&mut cmd);
             }
-            if side == "usm-serial" {
-                cmd.arg("--serial");
+            if side == "usm-concurrent" {
+                cmd.arg("--concurrent");
             }
             cmd.args(["--workers", &a.usm_workers.to_string()]);
             let swap = run_dir.join(format!("{side}.swap"));
@@ -415,7 +519,7 @@ fn start_side(
             Ok(s)
         }
         other => Err(format!(
-            "unknown side {other:?} (usm, usm-serial, usm-nopressure, kernel, redis, memcached)"
+            "unknown side {other:?} (usm, usm-concurrent, usm-nopressure, kernel, redis, memcached)"
         )
         .into()),
     }
@@ -639,8 +743,8 @@ fn run_side(
         let note = match side {
             "usm" => "USM pool = budget, USM swap file, no cgroup".into(),
             "usm-nopressure" => "USM pool 3x the data (no eviction), no cgroup".into(),
-            "usm-serial" => {
-                "USM pool = budget, USM swap file, no cgroup, requests of a connection one by one"
+            "usm-concurrent" => {
+                "USM pool = budget, USM swap file, no cgroup, a connection's reads on their own uThreads"
                     .into()
             }
             _ => format!(

@@ -376,12 +376,12 @@ fn sigterm_closes_connections_and_exits_zero() {
 
 /// One connection pipelines thousands of GET/SET/DEL/EXISTS on a few keys in one burst,
 /// with values larger than the pool so GETs fault: every reply must be the one running
-/// the commands one by one gives (USM's concurrent reads must not reorder replies, nor
-/// let a GET see a SET sent after it or miss one sent before it). Also `--serial` and
+/// the commands one by one gives (USM's `--concurrent` reads must not reorder replies, nor
+/// let a GET see a SET sent after it or miss one sent before it). Also the default (one by one) and
 /// kernel mode.
 #[test]
 fn pipelined_requests_keep_their_order_and_effects() {
-    for (kernel, extra) in [(false, None), (false, Some("--serial")), (true, None)] {
+    for (kernel, extra) in [(false, None), (false, Some("--concurrent")), (true, None)] {
         let mut args = vec!["--pool", "4M"];
         args.extend(extra);
         let kv = Kv::start(kernel, &args);

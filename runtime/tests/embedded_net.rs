@@ -599,3 +599,51 @@ fn shutdown_closes_every_connection_and_the_listener() {
         "the listener is still open"
     );
 }
+
+/// Multishot accept (opt-in): connections arriving one after another are all
+/// accepted by one armed request; dropping the listener closes the connections it had
+/// already accepted into its queue but nobody took (the client sees the close).
+#[test]
+fn multishot_accept_serves_every_connection_and_a_dropped_listener_closes_its_queue() {
+    let rt = runtime(2);
+    let mut listener = rt.net().bind("127.0.0.1:0").unwrap();
+    listener.set_multishot(true);
+    let addr = listener.local_addr().unwrap();
+    const N: usize = 50;
+    let server = rt
+        .spawn(move || -> Result<usize, NetError> {
+            let mut served = 0;
+            for _ in 0..N {
+                let mut c = listener.accept()?;
+                let mut b = [0u8; 1];
+                c.read_exact(&mut b)?;
+                c.write_all(&b)?;
+                served += 1;
+            }
+            // The client's late connections arrive meanwhile and wait in the queue.
+            usm_runtime::embedded::sleep(Duration::from_millis(300));
+            drop(listener);
+            Ok(served)
+        })
+        .unwrap();
+    for i in 0..N {
+        let mut c = client(addr);
+        c.write_all(&[i as u8]).unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(b[0], i as u8);
+    }
+    let late: Vec<StdStream> = (0..3).map(|_| client(addr)).collect();
+    assert_eq!(server.join().unwrap().unwrap(), N);
+    for mut c in late {
+        let mut b = [0u8; 1];
+        match c.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("a queued connection was not closed with its listener: {other:?}"),
+        }
+    }
+    // And nothing listens any more.
+    assert!(StdStream::connect(addr).is_err());
+    rt.shutdown(Duration::from_secs(1));
+}
