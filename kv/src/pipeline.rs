@@ -1,5 +1,8 @@
 //! Serving one connection with its requests executed concurrently, replies in order (USM
-//! mode).
+//! mode, opt-in: `usm-kv --concurrent`, [`crate::KvConfig::concurrent`]). On a loaded
+//! 2-vCPU machine it cost more CPU per request than it saved in waiting (a uThread, a
+//! channel slot and a join per GET) and fell behind at 20 000 req/s where the one-by-one
+//! server kept up (bench/results/kv.md, run 5), so it is not the default.
 //!
 //! [`crate::server::Server::serve`] answers a connection's requests one after the other:
 //! a GET of a hot key queued behind a GET whose value is in swap waits out that swap-in,
