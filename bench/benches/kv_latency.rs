@@ -14,6 +14,17 @@
 //!   cgroup (v1) limited to the budget, kernel swap on a swap file on ext4.
 //! - `redis`: Debian's `redis-server` (no persistence), same cgroup limit and swap.
 //! - `memcached`: Debian's `memcached -t 2`, cache size above the dataset, same limit.
+//! - `usm-concurrent`: `usm`, but a connection's reads run on their own uThreads, replies
+//!   in order (`usm-kv --concurrent`, `usm_kv::pipeline`; the default answers a
+//!   connection's requests one by one).
+//! - `usm-nopressure`: `usm` with a pool 3x the data (the hot keys' reference).
+//!
+//! Per point it also records the pages read back from swap: USM's swap-ins, evictions and
+//! frame waits (`INFO`) on the usm sides, the memory cgroup's `pgmajfault` on the others.
+//! `--repeat N` runs the whole set of sides N times, interleaved (run 1 of every side,
+//! then run 2, ...); the report gives every run, the medians, and ratios of medians with
+//! the kernel side's absolute figures. `--pmqos` holds `/dev/cpu_dma_latency` at 0 for
+//! the whole run (all sides); the report says whether it was held.
 //!
 //! Every side is preloaded with every key, then the offered rates run in increasing order.
 //! Writes `bench/results/kv.json`, `kv-latest.md` and `kv_latency.svg` (p99 vs offered load).
@@ -85,6 +96,18 @@ struct Args {
     /// (side name `external`; no cgroup, no swap set-up).
     #[arg(long)]
     external: Option<SocketAddr>,
+    /// Runs of the whole set of sides (run 1 of every side, then run 2, ...: the sides
+    /// interleave, so each sees similar slices of the machine's noise). The report gives
+    /// every run and the medians.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Hold `/dev/cpu_dma_latency` at 0 µs for the whole run (every side): idle vCPUs stay
+    /// out of deep C-states, so a wake-up across vCPUs costs less.
+    #[arg(long)]
+    pmqos: bool,
+    /// Workers of the usm sides.
+    #[arg(long, default_value_t = 2)]
+    usm_workers: usize,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -108,10 +131,113 @@ enum Serve {
         max_data: usize,
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// Run a connection's reads on their own uThreads (`usm-kv --concurrent`).
+        #[arg(long)]
+        concurrent: bool,
+    },
+    /// Multishot against single-shot accept: `conns` sequential loopback connections
+    /// (connect, one byte each way, close) to a uThread listener, `runs` of each mode
+    /// interleaved; prints connections/s and process CPU µs per connection.
+    AcceptRate {
+        #[arg(long, default_value_t = 5000)]
+        conns: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
 }
 
+/// Process CPU seconds (user + system) so far.
+fn process_cpu_s() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        t(u.user_time()) + t(u.system_time())
+    })
+}
+
+/// One accept-rate run: (connections/s, process CPU µs per connection).
+fn accept_run(conns: usize, multishot: bool) -> BoxResult<(f64, f64)> {
+    use std::io::{Read, Write};
+    let rt = usm_runtime::embedded::Runtime::builder()
+        .workers(2)
+        .build()?;
+    let mut listener = rt.net().bind("127.0.0.1:0")?;
+    listener.set_multishot(multishot);
+    let addr = listener.local_addr()?;
+    let handle = rt.handle()?;
+    rt.spawn(move || {
+        while let Ok(mut c) = listener.accept() {
+            let _ = handle.spawn(move || {
+                let mut b = [0u8; 1];
+                if c.read_exact(&mut b).is_ok() {
+                    let _ = c.write_all(&b);
+                }
+            });
+        }
+    })?;
+    let cpu0 = process_cpu_s();
+    let t0 = Instant::now();
+    for i in 0..conns {
+        let mut c = std::net::TcpStream::connect(addr)?;
+        c.set_nodelay(true)?;
+        c.write_all(&[i as u8])?;
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b)?;
+        if b[0] != i as u8 {
+            return Err("accept-rate: wrong echo".into());
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = process_cpu_s() - cpu0;
+    rt.shutdown(Duration::from_secs(1));
+    Ok((conns as f64 / secs, cpu * 1e6 / conns as f64))
+}
+
+fn accept_rate(conns: usize, runs: usize) -> BoxResult<()> {
+    let mut rows: Vec<(bool, f64, f64)> = Vec::new();
+    for run in 1..=runs {
+        for multishot in [true, false] {
+            let (rate, cpu) = accept_run(conns, multishot)?;
+            println!(
+                "run {run} {}: {rate:.0} connections/s, {cpu:.1} us CPU per connection (client included)",
+                if multishot {
+                    "multishot "
+                } else {
+                    "single-shot"
+                }
+            );
+            rows.push((multishot, rate, cpu));
+        }
+    }
+    for multishot in [true, false] {
+        let r: Vec<f64> = rows
+            .iter()
+            .filter(|x| x.0 == multishot)
+            .map(|x| x.1)
+            .collect();
+        let c: Vec<f64> = rows
+            .iter()
+            .filter(|x| x.0 == multishot)
+            .map(|x| x.2)
+            .collect();
+        println!(
+            "median {}: {:.0} connections/s, {:.1} us CPU per connection",
+            if multishot {
+                "multishot "
+            } else {
+                "single-shot"
+            },
+            usm_bench::stats::median(&r),
+            usm_bench::stats::median(&c)
+        );
+    }
+    Ok(())
+}
+
 fn serve_kv(serve: Serve) -> BoxResult<()> {
+    if let Serve::AcceptRate { conns, runs } = serve {
+        return accept_rate(conns, runs);
+    }
     let Serve::ServeKv {
         kernel,
         pool,
@@ -120,7 +246,11 @@ fn serve_kv(serve: Serve) -> BoxResult<()> {
         max_keys,
         max_data,
         workers,
-    } = serve;
+        concurrent,
+    } = serve
+    else {
+        return Err("not a serve-kv command".into());
+    };
     let mut stop = nix::sys::signal::SigSet::empty();
     stop.add(nix::sys::signal::Signal::SIGTERM);
     stop.add(nix::sys::signal::Signal::SIGINT);
@@ -144,6 +274,7 @@ fn serve_kv(serve: Serve) -> BoxResult<()> {
             max_key: 1024,
         },
         usm: usm_kv::UsmKnobs::default(),
+        concurrent,
     };
     let running = usm_kv::start(&config)?;
     println!("listening {}", running.addr);
@@ -163,11 +294,20 @@ struct Point {
     server_cpu_s: f64,
     /// Server CPU microseconds per completed request.
     server_cpu_us_per_request: f64,
+    /// Pages read back from swap over the point (warm-up and drain too): USM's swap-ins
+    /// (`INFO`) on the usm sides, the memory cgroup's `pgmajfault` on the cgroup sides.
+    swap_ins: Option<u64>,
+    /// USM: pages evicted over the point.
+    evicted: Option<u64>,
+    /// USM: faults that waited for a free frame (eviction on the fault path).
+    memory_waits: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
 struct SideResult {
     side: String,
+    /// Which repetition (1-based).
+    run: usize,
     points: Vec<Point>,
     preload_s: f64,
     preload_errors: u64,
@@ -286,7 +426,7 @@ fn start_side(
             .args(["--max-data", &max_data.to_string()]);
     };
     match side {
-        "usm" | "usm-nopressure" => {
+        "usm" | "usm-nopressure" | "usm-concurrent" => {
             let mut cmd = Command::new(&exe);
             if side == "usm-nopressure" {
                 // The reference for resident keys: a pool three times the data.
@@ -300,7 +440,12 @@ fn start_side(
             } else {
                 kv_args(&mut cmd);
             }
-            let swap = run_dir.join("usm-kv.swap");
+            if side == "usm-concurrent" {
+                cmd.arg("--concurrent");
+            }
+            cmd.args(["--workers", &a.usm_workers.to_string()]);
+            let swap = run_dir.join(format!("{side}.swap"));
+            let _ = std::fs::remove_file(&swap);
             cmd.arg("--swap")
                 .arg(&swap)
                 .args(["--swap-size", &((max_data as u64) * 3 / 2).to_string()]);
@@ -373,8 +518,60 @@ fn start_side(
             wait_ready(addr)?;
             Ok(s)
         }
-        other => Err(format!("unknown side {other:?} (usm, kernel, redis, memcached)").into()),
+        other => Err(format!(
+            "unknown side {other:?} (usm, usm-concurrent, usm-nopressure, kernel, redis, memcached)"
+        )
+        .into()),
     }
+}
+
+/// `INFO` of a RESP server as `field -> value` (`None` if it cannot be read).
+fn resp_info(addr: SocketAddr) -> Option<std::collections::HashMap<String, String>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"*1\r\n$4\r\nINFO\r\n").ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    loop {
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        let (head, body) = text.split_once("\r\n")?;
+        let len: usize = head.strip_prefix('$')?.parse().ok()?;
+        if body.len() >= len {
+            return Some(
+                body[..len]
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+                    .collect(),
+            );
+        }
+    }
+}
+
+/// Swap-in side counters of a server: (swap-ins or major faults, evicted, memory waits).
+fn swap_counters(server: &Server, usm: bool) -> (Option<u64>, Option<u64>, Option<u64>) {
+    if usm {
+        let info = resp_info(server.addr);
+        let get = |k: &str| info.as_ref()?.get(k)?.parse().ok();
+        (get("swap_ins"), get("evicted"), get("memory_waits"))
+    } else {
+        let majflt = server
+            .cgroup
+            .as_ref()
+            .and_then(|cg| cg.stats().ok())
+            .map(|st| st.major_faults);
+        (majflt, None, None)
+    }
+}
+
+fn delta(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    Some(b?.saturating_sub(a?))
 }
 
 fn loadavg() -> String {
@@ -428,24 +625,33 @@ fn run(a: &Args) -> BoxResult<()> {
         Some(_) => vec!["external".to_string()],
         None => a.sides.clone(),
     };
-    for side in &sides {
-        match run_side(a, side, keys, budget, run_dir.path()) {
-            Ok(r) => results.push(r),
-            Err(e) => {
-                // A side that fails (e.g. OOM-killed) is reported, and the others still run.
-                eprintln!("  {side}: FAILED: {e}");
-                results.push(SideResult {
-                    side: side.clone(),
-                    points: Vec::new(),
-                    preload_s: 0.0,
-                    preload_errors: 0,
-                    rss_kib_end: 0,
-                    swap_kib_end: 0,
-                    note: format!("failed: {e}"),
-                });
+    let pmqos = if a.pmqos {
+        Some(usm_bench::PmQos::hold(0)?)
+    } else {
+        None
+    };
+    for run in 1..=a.repeat.max(1) {
+        for side in &sides {
+            match run_side(a, run, side, keys, budget, run_dir.path()) {
+                Ok(r) => results.push(r),
+                Err(e) => {
+                    // A side that fails (e.g. OOM-killed) is reported, and the others still run.
+                    eprintln!("  {side} #{run}: FAILED: {e}");
+                    results.push(SideResult {
+                        side: side.clone(),
+                        run,
+                        points: Vec::new(),
+                        preload_s: 0.0,
+                        preload_errors: 0,
+                        rss_kib_end: 0,
+                        swap_kib_end: 0,
+                        note: format!("failed: {e}"),
+                    });
+                }
             }
         }
     }
+    drop(pmqos);
     drop(kernel_swap);
     let load_end = loadavg();
     write_outputs(a, keys, dataset, &results, &load_start, &load_end)
@@ -453,6 +659,7 @@ fn run(a: &Args) -> BoxResult<()> {
 
 fn run_side(
     a: &Args,
+    run: usize,
     side: &str,
     keys: u64,
     budget: u64,
@@ -500,24 +707,35 @@ fn run_side(
                 // requests that should find their data resident.
                 hot_ranks: budget / 4096 / 2,
             };
+            let usm = side.starts_with("usm");
+            let c0 = swap_counters(&server, usm);
             let cpu0 = server.cpu_s();
             let r = kvload::run(&spec)?;
             let cpu = server.cpu_s() - cpu0;
+            let c1 = swap_counters(&server, usm);
+            let swap_ins = delta(c0.0, c1.0);
             eprintln!(
-                "  {side} @ {rate:>8.0}/s: achieved {:>8.0}/s  p50 {:>9.1} us  p99 {:>10.1} us  p99.9 {:>10.1} us  lost {} errors {} misses {}  server CPU {:.1} us/req",
+                "  {side} #{run} @ {rate:>6.0}/s: achieved {:>6.0}/s  p50 {:>7.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us  hot/other p99 {:.0}/{:.0} us  lost {} errors {} misses {}  CPU {:.1} us/req  {} {}",
                 r.achieved_rps,
                 r.p50_us,
                 r.p99_us,
                 r.p999_us,
+                r.hot_p99_us,
+                r.cold_p99_us,
                 r.lost,
                 r.errors,
                 r.misses,
-                cpu * 1e6 / r.completed.max(1) as f64
+                cpu * 1e6 / r.completed.max(1) as f64,
+                if usm { "swap-ins" } else { "pgmajfault" },
+                swap_ins.map_or("?".into(), |n| n.to_string()),
             );
             points.push(Point {
                 server_cpu_us_per_request: cpu * 1e6 / r.completed.max(1) as f64,
                 server_cpu_s: cpu,
                 load: r,
+                swap_ins,
+                evicted: delta(c0.1, c1.1),
+                memory_waits: delta(c0.2, c1.2),
             });
         }
         let rss = server.proc_kib("VmRSS:");
@@ -525,6 +743,10 @@ fn run_side(
         let note = match side {
             "usm" => "USM pool = budget, USM swap file, no cgroup".into(),
             "usm-nopressure" => "USM pool 3x the data (no eviction), no cgroup".into(),
+            "usm-concurrent" => {
+                "USM pool = budget, USM swap file, no cgroup, a connection's reads on their own uThreads"
+                    .into()
+            }
             _ => format!(
                 "memory cgroup v1 limit {} MiB, kernel swap file",
                 a.budget_mib
@@ -535,6 +757,7 @@ fn run_side(
         }
         Ok(SideResult {
             side: side.to_string(),
+            run,
             points,
             preload_s,
             preload_errors,
@@ -543,6 +766,53 @@ fn run_side(
             note,
         })
     }
+}
+
+/// The side names in the order they first ran.
+fn side_names(results: &[SideResult]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for r in results {
+        if !names.contains(&r.side) {
+            names.push(r.side.clone());
+        }
+    }
+    names
+}
+
+/// Point `i` of every run of `side`, in run order.
+fn runs_at<'a>(results: &'a [SideResult], side: &str, i: usize) -> Vec<&'a Point> {
+    results
+        .iter()
+        .filter(|r| r.side == side)
+        .filter_map(|r| r.points.get(i))
+        .collect()
+}
+
+fn median_of<'a>(points: impl IntoIterator<Item = &'a Point>, f: impl Fn(&Point) -> f64) -> f64 {
+    let v: Vec<f64> = points.into_iter().map(f).collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    usm_bench::stats::median(&v)
+}
+
+/// The non-usm side with the lowest median p99 at point `i`: (name, median p99).
+fn best_kernel(results: &[SideResult], i: usize) -> Option<(String, f64)> {
+    side_names(results)
+        .into_iter()
+        .filter(|s| !s.starts_with("usm"))
+        .filter_map(|s| {
+            let runs = runs_at(results, &s, i);
+            (!runs.is_empty()).then(|| {
+                let m = median_of(runs, |p| p.load.p99_us);
+                (s, m)
+            })
+        })
+        .min_by(|x, y| x.1.total_cmp(&y.1))
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or("-".into(), |n| n.to_string())
 }
 
 fn write_outputs(
@@ -567,14 +837,19 @@ fn write_outputs(
         "connections": a.connections,
         "duration_s": a.duration,
         "warmup_s": a.warmup,
+        "repeat": a.repeat,
+        "cpu_dma_latency_held_at_0": a.pmqos,
+        "usm_workers": a.usm_workers,
         "loadavg_start": load_start,
         "loadavg_end": load_end,
         "sides": results,
     });
     std::fs::write(a.out.join("kv.json"), serde_json::to_string_pretty(&json)?)?;
+    let names = side_names(results);
+    let npoints = a.rates.len();
     let mut md = String::new();
     md.push_str(&format!(
-        "budget {} MiB, {keys} keys x {} B ({} MiB, {:.1}x the budget), {:?}, GET {:.0}%, {} connections, {} s per point (+{} s warm-up), load average {load_start} -> {load_end}\n\n",
+        "budget {} MiB, {keys} keys x {} B ({} MiB, {:.1}x the budget), {:?}, GET {:.0}%, {} connections, {} s per point (+{} s warm-up), {} run(s) per side (interleaved), usm workers {}, /dev/cpu_dma_latency {}, load average {load_start} -> {load_end}\n\n",
         a.budget_mib,
         a.value_size,
         dataset >> 20,
@@ -583,23 +858,40 @@ fn write_outputs(
         a.get_ratio * 100.0,
         a.connections,
         a.duration,
-        a.warmup
+        a.warmup,
+        a.repeat,
+        a.usm_workers,
+        if a.pmqos { "held at 0 us" } else { "not held" }
     ));
-    md.push_str("| side | offered/s | achieved/s | p50 us | p99 us | p99.9 us | lost | errors | misses | server CPU us/req |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("Every run. \"swap-ins\": pages read back over the whole point (warm-up and drain included): USM's swap-ins on usm sides, the memory cgroup's pgmajfault on the others. Hot: keys of popularity rank < ");
+    md.push_str(&format!(
+        "{} (their pages fit in half the budget).\n\n",
+        (a.budget_mib << 20) / 4096 / 2
+    ));
+    md.push_str("| side | run | offered/s | achieved/s | p50 us | p99 us | p99.9 us | hot p99 us | other p99 us | swap-ins | evicted | memory waits | lost | errors | misses | server CPU us/req |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for s in results {
         if s.points.is_empty() {
-            md.push_str(&format!("| {} | {} | | | | | | | | |\n", s.side, s.note));
+            md.push_str(&format!(
+                "| {} | {} | {} | | | | | | | | | | | | | |\n",
+                s.side, s.run, s.note
+            ));
         }
         for pt in &s.points {
             let p = &pt.load;
             md.push_str(&format!(
-                "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {:.1} |\n",
+                "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {:.1} |\n",
                 s.side,
+                s.run,
                 p.offered_rps,
                 p.achieved_rps,
                 p.p50_us,
                 p.p99_us,
                 p.p999_us,
+                p.hot_p99_us,
+                p.cold_p99_us,
+                opt(pt.swap_ins),
+                opt(pt.evicted),
+                opt(pt.memory_waits),
                 p.lost,
                 p.errors,
                 p.misses,
@@ -607,68 +899,110 @@ fn write_outputs(
             ));
         }
     }
-    // USM's p99 against the best kernel side at each offered load.
-    if let Some(usm) = results.iter().find(|s| s.side == "usm") {
-        md.push_str("\n| offered/s | usm p99 us | best kernel side | its p99 us | usm / kernel p99 |\n|---|---|---|---|---|\n");
-        for (i, p) in usm.points.iter().map(|p| &p.load).enumerate() {
-            let best = results
+    md.push_str("\nMedians over the runs:\n\n| side | offered/s | runs | p50 us | p99 us | p99.9 us | hot p99 us | other p99 us | swap-ins | server CPU us/req |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for name in &names {
+        for i in 0..npoints {
+            let runs = runs_at(results, name, i);
+            if runs.is_empty() {
+                continue;
+            }
+            let swaps: Vec<f64> = runs
                 .iter()
-                .filter(|s| !s.side.starts_with("usm"))
-                .filter_map(|s| s.points.get(i).map(|q| (s.side.as_str(), q.load.p99_us)))
-                .min_by(|x, y| x.1.total_cmp(&y.1));
-            if let Some((name, k)) = best {
+                .filter_map(|p| p.swap_ins.map(|n| n as f64))
+                .collect();
+            md.push_str(&format!(
+                "| {name} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} |\n",
+                runs[0].load.offered_rps,
+                runs.len(),
+                median_of(runs.iter().copied(), |p| p.load.p50_us),
+                median_of(runs.iter().copied(), |p| p.load.p99_us),
+                median_of(runs.iter().copied(), |p| p.load.p999_us),
+                median_of(runs.iter().copied(), |p| p.load.hot_p99_us),
+                median_of(runs.iter().copied(), |p| p.load.cold_p99_us),
+                if swaps.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.0}", usm_bench::stats::median(&swaps))
+                },
+                median_of(runs.iter().copied(), |p| p.server_cpu_us_per_request),
+            ));
+        }
+    }
+    // Each usm side's p99 against the best kernel side (lowest median p99) at each load.
+    let usm_sides: Vec<&String> = names.iter().filter(|n| n.starts_with("usm")).collect();
+    if !usm_sides.is_empty() {
+        md.push_str("\np99 against the best kernel side at the same offered load (ratio of the medians; per run: run i of each side, paired; the kernel side's absolute p99 next to each ratio):\n\n| side | offered/s | its median p99 us | best kernel side | its median p99 us | ratio of medians | per-run ratios (kernel p99 us) |\n|---|---|---|---|---|---|---|\n");
+        for u in &usm_sides {
+            for i in 0..npoints {
+                let runs = runs_at(results, u, i);
+                let Some((kname, kmed)) = best_kernel(results, i) else {
+                    continue;
+                };
+                if runs.is_empty() || kmed <= 0.0 {
+                    continue;
+                }
+                let umed = median_of(runs.iter().copied(), |p| p.load.p99_us);
+                let kruns = runs_at(results, &kname, i);
+                let per_run = runs
+                    .iter()
+                    .zip(&kruns)
+                    .map(|(p, q)| {
+                        format!(
+                            "{:.2}x ({:.0})",
+                            p.load.p99_us / q.load.p99_us.max(1.0),
+                            q.load.p99_us
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 md.push_str(&format!(
-                    "| {:.0} | {:.1} | {name} | {k:.1} | {:.2}x |\n",
-                    p.offered_rps,
-                    p.p99_us,
-                    p.p99_us / k
+                    "| {u} | {:.0} | {umed:.1} | {kname} | {kmed:.1} | {:.2}x | {per_run} |\n",
+                    runs[0].load.offered_rps,
+                    umed / kmed
                 ));
             }
         }
-        md.push_str("\nThroughput at a 1 ms p99 objective (highest achieved rate among points with p99 <= 1 ms):\n\n");
-        for s in results {
-            let best = s
-                .points
-                .iter()
-                .map(|p| &p.load)
-                .filter(|p| p.p99_us <= 1000.0 && p.lost == 0)
-                .map(|p| p.achieved_rps)
-                .fold(0.0f64, f64::max);
-            md.push_str(&format!("- {}: {best:.0}/s\n", s.side));
-        }
     }
-    md.push_str(&format!(
-        "\nHot requests: keys of popularity rank < {} (their pages fit in half the budget).\n\n| side | offered/s | hot share | hot p99 us | other p99 us |\n|---|---|---|---|---|\n",
-        (a.budget_mib << 20) / 4096 / 2
-    ));
-    for s in results {
-        for pt in &s.points {
-            let p = &pt.load;
-            md.push_str(&format!(
-                "| {} | {:.0} | {:.2} | {:.1} | {:.1} |\n",
-                s.side, p.offered_rps, p.hot_share, p.hot_p99_us, p.cold_p99_us
-            ));
-        }
+    md.push_str("\nThroughput at a 1 ms p99 objective (highest median achieved rate among points whose median p99 <= 1 ms and no run lost requests):\n\n");
+    for name in &names {
+        let best = (0..npoints)
+            .filter_map(|i| {
+                let runs = runs_at(results, name, i);
+                let ok = !runs.is_empty()
+                    && median_of(runs.iter().copied(), |p| p.load.p99_us) <= 1000.0
+                    && runs.iter().all(|p| p.load.lost == 0);
+                ok.then(|| median_of(runs, |p| p.load.achieved_rps))
+            })
+            .fold(0.0f64, f64::max);
+        md.push_str(&format!("- {name}: {best:.0}/s\n"));
     }
-    if let (Some(u), Some(n)) = (
-        results.iter().find(|s| s.side == "usm"),
-        results.iter().find(|s| s.side == "usm-nopressure"),
+    if let (true, true) = (
+        names.iter().any(|n| n == "usm"),
+        names.iter().any(|n| n == "usm-nopressure"),
     ) {
-        md.push_str("\n| offered/s | usm hot p99 us (pressure) | usm-nopressure hot p99 us | ratio |\n|---|---|---|---|\n");
-        for (p, q) in u.points.iter().zip(&n.points) {
+        md.push_str("\n| offered/s | usm hot p99 us (pressure, median) | usm-nopressure hot p99 us (median) | ratio |\n|---|---|---|---|\n");
+        for i in 0..npoints {
+            let u = runs_at(results, "usm", i);
+            let n = runs_at(results, "usm-nopressure", i);
+            if u.is_empty() || n.is_empty() {
+                continue;
+            }
+            let (hu, hn) = (
+                median_of(u.iter().copied(), |p| p.load.hot_p99_us),
+                median_of(n.iter().copied(), |p| p.load.hot_p99_us),
+            );
             md.push_str(&format!(
-                "| {:.0} | {:.1} | {:.1} | {:.2}x |\n",
-                p.load.offered_rps,
-                p.load.hot_p99_us,
-                q.load.hot_p99_us,
-                p.load.hot_p99_us / q.load.hot_p99_us.max(1.0)
+                "| {:.0} | {hu:.1} | {hn:.1} | {:.2}x |\n",
+                u[0].load.offered_rps,
+                hu / hn.max(1.0)
             ));
         }
     }
-    md.push_str("\nRSS at the end (KiB): ");
+    md.push_str("\nRSS at the end of each side's last run (KiB): ");
     md.push_str(
-        &results
+        &names
             .iter()
+            .filter_map(|n| results.iter().rev().find(|r| &r.side == n))
             .map(|s| format!("{} {} (+{} swapped)", s.side, s.rss_kib_end, s.swap_kib_end))
             .collect::<Vec<_>>()
             .join(", "),
@@ -677,49 +1011,55 @@ fn write_outputs(
     std::fs::write(a.out.join("kv-latest.md"), &md)?;
     let plot = LinePlot {
         title: format!(
-            "p99 latency vs offered load ({:?}, {} MiB budget)",
-            a.dist, a.budget_mib
+            "p99 latency vs offered load, median of {} run(s) ({:?}, {} MiB budget)",
+            a.repeat, a.dist, a.budget_mib
         ),
         x_label: "offered load (requests/s)".into(),
-        y_label: "p99 latency (us, log10)".into(),
-        series: results
+        y_label: "median p99 latency (us, log10)".into(),
+        series: names
             .iter()
-            .map(|s| Series {
-                name: s.side.clone(),
-                points: s
-                    .points
-                    .iter()
-                    .map(|p| (p.load.offered_rps, p.load.p99_us.max(1.0).log10()))
+            .map(|name| Series {
+                name: name.clone(),
+                points: (0..npoints)
+                    .filter_map(|i| {
+                        let runs = runs_at(results, name, i);
+                        (!runs.is_empty()).then(|| {
+                            (
+                                runs[0].load.offered_rps,
+                                median_of(runs.iter().copied(), |p| p.load.p99_us)
+                                    .max(1.0)
+                                    .log10(),
+                            )
+                        })
+                    })
                     .collect(),
             })
             .collect(),
         date: usm_bench::report::now_utc(),
-        headline: kv_headline(results),
+        headline: kv_headline(results, npoints),
     };
     plot.write(&a.out.join("kv_latency.svg"))?;
     println!("{md}");
     Ok(())
 }
 
-/// The headline ratio: USM's p99 over the best kernel side's p99 at each offered load
-/// (below 1: USM's tail is shorter), as in the report's last table.
-fn kv_headline(results: &[SideResult]) -> Option<Headline> {
-    let usm = results.iter().find(|s| s.side == "usm")?;
-    let points: Vec<(f64, f64)> = usm
-        .points
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| {
-            let best = results
-                .iter()
-                .filter(|s| !s.side.starts_with("usm"))
-                .filter_map(|s| s.points.get(i).map(|q| q.load.p99_us))
-                .min_by(f64::total_cmp)?;
-            (best > 0.0).then(|| (p.load.offered_rps, p.load.p99_us / best))
+/// The headline ratio: USM's median p99 over the best kernel side's median p99 at each
+/// offered load (below 1: USM's tail is shorter), as in the report's ratio table.
+fn kv_headline(results: &[SideResult], npoints: usize) -> Option<Headline> {
+    let points: Vec<(f64, f64)> = (0..npoints)
+        .filter_map(|i| {
+            let runs = runs_at(results, "usm", i);
+            let (_, best) = best_kernel(results, i)?;
+            (!runs.is_empty() && best > 0.0).then(|| {
+                (
+                    runs[0].load.offered_rps,
+                    median_of(runs.iter().copied(), |p| p.load.p99_us) / best,
+                )
+            })
         })
         .collect();
     (!points.is_empty()).then(|| Headline {
-        y_label: "usm / best kernel side, p99".into(),
+        y_label: "usm / best kernel side, median p99".into(),
         series: vec![Series {
             name: "usm / best kernel p99".into(),
             points,

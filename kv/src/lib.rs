@@ -23,6 +23,7 @@
 // loom's `Arc` has none); this application has no loom model. Atomics use `usm_sync`.
 #![allow(clippy::disallowed_types)]
 #![forbid(unsafe_code)]
+pub mod pipeline;
 pub mod resp;
 pub mod server;
 pub mod store;
@@ -89,6 +90,10 @@ pub struct KvConfig {
     pub store: StoreConfig,
     /// USM policy knobs (USM mode).
     pub usm: UsmKnobs,
+    /// USM mode: run each connection's reads on their own uThreads, replies in order
+    /// ([`pipeline`]); `false` answers a connection's requests one by one
+    /// ([`server::Server::serve`], as kernel mode always does).
+    pub concurrent: bool,
 }
 
 /// Policy knobs of the USM runtime (see `usm_runtime::embedded::Builder`).
@@ -199,14 +204,27 @@ fn start_usm(config: &KvConfig) -> Result<Running, KvError> {
     let listener = rt.net().bind(config.listen)?;
     let addr = listener.local_addr()?;
     let handle = rt.handle()?;
+    let concurrent = config.concurrent;
     rt.spawn(move || {
         loop {
             match listener.accept() {
                 Ok(mut conn) => {
                     let _ = conn.set_nodelay(true);
                     let server = server.clone();
+                    let spawner = handle.clone();
                     let spawned = handle.spawn(move || {
-                        if let Err(e) = server.serve(&mut conn) {
+                        let r = if concurrent {
+                            pipeline::serve_concurrent(
+                                &server,
+                                conn,
+                                &|f| spawner.spawn(f).ok(),
+                                &|f| spawner.spawn(f).ok(),
+                            )
+                            .map_err(std::io::Error::from)
+                        } else {
+                            server.serve(&mut conn)
+                        };
+                        if let Err(e) = r {
                             tracing::debug!(error = %e, "connection ended");
                         }
                     });

@@ -58,6 +58,11 @@ struct Args {
     /// USM free-frame watermarks LOW,HIGH in frames [default: derived from the pool].
     #[arg(long, value_parser = parse_pair)]
     watermarks: Option<(usize, usize)>,
+    /// USM mode: run each connection's reads on their own uThreads, replies in order
+    /// (default: one by one; concurrent measured slower on a loaded 2-vCPU machine, see
+    /// bench/results/kv.md).
+    #[arg(long)]
+    concurrent: bool,
     /// Shards (a power of two).
     #[arg(long, default_value_t = 32)]
     shards: usize,
@@ -132,6 +137,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             access_sampling: args.access_sampling.map(|s| matches!(s, Switch::On)),
             watermarks: args.watermarks,
         },
+        concurrent: args.concurrent,
     };
     // Block the stop signals before any thread exists (they inherit the mask), so only
     // the `wait` below receives them.

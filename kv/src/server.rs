@@ -85,6 +85,31 @@ impl<M: Memory> Server<M> {
         &self.store
     }
 
+    /// Counts a connection for `INFO` while `f` serves it.
+    pub(crate) fn counted<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.connections_total.fetch_add(1, Ordering::Relaxed);
+        let r = f();
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+        r
+    }
+
+    /// The parser's limits and the largest request kept in memory.
+    pub(crate) fn limits(&self) -> (&Limits, usize) {
+        (&self.limits, self.max_request)
+    }
+
+    /// Counts a protocol error for `INFO`.
+    pub(crate) fn protocol_error(&self) {
+        self.protocol_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Executes one command into `reply`; `true` when the client asked to quit.
+    pub(crate) fn execute_one(&self, args: &[&[u8]], reply: &mut Reply) -> bool {
+        self.commands.fetch_add(1, Ordering::Relaxed);
+        matches!(self.execute(args, reply), Flow::Quit)
+    }
+
     /// Serves `stream` until the client quits or goes away, or breaks the protocol. I/O
     /// errors end the connection and are returned (the caller only logs them).
     pub fn serve<S: Read + Write>(&self, stream: &mut S) -> std::io::Result<()> {

@@ -373,3 +373,96 @@ fn sigterm_closes_connections_and_exits_zero() {
         assert!(TcpStream::connect(("127.0.0.1", kv.port)).is_err());
     }
 }
+
+/// One connection pipelines thousands of GET/SET/DEL/EXISTS on a few keys in one burst,
+/// with values larger than the pool so GETs fault: every reply must be the one running
+/// the commands one by one gives (USM's `--concurrent` reads must not reorder replies, nor
+/// let a GET see a SET sent after it or miss one sent before it). Also the default (one by one) and
+/// kernel mode.
+#[test]
+fn pipelined_requests_keep_their_order_and_effects() {
+    for (kernel, extra) in [(false, None), (false, Some("--concurrent")), (true, None)] {
+        let mut args = vec!["--pool", "4M"];
+        args.extend(extra);
+        let kv = Kv::start(kernel, &args);
+        // 64 filler keys x 64 KiB = 4 MiB: with the test keys, more than the pool.
+        let mut load = Vec::new();
+        for k in 0..64usize {
+            let key = format!("fill:{k}");
+            load.extend(resp_command(&[
+                b"SET",
+                key.as_bytes(),
+                &value_of(k, 64 << 10),
+            ]));
+        }
+        let mut model: std::collections::HashMap<String, Vec<u8>> = Default::default();
+        let mut want = Vec::new();
+        let mut x = 12345u64;
+        for i in 0..3000usize {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let key = format!("k{}", x % 5);
+            match x % 7 {
+                0 | 1 => {
+                    let v = value_of(i, 1000 + (x % 60000) as usize);
+                    load.extend(resp_command(&[b"SET", key.as_bytes(), &v]));
+                    want.extend_from_slice(b"+OK\r\n");
+                    model.insert(key, v);
+                }
+                2 => {
+                    load.extend(resp_command(&[b"DEL", key.as_bytes()]));
+                    let n = u8::from(model.remove(&key).is_some());
+                    want.extend_from_slice(format!(":{n}\r\n").as_bytes());
+                }
+                3 => {
+                    load.extend(resp_command(&[b"EXISTS", key.as_bytes()]));
+                    let n = u8::from(model.contains_key(&key));
+                    want.extend_from_slice(format!(":{n}\r\n").as_bytes());
+                }
+                4 => {
+                    // A filler key: likely in swap by now.
+                    let k = (x >> 8) as usize % 64;
+                    let key = format!("fill:{k}");
+                    load.extend(resp_command(&[b"GET", key.as_bytes()]));
+                    want.extend_from_slice(format!("${}\r\n", 64 << 10).as_bytes());
+                    want.extend_from_slice(&value_of(k, 64 << 10));
+                    want.extend_from_slice(b"\r\n");
+                }
+                _ => {
+                    load.extend(resp_command(&[b"GET", key.as_bytes()]));
+                    match model.get(&key) {
+                        Some(v) => {
+                            want.extend_from_slice(format!("${}\r\n", v.len()).as_bytes());
+                            want.extend_from_slice(v);
+                            want.extend_from_slice(b"\r\n");
+                        }
+                        None => want.extend_from_slice(b"$-1\r\n"),
+                    }
+                }
+            }
+        }
+        let fill_replies = 64 * b"+OK\r\n".len();
+        let mut s = kv.raw();
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || w.write_all(&load).unwrap());
+        let mut got = vec![0u8; fill_replies + want.len()];
+        s.read_exact(&mut got).unwrap();
+        writer.join().unwrap();
+        assert!(got[..fill_replies].iter().eq(b"+OK\r\n".repeat(64).iter()));
+        let got = &got[fill_replies..];
+        if got != want.as_slice() {
+            let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+            panic!(
+                "kernel {kernel} {extra:?}: replies differ at byte {at}: got {:?}, want {:?}",
+                String::from_utf8_lossy(&got[at.saturating_sub(40)..(at + 40).min(got.len())]),
+                String::from_utf8_lossy(&want[at.saturating_sub(40)..(at + 40).min(want.len())])
+            );
+        }
+        // Nothing more was sent.
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut one = [0u8; 1];
+        assert!(s.read(&mut one).is_err(), "an extra reply byte");
+    }
+}

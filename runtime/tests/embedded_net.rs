@@ -450,6 +450,59 @@ fn region_buffers_under_memory_pressure_keep_every_byte() {
     );
 }
 
+/// A reader and a writer uThread on two handles of one connection (`try_clone`): the
+/// writer sends while the reader is parked in a read, and both see every byte.
+#[test]
+fn a_cloned_stream_reads_and_writes_from_two_uthreads() {
+    let rt = runtime(2);
+    let listener = rt.net().bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = rt.handle().unwrap();
+    let server = rt
+        .spawn(move || -> Result<u64, NetError> {
+            let mut reader = listener.accept()?;
+            let mut writer = reader.try_clone()?;
+            // The writer goes first and on its own uThread: 256 KiB while nobody reads
+            // here, so it parks in send until the client drains.
+            let w = handle
+                .spawn(move || -> Result<(), NetError> {
+                    let out: Vec<u8> = (0..256 << 10).map(|i| pattern(7, i)).collect();
+                    writer.write_all(&out)
+                })
+                .unwrap();
+            let mut got = 0u64;
+            let mut buf = vec![0u8; 16 << 10];
+            loop {
+                match reader.read(&mut buf)? {
+                    0 => break,
+                    n => {
+                        for (i, b) in buf[..n].iter().enumerate() {
+                            assert_eq!(*b, pattern(9, got as usize + i));
+                        }
+                        got += n as u64;
+                    }
+                }
+            }
+            w.join().unwrap()?;
+            Ok(got)
+        })
+        .unwrap();
+    let mut c = client(addr);
+    let mut c2 = c.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let out: Vec<u8> = (0..128 << 10).map(|i| pattern(9, i)).collect();
+        c2.write_all(&out).unwrap();
+        c2.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    sender.join().unwrap();
+    assert_eq!(back.len(), 256 << 10);
+    assert!(back.iter().enumerate().all(|(i, b)| *b == pattern(7, i)));
+    assert_eq!(server.join().unwrap().unwrap(), 128 << 10);
+    rt.shutdown(Duration::from_secs(1));
+}
+
 #[test]
 fn connect_from_a_uthread() {
     let rt = runtime(2);
@@ -545,4 +598,52 @@ fn shutdown_closes_every_connection_and_the_listener() {
         StdStream::connect(addr).is_err(),
         "the listener is still open"
     );
+}
+
+/// Multishot accept (opt-in): connections arriving one after another are all
+/// accepted by one armed request; dropping the listener closes the connections it had
+/// already accepted into its queue but nobody took (the client sees the close).
+#[test]
+fn multishot_accept_serves_every_connection_and_a_dropped_listener_closes_its_queue() {
+    let rt = runtime(2);
+    let mut listener = rt.net().bind("127.0.0.1:0").unwrap();
+    listener.set_multishot(true);
+    let addr = listener.local_addr().unwrap();
+    const N: usize = 50;
+    let server = rt
+        .spawn(move || -> Result<usize, NetError> {
+            let mut served = 0;
+            for _ in 0..N {
+                let mut c = listener.accept()?;
+                let mut b = [0u8; 1];
+                c.read_exact(&mut b)?;
+                c.write_all(&b)?;
+                served += 1;
+            }
+            // The client's late connections arrive meanwhile and wait in the queue.
+            usm_runtime::embedded::sleep(Duration::from_millis(300));
+            drop(listener);
+            Ok(served)
+        })
+        .unwrap();
+    for i in 0..N {
+        let mut c = client(addr);
+        c.write_all(&[i as u8]).unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(b[0], i as u8);
+    }
+    let late: Vec<StdStream> = (0..3).map(|_| client(addr)).collect();
+    assert_eq!(server.join().unwrap().unwrap(), N);
+    for mut c in late {
+        let mut b = [0u8; 1];
+        match c.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("a queued connection was not closed with its listener: {other:?}"),
+        }
+    }
+    // And nothing listens any more.
+    assert!(StdStream::connect(addr).is_err());
+    rt.shutdown(Duration::from_secs(1));
 }

@@ -56,7 +56,9 @@ use usm_sync::Arc;
 
 use crate::embedded::Region;
 use crate::embedded::runtime::Shared;
-use crate::sys::net::{Completion, NetRing, SockAddr, SockOp, StartError, owned_fd};
+use crate::sys::net::{
+    AcceptQueue, Completion, NetRing, NextAccept, SockAddr, SockOp, StartError, owned_fd,
+};
 use crate::sys::{sigbus, view};
 
 /// What can go wrong with uThread sockets.
@@ -201,8 +203,13 @@ impl Net {
     /// The ring of the worker the caller runs on (any ring off the runtime's workers: the
     /// operation then fails with [`NetError::NotInUThread`] before using it).
     fn ring(&self) -> &NetRing {
+        self.ring_at().1
+    }
+
+    /// [`Net::ring`] and its index.
+    fn ring_at(&self) -> (usize, &NetRing) {
         let i = usm_localmanager::worker_index().unwrap_or(0) % self.shared.net.len();
-        &self.shared.net[i]
+        (i, &self.shared.net[i])
     }
 
     /// Binds a listening socket (`SO_REUSEADDR`, blocking bind; callable from any thread).
@@ -212,6 +219,8 @@ impl Net {
             inner,
             net: self.clone(),
             accept_timeout: None,
+            multishot: false,
+            queue: Arc::new(AcceptQueue::default()),
         })
     }
 
@@ -292,17 +301,68 @@ impl Drop for BufferPin<'_> {
 }
 
 /// A listening TCP socket whose [`TcpListener::accept`] parks the calling uThread.
+///
+/// Each accept submits one `ACCEPT`. [`TcpListener::set_multishot`] instead keeps one
+/// multishot `ACCEPT` armed (one CQE per connection, no SQE or `io_uring_enter` per
+/// accept; `crate::sys::net`, "Multishot accept"); it is off by default because it did
+/// not measure faster (bench/results/kv.md).
 #[derive(Debug)]
 pub struct TcpListener {
     inner: std::net::TcpListener,
     net: Net,
     accept_timeout: Option<Duration>,
+    multishot: bool,
+    queue: Arc<AcceptQueue>,
+}
+
+impl Drop for TcpListener {
+    /// Cancels the multishot request (if armed) and closes the connections it queued.
+    fn drop(&mut self) {
+        if let Some((ring, user_data)) = self.queue.close() {
+            self.net.shared.net[ring].cancel(user_data);
+        }
+    }
 }
 
 impl TcpListener {
     /// Waits for a connection (parks the uThread). Several uThreads may accept on one
     /// listener at once.
     pub fn accept(&self) -> Result<TcpStream, NetError> {
+        if !self.multishot || self.accept_timeout.is_some() {
+            return self.accept_once();
+        }
+        if usm_localmanager::current().is_none() {
+            return Err(NetError::NotInUThread { op: "accept" });
+        }
+        loop {
+            match self.queue.next() {
+                Ok(NextAccept::Ready(fd)) if fd >= 0 => {
+                    return Ok(TcpStream::new(
+                        std::net::TcpStream::from(owned_fd(fd)),
+                        self.net.clone(),
+                    ));
+                }
+                Ok(NextAccept::Ready(errno)) => return Err(NetError::errno("accept", -errno)),
+                Ok(NextAccept::Arm) => {
+                    let (i, ring) = self.net.ring_at();
+                    match ring.arm_accept(i, self.inner.as_fd(), &self.queue) {
+                        Ok(()) => {}
+                        Err(StartError::Submit(e)) => return Err(NetError::io("accept", e)),
+                        Err(StartError::NotInUThread) => {
+                            return Err(NetError::NotInUThread { op: "accept" });
+                        }
+                    }
+                }
+                Ok(NextAccept::Wait) => {
+                    usm_localmanager::park();
+                }
+                Err(_) => return Err(NetError::NotInUThread { op: "accept" }),
+            }
+        }
+    }
+
+    /// One single-shot `ACCEPT` (with the accept timeout, if set).
+    fn accept_once(&self) -> Result<TcpStream, NetError> {
         let fd = self.net.run(
             "accept",
             SockOp::Accept(self.inner.as_fd()),
@@ -314,9 +374,15 @@ impl TcpListener {
         ))
     }
 
-    /// Bounds each [`TcpListener::accept`] (`None`: wait forever).
+    /// Bounds each [`TcpListener::accept`] (`None`: wait forever). With a timeout every
+    /// accept is a single-shot `ACCEPT` with a linked timeout.
     pub fn set_accept_timeout(&mut self, timeout: Option<Duration>) {
         self.accept_timeout = timeout;
+    }
+
+    /// Keep a multishot `ACCEPT` armed, or submit one `ACCEPT` per call (the default).
+    pub fn set_multishot(&mut self, on: bool) {
+        self.multishot = on;
     }
 
     /// The bound address.
@@ -441,6 +507,15 @@ impl TcpStream {
     ) -> Result<(), NetError> {
         Self::check(region, &range)?;
         self.write_all(region.bytes(range))
+    }
+
+    /// A second handle on the same connection (a duplicated descriptor, no timeouts), so
+    /// one uThread can read while another writes (e.g. a reader that keeps parsing
+    /// requests while a writer sends replies in order). Both operate on the same socket;
+    /// the connection closes when both are dropped.
+    pub fn try_clone(&self) -> Result<TcpStream, NetError> {
+        let inner = self.inner.try_clone().map_err(|e| NetError::io("dup", e))?;
+        Ok(TcpStream::new(inner, self.net.clone()))
     }
 
     /// Bounds each read (`None`: wait forever).

@@ -28,14 +28,28 @@
 //! completions that made it readable (a parked worker would spin) and no CQE waits for a
 //! wake-up that was already consumed: the read happens *before* the reap.
 //!
+//! # Multishot accept ([`AcceptQueue`])
+//! A listener without an accept timeout keeps one `ACCEPT` with `IORING_ACCEPT_MULTISHOT`
+//! armed: every incoming connection posts a CQE (flag `F_MORE` while the request stays
+//! armed) instead of costing an SQE and an `io_uring_enter` per accept. Its `user_data` is
+//! an `Arc<AcceptQueue>` pointer with the low bit set ([`MULTI_TAG`]); the reaper borrows it
+//! for a CQE with `F_MORE` and takes the count back for the last one (no `F_MORE`: the
+//! request ended, by error or cancellation). Results queue in the `AcceptQueue`; every
+//! CQE wakes all uThreads waiting in accept (they re-check under the queue's lock, so no
+//! wake-up is lost and duplicates are harmless). An accept that finds the queue empty and
+//! the request ended re-arms it on its own worker's ring. Dropping the listener cancels
+//! the request (it borrows no memory: no peer address is asked for) and closes the
+//! connections queued and any that still arrive.
+//!
 //! The ring is not `SINGLE_ISSUER`: uThreads submit from the worker they run on, the
 //! cancellation path may run on another thread. Socket completions are task work of the
 //! submitting worker (signalled, so a parked or busy worker runs it promptly).
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, opcode, squeue, types};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use usm_localmanager::Unparker;
 use usm_sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -43,6 +57,10 @@ use usm_sync::{Arc, Mutex, MutexGuard};
 
 /// `user_data` of SQEs whose CQE nobody waits for (link timeouts, cancellations).
 const IGNORED: u64 = 0;
+
+/// Low bit of the `user_data` of a multishot accept (an `Arc<AcceptQueue>` pointer; the
+/// `OpState` pointers of single-shot operations are aligned, so their low bit is clear).
+const MULTI_TAG: u64 = 1;
 
 /// Submission entries per ring (completions: [`CQ_ENTRIES`]; more in flight overflow into
 /// the kernel's backlog, `IORING_FEAT_NODROP`).
@@ -165,6 +183,88 @@ struct OpState {
     /// Read by the kernel when the `LINK_TIMEOUT` SQE is prepared (at submission); kept
     /// here so it outlives any deferred submission.
     timeout: types::Timespec,
+}
+
+/// The connections a multishot accept delivered, and the uThreads waiting for one (module
+/// docs, "Multishot accept").
+#[derive(Debug, Default)]
+pub(crate) struct AcceptQueue {
+    inner: Mutex<AcceptInner>,
+}
+
+#[derive(Debug, Default)]
+struct AcceptInner {
+    /// Accept results in arrival order: a new descriptor, or `-errno`.
+    ready: VecDeque<i32>,
+    /// uThreads parked in accept.
+    waiters: Vec<Unparker>,
+    /// The ring index and `user_data` of the armed request, while it is armed.
+    armed: Option<(usize, u64)>,
+    /// The listener is gone: arrivals are closed at once.
+    closed: bool,
+}
+
+/// What [`AcceptQueue::next`] found.
+#[derive(Debug)]
+pub(crate) enum NextAccept {
+    /// A result: a descriptor (`>= 0`) or `-errno`.
+    Ready(i32),
+    /// Nothing queued and no request armed: the caller arms one ([`NetRing::arm_accept`]).
+    Arm,
+    /// Registered as a waiter: park, then ask again.
+    Wait,
+}
+
+impl AcceptQueue {
+    fn lock(&self) -> MutexGuard<'_, AcceptInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a queued result, or says whether to arm a request or to park (registering the
+    /// calling uThread first, so a result delivered after this returns wakes it).
+    pub(crate) fn next(&self) -> Result<NextAccept, StartError> {
+        let mut q = self.lock();
+        if let Some(r) = q.ready.pop_front() {
+            return Ok(NextAccept::Ready(r));
+        }
+        if q.armed.is_none() {
+            return Ok(NextAccept::Arm);
+        }
+        q.waiters
+            .push(usm_localmanager::current().ok_or(StartError::NotInUThread)?);
+        Ok(NextAccept::Wait)
+    }
+
+    /// Delivers one CQE of the multishot request (`more`: it stays armed).
+    fn deliver(&self, res: i32, more: bool) {
+        let waiters = {
+            let mut q = self.lock();
+            if !more {
+                q.armed = None;
+            }
+            if res >= 0 && q.closed {
+                drop(owned_fd(res));
+            } else if res != -libc::ECANCELED {
+                q.ready.push_back(res);
+            }
+            std::mem::take(&mut q.waiters)
+        };
+        for w in waiters {
+            w.unpark();
+        }
+    }
+
+    /// The listener is dropped: closes what is queued; returns the armed request to cancel.
+    pub(crate) fn close(&self) -> Option<(usize, u64)> {
+        let mut q = self.lock();
+        q.closed = true;
+        for r in q.ready.drain(..) {
+            if r >= 0 {
+                drop(owned_fd(r));
+            }
+        }
+        q.armed
+    }
 }
 
 /// Why an operation could not be started.
@@ -333,10 +433,65 @@ impl NetRing {
         })
     }
 
+    /// Arms a multishot accept on `listener` delivering into `queue` (module docs). `ring`
+    /// is this ring's index, kept to cancel the request later.
+    pub(crate) fn arm_accept(
+        &self,
+        ring: usize,
+        listener: BorrowedFd<'_>,
+        queue: &Arc<AcceptQueue>,
+    ) -> Result<(), StartError> {
+        let user_data = Arc::into_raw(queue.clone()) as u64;
+        debug_assert_eq!(user_data & MULTI_TAG, 0);
+        let user_data = user_data | MULTI_TAG;
+        // Marked armed before the SQE exists, so no CQE finds it unarmed.
+        queue.lock().armed = Some((ring, user_data));
+        let entry = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data);
+        let mut ring = self.lock();
+        loop {
+            // SAFETY: a multishot accept borrows no memory (no peer address); the listener
+            // descriptor is referenced by the kernel's request itself from submission on.
+            if unsafe { ring.submission().push(&entry) }.is_ok() {
+                break;
+            }
+            if let Err(e) = ring.submit() {
+                drop(ring);
+                queue.lock().armed = None;
+                // SAFETY: nothing was pushed; the leaked count is ours again.
+                drop(unsafe { Arc::from_raw((user_data & !MULTI_TAG) as *const AcceptQueue) });
+                return Err(StartError::Submit(e));
+            }
+        }
+        if let Err(e) = ring.submit() {
+            tracing::debug!(error = %e, "network io_uring submit deferred to the driver");
+        }
+        Ok(())
+    }
+
+    /// Cancels the multishot request `user_data` without waiting: it borrows no memory,
+    /// and its last CQE (`ECANCELED`) gives the queue's count back.
+    pub(crate) fn cancel(&self, user_data: u64) {
+        let cancel = opcode::AsyncCancel::new(user_data)
+            .build()
+            .user_data(IGNORED);
+        let mut ring = self.lock();
+        loop {
+            // SAFETY: an ASYNC_CANCEL SQE borrows no memory.
+            if unsafe { ring.submission().push(&cancel) }.is_ok() {
+                break;
+            }
+            let _ = ring.submit();
+        }
+        let _ = ring.submit();
+    }
+
     /// Submits queued SQEs and reaps every completion, waking their uThreads. Returns the
     /// number of operations completed. Called by the worker's driver every round.
     pub(crate) fn poll(&self) -> usize {
-        let mut done: Vec<(u64, i32)> = Vec::new();
+        let mut done: Vec<(u64, i32, u32)> = Vec::new();
         {
             let mut ring = self.lock();
             if !ring.submission().is_empty()
@@ -350,7 +505,10 @@ impl NetRing {
                 let _ = self.eventfd.read();
             }
             if has_cqes {
-                done.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+                done.extend(
+                    ring.completion()
+                        .map(|c| (c.user_data(), c.result(), c.flags())),
+                );
                 self.stale.store(true, Ordering::Relaxed);
             }
         }
@@ -396,15 +554,30 @@ impl NetRing {
 }
 
 /// Completes reaped operations (see the module docs, step 4).
-fn dispatch(done: &[(u64, i32)]) -> usize {
+fn dispatch(done: &[(u64, i32, u32)]) -> usize {
     let mut n = 0;
-    for &(user_data, res) in done {
+    for &(user_data, res, flags) in done {
         if user_data == IGNORED {
             continue;
         }
-        // SAFETY: every non-IGNORED user_data is a count leaked by `NetRing::run` with
-        // `Arc::into_raw`, and each SQE yields exactly one CQE (no multishot operations),
-        // so the count is taken back exactly once, here.
+        if user_data & MULTI_TAG != 0 {
+            let ptr = (user_data & !MULTI_TAG) as *const AcceptQueue;
+            let more = cqueue::more(flags);
+            // SAFETY: a tagged user_data is a count leaked by `arm_accept` with
+            // `Arc::into_raw`. While the request stays armed (`F_MORE`) the count stays
+            // leaked and is only borrowed here; the one CQE without `F_MORE` is the
+            // request's last, and takes it back exactly once.
+            let queue = std::mem::ManuallyDrop::new(unsafe { Arc::from_raw(ptr) });
+            queue.deliver(res, more);
+            if !more {
+                drop(std::mem::ManuallyDrop::into_inner(queue));
+            }
+            n += 1;
+            continue;
+        }
+        // SAFETY: every other non-IGNORED user_data is a count leaked by `NetRing::run`
+        // with `Arc::into_raw`, and each of those SQEs yields exactly one CQE, so the
+        // count is taken back exactly once, here.
         let state = unsafe { Arc::from_raw(user_data as *const OpState) };
         state.result.store(res, Ordering::Relaxed);
         state.done.store(true, Ordering::Release);
