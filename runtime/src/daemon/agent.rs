@@ -7,9 +7,16 @@
 //! into the frame's slot of its own pool (`process_vm_readv`: present memory, never a
 //! hole), and from there the memory manager writes it to swap like any staged page.
 //!
+//! Access samples (the eviction policy's re-fault sampling, see the `usm_mm` crate docs)
+//! leave the same way, in the same batches: to the agent a sample is an eviction; the
+//! memory manager tells them apart (`Leaving { entry: None }`), and a sample's page stays
+//! in the frame's slot as `Sampled` until it is accessed (copied back) or chosen as a
+//! victim (written from the slot).
+//!
 //! # Two phases, nobody waits (who owns what)
-//! 1. *Submit* (a worker evicting, under the memory manager's lock): each victim gets a
-//!    free staging slot and an `EvictToStaging(slot, addr)` request; one kick. The core
+//! 1. *Submit* (a worker evicting, under the memory manager's lock): each victim, then
+//!    each page queued for a sample, gets a free staging slot and an
+//!    `EvictToStaging(slot, addr)` request; one kick. The core
 //!    marks the page `Leaving` (its frame still the core's) and goes on: nothing waits
 //!    for the program, so a stopped program (`SIGSTOP`, a debugger) delays only its own
 //!    eviction, and the process's reader is never behind the agent.
@@ -17,7 +24,7 @@
 //!    agent's `done` eventfd, holding no lock of the core): a moved page is copied into
 //!    its frame's slot and the frame marked Staging; every answer becomes a `StageDone`
 //!    job, and a worker finishes the stage ([`usm_mm::WorkerMm::finish_stage`]: write-back
-//!    queued, or the page resident again if it stayed).
+//!    queued, or the page `Sampled` for a sample, or resident again if it stayed).
 //! 3. *Drop*: the tagger must know pages are out (`SwapState`, so that it kills the
 //!    program rather than let it read zeroes if the daemon dies) *before* their staging
 //!    copies go; if it cannot be told now, the slots stay occupied and this is retried.
