@@ -208,15 +208,28 @@ impl AgentLink {
                 done(f.frame, false);
                 continue;
             }
-            let took = self.take_in(pool, f);
-            if took.is_ok() {
-                self.undropped.push(f.slot);
-                taken += 1;
-                done(f.frame, true);
-            } else {
-                tracing::warn!(pid = self.pid, addr = f.addr, why = ?took, "a staged page could not be read; the agent puts it back");
-                self.give_back(f.slot, f.addr);
-                done(f.frame, false);
+            match self.take_in(pool, f) {
+                Ok(()) => {
+                    self.undropped.push(f.slot);
+                    taken += 1;
+                    done(f.frame, true);
+                }
+                Err(None) => {
+                    // The process exited after its agent answered (more likely with
+                    // access samples in flight): nothing to read or give back; its exit
+                    // releases the frame.
+                    tracing::debug!(
+                        pid = self.pid,
+                        addr = f.addr,
+                        "a staged page of an exited process"
+                    );
+                    done(f.frame, false);
+                }
+                Err(Some(why)) => {
+                    tracing::warn!(pid = self.pid, addr = f.addr, %why, "a staged page could not be read; the agent puts it back");
+                    self.give_back(f.slot, f.addr);
+                    done(f.frame, false);
+                }
             }
         }
         (taken, freed)
@@ -233,14 +246,18 @@ impl AgentLink {
     }
 
     /// Copies the staged page of `f` into its frame's slot and marks the frame Staging.
-    fn take_in(&self, pool: &FramePool, f: InFlight) -> Result<(), String> {
-        let slot_addr = pool.prepare_stage(f.frame).map_err(|e| e.to_string())?;
+    /// `Err(None)`: the process is gone (`ESRCH`); `Err(Some(why))`: it failed.
+    fn take_in(&self, pool: &FramePool, f: InFlight) -> Result<(), Option<String>> {
+        let slot_addr = pool
+            .prepare_stage(f.frame)
+            .map_err(|e| Some(e.to_string()))?;
         let staged = self.client.staging_addr(f.slot);
         match crate::sys::remote::copy_from_process(pool, slot_addr, self.pid, staged) {
             Ok(n) if n == PAGE as usize => {}
-            other => return Err(format!("process_vm_readv: {other:?}")),
+            Err(nix::errno::Errno::ESRCH) => return Err(None),
+            other => return Err(Some(format!("process_vm_readv: {other:?}"))),
         }
-        pool.commit_stage(f.frame).map_err(|e| e.to_string())
+        pool.commit_stage(f.frame).map_err(|e| Some(e.to_string()))
     }
 
     /// A staged page the daemon could not take: the agent moves it back (its slot is
