@@ -145,11 +145,8 @@
 //! # Access information for eviction: re-fault sampling
 //! `/sys/kernel/mm/page_idle` is not available to us and `WP_ASYNC` sees writes only, so
 //! the eviction policy learns about accesses by *sampling* (on by default,
-//! [`MmConfig::access_sampling`]; the daemon still turns it off: with samples in flight
-//! through the agent, its storm tests met a page read as zeros after `mremap` and a fork
-//! child that crashed — stages in flight that name a reused address, and a fork child
-//! sharing a swap entry whose write has not been queued yet, both possible for evictions
-//! too but twice as frequent with samples). During a victim search, `EvictCx::access(frame)` on a
+//! [`MmConfig::access_sampling`]; the daemon's host still turns it off in its `MmConfig`
+//! setup). During a victim search, `EvictCx::access(frame)` on a
 //! `Resident` page takes it out to its own pool slot (no I/O; the page is then
 //! [`PageState::Sampled`], still counted resident, still tracked by the policy) and
 //! answers *accessed*, so `clock` spares it for one revolution of its hand. Then either:

@@ -819,7 +819,7 @@ fn a_full_swap_device_is_reported_and_the_daemon_stays_bounded() {
 /// Then every cold and hot page is verified (the hot ones at every pass too), the daemon
 /// must get every frame and slot back, and log no WARN/ERROR line.
 #[test]
-#[ignore = "needs access sampling on in the daemon (daemon/mod.rs sets MmConfig::access_sampling = false): off until stages in flight are safe across mremap/fork, see the sampling branch's report"]
+#[ignore = "needs access sampling on in the daemon: daemon/mod.rs still sets MmConfig::access_sampling = false (the lead's file; delete those 3 lines, then this attribute)"]
 fn clock_with_access_sampling_keeps_a_hot_set_that_fifo_reads_back_from_swap() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
