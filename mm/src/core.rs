@@ -192,8 +192,13 @@ pub struct MemState {
     orphans: HashSet<FrameNo>,
     /// Write-backs in flight on all workers.
     writebacks: usize,
-    /// Asynchronous stages in flight ([`PageState::Leaving`], fenced ones included).
+    /// Asynchronous evictions in flight ([`PageState::Leaving`] with an entry, fenced ones
+    /// included).
     leaving: usize,
+    /// Frames whose asynchronous access sample is in flight ([`PageState::Leaving`]
+    /// without an entry, fenced ones included): [`WorkerMm::finish_stage`] tells a sample
+    /// from an eviction by this set, since a fenced page's state is gone.
+    sampling: HashSet<FrameNo>,
     /// Swap had no free slot at the last eviction attempt (reported once per episode).
     swap_full: bool,
     /// Bit `w`: worker `w` has a fault waiting for a frame behind write-backs
@@ -295,6 +300,7 @@ impl MmCore {
                     orphans: HashSet::new(),
                     writebacks: 0,
                     leaving: 0,
+                    sampling: HashSet::new(),
                     swap_full: false,
                     memory_waiters: 0,
                     fork_waits: HashMap::new(),

@@ -7,8 +7,8 @@
 //! |---|---|---|---|
 //! | install a frame (swap-in) | `UFFDIO_COPY` slot → page, mapped write-protected when writes are tracked; the slot's page is dropped in a batch | `UFFDIO_MOVE` pool slot → page (zero copy); `UFFDIO_COPY` when MOVE says `EBUSY` | `UFFDIO_COPY` from the daemon's slot into the tagged process (cross-mm) |
 //! | first touch | `UFFDIO_COPY` from the pool's zero source (the lazy pool's slot is not even populated) | MOVE the pre-zeroed slot | COPY |
-//! | take a page out (evict, sample) | `UFFDIO_MOVE` page → staging slot, same mm (a pending slot drop is flushed first) | the same | the tagger's agent thread does the same-mm MOVE to its staging area |
-//! | swap-cache hit, sampled re-fault | COPY the staging slot back (works while the write-back reads it) | MOVE it back (COPY into a fresh frame while the write-back pins it) | COPY from staging |
+//! | take a page out (evict, sample) | `UFFDIO_MOVE` page → staging slot, same mm (a pending slot drop is flushed first) | the same | asynchronous ([`Installer::stages_async`]): the tagger's agent thread does the same-mm MOVE to its staging area, the daemon copies it into the frame's slot |
+//! | swap-cache hit, sampled re-fault | COPY the staging slot back (works while the write-back reads it) | MOVE it back (COPY into a fresh frame while the write-back pins it) | `UFFDIO_COPY` from the frame's slot in the daemon |
 //! | lost content | `UFFDIO_POISON` | `UFFDIO_POISON` | `UFFDIO_POISON` on the tagged process's fd |
 //!
 //! Why COPY: MOVE clears the slot's *present* PTE, one TLB flush per page (even in a
@@ -88,6 +88,15 @@ pub trait Installer: Send + Sync {
             Ok(true) => StageOutcome::Staged,
             _ => StageOutcome::Stayed,
         }));
+    }
+
+    /// Whether pages leave this address space only asynchronously: [`Installer::stage`]
+    /// cannot, [`Installer::stage_many`] answers [`StageOutcome::Pending`] (daemon: the
+    /// tagger's agent). Access sampling then queues its samples with the eviction's
+    /// batch and learns their outcome at [`crate::WorkerMm::finish_stage`]. The default
+    /// stages synchronously.
+    fn stages_async(&self) -> bool {
+        false
     }
 
     /// Installs a copy of a Staging frame's page (a sampled or written-back page of

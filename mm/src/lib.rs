@@ -112,7 +112,14 @@
 //! if the address holds a newer page by then, what was moved (the agent only names an
 //! address) is that page's content and is copied back. Stages in flight count against
 //! eviction's room only up to half of it, and a fault waits for them only when nothing
-//! else can be evicted: a stopped program delays only its own eviction.
+//! else can be evicted: a stopped program delays only its own eviction. Access samples
+//! leave the same way (`Leaving { entry: None }`, below).
+//!
+//! A Leaving page counts as *away* ([`PageState::is_away`], [`SpaceCounters::away`], what
+//! the daemon tells the tagger): once the agent moved it and the daemon dropped the
+//! staging copy, its content is only in the daemon, and the stage may not be finished
+//! here yet. Counting it before is the safe side: if the daemon dies meanwhile, the
+//! program is killed rather than left to read zeros.
 //!
 //! # Never vacant, never zeros
 //! A swap-in or swap-cache hit whose install cannot be done *now* (`EAGAIN`: the address
@@ -138,28 +145,54 @@
 //! # Access information for eviction: re-fault sampling
 //! `/sys/kernel/mm/page_idle` is not available to us and `WP_ASYNC` sees writes only, so
 //! the eviction policy learns about accesses by *sampling* (on by default,
-//! [`MmConfig::access_sampling`]). During a victim search, `EvictCx::access(frame)` on a
-//! `Resident` page moves it out to its own pool slot (`UFFDIO_MOVE`, no I/O; the page is
-//! now [`PageState::Sampled`], still counted resident, still tracked by the policy) and
+//! [`MmConfig::access_sampling`]; the daemon's host still turns it off in its `MmConfig`
+//! setup). During a victim search, `EvictCx::access(frame)` on a
+//! `Resident` page takes it out to its own pool slot (no I/O; the page is then
+//! [`PageState::Sampled`], still counted resident, still tracked by the policy) and
 //! answers *accessed*, so `clock` spares it for one revolution of its hand. Then either:
-//! - the program touches the page: the fault finds it `Sampled`, copies it back at once
-//!   (Move mode: moves; `FaultPath::SampleRefault`, no policy call, no I/O) and reports
+//! - the program touches the page: the fault finds it `Sampled`, puts it back at once
+//!   (`FaultPath::SampleRefault`, no policy call, no I/O) and reports
 //!   `EvictPolicy::on_access(accessed)`; the next time the hand comes it is sampled again;
 //! - or the hand comes back while it is still out: `access` answers *not accessed*, the
 //!   page becomes a victim, and since it is already in its slot its write-back is queued
-//!   without another MOVE (`sampled_evictions`).
+//!   without another move (`sampled_evictions`).
 //!
 //! So a page leaves memory only after a full revolution without an access, reads included
-//! (a written-bit scan would miss reads). Cost: one MOVE per page per revolution and one
-//! cheap re-fault per *used* page per revolution. At most 4096 pages are sampled per search
-//! (the first search under pressure finds every page unsampled). COPY mode: one MOVE
-//! (flush) per sample, the copy back is flush-free and its slot dropped in a batch; Move
-//! mode: two flushes. A swapped-in page whose clean copy is kept is copied back
-//! write-protected (Move mode: loses its write-protection in the MOVE back; a read
-//! re-fault re-arms it); a write re-fault drops the copy.
+//! (a written-bit scan would miss reads). Cost: one move out per page per revolution and
+//! one cheap re-fault per *used* page per revolution.
+//!
+//! How the page goes out and comes back depends on the installer:
+//! - **synchronous** (embedded): `UFFDIO_MOVE` to the slot during the search, at most 4096
+//!   pages per search (the first search under pressure finds every page unsampled); the
+//!   re-fault copies it back (COPY mode: flush-free, the slot dropped in a batch; Move
+//!   mode: moved back, two flushes in all). A swapped-in page whose clean copy is kept is
+//!   copied back write-protected (Move mode: loses its write-protection in the MOVE back;
+//!   a read re-fault re-arms it); a write re-fault drops the copy.
+//! - **asynchronous** ([`Installer::stages_async`], the daemon: only the tagger's agent
+//!   can take a page out of its process): `access` marks the page
+//!   `Leaving { entry: None }` and queues it; after the search, the queued samples go to
+//!   [`Installer::stage_many`] with the batch's victims (one agent round trip; the
+//!   victims of a space first, so samples never take the staging room a victim needs). At
+//!   most 192 samples are queued per search; beyond that the policy gets "no information"
+//!   (not accessed). While a sample is in flight the page is reported *accessed* (no news
+//!   yet), a fault on it waits, and a policy that chooses it anyway gets it back
+//!   (`on_map`). When the agent's answer is reaped ([`WorkerMm::finish_stage`]): moved →
+//!   `Sampled` (the content in the frame's slot in the daemon; counted away, so the
+//!   tagger knows), stayed → `Resident`. The re-fault installs it from the slot with
+//!   `UFFDIO_COPY` into the program ([`Installer::unstage`]). A sample in flight behaves
+//!   like any Leaving page on `munmap` (fenced: the frame is released at the finish),
+//!   `mremap` (the stage finishes at the new address) and fork (it becomes an eviction,
+//!   so the child shares its swap entry), and when the process exits.
+//!
+//! Counters: `samples_taken` / `sample_refaults` / `sampled_evictions` in [`MmStats`],
+//! `samples` / `sample_refaults` per space ([`SpaceCounters`]).
 //!
 //! # API stability
 //! Extend, don't break: both modes build on these types. Changes are noted here.
+//! - 2026-12-07 (later): [`Installer::stages_async`] (access sampling through an
+//!   asynchronous stage); `PageState::Leaving::entry` is an `Option` (`None`: an access
+//!   sample); `SpaceCounters::{samples, sample_refaults}`; `PageState::is_away` includes
+//!   `Leaving`.
 //! - 2026-12-07: crate `usm-mm` (was `usm_runtime::mm`, still re-exported there);
 //!   per-space installers and policies (`add_process`, `fork_space`, `discard`, `remap`,
 //!   `manage`, `remove_space`), `Installer::{stage_many, copy_staged, kill}`,

@@ -21,7 +21,13 @@
 //! A sampled page was moved out to its frame's own slot (`UFFDIO_MOVE`, no I/O) so that the
 //! next access faults; that fault moves it back at once and tells the eviction policy the
 //! page was accessed. A sampled page chosen as a victim is already out: its write-back is
-//! queued straight from the slot (`Sampled → Staging`).
+//! queued straight from the slot (`Sampled → Staging`). Where pages leave only
+//! asynchronously (daemon), a sample goes `Resident → Leaving { entry: None } → Sampled`
+//! (or back to `Resident` if the page stayed).
+//!
+//! Who tracks what in the eviction policy: `Resident`, `Sampled` and a sample in flight
+//! (`Leaving { entry: None }`) are tracked; a victim (`Leaving { entry: Some(_) }`,
+//! `Staging`) was removed from the policy when it was chosen.
 //!
 //! A page absent from the map is *vacant*: no content anywhere, a zeroed frame may back it.
 //!
@@ -70,13 +76,15 @@ pub enum PageState {
     },
     /// Being taken out of an address space by an asynchronous stage (daemon mode: the
     /// tagger's agent moves the page; see [`crate::installer::StageOutcome::Pending`]):
-    /// the page may already be a hole. Its frame is still the core's; `entry` is reserved
-    /// for its write-back. Faults on it wait for the stage to finish.
+    /// the page may already be a hole. Its frame is still the core's. Faults on it wait
+    /// for the stage to finish.
     Leaving {
         /// The frame (Mapped, or Staging once the content is in its slot).
         frame: FrameNo,
-        /// The swap entry reserved for the write-back.
-        entry: SwapEntry,
+        /// An eviction: the swap entry reserved for the write-back. `None`: taken out for
+        /// access sampling (no write-back; it becomes `Sampled`, still tracked by the
+        /// eviction policy).
+        entry: Option<SwapEntry>,
         /// Workers with a fault waiting on this page (bit per worker).
         waiters: u64,
     },
@@ -101,11 +109,16 @@ pub enum PageState {
 }
 
 impl PageState {
-    /// The content is not in the address space (the program would read a hole there).
+    /// The content is not in the address space (the program would read a hole there), or
+    /// may not be (`Leaving`: the agent may have moved it out and the daemon dropped its
+    /// staging copy before the stage is finished here). What the tagger is told
+    /// (`SwapState`): if the daemon dies while such pages exist, the program is killed
+    /// rather than left to read zeros.
     pub fn is_away(&self) -> bool {
         matches!(
             self,
             PageState::Sampled(_)
+                | PageState::Leaving { .. }
                 | PageState::Staging { .. }
                 | PageState::Swapped(_)
                 | PageState::SwapIn { .. }
@@ -170,7 +183,8 @@ pub struct SpaceCounters {
     /// Pages whose content is only in staging or swap.
     pub swapped: usize,
     /// Pages whose content is not in the address space (sampled, staging, swapped,
-    /// swap-in in flight): what the program would lose with the memory manager.
+    /// swap-in in flight) or may not be (leaving): what the program would lose with the
+    /// memory manager.
     pub away: usize,
     /// Poisoned pages.
     pub poisoned: usize,
@@ -186,6 +200,10 @@ pub struct SpaceCounters {
     pub evictions: u64,
     /// Victims that stayed (pinned, refused by the installer).
     pub evict_skipped: u64,
+    /// Pages taken out for access sampling (see the crate docs).
+    pub samples: u64,
+    /// Sampled pages accessed again (installed back from their slot, no I/O).
+    pub sample_refaults: u64,
     /// Panics of a policy serving this space (each one replaced the policy).
     pub policy_panics: u64,
 }

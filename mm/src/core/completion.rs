@@ -15,9 +15,12 @@
 //!   slot freed.
 //!
 //! [`WorkerMm::finish_stage`] (daemon: the tagger's agent answered a `Pending` stage):
-//! moved → `leave` (the write-back is queued as for any staged page); stayed → `stay`
-//! (`Resident` again); the page went away meanwhile → fenced (the frame is released; if
-//! the address holds a newer page, what was moved is copied back).
+//! an eviction moved → `leave` (the write-back is queued as for any staged page); stayed
+//! → `stay` (`Resident` again, re-announced to the eviction policy); an access sample
+//! (`Leaving { entry: None }`, see the crate docs) moved → `Sampled` (the content in the
+//! frame's slot; the next access installs it from there), stayed → `Resident` (the policy
+//! tracked it all along); the page went away meanwhile → fenced (the frame is released;
+//! if the address holds a newer page, what was moved is copied back).
 //!
 //! Lock: `poll` and `finish_stage` take the core lock after the reaping and submit after
 //! dropping it; `complete`, `leave` and `stay` are `WorkerCx` methods (lock held).
@@ -102,7 +105,9 @@ impl WorkerMm {
         let core = self.core.clone();
         let mut guard = core.lock();
         let st = &mut *guard;
-        st.mem.leaving = st.mem.leaving.saturating_sub(1);
+        if !st.mem.sampling.remove(&frame) {
+            st.mem.leaving = st.mem.leaving.saturating_sub(1);
+        }
         let addr = core.pool.desc(frame).map_or(0, |d| d.vaddr());
         let state = st
             .mem
@@ -120,10 +125,10 @@ impl WorkerMm {
             }) if f == frame => {
                 let mut cx = WorkerCx::new(&core, st, &mut self.io, self.worker);
                 let v = usm_policies::MappedPage { frame, pid, addr };
-                if moved {
-                    cx.leave(v, entry);
-                } else {
-                    cx.stay(v, entry);
+                match (entry, moved) {
+                    (Some(entry), true) => cx.leave(v, entry),
+                    (Some(entry), false) => cx.stay(v, entry),
+                    (None, moved) => cx.sample_done(v, moved),
                 }
                 core.wake_mask(waiters, usize::MAX);
                 true
@@ -390,6 +395,22 @@ impl WorkerCx<'_> {
         self.queue_writeback(v, entry);
     }
 
+    /// An asynchronous access sample finished: the page is `Sampled` (its content in the
+    /// frame's slot) if it left, else `Resident` again. The eviction policy tracked it all
+    /// along (it was spared as accessed, see the crate docs): nothing to tell it.
+    fn sample_done(&mut self, v: MappedPage, moved: bool) {
+        let Some(space) = self.mem.spaces.get_mut(&v.pid) else {
+            return;
+        };
+        if moved {
+            space.counters.samples += 1;
+            MmStats::bump(&self.core.stats.counters.samples_taken);
+            space.set(v.addr, PageState::Sampled(v.frame));
+        } else {
+            space.set(v.addr, PageState::Resident(v.frame));
+        }
+    }
+
     /// An asynchronous stage finished with the page still in its address space: it is
     /// resident again.
     fn stay(&mut self, v: MappedPage, entry: SwapEntry) {
@@ -431,7 +452,13 @@ fn displace(core: &MmCore, st: &mut MmState, pid: u32, addr: u64, frame: usm_kmo
         }) => {
             // Its stage finds nothing to move (the page is already out): fenced then.
             st.mem.orphans.insert(f);
-            let _ = st.mem.swap.free(entry);
+            match entry {
+                Some(entry) => {
+                    let _ = st.mem.swap.free(entry);
+                }
+                // A sample: the policy tracked it.
+                None => st.evict.on_free(f),
+            }
             core.wake_mask(waiters, usize::MAX);
         }
         _ => {}

@@ -6,18 +6,24 @@
 //!   half the depth: a stopped program must not stop eviction), capped at
 //!   `MmConfig::eviction_batch`. A full swap is said once per episode and nothing is
 //!   chosen. The eviction policy chooses victims (guarded: a panic replaces it with
-//!   `fifo`, which is told every resident page — `replace_evict`) through `SamplingView`,
-//!   which moves a resident page out to its own slot the first time it is asked about
-//!   (re-fault access sampling, at most `MAX_SAMPLES_PER_SCAN` per search).
+//!   `fifo`, which is told every page it should track — `replace_evict`) through
+//!   `SamplingView`, which takes a resident page out to its own slot the first time it is
+//!   asked about (re-fault access sampling): at once where the installer stages
+//!   synchronously (at most `MAX_SAMPLES_PER_SCAN` per search), else queued with the
+//!   batch (at most `MAX_ASYNC_SAMPLES_PER_SCAN`; the page is `Leaving { entry: None }`
+//!   until `finish_stage`, and reported accessed while it is).
 //! - `prepare_victim`: a victim must still be `Resident` (or `Sampled`: already in its
-//!   slot) with that frame and not pinned, else it is skipped and re-announced with
-//!   `on_map`. A page with a valid clean copy in swap is evicted without I/O
-//!   (`evict_clean`: the staged content's hash must match the one taken at swap-in).
-//!   Otherwise it gets a swap entry.
-//! - `stage_batch`: one `Installer::stage_many` per space; `Staged` → `queue_writeback`
-//!   (the page is `Staging`, its write queued straight from the slot); `Pending` → the
-//!   page is `Leaving` until `finish_stage` ([`super::completion`]); `Stayed` → the entry
-//!   is freed, the page stays. A write that cannot be queued puts the page back (or, if
+//!   slot) with that frame and not pinned, else it is skipped (re-announced with `on_map`
+//!   if pinned or its sample is in flight). A page with a valid clean copy in swap is
+//!   evicted without I/O (`evict_clean`: the staged content's hash must match the one
+//!   taken at swap-in). Otherwise it gets a swap entry.
+//! - `stage_batch`: one `Installer::stage_many` per space for its victims and then its
+//!   queued samples (victims get the agent's staging slots first); for a victim `Staged`
+//!   → `queue_writeback` (the page is `Staging`, its write queued straight from the
+//!   slot); `Pending` → the page is `Leaving` until `finish_stage`
+//!   ([`super::completion`]); `Stayed` → the entry is freed, the page stays. For a
+//!   sample: `Pending` → it stays `Leaving { entry: None }`; `Staged` → `Sampled`;
+//!   `Stayed` → `Resident` again. A write that cannot be queued puts the page back (or, if
 //!   the address space is changing, leaves it `Sampled` in its slot): nothing is lost.
 //!
 //! The page is always out of its address space before its write is queued, and its swap
@@ -42,6 +48,15 @@ use super::{MemState, MemView, MmCore, Op, WorkerCx, WorkerMm};
 /// cost when pressure first arrives and every page is unsampled; beyond it the policy
 /// gets "no information" for the rest of that search).
 const MAX_SAMPLES_PER_SCAN: usize = 4096;
+
+/// Most pages queued for an asynchronous sample in one victim search (daemon: each one is
+/// a `UFFDIO_MOVE` by the tagger's agent and a `process_vm_readv` by the daemon, and holds
+/// one of the agent's staging slots — 256 per process — until its copy is dropped; a
+/// space's victims get the slots first, and a sample that finds none stays resident).
+/// Beyond it the policy gets "no information" for the rest of the search. Measured with
+/// `daemon_mm`'s hot/cold test: 128 let a few hundred more hot pages go uninformed than
+/// 192 or 256.
+const MAX_ASYNC_SAMPLES_PER_SCAN: usize = 192;
 
 impl MmCore {
     /// Evicts up to `want` pages now on behalf of worker `io` (used by tests and by the
@@ -99,11 +114,13 @@ impl WorkerCx<'_> {
             return VictimScan::default();
         }
         let mut out = Vec::with_capacity(want);
+        let queued: Vec<MappedPage>;
         let mut scan = {
             let mut view = SamplingView {
                 core: self.core,
                 mem: self.mem,
                 sampled: 0,
+                queued: Vec::new(),
             };
             let name = self.evict.name().to_owned();
             let evict = &mut *self.evict;
@@ -115,26 +132,35 @@ impl WorkerCx<'_> {
                 .counters
                 .samples_taken
                 .fetch_add(view.sampled as u64, Ordering::Relaxed);
+            queued = std::mem::take(&mut view.queued);
             match scan {
                 Ok(scan) => scan,
                 Err(p) => {
                     out.clear();
+                    // Nothing was asked of the installer yet: the queued samples stay.
+                    for q in queued {
+                        if let Some(space) = self.mem.spaces.get_mut(&q.pid) {
+                            space.set(q.addr, PageState::Resident(q.frame));
+                        }
+                    }
                     self.replace_evict(&name, &p.to_string());
                     return VictimScan::default();
                 }
             }
         };
         let mut staged = 0;
-        let mut to_stage: Vec<(MappedPage, SwapEntry)> = Vec::new();
+        let mut to_stage: Vec<(MappedPage, Option<SwapEntry>)> = Vec::new();
         let offered = out.len();
         for v in out {
             match self.prepare_victim(v) {
                 Victim::Done(true) => staged += 1,
                 Victim::Done(false) => {}
-                Victim::Stage(v, entry) => to_stage.push((v, entry)),
+                Victim::Stage(v, entry) => to_stage.push((v, Some(entry))),
             }
         }
         let n_stage = to_stage.len();
+        // Samples after the victims: each space's victims get the staging room first.
+        to_stage.extend(queued.into_iter().map(|q| (q, None)));
         staged += self.stage_batch(to_stage);
         if staged == 0 {
             tracing::debug!(
@@ -201,7 +227,14 @@ impl WorkerCx<'_> {
         for (&pid, space) in self.mem.spaces.iter_mut() {
             space.counters.policy_panics += 1;
             for (&addr, st) in &space.pages {
-                if let PageState::Resident(frame) = *st {
+                // What the policy tracks: resident pages, sampled ones and samples in
+                // flight (victims on their way out were removed when chosen).
+                if let PageState::Resident(frame)
+                | PageState::Sampled(frame)
+                | PageState::Leaving {
+                    frame, entry: None, ..
+                } = *st
+                {
                     resident.push(MappedPage { frame, pid, addr });
                 }
             }
@@ -233,6 +266,20 @@ impl WorkerCx<'_> {
             Some(PageState::Resident(f)) if *f == v.frame => (true, false),
             // Out for sampling and not accessed since: already in its slot.
             Some(PageState::Sampled(f)) if *f == v.frame => (true, true),
+            Some(PageState::Leaving {
+                frame: f,
+                entry: None,
+                ..
+            }) if *f == v.frame => {
+                // Its sample is in flight (a policy that chose it anyway): not yet; the
+                // policy keeps tracking it.
+                let mut view = MemView {
+                    pool: &core.pool,
+                    mem: self.mem,
+                };
+                self.evict.on_map(v, &mut view);
+                return Victim::Done(false);
+            }
             _ => (false, false),
         };
         let pinned = self
@@ -275,17 +322,18 @@ impl WorkerCx<'_> {
         Victim::Stage(v, entry)
     }
 
-    /// Takes the victims out of their address spaces, one
-    /// [`Installer::stage_many`](crate::Installer::stage_many) per space (the daemon's
-    /// agent moves a whole batch per round trip), and queues the write-backs of those that
-    /// left. Returns how many did.
-    fn stage_batch(&mut self, mut victims: Vec<(MappedPage, SwapEntry)>) -> usize {
+    /// Takes the victims (with their entry) and the queued samples (`None`) out of their
+    /// address spaces, one [`Installer::stage_many`](crate::Installer::stage_many) per
+    /// space (the daemon's agent moves a whole batch per round trip), and queues the
+    /// write-backs of the victims that left. Returns how many victims did.
+    fn stage_batch(&mut self, mut items: Vec<(MappedPage, Option<SwapEntry>)>) -> usize {
         let core = self.core;
-        victims.sort_by_key(|(v, _)| v.pid);
+        // Stable: within a space, victims stay ahead of samples.
+        items.sort_by_key(|(v, _)| v.pid);
         let mut staged = 0;
         let mut frames = Vec::new();
         let mut done = Vec::new();
-        for group in victims.chunk_by(|a, b| a.0.pid == b.0.pid) {
+        for group in items.chunk_by(|a, b| a.0.pid == b.0.pid) {
             let pid = group[0].0.pid;
             frames.clear();
             frames.extend(group.iter().map(|(v, _)| v.frame));
@@ -293,7 +341,12 @@ impl WorkerCx<'_> {
             core.installer_in(self.mem, pid)
                 .stage_many(&core.pool, &frames, &mut done);
             for (i, &(v, entry)) in group.iter().enumerate() {
-                match done.get(i).copied().unwrap_or(StageOutcome::Stayed) {
+                let outcome = done.get(i).copied().unwrap_or(StageOutcome::Stayed);
+                let Some(entry) = entry else {
+                    self.sample_staged(v, outcome);
+                    continue;
+                };
+                match outcome {
                     StageOutcome::Staged => {
                         if self.queue_writeback(v, entry) {
                             staged += 1;
@@ -309,7 +362,7 @@ impl WorkerCx<'_> {
                                 v.addr,
                                 PageState::Leaving {
                                     frame: v.frame,
-                                    entry,
+                                    entry: Some(entry),
                                     waiters: 0,
                                 },
                             );
@@ -333,6 +386,27 @@ impl WorkerCx<'_> {
             }
         }
         staged
+    }
+
+    /// What became of a queued sample (its page is `Leaving { entry: None }`): in flight
+    /// (`finish_stage` completes it), out already (`Sampled`), or it stayed (`Resident`
+    /// again; it was reported accessed, so it is only spared once more).
+    fn sample_staged(&mut self, v: MappedPage, outcome: StageOutcome) {
+        let state = match outcome {
+            StageOutcome::Pending => {
+                self.mem.sampling.insert(v.frame);
+                return;
+            }
+            StageOutcome::Staged => PageState::Sampled(v.frame),
+            StageOutcome::Stayed => PageState::Resident(v.frame),
+        };
+        if let Some(space) = self.mem.spaces.get_mut(&v.pid) {
+            if matches!(state, PageState::Sampled(_)) {
+                space.counters.samples += 1;
+                MmStats::bump(&self.core.stats.counters.samples_taken);
+            }
+            space.set(v.addr, state);
+        }
     }
 
     /// Queues the write-back of victim `v`, already in staging, to `entry`.
@@ -472,16 +546,25 @@ enum Victim {
 struct SamplingView<'a> {
     core: &'a MmCore,
     mem: &'a mut MemState,
-    /// Pages moved out during this search.
+    /// Pages moved out during this search (synchronous installers).
     sampled: usize,
+    /// Pages to take out asynchronously after the search (their state is already
+    /// `Leaving { entry: None }`; `stage_batch` submits them with the victims).
+    queued: Vec<MappedPage>,
 }
 
 impl EvictCx for SamplingView<'_> {
-    /// A resident page is moved out to its own slot (`Resident → Sampled`) and reported
+    /// A resident page is moved out to its own slot (`Resident → Sampled`; where pages
+    /// leave asynchronously, queued: `Resident → Leaving { entry: None }`) and reported
     /// accessed: it gets one revolution of the hand to show it is used. A page still out
-    /// when asked again was not accessed since: "not accessed". A sampled page that was
-    /// accessed is resident again and was reported through `on_access` by its re-fault.
+    /// when asked again was not accessed since: "not accessed". A sample still in flight
+    /// has no news yet: reported accessed (spared). A sampled page that was accessed is
+    /// resident again and was reported through `on_access` by its re-fault.
     fn access(&mut self, frame: FrameNo) -> Access {
+        const ACCESSED: Access = Access {
+            accessed: true,
+            written: false,
+        };
         if !self.core.config.access_sampling {
             return Access::default();
         }
@@ -495,19 +578,37 @@ impl EvictCx for SamplingView<'_> {
             return Access::default();
         };
         match space.pages.get(&addr) {
-            Some(PageState::Resident(f))
-                if *f == frame
-                    && self.sampled < MAX_SAMPLES_PER_SCAN
-                    && !space.is_pinned(addr)
-                    && matches!(installer.stage(pool, frame), Ok(true)) =>
-            {
-                space.set(addr, PageState::Sampled(frame));
-                self.sampled += 1;
-                Access {
-                    accessed: true,
-                    written: false,
+            Some(PageState::Resident(f)) if *f == frame && !space.is_pinned(addr) => {
+                if installer.stages_async() {
+                    if self.queued.len() >= MAX_ASYNC_SAMPLES_PER_SCAN {
+                        return Access::default();
+                    }
+                    space.set(
+                        addr,
+                        PageState::Leaving {
+                            frame,
+                            entry: None,
+                            waiters: 0,
+                        },
+                    );
+                    self.queued.push(MappedPage { frame, pid, addr });
+                    return ACCESSED;
                 }
+                if self.sampled < MAX_SAMPLES_PER_SCAN
+                    && matches!(installer.stage(pool, frame), Ok(true))
+                {
+                    space.set(addr, PageState::Sampled(frame));
+                    space.counters.samples += 1;
+                    self.sampled += 1;
+                    return ACCESSED;
+                }
+                Access::default()
             }
+            Some(PageState::Leaving {
+                frame: f,
+                entry: None,
+                ..
+            }) if *f == frame => ACCESSED,
             _ => Access::default(),
         }
     }

@@ -38,15 +38,22 @@ use super::{MemState, MmCore};
 /// The children sharing one parent page that was `Leaving` at their `fork`.
 #[derive(Debug)]
 pub(super) struct ForkWait {
-    /// The entry reserved for the parent's write-back (the children share it).
-    entry: SwapEntry,
+    /// The entry reserved for the parent's write-back (the children share it); `None`
+    /// for an access sample in flight (the children's pages are `Copied` meanwhile).
+    entry: Option<SwapEntry>,
     /// The children's spaces (the page is at the same address in each).
     children: Vec<u32>,
 }
 
 /// `fork_space`: `child` shares `entry`, reserved by the parent's stage of `addr` in
 /// flight.
-pub(super) fn record(mem: &mut MemState, parent: u32, addr: u64, entry: SwapEntry, child: u32) {
+pub(super) fn record(
+    mem: &mut MemState,
+    parent: u32,
+    addr: u64,
+    entry: Option<SwapEntry>,
+    child: u32,
+) {
     mem.fork_waits
         .entry((parent, addr))
         .or_insert_with(|| ForkWait {
@@ -83,7 +90,8 @@ pub(super) fn stage_done(
         let Some(space) = mem.spaces.get_mut(&child) else {
             continue;
         };
-        if space.pages.get(&addr) != Some(&PageState::Swapped(w.entry)) {
+        let waiting = w.entry.map_or(PageState::Copied, PageState::Swapped);
+        if space.pages.get(&addr) != Some(&waiting) {
             continue;
         }
         let copied = if moved {
@@ -104,6 +112,8 @@ pub(super) fn stage_done(
                 space.set(addr, PageState::Poisoned);
             }
         }
-        let _ = mem.swap.free(w.entry);
+        if let Some(e) = w.entry {
+            let _ = mem.swap.free(e);
+        }
     }
 }

@@ -8,7 +8,8 @@
 //!    `memory_waiters`: the next write-back to complete on any worker wakes it);
 //! 3. once per fault: evict up to the high watermark; victims staged → wait; frames came
 //!    free → retry;
-//! 4. asynchronous stages in flight (a program's agent has not answered): wait, never OOM;
+//! 4. asynchronous stages in flight, evictions or access samples (a program's agent has
+//!    not answered): wait, never OOM;
 //! 5. ask the OOM policy (guarded; a panic fails the access): `EvictHarder(n)` → a hard
 //!    victim search (at most 8 times per fault), `FailAccess` → fail, `KillLargestProcess`
 //!    / `KillLargestTask` → the installer of the space holding the most frames ends its
@@ -79,6 +80,7 @@ impl WorkerCx<'_> {
             }
         }
         if self.mem.leaving > 0
+            || !self.mem.sampling.is_empty()
             || self
                 .mem
                 .spaces
@@ -86,8 +88,9 @@ impl WorkerCx<'_> {
                 .any(|s| s.installer.as_ref().is_some_and(|i| i.busy()))
         {
             // Stages in flight (a program's agent has not answered yet: it may
-            // be stopped), or staging room on its way back, and nothing else to
-            // take now: wait, never OOM.
+            // be stopped; a finished sample is a victim at the next search), or
+            // staging room on its way back, and nothing else to take now: wait,
+            // never OOM.
             MmStats::bump(&self.core.stats.counters.memory_waits);
             self.mem.memory_waiters |= 1 << self.worker;
             return OomStep::Done(FaultResult::NeedMemory);
@@ -176,6 +179,7 @@ impl WorkerCx<'_> {
             slots = self.mem.swap.total_slots(),
             writebacks = self.mem.writebacks,
             leaving = self.mem.leaving,
+            sampling = self.mem.sampling.len(),
             io_in_flight = self.io.engine.in_flight(),
             io_depth = self.io.engine.depth(),
             resident = self

@@ -211,9 +211,14 @@ impl MmCore {
                 | PageState::Sampled(f)
                 | PageState::Leaving { frame: f, .. } => {
                     // The stage of a Leaving page finishes at its frame's new address; the
-                    // eviction policy hears of the page at its new place.
+                    // eviction policy hears of the pages it tracks at their new place.
                     let _ = self.pool.set_owner(f, owner, new);
-                    if matches!(state, PageState::Resident(_)) {
+                    if matches!(
+                        state,
+                        PageState::Resident(_)
+                            | PageState::Sampled(_)
+                            | PageState::Leaving { entry: None, .. }
+                    ) {
                         st.evict.on_free(f);
                         remapped.push(usm_policies::MappedPage {
                             frame: f,
@@ -272,7 +277,11 @@ impl MmCore {
     /// - pages out in a staging slot (write-back, sampling) are holes in the child too:
     ///   it gets a copy of the staged content now (`Copied`);
     /// - swapped pages (and swap-ins in flight) share the parent's swap entry
-    ///   (reference-counted: each side frees its own reference).
+    ///   (reference-counted: each side frees its own reference);
+    /// - pages being taken out of the parent (`Leaving`) share the entry their write-back
+    ///   goes to; an access sample in flight becomes an eviction for that (a new entry:
+    ///   the page leaves the parent's eviction policy and is written back when its stage
+    ///   finishes), exactly like a page leaving for swap.
     pub fn fork_space(
         &self,
         parent: u32,
@@ -306,7 +315,15 @@ impl MmCore {
         let pages: Vec<(u64, PageState)> = p.pages.iter().map(|(&a, s)| (a, s.clone())).collect();
         let mut copied_staged = 0usize;
         let mut waits = 0usize;
-        for (a, state) in pages {
+        for (a, mut state) in pages {
+            if let PageState::Leaving {
+                frame,
+                entry: None,
+                waiters,
+            } = state
+            {
+                state = self.sample_to_eviction(st, parent, a, frame, waiters);
+            }
             let child_state = match state {
                 PageState::Resident(_) | PageState::Copied => PageState::Copied,
                 PageState::Sampled(f) | PageState::Staging { frame: f, .. } => {
@@ -332,10 +349,10 @@ impl MmCore {
                 // the child waits until the stage ends (`fork_wait`).
                 PageState::Swapped(e)
                 | PageState::SwapIn { entry: e, .. }
-                | PageState::Leaving { entry: e, .. } => match st.mem.swap.dup(e) {
+                | PageState::Leaving { entry: Some(e), .. } => match st.mem.swap.dup(e) {
                     Ok(_) => {
                         if matches!(state, PageState::Leaving { .. }) {
-                            fork_wait::record(&mut st.mem, parent, a, e, child);
+                            fork_wait::record(&mut st.mem, parent, a, Some(e), child);
                             waits += 1;
                         }
                         PageState::Swapped(e)
@@ -346,6 +363,14 @@ impl MmCore {
                         PageState::Poisoned
                     }
                 },
+                // A sample in flight that could not become an eviction (no free slot):
+                // the child waits for its stage like for an eviction's, and gets the
+                // content from the frame (`Copied` meanwhile: its faults wait).
+                PageState::Leaving { entry: None, .. } => {
+                    fork_wait::record(&mut st.mem, parent, a, None, child);
+                    waits += 1;
+                    PageState::Copied
+                }
                 PageState::Poisoned => {
                     let _ = installer.poison(&self.pool, a);
                     PageState::Poisoned
@@ -364,6 +389,45 @@ impl MmCore {
         }
         st.mem.spaces.insert(child, space);
         Ok(())
+    }
+
+    /// Turns the access sample in flight of `frame` (page `addr` of `pid`) into an
+    /// eviction: a swap entry is reserved, the page leaves the eviction policy and is
+    /// written back when its stage finishes (a fork child shares the entry). Returns the
+    /// page's state: `Leaving` with the entry, or as it was when no slot is free (logged).
+    fn sample_to_eviction(
+        &self,
+        st: &mut super::MmState,
+        pid: u32,
+        addr: u64,
+        frame: usm_kmod::FrameNo,
+        waiters: u64,
+    ) -> PageState {
+        let entry = match st.mem.swap.alloc() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, pid, addr, "no swap slot for a page sampled while its process forks");
+                return PageState::Leaving {
+                    frame,
+                    entry: None,
+                    waiters,
+                };
+            }
+        };
+        st.mem.sampling.remove(&frame);
+        st.mem.leaving += 1;
+        st.evict.on_free(frame);
+        let state = PageState::Leaving {
+            frame,
+            entry: Some(entry),
+            waiters,
+        };
+        if let Some(space) = st.mem.spaces.get_mut(&pid) {
+            space.counters.evictions += 1;
+            space.set(addr, state.clone());
+        }
+        MmStats::bump(&self.stats.counters.evicted);
+        state
     }
 
     /// Process `pid` exited: every frame and slot of its space goes back.
@@ -430,7 +494,7 @@ impl MmCore {
             let mut v: Vec<u64> = s
                 .pages
                 .iter()
-                .filter(|(_, p)| p.is_away() || matches!(p, PageState::Leaving { .. }))
+                .filter(|(_, p)| p.is_away())
                 .map(|(&a, _)| a)
                 .collect();
             v.sort_unstable();

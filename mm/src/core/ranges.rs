@@ -169,7 +169,13 @@ impl MmCore {
             Some(PageState::Leaving { frame, entry, .. }) => {
                 // The stage finishes later: its frame is released then (fenced).
                 mem.orphans.insert(frame);
-                let _ = mem.swap.free(entry);
+                match entry {
+                    Some(entry) => {
+                        let _ = mem.swap.free(entry);
+                    }
+                    // An access sample: the eviction policy tracked the page.
+                    None => evict.on_free(frame),
+                }
                 rel.in_flight += 1;
             }
             Some(PageState::Copied) | Some(PageState::Poisoned) | None => {}

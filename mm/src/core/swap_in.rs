@@ -123,6 +123,9 @@ impl WorkerCx<'_> {
     ) -> FaultResult {
         let core = self.core;
         MmStats::bump(&core.stats.counters.sample_refaults);
+        if let Some(space) = self.mem.spaces.get_mut(&pid) {
+            space.counters.sample_refaults += 1;
+        }
         let accessed = Access {
             accessed: true,
             written: write,

@@ -7,9 +7,16 @@
 //! into the frame's slot of its own pool (`process_vm_readv`: present memory, never a
 //! hole), and from there the memory manager writes it to swap like any staged page.
 //!
+//! Access samples (the eviction policy's re-fault sampling, see the `usm_mm` crate docs)
+//! leave the same way, in the same batches: to the agent a sample is an eviction; the
+//! memory manager tells them apart (`Leaving { entry: None }`), and a sample's page stays
+//! in the frame's slot as `Sampled` until it is accessed (copied back) or chosen as a
+//! victim (written from the slot).
+//!
 //! # Two phases, nobody waits (who owns what)
-//! 1. *Submit* (a worker evicting, under the memory manager's lock): each victim gets a
-//!    free staging slot and an `EvictToStaging(slot, addr)` request; one kick. The core
+//! 1. *Submit* (a worker evicting, under the memory manager's lock): each victim, then
+//!    each page queued for a sample, gets a free staging slot and an
+//!    `EvictToStaging(slot, addr)` request; one kick. The core
 //!    marks the page `Leaving` (its frame still the core's) and goes on: nothing waits
 //!    for the program, so a stopped program (`SIGSTOP`, a debugger) delays only its own
 //!    eviction, and the process's reader is never behind the agent.
@@ -17,7 +24,7 @@
 //!    agent's `done` eventfd, holding no lock of the core): a moved page is copied into
 //!    its frame's slot and the frame marked Staging; every answer becomes a `StageDone`
 //!    job, and a worker finishes the stage ([`usm_mm::WorkerMm::finish_stage`]: write-back
-//!    queued, or the page resident again if it stayed).
+//!    queued, or the page `Sampled` for a sample, or resident again if it stayed).
 //! 3. *Drop*: the tagger must know pages are out (`SwapState`, so that it kills the
 //!    program rather than let it read zeroes if the daemon dies) *before* their staging
 //!    copies go; if it cannot be told now, the slots stay occupied and this is retried.
@@ -213,15 +220,28 @@ impl AgentLink {
                 done(f.frame, false);
                 continue;
             }
-            let took = self.take_in(pool, f);
-            if took.is_ok() {
-                self.undropped.push(f.slot);
-                taken += 1;
-                done(f.frame, true);
-            } else {
-                tracing::warn!(pid = self.pid, addr = f.addr, why = ?took, "a staged page could not be read; the agent puts it back");
-                self.give_back(f.slot, f.addr);
-                done(f.frame, false);
+            match self.take_in(pool, f) {
+                Ok(()) => {
+                    self.undropped.push(f.slot);
+                    taken += 1;
+                    done(f.frame, true);
+                }
+                Err(None) => {
+                    // The process exited after its agent answered (more likely with
+                    // access samples in flight): nothing to read or give back; its exit
+                    // releases the frame.
+                    tracing::debug!(
+                        pid = self.pid,
+                        addr = f.addr,
+                        "a staged page of an exited process"
+                    );
+                    done(f.frame, false);
+                }
+                Err(Some(why)) => {
+                    tracing::warn!(pid = self.pid, addr = f.addr, %why, "a staged page could not be read; the agent puts it back");
+                    self.give_back(f.slot, f.addr);
+                    done(f.frame, false);
+                }
             }
         }
         (taken, freed)
@@ -238,14 +258,18 @@ impl AgentLink {
     }
 
     /// Copies the staged page of `f` into its frame's slot and marks the frame Staging.
-    fn take_in(&self, pool: &FramePool, f: InFlight) -> Result<(), String> {
-        let slot_addr = pool.prepare_stage(f.frame).map_err(|e| e.to_string())?;
+    /// `Err(None)`: the process is gone (`ESRCH`); `Err(Some(why))`: it failed.
+    fn take_in(&self, pool: &FramePool, f: InFlight) -> Result<(), Option<String>> {
+        let slot_addr = pool
+            .prepare_stage(f.frame)
+            .map_err(|e| Some(e.to_string()))?;
         let staged = self.client.staging_addr(f.slot);
         match crate::sys::remote::copy_from_process(pool, slot_addr, self.pid, staged) {
             Ok(n) if n == PAGE as usize => {}
-            other => return Err(format!("process_vm_readv: {other:?}")),
+            Err(nix::errno::Errno::ESRCH) => return Err(None),
+            other => return Err(Some(format!("process_vm_readv: {other:?}"))),
         }
-        pool.commit_stage(f.frame).map_err(|e| e.to_string())
+        pool.commit_stage(f.frame).map_err(|e| Some(e.to_string()))
     }
 
     /// A staged page the daemon could not take: the agent moves it back (its slot is

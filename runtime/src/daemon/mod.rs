@@ -592,9 +592,6 @@ impl Daemon {
             high: high as usize,
         };
         config.mode = RunMode::Daemon;
-        // Access sampling would cost an agent round trip per sampled page; the daemon's
-        // eviction policy gets re-fault information from its own faults instead.
-        config.access_sampling = false;
         config.clean_eviction = false;
         config.priorities = priorities;
         if let Some(e) = &cfg.evict {

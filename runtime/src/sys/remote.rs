@@ -3,7 +3,8 @@
 //! | | how |
 //! |---|---|
 //! | first touch, swap-in, swap-cache hit | `UFFDIO_COPY` from the daemon's pool slot (or zero source) through the program's userfaultfd; the slot is dropped in a batch |
-//! | take a page out (evict) | the tagger's agent MOVEs it to its staging area, the daemon copies it into the frame's slot ([`crate::daemon::agent`]) |
+//! | take a page out (evict, access sample) | the tagger's agent MOVEs it to its staging area, the daemon copies it into the frame's slot ([`crate::daemon::agent`]) |
+//! | sampled re-fault | `UFFDIO_COPY` from the frame's slot (`unstage`) |
 //! | lost content | `UFFDIO_POISON` through the program's userfaultfd |
 //! | range going away | the frame is released; the page goes with the program's `munmap` |
 //!
@@ -280,6 +281,11 @@ impl Installer for RemoteInstaller {
         // Only asynchronously (stage_many): a page of another process leaves through its
         // agent.
         Ok(false)
+    }
+
+    fn stages_async(&self) -> bool {
+        // Evictions and access samples alike go through the agent (stage_many).
+        true
     }
 
     fn busy(&self) -> bool {
