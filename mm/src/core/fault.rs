@@ -14,9 +14,8 @@
 //!    per run of consecutive vacant pages, never over content); `Yield` → the swap-in the
 //!    policy queued is in flight, [`FaultResult::Wait`]; `Oom` → the OOM ladder
 //!    ([`super::oom`]).
-//! 4. The guard is dropped and the worker's queued I/O (the fault's swap-in) submitted;
-//!    then, unless the fault waits for memory, `balance` evicts below the low watermark
-//!    under the lock taken again, and the write-backs are submitted.
+//! 4. After the fault (unless it waits for memory), `balance` evicts below the low
+//!    watermark; the guard is dropped and the worker's queued I/O submitted.
 //!
 //! `install_fresh` is also how a completed swap-in and a swap-cache copy are installed:
 //! the installer's report is recorded page by page (`mapped` → `Resident`, `copied` /
@@ -104,19 +103,12 @@ impl WorkerMm {
             let mut cx = WorkerCx::new(core, st, &mut self.io, self.worker);
             cx.serve(&fault)
         };
-        // The swap-in this fault queued goes to the device before eviction runs: a victim
-        // search and its stages (an agent round trip in the daemon) would otherwise delay
-        // the read the faulting thread waits for.
-        drop(guard);
-        let _ = self.io.engine.submit();
         if !matches!(result, FaultResult::NeedMemory) {
-            let mut guard = core.lock();
-            let st = &mut *guard;
             let mut cx = WorkerCx::new(core, st, &mut self.io, self.worker);
             cx.balance();
-            drop(guard);
-            let _ = self.io.engine.submit();
         }
+        drop(guard);
+        let _ = self.io.engine.submit();
         drop(span);
         result
     }
