@@ -37,6 +37,11 @@
 //! The `usm` sides also run in a memory cgroup, with a limit far above what they use, so
 //! that every process of the side (the server is a grandchild) is killed on SIGINT/SIGTERM
 //! or by the leftover cleanup after a SIGKILL; its peak shows USM's whole footprint.
+//! `--redis-budget-only` runs only the budget pair. Every run records the machine-wide
+//! `/proc/vmstat` swap counters over the side (`pswpin`, `pswpout`, `pgmajfault`; populate
+//! included), to set the kernel's swap I/O beside USM's evictions and swap-ins.
+//! `--config-line LINE` adds a line to the daemon's config (A/B of daemon settings, e.g.
+//! `watermarks 512 1024`; see `bench/results/daemon-perf.md`).
 //!
 //! # Method
 //! PM-QoS (`/dev/cpu_dma_latency`) is held at 0 µs for every side (`--no-pmqos` to skip);
