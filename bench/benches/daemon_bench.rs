@@ -37,6 +37,11 @@
 //! The `usm` sides also run in a memory cgroup, with a limit far above what they use, so
 //! that every process of the side (the server is a grandchild) is killed on SIGINT/SIGTERM
 //! or by the leftover cleanup after a SIGKILL; its peak shows USM's whole footprint.
+//! `--redis-budget-only` runs only the budget pair. Every run records the machine-wide
+//! `/proc/vmstat` swap counters over the side (`pswpin`, `pswpout`, `pgmajfault`; populate
+//! included), to set the kernel's swap I/O beside USM's evictions and swap-ins.
+//! `--config-line LINE` adds a line to the daemon's config (A/B of daemon settings, e.g.
+//! `watermarks 512 1024`; see `bench/results/daemon-perf.md`).
 //!
 //! # Method
 //! PM-QoS (`/dev/cpu_dma_latency`) is held at 0 µs for every side (`--no-pmqos` to skip);
@@ -133,6 +138,13 @@ struct Cli {
     /// Do not run `cargo build --release -p usm-runtime -p usm-tagger` first.
     #[arg(long)]
     no_build: bool,
+    /// redis: only the budget pair (kernel-cgroup-swapfile, usm-exec-budget).
+    #[arg(long)]
+    redis_budget_only: bool,
+    /// An extra line for the daemon's config (repeatable), e.g. `--config-line
+    /// "watermarks 128 384"`: A/B experiments against the defaults.
+    #[arg(long)]
+    config_line: Vec<String>,
     /// The daemon's `waker` setting (eventfd, eventfd+pmqos, spin).
     #[arg(long, default_value = "eventfd")]
     waker: String,
@@ -337,11 +349,15 @@ impl Tools {
         let probe = work.0.join("fault_probe");
         gcc(&source, &probe)?;
         let config = work.0.join("usm.cfg");
-        let text = format!(
+        let mut text = format!(
             "# daemon_bench: the private daemon of every usm side\nworkers {}\nwaker {}\n",
             cli.workers.max(1),
             cli.waker
         );
+        for line in &cli.config_line {
+            text.push_str(line);
+            text.push('\n');
+        }
         std::fs::write(&config, text).map_err(|e| io_err("write", &config, e))?;
         let usm_swap_dir = cli.swap_dir.join("usm-exec");
         std::fs::create_dir_all(&usm_swap_dir).map_err(|e| io_err("mkdir", &usm_swap_dir, e))?;
@@ -874,6 +890,44 @@ struct RedisRun {
     /// Kernel swaps active when the side started (another job's, on this shared machine;
     /// the kernel side's own swap file comes on after this and takes priority 1000).
     active_swaps_before: Vec<guard::ActiveSwap>,
+    /// Machine-wide `/proc/vmstat` deltas over the side (populate included): the kernel
+    /// side's swap I/O against USM's evictions and swap-ins.
+    vm: VmCounters,
+}
+
+/// `/proc/vmstat` swap counters (machine-wide: another job swapping meanwhile shows too).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct VmCounters {
+    /// Pages read from swap (faulted and read ahead).
+    pswpin: u64,
+    /// Pages written to swap.
+    pswpout: u64,
+    /// Major faults.
+    pgmajfault: u64,
+}
+
+impl VmCounters {
+    fn read() -> VmCounters {
+        let text = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix(' ')?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        VmCounters {
+            pswpin: field("pswpin"),
+            pswpout: field("pswpout"),
+            pgmajfault: field("pgmajfault"),
+        }
+    }
+
+    fn since(&self, before: &VmCounters) -> VmCounters {
+        VmCounters {
+            pswpin: self.pswpin.saturating_sub(before.pswpin),
+            pswpout: self.pswpout.saturating_sub(before.pswpout),
+            pgmajfault: self.pgmajfault.saturating_sub(before.pgmajfault),
+        }
+    }
 }
 
 fn redis_part(cli: &Cli, tools: &Tools) -> Result<Value> {
@@ -919,7 +973,7 @@ fn redis_part(cli: &Cli, tools: &Tools) -> Result<Value> {
     let swap_bytes = 2 * dataset + (64 << 20);
     let big_pool = (2 * dataset + (256 << 20)).div_ceil(PAGE);
     let budget_pool = spec.budget_bytes.div_ceil(PAGE);
-    let sides = vec![
+    let mut sides = vec![
         RedisSide::plain(),
         RedisSide::wrapped(
             "usm-exec",
@@ -933,6 +987,9 @@ fn redis_part(cli: &Cli, tools: &Tools) -> Result<Value> {
             Some(UNLIMITED_GROUP),
         ),
     ];
+    if cli.redis_budget_only {
+        sides.drain(..2);
+    }
     redis::ensure_redis_installed()?;
     let mut runs: Vec<RedisRun> = Vec::new();
     let total = cli.redis_warmup + cli.runs.max(1);
@@ -942,7 +999,9 @@ fn redis_part(cli: &Cli, tools: &Tools) -> Result<Value> {
         for side in order {
             let load = load_avg();
             let active_swaps_before = guard::active_swaps()?;
+            let vm_before = VmCounters::read();
             let (result, log) = redis::run_redis_side_logged(side, spec_of(side), &ctx)?;
+            let vm = VmCounters::read().since(&vm_before);
             let usm = if side.wrapper.is_empty() {
                 None
             } else {
@@ -975,6 +1034,7 @@ fn redis_part(cli: &Cli, tools: &Tools) -> Result<Value> {
                     result,
                     usm,
                     active_swaps_before,
+                    vm,
                 });
             }
         }
@@ -1394,15 +1454,15 @@ fn markdown(r: &Value) -> String {
         let _ = writeln!(s, "Every run:\n");
         let _ = writeln!(
             s,
-            "| run | side | load | GET ops/s | SET ops/s | GET p99 ms | SET p99 ms | populate s | kernel swap used | USM evictions / swap-ins |"
+            "| run | side | load | GET ops/s | SET ops/s | GET p99 ms | SET p99 ms | populate s | kernel swap used | kernel pswpout / pswpin / majflt | USM evictions / swap-ins |"
         );
-        let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for run in rd["runs"].as_array().into_iter().flatten() {
             let res = &run["result"];
             let u = &run["usm"];
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} MiB | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} MiB | {} / {} / {} | {} |",
                 run["run"],
                 res["label"].as_str().unwrap_or(""),
                 f(&run["load_avg_1m"], 1),
@@ -1412,6 +1472,9 @@ fn markdown(r: &Value) -> String {
                 f(&res["set_p99_ms"], 3),
                 f(&res["populate_s"], 2),
                 res["swap_used_bytes"].as_u64().unwrap_or(0) >> 20,
+                run["vm"]["pswpout"],
+                run["vm"]["pswpin"],
+                run["vm"]["pgmajfault"],
                 if u.is_null() {
                     "–".into()
                 } else {

@@ -21,12 +21,18 @@
 //! 4. A fault on an address no managed range covers yet ([`FaultResult::Foreign`]): the
 //!    extent of the mapping around it (from `/proc/PID/maps`) becomes managed, then the
 //!    fault is served like any other.
+//!
+//! # Where a fault's time goes
+//! `USM_DRIVER_BREAKDOWN=1` in the daemon's environment makes each worker time the stages
+//! of the faults it serves and print them when it stops ([`Breakdown`]); see
+//! `bench/results/daemon-perf.md` for what it showed for redis under a budget.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 use usm_sync::Arc;
 
+use hdrhistogram::Histogram;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use usm_kmod::event::Origin;
 use usm_localmanager::{Driver, DriverContext};
@@ -124,6 +130,97 @@ struct Pending {
     tid: u32,
     t0: Instant,
     needs_memory: bool,
+    /// When a worker took the job ([`Breakdown`]).
+    taken: Instant,
+    /// When the first `handle_fault` returned ([`Breakdown`]).
+    first: Option<Instant>,
+    /// `handle_fault` calls so far.
+    calls: u32,
+    /// It got `NeedMemory` at least once ([`Breakdown`]).
+    starved: bool,
+}
+
+/// Per-stage times of the faults one worker served (a profiling aid, on when the daemon
+/// runs with `USM_DRIVER_BREAKDOWN` set; printed to stderr when the worker stops). Only
+/// faults that waited (a swap-in, a stage in flight, no memory) are timed by stage:
+/// *queue* (the reader read it → a worker took it), *first call* (the first
+/// `handle_fault`: policy, swap-in queued and submitted, eviction), *waited* (→ resolved:
+/// the read, its completion's wake-up, the `UFFDIO_COPY`), apart for those that found no
+/// frame (*starved*).
+struct Breakdown {
+    queue: Histogram<u64>,
+    first_call: Histogram<u64>,
+    waited: Histogram<u64>,
+    starved: Histogram<u64>,
+    total: Histogram<u64>,
+    /// `handle_fault` calls (every fault).
+    calls: u64,
+    /// Faults served.
+    faults: u64,
+    /// Driver polls.
+    polls: u64,
+}
+
+impl Breakdown {
+    /// `Some` when `USM_DRIVER_BREAKDOWN` is set.
+    fn from_env() -> Option<Box<Breakdown>> {
+        std::env::var_os("USM_DRIVER_BREAKDOWN")?;
+        let h = || Histogram::new(3).ok();
+        Some(Box::new(Breakdown {
+            queue: h()?,
+            first_call: h()?,
+            waited: h()?,
+            starved: h()?,
+            total: h()?,
+            calls: 0,
+            faults: 0,
+            polls: 0,
+        }))
+    }
+
+    fn record(&mut self, p: &Pending, now: Instant) {
+        let ns = |a: Instant, b: Instant| b.saturating_duration_since(a).as_nanos() as u64;
+        self.calls += u64::from(p.calls);
+        self.faults += 1;
+        if p.calls <= 1 {
+            return;
+        }
+        let first = p.first.unwrap_or(now);
+        let _ = self.queue.record(ns(p.t0, p.taken));
+        let _ = self.first_call.record(ns(p.taken, first));
+        let waited = if p.starved {
+            &mut self.starved
+        } else {
+            &mut self.waited
+        };
+        let _ = waited.record(ns(first, now));
+        let _ = self.total.record(ns(p.t0, now));
+    }
+
+    fn print(&self, worker: usize) {
+        let d = |h: &Histogram<u64>| {
+            format!(
+                "n {} mean {:.1} p50 {:.1} p90 {:.1} p99 {:.1}",
+                h.len(),
+                h.mean() / 1e3,
+                h.value_at_quantile(0.5) as f64 / 1e3,
+                h.value_at_quantile(0.9) as f64 / 1e3,
+                h.value_at_quantile(0.99) as f64 / 1e3
+            )
+        };
+        eprintln!(
+            "usm breakdown, worker {worker}: {} faults, {:.2} handle_fault calls each, {} polls; \
+             faults that waited (µs): queue {} | first call {} | waited {} | starved {} | total {}",
+            self.faults,
+            self.calls as f64 / self.faults.max(1) as f64,
+            self.polls,
+            d(&self.queue),
+            d(&self.first_call),
+            d(&self.waited),
+            d(&self.starved),
+            d(&self.total)
+        );
+    }
 }
 
 /// One worker's driver.
@@ -134,6 +231,7 @@ pub(crate) struct DaemonDriver {
     woken: Arc<AtomicBool>,
     pending: Vec<Pending>,
     batch: Vec<Job>,
+    breakdown: Option<Box<Breakdown>>,
 }
 
 impl DaemonDriver {
@@ -150,6 +248,7 @@ impl DaemonDriver {
             woken,
             pending: Vec::new(),
             batch: Vec::new(),
+            breakdown: Breakdown::from_env(),
         }
     }
 
@@ -161,12 +260,19 @@ impl DaemonDriver {
         let mut foreign_once = false;
         loop {
             let r = self.wm.handle_fault(p.proc.space, p.addr, p.write, p.tid);
+            p.calls += 1;
+            if p.first.is_none() && self.breakdown.is_some() {
+                p.first = Some(Instant::now());
+            }
             match r {
                 FaultResult::Resolved(_) | FaultResult::AlreadyPresent => {
                     // Installed by a COPY that woke the thread, or present already: a
                     // wake is harmless either way, and needed for the second.
                     let _ = p.proc.installer.uffd().wake(p.addr, PAGE);
                     p.proc.counters.record_latency(p.t0.elapsed());
+                    if let Some(b) = self.breakdown.as_mut() {
+                        b.record(p, Instant::now());
+                    }
                     return true;
                 }
                 FaultResult::Failed(reason) => {
@@ -198,6 +304,7 @@ impl DaemonDriver {
                 }
                 FaultResult::NeedMemory => {
                     p.needs_memory = true;
+                    p.starved = true;
                     return false;
                 }
             }
@@ -220,6 +327,9 @@ impl DaemonDriver {
 
 impl Driver for DaemonDriver {
     fn poll(&mut self, _cx: &mut DriverContext<'_>) -> usize {
+        if let Some(b) = self.breakdown.as_mut() {
+            b.polls += 1;
+        }
         let mut n = self.wm.poll();
         if self.woken.swap(false, Ordering::AcqRel) {
             let _ = self.own_fd.read();
@@ -242,6 +352,10 @@ impl Driver for DaemonDriver {
                     tid,
                     t0,
                     needs_memory: false,
+                    taken: Instant::now(),
+                    first: None,
+                    calls: 0,
+                    starved: false,
                 }),
                 Job::Notify { proc, notice } => self.notify(&proc, notice),
                 Job::StageDone { proc, frame, moved } => {
@@ -289,6 +403,9 @@ impl Driver for DaemonDriver {
 
 impl Drop for DaemonDriver {
     fn drop(&mut self) {
+        if let Some(b) = &self.breakdown {
+            b.print(self.wm.worker());
+        }
         self.wm.drain_arena();
     }
 }
