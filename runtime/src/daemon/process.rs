@@ -422,17 +422,28 @@ fn start_control(sh: &Arc<Shared>, proc: &Arc<Proc>) {
             return;
         }
     };
+    spawn_for(sh, proc, "ctl", move |s, p| control(s, p, ch));
+}
+
+/// Starts thread `usm-KIND-PID` of `proc` running `f`; its handle joins the process's
+/// threads (joined at daemon shutdown).
+fn spawn_for(
+    sh: &Arc<Shared>,
+    proc: &Arc<Proc>,
+    kind: &str,
+    f: impl FnOnce(&Arc<Shared>, &Arc<Proc>) + Send + 'static,
+) {
     let (s, p) = (sh.clone(), proc.clone());
     match std::thread::Builder::new()
-        .name(format!("usm-ctl-{}", proc.pid()))
-        .spawn(move || control(&s, &p, ch))
+        .name(format!("usm-{kind}-{}", proc.pid()))
+        .spawn(move || f(&s, &p))
     {
         Ok(h) => proc
             .threads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(h),
-        Err(e) => tracing::error!("cannot start the control thread: {e}"),
+        Err(e) => tracing::error!("cannot start thread usm-{kind}-{}: {e}", proc.pid()),
     }
 }
 
@@ -768,18 +779,7 @@ fn on_message(sh: &Arc<Shared>, proc: &Arc<Proc>, msg: Message, fds: Vec<OwnedFd
                     .set_agent(AgentLink::new(client, proc.pid(), ring_entries))
                 {
                     Ok(done) => {
-                        let (s, p) = (sh.clone(), proc.clone());
-                        match std::thread::Builder::new()
-                            .name(format!("usm-ag-{}", proc.pid()))
-                            .spawn(move || agent_thread(&s, &p, done))
-                        {
-                            Ok(h) => proc
-                                .threads
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .push(h),
-                            Err(e) => tracing::error!("cannot start the agent thread: {e}"),
-                        }
+                        spawn_for(sh, proc, "ag", move |s, p| agent_thread(s, p, done));
                         tracing::info!("pid {}: eviction agent ready", proc.pid());
                     }
                     Err(e) => tracing::warn!("pid {}: agent set-up: {e}", proc.pid()),
