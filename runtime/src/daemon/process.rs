@@ -151,6 +151,8 @@ impl Proc {
             swapins: s.swap_ins,
             evictions: s.evictions,
             evict_skipped: s.evict_skipped,
+            samples: s.samples,
+            sample_refaults: s.sample_refaults,
             poisoned: s.poisoned as u64,
             policy_panics: s.policy_panics,
             forks: l(&c.forks),

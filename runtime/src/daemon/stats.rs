@@ -238,6 +238,12 @@ pub struct Totals {
     pub evictions: u64,
     /// Eviction candidates the agent could not move.
     pub evict_skipped: u64,
+    /// Access samples taken (pages moved out so a re-fault shows an access).
+    #[serde(default)]
+    pub samples: u64,
+    /// Sampled pages accessed again (moved back by a cheap fault).
+    #[serde(default)]
+    pub sample_refaults: u64,
     /// Pages poisoned (unreadable swap).
     pub poisoned: u64,
     /// Policy panics caught.
@@ -261,6 +267,8 @@ impl Totals {
         self.swapins += p.swapins;
         self.evictions += p.evictions;
         self.evict_skipped += p.evict_skipped;
+        self.samples += p.samples;
+        self.sample_refaults += p.sample_refaults;
         self.poisoned += p.poisoned;
         self.policy_panics += p.policy_panics;
         self.forks += p.forks;
@@ -314,6 +322,12 @@ pub struct ProcessStat {
     pub evictions: u64,
     /// Eviction candidates the agent could not move (pinned or shared with a fork child).
     pub evict_skipped: u64,
+    /// Access samples taken: pages moved out so that a re-fault shows an access.
+    #[serde(default)]
+    pub samples: u64,
+    /// Sampled pages the program touched again (each a cheap fault, no I/O).
+    #[serde(default)]
+    pub sample_refaults: u64,
     /// Pages poisoned because their data could not be read back.
     pub poisoned: u64,
     /// Policy panics caught (the fault was served by the default policy).
