@@ -225,7 +225,10 @@ fn exec_says_where_its_daemon_is_and_its_swap_file_is_sparse() {
 fn stat_pid_finds_the_daemon_and_json_lines_carry_time_and_interval() {
     root();
     let progs = tempfile::tempdir().unwrap();
-    let Some(cmd) = storm(progs.path(), "48", "6") else {
+    // Long enough that the two JSON lines below fall inside the storm even when the
+    // debug build starts slowly on a loaded machine (with 6 s, CI once read its second
+    // line after the threads had finished: an interval without faults).
+    let Some(cmd) = storm(progs.path(), "48", "15") else {
         return;
     };
     let run = Running::start(&["--pool", "16M"], &cmd.iter().collect::<Vec<_>>());
