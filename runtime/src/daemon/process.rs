@@ -84,9 +84,6 @@ pub(crate) struct Proc {
     /// Last count of pages out told to the tagger.
     pub(crate) told_away: AtomicU64,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
-    /// A pidfd for a fork child's reader, once its session is adopted (the reader of a
-    /// space made from a `FORK` event starts without one and polls its address space).
-    exit_fd: std::sync::OnceLock<OwnedFd>,
     /// Counts this tagger's session against its uid and pid until the `Proc` is dropped
     /// (`None` for a fork child known by its parent's FORK event until it is adopted).
     /// See `sessions`.
@@ -307,7 +304,6 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer, session: super::sessions
         coverage: Mutex::new((0, 0)),
         told_away: AtomicU64::new(0),
         threads: Mutex::new(Vec::new()),
-        exit_fd: std::sync::OnceLock::new(),
         session: Mutex::new(Some(session)),
     });
     sh.add_proc(proc.clone());
@@ -363,7 +359,10 @@ fn adopt(
             return;
         }
     };
-    if !child.installer.adopt(channel, pidfd.try_clone().ok()) {
+    // The pidfd also lets its reader see the exit at once from now on: stages in flight
+    // are abandoned (their frames come back) before a daemon shutting down stops its
+    // threads.
+    if !child.installer.adopt(channel, pidfd) {
         bump(&sh.refused);
         let _ = stream.send_nowait(&Message::Refused {
             reason: RefusalReason::Busy,
@@ -382,9 +381,6 @@ fn adopt(
         return;
     }
     let _ = child.channel.set(stream);
-    // Its reader sees the exit at once from now on: stages in flight are abandoned
-    // (their frames come back) before a daemon shutting down stops its threads.
-    let _ = child.exit_fd.set(pidfd);
     *child.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
     bump(&sh.admitted);
     tracing::info!(
@@ -489,7 +485,8 @@ fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>) {
                 }
             }
         }
-        let exit_fd = pidfd.as_ref().or_else(|| proc.exit_fd.get());
+        // A fork child's reader starts without one; its adoption brings the pidfd.
+        let exit_fd = pidfd.as_ref().or_else(|| proc.installer.pidfd());
         let (_, exited) = poll2(&*uffd, exit_fd, if fence.is_some() { 1 } else { 100 });
         events.clear();
         let n = match uffd.read_events(&mut events) {
@@ -582,7 +579,6 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) -> Option<u64
                         coverage: Mutex::new((0, 0)),
                         told_away: AtomicU64::new(0),
                         threads: Mutex::new(Vec::new()),
-                        exit_fd: std::sync::OnceLock::new(),
                         session: Mutex::new(None),
                     });
                     sh.add_proc(child.clone());

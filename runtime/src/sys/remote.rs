@@ -72,15 +72,18 @@ impl RemoteInstaller {
     /// A fork child's own session takes over this (agentless) space: from now on pages
     /// installed hold frames of the budget, and its agent can take them out again.
     /// Returns false (and changes nothing) if the space has a session already.
-    pub(crate) fn adopt(&self, channel: Channel, pidfd: Option<std::os::fd::OwnedFd>) -> bool {
+    pub(crate) fn adopt(&self, channel: Channel, pidfd: std::os::fd::OwnedFd) -> bool {
         if self.channel.set(channel).is_err() {
             return false;
         }
-        if let Some(fd) = pidfd {
-            let _ = self.pidfd.set(fd);
-        }
+        let _ = self.pidfd.set(pidfd);
         self.agentless.store(false, Ordering::Release);
         true
+    }
+
+    /// The program's pidfd (readable when it exits), once known.
+    pub(crate) fn pidfd(&self) -> Option<&std::os::fd::OwnedFd> {
+        self.pidfd.get()
     }
 
     /// Whether installs must be copies that hold no frame (no agent can ever take them
