@@ -181,8 +181,9 @@
 //!   tagger knows), stayed → `Resident`. The re-fault installs it from the slot with
 //!   `UFFDIO_COPY` into the program ([`Installer::unstage`]). A sample in flight behaves
 //!   like any Leaving page on `munmap` (fenced: the frame is released at the finish),
-//!   `mremap` (the stage finishes at the new address) and fork (it becomes an eviction,
-//!   so the child shares its swap entry), and when the process exits.
+//!   `mremap` (the stage finishes at the new address) and fork (the child waits for the
+//!   stage and gets the content from the frame, `core/fork_wait.rs`), and when the
+//!   process exits.
 //!
 //! Counters: `samples_taken` / `sample_refaults` / `sampled_evictions` in [`MmStats`],
 //! `samples` / `sample_refaults` per space ([`SpaceCounters`]).

@@ -279,9 +279,9 @@ impl MmCore {
     /// - swapped pages (and swap-ins in flight) share the parent's swap entry
     ///   (reference-counted: each side frees its own reference);
     /// - pages being taken out of the parent (`Leaving`) share the entry their write-back
-    ///   goes to; an access sample in flight becomes an eviction for that (a new entry:
-    ///   the page leaves the parent's eviction policy and is written back when its stage
-    ///   finishes), exactly like a page leaving for swap.
+    ///   goes to, and the child waits until the stage ends (`fork_wait`: the content is
+    ///   copied from the frame then); an access sample in flight (no entry) is `Copied`
+    ///   in the child, which waits the same way.
     pub fn fork_space(
         &self,
         parent: u32,
@@ -315,15 +315,7 @@ impl MmCore {
         let pages: Vec<(u64, PageState)> = p.pages.iter().map(|(&a, s)| (a, s.clone())).collect();
         let mut copied_staged = 0usize;
         let mut waits = 0usize;
-        for (a, mut state) in pages {
-            if let PageState::Leaving {
-                frame,
-                entry: None,
-                waiters,
-            } = state
-            {
-                state = self.sample_to_eviction(st, parent, a, frame, waiters);
-            }
+        for (a, state) in pages {
             let child_state = match state {
                 PageState::Resident(_) | PageState::Copied => PageState::Copied,
                 PageState::Sampled(f) | PageState::Staging { frame: f, .. } => {
@@ -363,9 +355,9 @@ impl MmCore {
                         PageState::Poisoned
                     }
                 },
-                // A sample in flight that could not become an eviction (no free slot):
-                // the child waits for its stage like for an eviction's, and gets the
-                // content from the frame (`Copied` meanwhile: its faults wait).
+                // An access sample in flight (no swap entry): the child waits for its
+                // stage like for an eviction's, and gets the content from the frame
+                // (`Copied` meanwhile: its faults wait); the parent's page stays sampled.
                 PageState::Leaving { entry: None, .. } => {
                     fork_wait::record(&mut st.mem, parent, a, None, child);
                     waits += 1;
@@ -389,45 +381,6 @@ impl MmCore {
         }
         st.mem.spaces.insert(child, space);
         Ok(())
-    }
-
-    /// Turns the access sample in flight of `frame` (page `addr` of `pid`) into an
-    /// eviction: a swap entry is reserved, the page leaves the eviction policy and is
-    /// written back when its stage finishes (a fork child shares the entry). Returns the
-    /// page's state: `Leaving` with the entry, or as it was when no slot is free (logged).
-    fn sample_to_eviction(
-        &self,
-        st: &mut super::MmState,
-        pid: u32,
-        addr: u64,
-        frame: usm_kmod::FrameNo,
-        waiters: u64,
-    ) -> PageState {
-        let entry = match st.mem.swap.alloc() {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(error = %e, pid, addr, "no swap slot for a page sampled while its process forks");
-                return PageState::Leaving {
-                    frame,
-                    entry: None,
-                    waiters,
-                };
-            }
-        };
-        st.mem.sampling.remove(&frame);
-        st.mem.leaving += 1;
-        st.evict.on_free(frame);
-        let state = PageState::Leaving {
-            frame,
-            entry: Some(entry),
-            waiters,
-        };
-        if let Some(space) = st.mem.spaces.get_mut(&pid) {
-            space.counters.evictions += 1;
-            space.set(addr, state.clone());
-        }
-        MmStats::bump(&self.stats.counters.evicted);
-        state
     }
 
     /// Process `pid` exited: every frame and slot of its space goes back.
