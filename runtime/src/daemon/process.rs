@@ -269,20 +269,21 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer, session: super::sessions
     let kill_fd = pidfd.try_clone().ok();
     let features = uffd.features();
     let _ = stream.set_send_timeout(Some(Duration::from_secs(1)));
-    if let Err(e) = stream.send(&Message::Ack {
-        features: features.bits(),
-        policy: policy.clone(),
-    }) {
-        tracing::warn!("pid {pid} ({name}): cannot send Ack: {e}");
-        return;
-    }
     let channel = stream.try_clone().ok();
     let installer = Arc::new(RemoteInstaller::new(uffd, kill_fd, channel, false));
     if let Err(e) = sh.core.add_process(pid, installer.clone(), &policy) {
         bump(&sh.refused);
         tracing::error!("pid {pid} ({name}): cannot build its policies: {e}");
+        let _ = stream.send_nowait(&Message::Refused {
+            reason: RefusalReason::NotConfigured,
+            text: format!("the daemon cannot build policy {policy}: {e}"),
+        });
         return;
     }
+    let ack = Message::Ack {
+        features: features.bits(),
+        policy: policy.clone(),
+    };
     bump(&sh.admitted);
     let (alloc, evict, oom) = sh.core.policy_names(pid);
     tracing::info!(
@@ -306,7 +307,14 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer, session: super::sessions
         threads: Mutex::new(Vec::new()),
         session: Mutex::new(Some(session)),
     });
+    // Listed before the Ack: a program that exits right after it (`usm exec -- true`)
+    // is never missed by a caller that waits for the daemon's list to empty.
     sh.add_proc(proc.clone());
+    if let Err(e) = proc.channel().map_or(Ok(()), |ch| ch.send(&ack)) {
+        tracing::warn!("pid {}: cannot send Ack: {e}", proc.pid());
+        finish(sh, &proc);
+        return;
+    }
     sh.jobs.push(Job::Notify {
         proc: proc.clone(),
         notice: Notice::NewProcess,
