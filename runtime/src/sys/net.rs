@@ -26,7 +26,8 @@
 //! The eventfd counts CQEs posted. The driver reads it (non-blocking) when it finds CQEs or
 //! right after a poll that reaped some (`stale`), so a readable eventfd never outlives the
 //! completions that made it readable (a parked worker would spin) and no CQE waits for a
-//! wake-up that was already consumed: the read happens *before* the reap.
+//! wake-up that was already consumed: every read of the eventfd is followed by a reap of
+//! the whole completion queue.
 //!
 //! # Multishot accept ([`AcceptQueue`])
 //! A listener without an accept timeout keeps one `ACCEPT` with `IORING_ACCEPT_MULTISHOT`
@@ -499,17 +500,23 @@ impl NetRing {
             {
                 tracing::debug!(error = %e, "network io_uring submit");
             }
-            let has_cqes = !ring.completion().is_empty();
-            if has_cqes || self.stale.swap(false, Ordering::Relaxed) {
-                // Read before reaping: a CQE posted after this read writes the fd again.
+            let stale = self.stale.swap(false, Ordering::Relaxed);
+            if stale || !ring.completion().is_empty() {
+                // Read, then reap what the ring holds *after* the read: a CQE posted
+                // before the read is reaped now, one posted after it writes the fd
+                // again. Socket CQEs are posted by task work, which runs whenever this
+                // thread returns to user mode (the completion's own IPI, a preemption),
+                // so one can land between any two instructions here. Reaping only when
+                // CQEs were seen *before* a `stale` read lost such a CQE's wake-up: it
+                // sat unreaped while the worker slept (a usm-kv GET waited 30 s in CI).
                 let _ = self.eventfd.read();
-            }
-            if has_cqes {
                 done.extend(
                     ring.completion()
                         .map(|c| (c.user_data(), c.result(), c.flags())),
                 );
-                self.stale.store(true, Ordering::Relaxed);
+                if !done.is_empty() {
+                    self.stale.store(true, Ordering::Relaxed);
+                }
             }
         }
         dispatch(&done)
