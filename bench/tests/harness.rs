@@ -198,19 +198,19 @@ fn first_touch_sides_get_the_folio_size_they_name() {
     };
     let base = fault::kernel_first_touch(KernelPageSize::Base4K, &spec).unwrap();
     assert!(base.faults >= 8192.0, "{base:?}");
-    if guard::mthp_sizes_kib().contains(&64) {
-        let m = fault::kernel_first_touch(KernelPageSize::Mthp(64), &spec).unwrap();
-        // 32 MiB / 64 KiB = 512 folios (a few may fall back under fragmentation).
-        assert!(
-            m.folios_allocated >= 480.0 && m.folios_allocated <= 512.0,
-            "{m:?}"
-        );
-        assert!(m.faults <= 600.0, "{m:?}");
-        let ratios = fault::first_touch_ratios(&[base.clone(), m]);
-        assert!(ratios[0].faults_vs_kernel.unwrap() < 0.1);
-    } else {
-        eprintln!("SKIP part: no 64K mTHP knob");
-    }
+    assert!(
+        guard::mthp_sizes_kib().contains(&64),
+        "no 64K mTHP knob: this machine's kernel has one"
+    );
+    let m = fault::kernel_first_touch(KernelPageSize::Mthp(64), &spec).unwrap();
+    // 32 MiB / 64 KiB = 512 folios (a few may fall back under fragmentation).
+    assert!(
+        m.folios_allocated >= 480.0 && m.folios_allocated <= 512.0,
+        "{m:?}"
+    );
+    assert!(m.faults <= 600.0, "{m:?}");
+    let ratios = fault::first_touch_ratios(&[base.clone(), m]);
+    assert!(ratios[0].faults_vs_kernel.unwrap() < 0.1);
     assert_eq!(knobs(), before, "mTHP knobs not restored");
 }
 

@@ -330,10 +330,10 @@ fn shutdown_joins_finishable_and_cancels_parked_forever() {
 
 #[test]
 fn cpu_dma_latency_is_held_while_the_runtime_lives() {
-    if !std::path::Path::new("/dev/cpu_dma_latency").exists() {
-        eprintln!("skipped: /dev/cpu_dma_latency does not exist on this machine");
-        return;
-    }
+    assert!(
+        std::path::Path::new("/dev/cpu_dma_latency").exists(),
+        "/dev/cpu_dma_latency does not exist on this machine"
+    );
     // Not being allowed to open it (not root) fails: CI runs as root.
     let rt = match Builder::new().workers(2).hold_cpu_dma_latency(true).build() {
         Ok(rt) => rt,

@@ -76,7 +76,7 @@ fn compare_prints_both_sides_and_leaves_nothing() {
     need_root();
     let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let work = tempfile::tempdir_in("/var/tmp").unwrap();
-    let prog = build_c(work.path(), "compare_touch").expect("gcc (scripts/test installs it)");
+    let prog = build_c(work.path(), "compare_touch");
     let swap_dir = work.path().join("swap");
     let swaps_before = std::fs::read_to_string("/proc/swaps").unwrap();
 
@@ -199,7 +199,7 @@ fn sigint_mid_run_undoes_everything() {
     need_root();
     let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let work = tempfile::tempdir_in("/var/tmp").unwrap();
-    let prog = build_c(work.path(), "compare_touch").expect("gcc (scripts/test installs it)");
+    let prog = build_c(work.path(), "compare_touch");
     let swap_dir = work.path().join("swap");
     let swaps_before = std::fs::read_to_string("/proc/swaps").unwrap();
     // Many passes: the kernel side (first) runs for a while.

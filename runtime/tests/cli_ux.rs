@@ -146,14 +146,14 @@ fn root() {
 }
 
 /// The workload program: 4 threads rewriting and verifying `mb` MiB for `secs` seconds.
-fn storm(dir: &Path, mb: &'static str, secs: &'static str) -> Option<Vec<OsLike>> {
-    let prog = build_c(dir, "daemon_workload")?;
-    Some(vec![
+fn storm(dir: &Path, mb: &'static str, secs: &'static str) -> Vec<OsLike> {
+    let prog = build_c(dir, "daemon_workload");
+    vec![
         OsLike::P(prog),
         OsLike::S("storm"),
         OsLike::S(mb),
         OsLike::S(secs),
-    ])
+    ]
 }
 
 /// `field VALUE` out of the start line, VALUE up to the next `,`/`;`/` (`.
@@ -169,9 +169,7 @@ fn after<'a>(line: &'a str, field: &str) -> &'a str {
 fn exec_says_where_its_daemon_is_and_its_swap_file_is_sparse() {
     root();
     let progs = tempfile::tempdir().unwrap();
-    let Some(cmd) = storm(progs.path(), "24", "3") else {
-        return;
-    };
+    let cmd = storm(progs.path(), "24", "3");
     let run = Running::start(&["--pool", "16M"], &cmd.iter().collect::<Vec<_>>());
     let line = run.start_line();
     let pid: u32 = after(&line, "daemon pid ")
@@ -228,9 +226,7 @@ fn stat_pid_finds_the_daemon_and_json_lines_carry_time_and_interval() {
     // Long enough that the two JSON lines below fall inside the storm even when the
     // debug build starts slowly on a loaded machine (with 6 s, CI once read its second
     // line after the threads had finished: an interval without faults).
-    let Some(cmd) = storm(progs.path(), "48", "15") else {
-        return;
-    };
+    let cmd = storm(progs.path(), "48", "15");
     let run = Running::start(&["--pool", "16M"], &cmd.iter().collect::<Vec<_>>());
     run.start_line();
     let prog = run.program_pid();
@@ -340,9 +336,7 @@ fn value_of(body: &str, series: &str) -> f64 {
 fn metrics_have_a_latency_histogram_daemon_counters_and_build_info() {
     root();
     let progs = tempfile::tempdir().unwrap();
-    let Some(cmd) = storm(progs.path(), "32", "3") else {
-        return;
-    };
+    let cmd = storm(progs.path(), "32", "3");
     // The flag, then the config's `metrics` line (which exec no longer drops).
     let cfg = progs.path().join("usm.cfg");
     std::fs::write(&cfg, "memory 4096\nmetrics 127.0.0.1:0\n").unwrap();
@@ -455,7 +449,6 @@ fn installed_usm_finds_its_tagger_completions_and_man_pages() {
     let run = {
         let progs = tempfile::tempdir().unwrap();
         let prog = build_c(progs.path(), "daemon_workload");
-        let Some(prog) = prog else { return };
         Command::new(&usm)
             .args(["exec", "--pool", "16M", "--report", "json", "--"])
             .arg(&prog)
@@ -541,9 +534,7 @@ impl Drop for SmallExt4 {
 fn a_full_file_system_under_the_swap_file_is_swap_full_not_data_loss() {
     root();
     let progs = tempfile::tempdir().unwrap();
-    let Some(prog) = build_c(progs.path(), "daemon_workload") else {
-        return;
-    };
+    let prog = build_c(progs.path(), "daemon_workload");
     let fs = SmallExt4::mount(8);
     let out = Command::new(USM)
         .args(["exec", "--pool", "8M", "--swap-size", "64M", "--"])

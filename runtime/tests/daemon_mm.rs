@@ -44,7 +44,7 @@ use usm_runtime::daemon::{Daemon, DaemonOptions};
 mod common;
 
 use common::daemon::RunDaemon;
-use common::programs::{build_c, have, tagger, usm_exec};
+use common::programs::{build_c, require, tagger, usm_exec};
 use common::redis::{free_port, plain_redis, redis_cmd, redis_info, redis_server, wait_for_ping};
 
 /// One test at a time: each fills a pool several times over, and the CI machine has 2
@@ -60,12 +60,12 @@ struct Keep {
     _serial: usm_sync::MutexGuard<'static, ()>,
 }
 
-/// `tests/programs/mm_storm.c`, built under the serial lock (None without gcc).
-fn mm_storm() -> Option<(PathBuf, Keep)> {
+/// `tests/programs/mm_storm.c`, built under the serial lock.
+fn mm_storm() -> (PathBuf, Keep) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let prog = build_c(dir.path(), "mm_storm")?;
-    Some((prog, Keep { _dir: dir, _serial }))
+    let prog = build_c(dir.path(), "mm_storm");
+    (prog, Keep { _dir: dir, _serial })
 }
 
 /// Runs `cmd` tagged for daemon `d` (the tagger preloaded, its socket), all pipes.
@@ -196,9 +196,7 @@ fn stderr_of(child: &mut Child) -> String {
 fn threads_moving_blocks_into_each_others_freed_ranges_keep_every_page() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = build_c(dir.path(), "remap_race") else {
-        return;
-    };
+    let prog = build_c(dir.path(), "remap_race");
     // 32 MiB of blocks through an 8 MiB pool: the blocks moved were mostly in swap.
     every_run_keeps_every_byte(
         3,
@@ -216,9 +214,7 @@ fn threads_moving_blocks_into_each_others_freed_ranges_keep_every_page() {
 /// and addresses the first unmapped).
 #[test]
 fn mm_storm_keeps_every_byte_at_eight_times_the_pool_five_runs_in_a_row() {
-    let Some((prog, _keep)) = mm_storm() else {
-        return;
-    };
+    let (prog, _keep) = mm_storm();
     // 64 MiB through 8 MiB: at least the working set beyond the pool went out.
     every_run_keeps_every_byte(
         5,
@@ -300,10 +296,8 @@ fn every_run_keeps_every_byte(runs: usize, cmd: &[&str], limit: Duration, at_lea
 #[test]
 fn redis_at_three_times_the_pool_digests_like_plain_redis_and_its_bgsave_loads() {
     let _serial = serial();
-    if !have("redis-server") || !have("redis-cli") {
-        eprintln!("skipped: redis-server / redis-cli are not installed");
-        return;
-    }
+    require("redis-server");
+    require("redis-cli");
     let dir = tempfile::tempdir().unwrap();
     let server = |port: u16, rdb: &str| redis_server(dir.path(), port, rdb);
     let plain = |port: u16, rdb: &str| plain_redis(dir.path(), port, rdb);
@@ -396,9 +390,7 @@ fn redis_at_three_times_the_pool_digests_like_plain_redis_and_its_bgsave_loads()
 /// one has four threads, staging slots in use and fork children.)
 #[test]
 fn sigkill_mid_storm_gives_back_every_frame_and_slot() {
-    let Some((prog, _keep)) = mm_storm() else {
-        return;
-    };
+    let (prog, _keep) = mm_storm();
     let d = RunDaemon::start("memory 2048\nworkers 2\nprocess mm_storm first-fit");
     for (round, evictions) in [(1, 2000u64), (2, 12000)] {
         let mut c = tagged(&d, Command::new(&prog).args(["storm", "64", "0"]));
@@ -553,9 +545,7 @@ fn register_mid_storm(reg: &mut Registry) -> Result<(), PolicyError> {
 /// every byte it wrote.
 #[test]
 fn panicking_policies_are_replaced_and_the_data_survives_eviction() {
-    let Some((prog, keep)) = mm_storm() else {
-        return;
-    };
+    let (prog, keep) = mm_storm();
     let dir = keep._dir.path();
     let socket = dir.join("usm.sock");
     let text = format!(
@@ -649,9 +639,7 @@ fn panicking_policies_are_replaced_and_the_data_survives_eviction() {
 /// (it takes a few seconds alone); after `SIGCONT`, A finishes with every byte intact.
 #[test]
 fn a_stopped_program_does_not_halt_eviction_for_another() {
-    let Some((prog, _keep)) = mm_storm() else {
-        return;
-    };
+    let (prog, _keep) = mm_storm();
     let d = RunDaemon::start("memory 2048\nworkers 2\nprocess mm_storm first-fit");
     let mut a = tagged(&d, Command::new(&prog).args(["storm", "32", "8"]));
     let mut a_out = Lines::of(&mut a);
@@ -740,9 +728,7 @@ fn a_stopped_program_does_not_halt_eviction_for_another() {
 ///   printed "OK" (it verified everything), otherwise it was stopped by the OOM policy.
 #[test]
 fn a_full_swap_device_is_reported_and_the_daemon_stays_bounded() {
-    let Some((prog, _keep)) = mm_storm() else {
-        return;
-    };
+    let (prog, _keep) = mm_storm();
     let p = prog.to_str().unwrap();
     let ample = usm_exec(
         &["--pool", "8M", "--swap-size", "256M"],
@@ -822,9 +808,7 @@ fn a_full_swap_device_is_reported_and_the_daemon_stays_bounded() {
 fn clock_with_access_sampling_keeps_a_hot_set_that_fifo_reads_back_from_swap() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = build_c(dir.path(), "hot_cold") else {
-        return;
-    };
+    let prog = build_c(dir.path(), "hot_cold");
     let fifo = hot_cold_swap_ins(&prog, "fifo");
     let clock = hot_cold_swap_ins(&prog, "clock");
     eprintln!("hot-set swap-ins while streaming: fifo {fifo}, clock {clock}");

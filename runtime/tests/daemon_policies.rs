@@ -176,26 +176,16 @@ struct Probe {
 }
 
 impl Probe {
-    /// `None` (the reason printed) where gcc is missing.
-    fn build() -> Option<Probe> {
+    fn build() -> Probe {
         let _serial = serial();
         let dir = tempfile::tempdir().unwrap();
-        let prog = probe(dir.path())?;
-        Some(Probe { dir, prog, _serial })
+        let prog = probe(dir.path());
+        Probe { dir, prog, _serial }
     }
 }
 
-/// Compiles the probe (linked with `libusm.so`), or `None` without gcc.
-fn probe(dir: &Path) -> Option<PathBuf> {
-    let have_gcc = Command::new("sh")
-        .args(["-c", "command -v gcc"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have_gcc {
-        eprintln!("skipped: gcc is not installed");
-        return None;
-    }
+/// Compiles the probe (linked with `libusm.so`; gcc required: `scripts/test` installs it).
+fn probe(dir: &Path) -> PathBuf {
     let (_, libusm) = libraries();
     let libdir = libusm.parent().unwrap();
     let src = dir.join("polprobe.c");
@@ -209,9 +199,12 @@ fn probe(dir: &Path) -> Option<PathBuf> {
         .arg(format!("-Wl,-rpath,{}", libdir.display()))
         .arg("-lusm")
         .status()
-        .expect("gcc");
-    assert!(st.success(), "gcc failed");
-    Some(out)
+        .expect("gcc runs (scripts/test installs it)");
+    assert!(
+        st.success(),
+        "gcc failed (is it installed? scripts/test installs it)"
+    );
+    out
 }
 
 /// A daemon in this process on `config` (a socket line is added), with a private swap
@@ -352,9 +345,7 @@ fn register_panicky(reg: &mut Registry) -> Result<(), PolicyError> {
 
 #[test]
 fn a_panicking_allocation_policy_is_replaced_and_the_program_completes() {
-    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
-        return;
-    };
+    let Probe { dir, prog, _serial } = Probe::build();
     let d = daemon(
         dir.path(),
         "memory 64M\nprocess polprobe panics-on-alloc",
@@ -383,9 +374,7 @@ fn a_panicking_allocation_policy_is_replaced_and_the_program_completes() {
 
 #[test]
 fn a_panicking_eviction_policy_is_replaced_and_eviction_goes_on() {
-    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
-        return;
-    };
+    let Probe { dir, prog, _serial } = Probe::build();
     // 16 MiB of data through an 8 MiB pool: eviction must run.
     let d = daemon(
         dir.path(),
@@ -406,9 +395,7 @@ fn a_panicking_eviction_policy_is_replaced_and_eviction_goes_on() {
 
 #[test]
 fn fhp_maps_a_window_per_fault_where_first_fit_maps_a_page() {
-    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
-        return;
-    };
+    let Probe { dir, prog, _serial } = Probe::build();
     let d = daemon(dir.path(), "memory 64M\nprocess polprobe fhp:64K", None);
     let fhp = run(&d, &prog, &["touch", "16"]).stat;
     d.shutdown();
@@ -429,9 +416,7 @@ fn fhp_maps_a_window_per_fault_where_first_fit_maps_a_page() {
 
 #[test]
 fn a_huge_hint_from_usm_hint_changes_the_fhp_window() {
-    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
-        return;
-    };
+    let Probe { dir, prog, _serial } = Probe::build();
     let d = daemon(dir.path(), "memory 64M\nprocess polprobe fhp:64K", None);
     let plain = run(&d, &prog, &["touch", "16"]).stat;
     let hinted = run(&d, &prog, &["touch", "16", "HUGE=4K"]);
@@ -460,9 +445,7 @@ fn a_huge_hint_from_usm_hint_changes_the_fhp_window() {
 
 #[test]
 fn an_eviction_deny_hint_keeps_its_range_resident_under_the_hints_policy() {
-    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
-        return;
-    };
+    let Probe { dir, prog, _serial } = Probe::build();
     let present = |out: &str| -> u64 {
         out.lines()
             .find_map(|l| l.strip_prefix("present="))
@@ -503,9 +486,7 @@ fn an_eviction_deny_hint_keeps_its_range_resident_under_the_hints_policy() {
 
 #[test]
 fn a_busy_poll_waker_serves_a_program_and_stat_reports_it() {
-    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
-        return;
-    };
+    let Probe { dir, prog, _serial } = Probe::build();
     let d = daemon(
         dir.path(),
         "memory 64M\nwaker busy-poll\nprocess polprobe first-fit",
@@ -562,9 +543,7 @@ fn register_counted_quota(reg: &mut Registry) -> Result<(), PolicyError> {
 
 #[test]
 fn unmap_and_remove_reach_the_allocation_policy_free() {
-    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
-        return;
-    };
+    let Probe { dir, prog, _serial } = Probe::build();
     let d = daemon(
         dir.path(),
         "memory 64M\nprocess polprobe counted-quota",
@@ -593,9 +572,7 @@ fn unmap_and_remove_reach_the_allocation_policy_free() {
 
 #[test]
 fn quota_evicts_the_process_own_pages_at_its_cap() {
-    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
-        return;
-    };
+    let Probe { dir, prog, _serial } = Probe::build();
     // The pool (64 MiB) never runs low: every eviction is the quota's own (Cx::evict).
     let d = daemon(dir.path(), "memory 64M\nprocess polprobe quota:1024", None);
     let r = run(&d, &prog, &["touch", "12"]);
@@ -617,9 +594,7 @@ fn quota_evicts_the_process_own_pages_at_its_cap() {
 #[test]
 fn the_oom_policy_fails_the_access_when_nothing_can_be_evicted() {
     use std::os::unix::process::ExitStatusExt;
-    let Some(Probe { dir, prog, _serial }) = Probe::build() else {
-        return;
-    };
+    let Probe { dir, prog, _serial } = Probe::build();
     // 8 MiB, all EVICTION=DENY, through a 4 MiB pool: the evictor can take nothing, so
     // the OOM policy (`fail`) fails the access: SIGBUS, never zeros.
     let d = daemon(

@@ -7,14 +7,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
 use common::daemon::{RunDaemon, USM};
-use common::programs::{have, tagger};
+use common::programs::{build_c, require, tagger};
 use common::redis::{free_port, plain_redis, redis_cmd, redis_info, redis_server, wait_for_ping};
 
 /// The programs here each fill a pool several times over: run them one at a time (the
@@ -30,31 +30,12 @@ struct Keep {
     _serial: usm_sync::MutexGuard<'static, ()>,
 }
 
-/// Builds `tests/programs/NAME.c` in a directory of its own under the serial lock;
-/// `None` (the reason printed) without gcc.
-fn built(name: &str) -> Option<(PathBuf, Keep)> {
+/// Builds `tests/programs/NAME.c` in a directory of its own under the serial lock.
+fn built(name: &str) -> (PathBuf, Keep) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let prog = program(dir.path(), name)?;
-    Some((prog, Keep { _dir: dir, _serial }))
-}
-
-/// Builds `tests/programs/NAME.c` into `dir` (None, with a reason, without gcc).
-fn program(dir: &Path, name: &str) -> Option<PathBuf> {
-    if !have("gcc") {
-        eprintln!("skipped: gcc is not installed");
-        return None;
-    }
-    let out = dir.join(name);
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/programs/{name}.c"));
-    let st = Command::new("gcc")
-        .args(["-O1", "-Wall", "-pthread", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("gcc");
-    assert!(st.success(), "gcc failed");
-    Some(out)
+    let prog = build_c(dir.path(), name);
+    (prog, Keep { _dir: dir, _serial })
 }
 
 struct Exec {
@@ -110,9 +91,7 @@ fn n(v: &serde_json::Value, k: &str) -> u64 {
 
 #[test]
 fn mixed_workload_keeps_its_data_with_a_pool_a_sixth_of_its_working_set() {
-    let Some((prog, _keep)) = built("daemon_workload") else {
-        return;
-    };
+    let (prog, _keep) = built("daemon_workload");
     let p = prog.to_str().unwrap();
     // 48 MiB of data (plus heap and threads) through an 8 MiB pool.
     let r = usm_exec(
@@ -138,9 +117,7 @@ fn mixed_workload_keeps_its_data_with_a_pool_a_sixth_of_its_working_set() {
 
 #[test]
 fn fork_children_inherit_managed_memory() {
-    let Some((prog, _keep)) = built("daemon_workload") else {
-        return;
-    };
+    let (prog, _keep) = built("daemon_workload");
     let p = prog.to_str().unwrap();
     let r = usm_exec(
         &["--pool", "32M"],
@@ -161,9 +138,7 @@ fn fork_children_inherit_managed_memory() {
 /// is checked twice by the child, then by the parent.
 #[test]
 fn fork_children_reading_everything_stay_within_the_budget() {
-    let Some((prog, _keep)) = built("fork_reader") else {
-        return;
-    };
+    let (prog, _keep) = built("fork_reader");
     let r = usm_exec(
         &["--pool", "32M"],
         &[prog.to_str().unwrap(), "128"],
@@ -196,9 +171,7 @@ fn fork_children_reading_everything_stay_within_the_budget() {
 /// pages nobody could evict, so every fault waited for a frame.
 #[test]
 fn repeated_forks_under_eviction_finish_with_correct_data() {
-    let Some((prog, _keep)) = built("fork_storm") else {
-        return;
-    };
+    let (prog, _keep) = built("fork_storm");
     // 16 MiB of data + 2 × 8 MiB rewritten by threads, through an 8 MiB pool.
     let r = usm_exec(
         &["--pool", "8M"],
@@ -222,9 +195,7 @@ fn repeated_forks_under_eviction_finish_with_correct_data() {
 
 #[test]
 fn own_userfaultfd_and_shared_memory_still_work() {
-    let Some((prog, _keep)) = built("daemon_workload") else {
-        return;
-    };
+    let (prog, _keep) = built("daemon_workload");
     let r = usm_exec(
         &["--pool", "4M"],
         &[prog.to_str().unwrap(), "own-uffd"],
@@ -238,10 +209,7 @@ fn own_userfaultfd_and_shared_memory_still_work() {
 #[test]
 fn stressapptest_passes_with_memory_four_times_the_pool() {
     let _serial = serial();
-    if !have("stressapptest") {
-        eprintln!("skipped: stressapptest is not installed");
-        return;
-    }
+    require("stressapptest");
     let r = usm_exec(
         &["--pool", "16M"],
         &["stressapptest", "-M", "64", "-s", "5", "-m", "2"],
@@ -286,9 +254,7 @@ fn read_line_until(out: &mut impl BufRead, want: &str, limit: Duration) -> Strin
 
 #[test]
 fn sigkilled_program_leaves_frames_and_slots_idle() {
-    let Some((prog, _keep)) = built("daemon_workload") else {
-        return;
-    };
+    let (prog, _keep) = built("daemon_workload");
     let d = RunDaemon::start("memory 2048\nworkers 2\nprocess daemon_workload first-fit");
     let mut c = tagged(&d, Command::new(&prog).args(["storm", "32", "30"]));
     let mut out = BufReader::new(c.stdout.take().unwrap());
@@ -311,9 +277,7 @@ fn sigkilled_program_leaves_frames_and_slots_idle() {
 
 #[test]
 fn sigkilled_daemon_never_lets_a_program_read_zeros() {
-    let Some((prog, _keep)) = built("daemon_workload") else {
-        return;
-    };
+    let (prog, _keep) = built("daemon_workload");
     let mut d = RunDaemon::start("memory 2048\nworkers 2\nprocess daemon_workload first-fit");
     let mut c = tagged(&d, Command::new(&prog).args(["storm", "32", "4"]));
     let mut out = BufReader::new(c.stdout.take().unwrap());
@@ -352,9 +316,7 @@ fn sigkilled_daemon_never_lets_a_program_read_zeros() {
 
 #[test]
 fn madv_free_gives_frames_back() {
-    let Some((prog, _keep)) = built("daemon_workload") else {
-        return;
-    };
+    let (prog, _keep) = built("daemon_workload");
     let d = RunDaemon::start("memory 16384\nworkers 2\nprocess daemon_workload first-fit");
     let mut c = tagged(&d, Command::new(&prog).args(["free", "16"]));
     let mut out = BufReader::new(c.stdout.take().unwrap());
@@ -387,9 +349,7 @@ fn madv_free_gives_frames_back() {
 
 #[test]
 fn unconfigured_programs_run_untouched_and_shutdown_is_graceful() {
-    let Some((prog, _keep)) = built("daemon_workload") else {
-        return;
-    };
+    let (prog, _keep) = built("daemon_workload");
     let d = RunDaemon::start("memory 1024\nworkers 1\nprocess somebody-else first-fit");
     let mut c = tagged(&d, Command::new(&prog).args(["mixed", "8", "nofork"]));
     let st = c.wait().unwrap();
@@ -422,10 +382,8 @@ fn unconfigured_programs_run_untouched_and_shutdown_is_graceful() {
 #[test]
 fn redis_data_survives_swap_and_metrics_match_stat() {
     let _serial = serial();
-    if !have("redis-server") || !have("redis-cli") {
-        eprintln!("skipped: redis-server / redis-cli are not installed");
-        return;
-    }
+    require("redis-server");
+    require("redis-cli");
     let port = free_port();
     let mport = free_port();
     let d = RunDaemon::start(&format!(
@@ -499,10 +457,8 @@ fn redis_data_survives_swap_and_metrics_match_stat() {
 #[test]
 fn redis_bgsave_with_the_dataset_in_swap_writes_a_correct_rdb() {
     let _serial = serial();
-    if !have("redis-server") || !have("redis-cli") {
-        eprintln!("skipped: redis-server / redis-cli are not installed");
-        return;
-    }
+    require("redis-server");
+    require("redis-cli");
     let dir = tempfile::tempdir().unwrap();
     let server = |port: u16, rdb: &str| redis_server(dir.path(), port, rdb);
     let plain = |port: u16, rdb: &str| plain_redis(dir.path(), port, rdb);

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::programs::{ExecRun, have, target_profile_dir, usm_exec};
+use common::programs::{ExecRun, require, target_profile_dir, usm_exec};
 
 /// `libusm.so`, built next to `usm` (cargo does not build another package's cdylib for
 /// integration tests).
@@ -45,12 +45,9 @@ fn libusm() -> PathBuf {
         .clone()
 }
 
-/// `tests/programs/hint_deny.c` linked with `libusm.so` (None, with a reason, without gcc).
-fn hint_deny(dir: &Path) -> Option<PathBuf> {
-    if !have("gcc") {
-        eprintln!("skipped: gcc is not installed");
-        return None;
-    }
+/// `tests/programs/hint_deny.c` linked with `libusm.so`.
+fn hint_deny(dir: &Path) -> PathBuf {
+    require("gcc");
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = libusm();
     let libdir = lib.parent().unwrap();
@@ -66,7 +63,7 @@ fn hint_deny(dir: &Path) -> Option<PathBuf> {
         .status()
         .expect("gcc");
     assert!(st.success(), "gcc failed on hint_deny.c");
-    Some(out)
+    out
 }
 
 /// `(resident, total)` pages of `name` (`d` or `w`) from the program's output.
@@ -83,9 +80,7 @@ fn resident(r: &ExecRun, name: &str) -> (u64, u64) {
 #[test]
 fn eviction_deny_from_usm_hint_keeps_a_mapping_resident_under_usm_exec() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(prog) = hint_deny(dir.path()) else {
-        return;
-    };
+    let prog = hint_deny(dir.path());
     let p = prog.to_str().unwrap();
     // D = 4 MiB, written first; W = 32 MiB (4x the pool), written and read twice.
     let denied = usm_exec(

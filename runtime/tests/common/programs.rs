@@ -50,12 +50,20 @@ pub(crate) fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Builds `tests/programs/NAME.c` into `dir` (None, with a reason, without gcc).
-pub(crate) fn build_c(dir: &Path, name: &str) -> Option<PathBuf> {
-    if !have("gcc") {
-        eprintln!("skipped: gcc is not installed");
-        return None;
-    }
+/// Fails the test when `tool` is missing: the tests run real programs from Debian's
+/// packages, which `scripts/test` installs; a missing one is a broken set-up, never a
+/// skip.
+pub(crate) fn require(tool: &str) {
+    assert!(
+        have(tool),
+        "{tool} is not installed: run scripts/test (it installs the Debian packages the \
+         tests use)"
+    );
+}
+
+/// Builds `tests/programs/NAME.c` into `dir` (gcc required).
+pub(crate) fn build_c(dir: &Path, name: &str) -> PathBuf {
+    require("gcc");
     let out = dir.join(name);
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/programs/{name}.c"));
     let st = Command::new("gcc")
@@ -65,7 +73,7 @@ pub(crate) fn build_c(dir: &Path, name: &str) -> Option<PathBuf> {
         .status()
         .expect("gcc");
     assert!(st.success(), "gcc failed on {}", src.display());
-    Some(out)
+    out
 }
 
 /// What `usm exec --report json` left behind.
