@@ -163,6 +163,43 @@ fn fork_children_reading_everything_stay_within_the_budget() {
     assert_eq!(n(&r.report, "slots_used_at_exit"), 0, "{}", r.report);
 }
 
+/// `MAP_POPULATE` on a managed mapping: the kernel would fill all 64 MiB before the tagger
+/// registers the range, pages outside the budget the daemon never sees (64 MiB resident
+/// through an 8 MiB pool). The tagger drops the flag for managed mappings, so the pages
+/// fault in through the daemon; every byte is verified twice.
+#[test]
+fn map_populate_does_not_fill_a_managed_mapping_past_the_budget() {
+    let (prog, _keep) = built("populate");
+    let r = usm_exec(
+        &["--pool", "8M"],
+        &[prog.to_str().unwrap(), "64"],
+        Duration::from_secs(120),
+    );
+    assert_eq!(r.code, 0, "stdout: {}", r.stdout);
+    assert!(r.stdout.contains("OK"), "{}", r.stdout);
+    let kb = |tag: &str| -> u64 {
+        r.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{tag} rss_anon_kb=")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {tag} line: {}", r.stdout))
+    };
+    assert!(
+        kb("MAPPED") < 16 * 1024,
+        "{} KiB resident right after mmap(64 MiB, MAP_POPULATE) with an 8 MiB pool",
+        kb("MAPPED")
+    );
+    assert!(
+        kb("END") < 24 * 1024,
+        "{} KiB resident after writing 64 MiB through an 8 MiB pool",
+        kb("END")
+    );
+    assert!(n(&r.report, "evictions") > 8192, "{}", r.report);
+    assert_eq!(n(&r.report, "poisoned"), 0, "{}", r.report);
+    assert_eq!(n(&r.report, "frames_used_at_exit"), 0, "{}", r.report);
+    assert_eq!(n(&r.report, "slots_used_at_exit"), 0, "{}", r.report);
+}
+
 /// Forks again and again while eviction runs: the working set is four times the pool,
 /// two threads keep faulting and being evicted at every fork, and each child verifies
 /// the parent's data as of its fork (much of it in swap) and writes its own copy.

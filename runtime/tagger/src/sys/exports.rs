@@ -163,6 +163,16 @@ fn mmap_common(
     fd: c_int,
     off: i64,
 ) -> *mut c_void {
+    // `MAP_POPULATE` on memory the daemon manages would have the kernel fill every page
+    // before the range is registered: pages outside the budget that the daemon never
+    // counted, and no fault for the daemon's stale-request fence to order against an
+    // eviction still naming a page freed at this address. It is only a hint, so it goes:
+    // the pages fault in through the daemon on first touch, like the rest.
+    let flags = if ranges::mmap_is_managed(flags) && state::mode() == state::Mode::Managed {
+        flags & !libc::MAP_POPULATE
+    } else {
+        flags
+    };
     match super::mmap_raw(addr as usize, len, prot, flags, fd, off) {
         Ok(mapped) => {
             ranges::after_mmap(mapped, len, flags);
