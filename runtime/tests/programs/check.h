@@ -34,4 +34,16 @@ static inline long verify(const void *p, size_t len, uint64_t seed) {
     return -1;
 }
 
+/* This process's resident anonymous memory (RssAnon), in KiB; -1 if unreadable. */
+static inline long rss_anon_kb(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return -1;
+    char line[256];
+    long kb = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "RssAnon: %ld kB", &kb) == 1) break;
+    fclose(f);
+    return kb;
+}
+
 #endif
