@@ -917,6 +917,9 @@ impl<'a> LocalManager<'a> {
         let Some(wake_fd) = &self.shared.wake_fd else {
             return;
         };
+        if self.driver.as_ref().is_some_and(|d| !d.ready_to_block()) {
+            return;
+        }
         let driver_fds = self
             .driver
             .as_ref()

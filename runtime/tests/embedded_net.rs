@@ -647,3 +647,52 @@ fn multishot_accept_serves_every_connection_and_a_dropped_listener_closes_its_qu
     assert!(StdStream::connect(addr).is_err());
     rt.shutdown(Duration::from_secs(1));
 }
+
+/// One connection, strictly one request in flight (so nothing else ever wakes the worker):
+/// every completion must wake its uThread by itself. Before the network ring's eventfd was
+/// read only right before the worker blocks, a completion posted between the driver's
+/// "any CQE?" check and its eventfd read lost its wake-up, and the connection hung forever
+/// (seen as a usm-kv GET without a reply in CI; the code before the fix hung here after 141
+/// round trips, and usm-kv release builds after 40 000 to 310 000 sequential GETs). A lost
+/// wake-up fails here by the client's read timeout.
+#[test]
+fn a_lone_ping_pong_connection_never_loses_a_wake_up() {
+    const ROUND_TRIPS: usize = 400_000;
+    const STALL: Duration = Duration::from_secs(10);
+    let rt = runtime(2);
+    let listener = rt.net().bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(move || {
+        let Ok(mut conn) = listener.accept() else {
+            return;
+        };
+        let _ = conn.set_nodelay(true);
+        let mut b = [0u8; 1];
+        while let Ok(1) = conn.read(&mut b) {
+            if conn.write_all(&b).is_err() {
+                break;
+            }
+        }
+    })
+    .unwrap();
+    let mut s = client(addr);
+    s.set_read_timeout(Some(STALL)).unwrap();
+    let started = Instant::now();
+    for i in 0..ROUND_TRIPS {
+        let byte = [i as u8];
+        s.write_all(&byte).unwrap();
+        let mut back = [0u8; 1];
+        if let Err(e) = s.read_exact(&mut back) {
+            panic!(
+                "round trip {i} of {ROUND_TRIPS}: no reply within {STALL:?} ({e}): a lost wake-up"
+            );
+        }
+        assert_eq!(back, byte, "round trip {i}");
+    }
+    eprintln!(
+        "{ROUND_TRIPS} round trips in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    drop(s);
+    rt.shutdown(Duration::from_secs(5));
+}

@@ -223,6 +223,10 @@ impl Driver for FaultDriver {
         fds
     }
 
+    fn ready_to_block(&self) -> bool {
+        self.shared.net[self.wm.worker()].ready_to_block()
+    }
+
     fn park_timeout(&self) -> Option<Duration> {
         let memory = self
             .uthreads

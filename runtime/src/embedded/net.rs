@@ -22,6 +22,10 @@
 //! ```
 //!
 //! # How an operation runs
+//! 0. A write first tries a direct non-blocking `send` (`MSG_DONTWAIT`) on the calling
+//!    uThread: when the socket buffer has room — nearly always for a server's reply — the
+//!    bytes are queued with one syscall and no park. Only `EAGAIN` (buffer full) takes the
+//!    path below, with the write timeout. It never blocks the worker.
 //! 1. The uThread pushes one SQE (plus a `LINK_TIMEOUT` when a timeout is set) on the
 //!    io_uring of the worker it runs on and submits it; then it parks.
 //! 2. The worker runs its other uThreads. Its driver reaps that ring in the same scheduling
@@ -57,7 +61,8 @@ use usm_sync::Arc;
 use crate::embedded::Region;
 use crate::embedded::runtime::Shared;
 use crate::sys::net::{
-    AcceptQueue, Completion, NetRing, NextAccept, SockAddr, SockOp, StartError, owned_fd,
+    AcceptQueue, Attempt, Completion, NetRing, NextAccept, SockAddr, SockOp, StartError, owned_fd,
+    send_now,
 };
 use crate::sys::{sigbus, view};
 
@@ -438,7 +443,22 @@ impl TcpStream {
 
     /// Sends some of `buf` (at least one byte unless `buf` is empty).
     pub fn write(&mut self, buf: &[u8]) -> Result<usize, NetError> {
+        if !usm_localmanager::in_uthread() {
+            return Err(NetError::NotInUThread { op: "send" });
+        }
         let _pin = self.net.prepare(buf.as_ptr(), buf.len());
+        // A direct non-blocking send first (module docs, "How an operation runs"): with room
+        // in the socket buffer — nearly always for a reply — it costs one syscall and no
+        // park, instead of an `io_uring_enter`, a park, a reap and a resume.
+        match send_now(self.inner.as_fd(), buf) {
+            Attempt::Done(n) if n > 0 || buf.is_empty() => return Ok(n),
+            Attempt::Errno(libc::EFAULT) => {
+                tracing::error!("send: EFAULT on a pinned, pre-faulted buffer: a bug");
+                return Err(NetError::errno("send", libc::EFAULT));
+            }
+            Attempt::Errno(e) => return Err(NetError::errno("send", e)),
+            Attempt::Done(_) | Attempt::WouldBlock => {}
+        }
         let n = self.net.run(
             "send",
             SockOp::Send(self.inner.as_fd(), buf),

@@ -23,11 +23,17 @@
 //! its CQE was reaped, so the kernel never writes into a buffer after the call is gone.
 //!
 //! # Wake-ups
-//! The eventfd counts CQEs posted. The driver reads it (non-blocking) when it finds CQEs or
-//! right after a poll that reaped some (`stale`), so a readable eventfd never outlives the
-//! completions that made it readable (a parked worker would spin) and no CQE waits for a
-//! wake-up that was already consumed: every read of the eventfd is followed by a reap of
-//! the whole completion queue.
+//! The eventfd counts CQEs posted; it matters only while the worker blocks (it is one of
+//! the worker's wake fds), so it is read once per park at most, not once per completion:
+//! [`NetRing::ready_to_block`], called by the worker right before it blocks, reads it
+//! (non-blocking) when completions were reaped since the last read (`reaped`), *then*
+//! checks the completion queue and refuses to block if a CQE is there. A CQE posted after
+//! that read writes the eventfd again, so the blocked worker wakes; one posted before it is
+//! visible to the check (the kernel publishes the CQE before it signals the eventfd, and the
+//! eventfd's lock orders that signal before our read). So no completion waits for a
+//! wake-up that was consumed, and a readable eventfd never outlives the completions that
+//! made it readable (a parked worker would spin). With no completion reaped since the last
+//! read, no CQE was posted that the check would not see, and the read is skipped.
 //!
 //! # Multishot accept ([`AcceptQueue`])
 //! A listener without an accept timeout keeps one `ACCEPT` with `IORING_ACCEPT_MULTISHOT`
@@ -281,7 +287,8 @@ pub(crate) enum StartError {
 pub(crate) struct NetRing {
     ring: Mutex<IoUring>,
     eventfd: EventFd,
-    stale: AtomicBool,
+    /// Completions were reaped since the eventfd was last read (module docs, "Wake-ups").
+    reaped: AtomicBool,
 }
 
 impl std::fmt::Debug for NetRing {
@@ -329,7 +336,7 @@ impl NetRing {
         Ok(NetRing {
             ring: Mutex::new(ring),
             eventfd,
-            stale: AtomicBool::new(false),
+            reaped: AtomicBool::new(false),
         })
     }
 
@@ -500,26 +507,25 @@ impl NetRing {
             {
                 tracing::debug!(error = %e, "network io_uring submit");
             }
-            let stale = self.stale.swap(false, Ordering::Relaxed);
-            if stale || !ring.completion().is_empty() {
-                // Read, then reap what the ring holds *after* the read: a CQE posted
-                // before the read is reaped now, one posted after it writes the fd
-                // again. Socket CQEs are posted by task work, which runs whenever this
-                // thread returns to user mode (the completion's own IPI, a preemption),
-                // so one can land between any two instructions here. Reaping only when
-                // CQEs were seen *before* a `stale` read lost such a CQE's wake-up: it
-                // sat unreaped while the worker slept (a usm-kv GET waited 30 s in CI).
-                let _ = self.eventfd.read();
-                done.extend(
-                    ring.completion()
-                        .map(|c| (c.user_data(), c.result(), c.flags())),
-                );
-                if !done.is_empty() {
-                    self.stale.store(true, Ordering::Relaxed);
-                }
+            let mut cq = ring.completion();
+            if !cq.is_empty() {
+                done.extend(cq.by_ref().map(|c| (c.user_data(), c.result(), c.flags())));
+                self.reaped.store(true, Ordering::Relaxed);
             }
         }
         dispatch(&done)
+    }
+
+    /// Called by the worker right before it blocks with this ring's eventfd among its wake
+    /// fds: clears the eventfd if completions were reaped since it was last cleared, then
+    /// says whether blocking is safe (no CQE waiting, no SQE left to submit). See the module
+    /// docs, "Wake-ups".
+    pub(crate) fn ready_to_block(&self) -> bool {
+        if self.reaped.swap(false, Ordering::Relaxed) {
+            let _ = self.eventfd.read();
+        }
+        let mut ring = self.lock();
+        ring.submission().is_empty() && ring.completion().is_empty()
     }
 
     /// Cancels the operation `user_data` and waits until its CQE was reaped (see the module
@@ -606,6 +612,33 @@ impl Drop for Inflight<'_> {
         if !self.state.done.load(Ordering::Acquire) {
             self.ring.cancel_and_wait(self.state, self.user_data);
         }
+    }
+}
+
+/// What a non-blocking attempt ([`send_now`]) found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Attempt {
+    /// It transferred this many bytes.
+    Done(usize),
+    /// It would block (`EAGAIN`) or was interrupted: go through the ring.
+    WouldBlock,
+    /// The kernel's error.
+    Errno(i32),
+}
+
+/// `send(fd, buf, MSG_DONTWAIT | MSG_NOSIGNAL)` right now, on the calling thread: never
+/// blocks (`crate::embedded::net`, "How an operation runs", step 0).
+pub(crate) fn send_now(fd: BorrowedFd<'_>, buf: &[u8]) -> Attempt {
+    use nix::sys::socket::{MsgFlags, send};
+    let len = clamp_len(buf.len()) as usize;
+    match send(
+        fd.as_raw_fd(),
+        &buf[..len],
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+    ) {
+        Ok(n) => Attempt::Done(n),
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Attempt::WouldBlock,
+        Err(e) => Attempt::Errno(e as i32),
     }
 }
 
