@@ -208,6 +208,11 @@ pub struct MemState {
     /// Parent pages that were `Leaving` at a `fork`, by (parent, address): their children
     /// wait (see `fork_wait`).
     fork_waits: HashMap<(u32, u64), fork_wait::ForkWait>,
+    /// Swap entries a page is `Swapped` to while the write-back that fills them is still
+    /// in flight (a `Staging` page moved by `remap` that could not be put back in place):
+    /// a fault there waits for the write instead of reading a slot not written yet (a
+    /// sparse swap file reads zeros there). Removed when that write completes.
+    unwritten: HashSet<SwapEntry>,
 }
 
 impl std::fmt::Debug for MemState {
@@ -304,6 +309,7 @@ impl MmCore {
                     swap_full: false,
                     memory_waiters: 0,
                     fork_waits: HashMap::new(),
+                    unwritten: HashSet::new(),
                 },
                 evict,
                 oom,
