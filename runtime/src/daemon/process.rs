@@ -644,10 +644,11 @@ fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>, new_proces
             }
         }
     }
-    finish(sh, proc);
-    // After the space went: what this reader still has in flight completes into a
-    // space that is gone (frames and slots freed), nothing is installed.
-    drop(server);
+    // After the space went and before the process leaves the daemon's list: what this
+    // reader still has in flight completes into a space that is gone (frames and slots
+    // freed, nothing installed), so a caller that waits for the list to empty (`usm
+    // exec`'s report) finds every frame back.
+    finish_then(sh, proc, || drop(server));
 }
 
 /// Applies one event. Returns a fence mark after an event that freed or moved
@@ -779,6 +780,12 @@ fn handle_event(
 
 /// The process is gone (or the daemon stops): give back every frame and slot.
 fn finish(sh: &Arc<Shared>, proc: &Arc<Proc>) {
+    finish_then(sh, proc, || {});
+}
+
+/// [`finish`], running `then` after the space is removed and before the process leaves
+/// the daemon's list.
+fn finish_then(sh: &Arc<Shared>, proc: &Arc<Proc>, then: impl FnOnce()) {
     proc.gone.store(true, Ordering::Release);
     // What it did, before its space goes (the policy instance goes with the space).
     let stat = proc.stat(&sh.core);
@@ -788,6 +795,7 @@ fn finish(sh: &Arc<Shared>, proc: &Arc<Proc>) {
             .released_frames
             .fetch_add(rel.frames as u64, Ordering::Relaxed);
     }
+    then();
     if let Some(ch) = proc.channel() {
         ch.shutdown();
     }
