@@ -648,7 +648,23 @@ fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>, new_proces
     // reader still has in flight completes into a space that is gone (frames and slots
     // freed, nothing installed), so a caller that waits for the list to empty (`usm
     // exec`'s report) finds every frame back.
-    finish_then(sh, proc, || drop(server));
+    // A program that exited answers none of the evictions its agent still had: they
+    // are finished here (fenced: their frames come back now) rather than by the agent
+    // thread's next look and a worker. Collected first: `abandon` calls back under the
+    // agent's lock, which is taken under the core's.
+    finish_then(sh, proc, || {
+        if let Some(mut s) = server {
+            if !proc.stop.load(Ordering::Acquire) {
+                let mut stages = Vec::new();
+                proc.installer
+                    .abandon(&mut |frame, moved| stages.push((frame, moved)));
+                for (frame, moved) in stages {
+                    s.server.wm().finish_stage(proc.space, frame, moved);
+                }
+            }
+            drop(s);
+        }
+    });
 }
 
 /// Applies one event. Returns a fence mark after an event that freed or moved
