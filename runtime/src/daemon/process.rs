@@ -15,8 +15,10 @@
 //!   later fault is read. Events on the agent's staging area are the daemon's own doing
 //!   and are skipped. It ends when the process exits (pidfd, or a dead mm for a fork
 //!   child) and gives back every frame and slot ([`usm_mm::MmCore::remove_space`]),
-//!   then lets the threads of the faults it still holds run and reaps what its engine
-//!   has in flight before its worker index is given back ([`usm_mm::WorkerMm::retire`]).
+//!   finishes the evictions an exited program's agent will never answer, lets the
+//!   threads of the faults it still holds run and reaps what its engine has in flight
+//!   ([`usm_mm::WorkerMm::retire`]) — all before the process leaves the daemon's list
+//!   (what `usm exec` waits for before its report) — then gives its worker index back.
 //!   While a fence holds faults back (the agent may still run requests sent before an
 //!   address was freed), faults already taken are evaluated as before; new ones wait.
 //! - **control** (`usm-ctl-PID`): the tagger's socket: hints, coverage, range notices,
