@@ -208,6 +208,11 @@ pub struct MemState {
     /// Parent pages that were `Leaving` at a `fork`, by (parent, address): their children
     /// wait (see `fork_wait`).
     fork_waits: HashMap<(u32, u64), fork_wait::ForkWait>,
+    /// Swap entries a page is `Swapped` to while the write-back that fills them is still
+    /// in flight (a `Staging` page moved by `remap` that could not be put back in place):
+    /// a fault there waits for the write instead of reading a slot not written yet (a
+    /// sparse swap file reads zeros there). Removed when that write completes.
+    unwritten: HashSet<SwapEntry>,
 }
 
 impl std::fmt::Debug for MemState {
@@ -304,6 +309,7 @@ impl MmCore {
                     swap_full: false,
                     memory_waiters: 0,
                     fork_waits: HashMap::new(),
+                    unwritten: HashSet::new(),
                 },
                 evict,
                 oom,
@@ -372,6 +378,34 @@ impl MmCore {
         let slot = w.get_mut(worker).ok_or(MmError::NoWorker(worker))?;
         *slot = Some(waker);
         Ok(())
+    }
+
+    /// Adds a worker beyond those [`MmCore::new`] was built for (the daemon's per-process
+    /// readers serve their faults themselves, each with a [`WorkerMm`] of its own): the
+    /// lowest index no worker holds, woken by `waker`. Indices are bits of the pages'
+    /// waiter masks, so at most 64 workers exist at once; `None` when all are taken.
+    /// Give it back with [`MmCore::remove_worker`] once its [`WorkerMm`] has nothing in
+    /// flight ([`WorkerMm::retire`]).
+    pub fn add_worker(&self, waker: Waker) -> Option<usize> {
+        let mut w = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = w.iter().position(Option::is_none) {
+            w[i] = Some(waker);
+            return Some(i);
+        }
+        if w.len() >= 64 {
+            return None;
+        }
+        w.push(Some(waker));
+        Some(w.len() - 1)
+    }
+
+    /// Gives back an index [`MmCore::add_worker`] returned (a later wake of it does
+    /// nothing, or wakes the next holder: waking is always harmless).
+    pub fn remove_worker(&self, worker: usize) {
+        let mut w = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = w.get_mut(worker) {
+            *slot = None;
+        }
     }
 
     fn wake(&self, worker: usize) {
@@ -506,6 +540,32 @@ impl WorkerMm {
     /// The engine's eventfd (poll it while parked).
     pub fn eventfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.io.engine.eventfd()
+    }
+
+    /// Before this worker's part is dropped by a thread that is not a LocalManager
+    /// worker (a daemon reader): reaps until nothing is in flight on its engine, so no
+    /// write-back or swap-in is lost with it (their pages would stay `Staging` or
+    /// `SwapIn` for ever), then gives its cached frames back. Eviction may still run
+    /// from these polls (as from any), bounded by the watermarks. Returns `false` if
+    /// I/O was still in flight after `limit`.
+    pub fn retire(&mut self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        self.poll();
+        while !self.io.ops.is_empty() || !self.io.refused.is_empty() {
+            if std::time::Instant::now() >= deadline {
+                tracing::error!(
+                    worker = self.worker,
+                    in_flight = self.io.ops.len(),
+                    "I/O still in flight when a worker retired"
+                );
+                self.drain_arena();
+                return false;
+            }
+            self.wait_io();
+            self.poll();
+        }
+        self.drain_arena();
+        true
     }
 
     /// Gives this worker's cached free frames back to the shared arena (before exit, or

@@ -202,6 +202,12 @@ impl WorkerCx<'_> {
                 entry,
             } => {
                 self.mem.writebacks = self.mem.writebacks.saturating_sub(1);
+                // A page sharing this entry may be read now (or poisoned when the write
+                // failed: its content never reached swap).
+                let unwritten = self.mem.unwritten.remove(&entry);
+                if unwritten && result.is_err() {
+                    self.poison_unwritten(entry);
+                }
                 // A frame (or at least progress) for faults waiting on memory elsewhere.
                 let waiting = std::mem::take(&mut self.mem.memory_waiters);
                 if waiting != 0 {
@@ -381,6 +387,32 @@ impl WorkerCx<'_> {
                 }
                 core.wake_mask(waiters, self.worker);
             }
+        }
+    }
+
+    /// The write-back that was to fill `entry` failed while a page was `Swapped` to it
+    /// (see `MemState::unwritten`): those pages are poisoned (SIGBUS on access, never
+    /// zeros).
+    fn poison_unwritten(&mut self, entry: SwapEntry) {
+        let core = self.core;
+        let mut hit = Vec::new();
+        for (pid, space) in &self.mem.spaces {
+            for (a, st) in &space.pages {
+                if matches!(st, PageState::Swapped(e) if *e == entry) {
+                    hit.push((*pid, *a));
+                }
+            }
+        }
+        for (pid, addr) in hit {
+            tracing::error!(addr, %entry, "the write-back a moved page shared failed: page poisoned (SIGBUS on access, never zeros)");
+            MmStats::bump(&core.stats.counters.poisoned);
+            if let Err(e) = core.installer_in(self.mem, pid).poison(&core.pool, addr) {
+                tracing::error!(error = %e, addr, "poisoning failed");
+            }
+            if let Some(space) = self.mem.spaces.get_mut(&pid) {
+                space.set(addr, PageState::Poisoned);
+            }
+            let _ = self.mem.swap.free(entry);
         }
     }
 

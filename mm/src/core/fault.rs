@@ -88,6 +88,12 @@ impl WorkerMm {
                     *waiters |= 1 << self.worker;
                     return FaultResult::Wait;
                 }
+                Some(PageState::Swapped(e)) if st.mem.unwritten.contains(e) => {
+                    // Its slot is still being written (`MemState::unwritten`): the write's
+                    // completion wakes the workers waiting for memory.
+                    st.mem.memory_waiters |= 1 << self.worker;
+                    return FaultResult::NeedMemory;
+                }
                 Some(&mut PageState::Sampled(frame)) => {
                     let mut cx = WorkerCx::new(core, st, &mut self.io, self.worker);
                     let r = cx.refault_sampled(pid, addr, frame, write);

@@ -238,6 +238,8 @@ impl MmCore {
                     } else {
                         let _ = st.mem.swap.dup(entry);
                         st.mem.orphans.insert(frame);
+                        // Not readable before its write lands (see `MemState::unwritten`).
+                        st.mem.unwritten.insert(entry);
                         PageState::Swapped(entry)
                     }
                 }

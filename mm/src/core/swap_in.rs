@@ -270,6 +270,9 @@ impl WorkerCx<'_> {
             else {
                 continue;
             };
+            if self.mem.unwritten.contains(&e) {
+                continue;
+            }
             let Ok(Some(f)) = self.core.pool.take(&mut self.io.arena) else {
                 break;
             };

@@ -30,7 +30,7 @@
 //!    copies go; if it cannot be told now, the slots stay occupied and this is retried.
 //!    `DropSlots` raises a `REMOVE` event on the staging area, which the reader skips.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::IoSliceMut;
 
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
@@ -62,8 +62,10 @@ pub(crate) struct AgentLink {
     free_slots: Vec<u32>,
     /// Staging slots whose page the daemon holds: to drop once the tagger knows.
     undropped: Vec<u32>,
-    /// Evictions in flight, by seq.
-    evicting: HashMap<u64, InFlight>,
+    /// Evictions in flight, by seq: ordered, so the oldest (the lowest seq: requests are
+    /// numbered as they are sent) is the first, and [`AgentLink::stalled`] and
+    /// [`AgentLink::moves_up_to`] look at it alone instead of at every request.
+    evicting: BTreeMap<u64, InFlight>,
     /// `DropSlots` and returns in flight, by seq → the slots they free.
     dropping: HashMap<u64, Vec<u32>>,
     seq: u64,
@@ -78,7 +80,7 @@ impl AgentLink {
             pid,
             free_slots: (0..slots).rev().collect(),
             undropped: Vec::new(),
-            evicting: HashMap::new(),
+            evicting: BTreeMap::new(),
             dropping: HashMap::new(),
             seq: 0,
         }
@@ -179,12 +181,17 @@ impl AgentLink {
     /// is still unanswered. (A return from staging also names an address, but it is sent
     /// only for a page the daemon could not read, and moves into a hole only.)
     pub(crate) fn moves_up_to(&self, mark: u64) -> bool {
-        self.evicting.keys().any(|&s| s <= mark)
+        self.evicting
+            .first_key_value()
+            .is_some_and(|(&s, _)| s <= mark)
     }
 
-    /// Whether an eviction has waited for the agent longer than [`STALLED`].
+    /// Whether an eviction has waited for the agent longer than [`STALLED`]: the oldest
+    /// request in flight (one clock reading per submit, not one per request).
     fn stalled(&self) -> bool {
-        self.evicting.values().any(|f| f.sent.elapsed() > STALLED)
+        self.evicting
+            .first_key_value()
+            .is_some_and(|(_, f)| f.sent.elapsed() > STALLED)
     }
 
     /// Whether every slot is taken but some are on their way back (dropped or returned,
@@ -250,7 +257,7 @@ impl AgentLink {
     /// The process is gone: its evictions in flight will never be answered. Each is
     /// finished as not moved (the memory manager fences them: their frames go back).
     pub(crate) fn abandon(&mut self, done: &mut dyn FnMut(FrameNo, bool)) {
-        for (_, f) in self.evicting.drain() {
+        for (_, f) in std::mem::take(&mut self.evicting) {
             done(f.frame, false);
         }
         self.undropped.clear();

@@ -1,17 +1,30 @@
-//! The daemon's per-worker driver: the LocalManager calls it every scheduling round, and
-//! it runs the memory manager ([`usm_mm::WorkerMm`]) for the faults of every tagged
-//! process — the same core, fault path and swap engine as the embedded runtime.
+//! The daemon's fault servers: [`FaultServer`] (a [`usm_mm::WorkerMm`] and the faults it
+//! holds until their page is present) runs in each LocalManager worker's driver
+//! ([`DaemonDriver`], called every scheduling round) and in each process's reader
+//! (`super::process`) — the same core, fault path and swap engine as the embedded runtime.
+//!
+//! # Who serves a fault
+//! A process's reader serves the faults it reads itself, on a worker part of its own
+//! (its own io_uring engine and a worker index of its own, [`usm_mm::MmCore::add_worker`]):
+//! a fault on a vacant page is installed right there, a swap-in is submitted by the thread
+//! that read the fault and installed by it when its completion wakes it — two wake-ups
+//! per swap-in (program → reader, reader → program, with the I/O completion waking the
+//! reader in between), not four through a worker. Only when the core has no worker index
+//! free (64 at most) does a reader turn its faults into [`Job::Fault`]s for the workers,
+//! as does `give_back` at shutdown.
 //!
 //! # Jobs
-//! A process's reader turns each page fault into a [`Job::Fault`] on the shared queue
-//! and wakes the workers; policy notifications (a new process, an exit, a free, a hint)
-//! are [`Job::Notify`], so that policies always run on a worker with a truthful `Cx`.
+//! The shared queue holds what is not a reader's own: faults as above, policy
+//! notifications ([`Job::Notify`]: a free, a hint; a new process when its reader has no
+//! server of its own), so that policies always run with a truthful `Cx`, and finished
+//! agent stages ([`Job::StageDone`]).
 //!
 //! # One poll
 //! 1. Reap this worker's io_uring ([`WorkerMm::poll`]): write-backs recorded, swap-ins
 //!    installed with `UFFDIO_COPY` into their program (which wakes the faulting thread).
 //! 2. Take jobs from the queue (a bounded number per round).
-//! 3. Evaluate, *level-triggered*, every fault this worker holds:
+//! 3. Evaluate, *level-triggered*, every fault this worker holds (a reader does steps 1
+//!    and 3 before every sleep):
 //!    [`WorkerMm::handle_fault`] again. Present (installed, by anyone) → wake the thread
 //!    (a spurious wake is harmless: a thread whose page is still missing faults again)
 //!    and forget the fault; swap-in in flight or no memory yet → keep it. No fault ever
@@ -60,14 +73,9 @@ pub(crate) enum Notice {
 
 /// Work for a worker.
 pub(crate) enum Job {
-    /// A page fault read from a process's userfaultfd.
-    Fault {
-        proc: Arc<Proc>,
-        addr: u64,
-        write: bool,
-        tid: u32,
-        t0: Instant,
-    },
+    /// A page fault read from a process's userfaultfd (whose reader has no
+    /// [`FaultServer`] of its own), or one `give_back` brings in at shutdown.
+    Fault(FaultJob),
     /// A policy notification for a process.
     Notify { proc: Arc<Proc>, notice: Notice },
     /// The agent answered an eviction of `frame` (see [`super::agent`]).
@@ -76,6 +84,17 @@ pub(crate) enum Job {
         frame: usm_kmod::FrameNo,
         moved: bool,
     },
+}
+
+/// One page fault to serve.
+pub(crate) struct FaultJob {
+    pub(crate) proc: Arc<Proc>,
+    /// Page-aligned.
+    pub(crate) addr: u64,
+    pub(crate) write: bool,
+    pub(crate) tid: u32,
+    /// When it was read from the userfaultfd.
+    pub(crate) t0: Instant,
 }
 
 /// The queue every worker takes jobs from.
@@ -197,7 +216,7 @@ impl Breakdown {
         let _ = self.total.record(ns(p.t0, now));
     }
 
-    fn print(&self, worker: usize) {
+    fn print(&self, who: &str) {
         let d = |h: &Histogram<u64>| {
             format!(
                 "n {} mean {:.1} p50 {:.1} p90 {:.1} p99 {:.1}",
@@ -209,7 +228,7 @@ impl Breakdown {
             )
         };
         eprintln!(
-            "usm breakdown, worker {worker}: {} faults, {:.2} handle_fault calls each, {} polls; \
+            "usm breakdown, {who}: {} faults, {:.2} handle_fault calls each, {} polls; \
              faults that waited (µs): queue {} | first call {} | waited {} | starved {} | total {}",
             self.faults,
             self.calls as f64 / self.faults.max(1) as f64,
@@ -223,32 +242,107 @@ impl Breakdown {
     }
 }
 
-/// One worker's driver.
-pub(crate) struct DaemonDriver {
+/// The memory manager of one thread that serves faults (a LocalManager worker, or a
+/// process's reader), with the faults it holds until their page is present.
+pub(crate) struct FaultServer {
     wm: WorkerMm,
-    jobs: Arc<Jobs>,
-    own_fd: Arc<EventFd>,
-    woken: Arc<AtomicBool>,
     pending: Vec<Pending>,
-    batch: Vec<Job>,
     breakdown: Option<Box<Breakdown>>,
 }
 
-impl DaemonDriver {
-    pub(crate) fn new(
-        wm: WorkerMm,
-        jobs: Arc<Jobs>,
-        own_fd: Arc<EventFd>,
-        woken: Arc<AtomicBool>,
-    ) -> DaemonDriver {
-        DaemonDriver {
+impl FaultServer {
+    pub(crate) fn new(wm: WorkerMm) -> FaultServer {
+        FaultServer {
             wm,
-            jobs,
-            own_fd,
-            woken,
             pending: Vec::new(),
-            batch: Vec::new(),
             breakdown: Breakdown::from_env(),
+        }
+    }
+
+    /// This server's memory manager.
+    pub(crate) fn wm(&mut self) -> &mut WorkerMm {
+        &mut self.wm
+    }
+
+    /// This server's memory manager.
+    pub(crate) fn wm_ref(&self) -> &WorkerMm {
+        &self.wm
+    }
+
+    /// Takes a fault and serves it at once (the swap-in it needs is submitted before
+    /// this returns); kept until its page is present. Returns 1 if it is done.
+    pub(crate) fn take(&mut self, job: FaultJob) -> usize {
+        let mut p = Pending::from(job);
+        if self.evaluate(&mut p) {
+            1
+        } else {
+            self.pending.push(p);
+            0
+        }
+    }
+
+    /// Reaps this server's I/O (swap-ins installed, write-backs recorded), then evaluates
+    /// every fault it holds again (level-triggered). Returns the work done.
+    pub(crate) fn poll(&mut self) -> usize {
+        let n = self.wm.poll();
+        n + self.serve_pending()
+    }
+
+    /// Evaluates every fault held again. Returns how many are done.
+    fn serve_pending(&mut self) -> usize {
+        let mut n = 0;
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.retain_mut(|p| {
+            let done = self.evaluate(p);
+            if done {
+                n += 1;
+            }
+            !done
+        });
+        self.pending = pending;
+        n
+    }
+
+    /// Tells `proc`'s allocation policy of `notice`.
+    pub(crate) fn notify(&mut self, proc: &Proc, notice: Notice) {
+        let origin = Origin {
+            pid: proc.pid(),
+            tid: 0,
+        };
+        let name = proc.name.clone();
+        self.wm.notify_alloc(proc.space, |alloc, cx| match notice {
+            Notice::NewProcess => alloc.new_process(origin, &name, None, cx),
+            Notice::Free(range) => alloc.free(origin, range, cx),
+            Notice::Hint(range, hint) => alloc.hint(origin, range, &hint, cx),
+        });
+    }
+
+    /// How long a thread serving faults may sleep: not long while a fault waits for a
+    /// frame (frames freed by another worker's eviction wake nobody), a little longer
+    /// while I/O is in flight or faults are held (their wakes are eventfds, this is a
+    /// backstop), else until woken.
+    pub(crate) fn park_timeout(&self) -> Option<Duration> {
+        if self.pending.iter().any(|p| p.needs_memory) {
+            // Frames come back when write-backs complete (a completion wakes us) or
+            // another worker's eviction frees some (no wake): look again soon.
+            Some(Duration::from_millis(1))
+        } else if self.wm.in_flight() > 0 || !self.pending.is_empty() {
+            Some(Duration::from_millis(5))
+        } else {
+            None
+        }
+    }
+
+    /// I/O in flight or faults held.
+    pub(crate) fn busy(&self) -> bool {
+        self.wm.in_flight() > 0 || !self.pending.is_empty()
+    }
+
+    /// Lets every held fault's thread run (the server stops: a thread whose page is
+    /// still missing faults again, and whoever reads the userfaultfd then serves it).
+    pub(crate) fn release_all(&mut self) {
+        for p in self.pending.drain(..) {
+            let _ = p.proc.installer.uffd().wake(p.addr, PAGE);
         }
     }
 
@@ -311,26 +405,69 @@ impl DaemonDriver {
         }
     }
 
-    fn notify(&mut self, proc: &Proc, notice: Notice) {
-        let origin = Origin {
-            pid: proc.pid(),
-            tid: 0,
-        };
-        let name = proc.name.clone();
-        self.wm.notify_alloc(proc.space, |alloc, cx| match notice {
-            Notice::NewProcess => alloc.new_process(origin, &name, None, cx),
-            Notice::Free(range) => alloc.free(origin, range, cx),
-            Notice::Hint(range, hint) => alloc.hint(origin, range, &hint, cx),
-        });
+    /// Prints the breakdown (if on) under `who`.
+    fn print_breakdown(&self, who: &str) {
+        if let Some(b) = &self.breakdown {
+            b.print(who);
+        }
+    }
+}
+
+impl Drop for FaultServer {
+    fn drop(&mut self) {
+        self.wm.drain_arena();
+    }
+}
+
+impl From<FaultJob> for Pending {
+    fn from(j: FaultJob) -> Pending {
+        Pending {
+            proc: j.proc,
+            addr: j.addr,
+            write: j.write,
+            tid: j.tid,
+            t0: j.t0,
+            needs_memory: false,
+            taken: Instant::now(),
+            first: None,
+            calls: 0,
+            starved: false,
+        }
+    }
+}
+
+/// One worker's driver.
+pub(crate) struct DaemonDriver {
+    server: FaultServer,
+    jobs: Arc<Jobs>,
+    own_fd: Arc<EventFd>,
+    woken: Arc<AtomicBool>,
+    batch: Vec<Job>,
+    polls: u64,
+}
+
+impl DaemonDriver {
+    pub(crate) fn new(
+        wm: WorkerMm,
+        jobs: Arc<Jobs>,
+        own_fd: Arc<EventFd>,
+        woken: Arc<AtomicBool>,
+    ) -> DaemonDriver {
+        DaemonDriver {
+            server: FaultServer::new(wm),
+            jobs,
+            own_fd,
+            woken,
+            batch: Vec::new(),
+            polls: 0,
+        }
     }
 }
 
 impl Driver for DaemonDriver {
     fn poll(&mut self, _cx: &mut DriverContext<'_>) -> usize {
-        if let Some(b) = self.breakdown.as_mut() {
-            b.polls += 1;
-        }
-        let mut n = self.wm.poll();
+        self.polls += 1;
+        let mut n = self.server.wm().poll();
         if self.woken.swap(false, Ordering::AcqRel) {
             let _ = self.own_fd.read();
         }
@@ -339,73 +476,40 @@ impl Driver for DaemonDriver {
         for job in batch.drain(..) {
             n += 1;
             match job {
-                Job::Fault {
-                    proc,
-                    addr,
-                    write,
-                    tid,
-                    t0,
-                } => self.pending.push(Pending {
-                    proc,
-                    addr,
-                    write,
-                    tid,
-                    t0,
-                    needs_memory: false,
-                    taken: Instant::now(),
-                    first: None,
-                    calls: 0,
-                    starved: false,
-                }),
-                Job::Notify { proc, notice } => self.notify(&proc, notice),
+                Job::Fault(f) => self.server.pending.push(Pending::from(f)),
+                Job::Notify { proc, notice } => self.server.notify(&proc, notice),
                 Job::StageDone { proc, frame, moved } => {
-                    self.wm.finish_stage(proc.space, frame, moved);
+                    self.server.wm().finish_stage(proc.space, frame, moved);
                 }
             }
         }
         self.batch = batch;
-        let mut pending = std::mem::take(&mut self.pending);
-        pending.retain_mut(|p| {
-            let done = self.evaluate(p);
-            if done {
-                n += 1;
-            }
-            !done
-        });
-        self.pending = pending;
-        n
+        n + self.server.serve_pending()
     }
 
     fn wake_fds(&self) -> Vec<BorrowedFd<'_>> {
         let mut fds = vec![self.own_fd.as_fd(), self.jobs.efd.as_fd()];
-        if let Some(fd) = self.wm.eventfd() {
+        if let Some(fd) = self.server.wm.eventfd() {
             fds.push(fd);
         }
         fds
     }
 
     fn park_timeout(&self) -> Option<Duration> {
-        if self.pending.iter().any(|p| p.needs_memory) {
-            // Frames come back when write-backs complete (a completion wakes us) or
-            // another worker's eviction frees some (no wake): look again soon.
-            Some(Duration::from_millis(1))
-        } else if self.wm.in_flight() > 0 || !self.pending.is_empty() {
-            Some(Duration::from_millis(5))
-        } else {
-            None
-        }
+        self.server.park_timeout()
     }
 
     fn has_pending(&self) -> bool {
-        self.wm.in_flight() > 0 || !self.pending.is_empty() || !self.jobs.is_empty()
+        self.server.busy() || !self.jobs.is_empty()
     }
 }
 
 impl Drop for DaemonDriver {
     fn drop(&mut self) {
-        if let Some(b) = &self.breakdown {
-            b.print(self.wm.worker());
+        if let Some(b) = self.server.breakdown.as_mut() {
+            b.polls = self.polls;
         }
-        self.wm.drain_arena();
+        self.server
+            .print_breakdown(&format!("worker {}", self.server.wm.worker()));
     }
 }

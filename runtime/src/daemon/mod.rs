@@ -13,8 +13,8 @@
 //! | piece | thread(s) | module |
 //! |---|---|---|
 //! | accept loop: `SO_PEERCRED` against the [`PeerRule`], session limits, then (one bounded admission thread per connection) Hello, policy by name, `UFFDIO_API`, Ack/Refused | `usm-accept`, `usm-admit` | [`sessions`], [`process`] (`admit`) |
-//! | one reader per userfaultfd (fork children get their own): faults → jobs, events → the space | `usm-rd-PID` | [`process`] |
-//! | fault service, policy calls, swap I/O, eviction: the memory manager on every worker | LocalManager workers | [`driver`], `usm_mm` |
+//! | one reader per userfaultfd (fork children get their own): events → the space; faults served right there on a worker part of its own (own io_uring engine and worker index), or → jobs when no index is free | `usm-rd-PID` | [`process`], [`driver`] (`FaultServer`) |
+//! | finished agent stages (their write-backs), policy notices, shutdown's give-back, faults of readers without a server: the memory manager on every worker | LocalManager workers | [`driver`], `usm_mm` |
 //! | eviction through the tagger's agent (submitted by the evicting worker, answers taken by the process's agent thread) | workers, `usm-ag-PID` | [`agent`] |
 //! | `usm stat` socket (`SOCKET.stat`, JSON lines) | `usm-stat` | [`control`] |
 //! | Prometheus exposition (`metrics ADDR`) | `usm-metrics` | [`metrics`] |

@@ -3,34 +3,45 @@
 //! workers ([`super::driver`]).
 //!
 //! # Threads per process (who does what)
-//! - **reader** (`usm-rd-PID`): polls the userfaultfd and the pidfd, reads every message
-//!   in batches and never blocks on anything but the memory manager's lock: a page fault
-//!   becomes a job for the workers; FORK/REMAP/REMOVE/UNMAP are applied to the space at
+//! - **reader** (`usm-rd-PID`): polls the userfaultfd and the pidfd (and its own swap
+//!   engine's eventfd and wake eventfd), reads every message in batches and never blocks
+//!   on anything but the memory manager's lock: a page fault is served at once by the
+//!   reader's own [`FaultServer`] (installed, or its swap-in submitted; held and evaluated
+//!   again, level-triggered, before every sleep until its page is present; see
+//!   [`super::driver`], "Who serves a fault"), or, without one, becomes a job for the
+//!   workers; FORK/REMAP/REMOVE/UNMAP are applied to the space at
 //!   once ([`usm_mm::MmCore::fork_space`], `remap`, `discard`) — the kernel holds the
 //!   program's `fork`/`munmap` until the event is read, so the map is current before any
 //!   later fault is read. Events on the agent's staging area are the daemon's own doing
 //!   and are skipped. It ends when the process exits (pidfd, or a dead mm for a fork
-//!   child) and gives back every frame and slot ([`usm_mm::MmCore::remove_space`]).
+//!   child) and gives back every frame and slot ([`usm_mm::MmCore::remove_space`]),
+//!   finishes the evictions an exited program's agent will never answer, lets the
+//!   threads of the faults it still holds run and reaps what its engine has in flight
+//!   ([`usm_mm::WorkerMm::retire`]) — all before the process leaves the daemon's list
+//!   (what `usm exec` waits for before its report) — then gives its worker index back.
+//!   While a fence holds faults back (the agent may still run requests sent before an
+//!   address was freed), faults already taken are evaluated as before; new ones wait.
 //! - **control** (`usm-ctl-PID`): the tagger's socket: hints, coverage, range notices,
 //!   the agent's setup, and `SwapState` (how many pages are out). A malformed message is
 //!   logged and refused; the session goes on.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use usm_sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use usm_sync::{Arc, Mutex};
 
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use usm_kmod::{Features, RawUserfaultfd, UffdEvent, Userfaultfd};
-use usm_mm::MmCore;
+use usm_mm::{MmCore, WorkerMm};
 use usm_proto::agent::AgentClient;
 use usm_proto::server::TaggedPeer;
 use usm_proto::{Channel, Message, ProtoError, RefusalReason};
 
 use super::Shared;
 use super::agent::AgentLink;
-use super::driver::{Job, Notice};
+use super::driver::{FaultJob, FaultServer, Job, Notice};
 use super::stats::{ProcCounters, ProcessStat, bump};
 use super::sys;
 use crate::sys::remote::RemoteInstaller;
@@ -315,11 +326,9 @@ pub(crate) fn admit(sh: &Arc<Shared>, peer: TaggedPeer, session: super::sessions
         finish(sh, &proc);
         return;
     }
-    sh.jobs.push(Job::Notify {
-        proc: proc.clone(),
-        notice: Notice::NewProcess,
-    });
-    start_threads(sh, &proc, Some(pidfd));
+    // The reader tells the allocation policy of the new process before it serves a
+    // fault (or queues the notice ahead of the faults, see `reader`).
+    start_threads(sh, &proc, Some(pidfd), true);
     start_agent(&proc, features);
 }
 
@@ -399,12 +408,14 @@ fn adopt(
     start_agent(child, features);
 }
 
-fn start_threads(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>) {
+/// Starts `proc`'s reader and control threads; `new_process`: its allocation policy
+/// has not been told of it yet.
+fn start_threads(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>, new_process: bool) {
     let mut handles = Vec::new();
     let (s, p) = (sh.clone(), proc.clone());
     match std::thread::Builder::new()
         .name(format!("usm-rd-{}", proc.pid()))
-        .spawn(move || reader(&s, &p, pidfd))
+        .spawn(move || reader(&s, &p, pidfd, new_process))
     {
         Ok(h) => handles.push(h),
         Err(e) => tracing::error!("cannot start the reader of pid {}: {e}", proc.pid()),
@@ -453,29 +464,105 @@ fn spawn_for(
     }
 }
 
-fn poll2(a: &impl AsFd, b: Option<&OwnedFd>, timeout_ms: i32) -> (bool, bool) {
+/// Waits up to `timeout_ms` for readability of `fds` (`None`s are skipped); bit `i` of
+/// the result: `fds[i]` is ready (readable, or hung up / in error: its read says which).
+fn poll_fds(fds: &[Option<BorrowedFd<'_>>], timeout_ms: i32) -> u32 {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let mut fds = vec![PollFd::new(a.as_fd(), PollFlags::POLLIN)];
-    if let Some(b) = b {
-        fds.push(PollFd::new(b.as_fd(), PollFlags::POLLIN));
+    let mut polled: Vec<PollFd<'_>> = Vec::with_capacity(fds.len());
+    let mut index = Vec::with_capacity(fds.len());
+    for (i, fd) in fds.iter().enumerate() {
+        if let Some(fd) = fd {
+            polled.push(PollFd::new(*fd, PollFlags::POLLIN));
+            index.push(i);
+        }
     }
     let t = PollTimeout::try_from(timeout_ms).unwrap_or(PollTimeout::NONE);
-    if poll(&mut fds, t).is_err() {
-        return (false, false);
+    if poll(&mut polled, t).is_err() {
+        return 0;
     }
-    let ready = |i: usize| {
-        fds.get(i)
-            .and_then(|f| f.revents())
-            .is_some_and(|r| !r.is_empty())
-    };
-    (ready(0), b.is_some() && ready(1))
+    let mut ready = 0;
+    for (f, i) in polled.iter().zip(index) {
+        if f.revents().is_some_and(|r| !r.is_empty()) {
+            ready |= 1 << i;
+        }
+    }
+    ready
 }
 
-/// The one reader of `proc`'s userfaultfd.
-fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>) {
+fn poll2(a: &impl AsFd, b: Option<&OwnedFd>, timeout_ms: i32) -> (bool, bool) {
+    let r = poll_fds(&[Some(a.as_fd()), b.map(|b| b.as_fd())], timeout_ms);
+    (r & 1 != 0, r & 2 != 0)
+}
+
+/// A reader's own fault server (see the module docs, "Who serves a fault"): a
+/// [`FaultServer`] over a worker part of the memory manager of its own, under a worker
+/// index of its own ([`MmCore::add_worker`]), woken through `wake` when a page it waits
+/// for is installed by another thread or frames come free.
+struct ReaderServer {
+    server: FaultServer,
+    wake: Arc<EventFd>,
+    index: usize,
+    core: Arc<MmCore>,
+}
+
+impl ReaderServer {
+    /// `None` when the core has no worker index free (64 at most) or the engine cannot
+    /// be built: the reader then hands its faults to the workers.
+    fn start(core: &Arc<MmCore>) -> Option<ReaderServer> {
+        let wake = match EventFd::from_value_and_flags(
+            0,
+            EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
+        ) {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => {
+                tracing::warn!("a reader's eventfd: {e}; its faults go to the workers");
+                return None;
+            }
+        };
+        let w = wake.clone();
+        let index = core.add_worker(Arc::new(move || {
+            let _ = w.write(1);
+        }))?;
+        match WorkerMm::new(core.clone(), index) {
+            Ok(wm) => Some(ReaderServer {
+                server: FaultServer::new(wm),
+                wake,
+                index,
+                core: core.clone(),
+            }),
+            Err(e) => {
+                core.remove_worker(index);
+                tracing::warn!("a reader's swap engine: {e}; its faults go to the workers");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for ReaderServer {
+    fn drop(&mut self) {
+        self.server.release_all();
+        self.server.wm().retire(Duration::from_secs(30));
+        self.core.remove_worker(self.index);
+    }
+}
+
+/// The one reader of `proc`'s userfaultfd; with a [`ReaderServer`] it also serves the
+/// faults it reads.
+fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>, new_process: bool) {
     let mut events = Vec::with_capacity(64);
     let mut idle = 0u32;
     let uffd = proc.installer.uffd().clone();
+    let mut server = ReaderServer::start(&sh.core);
+    if new_process {
+        match server.as_mut() {
+            Some(s) => s.server.notify(proc, Notice::NewProcess),
+            None => sh.jobs.push(Job::Notify {
+                proc: proc.clone(),
+                notice: Notice::NewProcess,
+            }),
+        }
+    }
     // Faults read while the agent may still run requests sent before an address was
     // freed (see `RemoteInstaller::move_mark`): served once those are answered.
     let mut fence: Option<u64> = None;
@@ -489,28 +576,62 @@ fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>) {
                 fence = None;
                 for ev in held.drain(..) {
                     // Faults only: they set no fence.
-                    handle_event(sh, proc, ev);
+                    handle_event(sh, proc, ev, server.as_mut().map(|s| &mut s.server));
                 }
             }
         }
+        // Level-triggered, before every sleep: reap this reader's I/O (installing the
+        // swap-ins it read), then evaluate every fault it holds again.
+        let mut timeout = 100;
+        if let Some(s) = server.as_mut() {
+            s.server.poll();
+            if let Some(t) = s.server.park_timeout() {
+                timeout = t.as_millis().clamp(1, 100) as i32;
+            }
+        }
+        if fence.is_some() {
+            timeout = 1;
+        }
         // A fork child's reader starts without one; its adoption brings the pidfd.
         let exit_fd = pidfd.as_ref().or_else(|| proc.installer.pidfd());
-        let (_, exited) = poll2(&*uffd, exit_fd, if fence.is_some() { 1 } else { 100 });
+        let ready = poll_fds(
+            &[
+                Some(uffd.as_fd()),
+                exit_fd.map(|f| f.as_fd()),
+                server.as_ref().and_then(|s| s.server.wm_ref().eventfd()),
+                server.as_ref().map(|s| s.wake.as_fd()),
+            ],
+            timeout,
+        );
+        let exited = ready & 2 != 0;
+        if ready & 8 != 0
+            && let Some(s) = server.as_ref()
+        {
+            // Drained before the faults are evaluated again (next round): a wake after
+            // this leaves it readable.
+            let _ = s.wake.read();
+        }
         events.clear();
-        let n = match uffd.read_events(&mut events) {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!("pid {}: reading the userfaultfd failed: {e}", proc.pid());
-                break;
+        let n = if ready & 1 != 0 {
+            match uffd.read_events(&mut events) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!("pid {}: reading the userfaultfd failed: {e}", proc.pid());
+                    break;
+                }
             }
+        } else {
+            0
         };
         if n == 0 {
             if exited {
                 break;
             }
-            idle += 1;
-            if exit_fd.is_none() && idle % 5 == 0 && !sys::mm_alive(&uffd) {
-                break;
+            if ready == 0 {
+                idle += 1;
+                if exit_fd.is_none() && idle % 5 == 0 && !sys::mm_alive(&uffd) {
+                    break;
+                }
             }
             continue;
         }
@@ -518,17 +639,46 @@ fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>) {
         for ev in events.drain(..) {
             if fence.is_some() && matches!(ev, UffdEvent::Pagefault { .. }) {
                 held.push(ev);
-            } else if let Some(mark) = handle_event(sh, proc, ev) {
+            } else if let Some(mark) =
+                handle_event(sh, proc, ev, server.as_mut().map(|s| &mut s.server))
+            {
                 fence = Some(fence.map_or(mark, |m| m.max(mark)));
             }
         }
     }
-    finish(sh, proc);
+    // After the space went and before the process leaves the daemon's list: what this
+    // reader still has in flight completes into a space that is gone (frames and slots
+    // freed, nothing installed), so a caller that waits for the list to empty (`usm
+    // exec`'s report) finds every frame back.
+    // A program that exited answers none of the evictions its agent still had: they
+    // are finished here (fenced: their frames come back now) rather than by the agent
+    // thread's next look and a worker. Collected first: `abandon` calls back under the
+    // agent's lock, which is taken under the core's.
+    finish_then(sh, proc, || {
+        if let Some(mut s) = server {
+            if !proc.stop.load(Ordering::Acquire) {
+                let mut stages = Vec::new();
+                proc.installer
+                    .abandon(&mut |frame, moved| stages.push((frame, moved)));
+                for (frame, moved) in stages {
+                    s.server.wm().finish_stage(proc.space, frame, moved);
+                }
+            }
+            drop(s);
+        }
+    });
 }
 
 /// Applies one event. Returns a fence mark after an event that freed or moved
 /// addresses (see [`RemoteInstaller::move_mark`]).
-fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) -> Option<u64> {
+/// A page fault is served by `server` (the reader's own) at once, else queued for the
+/// workers.
+fn handle_event(
+    sh: &Arc<Shared>,
+    proc: &Arc<Proc>,
+    ev: UffdEvent,
+    server: Option<&mut FaultServer>,
+) -> Option<u64> {
     let staging = proc.installer.staging_range();
     let ours = |start: u64, end: u64| {
         staging
@@ -543,13 +693,19 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) -> Option<u64
             if proc.parent.is_some() {
                 proc.learn_pid(tid);
             }
-            sh.jobs.push(Job::Fault {
+            let job = FaultJob {
                 proc: proc.clone(),
                 addr: addr & !(PAGE - 1),
                 write,
                 tid,
                 t0: Instant::now(),
-            });
+            };
+            match server {
+                Some(s) => {
+                    s.take(job);
+                }
+                None => sh.jobs.push(Job::Fault(job)),
+            }
         }
         UffdEvent::Fork { child } => {
             bump(&proc.counters.forks);
@@ -590,7 +746,7 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) -> Option<u64
                         session: Mutex::new(None),
                     });
                     sh.add_proc(child.clone());
-                    start_threads(sh, &child, None);
+                    start_threads(sh, &child, None, false);
                 }
                 Err(e) => tracing::warn!("pid {}: cannot adopt a fork child: {e}", proc.pid()),
             }
@@ -642,6 +798,12 @@ fn handle_event(sh: &Arc<Shared>, proc: &Arc<Proc>, ev: UffdEvent) -> Option<u64
 
 /// The process is gone (or the daemon stops): give back every frame and slot.
 fn finish(sh: &Arc<Shared>, proc: &Arc<Proc>) {
+    finish_then(sh, proc, || {});
+}
+
+/// [`finish`], running `then` after the space is removed and before the process leaves
+/// the daemon's list.
+fn finish_then(sh: &Arc<Shared>, proc: &Arc<Proc>, then: impl FnOnce()) {
     proc.gone.store(true, Ordering::Release);
     // What it did, before its space goes (the policy instance goes with the space).
     let stat = proc.stat(&sh.core);
@@ -651,6 +813,7 @@ fn finish(sh: &Arc<Shared>, proc: &Arc<Proc>) {
             .released_frames
             .fetch_add(rel.frames as u64, Ordering::Relaxed);
     }
+    then();
     if let Some(ch) = proc.channel() {
         ch.shutdown();
     }
@@ -829,13 +992,13 @@ pub(crate) fn give_back(sh: &Shared, proc: &Arc<Proc>) -> (u64, u64) {
     let away = sh.core.away_pages(proc.space);
     let wanted = away.len() as u64;
     for addr in away {
-        sh.jobs.push(Job::Fault {
+        sh.jobs.push(Job::Fault(FaultJob {
             proc: proc.clone(),
             addr,
             write: false,
             tid: 0,
             t0: Instant::now(),
-        });
+        }));
     }
     while Instant::now() < deadline && !proc.is_gone() {
         if sh.core.away_pages(proc.space).is_empty() {
