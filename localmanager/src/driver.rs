@@ -8,10 +8,11 @@
 //! 2. Before blocking, the worker asks [`Driver::wake_fds`] and waits for readability on
 //!    those fds as well as on its own eventfd, and never longer than
 //!    [`Driver::park_timeout`].
-//!    Right before it blocks (its park announced, no work found) it calls
+//!    Before it parks (after its last poll and spin, with no work found) it calls
 //!    [`Driver::ready_to_block`]: the driver clears its level-triggered wake fds there
-//!    (an eventfd it does not read on every poll) and re-checks; `false` means work
-//!    appeared, and the worker runs a round instead of blocking.
+//!    (an eventfd it does not read on every poll) and re-checks for work none of its fds
+//!    would signal; `false` means work appeared, and the worker runs a round instead of
+//!    blocking.
 //! 3. During shutdown, [`Driver::has_pending`] keeps the worker counted as busy.
 //!
 //! A driver must not suspend (it does not run on a uThread) and should not block.
@@ -37,7 +38,7 @@ pub trait Driver {
     /// Called right before the worker blocks (see the module docs, step 2): clear wake fds
     /// that stayed readable for completions already handled, then say whether blocking is
     /// safe. Whatever the driver's wake fds signal after this call wakes the worker.
-    fn ready_to_block(&self) -> bool {
+    fn ready_to_block(&mut self) -> bool {
         true
     }
 

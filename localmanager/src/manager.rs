@@ -887,6 +887,11 @@ impl<'a> LocalManager<'a> {
             }
             self.spin.miss(self.config.spin_before_park);
         }
+        // The driver's wake fds are level-triggered: asked after its last poll and
+        // before the park, it says whether anything is left that would not signal them.
+        if self.driver.as_mut().is_some_and(|d| !d.ready_to_block()) {
+            return Instant::now();
+        }
         let mut timeout = self
             .next_timer()
             .map(|t| t.saturating_duration_since(Instant::now()));
@@ -917,9 +922,6 @@ impl<'a> LocalManager<'a> {
         let Some(wake_fd) = &self.shared.wake_fd else {
             return;
         };
-        if self.driver.as_ref().is_some_and(|d| !d.ready_to_block()) {
-            return;
-        }
         let driver_fds = self
             .driver
             .as_ref()

@@ -542,6 +542,15 @@ impl WorkerMm {
         self.io.engine.eventfd()
     }
 
+    /// Whether the thread may sleep on [`WorkerMm::eventfd`] now, right after a
+    /// [`WorkerMm::poll`], without missing a completion: nothing refused or finished
+    /// inline waits, nothing is queued unsubmitted, and the kernel flags no completion
+    /// work it left pending (`usm_swap::Engine::ready_to_sleep`: such work signals no
+    /// eventfd, so a sleeper would wait for its timeout). `false`: poll again first.
+    pub fn ready_to_sleep(&mut self) -> bool {
+        self.io.refused.is_empty() && self.io.engine.ready_to_sleep()
+    }
+
     /// Before this worker's part is dropped by a thread that is not a LocalManager
     /// worker (a daemon reader): reaps until nothing is in flight on its engine, so no
     /// write-back or swap-in is lost with it (their pages would stay `Staging` or

@@ -495,6 +495,10 @@ impl Driver for DaemonDriver {
         fds
     }
 
+    fn ready_to_block(&mut self) -> bool {
+        self.server.wm().ready_to_sleep()
+    }
+
     fn park_timeout(&self) -> Option<Duration> {
         self.server.park_timeout()
     }

@@ -588,6 +588,10 @@ fn reader(sh: &Arc<Shared>, proc: &Arc<Proc>, pidfd: Option<OwnedFd>, new_proces
             if let Some(t) = s.server.park_timeout() {
                 timeout = t.as_millis().clamp(1, 100) as i32;
             }
+            if !s.server.wm().ready_to_sleep() {
+                // Completion work its eventfd will not signal: look, do not sleep.
+                timeout = 0;
+            }
         }
         if fence.is_some() {
             timeout = 1;

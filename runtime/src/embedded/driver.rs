@@ -223,8 +223,8 @@ impl Driver for FaultDriver {
         fds
     }
 
-    fn ready_to_block(&self) -> bool {
-        self.shared.net[self.wm.worker()].ready_to_block()
+    fn ready_to_block(&mut self) -> bool {
+        self.shared.net[self.wm.worker()].ready_to_block() && self.wm.ready_to_sleep()
     }
 
     fn park_timeout(&self) -> Option<Duration> {
