@@ -462,9 +462,15 @@ pub(crate) fn exec(a: &ExecArgs, register: Option<RegisterPolicies>) -> ExitCode
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     if let Some(d) = daemon {
-        // Let the readers see the exit and fold the processes into `ended`.
+        // Let the readers see the exit and fold the processes into `ended`, and the
+        // write-backs still in flight for them complete (each holds a frame until then:
+        // counted in `frames_used_at_exit` otherwise).
         let deadline = Instant::now() + Duration::from_secs(3);
-        while !d.stat().processes.is_empty() && Instant::now() < deadline {
+        while Instant::now() < deadline {
+            let s = d.stat();
+            if s.processes.is_empty() && s.faults_in_flight == 0 {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         let stat = d.stat();
