@@ -146,12 +146,7 @@ fn fork_children_reading_everything_stay_within_the_budget() {
     );
     assert_eq!(r.code, 0, "stdout: {}", r.stdout);
     assert!(r.stdout.contains("OK"), "{}", r.stdout);
-    let rss_kb: u64 = r
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("CHILD rss_anon_kb="))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no CHILD line: {}", r.stdout));
+    let rss_kb = rss_anon_kb(&r, "CHILD");
     assert!(
         rss_kb < 96 * 1024,
         "the child holds {rss_kb} KiB of a 128 MiB dataset through a 32 MiB pool: its \
@@ -161,6 +156,15 @@ fn fork_children_reading_everything_stay_within_the_budget() {
     assert_eq!(n(&r.report, "poisoned"), 0, "{}", r.report);
     assert_eq!(n(&r.report, "frames_used_at_exit"), 0, "{}", r.report);
     assert_eq!(n(&r.report, "slots_used_at_exit"), 0, "{}", r.report);
+}
+
+/// The `TAG rss_anon_kb=N` line a test program printed (`rss_anon_kb()` of check.h).
+fn rss_anon_kb(r: &Exec, tag: &str) -> u64 {
+    r.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{tag} rss_anon_kb=")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {tag} rss_anon_kb line: {}", r.stdout))
 }
 
 /// `MAP_POPULATE` on a managed mapping: the kernel would fill all 64 MiB before the tagger
@@ -177,13 +181,7 @@ fn map_populate_does_not_fill_a_managed_mapping_past_the_budget() {
     );
     assert_eq!(r.code, 0, "stdout: {}", r.stdout);
     assert!(r.stdout.contains("OK"), "{}", r.stdout);
-    let kb = |tag: &str| -> u64 {
-        r.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{tag} rss_anon_kb=")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {tag} line: {}", r.stdout))
-    };
+    let kb = |tag: &str| rss_anon_kb(&r, tag);
     assert!(
         kb("MAPPED") < 16 * 1024,
         "{} KiB resident right after mmap(64 MiB, MAP_POPULATE) with an 8 MiB pool",
