@@ -443,7 +443,6 @@ pub(crate) struct DaemonDriver {
     own_fd: Arc<EventFd>,
     woken: Arc<AtomicBool>,
     batch: Vec<Job>,
-    polls: u64,
 }
 
 impl DaemonDriver {
@@ -459,14 +458,15 @@ impl DaemonDriver {
             own_fd,
             woken,
             batch: Vec::new(),
-            polls: 0,
         }
     }
 }
 
 impl Driver for DaemonDriver {
     fn poll(&mut self, _cx: &mut DriverContext<'_>) -> usize {
-        self.polls += 1;
+        if let Some(b) = self.server.breakdown.as_mut() {
+            b.polls += 1;
+        }
         let mut n = self.server.wm().poll();
         if self.woken.swap(false, Ordering::AcqRel) {
             let _ = self.own_fd.read();
@@ -510,9 +510,6 @@ impl Driver for DaemonDriver {
 
 impl Drop for DaemonDriver {
     fn drop(&mut self) {
-        if let Some(b) = self.server.breakdown.as_mut() {
-            b.polls = self.polls;
-        }
         self.server
             .print_breakdown(&format!("worker {}", self.server.wm.worker()));
     }
