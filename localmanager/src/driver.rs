@@ -13,7 +13,11 @@
 //!    (an eventfd it does not read on every poll) and re-checks for work none of its fds
 //!    would signal; `false` means work appeared, and the worker runs a round instead of
 //!    blocking.
-//! 3. During shutdown, [`Driver::has_pending`] keeps the worker counted as busy.
+//! 3. A worker that found nothing to run and nothing to steal calls
+//!    [`Driver::idle_work`] before it idles (spins or parks): background work in bounded
+//!    slices (the embedded runtime reclaims frames there, as the kernel's kswapd does on
+//!    an idle CPU). A slice that did something sends the worker round its loop again.
+//! 4. During shutdown, [`Driver::has_pending`] keeps the worker counted as busy.
 //!
 //! A driver must not suspend (it does not run on a uThread) and should not block.
 
@@ -40,6 +44,14 @@ pub trait Driver {
     /// safe. Whatever the driver's wake fds signal after this call wakes the worker.
     fn ready_to_block(&mut self) -> bool {
         true
+    }
+
+    /// Background work for a worker that found nothing to run (no ready uThread, nothing
+    /// to steal), done before it idles: a bounded slice (a uThread that becomes ready
+    /// meanwhile waits for it). Returns how much it did; more than 0 and the worker polls
+    /// and looks for work again instead of idling, so slices repeat while idle.
+    fn idle_work(&mut self) -> usize {
+        0
     }
 
     /// Longest time the worker may stay parked (`None`: until woken).

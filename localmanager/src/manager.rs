@@ -422,6 +422,11 @@ impl<'a> LocalManager<'a> {
             if self.steal() > 0 {
                 continue;
             }
+            if self.rt.phase() == Phase::Running
+                && self.driver.as_mut().is_some_and(|d| d.idle_work() > 0)
+            {
+                continue;
+            }
             match self.rt.phase() {
                 Phase::Running | Phase::Draining => {}
                 Phase::Cancelling => {

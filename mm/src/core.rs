@@ -250,6 +250,11 @@ pub struct MmCore {
     io_in_flight: AtomicUsize,
     /// Eviction allowed (off while the daemon gives every page back at shutdown).
     eviction: usm_sync::atomic::AtomicBool,
+    /// Workers that evict in the background ([`WorkerMm::join_reclaim`]), by bit.
+    reclaimers: AtomicU64,
+    /// Background reclaim wanted: set when free frames fell below the low watermark,
+    /// cleared once a reclaimer brought them (with write-backs in flight) to the high one.
+    reclaim: usm_sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for MmCore {
@@ -319,6 +324,8 @@ impl MmCore {
             wakers: Mutex::new((0..workers).map(|_| None).collect()),
             io_in_flight: AtomicUsize::new(0),
             eviction: usm_sync::atomic::AtomicBool::new(true),
+            reclaimers: AtomicU64::new(0),
+            reclaim: usm_sync::atomic::AtomicBool::new(false),
         }))
     }
 

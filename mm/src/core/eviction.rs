@@ -1,7 +1,8 @@
 //! Eviction: victim choice, staging, write-back issue.
 //!
 //! - `balance` (after every fault, completion and finished stage): below the low
-//!   watermark, evict up to the high one (write-backs in flight counted as free-to-be).
+//!   watermark, reclaim up to the high one (write-backs in flight counted as
+//!   free-to-be) — in the background where workers reclaim, else at once (below).
 //! - `run_eviction`: room = the engine's free depth, less the stages in flight (at most
 //!   half the depth: a stopped program must not stop eviction), capped at
 //!   `MmConfig::eviction_batch`. A full swap is said once per episode and nothing is
@@ -9,7 +10,8 @@
 //!   `fifo`, which is told every page it should track — `replace_evict`) through
 //!   `SamplingView`, which takes a resident page out to its own slot the first time it is
 //!   asked about (re-fault access sampling): at once where the installer stages
-//!   synchronously (at most `MAX_SAMPLES_PER_SCAN` per search), else queued with the
+//!   synchronously (at most `SAMPLES_PER_VICTIM` per victim wanted, between
+//!   `MIN_SAMPLES_PER_SCAN` and `MAX_SAMPLES_PER_SCAN` per search), else queued with the
 //!   batch (at most `MAX_ASYNC_SAMPLES_PER_SCAN`; the page is `Leaving { entry: None }`
 //!   until `finish_stage`, and reported accessed while it is).
 //! - `prepare_victim`: a victim must still be `Resident` (or `Sampled`: already in its
@@ -25,6 +27,21 @@
 //!   sample: `Pending` → it stays `Leaving { entry: None }`; `Staged` → `Sampled`;
 //!   `Stayed` → `Resident` again. A write that cannot be queued puts the page back (or, if
 //!   the address space is changing, leaves it `Sampled` in its slot): nothing is lost.
+//!
+//! # Background and direct reclaim
+//! Like the kernel's kswapd and direct reclaim. Workers that call
+//! [`WorkerMm::join_reclaim`] (the embedded runtime's and the daemon's LocalManager
+//! workers) are *reclaimers*: they call [`WorkerMm::reclaim_slice`] whenever they have
+//! nothing else to run, and each slice evicts at most `BACKGROUND_BATCH` pages. A fault,
+//! completion or finished stage that finds free frames below the low watermark then only
+//! raises the core's `reclaim` request (waking the reclaimers on the first raise); a
+//! reclaimer clears it once free frames, write-backs and stages in flight reach the high
+//! watermark. Below half the low watermark (`direct_threshold`, the kernel's `min`) the
+//! fault evicts `DIRECT_BATCH` pages itself as well, so a worker that never idles still
+//! gets frames. Without reclaimers (a core driven by hand, tests) `balance` evicts up to
+//! the high watermark at once, as before. Why: a 128-page batch run by a fault held the
+//! core lock for 0.5–2 ms, and every request on both workers waited behind it (`usm-kv`,
+//! `bench/results/kv.md`, run 9).
 //!
 //! The page is always out of its address space before its write is queued, and its swap
 //! entry is recorded (`Swapped`) before its staging frame is recycled (at completion).
@@ -49,6 +66,15 @@ use super::{MemState, MemView, MmCore, Op, WorkerCx, WorkerMm};
 /// gets "no information" for the rest of that search).
 const MAX_SAMPLES_PER_SCAN: usize = 4096;
 
+/// A search moves out at most this many pages per victim wanted (at least
+/// [`MIN_SAMPLES_PER_SCAN`]): a sample is a `UFFDIO_MOVE` under the core lock, so a small
+/// slice of background reclaim must not sample thousands of pages at once (measured with
+/// `usm-kv`: 4–16 ms searches when the hand met a run of unsampled pages).
+const SAMPLES_PER_VICTIM: usize = 8;
+
+/// See [`SAMPLES_PER_VICTIM`].
+const MIN_SAMPLES_PER_SCAN: usize = 64;
+
 /// Most pages queued for an asynchronous sample in one victim search (daemon: each one is
 /// a `UFFDIO_MOVE` by the tagger's agent and a `process_vm_readv` by the daemon, and holds
 /// one of the agent's staging slots — 256 per process — until its copy is dropped; a
@@ -57,6 +83,56 @@ const MAX_SAMPLES_PER_SCAN: usize = 4096;
 /// `daemon_mm`'s hot/cold test: 128 let a few hundred more hot pages go uninformed than
 /// 192 or 256.
 const MAX_ASYNC_SAMPLES_PER_SCAN: usize = 192;
+
+/// Most victims one slice of background reclaim stages: a request that arrives while an
+/// idle worker reclaims waits for at most one slice (a victim costs a few µs here: its
+/// `UFFDIO_MOVE` with the TLB flush, its write's submission, its share of the scan).
+const BACKGROUND_BATCH: usize = 16;
+
+/// Most victims a fault stages itself (direct reclaim) when background reclaimers exist
+/// (the kernel's direct reclaim takes `SWAP_CLUSTER_MAX`, 32 pages, at a time).
+const DIRECT_BATCH: usize = 32;
+
+/// Free frames below which faults reclaim themselves although reclaimers exist: half the
+/// low watermark (the kernel's `min` is below `low` the same way).
+fn direct_threshold(low: usize) -> usize {
+    low / 2
+}
+
+impl WorkerMm {
+    /// Makes this worker a background reclaimer: from now on a fault that finds free
+    /// frames below the low watermark asks the reclaimers (and wakes them) instead of
+    /// evicting the whole way to the high watermark itself, and this worker must call
+    /// [`WorkerMm::reclaim_slice`] whenever it has nothing else to do.
+    pub fn join_reclaim(&self) {
+        self.core
+            .reclaimers
+            .fetch_or(1 << self.worker, Ordering::AcqRel);
+    }
+
+    /// Takes this worker out of the background reclaimers (before it stops).
+    pub fn leave_reclaim(&self) {
+        self.core
+            .reclaimers
+            .fetch_and(!(1 << self.worker), Ordering::AcqRel);
+    }
+
+    /// One slice of background reclaim, if reclaim was asked for (a cheap load when not):
+    /// for a worker with nothing else to run. Returns the victims staged (0: nothing to
+    /// do, or nothing could be done now — park as usual; a completion wakes the worker).
+    pub fn reclaim_slice(&mut self) -> usize {
+        if !self.core.reclaim.load(Ordering::Acquire) {
+            return 0;
+        }
+        let core = &*self.core;
+        let mut guard = core.lock();
+        let st = &mut *guard;
+        let n = WorkerCx::new(core, st, &mut self.io, self.worker).reclaim_slice();
+        drop(guard);
+        let _ = self.io.engine.submit();
+        n
+    }
+}
 
 impl MmCore {
     /// Evicts up to `want` pages now on behalf of worker `io` (used by tests and by the
@@ -70,7 +146,8 @@ impl MmCore {
 }
 
 impl WorkerCx<'_> {
-    /// After a fault or a completion: below the low watermark, evict up to the high one.
+    /// After a fault, a completion or a finished stage: below the low watermark, reclaim
+    /// up to the high one (see the module docs, "Background and direct reclaim").
     pub(super) fn balance(&mut self) {
         let wm = self.core.config.watermarks;
         let free = self.free_total();
@@ -78,9 +155,37 @@ impl WorkerCx<'_> {
             return;
         }
         let want = wm.high.saturating_sub(free + self.mem.writebacks);
-        if want > 0 {
-            self.run_eviction(VictimRequest::any(want));
+        if want == 0 {
+            return;
         }
+        let reclaimers = self.core.reclaimers.load(Ordering::Acquire);
+        if reclaimers == 0 {
+            self.run_eviction(VictimRequest::any(want));
+            return;
+        }
+        if !self.core.reclaim.swap(true, Ordering::AcqRel) {
+            // Wakes the idle reclaimers (the wakers' lock is taken after the state lock,
+            // as everywhere). This worker reclaims itself the next time it is idle.
+            self.core.wake_mask(reclaimers, self.worker);
+        }
+        if free < direct_threshold(wm.low) {
+            self.run_eviction(VictimRequest::any(want.min(DIRECT_BATCH)));
+        }
+    }
+
+    /// One slice of background reclaim: up to [`BACKGROUND_BATCH`] victims while free
+    /// frames, with write-backs and asynchronous stages in flight, are below the high
+    /// watermark; clears the request once they are not. Returns the victims staged.
+    pub(super) fn reclaim_slice(&mut self) -> usize {
+        let wm = self.core.config.watermarks;
+        let coming = self.free_total() + self.mem.writebacks + self.mem.leaving;
+        let want = wm.high.saturating_sub(coming);
+        if want == 0 || self.core.devices.is_empty() {
+            self.core.reclaim.store(false, Ordering::Release);
+            return 0;
+        }
+        self.run_eviction(VictimRequest::any(want.min(BACKGROUND_BATCH)))
+            .chosen
     }
 
     /// Stages victims chosen by the eviction policy and queues their write-backs.
@@ -120,6 +225,9 @@ impl WorkerCx<'_> {
                 core: self.core,
                 mem: self.mem,
                 sampled: 0,
+                max_samples: want
+                    .saturating_mul(SAMPLES_PER_VICTIM)
+                    .clamp(MIN_SAMPLES_PER_SCAN, MAX_SAMPLES_PER_SCAN),
                 queued: Vec::new(),
             };
             let name = self.evict.name().to_owned();
@@ -548,6 +656,8 @@ struct SamplingView<'a> {
     mem: &'a mut MemState,
     /// Pages moved out during this search (synchronous installers).
     sampled: usize,
+    /// Most pages this search may move out.
+    max_samples: usize,
     /// Pages to take out asynchronously after the search (their state is already
     /// `Leaving { entry: None }`; `stage_batch` submits them with the victims).
     queued: Vec<MappedPage>,
@@ -594,7 +704,7 @@ impl EvictCx for SamplingView<'_> {
                     self.queued.push(MappedPage { frame, pid, addr });
                     return ACCESSED;
                 }
-                if self.sampled < MAX_SAMPLES_PER_SCAN
+                if self.sampled < self.max_samples
                     && matches!(installer.stage(pool, frame), Ok(true))
                 {
                     space.set(addr, PageState::Sampled(frame));

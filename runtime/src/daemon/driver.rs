@@ -452,6 +452,9 @@ impl DaemonDriver {
         own_fd: Arc<EventFd>,
         woken: Arc<AtomicBool>,
     ) -> DaemonDriver {
+        // The LocalManager workers reclaim in their idle time; the readers, busy with
+        // their program's faults, only ask them to (and reclaim below `min` themselves).
+        wm.join_reclaim();
         DaemonDriver {
             server: FaultServer::new(wm),
             jobs,
@@ -499,6 +502,10 @@ impl Driver for DaemonDriver {
         self.server.wm().ready_to_sleep()
     }
 
+    fn idle_work(&mut self) -> usize {
+        self.server.wm().reclaim_slice()
+    }
+
     fn park_timeout(&self) -> Option<Duration> {
         self.server.park_timeout()
     }
@@ -510,6 +517,7 @@ impl Driver for DaemonDriver {
 
 impl Drop for DaemonDriver {
     fn drop(&mut self) {
+        self.server.wm.leave_reclaim();
         self.server
             .print_breakdown(&format!("worker {}", self.server.wm.worker()));
     }

@@ -19,6 +19,11 @@
 //! fault would block it. Counted in `worker_blocked`. After 5 s of waiting the driver gives
 //! up for this round and the uThread stays parked (a shutdown is never held forever).
 //!
+//! # Idle time
+//! A worker with nothing to run does one slice of background reclaim
+//! ([`WorkerMm::reclaim_slice`]) before it idles: every worker is a reclaimer, so a fault
+//! below the low watermark asks them instead of evicting up to the high one itself.
+//!
 //! A uThread is resumed only by the worker it is parked on (the scheduler guarantees it
 //! runs there again), and never dropped while parked (shutdown waits for it).
 
@@ -55,6 +60,7 @@ pub(crate) struct FaultDriver {
 impl FaultDriver {
     pub(crate) fn new(wm: WorkerMm, shared: Arc<Shared>) -> FaultDriver {
         let own_fd = shared.worker_fds[wm.worker()].clone();
+        wm.join_reclaim();
         FaultDriver {
             wm,
             shared,
@@ -227,6 +233,10 @@ impl Driver for FaultDriver {
         self.shared.net[self.wm.worker()].ready_to_block() && self.wm.ready_to_sleep()
     }
 
+    fn idle_work(&mut self) -> usize {
+        self.wm.reclaim_slice()
+    }
+
     fn park_timeout(&self) -> Option<Duration> {
         let memory = self
             .uthreads
@@ -249,6 +259,7 @@ impl Driver for FaultDriver {
 
 impl Drop for FaultDriver {
     fn drop(&mut self) {
+        self.wm.leave_reclaim();
         self.wm.drain_arena();
     }
 }
