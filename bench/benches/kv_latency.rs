@@ -301,6 +301,12 @@ struct Point {
     evicted: Option<u64>,
     /// USM: faults that waited for a free frame (eviction on the fault path).
     memory_waits: Option<u64>,
+    /// The server's own GET execution time over the measured window (`INFO`'s
+    /// `latency_percentiles_usec_get`, redis 7's `latencystats`, reset by `CONFIG
+    /// RESETSTAT` when the window starts): p50, p99, p99.9 in µs. What the client's
+    /// latency adds beyond it was spent queued (socket, wake-ups, a busy worker). `None`
+    /// for memcached.
+    server_get_us: Option<[f64; 3]>,
 }
 
 #[derive(Debug, Serialize)]
@@ -554,6 +560,35 @@ fn resp_info(addr: SocketAddr) -> Option<std::collections::HashMap<String, Strin
     }
 }
 
+/// Sends one RESP command and waits for its reply's first line.
+fn resp_command(addr: SocketAddr, args: &[&str]) -> std::io::Result<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(req.as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line.trim_end().to_string())
+}
+
+/// `latency_percentiles_usec_get` of an `INFO`: (p50, p99, p99.9) in µs.
+fn server_get_latency(info: &std::collections::HashMap<String, String>) -> Option<[f64; 3]> {
+    let v = info.get("latency_percentiles_usec_get")?;
+    let mut out = [0.0; 3];
+    for (slot, key) in out.iter_mut().zip(["p50", "p99", "p99.9"]) {
+        *slot = v
+            .split(',')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))?
+            .parse()
+            .ok()?;
+    }
+    Some(out)
+}
+
 /// Swap-in side counters of a server: (swap-ins or major faults, evicted, memory waits).
 fn swap_counters(server: &Server, usm: bool) -> (Option<u64>, Option<u64>, Option<u64>) {
     if usm {
@@ -710,18 +745,39 @@ fn run_side(
             let usm = side.starts_with("usm");
             let c0 = swap_counters(&server, usm);
             let cpu0 = server.cpu_s();
-            let r = kvload::run(&spec)?;
+            let resp = protocol == Protocol::Resp;
+            // The server's own latency statistics cover the measured window only: cleared
+            // when the warm-up ends (the generator keeps its own clock from the same start).
+            let r = std::thread::scope(|sc| {
+                if resp {
+                    let addr = server.addr;
+                    let at = Duration::from_millis(50) + spec.warmup;
+                    sc.spawn(move || {
+                        std::thread::sleep(at);
+                        if let Err(e) = resp_command(addr, &["CONFIG", "RESETSTAT"]) {
+                            eprintln!("  CONFIG RESETSTAT failed: {e}");
+                        }
+                    });
+                }
+                kvload::run(&spec)
+            })?;
             let cpu = server.cpu_s() - cpu0;
+            let server_get_us = if resp {
+                resp_info(server.addr).as_ref().and_then(server_get_latency)
+            } else {
+                None
+            };
             let c1 = swap_counters(&server, usm);
             let swap_ins = delta(c0.0, c1.0);
             eprintln!(
-                "  {side} #{run} @ {rate:>6.0}/s: achieved {:>6.0}/s  p50 {:>7.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us  hot/other p99 {:.0}/{:.0} us  lost {} errors {} misses {}  CPU {:.1} us/req  {} {}",
+                "  {side} #{run} @ {rate:>6.0}/s: achieved {:>6.0}/s  p50 {:>7.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us  hot/other p99 {:.0}/{:.0} us  server GET p99 {} us  lost {} errors {} misses {}  CPU {:.1} us/req  {} {}",
                 r.achieved_rps,
                 r.p50_us,
                 r.p99_us,
                 r.p999_us,
                 r.hot_p99_us,
                 r.cold_p99_us,
+                server_get_us.map_or("-".into(), |l| format!("{:.0}", l[1])),
                 r.lost,
                 r.errors,
                 r.misses,
@@ -736,6 +792,7 @@ fn run_side(
                 swap_ins,
                 evicted: delta(c0.1, c1.1),
                 memory_waits: delta(c0.2, c1.2),
+                server_get_us,
             });
         }
         let rss = server.proc_kib("VmRSS:");
@@ -868,7 +925,8 @@ fn write_outputs(
         "{} (their pages fit in half the budget).\n\n",
         (a.budget_mib << 20) / 4096 / 2
     ));
-    md.push_str("| side | run | offered/s | achieved/s | p50 us | p99 us | p99.9 us | hot p99 us | other p99 us | swap-ins | evicted | memory waits | lost | errors | misses | server CPU us/req |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("\"server GET p99\": the server's own GET execution time over the measured window (its `INFO` `latencystats`; usm-kv and redis), faults and lock waits included: what the client's p99 adds to it was spent queued before execution (socket, wake-ups, a busy worker).\n\n");
+    md.push_str("| side | run | offered/s | achieved/s | p50 us | p99 us | p99.9 us | hot p99 us | other p99 us | server GET p99 us | swap-ins | evicted | memory waits | lost | errors | misses | server CPU us/req |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for s in results {
         if s.points.is_empty() {
             md.push_str(&format!(
@@ -879,7 +937,7 @@ fn write_outputs(
         for pt in &s.points {
             let p = &pt.load;
             md.push_str(&format!(
-                "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {:.1} |\n",
+                "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {:.1} |\n",
                 s.side,
                 s.run,
                 p.offered_rps,
@@ -889,6 +947,7 @@ fn write_outputs(
                 p.p999_us,
                 p.hot_p99_us,
                 p.cold_p99_us,
+                pt.server_get_us.map_or("-".into(), |l| format!("{:.1}", l[1])),
                 opt(pt.swap_ins),
                 opt(pt.evicted),
                 opt(pt.memory_waits),
@@ -899,7 +958,7 @@ fn write_outputs(
             ));
         }
     }
-    md.push_str("\nMedians over the runs:\n\n| side | offered/s | runs | p50 us | p99 us | p99.9 us | hot p99 us | other p99 us | swap-ins | server CPU us/req |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("\nMedians over the runs:\n\n| side | offered/s | runs | p50 us | p99 us | p99.9 us | hot p99 us | other p99 us | server GET p99 us | swap-ins | server CPU us/req |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for name in &names {
         for i in 0..npoints {
             let runs = runs_at(results, name, i);
@@ -910,8 +969,12 @@ fn write_outputs(
                 .iter()
                 .filter_map(|p| p.swap_ins.map(|n| n as f64))
                 .collect();
+            let server: Vec<f64> = runs
+                .iter()
+                .filter_map(|p| p.server_get_us.map(|l| l[1]))
+                .collect();
             md.push_str(&format!(
-                "| {name} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} |\n",
+                "| {name} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {:.1} |\n",
                 runs[0].load.offered_rps,
                 runs.len(),
                 median_of(runs.iter().copied(), |p| p.load.p50_us),
@@ -919,6 +982,11 @@ fn write_outputs(
                 median_of(runs.iter().copied(), |p| p.load.p999_us),
                 median_of(runs.iter().copied(), |p| p.load.hot_p99_us),
                 median_of(runs.iter().copied(), |p| p.load.cold_p99_us),
+                if server.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.1}", usm_bench::stats::median(&server))
+                },
                 if swaps.is_empty() {
                     "-".to_string()
                 } else {

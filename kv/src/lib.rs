@@ -23,6 +23,7 @@
 // loom's `Arc` has none); this application has no loom model. Atomics use `usm_sync`.
 #![allow(clippy::disallowed_types)]
 #![forbid(unsafe_code)]
+mod latency;
 pub mod pipeline;
 pub mod resp;
 pub mod server;

@@ -16,6 +16,7 @@ use std::io::{Read, Write};
 use std::time::Instant;
 use usm_sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use crate::latency::Latency;
 use crate::resp::{Limits, Parsed, Reply, parse};
 use crate::store::{Memory, Refused, Store};
 
@@ -39,6 +40,7 @@ pub struct Server<M: Memory> {
     connections_total: AtomicU64,
     commands: AtomicU64,
     protocol_errors: AtomicU64,
+    latency: Latency,
 }
 
 impl<M: Memory> std::fmt::Debug for Server<M> {
@@ -77,6 +79,7 @@ impl<M: Memory> Server<M> {
             connections_total: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
+            latency: Latency::new(),
         }
     }
 
@@ -188,7 +191,18 @@ impl<M: Memory> Server<M> {
         }
     }
 
+    /// Executes one command, timing the data commands for `INFO` ([`crate::latency`]).
     fn execute(&self, args: &[&[u8]], reply: &mut Reply) -> Flow {
+        let Some(slot) = Latency::slot(args[0]) else {
+            return self.dispatch(args, reply);
+        };
+        let started = Instant::now();
+        let flow = self.dispatch(args, reply);
+        self.latency.record(slot, started.elapsed());
+        flow
+    }
+
+    fn dispatch(&self, args: &[&[u8]], reply: &mut Reply) -> Flow {
         let cmd = args[0];
         let arity = |ok: bool, reply: &mut Reply| {
             if !ok {
@@ -290,7 +304,10 @@ impl<M: Memory> Server<M> {
             }
         } else if eq(cmd, "CONFIG") {
             // redis-benchmark asks `CONFIG GET save` and `CONFIG GET appendonly`.
-            if args.len() == 3
+            if args.len() == 2 && eq(args[1], "RESETSTAT") {
+                self.reset_stats();
+                reply.simple("OK");
+            } else if args.len() == 3
                 && eq(args[1], "GET")
                 && (eq(args[2], "save") || eq(args[2], "appendonly"))
             {
@@ -315,6 +332,15 @@ impl<M: Memory> Server<M> {
             ));
         }
         Flow::Go
+    }
+
+    /// `CONFIG RESETSTAT`: clears what redis clears — commands and connections counted,
+    /// protocol errors, command latencies (not the USM runtime's counters).
+    fn reset_stats(&self) {
+        self.connections_total.store(0, Ordering::Relaxed);
+        self.commands.store(0, Ordering::Relaxed);
+        self.protocol_errors.store(0, Ordering::Relaxed);
+        self.latency.reset();
     }
 
     fn info_text(&self) -> String {
@@ -349,6 +375,8 @@ impl<M: Memory> Server<M> {
             "protocol_errors:{}\r\n",
             self.protocol_errors.load(Ordering::Relaxed)
         ));
+        t.push_str("\r\n");
+        t.push_str(&self.latency.info());
         let extra = (self.info)();
         if !extra.is_empty() {
             t.push_str("\r\n");

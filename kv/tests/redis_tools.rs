@@ -175,6 +175,61 @@ fn redis_cli_commands_work_in_both_modes() {
     }
 }
 
+/// `field:value` of an `INFO` text.
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+}
+
+#[test]
+fn latencystats_read_as_redis_7_writes_them_and_config_resetstat_clears_them() {
+    for kernel in [false, true] {
+        let kv = Kv::start(kernel, &["--pool", "8M"]);
+        assert_eq!(kv.cli(&["SET", "k", "v"]), "OK");
+        for _ in 0..3 {
+            assert_eq!(kv.cli(&["GET", "k"]), "v");
+        }
+        let info = kv.cli(&["INFO"]);
+        assert!(info.contains("# Latencystats"), "{info}");
+        for cmd in ["get", "set"] {
+            let line = info_field(&info, &format!("latency_percentiles_usec_{cmd}"))
+                .unwrap_or_else(|| panic!("no {cmd} latency in {info}"));
+            let q: Vec<f64> = line
+                .split(',')
+                .zip(["p50=", "p99=", "p99.9="])
+                .map(|(kv, key)| {
+                    kv.strip_prefix(key)
+                        .unwrap_or_else(|| panic!("{key} in {line}"))
+                        .parse()
+                        .unwrap()
+                })
+                .collect();
+            assert_eq!(q.len(), 3, "{line}");
+            assert!(q[0] > 0.0 && q[0] <= q[1] && q[1] <= q[2], "{line}");
+        }
+        assert!(
+            info_field(&info, "latency_percentiles_usec_del").is_none(),
+            "no DEL ran: {info}"
+        );
+        assert_eq!(kv.cli(&["CONFIG", "RESETSTAT"]), "OK");
+        let info = kv.cli(&["INFO"]);
+        assert!(
+            info_field(&info, "latency_percentiles_usec_get").is_none(),
+            "{info}"
+        );
+        let commands: u64 = info_field(&info, "total_commands_processed")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(commands <= 1, "counted since the reset: {commands}");
+        assert_eq!(kv.cli(&["GET", "k"]), "v", "the data survives a RESETSTAT");
+        assert!(
+            info_field(&kv.cli(&["INFO"]), "latency_percentiles_usec_get").is_some(),
+            "recording goes on after a reset"
+        );
+    }
+}
+
 #[test]
 fn redis_benchmark_runs_unmodified_in_both_modes() {
     for kernel in [false, true] {
