@@ -422,7 +422,7 @@ impl<'a> LocalManager<'a> {
             if self.steal() > 0 {
                 continue;
             }
-            if self.rt.phase() == Phase::Running
+            if self.rt.phase() != Phase::Exiting
                 && self.driver.as_mut().is_some_and(|d| d.idle_work() > 0)
             {
                 continue;

@@ -255,6 +255,9 @@ pub struct MmCore {
     /// Background reclaim wanted: set when free frames fell below the low watermark,
     /// cleared once a reclaimer brought them (with write-backs in flight) to the high one.
     reclaim: usm_sync::atomic::AtomicBool,
+    /// The last slice of background reclaim, on any worker, staged nothing (cleared when
+    /// reclaim is asked for anew).
+    reclaim_stalled: usm_sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for MmCore {
@@ -326,6 +329,7 @@ impl MmCore {
             eviction: usm_sync::atomic::AtomicBool::new(true),
             reclaimers: AtomicU64::new(0),
             reclaim: usm_sync::atomic::AtomicBool::new(false),
+            reclaim_stalled: usm_sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -489,6 +493,9 @@ pub struct WorkerMm {
     completions: Vec<Completion>,
     /// I/O was in flight at the last poll: the engine's eventfd may hold a late signal.
     signal_stale: bool,
+    /// The next slice of background reclaim may not start before this (see
+    /// [`WorkerMm::reclaim_slice`]).
+    next_slice: std::time::Instant,
 }
 
 impl std::fmt::Debug for WorkerMm {
@@ -526,6 +533,7 @@ impl WorkerMm {
             },
             completions: Vec::new(),
             signal_stale: false,
+            next_slice: std::time::Instant::now(),
         })
     }
 

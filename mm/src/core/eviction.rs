@@ -39,9 +39,10 @@
 //! watermark. Below half the low watermark (`direct_threshold`, the kernel's `min`) the
 //! fault evicts `DIRECT_BATCH` pages itself as well, so a worker that never idles still
 //! gets frames. Without reclaimers (a core driven by hand, tests) `balance` evicts up to
-//! the high watermark at once, as before. Why: a 128-page batch run by a fault held the
-//! core lock for 0.5–2 ms, and every request on both workers waited behind it (`usm-kv`,
-//! `bench/results/kv.md`, run 9).
+//! the high watermark at once, as before. Slices are paced (`RECLAIM_PACE`), so the lock
+//! is free most of the time for the other workers' faults. Why: a 128-page batch run by a
+//! fault held the core lock for 0.5–2 ms, and every request on both workers waited behind
+//! it; unpaced slices back to back did the same (`usm-kv`, `bench/results/kv.md`, run 9).
 //!
 //! The page is always out of its address space before its write is queued, and its swap
 //! entry is recorded (`Swapped`) before its staging frame is recycled (at completion).
@@ -68,8 +69,8 @@ const MAX_SAMPLES_PER_SCAN: usize = 4096;
 
 /// A search moves out at most this many pages per victim wanted (at least
 /// [`MIN_SAMPLES_PER_SCAN`]): a sample is a `UFFDIO_MOVE` under the core lock, so a small
-/// slice of background reclaim must not sample thousands of pages at once (measured with
-/// `usm-kv`: 4–16 ms searches when the hand met a run of unsampled pages).
+/// slice of background reclaim must not sample thousands of pages at once (searches of
+/// several milliseconds were seen when the hand met a run of unsampled pages).
 const SAMPLES_PER_VICTIM: usize = 8;
 
 /// See [`SAMPLES_PER_VICTIM`].
@@ -88,6 +89,12 @@ const MAX_ASYNC_SAMPLES_PER_SCAN: usize = 192;
 /// idle worker reclaims waits for at most one slice (a victim costs a few µs here: its
 /// `UFFDIO_MOVE` with the TLB flush, its write's submission, its share of the scan).
 const BACKGROUND_BATCH: usize = 16;
+
+/// After a slice of background reclaim that took `t`, the reclaimer waits
+/// `RECLAIM_PACE × t` before the next: reclaim holds the core lock at most a fifth of the
+/// time and still evicts several times the rate a saturated `usm-kv` needs (paces 0 to 8
+/// compared in `bench/results/kv.md`, run 9).
+const RECLAIM_PACE: u32 = 4;
 
 /// Most victims a fault stages itself (direct reclaim) when background reclaimers exist
 /// (the kernel's direct reclaim takes `SWAP_CLUSTER_MAX`, 32 pages, at a time).
@@ -117,11 +124,21 @@ impl WorkerMm {
             .fetch_and(!(1 << self.worker), Ordering::AcqRel);
     }
 
-    /// One slice of background reclaim, if reclaim was asked for (a cheap load when not):
-    /// for a worker with nothing else to run. Returns the victims staged (0: nothing to
-    /// do, or nothing could be done now — park as usual; a completion wakes the worker).
+    /// One slice of background reclaim, if reclaim was asked for (a cheap load when not)
+    /// and the last slice ended long enough ago: for a worker with nothing else to run.
+    /// Returns the victims staged (0: nothing to do or not yet, or nothing could be done
+    /// now — park, no longer than [`WorkerMm::reclaim_due_in`]).
+    ///
+    /// Slices are paced: after one that took `t`, the next waits `RECLAIM_PACE × t`
+    /// (reclaim holds the core lock at most a fifth of the time). Back to back, the
+    /// reclaimer re-took the lock the instant it let go (the lock does not queue its
+    /// waiters), and the other workers' faults waited as long as behind one big batch.
     pub fn reclaim_slice(&mut self) -> usize {
         if !self.core.reclaim.load(Ordering::Acquire) {
+            return 0;
+        }
+        let started = std::time::Instant::now();
+        if started < self.next_slice {
             return 0;
         }
         let core = &*self.core;
@@ -130,11 +147,36 @@ impl WorkerMm {
         let n = WorkerCx::new(core, st, &mut self.io, self.worker).reclaim_slice();
         drop(guard);
         let _ = self.io.engine.submit();
+        let ended = std::time::Instant::now();
+        self.next_slice = ended + RECLAIM_PACE * (ended - started);
+        core.reclaim_stalled.store(n == 0, Ordering::Release);
         n
+    }
+
+    /// See [`MmCore::reclaim_pending`].
+    pub fn reclaim_pending(&self) -> bool {
+        self.core.reclaim_pending()
+    }
+
+    /// While background reclaim is wanted: how long until this worker's next slice may
+    /// start (a parked reclaimer sleeps no longer).
+    pub fn reclaim_due_in(&self) -> Option<std::time::Duration> {
+        self.core.reclaim.load(Ordering::Acquire).then(|| {
+            self.next_slice
+                .saturating_duration_since(std::time::Instant::now())
+        })
     }
 }
 
 impl MmCore {
+    /// Background reclaim is wanted and its last slice made progress: work in progress,
+    /// which a host waiting for quiescence must wait for (reclaim that could stage nothing
+    /// — swap full, eviction off, every page pinned — is not busy; it is tried again when
+    /// a reclaimer is idle).
+    pub fn reclaim_pending(&self) -> bool {
+        self.reclaim.load(Ordering::Acquire) && !self.reclaim_stalled.load(Ordering::Acquire)
+    }
+
     /// Evicts up to `want` pages now on behalf of worker `io` (used by tests and by the
     /// watermark logic). Returns the pages staged.
     pub fn evict_now(&self, io: &mut WorkerMm, want: usize) -> usize {
@@ -164,6 +206,7 @@ impl WorkerCx<'_> {
             return;
         }
         if !self.core.reclaim.swap(true, Ordering::AcqRel) {
+            self.core.reclaim_stalled.store(false, Ordering::Release);
             // Wakes the idle reclaimers (the wakers' lock is taken after the state lock,
             // as everywhere). This worker reclaims itself the next time it is idle.
             self.core.wake_mask(reclaimers, self.worker);

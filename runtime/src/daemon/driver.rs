@@ -507,11 +507,14 @@ impl Driver for DaemonDriver {
     }
 
     fn park_timeout(&self) -> Option<Duration> {
-        self.server.park_timeout()
+        match (self.server.park_timeout(), self.server.wm.reclaim_due_in()) {
+            (Some(t), Some(r)) => Some(t.min(r)),
+            (t, r) => t.or(r),
+        }
     }
 
     fn has_pending(&self) -> bool {
-        self.server.busy() || !self.jobs.is_empty()
+        self.server.busy() || !self.jobs.is_empty() || self.server.wm.reclaim_pending()
     }
 }
 

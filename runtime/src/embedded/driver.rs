@@ -243,17 +243,24 @@ impl Driver for FaultDriver {
             .values()
             .chain(self.external.values())
             .any(|w| w.needs_memory);
-        if memory || !self.uthreads.is_empty() || !self.external.is_empty() {
+        let timeout = if memory || !self.uthreads.is_empty() || !self.external.is_empty() {
             Some(Duration::from_millis(1))
         } else if self.wm.in_flight() > 0 {
             Some(Duration::from_millis(5))
         } else {
             None
+        };
+        match (timeout, self.wm.reclaim_due_in()) {
+            (Some(t), Some(r)) => Some(t.min(r)),
+            (t, r) => t.or(r),
         }
     }
 
     fn has_pending(&self) -> bool {
-        self.wm.in_flight() > 0 || !self.uthreads.is_empty() || !self.external.is_empty()
+        self.wm.in_flight() > 0
+            || !self.uthreads.is_empty()
+            || !self.external.is_empty()
+            || self.wm.reclaim_pending()
     }
 }
 

@@ -543,8 +543,9 @@ impl Runtime {
         }
     }
 
-    /// Waits (up to `timeout`) until no swap I/O is in flight and the zeroing queue is
-    /// empty. `true` when it got there.
+    /// Waits (up to `timeout`) until no swap I/O is in flight, background reclaim has
+    /// nothing left it can do (`MmCore::reclaim_pending`) and the zeroing queue is empty.
+    /// `true` when it got there.
     pub fn quiesce(&self, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         loop {
@@ -552,6 +553,7 @@ impl Runtime {
             // The zeroing queue can be empty while the zeroer still cleans what it took
             // from it (those frames are still Zeroing): wait for the descriptors too.
             if core.io_in_flight() == 0
+                && !core.reclaim_pending()
                 && core.pool().zeroing_len() == 0
                 && core.pool().census().zeroing == 0
             {
