@@ -127,7 +127,7 @@ impl WorkerMm {
     /// One slice of background reclaim, if reclaim was asked for (a cheap load when not)
     /// and the last slice ended long enough ago: for a worker with nothing else to run.
     /// Returns the victims staged (0: nothing to do or not yet, or nothing could be done
-    /// now — park, no longer than [`WorkerMm::reclaim_due_in`]).
+    /// now — park, no longer than [`WorkerMm::reclaim_park_timeout`] says).
     ///
     /// Slices are paced: after one that took `t`, the next waits `RECLAIM_PACE × t`
     /// (reclaim holds the core lock at most a fifth of the time). Back to back, the
@@ -149,7 +149,10 @@ impl WorkerMm {
         let _ = self.io.engine.submit();
         let ended = std::time::Instant::now();
         self.next_slice = ended + RECLAIM_PACE * (ended - started);
-        core.reclaim_stalled.store(n == 0, Ordering::Release);
+        // Stalled only if nothing in flight anywhere could make room for the next slice
+        // (a full engine is not a stall: its completions let the next slice go on).
+        core.reclaim_stalled
+            .store(n == 0 && core.io_in_flight() == 0, Ordering::Release);
         n
     }
 
@@ -158,21 +161,27 @@ impl WorkerMm {
         self.core.reclaim_pending()
     }
 
-    /// While background reclaim is wanted: how long until this worker's next slice may
-    /// start (a parked reclaimer sleeps no longer).
-    pub fn reclaim_due_in(&self) -> Option<std::time::Duration> {
-        self.core.reclaim.load(Ordering::Acquire).then(|| {
-            self.next_slice
-                .saturating_duration_since(std::time::Instant::now())
-        })
+    /// A reclaimer's park timeout: `timeout` (its host's own), shortened while background
+    /// reclaim is wanted to the time until this worker's next slice may start.
+    pub fn reclaim_park_timeout(
+        &self,
+        timeout: Option<std::time::Duration>,
+    ) -> Option<std::time::Duration> {
+        if !self.core.reclaim.load(Ordering::Acquire) {
+            return timeout;
+        }
+        let due = self
+            .next_slice
+            .saturating_duration_since(std::time::Instant::now());
+        Some(timeout.map_or(due, |t| t.min(due)))
     }
 }
 
 impl MmCore {
-    /// Background reclaim is wanted and its last slice made progress: work in progress,
-    /// which a host waiting for quiescence must wait for (reclaim that could stage nothing
-    /// — swap full, eviction off, every page pinned — is not busy; it is tried again when
-    /// a reclaimer is idle).
+    /// Background reclaim is wanted and not stalled: work in progress, which a host
+    /// waiting for quiescence must wait for. Stalled: the last slice staged nothing while
+    /// no I/O was in flight (swap full, eviction off, every page pinned) — not busy; it is
+    /// tried again when a reclaimer is idle, and cleared when reclaim is asked for anew.
     pub fn reclaim_pending(&self) -> bool {
         self.reclaim.load(Ordering::Acquire) && !self.reclaim_stalled.load(Ordering::Acquire)
     }

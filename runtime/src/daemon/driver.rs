@@ -507,10 +507,9 @@ impl Driver for DaemonDriver {
     }
 
     fn park_timeout(&self) -> Option<Duration> {
-        match (self.server.park_timeout(), self.server.wm.reclaim_due_in()) {
-            (Some(t), Some(r)) => Some(t.min(r)),
-            (t, r) => t.or(r),
-        }
+        self.server
+            .wm
+            .reclaim_park_timeout(self.server.park_timeout())
     }
 
     fn has_pending(&self) -> bool {

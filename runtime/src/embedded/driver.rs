@@ -250,10 +250,7 @@ impl Driver for FaultDriver {
         } else {
             None
         };
-        match (timeout, self.wm.reclaim_due_in()) {
-            (Some(t), Some(r)) => Some(t.min(r)),
-            (t, r) => t.or(r),
-        }
+        self.wm.reclaim_park_timeout(timeout)
     }
 
     fn has_pending(&self) -> bool {
