@@ -41,7 +41,10 @@ fn coverage_is_answered_while_program_threads_wait_in_faults_inside_malloc() {
     let daemon = TestDaemon::new();
     let program = Program::spawn(&bin, &["churn"], &tagger, &daemon.socket());
     let served = daemon.accept_and_serve();
-    std::thread::sleep(Duration::from_millis(300));
+    // Serve only the start, so the threads meet unserved faults early: with 300 ms of
+    // serving, one CI run (2026-12-07) saw no thread wait in a fault for 10 s. The
+    // churn's new pages come most often while its heap is still growing.
+    std::thread::sleep(Duration::from_millis(30));
     served.stop_serving();
     // Until the program's threads are stuck (some in faults, the rest behind them).
     let deadline = Instant::now() + Duration::from_secs(10);
