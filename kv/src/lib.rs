@@ -100,7 +100,8 @@ pub struct KvConfig {
 /// Policy knobs of the USM runtime (see `usm_runtime::embedded::Builder`).
 #[derive(Debug, Clone, Default)]
 pub struct UsmKnobs {
-    /// Eviction policy spec (`clock`, `fifo`, `hints`); the runtime's default if `None`.
+    /// Eviction policy spec (`two-list`, `clock`, `fifo`, `hints`); the runtime's default
+    /// (`two-list`) if `None`.
     pub evict: Option<String>,
     /// Re-fault access sampling for the eviction policy; the runtime's default if `None`.
     pub access_sampling: Option<bool>,

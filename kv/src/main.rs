@@ -49,7 +49,7 @@ struct Args {
     /// Largest value accepted.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     max_value: u64,
-    /// USM eviction policy (clock, fifo, hints) [default: the runtime's, clock].
+    /// USM eviction policy (two-list, clock, fifo, hints) [default: the runtime's, two-list].
     #[arg(long)]
     evict: Option<String>,
     /// USM re-fault access sampling for the eviction policy: on or off [default: on].

@@ -130,7 +130,7 @@ pub struct MmConfig {
     /// Re-fault access sampling for the eviction policy (see the module docs): the first
     /// time the policy asks about a resident page, it is moved out to its own slot and
     /// reported accessed; asked again while still out, it reports not accessed. Off: the
-    /// policy gets no access information (`clock` degrades to FIFO).
+    /// policy gets no access information (`clock` and `two-list` degrade to FIFO).
     pub access_sampling: bool,
     /// Priority of each swap device, in the order given to [`MmCore::new`] (missing: 0);
     /// higher first, as the kernel's `swapon -p`.
@@ -139,7 +139,7 @@ pub struct MmConfig {
 
 impl MmConfig {
     /// Defaults for a pool of `frames`: low = frames/16 (at least 16), high = 2 × low,
-    /// `clock` eviction, `fail` OOM policy, embedded mode, engine depth 256.
+    /// `two-list` eviction, `fail` OOM policy, embedded mode, engine depth 256.
     pub fn for_pool(frames: usize) -> MmConfig {
         let low = (frames / 16).max(16).min(frames / 2);
         MmConfig {
@@ -147,7 +147,7 @@ impl MmConfig {
                 low,
                 high: (2 * low).min(frames),
             },
-            evict: "clock".into(),
+            evict: "two-list".into(),
             oom: "fail".into(),
             engine: EngineConfig {
                 depth: 256,

@@ -20,7 +20,7 @@
 //! - [`hint`]: the USM hint language (`"PRIORITY=HIGH; EVICTION=DENY"`) and [`HintMap`].
 //! - [`registry`]: names and parameters (`fhp:64K`), defaults, per-process and per-region
 //!   assignments.
-//! - [`builtin`]: `first-fit`/`policyOne`, `fhp:SIZE`, `quota:PAGES`, `fifo`, `clock`,
+//! - [`builtin`]: `first-fit`/`policyOne`, `fhp:SIZE`, `quota:PAGES`, `fifo`, `clock`, `two-list`,
 //!   `hints`, `fail`, `evict-harder`, `kill-largest`.
 //! - [`guard`]: how the runtime keeps a panicking policy from taking the daemon down.
 //! - [`sim`]: a simulated machine that checks every answer — a test harness, not the real

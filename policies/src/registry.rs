@@ -179,7 +179,7 @@ impl Registry {
         Self::default()
     }
 
-    /// A registry holding every built-in policy, with `first-fit`, `clock` and `fail` as
+    /// A registry holding every built-in policy, with `first-fit`, `two-list` and `fail` as
     /// defaults (see [`builtin`](crate::builtin)).
     pub fn with_builtins() -> Self {
         let mut r = Self::new();
@@ -456,7 +456,7 @@ mod tests {
         ] {
             assert_eq!(r.validate(spec), Ok(PolicyKind::Alloc), "{spec}");
         }
-        for spec in ["fifo", "clock", "hints"] {
+        for spec in ["fifo", "clock", "hints", "two-list", "two-list:25"] {
             assert_eq!(r.validate(spec), Ok(PolicyKind::Evict), "{spec}");
         }
         for spec in ["fail", "evict-harder", "evict-harder:8", "kill-largest"] {
@@ -468,7 +468,7 @@ mod tests {
         let d = r.defaults().unwrap();
         assert_eq!(
             (d.alloc.name(), d.evict.name(), d.oom.name()),
-            ("first-fit", "clock", "fail")
+            ("first-fit", "two-list", "fail")
         );
     }
 
@@ -531,7 +531,7 @@ mod tests {
         let s = r.for_process("stressapptest").unwrap().unwrap();
         assert_eq!(
             (s.alloc.name(), s.evict.name(), s.oom.name()),
-            ("first-fit", "clock", "evict-harder:16")
+            ("first-fit", "two-list", "evict-harder:16")
         );
         assert!(r.for_process("other").unwrap().is_none());
         assert!(r.assign_process("x", "fhp:3K").is_err());

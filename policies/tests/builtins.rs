@@ -5,8 +5,8 @@
 
 use usm_policies::sim::{FaultOutcome, SimMachine};
 use usm_policies::{
-    Decision, Fault, FrameNo, Mapping, OomAction, OomReason, OomSituation, Origin, Registry,
-    RunMode, VictimRequest, VictimScan, Watermarks,
+    Decision, Fault, FrameNo, MappedPage, Mapping, OomAction, OomReason, OomSituation, Origin,
+    Registry, RunMode, VictimRequest, VictimScan, Watermarks,
 };
 
 const P: u64 = 4096;
@@ -244,10 +244,14 @@ fn quota_fails_when_nothing_of_its_own_can_leave() {
     m.check().unwrap();
 }
 
-// ---- fifo / clock / hints ---------------------------------------------------------------
+// ---- fifo / clock / two-list / hints ----------------------------------------------------
 
 fn mapped(m: &mut SimMachine, pid: u32, n: u64) {
-    for i in 0..n {
+    mapped_from(m, pid, 0, n);
+}
+
+fn mapped_from(m: &mut SimMachine, pid: u32, first: u64, n: u64) {
+    for i in first..first + n {
         assert_eq!(m.fault(pid, page(i), true), Ok(FaultOutcome::Mapped(1)));
     }
 }
@@ -313,6 +317,103 @@ fn clock_takes_referenced_pages_when_everything_is_referenced() {
     }
     assert_eq!(m.evict(VictimRequest::any(3)).unwrap().chosen, 3);
     m.check().unwrap();
+}
+
+#[test]
+fn two_list_takes_victims_from_the_inactive_list_only() {
+    let mut m = machine(16, 0, 0, "two-list", "fail");
+    add(&mut m, 1, "first-fit", 8);
+    mapped(&mut m, 1, 8);
+    // Pages 0-4 are accessed while inactive: active now, although mapped first.
+    for i in 0..5 {
+        m.touch(1, page(i), false);
+    }
+    let s = m.evict(VictimRequest::any(2)).unwrap();
+    assert_eq!(s.chosen, 2);
+    assert_eq!(
+        m.present_pages(1),
+        (0..5).chain([7]).map(page).collect::<Vec<_>>()
+    );
+    assert_eq!(m.evict_policy().tracked(), 6);
+    m.check().unwrap();
+}
+
+#[test]
+fn two_list_ages_the_oldest_active_pages_out_when_the_inactive_list_runs_short() {
+    let mut m = machine(16, 0, 0, "two-list", "fail");
+    add(&mut m, 1, "first-fit", 16);
+    mapped(&mut m, 1, 8);
+    for i in 0..8 {
+        m.touch(1, page(i), false);
+    }
+    // Everything is active: the two oldest go back to the inactive list, are asked about
+    // once (their bits were set) and then leave.
+    assert_eq!(m.evict(VictimRequest::any(2)).unwrap().chosen, 2);
+    assert_eq!(m.present_pages(1), (2..8).map(page).collect::<Vec<_>>());
+    // A page accessed again while inactive goes back to the active list and stays.
+    mapped_from(&mut m, 1, 8, 2);
+    m.touch(1, page(8), false);
+    assert_eq!(m.evict(VictimRequest::any(1)).unwrap().chosen, 1);
+    assert!(m.frame_of(1, page(8)).is_some());
+    assert!(m.frame_of(1, page(9)).is_none());
+    m.check().unwrap();
+}
+
+#[test]
+fn two_list_scoped_to_one_process_deactivates_that_process_s_pages() {
+    let mut m = machine(32, 0, 0, "two-list", "fail");
+    add(&mut m, 1, "first-fit", 8);
+    add(&mut m, 2, "first-fit", 8);
+    mapped(&mut m, 1, 8);
+    mapped(&mut m, 2, 4);
+    for i in 0..4 {
+        m.touch(2, page(i), false);
+    }
+    // Process 2 has only active pages, process 1 only inactive ones.
+    assert_eq!(m.evict(VictimRequest::of_process(2, 3)).unwrap().chosen, 3);
+    assert_eq!(m.present_pages(1).len(), 8);
+    assert_eq!(m.present_pages(2), vec![page(3)]);
+    m.check().unwrap();
+}
+
+#[test]
+fn two_list_puts_a_victim_it_gets_back_on_the_active_list() {
+    // A victim the runtime could not evict is announced again; it must not be chosen
+    // again ahead of the pages that can go (a stopped program's pinned pages starved
+    // everyone else's eviction in the daemon before this).
+    let reg = Registry::with_builtins();
+    let mut p = reg.build_evict("two-list").unwrap();
+    let mut m = machine(16, 0, 0, "fifo", "fail");
+    let pages: Vec<MappedPage> = (0..10)
+        .map(|i| MappedPage {
+            frame: FrameNo(i),
+            pid: 1,
+            addr: page(u64::from(i)),
+        })
+        .collect();
+    for &pg in &pages {
+        p.on_map(pg, m.cx());
+    }
+    let mut out = Vec::new();
+    p.victims(VictimRequest::any(2), m.cx(), &mut out);
+    assert_eq!(out, pages[..2].to_vec());
+    // Page 0 could not leave (announced again); page 1 did.
+    p.on_map(pages[0], m.cx());
+    out.clear();
+    p.victims(VictimRequest::any(2), m.cx(), &mut out);
+    assert_eq!(out, pages[2..4].to_vec(), "page 0 is active now");
+    assert_eq!(p.tracked(), 7);
+}
+
+#[test]
+fn two_list_takes_its_inactive_share_as_a_parameter() {
+    let reg = Registry::with_builtins();
+    assert!(reg.build_evict("two-list").is_ok());
+    assert!(reg.build_evict("two-list:50").is_ok());
+    for bad in ["two-list:0", "two-list:101", "two-list:half"] {
+        let e = reg.build_evict(bad).expect_err(bad);
+        assert!(e.to_string().contains("percent"), "{bad}: {e}");
+    }
 }
 
 #[test]

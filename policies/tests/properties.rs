@@ -209,7 +209,7 @@ fn run(world: &mut World, ops: &[Op]) -> Result<(), TestCaseError> {
 }
 
 const ALLOCS: [&str; 5] = ["first-fit", "fhp:16K", "fhp:64K", "policyOne", "fhp:8K"];
-const EVICTS: [&str; 3] = ["fifo", "clock", "hints"];
+const EVICTS: [&str; 5] = ["fifo", "clock", "hints", "two-list", "two-list:100"];
 const OOMS: [&str; 3] = ["fail", "evict-harder:4", "kill-largest"];
 
 proptest! {

@@ -21,7 +21,7 @@
 //! | `process NAME POLICY` | programs whose name is `NAME` are managed by `POLICY` (its kind's slot; the other kinds get the defaults) |
 //! | `swap PATH [priority P]` | a USM swap device (see `usm mkswap`); higher `P` is used first |
 //! | `fhp SIZE` | flexible huge page size used by `fhp` policies without a size (`process redis fhp`) |
-//! | `evict NAME` | default eviction policy of every managed process (`fifo`, `clock`, `hints`) |
+//! | `evict NAME` | default eviction policy of every managed process (`two-list` (default), `clock`, `fifo`, `hints`) |
 //! | `oom NAME` | default out-of-memory policy of every managed process (`fail`, `evict-harder`, `kill-largest`) |
 //! | `watermarks LOW HIGH` | evict when free frames fall below `LOW` until `HIGH` are free (pages, or sizes, or `%` of the pool) |
 //! | `metrics ADDR:PORT` | Prometheus text exposition on this (localhost) address |

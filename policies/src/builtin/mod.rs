@@ -7,12 +7,13 @@
 //! | `quota:PAGES` | alloc | first-fit with a per-process resident cap |
 //! | `fifo` | evict | oldest mapping first |
 //! | `clock` | evict | second chance on access information |
+//! | `two-list[:PCT]` | evict | inactive and active lists, as the kernel's LRU; victims from the inactive list (`PCT` % of the pages, default 20) |
 //! | `hints` | evict | `PRIORITY=LOW` first, `EVICTION=DENY` refused |
 //! | `fail` | oom | fail the access |
 //! | `evict-harder[:N]` | oom | evict N pages with hard urgency, 4 times, then fail |
 //! | `kill-largest` | oom | kill the largest process / task |
 //!
-//! Defaults: `first-fit`, `clock`, `fail`.
+//! Defaults: `first-fit`, `two-list`, `fail`.
 
 mod alloc;
 mod evict;
@@ -20,7 +21,7 @@ mod oom;
 mod tracker;
 
 pub use alloc::{FirstFit, FlexibleHugePages, Quota};
-pub use evict::{Clock, Fifo, HintAware};
+pub use evict::{Clock, Fifo, HintAware, TwoList};
 pub use oom::{EvictHarder, FailOom, KillLargest};
 
 use crate::error::PolicyError;
@@ -47,7 +48,7 @@ fn need_param<'a>(
     })
 }
 
-/// Registers every built-in policy and makes `first-fit`, `clock` and `fail` the
+/// Registers every built-in policy and makes `first-fit`, `two-list` and `fail` the
 /// defaults.
 pub fn register_builtins(r: &mut Registry) -> Result<(), PolicyError> {
     r.register_alloc(FirstFit::NAME, Param::None, |p| {
@@ -71,6 +72,9 @@ pub fn register_builtins(r: &mut Registry) -> Result<(), PolicyError> {
         no_param(Clock::NAME, p)?;
         Ok(Box::new(Clock::new()))
     })?;
+    r.register_evict(TwoList::NAME, Param::Optional("20"), |p| {
+        Ok(Box::new(TwoList::from_param(p)?))
+    })?;
     r.register_evict(HintAware::NAME, Param::None, |p| {
         no_param(HintAware::NAME, p)?;
         Ok(Box::new(HintAware::new()))
@@ -87,7 +91,7 @@ pub fn register_builtins(r: &mut Registry) -> Result<(), PolicyError> {
         Ok(Box::new(KillLargest))
     })?;
     r.set_default(FirstFit::NAME)?;
-    r.set_default(Clock::NAME)?;
+    r.set_default(TwoList::NAME)?;
     r.set_default(FailOom::NAME)?;
     Ok(())
 }

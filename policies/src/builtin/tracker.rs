@@ -226,6 +226,17 @@ impl Tracker {
         (list.head != NIL).then_some((FrameNo(list.head), list.len))
     }
 
+    /// The oldest tracked frame of `class` in `scope`, and how many of that class are in
+    /// scope.
+    pub(crate) fn oldest(&self, scope: Scope, class: usize) -> Option<(FrameNo, usize)> {
+        self.front(scope, class)
+    }
+
+    /// How many frames of `class` are in `scope`.
+    pub(crate) fn len_in(&self, scope: Scope, class: usize) -> usize {
+        self.front(scope, class).map_or(0, |(_, n)| n)
+    }
+
     /// Every tracked frame of `pid`, all classes (O(resident pages of pid)).
     pub(crate) fn frames_of(&self, pid: u32) -> Vec<FrameNo> {
         let mut out = Vec::new();

@@ -94,7 +94,7 @@ impl Default for Builder {
 
 impl Builder {
     /// Defaults: 2 workers (not pinned), a pool of 16 MiB (4096 frames), no swap,
-    /// `first-fit` / `clock` / `fail` policies, eventfd waker, watermarks from the pool
+    /// `first-fit` / `two-list` / `fail` policies, eventfd waker, watermarks from the pool
     /// size ([`MmConfig::for_pool`]).
     pub fn new() -> Builder {
         Builder {
@@ -102,7 +102,7 @@ impl Builder {
             pool_frames: 4096,
             swap: Vec::new(),
             alloc: "first-fit".into(),
-            evict: "clock".into(),
+            evict: "two-list".into(),
             oom: "fail".into(),
             waker: WakerMode::EventFd,
             watermarks: None,
@@ -192,7 +192,7 @@ impl Builder {
     /// hand first reaches a resident page, the page is moved out to its own pool slot (no
     /// I/O) and spared; an access faults, moves it back at once and reports it accessed;
     /// a page still out when the hand comes back is evicted (already out: no MOVE). Off:
-    /// the policy sees no access information (`clock` behaves as FIFO).
+    /// the policy sees no access information (`clock` and `two-list` behave as FIFO).
     pub fn access_sampling(mut self, on: bool) -> Self {
         self.access_sampling = Some(on);
         self
