@@ -18,6 +18,8 @@
 //!   in order (`usm-kv --concurrent`, `usm_kv::pipeline`; the default answers a
 //!   connection's requests one by one).
 //! - `usm-nopressure`: `usm` with a pool 3x the data (the hot keys' reference).
+//! - `SIDE/EVICT` for any usm side (`usm/two-list`, `usm/clock`): that side with the
+//!   eviction policy `EVICT` (`usm-kv --evict`); without it, the runtime's default.
 //!
 //! Per point it also records the pages read back from swap: USM's swap-ins, evictions and
 //! frame waits (`INFO`) on the usm sides, the memory cgroup's `pgmajfault` on the others.
@@ -134,6 +136,9 @@ enum Serve {
         /// Run a connection's reads on their own uThreads (`usm-kv --concurrent`).
         #[arg(long)]
         concurrent: bool,
+        /// Eviction policy (`usm-kv --evict`).
+        #[arg(long)]
+        evict: Option<String>,
     },
     /// Multishot against single-shot accept: `conns` sequential loopback connections
     /// (connect, one byte each way, close) to a uThread listener, `runs` of each mode
@@ -234,6 +239,14 @@ fn accept_rate(conns: usize, runs: usize) -> BoxResult<()> {
     Ok(())
 }
 
+/// A usm side's base name and its eviction policy: `usm/two-list` → (`usm`, `two-list`).
+fn usm_variant(side: &str) -> (&str, Option<&str>) {
+    match side.split_once('/') {
+        Some((base, evict)) if base.starts_with("usm") => (base, Some(evict)),
+        _ => (side, None),
+    }
+}
+
 fn serve_kv(serve: Serve) -> BoxResult<()> {
     if let Serve::AcceptRate { conns, runs } = serve {
         return accept_rate(conns, runs);
@@ -247,6 +260,7 @@ fn serve_kv(serve: Serve) -> BoxResult<()> {
         max_data,
         workers,
         concurrent,
+        evict,
     } = serve
     else {
         return Err("not a serve-kv command".into());
@@ -273,7 +287,10 @@ fn serve_kv(serve: Serve) -> BoxResult<()> {
             max_value: 1 << 20,
             max_key: 1024,
         },
-        usm: usm_kv::UsmKnobs::default(),
+        usm: usm_kv::UsmKnobs {
+            evict,
+            ..usm_kv::UsmKnobs::default()
+        },
         concurrent,
     };
     let running = usm_kv::start(&config)?;
@@ -301,6 +318,8 @@ struct Point {
     evicted: Option<u64>,
     /// USM: faults that waited for a free frame (eviction on the fault path).
     memory_waits: Option<u64>,
+    /// USM: accesses to pages taken out for access sampling, over the point.
+    sample_refaults: Option<u64>,
     /// The server's own GET execution time over the measured window (`INFO`'s
     /// `latency_percentiles_usec_get`, redis 7's `latencystats`, reset by `CONFIG
     /// RESETSTAT` when the window starts): p50, p99, p99.9 in µs. What the client's
@@ -431,10 +450,11 @@ fn start_side(
             .args(["--max-keys", &(keys * 2).to_string()])
             .args(["--max-data", &max_data.to_string()]);
     };
-    match side {
+    let (base, evict) = usm_variant(side);
+    match base {
         "usm" | "usm-nopressure" | "usm-concurrent" => {
             let mut cmd = Command::new(&exe);
-            if side == "usm-nopressure" {
+            if base == "usm-nopressure" {
                 // The reference for resident keys: a pool three times the data.
                 cmd.arg("serve-kv")
                     .args([
@@ -446,11 +466,14 @@ fn start_side(
             } else {
                 kv_args(&mut cmd);
             }
-            if side == "usm-concurrent" {
+            if base == "usm-concurrent" {
                 cmd.arg("--concurrent");
             }
+            if let Some(e) = evict {
+                cmd.args(["--evict", e]);
+            }
             cmd.args(["--workers", &a.usm_workers.to_string()]);
-            let swap = run_dir.join(format!("{side}.swap"));
+            let swap = run_dir.join(format!("{}.swap", side.replace(['/', ':'], "_")));
             let _ = std::fs::remove_file(&swap);
             cmd.arg("--swap")
                 .arg(&swap)
@@ -525,7 +548,7 @@ fn start_side(
             Ok(s)
         }
         other => Err(format!(
-            "unknown side {other:?} (usm, usm-concurrent, usm-nopressure, kernel, redis, memcached)"
+            "unknown side {other:?} (usm, usm-concurrent, usm-nopressure, each with an optional /EVICT; kernel, redis, memcached)"
         )
         .into()),
     }
@@ -589,19 +612,40 @@ fn server_get_latency(info: &std::collections::HashMap<String, String>) -> Optio
     Some(out)
 }
 
-/// Swap-in side counters of a server: (swap-ins or major faults, evicted, memory waits).
-fn swap_counters(server: &Server, usm: bool) -> (Option<u64>, Option<u64>, Option<u64>) {
+/// A server's memory counters at one moment (`None`: the side does not have it).
+#[derive(Debug, Clone, Copy, Default)]
+struct MemCounters {
+    /// Swap-ins (usm) or the memory cgroup's major faults.
+    swap_ins: Option<u64>,
+    /// USM: pages evicted.
+    evicted: Option<u64>,
+    /// USM: faults that waited for a free frame.
+    memory_waits: Option<u64>,
+    /// USM: accesses to pages taken out for access sampling.
+    sample_refaults: Option<u64>,
+}
+
+/// Reads a server's [`MemCounters`].
+fn swap_counters(server: &Server, usm: bool) -> MemCounters {
     if usm {
         let info = resp_info(server.addr);
         let get = |k: &str| info.as_ref()?.get(k)?.parse().ok();
-        (get("swap_ins"), get("evicted"), get("memory_waits"))
+        MemCounters {
+            swap_ins: get("swap_ins"),
+            evicted: get("evicted"),
+            memory_waits: get("memory_waits"),
+            sample_refaults: get("sample_refaults"),
+        }
     } else {
         let majflt = server
             .cgroup
             .as_ref()
             .and_then(|cg| cg.stats().ok())
             .map(|st| st.major_faults);
-        (majflt, None, None)
+        MemCounters {
+            swap_ins: majflt,
+            ..MemCounters::default()
+        }
     }
 }
 
@@ -768,9 +812,9 @@ fn run_side(
                 None
             };
             let c1 = swap_counters(&server, usm);
-            let swap_ins = delta(c0.0, c1.0);
+            let swap_ins = delta(c0.swap_ins, c1.swap_ins);
             eprintln!(
-                "  {side} #{run} @ {rate:>6.0}/s: achieved {:>6.0}/s  p50 {:>7.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us  hot/other p99 {:.0}/{:.0} us  server GET p99 {} us  lost {} errors {} misses {}  CPU {:.1} us/req  {} {}",
+                "  {side} #{run} @ {rate:>6.0}/s: achieved {:>6.0}/s  p50 {:>7.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us  hot/other p99 {:.0}/{:.0} us  server GET p99 {} us  lost {} errors {} misses {}  CPU {:.1} us/req  {} {}{}",
                 r.achieved_rps,
                 r.p50_us,
                 r.p99_us,
@@ -784,26 +828,30 @@ fn run_side(
                 cpu * 1e6 / r.completed.max(1) as f64,
                 if usm { "swap-ins" } else { "pgmajfault" },
                 swap_ins.map_or("?".into(), |n| n.to_string()),
+                delta(c0.sample_refaults, c1.sample_refaults)
+                    .map_or_else(String::new, |n| format!("  sampled re-faults {n}")),
             );
             points.push(Point {
                 server_cpu_us_per_request: cpu * 1e6 / r.completed.max(1) as f64,
                 server_cpu_s: cpu,
                 load: r,
                 swap_ins,
-                evicted: delta(c0.1, c1.1),
-                memory_waits: delta(c0.2, c1.2),
+                evicted: delta(c0.evicted, c1.evicted),
+                memory_waits: delta(c0.memory_waits, c1.memory_waits),
+                sample_refaults: delta(c0.sample_refaults, c1.sample_refaults),
                 server_get_us,
             });
         }
         let rss = server.proc_kib("VmRSS:");
         let swap = server.proc_kib("VmSwap:");
-        let note = match side {
-            "usm" => "USM pool = budget, USM swap file, no cgroup".into(),
-            "usm-nopressure" => "USM pool 3x the data (no eviction), no cgroup".into(),
-            "usm-concurrent" => {
-                "USM pool = budget, USM swap file, no cgroup, a connection's reads on their own uThreads"
-                    .into()
-            }
+        let (base, evict) = usm_variant(side);
+        let policy = evict.map_or_else(String::new, |e| format!(", eviction policy {e}"));
+        let note = match base {
+            "usm" => format!("USM pool = budget, USM swap file, no cgroup{policy}"),
+            "usm-nopressure" => format!("USM pool 3x the data (no eviction), no cgroup{policy}"),
+            "usm-concurrent" => format!(
+                "USM pool = budget, USM swap file, no cgroup, a connection's reads on their own uThreads{policy}"
+            ),
             _ => format!(
                 "memory cgroup v1 limit {} MiB, kernel swap file",
                 a.budget_mib
@@ -926,18 +974,18 @@ fn write_outputs(
         (a.budget_mib << 20) / 4096 / 2
     ));
     md.push_str("\"server GET p99\": the server's own GET execution time over the measured window (its `INFO` `latencystats`; usm-kv and redis), faults and lock waits included: what the client's p99 adds to it was spent queued before execution (socket, wake-ups, a busy worker).\n\n");
-    md.push_str("| side | run | offered/s | achieved/s | p50 us | p99 us | p99.9 us | hot p99 us | other p99 us | server GET p99 us | swap-ins | evicted | memory waits | lost | errors | misses | server CPU us/req |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| side | run | offered/s | achieved/s | p50 us | p99 us | p99.9 us | hot p99 us | other p99 us | server GET p99 us | swap-ins | evicted | sampled re-faults | memory waits | lost | errors | misses | server CPU us/req |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for s in results {
         if s.points.is_empty() {
             md.push_str(&format!(
-                "| {} | {} | {} | | | | | | | | | | | | | |\n",
+                "| {} | {} | {} | | | | | | | | | | | | | | |\n",
                 s.side, s.run, s.note
             ));
         }
         for pt in &s.points {
             let p = &pt.load;
             md.push_str(&format!(
-                "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {:.1} |\n",
+                "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} |\n",
                 s.side,
                 s.run,
                 p.offered_rps,
@@ -950,6 +998,7 @@ fn write_outputs(
                 pt.server_get_us.map_or("-".into(), |l| format!("{:.1}", l[1])),
                 opt(pt.swap_ins),
                 opt(pt.evicted),
+                opt(pt.sample_refaults),
                 opt(pt.memory_waits),
                 p.lost,
                 p.errors,
