@@ -142,7 +142,7 @@ impl EvictPolicy for Clock {
 ///
 /// Parameter: `two-list:PCT`, the inactive share in percent (1–100, default
 /// [`TwoList::DEFAULT_INACTIVE_PCT`]). The default policy: against `clock` on `usm-kv`
-/// under pressure it took 58–79 % fewer sampled re-faults and up to 8 % fewer swap-ins
+/// under pressure it took 50–88 % fewer sampled re-faults and up to 10 % fewer swap-ins
 /// (`bench/results/kv.md`, run 10, which also compares shares of 20, 33 and 50 %).
 pub struct TwoList {
     inactive: Tracker,
