@@ -379,8 +379,8 @@ fn two_list_scoped_to_one_process_deactivates_that_process_s_pages() {
 #[test]
 fn two_list_puts_a_victim_it_gets_back_on_the_active_list() {
     // A victim the runtime could not evict is announced again; it must not be chosen
-    // again ahead of the pages that can go (a stopped program's pinned pages starved
-    // everyone else's eviction in the daemon before this).
+    // again ahead of the pages that can go (a stopped program's pages, whose stages its
+    // agent refused, starved everyone else's eviction in the daemon before this).
     let reg = Registry::with_builtins();
     let mut p = reg.build_evict("two-list").unwrap();
     let mut m = machine(16, 0, 0, "fifo", "fail");

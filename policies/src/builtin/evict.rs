@@ -149,9 +149,10 @@ pub struct TwoList {
     active: Tracker,
     inactive_pct: usize,
     /// The victims of the last search (frame → pid, address): one of them announced again
-    /// with [`EvictPolicy::on_map`] could not be evicted (pinned meanwhile, say) and goes
-    /// to the active list, as the kernel activates a page it could not reclaim. On the
-    /// inactive list it would be chosen again at once, ahead of every page that can go.
+    /// with [`EvictPolicy::on_map`] could not be evicted (pinned meanwhile, or its
+    /// program is stopped and its agent refuses stages) and goes to the active list, as
+    /// the kernel activates a page it could not reclaim. On the inactive list it would be
+    /// chosen again at once, ahead of every page that can go.
     last_victims: HashMap<u32, (u32, u64)>,
 }
 
@@ -199,14 +200,7 @@ impl TwoList {
             let Some(m) = self.active.remove(f) else {
                 return;
             };
-            self.inactive.insert(
-                MappedPage {
-                    frame: f,
-                    pid: m.pid,
-                    addr: m.addr,
-                },
-                NORMAL,
-            );
+            self.inactive.insert(m.page(f), NORMAL);
         }
     }
 
@@ -251,14 +245,7 @@ impl EvictPolicy for TwoList {
             return;
         }
         if let Some(m) = self.inactive.remove(frame) {
-            self.active.insert(
-                MappedPage {
-                    frame,
-                    pid: m.pid,
-                    addr: m.addr,
-                },
-                NORMAL,
-            );
+            self.active.insert(m.page(frame), NORMAL);
         }
     }
 

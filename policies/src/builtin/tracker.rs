@@ -113,6 +113,15 @@ pub(crate) struct PageMeta {
 }
 
 impl PageMeta {
+    /// The tracked page `frame` backs.
+    pub(crate) fn page(&self, frame: FrameNo) -> MappedPage {
+        MappedPage {
+            frame,
+            pid: self.pid,
+            addr: self.addr,
+        }
+    }
+
     const NONE: PageMeta = PageMeta {
         pid: 0,
         addr: 0,
@@ -203,14 +212,7 @@ impl Tracker {
     pub(crate) fn reclass(&mut self, f: FrameNo, class: usize) {
         if let Some(m) = self.meta(f).copied() {
             if m.class as usize != class {
-                self.insert(
-                    MappedPage {
-                        frame: f,
-                        pid: m.pid,
-                        addr: m.addr,
-                    },
-                    class,
-                );
+                self.insert(m.page(f), class);
                 if let Some(n) = self.meta_mut(f) {
                     n.referenced = m.referenced;
                 }
@@ -302,11 +304,7 @@ impl Tracker {
                     continue;
                 }
                 self.remove(f);
-                out.push(MappedPage {
-                    frame: f,
-                    pid: m.pid,
-                    addr: m.addr,
-                });
+                out.push(m.page(f));
                 scan.chosen += 1;
             }
         }
@@ -319,11 +317,7 @@ impl Tracker {
                 continue;
             }
             if let Some(m) = self.remove(f) {
-                out.push(MappedPage {
-                    frame: f,
-                    pid: m.pid,
-                    addr: m.addr,
-                });
+                out.push(m.page(f));
                 scan.chosen += 1;
             }
         }
