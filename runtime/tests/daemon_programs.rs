@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::daemon::{RunDaemon, USM};
-use common::programs::{build_c, require, tagger};
+use common::programs::{build_c, require, tagger, usm_exec};
 use common::redis::{free_port, plain_redis, redis_cmd, redis_info, redis_server, wait_for_ping};
 
 /// The programs here each fill a pool several times over: run them one at a time (the
@@ -38,52 +38,6 @@ fn built(name: &str) -> (PathBuf, Keep) {
     (prog, Keep { _dir: dir, _serial })
 }
 
-struct Exec {
-    code: i32,
-    stdout: String,
-    report: serde_json::Value,
-}
-
-/// `usm exec --report json` with a private daemon; bounded by `limit`.
-fn usm_exec(args: &[&str], cmd: &[&str], limit: Duration) -> Exec {
-    let mut child = Command::new(USM)
-        .arg("exec")
-        .args(args)
-        .args(["--report", "json", "--"])
-        .args(cmd)
-        .env("USM_TAGGER", tagger())
-        .env("USM_SWAP_DIR", std::env::temp_dir())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run usm exec");
-    let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("usm exec {cmd:?} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let report = stderr
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .unwrap_or_else(|| panic!("no JSON summary; stderr:\n{stderr}\nstdout:\n{stdout}"));
-    Exec {
-        code: out.status.code().unwrap_or(-1),
-        stdout,
-        report,
-    }
-}
-
 fn n(v: &serde_json::Value, k: &str) -> u64 {
     v[k].as_u64()
         .unwrap_or_else(|| panic!("{k} missing in {v}"))
@@ -104,7 +58,7 @@ fn mixed_workload_keeps_its_data_with_a_pool_a_sixth_of_its_working_set() {
     assert!(r.report["managed"].as_bool().unwrap());
     assert!(n(&r.report, "evictions") > 1000, "{}", r.report);
     assert!(n(&r.report, "swapins") > 1000, "{}", r.report);
-    assert_eq!(n(&r.report, "poisoned"), 0);
+    assert_eq!(n(&r.report, "poisoned"), 0, "{}", r.describe());
     // Everything was given back when the program exited.
     assert_eq!(n(&r.report, "frames_used_at_exit"), 0, "{}", r.report);
     assert_eq!(n(&r.report, "slots_used_at_exit"), 0, "{}", r.report);
@@ -153,13 +107,13 @@ fn fork_children_reading_everything_stay_within_the_budget() {
          swap-ins were not evicted"
     );
     assert!(n(&r.report, "forks") >= 1, "{}", r.report);
-    assert_eq!(n(&r.report, "poisoned"), 0, "{}", r.report);
+    assert_eq!(n(&r.report, "poisoned"), 0, "{}", r.describe());
     assert_eq!(n(&r.report, "frames_used_at_exit"), 0, "{}", r.report);
     assert_eq!(n(&r.report, "slots_used_at_exit"), 0, "{}", r.report);
 }
 
 /// The `TAG rss_anon_kb=N` line a test program printed (`rss_anon_kb()` of check.h).
-fn rss_anon_kb(r: &Exec, tag: &str) -> u64 {
+fn rss_anon_kb(r: &common::programs::ExecRun, tag: &str) -> u64 {
     r.stdout
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{tag} rss_anon_kb=")))
@@ -193,7 +147,7 @@ fn map_populate_does_not_fill_a_managed_mapping_past_the_budget() {
         kb("END")
     );
     assert!(n(&r.report, "evictions") > 8192, "{}", r.report);
-    assert_eq!(n(&r.report, "poisoned"), 0, "{}", r.report);
+    assert_eq!(n(&r.report, "poisoned"), 0, "{}", r.describe());
     assert_eq!(n(&r.report, "frames_used_at_exit"), 0, "{}", r.report);
     assert_eq!(n(&r.report, "slots_used_at_exit"), 0, "{}", r.report);
 }
@@ -223,7 +177,7 @@ fn repeated_forks_under_eviction_finish_with_correct_data() {
     assert!(n(&r.report, "forks") >= 4, "{}", r.report);
     assert!(n(&r.report, "evictions") > 4096, "{}", r.report);
     assert!(n(&r.report, "swapins") > 4096, "{}", r.report);
-    assert_eq!(n(&r.report, "poisoned"), 0, "{}", r.report);
+    assert_eq!(n(&r.report, "poisoned"), 0, "{}", r.describe());
     assert_eq!(n(&r.report, "frames_used_at_exit"), 0, "{}", r.report);
     assert_eq!(n(&r.report, "slots_used_at_exit"), 0, "{}", r.report);
 }

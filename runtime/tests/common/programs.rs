@@ -97,14 +97,19 @@ impl ExecRun {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// Everything a failure message needs: exit code, stdout, the report, the log tail.
+    /// Everything a failure message needs: exit code, stdout, the report, the first
+    /// WARN/ERROR lines of the log (a poisoned page's line says which path poisoned it),
+    /// the log tail.
     pub(crate) fn describe(&self) -> String {
+        let warnings = self.warnings();
         format!(
-            "exit code {} after {:?}\n--- stdout ---\n{}\n--- report ---\n{}\n--- usm stderr (last 40 lines) ---\n{}",
+            "exit code {} after {:?}\n--- stdout ---\n{}\n--- report ---\n{}\n--- usm WARN/ERROR lines (first 20 of {}) ---\n{}\n--- usm stderr (last 40 lines) ---\n{}",
             self.code,
             self.wall,
             self.stdout,
             self.report,
+            warnings.len(),
+            warnings[..warnings.len().min(20)].join("\n"),
             self.log_tail(40)
         )
     }
