@@ -12,7 +12,9 @@
 //!    [`Cx::evict`](crate::Cx::evict)), the runtime calls [`EvictPolicy::victims`]. Every
 //!    page the policy returns stops being tracked at once: the runtime takes it out of the
 //!    address space (`UFFDIO_MOVE` into staging), writes it to swap, and recycles the
-//!    frame. If it cannot (the page became pinned meanwhile), it calls `on_map` again.
+//!    frame. If it cannot (the page became pinned meanwhile, its program's agent refused
+//!    the stage, no swap slot was free, its write-back failed), it calls
+//!    [`EvictPolicy::on_refused`] and the policy tracks the page again.
 //!
 //! # Refusals
 //!
@@ -145,6 +147,14 @@ pub trait EvictPolicy: Send {
 
     /// A frame went away without eviction; a no-op for an untracked frame.
     fn on_free(&mut self, frame: FrameNo);
+
+    /// A victim this policy returned could not be evicted (see the module docs): track it
+    /// again. The default treats it as newly mapped ([`EvictPolicy::on_map`]); a policy
+    /// that would choose it again at once should put it where it waits longer (`two-list`
+    /// activates it, as the kernel activates a page it failed to reclaim).
+    fn on_refused(&mut self, page: MappedPage, cx: &mut dyn EvictCx) {
+        self.on_map(page, cx);
+    }
 
     /// An access observation pushed by the runtime (re-fault sampling reports this way).
     fn on_access(&mut self, frame: FrameNo, access: Access) {

@@ -397,8 +397,8 @@ fn two_list_puts_a_victim_it_gets_back_on_the_active_list() {
     let mut out = Vec::new();
     p.victims(VictimRequest::any(2), m.cx(), &mut out);
     assert_eq!(out, pages[..2].to_vec());
-    // Page 0 could not leave (announced again); page 1 did.
-    p.on_map(pages[0], m.cx());
+    // Page 0 could not leave (refused); page 1 did.
+    p.on_refused(pages[0], m.cx());
     out.clear();
     p.victims(VictimRequest::any(2), m.cx(), &mut out);
     assert_eq!(out, pages[2..4].to_vec(), "page 0 is active now");

@@ -492,6 +492,10 @@ impl EvictPolicy for PanicsOnThirdVictims {
         self.inner.on_free(frame);
     }
 
+    fn on_refused(&mut self, page: MappedPage, cx: &mut dyn EvictCx) {
+        self.inner.on_refused(page, cx);
+    }
+
     fn on_access(&mut self, frame: usm_kmod::FrameNo, access: usm_policies::Access) {
         self.inner.on_access(frame, access);
     }

@@ -249,7 +249,7 @@ impl WorkerCx<'_> {
                                     pool: &core.pool,
                                     mem: self.mem,
                                 };
-                                self.evict.on_map(
+                                self.evict.on_refused(
                                     MappedPage {
                                         frame,
                                         pid: key.pid,
@@ -457,7 +457,7 @@ impl WorkerCx<'_> {
             pool: &self.core.pool,
             mem: self.mem,
         };
-        self.evict.on_map(v, &mut view);
+        self.evict.on_refused(v, &mut view);
     }
 }
 

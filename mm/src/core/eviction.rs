@@ -15,7 +15,7 @@
 //!   batch (at most `MAX_ASYNC_SAMPLES_PER_SCAN`; the page is `Leaving { entry: None }`
 //!   until `finish_stage`, and reported accessed while it is).
 //! - `prepare_victim`: a victim must still be `Resident` (or `Sampled`: already in its
-//!   slot) with that frame and not pinned, else it is skipped (re-announced with `on_map`
+//!   slot) with that frame and not pinned, else it is skipped (re-announced with `on_refused`
 //!   if pinned or its sample is in flight). A page with a valid clean copy in swap is
 //!   evicted without I/O (`evict_clean`: the staged content's hash must match the one
 //!   taken at swap-in). Otherwise it gets a swap entry.
@@ -437,7 +437,7 @@ impl WorkerCx<'_> {
                     pool: &core.pool,
                     mem: self.mem,
                 };
-                self.evict.on_map(v, &mut view);
+                self.evict.on_refused(v, &mut view);
                 return Victim::Done(false);
             }
             _ => (false, false),
@@ -457,7 +457,7 @@ impl WorkerCx<'_> {
                     pool: &core.pool,
                     mem: self.mem,
                 };
-                self.evict.on_map(v, &mut view);
+                self.evict.on_refused(v, &mut view);
             }
             return Victim::Done(false);
         }
@@ -471,7 +471,7 @@ impl WorkerCx<'_> {
                     pool: &core.pool,
                     mem: self.mem,
                 };
-                self.evict.on_map(v, &mut view);
+                self.evict.on_refused(v, &mut view);
                 return Victim::Done(false);
             }
         };
@@ -542,7 +542,7 @@ impl WorkerCx<'_> {
                     pool: &core.pool,
                     mem: self.mem,
                 };
-                self.evict.on_map(v, &mut view);
+                self.evict.on_refused(v, &mut view);
             }
         }
         staged
@@ -600,7 +600,7 @@ impl WorkerCx<'_> {
                             pool: &core.pool,
                             mem: self.mem,
                         };
-                        self.evict.on_map(v, &mut view);
+                        self.evict.on_refused(v, &mut view);
                     }
                     _ => {
                         // Not now (the address space is changing): the page waits in its
@@ -670,7 +670,7 @@ impl WorkerCx<'_> {
                 pool: &core.pool,
                 mem: self.mem,
             };
-            self.evict.on_map(v, &mut view);
+            self.evict.on_refused(v, &mut view);
             return Some(false);
         }
         // The page is out of the address space now, so nobody can write it. A write that

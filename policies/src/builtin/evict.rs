@@ -5,7 +5,6 @@
 //! per candidate. All refuse pinned pages, and `EVICTION=DENY` pages unless the request is
 //! [`Urgency::Hard`](crate::Urgency::Hard) and nothing else is left.
 
-use std::collections::HashMap;
 use std::ops::Range;
 
 use usm_types::FrameNo;
@@ -148,12 +147,6 @@ pub struct TwoList {
     inactive: Tracker,
     active: Tracker,
     inactive_pct: usize,
-    /// The victims of the last search (frame → pid, address): one of them announced again
-    /// with [`EvictPolicy::on_map`] could not be evicted (pinned meanwhile, or its
-    /// program is stopped and its agent refuses stages) and goes to the active list, as
-    /// the kernel activates a page it could not reclaim. On the inactive list it would be
-    /// chosen again at once, ahead of every page that can go.
-    last_victims: HashMap<u32, (u32, u64)>,
 }
 
 impl TwoList {
@@ -169,7 +162,6 @@ impl TwoList {
             inactive: Tracker::default(),
             active: Tracker::default(),
             inactive_pct: Self::DEFAULT_INACTIVE_PCT,
-            last_victims: HashMap::new(),
         }
     }
 
@@ -227,11 +219,16 @@ impl EvictPolicy for TwoList {
 
     fn on_map(&mut self, page: MappedPage, _cx: &mut dyn EvictCx) {
         self.on_free(page.frame);
-        if self.last_victims.remove(&page.frame.0) == Some((page.pid, page.addr)) {
-            self.active.insert(page, NORMAL);
-        } else {
-            self.inactive.insert(page, NORMAL);
-        }
+        self.inactive.insert(page, NORMAL);
+    }
+
+    /// A victim that could not be evicted (pinned meanwhile, or its program is stopped and
+    /// its agent refuses stages) goes to the active list, as the kernel activates a page it
+    /// could not reclaim: on the short inactive list it would be chosen again at once,
+    /// ahead of every page that can go.
+    fn on_refused(&mut self, page: MappedPage, _cx: &mut dyn EvictCx) {
+        self.on_free(page.frame);
+        self.active.insert(page, NORMAL);
     }
 
     fn on_free(&mut self, frame: FrameNo) {
@@ -256,7 +253,6 @@ impl EvictPolicy for TwoList {
         out: &mut Vec<MappedPage>,
     ) -> VictimScan {
         let mut scan = VictimScan::default();
-        let first = out.len();
         // Round 1 from the inactive list as it is (refilled to its share), `DENY` pages
         // refused whatever the urgency; round 2, if that was not enough, after moving
         // every active page in scope over (each is then asked about once before it can
@@ -287,9 +283,6 @@ impl EvictPolicy for TwoList {
                 break;
             }
         }
-        self.last_victims.clear();
-        self.last_victims
-            .extend(out[first..].iter().map(|v| (v.frame.0, (v.pid, v.addr))));
         scan
     }
 
