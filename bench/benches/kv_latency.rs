@@ -556,10 +556,8 @@ fn start_side(
 
 /// `INFO` of a RESP server as `field -> value` (`None` if it cannot be read).
 fn resp_info(addr: SocketAddr) -> Option<std::collections::HashMap<String, String>> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(b"*1\r\n$4\r\nINFO\r\n").ok()?;
+    use std::io::Read;
+    let mut s = resp_send(addr, &["INFO"]).ok()?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 << 10];
     loop {
@@ -583,8 +581,8 @@ fn resp_info(addr: SocketAddr) -> Option<std::collections::HashMap<String, Strin
     }
 }
 
-/// Sends one RESP command and waits for its reply's first line.
-fn resp_command(addr: SocketAddr, args: &[&str]) -> std::io::Result<String> {
+/// Connects to a RESP server and sends one command (reads time out after 10 s).
+fn resp_send(addr: SocketAddr, args: &[&str]) -> std::io::Result<std::net::TcpStream> {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -593,8 +591,13 @@ fn resp_command(addr: SocketAddr, args: &[&str]) -> std::io::Result<String> {
         req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
     }
     s.write_all(req.as_bytes())?;
+    Ok(s)
+}
+
+/// Sends one RESP command and waits for its reply's first line.
+fn resp_command(addr: SocketAddr, args: &[&str]) -> std::io::Result<String> {
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
+    BufReader::new(resp_send(addr, args)?).read_line(&mut line)?;
     Ok(line.trim_end().to_string())
 }
 
@@ -626,7 +629,7 @@ struct MemCounters {
 }
 
 /// Reads a server's [`MemCounters`].
-fn swap_counters(server: &Server, usm: bool) -> MemCounters {
+fn mem_counters(server: &Server, usm: bool) -> MemCounters {
     if usm {
         let info = resp_info(server.addr);
         let get = |k: &str| info.as_ref()?.get(k)?.parse().ok();
@@ -787,7 +790,7 @@ fn run_side(
                 hot_ranks: budget / 4096 / 2,
             };
             let usm = side.starts_with("usm");
-            let c0 = swap_counters(&server, usm);
+            let c0 = mem_counters(&server, usm);
             let cpu0 = server.cpu_s();
             let resp = protocol == Protocol::Resp;
             // The server's own latency statistics cover the measured window only: cleared
@@ -811,7 +814,7 @@ fn run_side(
             } else {
                 None
             };
-            let c1 = swap_counters(&server, usm);
+            let c1 = mem_counters(&server, usm);
             let swap_ins = delta(c0.swap_ins, c1.swap_ins);
             eprintln!(
                 "  {side} #{run} @ {rate:>6.0}/s: achieved {:>6.0}/s  p50 {:>7.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us  hot/other p99 {:.0}/{:.0} us  server GET p99 {} us  lost {} errors {} misses {}  CPU {:.1} us/req  {} {}{}",
